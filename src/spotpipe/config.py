@@ -1,0 +1,320 @@
+"""Job configuration: frozen dataclasses, TOML files, ``--set section.key=value`` overrides.
+
+Every key has a default, so ``JobConfig()`` is the built-in job that ``spotpipe train`` runs with
+no arguments. :func:`load_config` reads a TOML file, applies overrides and validates; every
+problem is a :class:`~spotpipe.errors.ConfigError` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from spotpipe.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+FT_STRATEGIES = ("auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA-style decoder sizes."""
+
+    vocab_size: int = 256  # 256 = the built-in byte tokenizer; set from the token file otherwise
+    layers: int = 8
+    d_model: int = 128
+    heads: int = 4
+    kv_heads: int = 0  # 0 = same as heads; fewer = grouped-query attention
+    ffn_hidden: int = 0  # 0 = SwiGLU default: 8/3 * d_model rounded up to a multiple of 32
+    context: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from."""
+
+    path: str = ""  # token dir from `spotpipe data prepare`, or a text file/dir; "" = built-in corpus
+    tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
+    val_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the model is cut and scheduled."""
+
+    stages: int = 4  # pipeline ranks
+    replicas: int = 1  # data-parallel replicas of every stage
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
+    microbatches: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation."""
+
+    steps: int = 600
+    batch_size: int = 16  # sequences per step, all replicas together
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    checkpoint_every: int = 0  # 0 = never
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    max_minutes: float = 0.0  # 0 = no wall-time limit; otherwise stop after this many minutes
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where results go and how processes talk."""
+
+    name: str = ""  # "" = a timestamp
+    dir: str = ""  # "" = runs/<name>
+    host: str = "127.0.0.1"  # controller listen address
+    port: int = 0  # 0 = any free port
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: float = 60.0  # every wait on a peer or the store gives up after this
+    heartbeat_s: float = 0.5
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    """Failure detection and recovery."""
+
+    strategy: str = "auto"
+    detect_timeout_s: float = 2.0
+    mirror_every: int = 1
+    faults: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Emulated link delays (latency + bytes / bandwidth)."""
+
+    matrix: str = ""  # links.csv-style file; "" = uniform links below
+    locations: tuple[str, ...] = ()  # one location per pipeline rank when matrix is set
+    latency_ms: float = 0.0
+    bandwidth_gbps: float = 0.0  # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job. Sections mirror the TOML tables."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ft: FTConfig = field(default_factory=FTConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def validate(self) -> JobConfig:
+        """Check ranges and cross-section rules; return self or raise ConfigError."""
+        validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(JobConfig)
+    return {f.name: hints[f.name] for f in fields(JobConfig)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a TOML or --set value to the field's type, or raise ConfigError naming key."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_coerce(key, v, item_type) for v in value)
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")  # pragma: no cover
+
+
+def _parse_override_value(text: str) -> Any:
+    """Read a --set value as TOML when it parses (numbers, booleans, lists), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply(cfg: JobConfig, section: str, key: str, value: Any, where: str) -> JobConfig:
+    sections = _section_types()
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section [{section}]; known: {', '.join(sections)}")
+    section_cls = sections[section]
+    hints = typing.get_type_hints(section_cls)
+    if key not in hints:
+        raise ConfigError(
+            f"{where}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(hints)}"
+        )
+    new_value = _coerce(f"{section}.{key}", value, hints[key])
+    return replace(cfg, **{section: replace(getattr(cfg, section), **{key: new_value})})
+
+
+def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
+    """Apply ``section.key=value`` strings (from ``--set``) in order."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        cfg = _apply(cfg, section, key, _parse_override_value(raw.strip()), f"--set {dotted}")
+    return cfg
+
+
+def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> JobConfig:
+    """Build a JobConfig from nested TOML tables; unknown tables or keys are errors."""
+    cfg = JobConfig()
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: top-level key {section!r} must be a table like [{section}]")
+        for key, value in table.items():
+            cfg = _apply(cfg, section, key, value, where)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read an optional TOML file, apply overrides, validate."""
+    cfg = JobConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
+        cfg = config_from_mapping(data, where=str(p))
+    return apply_overrides(cfg, overrides).validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def config_to_toml(cfg: JobConfig) -> str:
+    """Serialise the resolved config; :func:`load_config` reads it back to an equal JobConfig."""
+    lines: list[str] = []
+    for section in fields(JobConfig):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: JobConfig) -> None:
+    """Range and cross-section checks; each message names the key and the allowed values."""
+    m, p, t, r, f = cfg.model, cfg.pipeline, cfg.train, cfg.run, cfg.ft
+    _check(m.layers >= 1, f"model.layers must be >= 1, got {m.layers}")
+    _check(m.d_model >= 8, f"model.d_model must be >= 8, got {m.d_model}")
+    _check(m.heads >= 1, f"model.heads must be >= 1, got {m.heads}")
+    _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
+    _check((m.d_model // m.heads) % 2 == 0, f"model.d_model / model.heads must be even for rotary embeddings, got {m.d_model // m.heads}")
+    kv = m.kv_heads or m.heads
+    _check(1 <= kv <= m.heads and m.heads % kv == 0, f"model.kv_heads must divide model.heads ({m.heads}), got {m.kv_heads}")
+    _check(m.context >= 2, f"model.context must be >= 2, got {m.context}")
+    _check(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
+    _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0 (0 = default), got {m.ffn_hidden}")
+    _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _check(p.schedule in SCHEDULES, f"pipeline.schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
+    _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
+    _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
+    _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
+    _check(p.virtual_stages >= 1, f"pipeline.virtual_stages must be >= 1, got {p.virtual_stages}")
+    chunks = p.stages * (p.virtual_stages if p.schedule == "interleaved" else 1)
+    _check(
+        chunks <= m.layers,
+        f"pipeline.stages ({p.stages})"
+        + (f" x pipeline.virtual_stages ({p.virtual_stages})" if p.schedule == "interleaved" else "")
+        + f" must be <= model.layers ({m.layers}): every stage needs at least one block",
+    )
+    if p.schedule == "interleaved":
+        _check(p.microbatches % p.stages == 0, f"pipeline.microbatches ({p.microbatches}) must be a multiple of pipeline.stages ({p.stages}) for the interleaved schedule")
+    _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    per_step = p.replicas * p.microbatches
+    _check(t.batch_size >= per_step and t.batch_size % per_step == 0,
+           f"train.batch_size ({t.batch_size}) must be a positive multiple of pipeline.replicas x pipeline.microbatches ({per_step})")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = never), got {t.checkpoint_every}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    _check(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
+    _check(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
+    _check(0 < cfg.data.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
+    _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
+    _check(r.backend in ("auto", "gloo", "nccl"), f"run.backend must be auto, gloo or nccl, got {r.backend!r}")
+    _check(r.timeout_s > 0, f"run.timeout_s must be > 0, got {r.timeout_s}")
+    _check(r.heartbeat_s > 0, f"run.heartbeat_s must be > 0, got {r.heartbeat_s}")
+    _check(f.strategy in FT_STRATEGIES, f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {f.strategy!r}")
+    _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
+    _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
+    n = cfg.network
+    _check(n.latency_ms >= 0, f"network.latency_ms must be >= 0, got {n.latency_ms}")
+    _check(n.bandwidth_gbps >= 0, f"network.bandwidth_gbps must be >= 0 (0 = unlimited), got {n.bandwidth_gbps}")

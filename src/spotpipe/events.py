@@ -1,0 +1,106 @@
+"""Event records shared by the runtime and the simulator (one JSON object per line).
+
+The runtime writes them with wall-clock time, the simulator with its virtual clock; both use the
+same names and fields, so ``spotpipe.reliability`` compares predictions and reality with one
+reader. Every record has ``event`` (a name below) and ``t`` (seconds since the epoch, or since
+the start of a simulation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from spotpipe.errors import SpotpipeError
+
+# Event names. Fields each one carries are listed beside it.
+RUN_START = "run_start"  # name, config (dict), world (workers), mode ("runtime" | "sim")
+WORKER_START = "worker_start"  # worker, stage, replica, pid, generation, host
+STEP = "step"  # step, loss, tokens, step_time, wall, sampler (position dict), lr, generation
+EVAL = "eval"  # step, val_loss
+CHECKPOINT = "checkpoint"  # step, path, seconds
+GENERATION = "generation"  # generation, workers, reason
+FAILURE_SUSPECTED = "failure_suspected"  # worker, stage, replica, reason
+FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason
+RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why
+RECOVERY_FINISHED = "recovery_finished"  # stage, replica, strategy, bytes, seconds
+STEP_REPLAYED = "step_replayed"  # step, generation
+RUN_END = "run_end"  # steps, wall, status ("finished" | "interrupted" | "failed")
+
+
+class EventLog:
+    """Append-only JSONL writer; each record is flushed so nothing is lost on a crash."""
+
+    def __init__(self, path: str | Path, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one record; ``t`` defaults to the log's clock."""
+        record: dict[str, Any] = {"event": event, "t": fields.pop("t", None)}
+        if record["t"] is None:
+            record["t"] = self._clock()
+        record.update(fields)
+        self._file.write(json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
+        self._file.flush()
+        return record
+
+    def sync(self) -> None:
+        """Force records to disk (fsync)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def iter_events(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield records of a JSONL event file; a bad line raises naming file and line number.
+
+    A truncated last line (a crash mid-write) is skipped, as it never committed anything.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpotpipeError(f"event log {p} does not exist")
+    with open(p, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                return
+            raise SpotpipeError(f"{p}:{number}: not a JSON event record") from None
+        if not isinstance(record, dict) or "event" not in record:
+            raise SpotpipeError(f"{p}:{number}: record has no 'event' field")
+        yield record
+
+
+def read_events(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """All records of a file, optionally only those named ``event``."""
+    return [r for r in iter_events(path) if event is None or r["event"] == event]

@@ -1,0 +1,1 @@
+"""The torch side of spotpipe: controller and worker processes, transport, executor, offload."""

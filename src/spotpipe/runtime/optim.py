@@ -1,0 +1,61 @@
+"""Optimiser, learning-rate schedule and gradient clipping shared by every training mode.
+
+The pipeline workers, the single-process reference and the in-process convergence mode all call
+these, so their updates are identical given identical gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from spotpipe.config import TrainConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (norm gains and biases are not decayed)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, foreach=False)
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+
+    ``step`` counts from 0 (the first optimiser step uses ``lr_at(0)``).
+    """
+    if train.warmup_steps > 0 and step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    span = max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    floor = train.lr * train.min_lr_ratio
+    return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """Scale factor for gradients whose global L2 norm is ``total_norm`` (1.0 = unchanged).
+
+    Pipeline workers each hold part of the model: they all-reduce the squared norms of their parts
+    and apply this same coefficient, which equals ``torch.nn.utils.clip_grad_norm_`` on the whole.
+    """
+    if max_norm <= 0 or not math.isfinite(total_norm):
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """Sum of squared gradient entries of ``params`` (float64 for reproducible sums)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum()
+    return float(total)
