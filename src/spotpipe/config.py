@@ -100,7 +100,9 @@ class FTConfig:
     strategy: str = "auto"
     detect_timeout_s: float = 2.0
     mirror_every: int = 1
-    faults: tuple[str, ...] = ()
+    faults: tuple[str, ...] = ()  # fault specs, see spotpipe.ft.faults (e.g. "stage=2@step=40", "10%/h")
+    swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
+    rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,26 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class SimConfig:
+    """Simulator (`spotpipe simulate`): device speed, node speeds, failures, recovery costs."""
+
+    device_tflops: float = 10.0  # achieved (not peak) TFLOP/s of one worker, analytic cost model
+    backward_ratio: float = 2.0  # backward time / forward time (analytic cost model)
+    speed_factors: tuple[float, ...] = ()  # relative speed per rank or per node; () = all 1.0
+    profile: str = ""  # events.jsonl of a short `spotpipe train` run: calibrate compute from it
+    optimizer_s: float = 0.0  # optimizer step time per iteration (analytic cost model)
+    spares: int = 0  # extra nodes (beyond stages x replicas) that replace failed workers
+    failures: tuple[str, ...] = ()  # "NODE@SECONDS" failures at given virtual times, e.g. "3@120"
+    failure_rate: float = 0.0  # failures per node-day (Poisson per node); 0 = none
+    failure_trace: str = ""  # preemption trace "<ms>,<add|remove>,<node>" (Bamboo format)
+    seed: int = 0  # random failures
+    recovery: str = "checkpoint"  # recovery policy: checkpoint = restart from last checkpoint
+    checkpoint_write_s: float = 0.0  # time to write one checkpoint (blocks training)
+    restart_s: float = 60.0  # time to restart the job and load the last checkpoint
+    replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """The whole job. Sections mirror the TOML tables."""
 
@@ -124,6 +146,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ft: FTConfig = field(default_factory=FTConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> JobConfig:
         """Check ranges and cross-section rules; return self or raise ConfigError."""
@@ -315,6 +338,39 @@ def validate(cfg: JobConfig) -> None:
     _check(f.strategy in FT_STRATEGIES, f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {f.strategy!r}")
     _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
+    _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")
+    if f.swap_edges or f.strategy == "checkfree+":
+        _check(chunks >= 4, f"ft.swap_edges / ft.strategy = checkfree+ needs >= 4 pipeline stages (model chunks), got {chunks}")
+    if f.faults:
+        from spotpipe.ft.faults import FaultSpecError, parse_fault_specs  # pure; here to avoid a cycle
+
+        try:
+            specs = parse_fault_specs(f.faults)
+        except FaultSpecError as exc:
+            raise ConfigError(f"ft.faults: {exc}") from None
+        for spec in specs:
+            for s in spec.stages or ():
+                _check(s < chunks, f"ft.faults: {spec.text!r} names stage {s}, but stages are 0..{chunks - 1}")
+            if spec.replica is not None:
+                _check(spec.replica < p.replicas, f"ft.faults: {spec.text!r} names replica {spec.replica}, but replicas are 0..{p.replicas - 1}")
     n = cfg.network
     _check(n.latency_ms >= 0, f"network.latency_ms must be >= 0, got {n.latency_ms}")
     _check(n.bandwidth_gbps >= 0, f"network.bandwidth_gbps must be >= 0 (0 = unlimited), got {n.bandwidth_gbps}")
+    validate_sim(cfg)
+
+
+SIM_RECOVERY = ("checkpoint",)
+
+
+def validate_sim(cfg: JobConfig) -> None:
+    """Range checks of the [sim] section (owned by the simulator)."""
+    s = cfg.sim
+    _check(s.device_tflops > 0, f"sim.device_tflops must be > 0, got {s.device_tflops}")
+    _check(s.backward_ratio > 0, f"sim.backward_ratio must be > 0, got {s.backward_ratio}")
+    for i, v in enumerate(s.speed_factors):
+        _check(v > 0, f"sim.speed_factors[{i}] must be > 0, got {v}")
+    for name in ("optimizer_s", "failure_rate", "checkpoint_write_s", "restart_s", "replace_s"):
+        value = getattr(s, name)
+        _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
+    _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")
+    _check(s.recovery in SIM_RECOVERY, f"sim.recovery must be one of {', '.join(SIM_RECOVERY)}, got {s.recovery!r}")

@@ -1,0 +1,255 @@
+"""Cost model: seconds per compute action and bytes per message, analytic or profiled.
+
+The simulator asks two questions of every action of a lowered schedule: how long does this
+compute action take on a node of relative speed 1 (:meth:`CostModel.duration`), and how many
+bytes does this message carry (:meth:`CostModel.message_bytes`). Link time per message comes from
+:mod:`spotpipe.sim.network` (latency + bytes / bandwidth).
+
+* **Analytic** (:func:`analytic_cost`): forward FLOPs per token of each chunk from
+  :func:`spotpipe.model.partition.model_shapes` (PaLM accounting, Chowdhery et al. 2022, app. B)
+  times the tokens of one microbatch, divided by the achieved device throughput
+  ``sim.device_tflops``; backward = ``sim.backward_ratio`` x forward (about 2, Narayanan et al.
+  2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", s. 3).
+  Messages carry one microbatch's hidden state (sequences x context x d_model x dtype bytes).
+  Gradients all-reduced across replicas carry every parameter of the stage once.
+* **Profiled** (:func:`read_profile`, :func:`calibrate_scale`): the ``step`` events of a short
+  ``spotpipe train`` run give its measured step time; the analytic per-chunk times are scaled by
+  one factor so that the simulator, playing that same run, reproduces it. Relative chunk costs
+  keep the FLOP ratios; the factor absorbs the machine's real throughput. No torch is needed.
+
+Pure Python: this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from spotpipe.config import JobConfig, config_from_mapping
+from spotpipe.errors import ConfigError, SpotpipeError
+from spotpipe.events import RUN_START, STEP, iter_events
+from spotpipe.model.partition import model_shapes
+from spotpipe.schedule.ir import Action, Op
+
+
+def num_chunks(cfg: JobConfig) -> int:
+    """Model chunks (schedule stages): pipeline ranks x virtual stages for interleaved."""
+    p = cfg.pipeline
+    return p.stages * (p.virtual_stages if p.schedule == "interleaved" else 1)
+
+
+def sequences_per_microbatch(cfg: JobConfig) -> int:
+    """Sequences in one microbatch of one replica (``batch_size / (replicas x microbatches)``)."""
+    p = cfg.pipeline
+    return max(1, cfg.train.batch_size // (p.replicas * p.microbatches))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-stage costs of one job, at relative node speed 1.
+
+    Attributes:
+        forward_s: Forward time of one microbatch, per stage (model chunk).
+        backward_s: Backward time of one microbatch, per stage.
+        boundary_bytes: Bytes of one microbatch's hidden state leaving stage ``s`` forward (the
+            gradient sent back to ``s`` has the same size).
+        activation_bytes: Bytes stage ``s`` keeps for backward per microbatch.
+        grad_bytes: Gradient bytes of stage ``s`` all-reduced across replicas per step.
+        param_count: Parameters of stage ``s``.
+        optimizer_s: Optimizer step time per iteration.
+        overhead_s: Other fixed time per iteration (profiled: whatever the pipeline does not explain).
+        source: "analytic" or "profiled:<events file>".
+    """
+
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    boundary_bytes: tuple[int, ...]
+    activation_bytes: tuple[int, ...]
+    grad_bytes: tuple[int, ...]
+    param_count: tuple[int, ...]
+    optimizer_s: float = 0.0
+    overhead_s: float = 0.0
+    source: str = "analytic"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.forward_s)
+
+    def duration(self, action: Action, speed: float = 1.0) -> float:
+        """Seconds of a compute action on a node of relative ``speed`` (communication: 0)."""
+        if action.op is Op.F:
+            return self.forward_s[action.stage] / speed
+        if action.op is Op.B:
+            return self.backward_s[action.stage] / speed
+        return 0.0
+
+    def message_bytes(self, action: Action) -> int:
+        """Bytes a communication action moves: the hidden state at the boundary it crosses."""
+        if not action.op.is_comm:
+            return 0
+        assert action.peer is not None
+        # The forward sender of this boundary: the sending stage for SEND_F, the peer for RECV_F,
+        # and for gradients the stage that receives them (RECV_B) / the peer of SEND_B.
+        sender = action.stage if action.op in (Op.SEND_F, Op.RECV_B) else action.peer
+        nbytes = self.boundary_bytes[sender]
+        return nbytes if nbytes > 0 else max(self.boundary_bytes)
+
+    def scaled(self, factor: float, source: str | None = None) -> CostModel:
+        """Compute times (and optimizer time) multiplied by ``factor``."""
+        return replace(
+            self,
+            forward_s=tuple(t * factor for t in self.forward_s),
+            backward_s=tuple(t * factor for t in self.backward_s),
+            optimizer_s=self.optimizer_s * factor,
+            source=self.source if source is None else source,
+        )
+
+    def with_overhead(self, overhead_s: float) -> CostModel:
+        """The same model with a fixed per-iteration overhead."""
+        return replace(self, overhead_s=overhead_s)
+
+
+def analytic_cost(cfg: JobConfig) -> CostModel:
+    """Cost model from model shapes and ``sim.device_tflops`` / ``sim.backward_ratio``."""
+    shapes = model_shapes(cfg.model, num_chunks(cfg))
+    seqs = sequences_per_microbatch(cfg)
+    tokens = seqs * cfg.model.context
+    flops_per_s = cfg.sim.device_tflops * 1e12
+    forward = tuple(s.forward_flops_per_token * tokens / flops_per_s for s in shapes)
+    return CostModel(
+        forward_s=forward,
+        backward_s=tuple(t * cfg.sim.backward_ratio for t in forward),
+        boundary_bytes=tuple(s.boundary_bytes_per_sequence * seqs for s in shapes),
+        activation_bytes=tuple(s.activation_bytes_per_sequence * seqs for s in shapes),
+        grad_bytes=tuple(s.param_bytes for s in shapes),
+        param_count=tuple(s.params for s in shapes),
+        optimizer_s=cfg.sim.optimizer_s,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiled cost
+
+
+@dataclass(frozen=True)
+class RunProfile:
+    """What a short runtime run measured.
+
+    Attributes:
+        config: The run's resolved config (from its ``run_start`` event).
+        step_times: ``step_time`` of every ``step`` event, in order.
+        skip: Leading steps left out as warm-up.
+        source: The events file.
+    """
+
+    config: JobConfig
+    step_times: tuple[float, ...]
+    skip: int
+    source: str
+
+    @property
+    def step_time(self) -> float:
+        """Median step time after warm-up (robust to a slow outlier step)."""
+        return statistics.median(self.step_times[self.skip :])
+
+
+def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
+    """Read a runtime ``events.jsonl``: its config and the step times.
+
+    Args:
+        path: The events file.
+        skip: Warm-up steps to leave out; default: 1 when the run has at least 3 steps.
+
+    Raises:
+        SpotpipeError: the file is missing, has no ``run_start`` with a config, or no steps.
+    """
+    config: Mapping[str, Any] | None = None
+    times: list[float] = []
+    for record in iter_events(path):
+        if record["event"] == RUN_START and config is None:
+            config = record.get("config")
+        elif record["event"] == STEP and isinstance(record.get("step_time"), (int, float)):
+            times.append(float(record["step_time"]))
+    if not isinstance(config, Mapping):
+        raise SpotpipeError(f"sim.profile: {path} has no run_start event with a config")
+    if not times:
+        raise SpotpipeError(f"sim.profile: {path} has no step events with step_time")
+    known = {k: v for k, v in config.items() if isinstance(v, Mapping)}
+    try:
+        cfg = config_from_mapping(_known_keys(known), where=f"{path} run_start config")
+    except ConfigError as exc:
+        raise SpotpipeError(f"sim.profile: {exc}") from None
+    if skip is None:
+        skip = 1 if len(times) >= 3 else 0
+    if skip >= len(times):
+        raise SpotpipeError(f"sim.profile: {path} has {len(times)} steps; need more than the {skip} warm-up steps")
+    return RunProfile(cfg, tuple(times), skip, str(path))
+
+
+def _known_keys(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Drop sections/keys this version does not know (a run from a newer or older spotpipe)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(JobConfig)
+    out: dict[str, dict[str, Any]] = {}
+    for section, table in config.items():
+        if section not in hints:
+            continue
+        keys = {f.name for f in dataclasses.fields(hints[section])}
+        out[section] = {k: v for k, v in table.items() if k in keys}
+    return out
+
+
+def calibrate_scale(
+    measured_s: float,
+    simulate: Callable[[float], float],
+    rel_tol: float = 1e-4,
+    max_iter: int = 100,
+) -> float:
+    """Factor ``f`` with ``simulate(f) == measured_s`` for a non-decreasing ``simulate``.
+
+    ``simulate(f)`` plays the profiled run with every compute time multiplied by ``f``. It grows
+    with ``f`` (compute only ever lengthens the critical path), so bisection on ``log f`` finds the
+    factor. Raises SpotpipeError when even ``f -> 0`` is slower than measured (communication
+    alone explains more than the measured time: the network settings disagree with the run).
+    """
+    if measured_s <= 0:
+        raise SpotpipeError(f"sim.profile: measured step time must be > 0, got {measured_s}")
+    lo, hi = 1e-12, 1.0
+    if simulate(lo) > measured_s * (1 + rel_tol):
+        raise SpotpipeError(
+            f"sim.profile: the run's measured step time {measured_s:.4g} s is shorter than its simulated "
+            f"communication alone ({simulate(lo):.4g} s); check network settings against the profiled run"
+        )
+    while simulate(hi) < measured_s:
+        hi *= 4.0
+        if hi > 1e15:
+            raise SpotpipeError("sim.profile: cannot calibrate compute scale (simulated time does not grow)")
+    for _ in range(max_iter):
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+        if simulate(mid) < measured_s:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= rel_tol * hi:
+            break
+    return (lo + hi) / 2
+
+
+def speeds_per_node(factors: Sequence[float], ranks: int, num_nodes: int) -> tuple[float, ...]:
+    """Relative speed of every node from ``sim.speed_factors``: empty = all 1.0; one per rank
+    (node ``n`` is rank ``n % ranks``) or one per node."""
+    if not factors:
+        return (1.0,) * num_nodes
+    if len(factors) == num_nodes:
+        return tuple(float(f) for f in factors)
+    if len(factors) == ranks:
+        return tuple(float(factors[n % ranks]) for n in range(num_nodes))
+    raise ConfigError(
+        f"sim.speed_factors has {len(factors)} entries; expected {ranks} (one per pipeline rank)"
+        + (f" or {num_nodes} (one per node)" if num_nodes != ranks else "")
+    )

@@ -1,0 +1,302 @@
+"""The control plane's wire protocol: store keys, the token handshake, heartbeats.
+
+The controller (one per job, inside ``spotpipe train``) runs a ``torch.distributed.TCPStore``
+server; every worker is a client. Everything the two sides say goes through these keys:
+
+=============================  ==========================================================
+``job/id``                     random job id (public; part of every join proof)
+``join`` (queue)               join requests: JSON {nonce, proof, host, pid, listen_host}
+``join/resp/<nonce>``          the grant {worker, stage, replica, config, ...} or {refused}
+``hb/<worker>``                heartbeat counter, +1 every ``run.heartbeat_s``
+``gen/current``                the current generation number (set when membership is complete)
+``gen/<g>/plan``               membership of generation g (:class:`GenerationPlan` JSON)
+``gen/<g>/abort``              set by the controller to abort generation g's communication
+``gen/<g>/...``                PrefixStore roots of generation g's process groups
+``ctl/stop``                   set when the run must stop (Ctrl-C, time limit, failure)
+``step/<k>/w/<worker>``        a worker's report of step k (loss, times, checkpoint file)
+``step/<k>/done``              counter of workers that finished step k
+``step/<k>/commit``            set by the last worker to finish step k: the step commits
+``err/<worker>``               why a worker gave up (one line), before it exits
+``bye/<worker>``               a worker finished cleanly
+=============================  ==========================================================
+
+Token handshake. The controller makes a random token per run and hands it to local workers in
+their environment (``SPOTPIPE_TOKEN``; never on a command line) and prints it for remote ones. A
+worker never sends the token itself: it sends ``HMAC-SHA256(token, job_id:nonce)`` for a fresh
+nonce, which the controller checks before it grants a role. A wrong or missing proof is refused
+and logged as a ``join_refused`` event. The store itself is not encrypted or authenticated: run
+the controller on a private network (the default address is 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotpipe.errors import SpotpipeError
+
+TOKEN_ENV = "SPOTPIPE_TOKEN"
+TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")
+
+JOB_ID = "job/id"
+JOIN_QUEUE = "join"
+STOP = "ctl/stop"
+GEN_CURRENT = "gen/current"
+
+
+def join_response_key(nonce: str) -> str:
+    return f"join/resp/{nonce}"
+
+
+def heartbeat_key(worker: int) -> str:
+    return f"hb/{worker}"
+
+
+def plan_key(generation: int) -> str:
+    return f"gen/{generation}/plan"
+
+
+def abort_key(generation: int) -> str:
+    return f"gen/{generation}/abort"
+
+
+def step_report_key(step: int, worker: int) -> str:
+    return f"step/{step}/w/{worker}"
+
+
+def step_done_key(step: int) -> str:
+    return f"step/{step}/done"
+
+
+def step_commit_key(step: int) -> str:
+    return f"step/{step}/commit"
+
+
+def error_key(worker: int) -> str:
+    return f"err/{worker}"
+
+
+def bye_key(worker: int) -> str:
+    return f"bye/{worker}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens
+
+
+def new_token() -> str:
+    """A fresh random job token (32 hex characters)."""
+    return secrets.token_hex(16)
+
+
+def join_proof(token: str, job_id: str, nonce: str) -> str:
+    """What a worker presents instead of the token: HMAC-SHA256(token, ``job_id:nonce``)."""
+    return hmac.new(token.encode(), f"{job_id}:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
+def check_proof(token: str, job_id: str, nonce: str, proof: str) -> bool:
+    return bool(proof) and hmac.compare_digest(join_proof(token, job_id, nonce), proof)
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The job token from ``--token-file`` (if given) or ``$SPOTPIPE_TOKEN``; ``None`` if neither.
+
+    Raises:
+        SpotpipeError: the token file is missing, unreadable or malformed.
+    """
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            raise SpotpipeError(f"token file {path} does not exist") from None
+        except OSError as exc:
+            raise SpotpipeError(f"cannot read token file {path}: {exc.strerror}") from None
+        if not TOKEN_RE.match(text):
+            raise SpotpipeError(
+                f"token file {path} is malformed: expected the job token printed by `spotpipe train` (32 hex characters)"
+            )
+        return text
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env and not TOKEN_RE.match(env):
+        raise SpotpipeError(f"${TOKEN_ENV} is malformed: expected the job token printed by `spotpipe train` (32 hex characters)")
+    return env or None
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Store connection
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), with a clear error."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpotpipeError(f"--join {text!r}: expected HOST:PORT, e.g. 10.0.0.5:29400")
+    return host.strip("[]"), int(port)
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> Any:
+    """A TCPStore client of the controller at ``host:port``."""
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:
+        raise SpotpipeError(
+            f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {' '.join(str(exc).split())[:120]}"
+        ) from None
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The address of this machine that ``host`` sees (the interface that routes to it)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostname()
+
+
+# ----------------------------------------------------------------------------------------------
+# Join (worker side)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A role granted to a worker.
+
+    Attributes:
+        worker: Worker id (unique in the job, never reused).
+        stage: Pipeline rank.
+        replica: Data-parallel replica.
+        info: Everything else the controller sends: ``config`` (TOML text), ``run_dir``,
+            ``token_dir``, ``token_sha256``, ``resume`` (checkpoint files or None), ``threads``.
+    """
+
+    worker: int
+    stage: int
+    replica: int
+    info: dict[str, Any]
+
+
+class JoinRefused(SpotpipeError):
+    """The controller refused this worker."""
+
+
+def request_join(store: Any, token: str | None, *, listen_host: str, timeout_s: float) -> Grant:
+    """Ask the controller for a role; block until it answers.
+
+    Raises:
+        JoinRefused: with the controller's reason (bad or missing token, job full, ...).
+        SpotpipeError: no answer within ``timeout_s``.
+    """
+    job_id = store.get(JOB_ID).decode()
+    nonce = secrets.token_hex(8)
+    request = {
+        "nonce": nonce,
+        "proof": join_proof(token, job_id, nonce) if token else "",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "listen_host": listen_host,
+    }
+    store.queue_push(JOIN_QUEUE, json.dumps(request))
+    key = join_response_key(nonce)
+    try:
+        store.wait([key], datetime.timedelta(seconds=timeout_s))
+    except Exception:
+        raise SpotpipeError(f"the controller did not answer the join request within {timeout_s:g} s") from None
+    answer = json.loads(store.get(key))
+    if "refused" in answer:
+        raise JoinRefused(f"the controller refused this worker: {answer['refused']}")
+    return Grant(int(answer["worker"]), int(answer["stage"]), int(answer["replica"]), answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heartbeats and control signals (worker side)
+
+
+class Heartbeat(threading.Thread):
+    """Worker thread: beat every ``interval_s``, watch for stop and abort requests.
+
+    It uses its own store connection (``store.clone()``), so it never contends with the main
+    thread's. When the controller becomes unreachable the worker has no job any more: after
+    ``give_up_s`` of failures it calls ``on_orphaned`` (which exits the process).
+
+    Args:
+        store: A store client; it is cloned.
+        worker: This worker's id.
+        interval_s: ``run.heartbeat_s``.
+        on_stop: Called once when ``ctl/stop`` appears.
+        on_abort: Called with (generation, reason) when the current generation's abort key appears.
+        on_orphaned: Called when the controller is gone.
+        give_up_s: How long store failures are tolerated.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        worker: int,
+        interval_s: float,
+        on_stop: Callable[[], None],
+        on_abort: Callable[[int, str], None],
+        on_orphaned: Callable[[str], None],
+        give_up_s: float = 5.0,
+    ) -> None:
+        super().__init__(name=f"spotpipe-heartbeat-{worker}", daemon=True)
+        self._store = store.clone()
+        self._worker = worker
+        self._interval = interval_s
+        self._on_stop = on_stop
+        self._on_abort = on_abort
+        self._on_orphaned = on_orphaned
+        self._give_up_s = give_up_s
+        self._halt = threading.Event()
+        self._stopped = False
+        self.generation = 0  # set by the worker when it enters a generation
+        self._aborted: set[int] = set()
+
+    def run(self) -> None:
+        key = heartbeat_key(self._worker)
+        failing_since: float | None = None
+        while not self._halt.is_set():
+            try:
+                self._store.add(key, 1)
+                if not self._stopped and self._store.check([STOP]):
+                    self._stopped = True
+                    self._on_stop()
+                g = self.generation
+                if g and g not in self._aborted and self._store.check([abort_key(g)]):
+                    self._aborted.add(g)
+                    self._on_abort(g, self._store.get(abort_key(g)).decode())
+                failing_since = None
+            except Exception as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= self._give_up_s:
+                    self._on_orphaned(" ".join(str(exc).split())[:120])
+                    return
+            self._halt.wait(self._interval)
+
+    def halt(self) -> None:
+        self._halt.set()

@@ -1,0 +1,136 @@
+"""Forward and backward of the model chunks one worker holds, one microbatch at a time.
+
+The executor calls :meth:`StageRunner.forward` and :meth:`StageRunner.backward` for the actions
+of its schedule; the runner keeps what autograd needs between them, per (stage, microbatch), and
+frees it after the backward. The last chunk returns the mean token cross-entropy; its backward
+starts from ``loss * loss_scale``, where ``loss_scale = 1 / (microbatches x replicas)``, so the
+gradients summed over microbatches and replicas (all-reduce SUM) are the gradient of the mean loss
+of the whole step (``notes/LOWERING.md``; the same accumulation as GPipe, Huang et al. 2019, and
+Megatron-LM's pipeline, Narayanan et al. 2021).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from spotpipe.errors import SpotpipeError
+
+
+class RunnerError(SpotpipeError):
+    """An action the runner cannot execute (e.g. a backward without its forward)."""
+
+
+class StageRunner:
+    """Runs the chunks (``stage -> module``) one worker holds.
+
+    Args:
+        chunks: The model chunks of this worker by stage index; chunk modules follow the
+            ``StageModule`` contract (first chunk takes token ids, last chunk returns the loss when
+            given targets).
+        loss_scale: Factor applied to each microbatch's loss before backward.
+        device: Where activations live.
+    """
+
+    def __init__(self, chunks: Mapping[int, nn.Module], loss_scale: float, device: torch.device | str = "cpu") -> None:
+        self.chunks = dict(chunks)
+        self.loss_scale = float(loss_scale)
+        self.device = torch.device(device)
+        self._inputs: Sequence[torch.Tensor] = ()
+        self._targets: Sequence[torch.Tensor] = ()
+        self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._train = True
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+
+    # -- step boundaries ---------------------------------------------------------------------
+
+    def begin(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], train: bool = True) -> None:
+        """Start a step (or an evaluation pass) with per-microbatch token ids and targets.
+
+        Workers that hold neither the first nor the last chunk may pass empty sequences.
+        """
+        self._inputs = inputs
+        self._targets = targets
+        self._train = train
+        self._saved.clear()
+        self._loss_sum = None
+        self._loss_count = 0
+        for chunk in self.chunks.values():
+            chunk.train(train)
+
+    def loss(self) -> tuple[float, int]:
+        """(sum of unscaled microbatch losses computed on this worker, how many)."""
+        total = 0.0 if self._loss_sum is None else float(self._loss_sum)
+        return total, self._loss_count
+
+    def discard(self) -> None:
+        """Drop every saved activation (an aborted step)."""
+        self._saved.clear()
+        self._loss_sum = None
+        self._loss_count = 0
+
+    @property
+    def pending(self) -> int:
+        """How many (stage, microbatch) activations are held for a backward."""
+        return len(self._saved)
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward of ``stage`` for ``microbatch``.
+
+        Args:
+            x: The input activation (received or handed over locally); ``None`` on the first stage
+                of the path, which reads the microbatch's token ids.
+
+        Returns:
+            The output activation, or ``None`` from the last chunk (its loss is accumulated).
+        """
+        chunk = self.chunks[stage]
+        if x is None:
+            x = self._inputs[microbatch]
+        elif self._train and x.is_floating_point():
+            x.requires_grad_(True)
+        if getattr(chunk, "is_last", False):
+            if self._train:
+                out = chunk(x, self._targets[microbatch])
+                self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
+            else:
+                with torch.no_grad():
+                    out = chunk(x, self._targets[microbatch])
+            detached = out.detach()
+            self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+            self._loss_count += 1
+            return None
+        if self._train:
+            out = chunk(x)
+            self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
+            return out
+        with torch.no_grad():
+            return chunk(x)
+
+    def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward of ``stage`` for ``microbatch``.
+
+        Args:
+            grad: Gradient of the loss with respect to this stage's output; ``None`` on the last
+                chunk, whose output is the loss.
+
+        Returns:
+            The gradient with respect to the stage's input activation, or ``None`` on the first
+            chunk (its input is token ids).
+        """
+        try:
+            x, out = self._saved.pop((stage, microbatch))
+        except KeyError:
+            raise RunnerError(f"backward {stage}B{microbatch} before its forward") from None
+        if grad is None:
+            (out * self.loss_scale).backward()
+        else:
+            torch.autograd.backward(out, grad)
+        if x is None:
+            return None
+        return x.grad

@@ -1,0 +1,182 @@
+"""Compute-only pipeline schedules: GPipe, 1F1B and interleaved 1F1B.
+
+Every generator takes integers only and returns a :class:`~spotpipe.schedule.ir.Schedule` whose
+per-rank lists hold ``F`` and ``B`` actions and nothing else; :mod:`spotpipe.schedule.passes`
+lowers them (adds send/recv) for the runtime executor and the simulator.
+
+* GPipe (Huang et al., "GPipe: Efficient Training of Giant Neural Networks using Pipeline
+  Parallelism", NeurIPS 2019): every rank runs all forwards, then all backwards. Activations of
+  all ``M`` microbatches are resident at once; the bubble is ``(S-1)/(M+S-1)``.
+* 1F1B, a.k.a. PipeDream-Flush (Narayanan et al., "Memory-Efficient Pipeline-Parallel DNN
+  Training", ICML 2021): rank ``r`` of ``S`` runs ``min(S-1-r, M)`` warm-up forwards, then
+  alternates one forward and one backward, then drains the remaining backwards. Same bubble as
+  GPipe, but at most ``S-r`` activations are resident on rank ``r``.
+* Interleaved 1F1B (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+  Clusters Using Megatron-LM", SC 2021): each of ``P`` ranks holds ``V`` model chunks; chunk
+  (stage) ``s`` lives on rank ``s % P``. Microbatches advance in groups of ``P`` through the
+  chunks, which shrinks the bubble by a factor ``V``. The warm-up length and the chunk order follow
+  Megatron-LM's ``forward_backward_pipelining_with_interleaving``.
+"""
+
+from __future__ import annotations
+
+from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
+
+#: Names accepted by :func:`build_schedule` (the same as ``pipeline.schedule`` in the config).
+SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ScheduleError(f"{name} must be >= 1, got {value}")
+
+
+def _plain(ranks: list[list[Action]], stages: int, microbatches: int, name: str) -> Schedule:
+    return Schedule(
+        ranks=tuple(tuple(acts) for acts in ranks),
+        num_stages=stages,
+        num_microbatches=microbatches,
+        stage_to_rank=tuple(range(stages)),
+        name=name,
+    )
+
+
+def gpipe_schedule(stages: int, microbatches: int) -> Schedule:
+    """GPipe: all forwards, then all backwards, on every rank (Huang et al. 2019).
+
+    Backwards run in microbatch order 0..M-1 (as ``torch.distributed.pipelining.ScheduleGPipe``).
+
+    Args:
+        stages: pipeline ranks ``S`` (one stage per rank).
+        microbatches: microbatches ``M`` per step.
+
+    Returns:
+        A compute-only schedule, stage ``s`` on rank ``s``.
+    """
+    _check_positive("stages", stages)
+    _check_positive("microbatches", microbatches)
+    ranks = [
+        [Action(s, Op.F, m) for m in range(microbatches)] + [Action(s, Op.B, m) for m in range(microbatches)]
+        for s in range(stages)
+    ]
+    return _plain(ranks, stages, microbatches, "gpipe")
+
+
+def one_f_one_b_schedule(stages: int, microbatches: int) -> Schedule:
+    """1F1B / PipeDream-Flush (Narayanan et al., ICML 2021).
+
+    Rank ``r`` runs ``w = min(S-1-r, M)`` warm-up forwards ``F0..F(w-1)``, then ``M-w`` steady
+    pairs ``F(w+i) B(i)``, then the cool-down backwards ``B(M-w)..B(M-1)``.
+
+    Args:
+        stages: pipeline ranks ``S`` (one stage per rank).
+        microbatches: microbatches ``M`` per step.
+
+    Returns:
+        A compute-only schedule, stage ``s`` on rank ``s``.
+    """
+    _check_positive("stages", stages)
+    _check_positive("microbatches", microbatches)
+    ranks: list[list[Action]] = []
+    for s in range(stages):
+        warmup = min(stages - 1 - s, microbatches)
+        acts = [Action(s, Op.F, m) for m in range(warmup)]
+        for i in range(microbatches - warmup):
+            acts.append(Action(s, Op.F, warmup + i))
+            acts.append(Action(s, Op.B, i))
+        acts.extend(Action(s, Op.B, m) for m in range(microbatches - warmup, microbatches))
+        ranks.append(acts)
+    return _plain(ranks, stages, microbatches, "1f1b")
+
+
+def _interleaved_action(k: int, rank: int, ranks: int, chunks: int, op: Op) -> Action:
+    """The ``k``-th forward (``op`` F) or backward (``op`` B) of ``rank`` in Megatron-LM's order.
+
+    Microbatches move in groups of ``P`` (= ``ranks``): a group runs through chunk 0, then chunk 1,
+    ..., then the next group starts; backwards visit the chunks in reverse.
+    """
+    in_group = k % (ranks * chunks)
+    chunk = in_group // ranks
+    if op is Op.B:
+        chunk = chunks - 1 - chunk
+    microbatch = (k // (ranks * chunks)) * ranks + k % ranks
+    return Action(chunk * ranks + rank, op, microbatch)
+
+
+def interleaved_schedule(stages: int, virtual_stages: int, microbatches: int) -> Schedule:
+    """Interleaved 1F1B with virtual stages (Narayanan et al., SC 2021; Megatron-LM's order).
+
+    There are ``P = stages`` ranks and ``P*V`` model chunks; chunk ``s`` lives on rank ``s % P``,
+    so rank ``r`` holds chunks ``r, r+P, ..., r+(V-1)P``. Rank ``r`` runs
+    ``min((P-1-r)*2 + (V-1)*P, M*V)`` warm-up forwards (all ``M*V`` when ``M == P``), then
+    alternates one forward and one backward, then drains the backwards. The ``k``-th forward of a
+    rank is chunk ``(k mod PV) // P`` of microbatch ``(k // PV) * P + k mod P``; backwards use the
+    chunks in reverse. With ``V == 1`` this is exactly :func:`one_f_one_b_schedule` (Megatron-LM
+    also falls back to plain 1F1B without virtual stages), named ``interleaved``.
+
+    Args:
+        stages: pipeline ranks ``P``.
+        virtual_stages: model chunks ``V`` per rank.
+        microbatches: microbatches ``M`` per step; must be a multiple of ``P``.
+
+    Returns:
+        A compute-only schedule with ``P*V`` stages on ``P`` ranks.
+
+    Raises:
+        ScheduleError: when an argument is below 1 or ``M`` is not a multiple of ``P``.
+    """
+    _check_positive("stages", stages)
+    _check_positive("virtual_stages", virtual_stages)
+    _check_positive("microbatches", microbatches)
+    if microbatches % stages:
+        raise ScheduleError(
+            f"interleaved schedule: microbatches ({microbatches}) must be a multiple of stages ({stages})"
+        )
+    if virtual_stages == 1:
+        base = one_f_one_b_schedule(stages, microbatches)
+        return base.with_ranks(base.ranks, name="interleaved")
+    total = microbatches * virtual_stages
+    ranks: list[list[Action]] = []
+    for r in range(stages):
+        if microbatches == stages:
+            warmup = total
+        else:
+            warmup = min((stages - 1 - r) * 2 + (virtual_stages - 1) * stages, total)
+        acts = [_interleaved_action(k, r, stages, virtual_stages, Op.F) for k in range(warmup)]
+        for i in range(total - warmup):
+            acts.append(_interleaved_action(warmup + i, r, stages, virtual_stages, Op.F))
+            acts.append(_interleaved_action(i, r, stages, virtual_stages, Op.B))
+        acts.extend(_interleaved_action(k, r, stages, virtual_stages, Op.B) for k in range(total - warmup, total))
+        ranks.append(acts)
+    num_stages = stages * virtual_stages
+    return Schedule(
+        ranks=tuple(tuple(acts) for acts in ranks),
+        num_stages=num_stages,
+        num_microbatches=microbatches,
+        stage_to_rank=tuple(s % stages for s in range(num_stages)),
+        name="interleaved",
+    )
+
+
+def build_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
+    """The compute-only schedule called ``name`` (the value of ``pipeline.schedule``).
+
+    Args:
+        name: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+        stages: pipeline ranks.
+        microbatches: microbatches per step.
+        virtual_stages: model chunks per rank; used by ``interleaved`` only and ignored by the
+            others (the config keeps ``pipeline.virtual_stages`` set for every schedule).
+
+    Raises:
+        ScheduleError: for an unknown name (the message lists the allowed ones) or bad sizes.
+    """
+    if name == "gpipe":
+        return gpipe_schedule(stages, microbatches)
+    if name == "1f1b":
+        return one_f_one_b_schedule(stages, microbatches)
+    if name == "interleaved":
+        return interleaved_schedule(stages, virtual_stages, microbatches)
+    raise ScheduleError(f"unknown schedule {name!r}: allowed values are {', '.join(SCHEDULE_NAMES)}")

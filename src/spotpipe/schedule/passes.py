@@ -1,0 +1,139 @@
+"""Lowering passes: pure functions ``Schedule -> Schedule`` that the players' schedules go through.
+
+The contract is ``notes/LOWERING.md``. :func:`add_communication` inserts the point-to-point
+messages a compute-only schedule implies: for every forward whose path successor lives on another
+rank a ``SEND_F`` right after it and a ``RECV_F`` right before the successor's forward; for every
+backward whose path predecessor lives on another rank a ``SEND_B`` right after it and a
+``RECV_B`` right before the predecessor's backward. Paths come from ``Schedule.path(m)``, so
+partial and reordered paths (SkipPipe, Blagoev et al. 2025; CheckFree+ edge swaps, Blagoev et al.
+2025) lower the same way as the default ``0, 1, ..., S-1``.
+
+:func:`post_receives_early` moves each RECV a bounded number of compute actions earlier so the
+transfer overlaps the compute before its consumer (the contract lets a pass do this; players
+accept a RECV anywhere before its consumer). :func:`lower` is the full lowering the runtime
+executor and the simulator play (add_communication; early receives only on request).
+"""
+
+from __future__ import annotations
+
+from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
+
+
+def _path_neighbours(schedule: Schedule, stage: int, microbatch: int, where: Action) -> tuple[int | None, int | None]:
+    """(predecessor, successor) of ``stage`` on the path of ``microbatch``."""
+    path = schedule.path(microbatch)
+    try:
+        i = path.index(stage)
+    except ValueError:
+        raise ScheduleError(
+            f"cannot lower {where}: the path of microbatch {microbatch} {list(path)} does not visit stage {stage}"
+        ) from None
+    pred = path[i - 1] if i > 0 else None
+    succ = path[i + 1] if i + 1 < len(path) else None
+    return pred, succ
+
+
+def add_communication(schedule: Schedule) -> Schedule:
+    """Insert SEND/RECV actions for every cross-rank edge of every microbatch's path.
+
+    For ``F(s, m)`` with path successor ``n`` on another rank: ``SEND_F(s, m, peer=n)`` right
+    after it on ``s``'s rank, ``RECV_F(n, m, peer=s)`` right before ``F(n, m)`` on ``n``'s rank.
+    For ``B(n, m)`` with path predecessor ``s`` on another rank: ``SEND_B(n, m, peer=s)`` right
+    after it, ``RECV_B(s, m, peer=n)`` right before ``B(s, m)``. Neighbours on the same rank hand
+    the tensor over locally and get no action.
+
+    Args:
+        schedule: a compute-only schedule.
+
+    Returns:
+        The lowered schedule (same metadata).
+
+    Raises:
+        ScheduleError: when ``schedule`` already has communication actions, or runs a stage that a
+            microbatch's path does not visit.
+    """
+    s2r = schedule.stage_to_rank
+    lowered: list[list[Action]] = []
+    for r, acts in enumerate(schedule.ranks):
+        out: list[Action] = []
+        for a in acts:
+            if a.op.is_comm:
+                raise ScheduleError(f"add_communication: rank {r} already has communication action {a}; pass a compute-only schedule")
+            if a.stage >= schedule.num_stages or a.microbatch >= schedule.num_microbatches:
+                raise ScheduleError(f"cannot lower {a} on rank {r}: stage or microbatch out of range")
+            pred, succ = _path_neighbours(schedule, a.stage, a.microbatch, a)
+            m = a.microbatch
+            if a.op is Op.F:
+                if pred is not None and s2r[pred] != s2r[a.stage]:
+                    out.append(Action(a.stage, Op.RECV_F, m, pred))
+                out.append(a)
+                if succ is not None and s2r[succ] != s2r[a.stage]:
+                    out.append(Action(a.stage, Op.SEND_F, m, succ))
+            else:
+                if succ is not None and s2r[succ] != s2r[a.stage]:
+                    out.append(Action(a.stage, Op.RECV_B, m, succ))
+                out.append(a)
+                if pred is not None and s2r[pred] != s2r[a.stage]:
+                    out.append(Action(a.stage, Op.SEND_B, m, pred))
+        lowered.append(out)
+    return schedule.with_ranks(lowered)
+
+
+def post_receives_early(schedule: Schedule, lookahead: int = 1) -> Schedule:
+    """Move every RECV up to ``lookahead`` compute actions before its consumer.
+
+    The receives for the ``j``-th compute action of a rank are posted right before its
+    ``(j - lookahead)``-th compute action (or at the start of the list), after the receives already
+    there; SENDs stay right after their producer. Under the ``LOWERING.md`` semantics a RECV only
+    posts the receive and the consumer waits for the data, so moving it earlier cannot deadlock;
+    the tests also play the result with blocking receives.
+
+    Args:
+        schedule: a lowered schedule (a compute-only one comes back unchanged).
+        lookahead: how many compute actions earlier; 0 leaves the schedule as it is.
+    """
+    if lookahead < 0:
+        raise ScheduleError(f"post_receives_early: lookahead must be >= 0, got {lookahead}")
+    ranks: list[list[Action]] = []
+    for acts in schedule.ranks:
+        # Split into (receives before compute j, compute j and the sends after it).
+        recvs: list[list[Action]] = [[]]
+        bodies: list[list[Action]] = []
+        head: list[Action] = []  # actions before the first compute that are not receives
+        for a in acts:
+            if a.op.is_recv:
+                recvs[-1].append(a)
+            elif a.op.is_compute:
+                bodies.append([a])
+                recvs.append([])
+            elif bodies:
+                bodies[-1].append(a)
+            else:
+                head.append(a)
+        trailing = recvs.pop()  # receives after the last compute (no consumer; keep in place)
+        out: list[Action] = list(head)
+        for j, body in enumerate(bodies):
+            if j == 0:
+                for k in range(min(lookahead, len(bodies) - 1) + 1):
+                    out.extend(recvs[k])
+            elif j + lookahead < len(bodies):
+                out.extend(recvs[j + lookahead])
+            out.extend(body)
+        if not bodies:
+            out.extend(r for group in recvs for r in group)
+        out.extend(trailing)
+        ranks.append(out)
+    return schedule.with_ranks(ranks)
+
+
+def lower(schedule: Schedule, *, early_receives: int = 0) -> Schedule:
+    """The full lowering the runtime executor and the simulator play.
+
+    :func:`add_communication`, then :func:`post_receives_early` with ``lookahead=early_receives``
+    when that is above 0. Early receives are off by default: they are valid under the
+    ``LOWERING.md`` semantics (the consumer waits, not the RECV), but a transport whose receive
+    blocks (a posted NCCL receive holds its stream) would deadlock on them, e.g. a rank that
+    posts the gradient receive of microbatch 0 before sending that microbatch's activation.
+    """
+    lowered = add_communication(schedule)
+    return post_receives_early(lowered, early_receives) if early_receives else lowered

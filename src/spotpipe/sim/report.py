@@ -1,0 +1,187 @@
+"""What `spotpipe simulate` prints and writes: a summary (dict / table) and a Chrome trace.
+
+The summary holds the iteration time, per-rank bubble fraction, busy time, resident activations
+and peak memory (weights + gradients + AdamW moments + peak activations, from
+:func:`spotpipe.schedule.memory.peak_memory_bytes`), the busiest links, and the job outcome
+(failures, restarts, ETTR). The Chrome trace draws the simulated timings of the first iteration
+with the schedule renderer's writer (:func:`spotpipe.schedule.render.chrome_trace`), one process
+per (replica, rank), so it opens in Perfetto like the schedule traces do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from spotpipe.schedule.memory import peak_memory_bytes
+from spotpipe.schedule.render import chrome_trace
+from spotpipe.schedule.validate import ActionTiming, Timeline
+from spotpipe.sim.job import JobResult, SimSetup
+from spotpipe.sim.player import IterationResult
+
+MAX_TABLE_RANKS = 16
+MAX_LINKS = 20
+
+
+def peak_memory(setup: SimSetup) -> list[float]:
+    """Peak bytes per rank: weights and gradients (2 x param bytes), AdamW moments (2 x param
+    bytes, same dtype), and the schedule's peak resident activations."""
+    cost = setup.cost
+    param_bytes = [g for g in cost.grad_bytes]
+    return peak_memory_bytes(
+        setup.schedule,
+        activation_bytes=list(cost.activation_bytes),
+        weight_bytes=[2 * b for b in param_bytes],
+        optimizer_bytes=[2 * b for b in param_bytes],
+    )
+
+
+def _location(setup: SimSetup, node: int) -> str:
+    net = setup.cluster.network
+    return net.node_locations[node] if net.node_locations and node < len(net.node_locations) else "local"
+
+
+def summary(setup: SimSetup, result: JobResult, sim_seconds: float) -> dict[str, Any]:
+    """Everything `spotpipe simulate --json` prints."""
+    cfg, it = setup.config, result.iteration
+    p = cfg.pipeline
+    memory = peak_memory(setup)
+    ranks = []
+    bubble, busy = it.rank_bubble(), it.rank_busy()
+    for r in range(setup.schedule.num_ranks):
+        ranks.append({
+            "rank": r,
+            "location": _location(setup, r),
+            "bubble": bubble[r],
+            "busy_s": busy[r],
+            "peak_activations": max(it.peak_activations[r]),
+            "peak_activation_bytes": max(it.peak_activation_bytes[r]),
+            "peak_memory_bytes": memory[r],
+            "allreduce_s": it.allreduce_s[r],
+        })
+    links = sorted(it.links, key=lambda u: (-u.busy_s, u.src, u.dst))
+    by_loc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for u in it.links:
+        acc = by_loc[(_location(setup, u.src), _location(setup, u.dst))]
+        acc[0] += u.busy_s
+        acc[1] += u.bytes
+        acc[2] += u.messages
+    return {
+        "config": {
+            "schedule": p.schedule,
+            "stages": p.stages,
+            "replicas": p.replicas,
+            "microbatches": p.microbatches,
+            "virtual_stages": p.virtual_stages if p.schedule == "interleaved" else 1,
+            "workers": p.stages * p.replicas,
+            "spares": cfg.sim.spares,
+            "network": cfg.network.matrix or f"uniform {cfg.network.latency_ms} ms, {cfg.network.bandwidth_gbps or 'unlimited'} Gbit/s",
+            "cost": setup.cost.source,
+            "steps": cfg.train.steps,
+        },
+        "iteration_s": it.iteration_s,
+        "pipeline_s": it.pipeline_s,
+        "bubble_mean": sum(bubble) / len(bubble),
+        "ranks": ranks,
+        "links": {
+            "count": len(it.links),
+            "busiest": [
+                {"src": u.src, "dst": u.dst, "src_location": _location(setup, u.src), "dst_location": _location(setup, u.dst),
+                 "busy_s": u.busy_s, "bytes": u.bytes, "messages": u.messages}
+                for u in links[:MAX_LINKS]
+            ],
+            "by_location": [
+                {"src_location": a, "dst_location": b, "busy_s": v[0], "bytes": int(v[1]), "messages": int(v[2])}
+                for (a, b), v in sorted(by_loc.items(), key=lambda kv: -kv[1][0])
+            ],
+        },
+        "job": {
+            "status": result.status,
+            "steps": result.steps,
+            "wall_s": result.wall_s,
+            "failures": result.failures,
+            "spare_failures": result.spare_failures,
+            "restarts": result.restarts,
+            "replayed_steps": result.replayed_steps,
+            "checkpoints": result.checkpoints,
+            "productive_s": result.productive_s,
+            "ettr": result.ettr,
+        },
+        "sim": {"seconds": sim_seconds, "events": it.events},
+    }
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:10.3f}"
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """The summary as a table for the terminal."""
+    c = data["config"]
+    lines = [
+        f"schedule {c['schedule']}: {c['stages']} stages x {c['replicas']} replicas"
+        + (f" x {c['virtual_stages']} virtual" if c["virtual_stages"] > 1 else "")
+        + f", {c['microbatches']} microbatches, {c['workers']} workers + {c['spares']} spares",
+        f"network {c['network']}; cost {c['cost']}",
+        f"iteration {data['iteration_s'] * 1e3:.3f} ms (pipeline {data['pipeline_s'] * 1e3:.3f} ms), mean bubble {data['bubble_mean']:.4f}",
+        "",
+        f"{'rank':>5} {'location':>12} {'bubble':>8} {'busy_ms':>10} {'peak_act':>8} {'peak_mem_MiB':>12} {'allreduce_ms':>12}",
+    ]
+    ranks = data["ranks"]
+    shown = ranks if len(ranks) <= MAX_TABLE_RANKS else ranks[: MAX_TABLE_RANKS // 2] + ranks[-MAX_TABLE_RANKS // 2 :]
+    for i, r in enumerate(shown):
+        if len(ranks) > MAX_TABLE_RANKS and i == MAX_TABLE_RANKS // 2:
+            lines.append(f"{'...':>5} ({len(ranks) - MAX_TABLE_RANKS} ranks not shown; --json has all)")
+        lines.append(
+            f"{r['rank']:>5} {r['location'][:12]:>12} {r['bubble']:8.4f} {_ms(r['busy_s'])} {r['peak_activations']:>8} "
+            f"{r['peak_memory_bytes'] / 2**20:12.2f} {_ms(r['allreduce_s']):>12}"
+        )
+    busiest = data["links"]["busiest"][:5]
+    if busiest:
+        lines += ["", f"busiest links (of {data['links']['count']}):"]
+        for u in busiest:
+            lines.append(
+                f"  node {u['src']} ({u['src_location']}) -> node {u['dst']} ({u['dst_location']}): "
+                f"busy {u['busy_s'] * 1e3:.3f} ms, {u['bytes'] / 2**20:.2f} MiB in {u['messages']} messages"
+            )
+    j = data["job"]
+    lines += [
+        "",
+        f"job: {j['status']}, {j['steps']} steps in {j['wall_s']:.3f} s virtual; failures {j['failures']} "
+        f"(+{j['spare_failures']} idle nodes), restarts {j['restarts']}, replayed steps {j['replayed_steps']}, "
+        f"checkpoints {j['checkpoints']}, ETTR {j['ettr']:.4f}",
+        f"simulated in {data['sim']['seconds']:.2f} s ({data['sim']['events']} events in the first iteration)",
+    ]
+    return "\n".join(lines)
+
+
+def iteration_trace(setup: SimSetup, iteration: IterationResult, max_workers: int = 1024) -> dict[str, Any]:
+    """Chrome trace of a recorded iteration (``play_iteration(..., record=True)``).
+
+    One trace process per (replica, rank), at most ``max_workers`` of them (whole replicas).
+    """
+    schedule = setup.schedule
+    ranks = schedule.num_ranks
+    replicas = len(iteration.busy_s[0]) if iteration.busy_s else 1
+    shown = max(1, min(replicas, max_workers // max(1, ranks)))
+    per: dict[int, list[list[ActionTiming]]] = {p: [[] for _ in range(ranks)] for p in range(shown)}
+    for a in iteration.actions:
+        if a.replica < shown:
+            per[a.replica][a.rank].append(ActionTiming(a.rank, a.index, a.action, a.start, a.end))
+    events: list[dict[str, Any]] = []
+    other: dict[str, Any] = {}
+    for p in range(shown):
+        rows = tuple(tuple(sorted(row, key=lambda t: t.index)) for row in per[p])
+        trace = chrome_trace(schedule, timeline=Timeline(schedule, rows))
+        other = trace.get("otherData", {})
+        for e in trace["traceEvents"]:
+            e = dict(e)
+            rank = e["pid"]
+            e["pid"] = p * ranks + rank
+            if e.get("name") == "process_name":
+                e["args"] = {"name": f"replica {p} rank {rank}"}
+            elif e.get("name") == "process_sort_index":
+                e["args"] = {"sort_index": p * ranks + rank}
+            events.append(e)
+    other = dict(other, simulated=True, iteration_s=iteration.iteration_s, replicas_shown=shown, replicas=replicas)
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
