@@ -140,6 +140,8 @@ def parse_fault_spec(text: str) -> FaultSpec:
         raise _bad(raw, "empty")
     target_text, at, trigger_text = text.partition("@")
     if not at:
+        if _TARGET_RE.match(text):
+            raise _bad(raw, "say when after @: step=N, random, a rate, or stall=D")
         target_text, trigger_text = "", text
     stages: tuple[int, ...] | None = None
     replica: int | None = None

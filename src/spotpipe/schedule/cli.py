@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="pipeline ranks (default: %(default)s)")
     show.add_argument("--microbatches", type=_positive_int, default=8,
                       help="microbatches per step (default: %(default)s)")
-    show.add_argument("--virtual-stages", type=_positive_int, default=1,
-                      help="model chunks per rank, interleaved schedule only (default: %(default)s)")
+    show.add_argument("--virtual-stages", type=_positive_int, default=2,
+                      help="model chunks per rank, used by the interleaved schedule only, as pipeline.virtual_stages (default: %(default)s)")
     show.add_argument("--lowered", action="store_true",
                       help="add the send/recv actions the runtime and simulator play")
     show.add_argument("--format", choices=FORMATS, default="grid",

@@ -1,0 +1,151 @@
+"""Fault specs, the seeded fault plan, and real signals to a real process."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from spotpipe.config import load_config
+from spotpipe.errors import ConfigError
+from spotpipe.ft.faults import (
+    Fault,
+    FaultPlan,
+    FaultSpecError,
+    deliver,
+    parse_fault_spec,
+    rate_per_step,
+)
+
+
+@pytest.mark.parametrize(
+    "text, fields",
+    [
+        ("stage=2@step=40", dict(stages=(2,), replica=None, step=40, random_step=False, kind="kill")),
+        ("stage=1,replica=0@random", dict(stages=(1,), replica=0, step=None, random_step=True)),
+        ("stages=1+2@step=30", dict(stages=(1, 2), step=30)),
+        ("stage=2@stall=5s", dict(stages=(2,), random_step=True, stall_s=5.0, kind="stall")),
+        ("stage=2@step=4,stall=500ms", dict(stages=(2,), step=4, stall_s=0.5, kind="stall")),
+        ("10%/h", dict(stages=None, rate=0.10, rate_unit="h")),
+        ("2%/step", dict(stages=None, rate=0.02, rate_unit="step")),
+        ("stage=3@5%/h", dict(stages=(3,), rate=0.05, rate_unit="h")),
+        (" stage = 2 @ step = 7 ", dict(stages=(2,), step=7)),
+    ],
+)
+def test_parse_table(text, fields):
+    spec = parse_fault_spec(text)
+    for key, value in fields.items():
+        got = getattr(spec, key)
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("stage=2", "say when"),
+        ("stage=x@step=3", "cannot read the target"),
+        ("stage=1+2@step=3", "use stages=I+J"),
+        ("stages=2@step=3", "two or more stages"),
+        ("stages=2+2@step=3", "listed twice"),
+        ("stage=1@step=-3", "non-negative integer"),
+        ("stage=1@step=3,random", "only one of"),
+        ("stage=1@stall=5min", "stall duration"),
+        ("150%/step", "<= 100%/step"),
+        ("0%/h", "must be > 0"),
+        ("stage=1@tomorrow", "cannot read 'tomorrow'"),
+    ],
+)
+def test_bad_specs_name_the_spec_and_the_accepted_forms(text, fragment):
+    with pytest.raises(FaultSpecError) as info:
+        parse_fault_spec(text)
+    message = str(info.value)
+    assert fragment in message and repr(text) in message and "accepted forms" in message
+
+
+def test_config_faults_use_the_same_syntax():
+    cfg = load_config(None, ['ft.faults=["stage=2@step=40", "10%/h"]'])
+    assert cfg.ft.faults == ("stage=2@step=40", "10%/h")
+    with pytest.raises(ConfigError, match="ft.faults: bad fault spec 'stage=2@sometime'"):
+        load_config(None, ['ft.faults=["stage=2@sometime"]'])
+    with pytest.raises(ConfigError, match="names stage 7"):
+        load_config(None, ['ft.faults=["stage=7@step=1"]'])
+
+
+def test_plan_fixed_steps_and_adjacent_pairs():
+    plan = FaultPlan.from_texts(["stage=2@step=4", "stages=1+2@step=6", "stage=3,replica=1@step=4,stall=2s"],
+                                num_stages=4, replicas=2, total_steps=10, seed=3)
+    at4 = plan.faults_at(4)
+    assert {(f.stage, f.kind) for f in at4} == {(2, "kill"), (3, "stall")}
+    assert [f for f in at4 if f.kind == "stall"][0].replica == 1
+    at6 = plan.faults_at(6)
+    assert sorted(f.stage for f in at6) == [1, 2] and len({f.replica for f in at6}) == 1
+    assert plan.faults_at(5) == ()
+    with pytest.raises(FaultSpecError, match="stage 5 does not exist"):
+        FaultPlan.from_texts(["stage=5@step=1"], num_stages=4)
+
+
+def test_plan_is_deterministic_and_order_free():
+    texts = ["stage=1@random", "10%/h", "3%/step"]
+    a = FaultPlan.from_texts(texts, num_stages=6, total_steps=300, seed=7, step_time_s=60.0)
+    b = FaultPlan.from_texts(texts, num_stages=6, total_steps=300, seed=7, step_time_s=60.0)
+    forward = a.all_faults()
+    backward = [f for step in reversed(range(300)) for f in b.faults_at(step)]
+    assert forward == sorted(backward, key=lambda f: (f.step, f.at_fraction, f.stage, f.replica))
+    assert forward != FaultPlan.from_texts(texts, num_stages=6, total_steps=300, seed=8, step_time_s=60.0).all_faults()
+    once = [f for f in forward if f.spec == "stage=1@random"]
+    assert len(once) == 1 and 1 <= once[0].step < 300 and 0 <= once[0].at_fraction < 1
+
+
+def test_rates_convert_with_the_step_time():
+    assert rate_per_step(0.10, 3600.0) == pytest.approx(1 - math.exp(-0.1))
+    plan = FaultPlan.from_texts(["16%/h"], num_stages=6, total_steps=20000, seed=1)
+    assert plan.needs_step_time
+    with pytest.raises(FaultSpecError, match="needs the step time"):
+        plan.faults_at(0)
+    n = len(plan.with_step_time(36.0).all_faults())
+    expected = 6 * 20000 * rate_per_step(0.16, 36.0)  # 6 workers x 200 h x 0.16/h = 192
+    assert abs(n - expected) < 4 * math.sqrt(expected)
+    per_step = FaultPlan.from_texts(["2%/step"], num_stages=4, total_steps=5000, seed=2).all_faults()
+    assert abs(len(per_step) - 400) < 4 * math.sqrt(400)
+    assert {f.stage for f in per_step} == {0, 1, 2, 3}
+
+
+@pytest.mark.timeout(30)
+def test_deliver_sigkill_to_a_real_process():
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        deliver(proc.pid, Fault(step=0, stage=0, replica=0, kind="kill"))
+        assert proc.wait(timeout=5) == -9
+        with pytest.raises(FaultSpecError, match="no such process"):
+            deliver(proc.pid, Fault(step=0, stage=0, replica=0, kind="kill"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.timeout(30)
+def test_deliver_stall_stops_then_continues_a_real_process():
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        handle = deliver(proc.pid, Fault(step=0, stage=0, replica=0, kind="stall", stall_s=0.4))
+        time.sleep(0.1)
+        assert _state(proc.pid) == "T"  # stopped
+        t0 = time.monotonic()
+        handle.wait(timeout=5)
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.05)
+        assert _state(proc.pid) in ("S", "R")  # running again
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(FaultSpecError, match="refusing"):
+        deliver(0, Fault(step=0, stage=0, replica=0))
