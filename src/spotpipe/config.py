@@ -91,6 +91,7 @@ class RunConfig:
     heartbeat_s: float = 0.5
     progress: bool = True
     plot: bool = True
+    local_workers: int = -1  # workers `spotpipe train` starts here; -1 = all; the rest join with `spotpipe worker --join`
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class SimConfig:
     device_tflops: float = 10.0  # achieved (not peak) TFLOP/s of one worker, analytic cost model
     backward_ratio: float = 2.0  # backward time / forward time (analytic cost model)
     speed_factors: tuple[float, ...] = ()  # relative speed per rank or per node; () = all 1.0
-    profile: str = ""  # events.jsonl of a short `spotpipe train` run: calibrate compute from it
+    profile: tuple[str, ...] = ()  # events.jsonl of short `spotpipe train` runs: calibrate the cost from them
+    host_cores: int = 0  # 0 = a device per worker; N = all workers share one host's N cores (emulation)
     optimizer_s: float = 0.0  # optimizer step time per iteration (analytic cost model)
     spares: int = 0  # extra nodes (beyond stages x replicas) that replace failed workers
     failures: tuple[str, ...] = ()  # "NODE@SECONDS" failures at given virtual times, e.g. "3@120"
@@ -133,6 +135,7 @@ class SimConfig:
     checkpoint_write_s: float = 0.0  # time to write one checkpoint (blocks training)
     restart_s: float = 60.0  # time to restart the job and load the last checkpoint
     replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
+    delay_collectives: bool = True  # false: all-reduces cost nothing on the links (as under link-delay emulation)
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,8 @@ def validate(cfg: JobConfig) -> None:
     _check(r.backend in ("auto", "gloo", "nccl"), f"run.backend must be auto, gloo or nccl, got {r.backend!r}")
     _check(r.timeout_s > 0, f"run.timeout_s must be > 0, got {r.timeout_s}")
     _check(r.heartbeat_s > 0, f"run.heartbeat_s must be > 0, got {r.heartbeat_s}")
+    _check(-1 <= r.local_workers <= p.stages * p.replicas,
+           f"run.local_workers must be -1 (all) or in [0, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {r.local_workers}")
     _check(f.strategy in FT_STRATEGIES, f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {f.strategy!r}")
     _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
@@ -373,4 +378,5 @@ def validate_sim(cfg: JobConfig) -> None:
         value = getattr(s, name)
         _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")
+    _check(s.host_cores >= 0, f"sim.host_cores must be >= 0 (0 = a device per worker), got {s.host_cores}")
     _check(s.recovery in SIM_RECOVERY, f"sim.recovery must be one of {', '.join(SIM_RECOVERY)}, got {s.recovery!r}")

@@ -12,16 +12,18 @@ bytes does this message carry (:meth:`CostModel.message_bytes`). Link time per m
   2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", s. 3).
   Messages carry one microbatch's hidden state (sequences x context x d_model x dtype bytes).
   Gradients all-reduced across replicas carry every parameter of the stage once.
-* **Profiled** (:func:`read_profile`, :func:`calibrate_scale`): the ``step`` events of a short
-  ``spotpipe train`` run give its measured step time; the analytic per-chunk times are scaled by
-  one factor so that the simulator, playing that same run, reproduces it. Relative chunk costs
-  keep the FLOP ratios; the factor absorbs the machine's real throughput. No torch is needed.
+* **Profiled** (:func:`read_profile`, :func:`fit_scale_and_overhead`): the ``step`` events of
+  short ``spotpipe train`` runs give their measured step times; the analytic per-chunk times are
+  scaled by one factor (and, with two or more runs, a fixed per-step overhead is added) so that
+  the simulator, playing those same runs, reproduces them. Relative chunk costs keep the FLOP
+  ratios; the factor absorbs the machine's real throughput. No torch is needed.
 
 Pure Python: this module never imports torch.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -230,7 +232,7 @@ def calibrate_scale(
         if hi > 1e15:
             raise SpotpipeError("sim.profile: cannot calibrate compute scale (simulated time does not grow)")
     for _ in range(max_iter):
-        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+        mid = (lo * hi) ** 0.5
         if simulate(mid) < measured_s:
             lo = mid
         else:
@@ -238,6 +240,47 @@ def calibrate_scale(
         if hi - lo <= rel_tol * hi:
             break
     return (lo + hi) / 2
+
+
+def fit_scale_and_overhead(
+    measured_s: Sequence[float],
+    simulate: Callable[[float], Sequence[float]],
+    rel_tol: float = 1e-5,
+) -> tuple[float, float]:
+    """Compute factor ``f`` and per-iteration overhead ``c`` that best explain several runs.
+
+    Minimises ``sum_i (measured_i - simulate(f)_i - c)^2``: for a given ``f`` the best ``c`` is the
+    mean residual (clamped at 0), and the remaining error is minimised over ``log f`` by golden
+    section search. With two or more runs that differ in work per step (microbatches, stages),
+    this separates time that scales with compute from time that does not (optimizer step, commit,
+    process-group barrier). One run: ``c = 0`` and ``f`` from :func:`calibrate_scale`.
+    """
+    if len(measured_s) == 1:
+        return calibrate_scale(measured_s[0], lambda f: simulate(f)[0]), 0.0
+
+    def best(f: float) -> tuple[float, float]:
+        sims = simulate(f)
+        c = max(0.0, sum(m - s for m, s in zip(measured_s, sims)) / len(sims))
+        return sum((m - s - c) ** 2 for m, s in zip(measured_s, sims)), c
+
+    # Bracket: from the factor that explains the fastest run alone, down by 1e3.
+    upper = math.log(calibrate_scale(min(measured_s), lambda f: min(simulate(f))) * 1.5)
+    lower = upper - math.log(1e3)
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = lower, upper
+    x1, x2 = b - golden * (b - a), a + golden * (b - a)
+    f1, f2 = best(math.exp(x1))[0], best(math.exp(x2))[0]
+    while b - a > rel_tol:
+        if f1 <= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - golden * (b - a)
+            f1 = best(math.exp(x1))[0]
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + golden * (b - a)
+            f2 = best(math.exp(x2))[0]
+    factor = math.exp((a + b) / 2)
+    return factor, best(factor)[1]
 
 
 def speeds_per_node(factors: Sequence[float], ranks: int, num_nodes: int) -> tuple[float, ...]:

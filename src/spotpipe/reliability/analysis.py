@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.reliability.columns import no_gc
 from spotpipe.reliability.failure_traces import FailureTrace, read_bamboo, read_lanl
 from spotpipe.reliability.fits import MIN_INTERVALS, IntervalFits
 from spotpipe.reliability.metrics import DEFAULT_BUCKETS, JobMetrics, TraceMetrics, job_metrics, trace_metrics
@@ -44,6 +45,18 @@ def analyze_path(
     min_intervals: int = MIN_INTERVALS,
 ) -> TraceAnalysis:
     """Read and measure one trace; ``fmt`` is one of :data:`FORMATS` or ``auto``."""
+    with no_gc():
+        return _analyze(path, fmt, taxonomy, gpus_per_node, buckets, min_intervals)
+
+
+def _analyze(
+    path: str | Path,
+    fmt: str,
+    taxonomy: Taxonomy | None,
+    gpus_per_node: int,
+    buckets: tuple[int, ...],
+    min_intervals: int,
+) -> TraceAnalysis:
     tax = taxonomy if taxonomy is not None else Taxonomy()
     if fmt == "auto":
         fmt = detect_format(path)

@@ -193,15 +193,15 @@ def _recovery(args: argparse.Namespace) -> float:
 
 
 def _make_plan(args: argparse.Namespace, rf: float, gpus: int, gpn: int) -> Plan:
-    from spotpipe.reliability.models import make_plan, optimal_interval
-    from spotpipe.reliability.units import parse_duration
+    from spotpipe.reliability.models import optimal_interval_exact, make_plan
+    from spotpipe.reliability.units import parse_duration, rate_per_second
 
     write = parse_duration(args.ckpt_write, "--ckpt-write")
     restart = parse_duration(args.restart, "--restart")
-    if args.interval == "best":
-        best = optimal_interval(write, restart, gpus / gpn, rf)
+    if args.interval == "best":  # the exact optimum: right at any failure rate
+        best = optimal_interval_exact(write, restart, rate_per_second(gpus / gpn, rf))
         if best is None:
-            raise SpotpipeError("--interval best: no optimum (zero write time, or the restart outlasts the MTTF)")
+            raise SpotpipeError("--interval best: no optimum with a zero --ckpt-write; give an interval")
         interval = best
     else:
         interval = parse_duration(args.interval, "--interval")
@@ -250,7 +250,11 @@ def render_plan(plan: Plan) -> str:
     else:
         lines.append(
             f"  best interval {fd(plan.best_interval_s)} (Young {fd(plan.young_interval_s)}, "
-            f"Daly {fd(plan.daly_interval_s)}): ETTR {plan.best_ettr:.4f}"
+            f"Daly {fd(plan.daly_interval_s)}): ETTR {plan.best_ettr:.4f} (first order)"
+        )
+    if plan.best_interval_exact_s is not None and plan.best_ettr_exact is not None:
+        lines.append(
+            f"  best interval, exact form: {fd(plan.best_interval_exact_s)}: ETTR {plan.best_ettr_exact:.4f}"
         )
     lines.append(
         f"checkpoint-free (recovery {fd(plan.recovery_s)}, step {fd(plan.step_s)}, penalty "
@@ -337,8 +341,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             f"{r.policy} ({detail}): ETTR {r.ettr_mean:.4f} (95% CI {r.ettr_ci95[0]:.4f}-{r.ettr_ci95[1]:.4f}; "
             f"jobs p5-p95 {r.ettr_p05:.4f}-{r.ettr_p95:.4f}), {r.failures_mean:.1f} failures per job; "
             f"lost: restart {r.restart_fraction:.3f}, checkpoints {r.checkpoint_fraction:.3f}, "
-            f"work {r.lost_work_fraction:.3f}; goodput {(r.goodput_gpu_hours or 0.0) / 1000:.4g}k GPU-h "
-            f"of {gpus * wall / SECONDS_PER_HOUR / 1000:.4g}k"
+            f"work {r.lost_work_fraction:.3f}; goodput {r.goodput_gpu_hours or 0.0:,.0f} GPU-h "
+            f"of {gpus * wall / SECONDS_PER_HOUR:,.0f}"
         )
     return 0
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from spotpipe.reliability.columns import factorize
 from spotpipe.reliability.failure_traces import FailureTrace
 from spotpipe.reliability.fits import MIN_INTERVALS, IntervalFits, fit_intervals
 from spotpipe.reliability.taxonomy import FAILED_CATEGORIES, Taxonomy
@@ -101,9 +102,10 @@ class JobMetrics:
 def _shares(names: NDArray[Any], gpu_hours: NDArray[np.float64]) -> tuple[Share, ...]:
     total_jobs = names.size
     total_gpu = float(gpu_hours.sum())
-    uniq, inverse = np.unique(names.astype(str), return_inverse=True)
-    counts = np.bincount(inverse, minlength=uniq.size)
-    hours = np.bincount(inverse, weights=gpu_hours, minlength=uniq.size)
+    uniques, inverse = factorize(names.tolist())
+    uniq = [str(u) for u in uniques]
+    counts = np.bincount(inverse, minlength=len(uniq))
+    hours = np.bincount(inverse, weights=gpu_hours, minlength=len(uniq))
     order = np.argsort(-counts, kind="stable")
     return tuple(
         Share(
@@ -121,14 +123,15 @@ def _requeue_ettr(table: JobTable) -> tuple[int, float | None, float | None]:
     """ETTR upper bounds of jobs with several records (requeued allocations)."""
     if len(table) == 0:
         return 0, None, None
-    ids = table.job_id.astype(str)
-    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    multi = counts > 1
-    if not multi.any():
+    uniques, inverse = factorize(table.job_id.tolist())
+    size = len(uniques)
+    if size == len(table):
         return 0, None, None
-    run = np.bincount(inverse, weights=table.runtime, minlength=uniq.size)
-    first = np.full(uniq.size, np.inf)
-    last = np.full(uniq.size, -np.inf)
+    counts = np.bincount(inverse, minlength=size)
+    multi = counts > 1
+    run = np.bincount(inverse, weights=table.runtime, minlength=size)
+    first = np.full(size, np.inf)
+    last = np.full(size, -np.inf)
     np.minimum.at(first, inverse, table.start)
     np.maximum.at(last, inverse, table.end)
     wall = last - first

@@ -131,6 +131,36 @@ def optimal_interval(write_s: float, restart_s: float, nodes: float, rf: float) 
     return -write_s + math.sqrt(write_s * write_s + 2.0 * a * write_s / lam)
 
 
+def optimal_interval_exact(write_s: float, restart_s: float, rate_per_s: float) -> float | None:
+    """The interval that maximises :func:`ettr_checkpoint_exact` (golden-section search).
+
+    The exact renewal ETTR (Daly 2006) is unimodal in ``dt``; it is searched on a log scale
+    between a millisecond and a hundred MTTFs. ``None`` when ``w == 0`` (no interior optimum).
+    """
+    if _non_negative(write_s, "checkpoint write time") == 0 or rate_per_s <= 0:
+        return None
+    lo, hi = math.log(1e-3), math.log(100.0 / rate_per_s)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def f(log_dt: float) -> float:
+        return ettr_checkpoint_exact(math.exp(log_dt), write_s, restart_s, rate_per_s)
+
+    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(200):
+        if hi - lo < 1e-9:
+            break
+        if fa < fb:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+        else:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - ratio) * (hi - lo)
+            fa = f(a)
+    return math.exp(0.5 * (lo + hi))
+
+
 def ettr_checkpoint_free(
     recovery_s: float, nodes: float, rf: float, step_s: float = 0.0, penalty_s: float = 0.0
 ) -> float:
@@ -181,6 +211,8 @@ class Plan:
     model_load: float
     best_interval_s: float | None
     best_ettr: float | None
+    best_interval_exact_s: float | None
+    best_ettr_exact: float | None
     young_interval_s: float
     daly_interval_s: float
     recovery_s: float
@@ -215,6 +247,7 @@ def make_plan(
     lam = rate_per_second(nodes, _positive(rf, "--rf (failures per 1000 node-days)"))
     mttf_s = 1.0 / lam
     best = optimal_interval(write_s, restart_s, nodes, rf)
+    best_exact = optimal_interval_exact(write_s, restart_s, lam)
     return Plan(
         gpus=gpus,
         gpus_per_node=gpus_per_node,
@@ -230,6 +263,8 @@ def make_plan(
         model_load=model_load(nodes, rf, interval_s, restart_s),
         best_interval_s=best,
         best_ettr=None if best is None else ettr_checkpoint(best, write_s, restart_s, nodes, rf),
+        best_interval_exact_s=best_exact,
+        best_ettr_exact=None if best_exact is None else ettr_checkpoint_exact(best_exact, write_s, restart_s, lam),
         young_interval_s=young_interval(write_s, mttf_s),
         daly_interval_s=daly_interval(write_s, mttf_s),
         recovery_s=recovery_s,

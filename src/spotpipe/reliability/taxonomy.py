@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.reliability.columns import factorize
 
 CATEGORIES: tuple[str, ...] = (
     "completed",
@@ -138,17 +139,17 @@ class Taxonomy:
         n = len(state)
         if n == 0:
             return np.empty(0, dtype=object)
-        keys = np.empty(n, dtype=object)
-        keys[:] = list(zip(state.tolist(), exit_code.tolist(), signal.tolist(), reason.tolist()))
-        cache: dict[tuple[str, int, int, str], str] = {}
-        out = np.empty(n, dtype=object)
-        for i, key in enumerate(keys):
-            category = cache.get(key)
-            if category is None:
-                category = self.classify(*key)
-                cache[key] = category
-            out[i] = category
-        return out
+        key = np.zeros(n, dtype=np.int64)
+        levels: list[list[Any]] = []
+        for column in (state, exit_code, signal, reason):
+            uniques, codes = factorize(column.tolist())
+            key = key * len(uniques) + codes
+            levels.append(uniques)
+        combos, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        categories = np.empty(combos.size, dtype=object)
+        for k, i in enumerate(first.tolist()):
+            categories[k] = self.classify(str(state[i]), int(exit_code[i]), int(signal[i]), str(reason[i]))
+        return categories[inverse.ravel()]
 
 
 def _int_tuple(value: Any, where: str) -> tuple[int, ...] | None:

@@ -222,10 +222,11 @@ def request_join(store: Any, token: str | None, *, listen_host: str, timeout_s: 
     }
     store.queue_push(JOIN_QUEUE, json.dumps(request))
     key = join_response_key(nonce)
-    try:
-        store.wait([key], datetime.timedelta(seconds=timeout_s))
-    except Exception:
-        raise SpotpipeError(f"the controller did not answer the join request within {timeout_s:g} s") from None
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise SpotpipeError(f"the controller did not answer the join request within {timeout_s:g} s")
+        time.sleep(0.02)
     answer = json.loads(store.get(key))
     if "refused" in answer:
         raise JoinRefused(f"the controller refused this worker: {answer['refused']}")

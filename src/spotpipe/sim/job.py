@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from spotpipe import events as ev
 from spotpipe.config import JobConfig
-from spotpipe.cost import CostModel, analytic_cost, calibrate_scale, read_profile
+from spotpipe.cost import CostModel, analytic_cost, fit_scale_and_overhead, read_profile
 from spotpipe.errors import ConfigError
 from spotpipe.events import EventLog
 from spotpipe.schedule.generators import build_schedule
@@ -59,31 +60,40 @@ def job_schedule(cfg: JobConfig) -> Schedule:
     return lower(build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages))
 
 
-def profiled_cost(cfg: JobConfig, events_path: str | Path) -> CostModel:
-    """Analytic costs scaled so that simulating the profiled run gives its measured step time.
+def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostModel:
+    """Analytic costs scaled (plus a fixed overhead with 2+ runs) so that simulating the profiled
+    runs gives their measured step times (:func:`spotpipe.cost.fit_scale_and_overhead`).
 
-    The profiled run's own config (from its ``run_start`` event) is simulated on a uniform
-    network from its ``[network]`` section (``network.matrix`` is honoured if readable).
+    Each profiled run's own config (from its ``run_start`` event) is simulated with this job's
+    ``[sim]`` section (device, ``host_cores``, ``delay_collectives``) and its own ``[network]``.
     """
-    prof = read_profile(events_path)
-    pcfg = replace(prof.config, sim=cfg.sim)
-    pschedule = job_schedule(pcfg)
-    pnet = build_network(pcfg.network, pcfg.pipeline.stages, pcfg.pipeline.stages * pcfg.pipeline.replicas)
-    base = analytic_cost(pcfg).with_overhead(0.0)
-    placement = Placement.dense(pcfg.pipeline.stages, pcfg.pipeline.replicas)
+    profiles = [read_profile(p) for p in events_paths]
+    runs = []
+    for prof in profiles:
+        pcfg = replace(prof.config, sim=cfg.sim)
+        p = pcfg.pipeline
+        net = build_network(pcfg.network, p.stages, p.stages * p.replicas)
+        runs.append((job_schedule(pcfg), analytic_cost(pcfg).with_overhead(0.0), net, Placement.dense(p.stages, p.replicas)))
 
-    def simulate(factor: float) -> float:
-        return play_iteration(pschedule, base.scaled(factor), pnet, placement).iteration_s
+    def simulate(factor: float) -> list[float]:
+        return [
+            play_iteration(
+                sched, base.scaled(factor), net, placement,
+                collectives=cfg.sim.delay_collectives, host_cores=cfg.sim.host_cores,
+            ).iteration_s
+            for sched, base, net, placement in runs
+        ]
 
-    factor = calibrate_scale(prof.step_time, simulate)
-    return analytic_cost(cfg).scaled(factor, source=f"profiled:{events_path}")
+    factor, overhead = fit_scale_and_overhead([prof.step_time for prof in profiles], simulate)
+    names = ",".join(str(p) for p in events_paths)
+    return analytic_cost(cfg).scaled(factor, source=f"profiled:{names}").with_overhead(overhead)
 
 
 def prepare(cfg: JobConfig, base_dir: str | Path | None = None) -> SimSetup:
     """Schedule, cost model and cluster of a job config (errors are one-line ConfigErrors)."""
     schedule = job_schedule(cfg)
     if cfg.sim.profile:
-        cost = profiled_cost(cfg, resolve_path(cfg.sim.profile, base_dir))
+        cost = profiled_cost(cfg, [resolve_path(p, base_dir) for p in cfg.sim.profile])
     else:
         cost = analytic_cost(cfg)
     cluster = build_cluster(cfg, base_dir)
@@ -193,7 +203,10 @@ class _Job:
             net = Network(len(self.slots), base.local, base.matrix, locs if base.matrix is not None else ())
             placement = Placement.dense(self.ranks, self.replicas)
             record = self.record and self.first is None
-            result = play_iteration(self.setup.schedule, self.setup.cost, net, placement, speeds, record=record)
+            result = play_iteration(
+                self.setup.schedule, self.setup.cost, net, placement, speeds, record=record,
+                collectives=self.cfg.sim.delay_collectives, host_cores=self.cfg.sim.host_cores,
+            )
             self.cache[key] = result
         if self.first is None:
             self.first = result

@@ -77,18 +77,12 @@ class LinkMatrix:
     def link(self, a: str, b: str) -> Link:
         """The link between two distinct locations; a clear error if one is unknown."""
         for loc in (a, b):
-            if loc not in self.links_by_location:
-                raise ConfigError(
-                    f"{self.source}: unknown location {loc!r}; known: {', '.join(self.locations)}"
-                )
+            if loc not in self.locations:
+                raise ConfigError(f"{self.source}: unknown location {loc!r}; known: {', '.join(self.locations)}")
         try:
             return self.links[(a, b)]
         except KeyError:
             raise ConfigError(f"{self.source}: no row for the pair {a},{b}") from None
-
-    @property
-    def links_by_location(self) -> frozenset[str]:
-        return frozenset(self.locations)
 
 
 def _parse_float(value: str, column: str, where: str) -> float:

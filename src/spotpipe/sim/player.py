@@ -17,7 +17,12 @@ whole cluster happen in global time order. After the last backward of a rank in 
 the rank's gradients are all-reduced across its replicas with a ring all-reduce
 (``2 (R-1)`` steps of ``bytes / R`` over the slowest link of the ring; Patarasuk and Yuan 2009,
 "Bandwidth optimal all-reduce algorithms for clusters of workstations"), then the optimizer
-steps. Replicas are simulated separately, action by action, even when they are identical.
+steps. Before the optimizer, every step ends with a barrier: the runtime's world all-reduce of a
+few scalars (global gradient norm, loss), a ring over all workers in world-rank order whose
+``2 (W-1)`` latency-bound steps cost the mean latency of the ring's links each. With
+``collectives=False`` both collectives cost nothing on the links (the runtime's link-delay
+emulation delays only point-to-point messages). Replicas are simulated separately, action by
+action, even when they are identical.
 
 Reported per iteration: iteration time, pipeline time (first action to last backward), bubble
 fraction per rank ``1 - busy / pipeline time`` (the definition under which GPipe and 1F1B with
@@ -27,6 +32,7 @@ worker, busy time and bytes per directed link, and optionally every action's sta
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +84,7 @@ class IterationResult:
         peak_activations: ``[rank][replica]``: most (stage, microbatch) activations held at once.
         peak_activation_bytes: ``[rank][replica]``: the bytes of those activations at the peak.
         allreduce_s: Per rank, the gradient all-reduce time across replicas (0 with 1 replica).
+        barrier_s: The step barrier (world all-reduce of scalars) after the all-reduces.
         links: Traffic per directed link that carried data, pipeline messages and all-reduce.
         actions: Every action's interval when the player was asked to record them, else empty.
         events: Discrete events the engine ran.
@@ -90,6 +97,7 @@ class IterationResult:
     peak_activations: tuple[tuple[int, ...], ...]
     peak_activation_bytes: tuple[tuple[int, ...], ...]
     allreduce_s: tuple[float, ...]
+    barrier_s: float
     links: tuple[LinkUsage, ...]
     actions: tuple[TimedAction, ...] = field(default=(), repr=False)
     events: int = 0
@@ -158,6 +166,8 @@ class _Play:
         network: Network,
         speeds: Sequence[float],
         record: bool,
+        collectives: bool = True,
+        host_cores: int = 0,
     ) -> None:
         ranks = schedule.num_ranks
         if placement.num_ranks != ranks:
@@ -172,6 +182,7 @@ class _Play:
         self.network = network
         self.programs = _compile(schedule, cost)
         self.record = record
+        self.collectives = collectives
         n = ranks * self.replicas
         # Worker slot w = replica * ranks + rank.
         self.node = [placement.workers[w % ranks][w // ranks] for w in range(n)]
@@ -193,6 +204,13 @@ class _Play:
         self.links: dict[int, list[float]] = {}
         self.timed: list[TimedAction] = []
         self.engine = Engine()
+        # Processor sharing of one host's cores (host_cores > 0): every running compute action
+        # progresses at min(1, cores / running); `_ps_work` is the work each has received so far.
+        self.host_cores = host_cores
+        self._ps_work = 0.0
+        self._ps_time = 0.0
+        self._ps_heap: list[tuple[float, int, int, float, tuple[object, ...]]] = []
+        self._ps_version = 0
 
     def _link(self, src: int, dst: int) -> list[float]:
         key = src * self.network.num_nodes + dst
@@ -230,6 +248,10 @@ class _Play:
                         engine.at(a, self.resume, w)
                         return
                 d = ins[2] / speed  # type: ignore[operator]
+                if self.host_cores:
+                    self._shared_start(w, ins, d, t)  # the worker resumes when the host has done the work
+                    self.pc[w] = i + 1
+                    return
                 end = t + d
                 self.busy[w] += d
                 self.last_compute[w] = end
@@ -280,20 +302,22 @@ class _Play:
         for w in range(n):
             self.engine.at(0.0, self.resume, w)
         self.engine.run()
+        blocked = []
         for w in range(n):
             prog = self.programs[w % self.ranks]
             if self.pc[w] < len(prog):
-                ins = prog[self.pc[w]]
-                raise SimulationError(
-                    f"deadlock: rank {w % self.ranks} (replica {w // self.ranks}) waits at {ins[-2]} for a "
-                    "message that is never sent"
-                )
+                blocked.append(f"rank {w % self.ranks} (replica {w // self.ranks}) at {prog[self.pc[w]][-2]}")
+        if blocked:
+            more = f" and {len(blocked) - 4} more" if len(blocked) > 4 else ""
+            raise SimulationError(
+                "deadlock: waiting for messages that are never sent: " + ", ".join(blocked[:4]) + more
+            )
         return self._finish()
 
     def _allreduce(self, rank: int, nbytes: int) -> float:
         """Ring all-reduce time of ``nbytes`` across the replicas of ``rank``; updates link use."""
         r = self.replicas
-        if r == 1 or nbytes == 0:
+        if r == 1 or nbytes == 0 or not self.collectives:
             return 0.0
         chunk = nbytes / r
         steps = 2 * (r - 1)
@@ -309,22 +333,82 @@ class _Play:
             link[3] += steps
         return steps * worst
 
+    # -- processor sharing (one host plays the whole cluster) -----------------------------------
+
+    def _ps_rate(self) -> float:
+        running = len(self._ps_heap)
+        return 1.0 if running <= self.host_cores else self.host_cores / running
+
+    def _ps_advance(self, t: float) -> None:
+        if self._ps_heap:
+            self._ps_work += (t - self._ps_time) * self._ps_rate()
+        self._ps_time = t
+
+    def _ps_reschedule(self, t: float) -> None:
+        self._ps_version += 1
+        if self._ps_heap:
+            due = t + max(0.0, self._ps_heap[0][0] - self._ps_work) / self._ps_rate()
+            self.engine.at(due, self._ps_complete, self._ps_version)
+
+    def _shared_start(self, w: int, ins: tuple[object, ...], work: float, t: float) -> None:
+        """Start a compute action of ``work`` seconds (at full speed) on the shared host."""
+        if ins[3] > 0:  # type: ignore[operator]
+            self.live[w] += 1
+            self.live_bytes[w] += ins[4]  # type: ignore[operator]
+            if self.live[w] > self.peak[w]:
+                self.peak[w] = self.live[w]
+                self.peak_bytes[w] = self.live_bytes[w]
+        else:
+            self.live[w] -= 1
+            self.live_bytes[w] += ins[4]  # type: ignore[operator]
+        self._ps_advance(t)
+        heapq.heappush(self._ps_heap, (self._ps_work + work, w, w, t, ins))
+        self._ps_reschedule(t)
+
+    def _ps_complete(self, version: int) -> None:
+        if version != self._ps_version:
+            return  # the set of running actions changed since this was scheduled
+        t = self.engine.now
+        self._ps_advance(t)
+        done = []
+        while self._ps_heap and self._ps_heap[0][0] <= self._ps_work + 1e-12 * max(1.0, self._ps_work):
+            done.append(heapq.heappop(self._ps_heap))
+        self._ps_reschedule(t)
+        for _due, _seq, w, start, ins in done:
+            self.busy[w] += t - start
+            self.last_compute[w] = t
+            if self.record:
+                rank = w % self.ranks
+                self.timed.append(TimedAction(rank, w // self.ranks, self.node[w], ins[6], ins[5], start, t))  # type: ignore[arg-type]
+            self.resume(w)
+
+    def _barrier(self) -> float:
+        """Latency-bound ring all-reduce of a few scalars over every worker (world-rank order)."""
+        n = len(self.node)
+        if n == 1 or not self.collectives:
+            return 0.0
+        total = 0.0
+        for w in range(n):
+            total += self._link(self.node[w], self.node[(w + 1) % n])[4]
+        return 2 * (n - 1) * total / n
+
     def _finish(self) -> IterationResult:
         ranks, reps = self.ranks, self.replicas
         pipeline_s = max(self.last_compute) if self.last_compute else 0.0
         grad = [0] * ranks
         for stage, rank in enumerate(self.schedule.stage_to_rank):
             grad[rank] += self.cost.grad_bytes[stage]
-        end = 0.0
+        reduced = 0.0
         allreduce: list[float] = []
         for rank in range(ranks):
             slots = [p * ranks + rank for p in range(reps)]
             start = max(self.last_compute[w] for w in slots)
             ar = self._allreduce(rank, grad[rank])
             allreduce.append(ar)
-            slowest = min(self.speed[w] for w in slots)
-            end = max(end, start + ar + self.cost.optimizer_s / slowest)
-        iteration_s = end + self.cost.overhead_s
+            reduced = max(reduced, start + ar)
+        barrier = self._barrier()
+        slowest = min(self.speed)
+        iteration_s = reduced + barrier + self.cost.optimizer_s / slowest + self.cost.overhead_s
 
         def grid(values: Sequence[float] | Sequence[int]) -> tuple[tuple[float, ...], ...]:
             return tuple(tuple(values[p * ranks + r] for p in range(reps)) for r in range(ranks))
@@ -344,6 +428,7 @@ class _Play:
             peak_activations=tuple(tuple(int(x) for x in row) for row in grid(self.peak)),
             peak_activation_bytes=tuple(tuple(int(x) for x in row) for row in grid(self.peak_bytes)),
             allreduce_s=tuple(allreduce),
+            barrier_s=barrier,
             links=links,
             actions=tuple(sorted(self.timed, key=lambda a: (a.start, a.rank, a.replica))),
             events=self.engine.processed,
@@ -357,6 +442,8 @@ def play_iteration(
     placement: Placement | None = None,
     speeds: Sequence[float] | None = None,
     record: bool = False,
+    collectives: bool = True,
+    host_cores: int = 0,
 ) -> IterationResult:
     """Play one iteration of a lowered ``schedule``.
 
@@ -367,6 +454,10 @@ def play_iteration(
         placement: Which node runs each (rank, replica); default one replica on nodes 0..S-1.
         speeds: Relative speed per node (default 1.0 everywhere).
         record: Keep every action's interval (for traces); costs time and memory at scale.
+        collectives: Charge the gradient all-reduce and the step barrier to the links.
+        host_cores: 0 = every worker has its own device; N > 0 = all workers are processes on one
+            host with N cores: running compute actions share them equally (processor sharing),
+            as when one machine emulates the cluster.
 
     Raises:
         ScheduleError: an input of a compute action has no RECV before it.
@@ -380,4 +471,4 @@ def play_iteration(
         placement = Placement.dense(schedule.num_ranks, 1)
     if speeds is None:
         speeds = [1.0] * network.num_nodes
-    return _Play(schedule, placement, cost, network, speeds, record).run()
+    return _Play(schedule, placement, cost, network, speeds, record, collectives, host_cores).run()

@@ -81,6 +81,7 @@ def summary(setup: SimSetup, result: JobResult, sim_seconds: float) -> dict[str,
         },
         "iteration_s": it.iteration_s,
         "pipeline_s": it.pipeline_s,
+        "barrier_s": it.barrier_s,
         "bubble_mean": sum(bubble) / len(bubble),
         "ranks": ranks,
         "links": {
@@ -123,7 +124,8 @@ def format_summary(data: dict[str, Any]) -> str:
         + (f" x {c['virtual_stages']} virtual" if c["virtual_stages"] > 1 else "")
         + f", {c['microbatches']} microbatches, {c['workers']} workers + {c['spares']} spares",
         f"network {c['network']}; cost {c['cost']}",
-        f"iteration {data['iteration_s'] * 1e3:.3f} ms (pipeline {data['pipeline_s'] * 1e3:.3f} ms), mean bubble {data['bubble_mean']:.4f}",
+        f"iteration {data['iteration_s'] * 1e3:.3f} ms (pipeline {data['pipeline_s'] * 1e3:.3f} ms, step barrier "
+        f"{data['barrier_s'] * 1e3:.3f} ms), mean bubble {data['bubble_mean']:.4f}",
         "",
         f"{'rank':>5} {'location':>12} {'bubble':>8} {'busy_ms':>10} {'peak_act':>8} {'peak_mem_MiB':>12} {'allreduce_ms':>12}",
     ]

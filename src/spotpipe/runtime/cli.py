@@ -1,0 +1,90 @@
+"""``spotpipe train`` and ``spotpipe worker``.
+
+``spotpipe train [--config FILE] [--set section.key=value ...] [--resume RUN_DIR]`` starts the
+controller and the local workers and trains; ``spotpipe worker --join HOST:PORT`` joins a job
+from another machine. torch is imported only inside the commands, so ``spotpipe --help`` stays
+fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+EXIT_INTERRUPTED = 130
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``spotpipe worker`` (and ``python -m spotpipe.runtime.worker``)."""
+    parser.add_argument("--join", required=True, metavar="HOST:PORT", help="the controller's address, printed by `spotpipe train`")
+    parser.add_argument("--token-file", default=None, metavar="FILE", help="file holding the job token (default: $SPOTPIPE_TOKEN)")
+    parser.add_argument(
+        "--listen-host",
+        default=None,
+        metavar="ADDR",
+        help="address the other workers reach this one on (default: this machine's address towards the controller)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the controller (default 60)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``worker`` to the top-level parser."""
+    train = subparsers.add_parser(
+        "train",
+        help="train a model with pipeline parallelism on worker processes",
+        description=(
+            "Start the controller and one worker process per (stage, replica) and train. With no "
+            "arguments: the default small model, 4 stages on CPU, a few minutes. Writes runs/<name>/ "
+            "(events.jsonl, config.toml, loss.png, checkpoints/)."
+        ),
+    )
+    train.add_argument("--config", default=None, metavar="FILE", help="TOML config (see configs/)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.steps=100 (repeatable)"
+    )
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="join a running job from this machine",
+        description=(
+            "Join the job whose controller listens at HOST:PORT and work in the role it hands out. "
+            "The job token comes from $SPOTPIPE_TOKEN or --token-file (never the command line)."
+        ),
+    )
+    add_worker_arguments(worker)
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spotpipe.errors import SpotpipeError
+    from spotpipe.runtime.controller import Controller, format_result
+    from spotpipe.runtime.job import prepare_run
+
+    prep = prepare_run(args.config, list(args.set), args.resume)
+    controller = Controller(
+        prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout
+    )
+    result = controller.run()
+    if result.status == "failed":
+        raise SpotpipeError(result.message)
+    print(format_result(result), flush=True)
+    if result.status == "interrupted":
+        if result.checkpoint is not None:
+            print(f"resume with: spotpipe train --resume {result.run_dir}", flush=True)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from spotpipe.runtime.worker import run_worker
+
+    return run_worker(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from spotpipe.cli import main
+
+    sys.exit(main())

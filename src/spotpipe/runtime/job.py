@@ -1,0 +1,135 @@
+"""Preparing a run before any process starts, and the rules every process of a job shares.
+
+:func:`prepare_run` turns ``spotpipe train [--config] [--set] [--resume]`` into a resolved job:
+the validated config (``model.vocab_size`` fitted to the data), the run directory, the token file,
+the lowered schedule (checked now, so a bad combination fails before a worker starts) and the
+checkpoint to resume from. Every problem is one :class:`~spotpipe.errors.SpotpipeError` line.
+
+The controller and the workers both call :func:`eval_due` and :func:`checkpoint_layout`, so they
+agree without talking.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from spotpipe.config import JobConfig, TrainConfig, load_config
+from spotpipe.errors import SpotpipeError
+
+
+def build_pipeline_schedule(cfg: JobConfig) -> Any:
+    """The lowered schedule of the job (``pipeline.schedule`` through ``schedule.passes.lower``)."""
+    from spotpipe.schedule.generators import build_schedule
+    from spotpipe.schedule.passes import lower
+
+    p = cfg.pipeline
+    return lower(build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages))
+
+
+def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the job that resumes it."""
+    m = cfg.model
+    return {
+        "pipeline.stages": cfg.pipeline.stages,
+        "chunks": num_chunks,
+        "model.layers": m.layers,
+        "model.d_model": m.d_model,
+        "model.heads": m.heads,
+        "model.kv_heads": m.kv_heads,
+        "model.vocab_size": m.vocab_size,
+        "model.ffn_hidden": m.ffn_hidden,
+        "model.context": m.context,
+        "model.dtype": m.dtype,
+    }
+
+
+def eval_due(step: int, train: TrainConfig, stop: bool, stop_reason: str) -> bool:
+    """Whether the workers evaluate right after committed step ``step`` (0-based).
+
+    Every ``train.eval_every`` steps and after the last step; after a stop for the time limit
+    (``train.max_minutes``) too, but not after a Ctrl-C, which should end the job promptly.
+    """
+    last = step + 1 == train.steps
+    if stop and stop_reason != "time" and not last:
+        return False
+    if last or (stop and stop_reason == "time"):
+        return True
+    return train.eval_every > 0 and (step + 1) % train.eval_every == 0
+
+
+def checkpoint_due(step: int, train: TrainConfig, stop: bool) -> bool:
+    """Whether the workers save a checkpoint after step ``step``: every ``train.checkpoint_every``
+    steps, and at the end or on a stop when checkpointing is on."""
+    if train.checkpoint_every <= 0:
+        return False
+    return (step + 1) % train.checkpoint_every == 0 or stop or step + 1 == train.steps
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A job ready to start."""
+
+    cfg: JobConfig
+    run_dir: Path
+    token_dir: str
+    token_sha256: str
+    layout: dict[str, Any]
+    resume: Any  # checkpoint.Manifest | None
+
+
+def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None) -> PreparedRun:
+    """Resolve config, run directory, data, schedule and checkpoint; raise one clear error if any
+    of them is wrong."""
+    from spotpipe.data.sampler import SequenceSampler
+    from spotpipe.data.tokens import default_cache_dir, resolve_dataset
+    from spotpipe.runtime.checkpoint import check_layout, latest_checkpoint
+
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if not run_dir.is_dir():
+            raise SpotpipeError(f"--resume {run_dir}: no such run directory")
+        if not (run_dir / "config.toml").is_file():
+            raise SpotpipeError(f"--resume {run_dir}: not a spotpipe run directory (it has no config.toml)")
+        if config_path is not None:
+            raise SpotpipeError("--resume continues with the run's own config.toml; change values with --set, not --config")
+        cfg = load_config(run_dir / "config.toml", overrides)
+        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+    else:
+        cfg = load_config(config_path, overrides)
+        name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / name
+        if (run_dir / "events.jsonl").exists():
+            raise SpotpipeError(
+                f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "
+                "or choose another run.name / run.dir"
+            )
+        cfg = replace(cfg, run=replace(cfg.run, name=name, dir=str(run_dir)))
+    token_file = resolve_dataset(cfg.data, default_cache_dir())
+    if token_file.vocab_size != cfg.model.vocab_size:
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=token_file.vocab_size))
+    cfg = cfg.validate()
+    for split in ("train", "val"):
+        SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
+    schedule = build_pipeline_schedule(cfg)
+    from spotpipe.model.partition import partition_layers
+
+    partition_layers(cfg.model.layers, schedule.num_stages)
+    layout = checkpoint_layout(cfg, schedule.num_stages)
+    manifest = None
+    if resume_dir is not None:
+        manifest = latest_checkpoint(run_dir)
+        if manifest is None:
+            raise SpotpipeError(
+                f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} "
+                "(was train.checkpoint_every 0?)"
+            )
+        check_layout(manifest, layout)
+        if manifest.step + 1 >= cfg.train.steps:
+            raise SpotpipeError(
+                f"--resume {run_dir}: its checkpoint of step {manifest.step} already holds all train.steps={cfg.train.steps} steps; "
+                "nothing to resume"
+            )
+    return PreparedRun(cfg, run_dir, str(Path(token_file.dir).resolve()), str(token_file.header.get("sha256", "")), layout, manifest)

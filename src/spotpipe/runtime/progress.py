@@ -1,0 +1,106 @@
+"""The progress display of ``spotpipe train``: one live line on a terminal, plain lines otherwise.
+
+On a TTY the line ``step 120/600  loss 2.314  12.3k tok/s  ETA 2m41s`` is redrawn in place after
+every committed step; messages (evaluations, checkpoints) are printed above it. Anywhere else
+(a pipe, a log file, CI) a plain line is printed at most every ``every_s`` seconds, plus every
+message, so logs stay short.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_rate(tokens_per_s: float) -> str:
+    if tokens_per_s >= 1e6:
+        return f"{tokens_per_s / 1e6:.2f}M"
+    if tokens_per_s >= 1e3:
+        return f"{tokens_per_s / 1e3:.1f}k"
+    return f"{tokens_per_s:.0f}"
+
+
+class Progress:
+    """Live progress for ``total`` steps.
+
+    Args:
+        total: Steps of the run.
+        stream: Where to write (default stdout).
+        enabled: ``run.progress``; when False only messages are printed.
+        every_s: Interval of plain lines when ``stream`` is not a terminal.
+        tty: Force terminal / non-terminal behaviour (default: ``stream.isatty()``).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        every_s: float = 10.0,
+        tty: bool | None = None,
+    ) -> None:
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.every_s = every_s
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._ema: float | None = None
+        self._last_plain = 0.0
+        self._line_len = 0
+        self.last_line = ""
+
+    def step(self, step: int, loss: float, step_time: float, tokens: int) -> None:
+        """Record committed step ``step`` (0-based) and redraw."""
+        if step_time > 0:
+            self._ema = step_time if self._ema is None else 0.9 * self._ema + 0.1 * step_time
+        ema = self._ema or step_time
+        rate = tokens / ema if ema > 0 else 0.0
+        eta = (self.total - step - 1) * ema
+        self.last_line = (
+            f"step {step + 1}/{self.total}  loss {loss:.4f}  {format_rate(rate)} tok/s  ETA {format_duration(eta)}"
+        )
+        if not self.enabled:
+            return
+        if self.tty:
+            self._draw(self.last_line)
+        else:
+            now = time.monotonic()
+            if now - self._last_plain >= self.every_s or step + 1 == self.total:
+                self._last_plain = now
+                self.stream.write(self.last_line + "\n")
+                self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line above the live line."""
+        if self.tty and self._line_len:
+            self.stream.write("\r" + " " * self._line_len + "\r")
+        self.stream.write(text + "\n")
+        if self.tty and self._line_len and self.enabled:
+            self.stream.write(self.last_line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the live line."""
+        if self.tty and self._line_len:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_len = 0
+
+    def _draw(self, line: str) -> None:
+        pad = max(0, self._line_len - len(line))
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+        self._line_len = len(line)

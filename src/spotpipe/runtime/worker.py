@@ -1,0 +1,461 @@
+"""A worker process: one (stage, replica) role of a pipeline-parallel job.
+
+Started by the controller (``python -m spotpipe.runtime.worker --join HOST:PORT``) or by hand on
+another machine (``spotpipe worker --join HOST:PORT``). It joins with the job token, gets a role
+and the job's config, builds its model chunks, enters the current generation (its process
+groups), and trains step by step until the job ends.
+
+One step is atomic (DESIGN.md, "Atomic steps"):
+
+1. **Snapshot**: the sampler state before the step (the data of the step is a pure function of
+   it, so a replay reads the same samples).
+2. **Compute** (may fail): the executor plays the schedule; the replica group all-reduces the
+   gradients (SUM); the world group all-reduces ``[squared grad norm, loss sum, microbatches,
+   stop flag]``. That world all-reduce is the barrier: when it returns, every worker has finished
+   its forward and backward of the step.
+3. **Apply** (local, cannot fail on a peer): clip with the global norm, set the scheduled learning
+   rate, step the optimizers, save a checkpoint if one is due.
+4. **Report**: the step report goes to the store; the last worker to report sets the commit key,
+   and the controller writes the ``step`` event.
+
+A communication failure in phase 2 raises :class:`~spotpipe.runtime.transport.CommError`.
+:meth:`Worker.abort_step` then aborts the generation (so the peers wake at once), drops the
+step's activations and gradients and restores the sampler snapshot; :meth:`Worker.on_failure` is
+where stage recovery (issue 5) takes over: wait for the controller's next generation, rebuild the
+groups, restore the lost state, and return so the loop replays the step with the same data. This
+build has no recovery, so it reports the error and exits.
+
+One known gap for recovery: an all-reduce is not atomic across ranks (with a dead member, some
+ranks may complete it while others fail). Every worker's report carries the reduced values, so a
+recovery handler can finish the step on the ranks that missed only the final result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spotpipe.config import JobConfig, config_from_mapping
+from spotpipe.errors import SpotpipeError
+from spotpipe.runtime import control
+from spotpipe.runtime.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
+from spotpipe.runtime.executor import Executor, compile_rank, stage_peers
+from spotpipe.runtime.groups import Generation, GenerationPlan, resolve_backend
+from spotpipe.runtime.job import build_pipeline_schedule, checkpoint_due, eval_due
+from spotpipe.runtime.optim import build_optimizer, clip_coefficient, lr_at, set_lr
+from spotpipe.runtime.stage_runner import StageRunner
+from spotpipe.runtime.transport import CommError
+
+EXIT_ERROR = 3
+EXIT_ORPHANED = 4
+
+
+class Worker:
+    """State and main loop of one worker.
+
+    Args:
+        store: Client of the controller's store.
+        grant: The role the controller granted.
+        listen_host: Address peers reach this worker on.
+    """
+
+    def __init__(self, store: Any, grant: control.Grant, listen_host: str) -> None:
+        self.store = store
+        self.grant = grant
+        self.id = grant.worker
+        self.stage = grant.stage  # pipeline rank
+        self.replica = grant.replica
+        self.listen_host = listen_host
+        self.cfg: JobConfig = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
+        self.run_dir = Path(grant.info["run_dir"])
+        self.name = f"worker {self.id} (stage {self.stage}, replica {self.replica})"
+        self.stop_requested = False
+        self.generation: Generation | None = None
+        self.heartbeat: control.Heartbeat | None = None
+        self.start_step = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self) -> None:
+        """Build chunks, optimizers, gradient buffer, data and schedule; load a checkpoint."""
+        from spotpipe.data.sampler import SequenceSampler
+        from spotpipe.model.stages import build_stage
+
+        cfg, p = self.cfg, self.cfg.pipeline
+        threads = int(self.grant.info.get("threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.backend = resolve_backend(cfg.run.backend)
+        if self.backend == "nccl":
+            index = int(self.grant.info.get("local_index", 0))
+            self.device = torch.device("cuda", index % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.schedule = build_pipeline_schedule(cfg)
+        self.my_stages = self.schedule.stages_of_rank(self.stage)
+        self.num_chunks = self.schedule.num_stages
+        self.chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device) for s in self.my_stages}
+        self.optimizers = {s: build_optimizer(self.chunks[s].parameters(), cfg.train) for s in self.my_stages}
+        self.lr_scale = {s: 1.0 for s in self.my_stages}
+        self._make_flat_grads()
+        self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.holds_first = 0 in self.chunks
+        self.holds_last = (self.num_chunks - 1) in self.chunks
+        self.token_file = self._open_data()
+        name = str(self.token_file.dir)
+        self.sampler = SequenceSampler(self.token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
+        self.val_sampler = SequenceSampler(self.token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
+        self.dtype = next(next(iter(self.chunks.values())).parameters()).dtype
+        resume = self.grant.info.get("resume")
+        if resume:
+            self._load_checkpoint(resume)
+
+    def _make_flat_grads(self) -> None:
+        """One contiguous gradient buffer; every ``param.grad`` is a view into it, so autograd
+        accumulates in place and the replica all-reduce is a single collective with no copies."""
+        params = [q for s in self.my_stages for q in self.chunks[s].parameters() if q.requires_grad]
+        total = sum(q.numel() for q in params)
+        dtype = params[0].dtype if params else torch.float32
+        self.flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
+        offset = 0
+        for q in params:
+            n = q.numel()
+            q.grad = self.flat_grad[offset : offset + n].view_as(q)
+            offset += n
+        self.params = params
+
+    def _open_data(self) -> Any:
+        from spotpipe.data.tokens import TokenFile, default_cache_dir, resolve_dataset
+
+        info = self.grant.info
+        token_dir = info.get("token_dir", "")
+        want = info.get("token_sha256", "")
+        if token_dir and Path(token_dir).is_dir():
+            tf = TokenFile(token_dir)
+        else:  # another machine: prepare the same corpus locally
+            tf = resolve_dataset(self.cfg.data, default_cache_dir())
+        if want and tf.header.get("sha256") != want:
+            raise SpotpipeError(
+                f"{self.name}: the token file {tf.dir} differs from the controller's (SHA-256 mismatch); "
+                "give every host the same data.path"
+            )
+        return tf
+
+    def _load_checkpoint(self, resume: dict[str, Any]) -> None:
+        name, sha = resume["files"][str(self.stage)]
+        state = load_state(Path(resume["dir"]) / name, expected_sha256=sha, map_location=self.device)
+        if int(state.get("rank", -1)) != self.stage or sorted(int(s) for s in state["chunks"]) != list(self.my_stages):
+            raise SpotpipeError(f"checkpoint file {Path(resume['dir']) / name} does not hold the chunks of pipeline rank {self.stage}")
+        for s in self.my_stages:
+            self.chunks[s].load_state_dict(state["chunks"][s])
+            self.optimizers[s].load_state_dict(state["optimizers"][s])
+            self.lr_scale[s] = float(state["lr_scale"][s])
+        # load_state_dict may replace .grad views: re-attach them to the flat buffer.
+        self._make_flat_grads()
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step = int(state["step"]) + 1
+
+    # ------------------------------------------------------------------------------------------
+    # Generations
+
+    def enter_generation(self) -> Generation | None:
+        """Wait for the controller's current generation and build its groups (None: stop)."""
+        while not self.stop_requested and not self.store.check([control.GEN_CURRENT]):
+            time.sleep(0.02)
+        if self.stop_requested:
+            return None
+        number = int(self.store.get(control.GEN_CURRENT))
+        plan = GenerationPlan.from_json(self.store.get(control.plan_key(number)))
+        rank = plan.rank_of_worker(self.id)
+        gen = Generation(self.store, plan, rank, self.backend, self.cfg.run.timeout_s, self.listen_host, self.device)
+        self.generation = gen
+        if self.heartbeat is not None:
+            self.heartbeat.generation = number
+        self._build_executor(gen)
+        return gen
+
+    def _build_executor(self, gen: Generation) -> None:
+        p, m = self.cfg.pipeline, self.cfg.model
+        world_rank_of = {(mem.stage, mem.replica): r for r, mem in enumerate(gen.plan.members)}
+        peers = stage_peers(self.schedule, self.replica, world_rank_of)
+        rows = self.cfg.train.batch_size // (p.replicas * p.microbatches)
+        from spotpipe.runtime.linkdelay import wrap_for_job  # [network] link-delay emulation (issue 3)
+
+        self.executor = Executor(
+            compile_rank(self.schedule, self.stage, peers),
+            self.runner,
+            wrap_for_job(gen.transport, self.cfg, gen.world_rank),
+            (rows, m.context, m.d_model),
+            self.dtype,
+            self.cfg.run.timeout_s,
+            eval_program=compile_rank(self.schedule, self.stage, peers, forward_only=True),
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Steps
+
+    def _microbatches(self, sampler: Any, step_ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from spotpipe.data.sampler import microbatch_ids
+
+        p = self.cfg.pipeline
+        inputs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        if not (self.holds_first or self.holds_last):
+            return inputs, targets
+        for mb in range(p.microbatches):
+            ids = microbatch_ids(step_ids, p.replicas, p.microbatches, self.replica, mb)
+            data = torch.from_numpy(sampler.batch(self.token_file, ids)).to(self.device)
+            inputs.append(data[:, :-1])
+            targets.append(data[:, 1:])
+        return inputs, targets
+
+    def compute_step(self, step: int) -> dict[str, Any]:
+        """Phase 2: forward/backward, gradient all-reduce, world all-reduce. May raise CommError."""
+        gen = self.generation
+        assert gen is not None
+        t0 = time.perf_counter()
+        step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
+        inputs, targets = self._microbatches(self.sampler, step_ids)
+        self.flat_grad.zero_()
+        loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}")
+        t_pipe = time.perf_counter()
+        if self.cfg.pipeline.replicas > 1:
+            gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
+        sq = float(self.flat_grad.double().pow(2).sum()) if self.replica == 0 else 0.0
+        vec = torch.tensor([sq, loss_sum, float(count), 1.0 if self.stop_requested else 0.0], dtype=torch.float64)
+        if self.backend == "nccl":
+            vec = vec.to(self.device)
+        gen.all_reduce(vec, "world", f"the step barrier (world all-reduce) of step {step}")
+        sq_total, loss_total, n_total, stop = (float(v) for v in vec.cpu())
+        return {
+            "step": step,
+            "loss": loss_total / max(n_total, 1.0),
+            "grad_norm": math.sqrt(max(sq_total, 0.0)),
+            "stop": stop > 0,
+            "pipe_s": t_pipe - t0,
+            "compute_s": time.perf_counter() - t0,
+            "reduced": [sq_total, loss_total, n_total, stop],
+        }
+
+    def apply_step(self, step: int, outcome: dict[str, Any]) -> float:
+        """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
+        coef = clip_coefficient(outcome["grad_norm"], self.cfg.train.grad_clip)
+        if coef < 1.0:
+            self.flat_grad.mul_(coef)
+        lr = lr_at(step, self.cfg.train)
+        for s in self.my_stages:
+            set_lr(self.optimizers[s], lr * self.lr_scale[s])
+            self.optimizers[s].step()
+        return lr
+
+    def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:
+        """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""
+        if self.generation is not None:
+            self.generation.abort(reason)
+        self.executor.discard()
+        self.flat_grad.zero_()
+        self.sampler.load_state_dict(snapshot)
+
+    def on_failure(self, exc: CommError, step: int) -> None:
+        """Where stage recovery takes over after an aborted step (issue 5).
+
+        A recovery handler waits for the controller's next generation, rebuilds the groups
+        (:meth:`enter_generation`), restores any lost state, and returns: the loop then replays
+        ``step`` with the same data. This build has none: the error ends the worker.
+        """
+        raise exc
+
+    def save_checkpoint(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        state = {
+            "format": "spotpipe-stage-state",
+            "step": step,
+            "rank": self.stage,
+            "chunks": {s: self.chunks[s].state_dict() for s in self.my_stages},
+            "optimizers": {s: self.optimizers[s].state_dict() for s in self.my_stages},
+            "lr_scale": dict(self.lr_scale),
+            "sampler": self.sampler.state_dict(),
+        }
+        directory = checkpoint_dir(self.run_dir, step)
+        name = rank_file_name(self.stage)
+        sha = save_state(directory / name, state)
+        return {"rank": self.stage, "file": name, "sha256": sha, "seconds": time.perf_counter() - t0}
+
+    def report_step(self, step: int, report: dict[str, Any]) -> None:
+        """Phase 4: publish the report; the last of the world to report commits the step."""
+        gen = self.generation
+        assert gen is not None
+        self.store.set(control.step_report_key(step, self.id), json.dumps(report))
+        done = self.store.add(control.step_done_key(step), 1)
+        if done == gen.plan.world_size:
+            self.store.set(control.step_commit_key(step), str(gen.number))
+
+    def evaluate(self, step: int) -> float | None:
+        """Validation loss over the first ``train.eval_batches`` batches of the val split (the
+        same windows as :meth:`LocalTrainer.evaluate`, whole batches only)."""
+        gen = self.generation
+        assert gen is not None
+        p, t = self.cfg.pipeline, self.cfg.train
+        size = t.batch_size
+        per = p.replicas * p.microbatches
+        windows = self.val_sampler.num_windows
+        batches = [list(range(b * size, (b + 1) * size)) for b in range(min(t.eval_batches, windows // size))]
+        if not batches and windows >= per:
+            batches = [list(range((windows // per) * per))]
+        loss_sum, count = 0.0, 0
+        for ids in batches:
+            inputs, targets = self._microbatches(self.val_sampler, ids)
+            rows = len(ids) // per
+            self.executor.shape = (rows, self.cfg.model.context, self.cfg.model.d_model)
+            s, n = self.executor.run(inputs, targets, train=False, label=f"the evaluation after step {step}")
+            loss_sum += s
+            count += n
+        self.executor.shape = (size // per, self.cfg.model.context, self.cfg.model.d_model)
+        vec = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
+        if self.backend == "nccl":
+            vec = vec.to(self.device)
+        gen.all_reduce(vec, "world", f"the evaluation all-reduce after step {step}")
+        total, n = (float(v) for v in vec.cpu())
+        return total / n if n > 0 else None
+
+    def train(self) -> None:
+        """The step loop (see the module docstring)."""
+        t = self.cfg.train
+        step = self.start_step
+        while step < t.steps:
+            snapshot = self.sampler.state_dict()
+            try:
+                outcome = self.compute_step(step)
+            except CommError as exc:
+                self.abort_step(snapshot, str(exc))
+                self.on_failure(exc, step)
+                continue
+            lr = self.apply_step(step, outcome)
+            stop = outcome["stop"]
+            report: dict[str, Any] = {
+                "worker": self.id,
+                "loss": outcome["loss"],
+                "grad_norm": outcome["grad_norm"],
+                "lr": lr,
+                "tokens": t.batch_size * self.cfg.model.context,
+                "sampler": self.sampler.state_dict(),
+                "compute_s": outcome["compute_s"],
+                "pipe_s": outcome["pipe_s"],
+                "reduced": outcome["reduced"],
+                "stop": stop,
+            }
+            if checkpoint_due(step, t, stop) and self.replica == 0:
+                report["checkpoint"] = self.save_checkpoint(step)
+            self.report_step(step, report)
+            if eval_due(step, t, stop, self._stop_reason() if stop else ""):
+                val = self.evaluate(step)
+                if self.generation is not None and self.generation.world_rank == 0:
+                    self.store.set(f"eval/{step}", json.dumps({"val_loss": val}))
+            if stop:
+                return
+            step += 1
+
+    def _stop_reason(self) -> str:
+        try:
+            return self.store.get(control.STOP).decode()
+        except Exception:
+            return ""
+
+    # ------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def _orphaned(self, why: str) -> None:
+        print(f"spotpipe worker: error: {self.name}: the controller is gone ({why}); exiting", file=sys.stderr, flush=True)
+        os._exit(EXIT_ORPHANED)
+
+    def _abort_generation(self, number: int, reason: str) -> None:
+        gen = self.generation
+        if gen is not None and gen.number == number:
+            gen.abort(reason or "aborted by the controller")
+
+    def _request_stop(self) -> None:
+        self.stop_requested = True
+
+    def run(self) -> int:
+        """Set up, train, report. Returns the process exit code."""
+        self.heartbeat = control.Heartbeat(
+            self.store, self.id, self.cfg.run.heartbeat_s, self._request_stop, self._abort_generation, self._orphaned
+        )
+        self.heartbeat.start()
+        try:
+            t0 = time.perf_counter()
+            self.setup()
+            self.log(f"set up in {time.perf_counter() - t0:.2f} s (stages {list(self.my_stages)}, backend {self.backend})")
+            t0 = time.perf_counter()
+            if self.enter_generation() is not None:
+                self.log(f"entered generation {self.generation.number if self.generation else '?'} in {time.perf_counter() - t0:.2f} s")
+                self.train()
+            self.store.set(control.bye_key(self.id), "1")
+            self.log("finished")
+            return 0
+        except SpotpipeError as exc:
+            self.report_error(str(exc))
+            return EXIT_ERROR
+        except Exception as exc:  # a bug: still tell the controller, with the type
+            self.report_error(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            raise
+        finally:
+            self.heartbeat.halt()
+
+    def log(self, text: str) -> None:
+        """A line in the worker's log (stdout; the controller sends it to RUN_DIR/logs/)."""
+        print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {text}", flush=True)
+
+    def report_error(self, message: str) -> None:
+        text = message if message.startswith("worker ") else f"{self.name}: {message}"
+        print(f"spotpipe worker: error: {text}", file=sys.stderr, flush=True)
+        try:
+            self.store.set(control.error_key(self.id), json.dumps({"message": text, "time": time.time()}))
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
+    host, port = control.parse_address(args.join)
+    token = control.read_token(args.token_file)
+    store = control.connect_store(host, port, args.timeout)
+    listen_host = args.listen_host or control.local_address_towards(host, port)
+    grant = control.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
+    return Worker(store, grant, listen_host).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from spotpipe.runtime.cli import add_worker_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m spotpipe.runtime.worker", description="A spotpipe worker process.")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_worker(args)
+    except SpotpipeError as exc:
+        print(f"spotpipe worker: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
