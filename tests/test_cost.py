@@ -75,9 +75,9 @@ def test_profiled_cost_reproduces_the_profiled_run(tmp_path: Path) -> None:
     prof_cfg = cfg_of("pipeline.stages=2", "pipeline.microbatches=2", "train.batch_size=4", "pipeline.schedule=gpipe",
                       "network.latency_ms=5")
     events = tmp_path / "events.jsonl"
-    write_events(events, prof_cfg, [9.0, 0.40, 0.44, 0.42, 0.41])  # first step is warm-up
+    write_events(events, prof_cfg, [9.0, 0.7, 0.40, 0.44, 0.42, 0.41])  # two warm-up steps
     prof = read_profile(events)
-    assert prof.step_time == pytest.approx(0.415) and prof.skip == 1
+    assert prof.step_time == pytest.approx(0.415) and prof.skip == 2  # trimmed mean of the middle half
     target = cfg_of("pipeline.stages=4", "pipeline.microbatches=8", "train.batch_size=16")
     cost = profiled_cost(target, [events])
     assert cost.source.startswith("profiled:")
@@ -126,3 +126,20 @@ def test_profiled_cost_from_two_runs(tmp_path: Path) -> None:
     sims = [play_iteration(job_schedule(c), analytic_cost(c).scaled(factor).with_overhead(cost.overhead_s),
                            build_network(c.network, 2, 2)).iteration_s for c, _, _ in runs]
     assert sims == pytest.approx([t for _, _, t in runs], rel=0.02)
+
+
+def test_measured_overhead_from_compute_s(tmp_path: Path) -> None:
+    cfg = cfg_of("pipeline.stages=2", "pipeline.microbatches=2", "train.batch_size=4")
+    path = tmp_path / "e.jsonl"
+    lines = [{"event": "run_start", "t": 0, "config": dataclasses.asdict(cfg)}]
+    lines += [{"event": "step", "t": i, "step": i, "step_time": st, "compute_s": cs}
+              for i, (st, cs) in enumerate([(5.0, 1.0), (0.9, 0.5), (0.5, 0.4), (0.5, 0.4), (0.5, 0.4), (0.6, 0.3)])]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    prof = read_profile(path)
+    assert prof.overhead_s == pytest.approx(0.1) and prof.step_time == pytest.approx(0.5)
+    cost = profiled_cost(cfg, [path])
+    assert cost.overhead_s == pytest.approx(0.1)
+    iteration = play_iteration(job_schedule(cfg), cost, build_network(cfg.network, 2, 2)).iteration_s
+    assert iteration == pytest.approx(0.5, rel=1e-3)  # compute explains the remaining 0.4 s
+    f, c = fit_scale_and_overhead([2.1, 4.1], lambda k: [k * 1.0, k * 2.0], overhead_s=0.1)
+    assert (f, c) == (pytest.approx(2.0, rel=1e-3), 0.1)

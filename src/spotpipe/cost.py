@@ -24,7 +24,6 @@ Pure Python: this module never imports torch.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,17 +144,43 @@ class RunProfile:
         step_times: ``step_time`` of every ``step`` event, in order.
         skip: Leading steps left out as warm-up.
         source: The events file.
+        compute_times: ``compute_s`` of every step (the slowest worker's forward/backward and
+            all-reduce phase, measured by the runtime), or empty when the run did not record it.
     """
 
     config: JobConfig
     step_times: tuple[float, ...]
     skip: int
     source: str
+    compute_times: tuple[float, ...] = ()
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Time of a step outside its compute phase (optimizer, report, commit): trimmed mean of
+        ``step_time - compute_s`` after warm-up, or None without ``compute_s``."""
+        if len(self.compute_times) != len(self.step_times):
+            return None
+        diffs = [s - c for s, c in zip(self.step_times[self.skip :], self.compute_times[self.skip :])]
+        return max(0.0, trimmed_mean(diffs))
 
     @property
     def step_time(self) -> float:
-        """Median step time after warm-up (robust to a slow outlier step)."""
-        return statistics.median(self.step_times[self.skip :])
+        """Step time after warm-up: the mean of the middle half (a 25% trimmed mean).
+
+        Trimming drops steps slowed by something else on the machine; averaging (rather than a
+        median) keeps the runtime's poll quantisation small: the controller stamps a step when
+        it sees its commit, so one ``step_time`` is off by up to a poll interval, and those
+        errors cancel between neighbouring steps.
+        """
+        return trimmed_mean(self.step_times[self.skip :])
+
+
+def trimmed_mean(values: Sequence[float], trim: float = 0.25) -> float:
+    """Mean of ``values`` without the ``trim`` share of smallest and of largest ones."""
+    ordered = sorted(values)
+    k = int(len(ordered) * trim)
+    kept = ordered[k : len(ordered) - k] or ordered
+    return sum(kept) / len(kept)
 
 
 def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
@@ -163,18 +188,24 @@ def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
 
     Args:
         path: The events file.
-        skip: Warm-up steps to leave out; default: 1 when the run has at least 3 steps.
+        skip: Warm-up steps to leave out; default 2 when the run has at least 5 steps, 1 when it
+            has 3 or 4 (the first step includes start-up).
 
     Raises:
         SpotpipeError: the file is missing, has no ``run_start`` with a config, or no steps.
     """
+    if not Path(path).is_file():
+        raise SpotpipeError(f"sim.profile: events file {path} does not exist (give the events.jsonl of a spotpipe train run)")
     config: Mapping[str, Any] | None = None
     times: list[float] = []
+    compute: list[float] = []
     for record in iter_events(path):
         if record["event"] == RUN_START and config is None:
             config = record.get("config")
         elif record["event"] == STEP and isinstance(record.get("step_time"), (int, float)):
             times.append(float(record["step_time"]))
+            if isinstance(record.get("compute_s"), (int, float)):
+                compute.append(float(record["compute_s"]))
     if not isinstance(config, Mapping):
         raise SpotpipeError(f"sim.profile: {path} has no run_start event with a config")
     if not times:
@@ -185,10 +216,10 @@ def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
     except ConfigError as exc:
         raise SpotpipeError(f"sim.profile: {exc}") from None
     if skip is None:
-        skip = 1 if len(times) >= 3 else 0
+        skip = 2 if len(times) >= 5 else 1 if len(times) >= 3 else 0
     if skip >= len(times):
         raise SpotpipeError(f"sim.profile: {path} has {len(times)} steps; need more than the {skip} warm-up steps")
-    return RunProfile(cfg, tuple(times), skip, str(path))
+    return RunProfile(cfg, tuple(times), skip, str(path), tuple(compute) if len(compute) == len(times) else ())
 
 
 def _known_keys(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -242,45 +273,57 @@ def calibrate_scale(
     return (lo + hi) / 2
 
 
-def fit_scale_and_overhead(
-    measured_s: Sequence[float],
-    simulate: Callable[[float], Sequence[float]],
-    rel_tol: float = 1e-5,
-) -> tuple[float, float]:
-    """Compute factor ``f`` and per-iteration overhead ``c`` that best explain several runs.
-
-    Minimises ``sum_i (measured_i - simulate(f)_i - c)^2``: for a given ``f`` the best ``c`` is the
-    mean residual (clamped at 0), and the remaining error is minimised over ``log f`` by golden
-    section search. With two or more runs that differ in work per step (microbatches, stages),
-    this separates time that scales with compute from time that does not (optimizer step, commit,
-    process-group barrier). One run: ``c = 0`` and ``f`` from :func:`calibrate_scale`.
-    """
-    if len(measured_s) == 1:
-        return calibrate_scale(measured_s[0], lambda f: simulate(f)[0]), 0.0
-
-    def best(f: float) -> tuple[float, float]:
-        sims = simulate(f)
-        c = max(0.0, sum(m - s for m, s in zip(measured_s, sims)) / len(sims))
-        return sum((m - s - c) ** 2 for m, s in zip(measured_s, sims)), c
-
-    # Bracket: from the factor that explains the fastest run alone, down by 1e3.
-    upper = math.log(calibrate_scale(min(measured_s), lambda f: min(simulate(f))) * 1.5)
-    lower = upper - math.log(1e3)
+def _golden_log(error: Callable[[float], float], lower: float, upper: float, rel_tol: float) -> float:
+    """The ``f`` in ``[lower, upper]`` minimising a unimodal ``error(f)``, searching on ``log f``."""
     golden = (math.sqrt(5) - 1) / 2
-    a, b = lower, upper
+    a, b = math.log(lower), math.log(upper)
     x1, x2 = b - golden * (b - a), a + golden * (b - a)
-    f1, f2 = best(math.exp(x1))[0], best(math.exp(x2))[0]
+    f1, f2 = error(math.exp(x1)), error(math.exp(x2))
     while b - a > rel_tol:
         if f1 <= f2:
             b, x2, f2 = x2, x1, f1
             x1 = b - golden * (b - a)
-            f1 = best(math.exp(x1))[0]
+            f1 = error(math.exp(x1))
         else:
             a, x1, f1 = x1, x2, f2
             x2 = a + golden * (b - a)
-            f2 = best(math.exp(x2))[0]
-    factor = math.exp((a + b) / 2)
-    return factor, best(factor)[1]
+            f2 = error(math.exp(x2))
+    return math.exp((a + b) / 2)
+
+
+def fit_scale_and_overhead(
+    measured_s: Sequence[float],
+    simulate: Callable[[float], Sequence[float]],
+    overhead_s: float | None = None,
+    rel_tol: float = 1e-5,
+) -> tuple[float, float]:
+    """Compute factor ``f`` and per-iteration overhead ``c`` that best explain the profiled runs.
+
+    ``simulate(f)`` plays every profiled run with compute times multiplied by ``f`` (overhead 0).
+
+    * ``overhead_s`` known (the runtime measured it, :attr:`RunProfile.overhead_s`): ``c`` is
+      that, and ``f`` minimises ``sum_i (measured_i - c - simulate(f)_i)^2``.
+    * Unknown, and runs that differ in work per step (microbatches, stages): ``c`` is the mean
+      residual (clamped at 0) and ``f`` minimises the remaining squared error; this separates
+      time that scales with compute from time that does not (optimizer step, commit, barrier).
+    * Unknown, one run (or repeats of one job): ``c = 0`` and ``f`` from :func:`calibrate_scale`.
+    """
+    n = len(measured_s)
+    unit = simulate(1.0)
+    same_job = max(unit) - min(unit) <= 1e-9 * max(unit)
+    c_known = overhead_s if overhead_s is not None else 0.0
+    if n == 1 or same_job:
+        mean = sum(measured_s) / n - c_known
+        return calibrate_scale(mean, lambda f: simulate(f)[0]), c_known
+
+    def residuals(f: float) -> tuple[float, float]:
+        sims = simulate(f)
+        c = overhead_s if overhead_s is not None else max(0.0, sum(m - s for m, s in zip(measured_s, sims)) / n)
+        return sum((m - s - c) ** 2 for m, s in zip(measured_s, sims)), c
+
+    upper = calibrate_scale(max(1e-9, min(measured_s) - c_known), lambda f: min(simulate(f))) * 1.5
+    factor = _golden_log(lambda f: residuals(f)[0], upper / 1e3, upper, rel_tol)
+    return factor, residuals(factor)[1]
 
 
 def speeds_per_node(factors: Sequence[float], ranks: int, num_nodes: int) -> tuple[float, ...]:

@@ -149,3 +149,14 @@ def test_deliver_stall_stops_then_continues_a_real_process():
         proc.wait()
     with pytest.raises(FaultSpecError, match="refusing"):
         deliver(0, Fault(step=0, stage=0, replica=0))
+
+
+def test_convergence_config_loads_with_rate_faults():
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "convergence.toml")
+    assert cfg.pipeline.stages >= 6 and cfg.model.layers % cfg.pipeline.stages == 0
+    plan = FaultPlan.from_texts(cfg.ft.faults, cfg.pipeline.stages, total_steps=cfg.train.steps,
+                                step_time_s=cfg.ft.rate_step_time_s)
+    assert not plan.needs_step_time or plan.step_time_s == cfg.ft.rate_step_time_s > 0
+    with pytest.raises(ConfigError, match="needs >= 4 pipeline stages"):
+        load_config(None, ["ft.strategy=checkfree+", "pipeline.stages=2"])

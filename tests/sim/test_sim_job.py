@@ -43,7 +43,7 @@ def test_failure_free_job(tmp_path: Path) -> None:
     assert {r["event"] for r in records} <= EVENT_NAMES
     assert [r["t"] for r in records] == sorted(r["t"] for r in records)
     steps = [r for r in records if r["event"] == ev.STEP]
-    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert [r["step"] for r in steps] == list(range(10))  # 0-based, as the runtime writes them
     assert all(r["step_time"] == pytest.approx(t) for r in steps)
     assert steps[-1]["t"] == pytest.approx(10 * t + 1.0)  # after two checkpoint writes
     assert records[0]["event"] == ev.RUN_START and records[0]["mode"] == "sim"
@@ -70,8 +70,9 @@ def test_failure_restarts_from_checkpoint_on_a_spare(tmp_path: Path) -> None:
     assert started["strategy"] == "checkpoint" and "checkpoint of step 4" in started["why"]
     gen = [r for r in records if r["event"] == ev.GENERATION]
     assert gen[-1]["generation"] == 1 and gen[-1]["workers"] == [0, 3, 2]  # the spare took rank 1
-    assert [r["step"] for r in records if r["event"] == ev.STEP_REPLAYED] == [5, 6]
-    assert [r["step"] for r in records if r["event"] == ev.STEP] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]
+    assert [r["step"] for r in records if r["event"] == ev.STEP_REPLAYED] == [4, 5]
+    assert [r["step"] for r in records if r["event"] == ev.STEP] == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9]
+    assert [r["step"] for r in records if r["event"] == ev.CHECKPOINT] == [3, 7]
     assert [r["generation"] for r in records if r["event"] == ev.STEP][-1] == 1
 
 

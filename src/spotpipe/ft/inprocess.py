@@ -407,7 +407,7 @@ def run_inprocess(
             run.sim += run.step_time_s
             run.emit(ev.STEP, step=result.step, loss=result.loss, tokens=result.tokens, step_time=run.step_time_s,
                      wall=measured, sampler=result.sampler_state, lr=result.lr, generation=run.generation,
-                     grad_norm=result.grad_norm, iteration=res.iterations)
+                     grad_norm=result.grad_norm, stage_grad_norms=tr.last_grad_norms(), iteration=res.iterations)
             if not math.isfinite(result.loss):
                 res.status, res.reason = "failed", f"loss became {result.loss} at step {result.step}"
                 break

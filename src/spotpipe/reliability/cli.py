@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("report", help="HTML page with MTTF, ETTR and failure-interval plots")
     p.add_argument("traces", nargs="*", metavar="TRACE")
     _trace_options(p)
-    _job_options(p, rf_required=False)
+    _job_options(p, gpus_per_node=False)
     p.add_argument("--interval", default="1h", help="checkpoint interval to evaluate (default 1h)")
     p.add_argument("--trials", type=int, default=64, help="Monte Carlo jobs per plotted point")
     p.add_argument("-o", "--output", default="reliability_report.html", help="HTML file to write")
@@ -88,8 +88,8 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-intervals", type=int, default=50, help="fewest intervals for a fit (default 50)")
 
 
-def _job_options(p: argparse.ArgumentParser, rf_required: bool = True) -> None:
-    if not any(a.dest == "gpus_per_node" for a in p._actions):
+def _job_options(p: argparse.ArgumentParser, gpus_per_node: bool = True) -> None:
+    if gpus_per_node:  # the report parser already has it from the trace options
         p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpus", type=int, help="GPUs in the job")
     p.add_argument("--nodes", type=int, help="nodes in the job (instead of --gpus)")
@@ -285,7 +285,8 @@ def _load_replay(path: str, name: str | None) -> Any:
     names = [t.name for t in systems]
     chosen = [t for t in systems if t.name == name]
     if not chosen:
-        raise SpotpipeError(f"--trace-name {name!r}: pick one of {', '.join(names)}")
+        what = "--trace-name is needed for a LANL trace" if name is None else f"--trace-name {name!r} not found"
+        raise SpotpipeError(f"{what}: pick one of {', '.join(repr(n) for n in names)}")
     return chosen[0]
 
 

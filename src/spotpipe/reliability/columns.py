@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections import Counter
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,27 +75,49 @@ _CHUNK = 4096
 _TAIL = itemgetter(slice(-6, None))
 
 
-def _iso_column(cleaned: list[str]) -> NDArray[np.float64]:
-    """numpy's ISO-8601 parser on a clean column ("NaT" for missing); raises if any cell is bad."""
-    n = len(cleaned)
-    offsets: NDArray[np.float64] | float | None = None
-    tails = set(map(_TAIL, cleaned))
-    tails.discard("NaT")
-    if any(t.endswith("Z") or (len(t) == 6 and t[0] in "+-" and t[3] == ":") for t in tails):
-        only = next(iter(tails)) if len(tails) == 1 else ""
-        if len(only) == 6 and _offset_seconds("0" * 19 + only)[0] == "0" * 19:
-            offsets = _offset_seconds("0" * 19 + only)[1]  # one offset for the whole column
-            cleaned = [v if v == "NaT" else v[:-6] for v in cleaned]
-        else:
-            pairs = [_offset_seconds(v) if v != "NaT" else ("NaT", 0.0) for v in cleaned]
-            cleaned = [pair[0] for pair in pairs]
-            offsets = np.fromiter((pair[1] for pair in pairs), dtype=np.float64, count=n)
+def _is_offset(tail: str) -> bool:
+    """Whether a 6-character tail is a UTC offset like ``+08:00``."""
+    return (
+        len(tail) == 6 and tail[0] in "+-" and tail[3] == ":" and tail[1:3].isdigit() and tail[4:].isdigit()
+    )
+
+
+def _strip_offset(cells: Sequence[str]) -> tuple[NDArray[np.str_], float]:
+    """The column as a numpy string array without its most common UTC offset, and that offset.
+
+    Works on the UTF-32 code points of the array (no Python loop per cell): the cells whose last
+    six characters are the offset (``+08:00``) or whose last is ``Z`` get them zeroed, which
+    numpy reads as a shorter string. Cells with another offset keep it, and numpy refuses them.
+    """
+    arr = np.asarray(cells, dtype=str)
+    sample = [v for v in cells[:256] if len(v) > 19]
+    if not sample or arr.dtype.itemsize == 0:
+        return arr, 0.0
+    zulu = sum(v.endswith("Z") for v in sample) * 2 > len(sample)
+    tails = Counter(t for t in map(_TAIL, sample) if _is_offset(t))
+    if not zulu and not tails:
+        return arr, 0.0
+    main = "Z" if zulu else tails.most_common(1)[0][0]
+    offset = 0.0 if zulu else (1.0 if main[0] == "+" else -1.0) * (int(main[1:3]) * 3600 + int(main[4:]) * 60)
+    width = arr.dtype.itemsize // 4
+    codes = arr.view(np.uint32).reshape(arr.size, width).copy()
+    length = np.count_nonzero(codes, axis=1)
+    target = np.frombuffer(main.encode("utf-32-le"), dtype=np.uint32)
+    k = target.size
+    for size in np.unique(length[length > k]).tolist():
+        rows = np.flatnonzero(length == size)
+        hit = rows[np.all(codes[rows, size - k : size] == target, axis=1)]
+        codes[hit, size - k : size] = 0
+    return codes.view(f"<U{width}").reshape(arr.size), offset
+
+
+def _iso_column(cells: Sequence[str]) -> NDArray[np.float64]:
+    """numpy's ISO-8601 parser on a column ("", "NaT" for missing); raises if any cell is bad."""
+    arr, offset = _strip_offset(cells)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stamps = np.array(cleaned, dtype="datetime64[ms]")
-    secs = stamps.astype(np.int64).astype(np.float64) / 1000.0
-    if offsets is not None:
-        secs -= offsets
+        stamps = arr.astype("datetime64[ms]")
+    secs = stamps.astype(np.int64).astype(np.float64) / 1000.0 - offset
     secs[np.isnat(stamps)] = np.nan
     if secs.size and not np.all(np.isnan(secs)):
         if float(np.nanmin(secs)) < -2.2e9 or float(np.nanmax(secs)) > 7.3e9:
@@ -105,47 +128,47 @@ def _iso_column(cleaned: list[str]) -> NDArray[np.float64]:
 _PARSE_ERRORS = (ValueError, TypeError, OverflowError, UserWarning, DeprecationWarning)
 
 
+def _cell_by_cell(cells: Sequence[str], out: NDArray[np.float64], bad: NDArray[np.bool_], lo: int) -> None:
+    for k, v in enumerate(cells):
+        try:
+            out[lo + k] = parse_time(v)
+        except (ValueError, OverflowError):
+            bad[lo + k] = True
+
+
 def time_column(values: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Parse a column of times; returns (seconds since the epoch, NaN if missing; bad mask).
 
-    Fast path: numpy's ISO-8601 parser on the whole column (offsets applied separately). When
-    some cell fails, the column is parsed again in chunks, and only the chunks that fail are
-    parsed cell by cell with :func:`parse_time`, so a few bad rows cost little.
+    Fast path: numpy's ISO-8601 parser on the whole column. If some cell fails, the column is
+    parsed in chunks; a chunk that fails again has its placeholders (``Unknown``, ``None``)
+    mapped to NaT, and if it still fails it is parsed cell by cell with :func:`parse_time`, so a
+    few bad rows cost little. Columns of plain numbers are seconds since the epoch.
     """
     n = len(values)
     out = np.full(n, np.nan)
     bad = np.zeros(n, dtype=bool)
-    cleaned = [v if v[:1].isdigit() else ("NaT" if v.lower() in MISSING_TIMES else v)
-               for v in (x.strip() for x in values)]
-    sample = next((v for v in cleaned if v != "NaT"), None)
+    sample = next((v.strip() for v in values if v.strip().lower() not in MISSING_TIMES), None)
     if sample is None:
         return out, bad
     if not (len(sample) >= 10 and sample[4] == "-"):  # numbers: seconds since the epoch
-        for i, v in enumerate(cleaned):
-            if v != "NaT":
-                try:
-                    out[i] = parse_time(v)
-                except (ValueError, OverflowError):
-                    bad[i] = True
+        _cell_by_cell(values, out, bad, 0)
         return out, bad
     try:
-        return _iso_column(cleaned), bad
+        return _iso_column(values), bad
     except _PARSE_ERRORS:
         pass
     for lo in range(0, n, _CHUNK):
-        chunk = cleaned[lo : lo + _CHUNK]
+        chunk = values[lo : lo + _CHUNK]
         try:
             out[lo : lo + len(chunk)] = _iso_column(chunk)
             continue
         except _PARSE_ERRORS:
             pass
-        for k, v in enumerate(chunk):
-            if v == "NaT":
-                continue
-            try:
-                out[lo + k] = parse_time(v)
-            except (ValueError, OverflowError):
-                bad[lo + k] = True
+        cleaned = ["NaT" if v.lower() in MISSING_TIMES else v for v in (x.strip() for x in chunk)]
+        try:
+            out[lo : lo + len(chunk)] = _iso_column(cleaned)
+        except _PARSE_ERRORS:
+            _cell_by_cell(chunk, out, bad, lo)
     return out, bad
 
 
@@ -157,13 +180,16 @@ def factorize(values: Sequence[Any]) -> tuple[list[Any], NDArray[np.int64]]:
     return uniques, codes
 
 
-def map_column(values: Sequence[str], convert: Callable[[str], Any]) -> list[Any]:
-    """``[convert(v) for v in values]``, calling ``convert`` once per distinct value."""
+def map_column(values: Sequence[str], convert: Callable[[str], Any]) -> Iterator[Any]:
+    """``convert(v) for v in values``, calling ``convert`` once per distinct value."""
     table = {v: convert(v) for v in dict.fromkeys(values)}
-    return list(map(table.__getitem__, values))
+    return map(table.__getitem__, values)
 
 
-def _to_int(text: str) -> int | None:
+_BAD_INT = -(2**62)  # marks a cell that is not an integer
+
+
+def _to_int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -171,8 +197,8 @@ def _to_int(text: str) -> int | None:
     try:
         f = float(text)
     except ValueError:
-        return None
-    return int(f) if math.isfinite(f) and f.is_integer() else None
+        return _BAD_INT
+    return int(f) if math.isfinite(f) and f.is_integer() else _BAD_INT
 
 
 def int_column(values: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
@@ -180,14 +206,15 @@ def int_column(values: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.boo
 
     Each distinct text is converted once, which suits counts of nodes and GPUs.
     """
-    parsed = map_column(values, _to_int)
-    bad = np.fromiter((v is None for v in parsed), dtype=bool, count=len(parsed))
-    out = np.fromiter((0 if v is None else v for v in parsed), dtype=np.int64, count=len(parsed))
+    out = np.fromiter(map_column(values, _to_int), dtype=np.int64, count=len(values))
+    bad = out == _BAD_INT
+    out[bad] = 0
     return out, bad
 
 
-def object_column(values: Sequence[str]) -> NDArray[np.object_]:
-    """Stripped strings as a numpy object array."""
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = [v.strip() for v in values]
-    return arr
+def strip_column(values: Sequence[str]) -> list[str]:
+    """The cells without surrounding whitespace (a copy only when some cell has any)."""
+    joined = "".join(values)
+    if joined == joined.strip() and not any(c in joined for c in " \t\r\n\x0b\x0c"):
+        return list(values)
+    return [v.strip() for v in values]

@@ -123,10 +123,11 @@ def _requeue_ettr(table: JobTable) -> tuple[int, float | None, float | None]:
     """ETTR upper bounds of jobs with several records (requeued allocations)."""
     if len(table) == 0:
         return 0, None, None
-    uniques, inverse = factorize(table.job_id.tolist())
-    size = len(uniques)
-    if size == len(table):
+    ids = table.job_id.tolist()
+    if len(dict.fromkeys(ids)) == len(ids):  # one record per job: nothing was requeued
         return 0, None, None
+    uniques, inverse = factorize(ids)
+    size = len(uniques)
     counts = np.bincount(inverse, minlength=size)
     multi = counts > 1
     run = np.bincount(inverse, weights=table.runtime, minlength=size)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
 from spotpipe.reliability.analysis import TraceAnalysis, render_analysis
@@ -52,8 +53,8 @@ def _png(fig: Any) -> str:
 def plot_mttf(plan: Plan, analyses: list[TraceAnalysis]) -> str:
     """MTTF (hours) vs GPUs on log-log axes; returns the PNG as base64."""
     fig, ax = _figure()
-    gpus = np.logspace(0, np.log10(max(131072, plan.gpus * 2)), 60)
-    nodes = np.maximum(gpus / plan.gpus_per_node, 1.0)
+    gpus = np.logspace(np.log10(plan.gpus_per_node), np.log10(max(131072, plan.gpus * 2)), 60)
+    nodes = gpus / plan.gpus_per_node
     ax.plot(gpus, [mttf_hours(n, plan.rf) for n in nodes], label=f"model, r_f = {plan.rf:.3g}")
     for a in analyses:
         if a.jobs is not None and a.jobs.rf:
@@ -108,17 +109,22 @@ def plot_ettr(plan: Plan, trials: int, seed: int = 0) -> tuple[str, list[dict[st
     return _png(fig), points
 
 
-def _series(analyses: list[TraceAnalysis]) -> list[tuple[str, np.ndarray, IntervalFits]]:
-    out: list[tuple[str, np.ndarray, IntervalFits]] = []
+def _series(analyses: list[TraceAnalysis]) -> list[tuple[str, NDArray[np.float64], IntervalFits]]:
+    """Up to :data:`MAX_CDF_SERIES` interval sets, taken in turn from each file (largest first)."""
+    per_file: list[list[tuple[str, NDArray[np.float64], IntervalFits]]] = []
     for a in analyses:
+        found: list[tuple[str, NDArray[np.float64], IntervalFits]] = []
         if a.jobs is not None and a.jobs.fits is not None:
             gaps, _ = intervals_from_times(a.jobs.interruption_times)
-            out.append((Path(a.report.path).name, gaps, a.jobs.fits))
-        ranked = sorted(zip(a.traces, a.failure_traces), key=lambda p: -p[0].events)
-        for metrics, trace in ranked:
+            found.append((Path(a.report.path).name, gaps, a.jobs.fits))
+        for metrics, trace in sorted(zip(a.traces, a.failure_traces), key=lambda p: -p[0].events):
             if metrics.fits is not None:
                 gaps, _ = intervals_from_times(trace.times)
-                out.append((metrics.name, gaps, metrics.fits))
+                found.append((metrics.name, gaps, metrics.fits))
+        per_file.append(found)
+    out: list[tuple[str, NDArray[np.float64], IntervalFits]] = []
+    for rank in range(max((len(f) for f in per_file), default=0)):
+        out.extend(f[rank] for f in per_file if rank < len(f))
     return out[:MAX_CDF_SERIES]
 
 

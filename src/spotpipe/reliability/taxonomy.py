@@ -47,7 +47,9 @@ CATEGORIES: tuple[str, ...] = (
     "running",
 )
 # Categories that end a job without the user asking for it (for "job failure rate").
-FAILED_CATEGORIES = frozenset({"timeout", "user", "software", "hardware", "infrastructure", "preemption", "unknown"})
+FAILED_CATEGORIES = frozenset(
+    {"timeout", "user", "software", "hardware", "infrastructure", "preemption", "unknown"}
+)
 # Categories that count toward r_f by default: what a job cannot avoid (Kokolis et al. 2025).
 DEFAULT_FAILURE_CATEGORIES = frozenset({"hardware", "infrastructure"})
 
@@ -61,8 +63,8 @@ class Rule:
     reason: str | None = None
     exit_code: tuple[int, ...] | None = None
     signal: tuple[int, ...] | None = None
-    _state_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
-    _reason_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _state_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _reason_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:

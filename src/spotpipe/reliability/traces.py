@@ -15,7 +15,8 @@ Formats:
       submit_time, start_time, end_time, duration, queue, gpu_time`` (Kalos adds
       ``mem_per_pod_GB, shared_mem_per_pod, fail_time, stop_time``).
 
-Naive timestamps are read as UTC; only differences matter here.
+Naive timestamps are read as UTC; only differences matter here. Submit times are not read
+(queueing is outside what these metrics measure), so they are not checked either.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from spotpipe.reliability.columns import (
     int_column,
     map_column,
     no_gc,
-    parse_time,
+    strip_column,
     time_column,
 )
 
@@ -126,7 +127,6 @@ class JobTable:
     job_id: NDArray[Any]
     nodes: NDArray[np.int64]
     gpus: NDArray[np.int64]
-    submit: NDArray[np.float64]
     start: NDArray[np.float64]
     end: NDArray[np.float64]
     state: NDArray[Any]
@@ -245,7 +245,6 @@ def _finish(
         job_id=_obj(job_id)[keep],
         nodes=columns["nodes"][keep],
         gpus=columns["gpus"][keep],
-        submit=columns["submit"][keep],
         start=start[keep],
         end=end[keep],
         state=_obj(columns["state"])[keep],
@@ -293,7 +292,7 @@ SACCT_FIELDS = frozenset(
     TRESUsageOutMinTask TRESUsageOutTot UID User UserCPU WCKey WCKeyID WorkDir""".split()
 )
 _SACCT_REASON_COLUMNS = ("reason", "comment", "admincomment", "systemcomment", "failednode")
-_RUNNING_STATES = ("PENDING", "REQUEUED", "RESIZING", "RUNNING", "SUSPENDED")
+_RUNNING_STATES = frozenset({"PENDING", "REQUEUED", "RESIZING", "RUNNING", "SUSPENDED"})
 
 
 def _gpus_from_tres(text: str) -> int | None:
@@ -310,6 +309,11 @@ def _gpus_from_tres(text: str) -> int | None:
     return typed if typed else None
 
 
+def _gpus_or_minus_one(text: str) -> int:
+    gpus = _gpus_from_tres(text)
+    return -1 if gpus is None else gpus
+
+
 def _elapsed_column(values: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     out = np.full(len(values), np.nan)
     bad = np.zeros(len(values), dtype=bool)
@@ -321,15 +325,6 @@ def _elapsed_column(values: Sequence[str]) -> tuple[NDArray[np.float64], NDArray
         except ValueError:
             bad[i] = True
     return out, bad
-
-
-def _exit_pair(text: str) -> tuple[int, int] | None:
-    """``"1:9"`` -> (1, 9) (exit code, signal); empty -> (0, 0); ``None`` if not numbers."""
-    code, _, sig = text.strip().partition(":")
-    try:
-        return int(code or 0), int(sig or 0)
-    except ValueError:
-        return None
 
 
 def _named(job_id: list[str], column: str, values: Sequence[str]) -> Callable[[int], str]:
@@ -354,20 +349,20 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
 
     def need(*names: str) -> int:
         for name in names:
-            if name in index:
-                return index[name]
+            if name.lower() in index:
+                return index[name.lower()]
         raise SpotpipeError(
             f"{p}: sacct header has no {' or '.join(names)} column (header: {header_line[:200]!r})"
         )
 
-    i_id = need("jobid", "jobidraw")
-    i_state = need("state")
-    i_nodes = need("nnodes", "allocnodes")
+    i_id = need("JobID", "JobIDRaw")
+    i_state = need("State")
+    i_nodes = need("NNodes", "AllocNodes")
     i_start, i_end = index.get("start"), index.get("end")
     i_elapsed = index.get("elapsedraw", index.get("elapsed"))
     if (i_start is None or i_end is None) and i_elapsed is None:
         raise SpotpipeError(f"{p}: sacct header needs Start and End, or Elapsed/ElapsedRaw")
-    i_submit, i_exit = index.get("submit"), index.get("exitcode")
+    i_exit = index.get("exitcode")
     i_tres = index.get("alloctres", index.get("reqtres"))
     i_reasons = [index[c] for c in _SACCT_REASON_COLUMNS if c in index]
 
@@ -376,9 +371,8 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
     del text
     n = int(numbers.size)
     problems = _Problems(n)
-    job_id = [v.strip() for v in cols[i_id]]
-    state = map_column(cols[i_state], lambda v: v.strip().split(" ", 1)[0].upper())
-    state_arr = _obj(state)
+    job_id = strip_column(cols[i_id])
+    state = list(map_column(cols[i_state], lambda v: v.strip().split(" ", 1)[0].upper()))
 
     nodes, bad = int_column(cols[i_nodes])
     problems.mark(bad | (nodes < 0), _named(job_id, header[i_nodes], cols[i_nodes]))
@@ -395,42 +389,37 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
         if i_start is None or i_end is None:  # only Elapsed: durations without dates
             start, end = np.where(np.isnan(elapsed), np.nan, 0.0), elapsed
         else:
-            fill = np.isnan(end) & ~np.isnan(start) & ~np.isin(state_arr, _RUNNING_STATES)
+            still = np.fromiter(map_column(state, _RUNNING_STATES.__contains__), dtype=bool, count=n)
+            fill = np.isnan(end) & ~np.isnan(start) & ~still
             end = np.where(fill, start + elapsed, end)
-    submit = np.full(n, np.nan)
-    if i_submit is not None:
-        submit, bad = time_column(cols[i_submit])
-        problems.mark(bad, _named(job_id, "Submit", cols[i_submit]))
     exit_code = np.zeros(n, dtype=np.int64)
     signal = np.zeros(n, dtype=np.int64)
     if i_exit is not None:
-        codes = map_column(cols[i_exit], _exit_pair)
-        bad = np.fromiter((c is None for c in codes), dtype=bool, count=n)
-        exit_code = np.fromiter((c[0] if c else 0 for c in codes), dtype=np.int64, count=n)
-        signal = np.fromiter((c[1] if c else 0 for c in codes), dtype=np.int64, count=n)
-        problems.mark(bad, _named(job_id, "ExitCode", cols[i_exit]))
+        exit_code, bad1 = int_column(list(map_column(cols[i_exit], lambda v: v.strip().partition(":")[0] or "0")))
+        signal, bad2 = int_column(list(map_column(cols[i_exit], lambda v: v.strip().partition(":")[2] or "0")))
+        problems.mark(bad1 | bad2, _named(job_id, "ExitCode", cols[i_exit]))
     gpus = nodes * gpus_per_node
     if i_tres is not None:
         found = np.fromiter(
-            map_column(cols[i_tres], lambda v: _gpus_from_tres(v) or -1), dtype=np.int64, count=n
+            map_column(cols[i_tres], _gpus_or_minus_one), dtype=np.int64, count=n
         )
         gpus = np.where(found >= 0, found, gpus)
     else:
         log.notes.append(f"no AllocTRES/ReqTRES column: GPUs taken as nodes x {gpus_per_node}")
     if len(i_reasons) == 1:
-        reason = map_column(cols[i_reasons[0]], str.strip)
+        reason = list(map_column(cols[i_reasons[0]], str.strip))
     elif i_reasons:
         reason = [" ".join(c.strip() for c in cells if c.strip()) for cells in zip(*(cols[i] for i in i_reasons))]
     else:
         reason = [""] * n
-    running = np.isin(state_arr, _RUNNING_STATES)
+    running = np.fromiter(map_column(state, _RUNNING_STATES.__contains__), dtype=bool, count=n)
     never = np.isnan(start)
     steps = np.array(["." in j for j in job_id], dtype=bool)
     skip = [
         ("never started", never),
         ("not finished (running or no End)", ~never & (running | np.isnan(end))),
     ]
-    columns = {"nodes": nodes, "gpus": gpus, "submit": submit, "state": state,
+    columns = {"nodes": nodes, "gpus": gpus, "state": state,
                "exit_code": exit_code, "signal": signal, "reason": reason}
     table = _finish(log, problems, numbers, steps, skip, job_id, start, end, columns, "Start")
     return table, log.report()
@@ -482,8 +471,8 @@ def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
     del text
     n = int(numbers.size)
     problems = _Problems(n)
-    job_id = [v.strip() for v in cols[index["job_id"]]]
-    state = map_column(cols[index["state"]], lambda v: v.strip().upper())
+    job_id = strip_column(cols[index["job_id"]])
+    state = list(map_column(cols[index["state"]], lambda v: v.strip().upper()))
 
     def check_int(column: str) -> NDArray[np.int64]:
         values, bad = int_column(cols[index[column]])
@@ -499,7 +488,6 @@ def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
     gpus = check_int("gpu_num")
     start = check_time("start_time")
     end = check_time("end_time")
-    submit = check_time("submit_time") if "submit_time" in index else np.full(n, np.nan)
     if "fail_time" in index:
         reason = ["fail_time set" if v.strip() else "" for v in cols[index["fail_time"]]]
     else:
@@ -507,7 +495,7 @@ def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
     never = np.isnan(start)
     skip = [("never started", never), ("not finished (no end_time)", ~never & np.isnan(end))]
     zeros = np.zeros(n, dtype=np.int64)
-    columns = {"nodes": nodes, "gpus": gpus, "submit": submit, "state": state,
+    columns = {"nodes": nodes, "gpus": gpus, "state": state,
                "exit_code": zeros, "signal": zeros, "reason": reason}
     table = _finish(log, problems, numbers, None, skip, job_id, start, end, columns, "start_time")
     return table, log.report()

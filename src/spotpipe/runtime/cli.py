@@ -60,10 +60,11 @@ def register(subparsers: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from spotpipe.errors import SpotpipeError
-    from spotpipe.runtime.controller import Controller, format_result
     from spotpipe.runtime.job import prepare_run
 
-    prep = prepare_run(args.config, list(args.set), args.resume)
+    prep = prepare_run(args.config, list(args.set), args.resume)  # bad input fails here, before torch loads
+    from spotpipe.runtime.controller import Controller, format_result
+
     controller = Controller(
         prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout
     )
@@ -79,6 +80,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from spotpipe.runtime import control
+
+    # Check the cheap things before torch is imported, so bad input fails at once.
+    control.parse_address(args.join)
+    control.read_token(args.token_file)
     from spotpipe.runtime.worker import run_worker
 
     return run_worker(args)

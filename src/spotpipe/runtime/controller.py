@@ -66,6 +66,7 @@ class WorkerState:
     bye: bool = False
     exit_code: int | None = None
     suspected: bool = False
+    reported: bool = False  # its error report was read
 
     def member(self) -> Member:
         return Member(self.worker, self.stage, self.replica, self.host, self.pid)
@@ -104,7 +105,7 @@ class RunResult:
 class _Failure:
     worker: int | None
     reason: str
-    priority: int  # 0 = a process died, 1 = a worker's own error, 2 = silence / other
+    priority: int  # 0 = a process died, 1 = a worker's own error, 2 = timeout / silence, 3 = lost peer
     at: float = field(default_factory=time.time)
 
 
@@ -165,6 +166,8 @@ class Controller:
         self._first_loss: float | None = None
         self._old_handlers: dict[int, Any] = {}
         self._next_worker_id = 0
+        self._confirmed: set[int] = set()
+        self._transport_reports: list[Any] = []
 
     # ------------------------------------------------------------------------------------------
     # Entry
@@ -453,20 +456,20 @@ class Controller:
                     w.suspected = False
             if not w.bye and self._store.check([control.bye_key(w.worker)]):
                 w.bye = True
-            if self._store.check([control.error_key(w.worker)]):
-                body = json.loads(self._store.get(control.error_key(w.worker)))
-                self._fail(w, str(body.get("message", "failed")), 1, float(body.get("time", time.time())))
-                continue
+            if not w.reported and self._store.check([control.error_key(w.worker)]):
+                self._read_error_report(w, now)
             if w.local is not None and w.exit_code is None:
                 code = w.local.returncode()
                 if code is not None:
                     w.exit_code = code
-                    if code != 0 or not w.bye:
-                        if self._store.check([control.error_key(w.worker)]):
-                            continue
+                    if (code != 0 or not w.bye) and not w.reported and not self._store.check([control.error_key(w.worker)]):
                         said = w.local.last_log_line()
                         self._fail(w, f"{w.name()} died ({describe_exit(code)})" + (f": {said}" if said and code > 0 else ""), 0)
                         continue
+                    if not w.reported and self._store.check([control.error_key(w.worker)]):
+                        self._read_error_report(w, now)
+            if w.reported or w.exit_code is not None:
+                continue
             if not w.bye:
                 alive[w.worker] = w.last_beat
         # Local processes that exited before they joined.
@@ -477,7 +480,7 @@ class Controller:
                 if code is not None and p.pid not in joined and self.failure is None:
                     said = p.last_log_line()
                     self.failure = _Failure(None, f"local worker {p.index} (pid {p.pid}) exited before it joined ({describe_exit(code)})" + (f": {said}" if said else ""), 0)
-        detection = detect(now, alive, self.cfg.ft)
+        detection = detect(now, alive, self.cfg.ft, self._transport_reports)
         for wid in detection.suspects:
             w = self.workers[wid]
             if not w.suspected:
@@ -485,13 +488,41 @@ class Controller:
                 self._log.write(ev.FAILURE_SUSPECTED, worker=wid, stage=w.stage, replica=w.replica, reason=detection.reasons[wid])
             if now - w.last_beat >= self.cfg.run.timeout_s:
                 self._fail(w, f"{w.name()} sent no heartbeat for {now - w.last_beat:.0f} s (run.timeout_s)", 2)
+        if self._transport_reports and len(self._transport_reports) > 100:
+            del self._transport_reports[:-100]
 
-    def _fail(self, w: WorkerState, reason: str, priority: int, at: float | None = None) -> None:
+    def _read_error_report(self, w: WorkerState, now: float) -> None:
+        """A worker said why it gave up: its own fault, or (kind "comm") a peer it lost."""
+        from spotpipe.ft.detector import TransportReport
+
+        try:
+            body = json.loads(self._store.get(control.error_key(w.worker)))
+        except Exception:
+            return
+        w.reported = True
+        at = float(body.get("time", time.time()))
+        message = str(body.get("message", "failed"))
+        if body.get("kind") in ("error", "timeout") and body.get("peer") is not None:
+            # Evidence against the peer for the detector; the reporter itself is a survivor.
+            at_mono = now - max(0.0, time.time() - at)
+            self._transport_reports.append(
+                TransportReport(w.worker, int(body["peer"]), str(body["kind"]), at_mono, message[:200])
+            )
+            self._fail(w, message, 3 if body["kind"] == "error" else 2, at, confirm=False)
+        elif body.get("kind") in ("error", "timeout", "aborted"):
+            self._fail(w, message, 3, at, confirm=False)
+        else:
+            self._fail(w, message, 1, at)
+
+    def _fail(self, w: WorkerState, reason: str, priority: int, at: float | None = None, confirm: bool = True) -> None:
+        """Record a failure; the job stops. The best explanation (lowest priority: 0 a process
+        died, 1 a worker's own error, 2 a timeout or silence, 3 a lost peer) is the one reported."""
         assert self._log is not None
         failure = _Failure(w.worker, reason, priority, at or time.time())
+        if confirm and w.worker not in self._confirmed:
+            self._confirmed.add(w.worker)
+            self._log.write(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=reason)
         if self.failure is None or (failure.priority, failure.at) < (self.failure.priority, self.failure.at):
-            if self.failure is None:
-                self._log.write(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=reason)
             self.failure = failure
         if self.plan is not None:
             try:
@@ -511,9 +542,13 @@ class Controller:
             self._request_stop("interrupt" if status == "interrupted" else "failure")
         if self._locals is not None:
             if status == "failed":
-                # Survivors see the abort and report why they stopped; give them a moment.
+                # Survivors see the abort and report why they stopped; give them a moment, then
+                # read every report and exit status, so the message names the root cause.
                 self._locals.wait_all(3.0)
-                self._collect_errors()
+                try:
+                    self._check_health(time.monotonic())
+                except Exception:
+                    pass
             elif status == "interrupted" and self.interrupts < 2:
                 self._locals.wait_all(10.0)
             else:
@@ -544,15 +579,6 @@ class Controller:
         if self._store is not None:
             del self._store
             self._store = None
-
-    def _collect_errors(self) -> None:
-        for w in self.workers.values():
-            try:
-                if self._store.check([control.error_key(w.worker)]):
-                    body = json.loads(self._store.get(control.error_key(w.worker)))
-                    self._fail(w, str(body.get("message", "failed")), 1, float(body.get("time", time.time())))
-            except Exception:
-                pass
 
     def _failure_message(self) -> str:
         f = self.failure

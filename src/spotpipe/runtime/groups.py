@@ -119,6 +119,28 @@ def _socket_inodes() -> dict[int, str]:
     return out
 
 
+def _connected_only(sockets: dict[int, str]) -> dict[int, str]:
+    """The sockets that are connected to a peer (not listeners: shutting down gloo's listener
+    makes its accept loop abort the process)."""
+    out: dict[int, str] = {}
+    for fd, inode in sockets.items():
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            continue
+        s = socket.socket(fileno=dup)
+        try:
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            s.getpeername()
+            out[fd] = inode
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return out
+
+
 def _shutdown_sockets(sockets: dict[int, str]) -> int:
     """Shut down (both directions) the sockets still open under the same fd and inode."""
     done = 0
@@ -202,7 +224,7 @@ class Generation:
                 f"within run.timeout_s={timeout_s:g} s: {' '.join(str(exc).split())[:200]}"
             ) from None
         after = _socket_inodes()
-        self._sockets = {fd: ino for fd, ino in after.items() if before.get(fd) != ino}
+        self._sockets = _connected_only({fd: ino for fd, ino in after.items() if before.get(fd) != ino})
         names = {rank: m.name() for rank, m in enumerate(plan.members)}
         self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl")
 

@@ -8,6 +8,7 @@ message, so logs stay short.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -58,7 +59,7 @@ class Progress:
         self.every_s = every_s
         self.tty = self.stream.isatty() if tty is None else tty
         self._ema: float | None = None
-        self._last_plain = 0.0
+        self._last_plain = -math.inf
         self._line_len = 0
         self.last_line = ""
 

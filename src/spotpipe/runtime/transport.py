@@ -140,6 +140,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     # Drop the C++ source location gloo prefixes to its messages.
     if text.startswith("[") and "] " in text[:200]:
         text = text.split("] ", 1)[1]
+    text = text.split(". This is typically caused by", 1)[0]  # gloo's advice, not ours
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -266,6 +266,7 @@ class Worker:
         """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""
         if self.generation is not None:
             self.generation.abort(reason)
+        self.executor.transport.abort()  # the injected transport (a wrapper fails its queued sends)
         self.executor.discard()
         self.flat_grad.zero_()
         self.sampler.load_state_dict(snapshot)
@@ -407,6 +408,9 @@ class Worker:
             self.store.set(control.bye_key(self.id), "1")
             self.log("finished")
             return 0
+        except CommError as exc:
+            self.report_error(str(exc), exc)
+            return EXIT_ERROR
         except SpotpipeError as exc:
             self.report_error(str(exc))
             return EXIT_ERROR
@@ -420,11 +424,22 @@ class Worker:
         """A line in the worker's log (stdout; the controller sends it to RUN_DIR/logs/)."""
         print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {text}", flush=True)
 
-    def report_error(self, message: str) -> None:
+    def report_error(self, message: str, comm: CommError | None = None) -> None:
+        """Tell the controller why this worker gives up (and print it to the log).
+
+        A communication error carries its kind and the peer's worker id, which the controller's
+        failure detector takes as evidence against that peer.
+        """
         text = message if message.startswith("worker ") else f"{self.name}: {message}"
         print(f"spotpipe worker: error: {text}", file=sys.stderr, flush=True)
+        body: dict[str, Any] = {"message": text, "time": time.time(), "kind": "fatal"}
+        if comm is not None:
+            body["kind"] = comm.kind
+            gen = self.generation
+            if comm.peer is not None and gen is not None and 0 <= comm.peer < gen.plan.world_size:
+                body["peer"] = gen.plan.members[comm.peer].worker
         try:
-            self.store.set(control.error_key(self.id), json.dumps({"message": text, "time": time.time()}))
+            self.store.set(control.error_key(self.id), json.dumps(body))
         except Exception:
             pass
 
@@ -441,7 +456,12 @@ def run_worker(args: argparse.Namespace) -> int:
     store = control.connect_store(host, port, args.timeout)
     listen_host = args.listen_host or control.local_address_towards(host, port)
     grant = control.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
-    return Worker(store, grant, listen_host).run()
+    code = Worker(store, grant, listen_host).run()
+    # Everything is written and fsynced; skip the interpreter's slow teardown of torch, gloo and
+    # the store client (seconds on a busy machine, during which the controller waits).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,17 +30,16 @@ from typing import Any
 from spotpipe import events as ev
 from spotpipe.config import JobConfig
 from spotpipe.cost import CostModel, analytic_cost, fit_scale_and_overhead, read_profile
-from spotpipe.errors import ConfigError
 from spotpipe.events import EventLog
+from spotpipe.ft.detector import detect as ft_detect
 from spotpipe.schedule.generators import build_schedule
 from spotpipe.schedule.ir import Placement, Schedule
 from spotpipe.schedule.passes import lower
-from spotpipe.sim.cluster import FAIL, JOIN, Cluster, NodeEvent, PoissonFailures, build_cluster, parse_failures, read_preemption_trace
+from spotpipe.sim.cluster import JOIN, Cluster, NodeEvent, PoissonFailures, build_cluster, parse_failures, read_preemption_trace
 from spotpipe.sim.engine import Engine, Timer
 from spotpipe.sim.network import Network, build_network, resolve_path
 from spotpipe.sim.player import IterationResult, play_iteration
 from spotpipe.sim.recovery import Detector, FailureContext, RecoveryDecision, RecoveryPolicy, build_policy, detection_time
-from spotpipe.ft.detector import detect as ft_detect
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,10 @@ def job_schedule(cfg: JobConfig) -> Schedule:
 
 
 def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostModel:
-    """Analytic costs scaled (plus a fixed overhead with 2+ runs) so that simulating the profiled
-    runs gives their measured step times (:func:`spotpipe.cost.fit_scale_and_overhead`).
+    """Analytic costs scaled, plus a fixed per-step overhead, so that simulating the profiled runs
+    gives their measured step times (:func:`spotpipe.cost.fit_scale_and_overhead`). The overhead
+    is the runtime's measured time outside the compute phase (``step_time - compute_s``) when its
+    events carry ``compute_s``, else fitted from 2+ runs that differ in work, else 0.
 
     Each profiled run's own config (from its ``run_start`` event) is simulated with this job's
     ``[sim]`` section (device, ``host_cores``, ``delay_collectives``) and its own ``[network]``.
@@ -84,7 +85,9 @@ def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostMod
             for sched, base, net, placement in runs
         ]
 
-    factor, overhead = fit_scale_and_overhead([prof.step_time for prof in profiles], simulate)
+    measured_overheads = [prof.overhead_s for prof in profiles]
+    known = None if any(o is None for o in measured_overheads) else sum(o or 0.0 for o in measured_overheads) / len(profiles)
+    factor, overhead = fit_scale_and_overhead([prof.step_time for prof in profiles], simulate, known)
     names = ",".join(str(p) for p in events_paths)
     return analytic_cost(cfg).scaled(factor, source=f"profiled:{names}").with_overhead(overhead)
 
@@ -248,7 +251,8 @@ class _Job:
         self.step += 1
         del self.kept[self.step - 1 :]
         self.kept.append(duration)
-        self.emit(ev.STEP, step=self.step, tokens=self.tokens_per_step, step_time=duration, wall=self.engine.now, generation=self.generation)
+        # Step indices in events are 0-based, as the runtime writes them.
+        self.emit(ev.STEP, step=self.step - 1, tokens=self.tokens_per_step, step_time=duration, wall=self.engine.now, generation=self.generation)
         every = self.cfg.train.checkpoint_every
         if self.step >= self.cfg.train.steps:
             self.finish("finished")
@@ -261,7 +265,7 @@ class _Job:
     def end_checkpoint(self) -> None:
         self.checkpoint_step = self.step
         self.counts["checkpoints"] += 1
-        self.emit(ev.CHECKPOINT, step=self.step, path="(simulated)", seconds=self.cfg.sim.checkpoint_write_s)
+        self.emit(ev.CHECKPOINT, step=self.step - 1, path="(simulated)", seconds=self.cfg.sim.checkpoint_write_s)
         self.begin_step()
 
     def finish(self, status: str) -> None:
@@ -380,7 +384,7 @@ class _Job:
                 seconds=self.engine.now - failed_at,
             )
         resume = min(decision.resume_step, self.step)
-        for k in range(resume + 1, min(self.step + 1, self.cfg.train.steps) + 1):
+        for k in range(resume, min(self.step + 1, self.cfg.train.steps)):  # 0-based, the interrupted one too
             self.emit(ev.STEP_REPLAYED, step=k, generation=self.generation)
         self.counts["replayed"] += self.step - resume
         self.step = resume

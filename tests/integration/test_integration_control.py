@@ -1,0 +1,223 @@
+"""The control plane with real processes and real signals: Ctrl-C, refused joins, a killed worker,
+and bad input (one clear line, exit code 2, no traceback, no process left behind)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def start_long_run(run_dir: Path, token_dir: Path, env: dict[str, str], helpers: Any, *sets: str) -> subprocess.Popen[str]:
+    args = ["train"]
+    for s in [*helpers.tiny, f"data.path={token_dir}", f"run.dir={run_dir}", "train.steps=100000", *sets]:
+        args += ["--set", s]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        helpers.spotpipe_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=run_dir.parent
+    )
+
+
+def wait_for_steps(run_dir: Path, proc: subprocess.Popen[str], helpers: Any, n: int, timeout: float = 150) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"train exited early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+        if (run_dir / "events.jsonl").exists():
+            events = helpers.read_events(run_dir)
+            if sum(r["event"] == "step" for r in events) >= n:
+                return events
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+def worker_pids(events: list[dict[str, Any]]) -> dict[int, int]:
+    return {r["worker"]: r["pid"] for r in events if r["event"] == "worker_start"}
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(
+    tmp_path_factory: pytest.TempPathFactory, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
+) -> dict[str, Any]:
+    """A long run that two bad workers try to join, then a real SIGINT to `spotpipe train`."""
+    run_dir = tmp_path_factory.mktemp("sigint") / "run"
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "train.checkpoint_every=5")
+    try:
+        events = wait_for_steps(run_dir, proc, helpers, 3)
+        address = next(r["address"] for r in events if r["event"] == "run_start")
+        wrong_env = dict(spotpipe_env, SPOTPIPE_TOKEN="0" * 32)
+        intruders = {
+            "wrong": subprocess.Popen(helpers.spotpipe_cmd("worker", "--join", address, "--timeout", "30"),
+                                      env=wrong_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            "missing": subprocess.Popen(helpers.spotpipe_cmd("worker", "--join", address, "--timeout", "30"),
+                                        env=spotpipe_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        }
+        refused = {}
+        for name, p in intruders.items():
+            out, err = p.communicate(timeout=90)
+            refused[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        time.sleep(0.5)
+        pids = worker_pids(helpers.read_events(run_dir))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return {"run_dir": run_dir, "rc": proc.returncode, "out": out, "err": err, "pids": pids, "refused": refused}
+
+
+@pytest.mark.timeout(300)
+def test_sigint_stops_every_process_and_leaves_a_resumable_run(interrupted_run: dict[str, Any], helpers: Any) -> None:
+    r = interrupted_run
+    assert r["rc"] == 130, (r["out"][-2000:], r["err"][-2000:])
+    assert "Traceback" not in r["err"]
+    assert "interrupted:" in r["out"] and "resume with: spotpipe train --resume" in r["out"]
+    assert len(r["pids"]) == 4
+    assert not [pid for pid in r["pids"].values() if helpers.alive(pid)], "worker processes survived Ctrl-C"
+    events = helpers.read_events(r["run_dir"])
+    end = events[-1]
+    assert end["event"] == "run_end" and end["status"] == "interrupted"
+    last_step = max(e["step"] for e in events if e["event"] == "step")
+    assert end["steps"] == last_step + 1
+    # A checkpoint is written at the stop, so a resume continues from the very last step.
+    ckpt_steps = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert ckpt_steps[-1] == last_step
+    assert (r["run_dir"] / "checkpoints" / f"step-{last_step:06d}" / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_workers_without_the_token_are_refused_and_logged(interrupted_run: dict[str, Any], helpers: Any) -> None:
+    refused = interrupted_run["refused"]
+    helpers.assert_one_line_error(refused["wrong"], "refused", "wrong job token")
+    helpers.assert_one_line_error(refused["missing"], "refused", "missing job token")
+    events = helpers.read_events(interrupted_run["run_dir"])
+    reasons = sorted(e["reason"] for e in events if e["event"] == "join_refused")
+    assert len(reasons) == 2 and reasons[0].startswith("missing job token") and reasons[1] == "wrong job token"
+    # The refused workers got no role: still exactly one worker per stage.
+    assert sorted(e["stage"] for e in events if e["event"] == "worker_start") == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_fails_the_job_cleanly(
+    tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
+) -> None:
+    """SIGKILL one worker: the job names it, every other process exits, nothing is left running."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers)
+    try:
+        events = wait_for_steps(run_dir, proc, helpers, 3)
+        victim = next(e for e in events if e["event"] == "worker_start" and e["stage"] == 2)
+        pids = worker_pids(events)
+        os.kill(victim["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    line = helpers.assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert f"worker {victim['worker']} (stage 2, replica 0) died (killed by SIGKILL)" in line
+    assert not [pid for pid in pids.values() if helpers.alive(pid)], "worker processes survived the failure"
+    events = helpers.read_events(run_dir)
+    confirmed = [e for e in events if e["event"] == "failure_confirmed"]
+    assert confirmed and confirmed[0]["worker"] == victim["worker"]
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture()
+def run_cli(spotpipe_env: dict[str, str], helpers: Any, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(helpers.spotpipe_cmd(*args), capture_output=True, text=True, timeout=120,
+                              env=env or spotpipe_env, cwd=tmp_path)
+
+    return run
+
+
+def train_args(token_dir: Path, run_dir: Path, helpers: Any, *sets: str) -> list[str]:
+    args = ["train"]
+    for s in [*helpers.tiny, f"data.path={token_dir}", f"run.dir={run_dir}", *sets]:
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "sets,needles",
+    [
+        (["model.foo=1"], ["unknown key model.foo", "known keys of [model]"]),
+        (["pipeline.stages=16"], ["pipeline.stages (16)", "model.layers (8)"]),
+        (["pipeline.microbatches=0"], ["pipeline.microbatches must be >= 1"]),
+        (["run.backend=mpi"], ["run.backend must be auto, gloo or nccl"]),
+        (["data.path=/nonexistent/corpus.txt"], ["data.path /nonexistent/corpus.txt does not exist"]),
+    ],
+)
+def test_bad_config_is_one_line(sets: list[str], needles: list[str], run_cli: Any, token_dir: Path, tmp_path: Path, helpers: Any) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(*train_args(token_dir, run_dir, helpers, *sets))
+    helpers.assert_one_line_error(proc, *needles)
+    assert not (run_dir / "logs").exists(), "no worker may start for a bad config"
+
+
+@pytest.mark.timeout(120)
+def test_port_in_use_is_one_line(run_cli: Any, token_dir: Path, tmp_path: Path, helpers: Any) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(*train_args(token_dir, tmp_path / "run", helpers, f"run.port={port}"))
+    helpers.assert_one_line_error(proc, f"127.0.0.1:{port}", "already in use", "run.port")
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.timeout(120)
+def test_bad_token_files_are_one_line(run_cli: Any, tmp_path: Path, helpers: Any) -> None:
+    proc = run_cli("worker", "--join", "127.0.0.1:9", "--token-file", str(tmp_path / "missing.token"))
+    helpers.assert_one_line_error(proc, "token file", "missing.token does not exist")
+    corrupt = tmp_path / "corrupt.token"
+    corrupt.write_text("not a token\n")
+    proc = run_cli("worker", "--join", "127.0.0.1:9", "--token-file", str(corrupt))
+    helpers.assert_one_line_error(proc, "corrupt.token is malformed")
+    proc = run_cli("worker", "--join", "nowhere", "--token-file", str(corrupt))
+    helpers.assert_one_line_error(proc, "expected HOST:PORT")
+
+
+@pytest.mark.timeout(300)
+def test_bad_checkpoints_are_one_line(interrupted_run: dict[str, Any], run_cli: Any, tmp_path: Path, helpers: Any) -> None:
+    source = interrupted_run["run_dir"]
+    # A flipped byte in the newest checkpoint's file.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(source, corrupt, ignore=shutil.ignore_patterns("logs"))
+    newest = sorted((corrupt / "checkpoints").iterdir())[-1]
+    victim = newest / "rank1.pt"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = run_cli("train", "--resume", str(corrupt))
+    helpers.assert_one_line_error(proc, "rank1.pt is corrupt", "SHA-256")
+    assert not (corrupt / "logs").exists()
+    # No checkpoint at all.
+    empty = tmp_path / "empty"
+    shutil.copytree(source, empty, ignore=shutil.ignore_patterns("logs", "checkpoints"))
+    proc = run_cli("train", "--resume", str(empty))
+    helpers.assert_one_line_error(proc, "no complete checkpoint")
+    # Not a run directory.
+    proc = run_cli("train", "--resume", str(tmp_path))
+    helpers.assert_one_line_error(proc, "not a spotpipe run directory")
+    # A checkpoint that does not fit the job.
+    proc = run_cli("train", "--resume", str(source), "--set", "model.d_model=64")
+    helpers.assert_one_line_error(proc, "model.d_model = 32", "this job has 64")
