@@ -62,7 +62,7 @@ class PipelineConfig:
 class TrainConfig:
     """Optimisation."""
 
-    steps: int = 600
+    steps: int = 300  # the default job: ~3-5 min on 2 CPU cores (`make run`)
     batch_size: int = 16  # sequences per step, all replicas together
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -73,7 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     seed: int = 0
     checkpoint_every: int = 0  # 0 = never
-    eval_every: int = 100  # 0 = only at the end
+    eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
     max_minutes: float = 0.0  # 0 = no wall-time limit; otherwise stop after this many minutes
 

@@ -23,7 +23,9 @@ Pure Python: this module never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -224,9 +226,6 @@ def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
 
 def _known_keys(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Drop sections/keys this version does not know (a run from a newer or older spotpipe)."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(JobConfig)
     out: dict[str, dict[str, Any]] = {}
     for section, table in config.items():

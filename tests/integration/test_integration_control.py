@@ -50,12 +50,22 @@ def worker_pids(events: list[dict[str, Any]]) -> dict[int, int]:
 def interrupted_run(
     tmp_path_factory: pytest.TempPathFactory, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
 ) -> dict[str, Any]:
-    """A long run that two bad workers try to join, then a real SIGINT to `spotpipe train`."""
+    """A long run with one worker joining from "another machine" (`spotpipe worker --join` with
+    the token file), two bad workers that try to join, then a real SIGINT to `spotpipe train`."""
     run_dir = tmp_path_factory.mktemp("sigint") / "run"
-    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "train.checkpoint_every=5")
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "train.checkpoint_every=5", "run.local_workers=3")
+    remote = None
     try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "job.token").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        token_mode = oct((run_dir / "job.token").stat().st_mode & 0o777)
+        address = next(r["address"] for r in helpers.read_events(run_dir) if r["event"] == "run_start")
+        remote = subprocess.Popen(
+            helpers.spotpipe_cmd("worker", "--join", address, "--token-file", str(run_dir / "job.token")),
+            env=spotpipe_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
         events = wait_for_steps(run_dir, proc, helpers, 3)
-        address = next(r["address"] for r in events if r["event"] == "run_start")
         wrong_env = dict(spotpipe_env, SPOTPIPE_TOKEN="0" * 32)
         intruders = {
             "wrong": subprocess.Popen(helpers.spotpipe_cmd("worker", "--join", address, "--timeout", "30"),
@@ -71,11 +81,15 @@ def interrupted_run(
         pids = worker_pids(helpers.read_events(run_dir))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)
+        remote_out, remote_err = remote.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return {"run_dir": run_dir, "rc": proc.returncode, "out": out, "err": err, "pids": pids, "refused": refused}
+        for p in (proc, remote):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    return {"run_dir": run_dir, "rc": proc.returncode, "out": out, "err": err, "pids": pids, "refused": refused,
+            "remote": subprocess.CompletedProcess(remote.args, remote.returncode, remote_out, remote_err),
+            "token_mode": token_mode, "remote_pid": remote.pid}
 
 
 @pytest.mark.timeout(300)
@@ -87,6 +101,13 @@ def test_sigint_stops_every_process_and_leaves_a_resumable_run(interrupted_run: 
     assert len(r["pids"]) == 4
     assert not [pid for pid in r["pids"].values() if helpers.alive(pid)], "worker processes survived Ctrl-C"
     events = helpers.read_events(r["run_dir"])
+    # The worker that joined by hand got a role, trained, and left cleanly at the stop.
+    assert r["remote"].returncode == 0, r["remote"].stderr[-2000:]
+    starts = [e for e in events if e["event"] == "worker_start"]
+    assert sorted(e["local"] for e in starts) == [False, True, True, True]
+    assert next(e for e in starts if not e["local"])["pid"] == r["remote_pid"]
+    assert r["token_mode"] == "0o600" and not (r["run_dir"] / "job.token").exists()
+    assert "spotpipe worker --join 127.0.0.1:" in r["out"]
     end = events[-1]
     assert end["event"] == "run_end" and end["status"] == "interrupted"
     last_step = max(e["step"] for e in events if e["event"] == "step")

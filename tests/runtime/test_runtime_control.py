@@ -108,3 +108,12 @@ def test_formatting_helpers() -> None:
     assert format_duration(75) == "1m15s" and format_duration(4000) == "1h06m" and format_duration(9) == "9s"
     assert format_rate(1_500_000) == "1.50M" and format_rate(12_345) == "12.3k"
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(3) == "exit code 3"
+
+
+def test_training_configs_load_and_default_matches_builtin() -> None:
+    from spotpipe.config import JobConfig, load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("default", "tinyshakespeare", "replicas", "interleaved"):
+        load_config(root / f"{name}.toml")
+    assert load_config(root / "default.toml") == JobConfig().validate()

@@ -7,7 +7,6 @@ check the executor and stage runner alone (no sockets); tests/integration runs r
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

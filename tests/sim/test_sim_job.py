@@ -160,3 +160,13 @@ def test_bamboo_trace_replay() -> None:
     result = simulate_job(prepare(cfg))
     assert result.status == "finished" and result.failures > 0 and result.restarts > 0
     assert result.ettr < 1 and not math.isnan(result.ettr)
+
+
+def test_failure_at_time_zero_and_a_second_failure_during_restart() -> None:
+    t = simulate_job(prepare(job("train.steps=1"))).step_time_s
+    r0 = simulate_job(prepare(job("sim.failures=['0@0']", "sim.spares=1", "sim.restart_s=5")))
+    assert r0.failures == 1 and r0.wall_s == pytest.approx(2.0 + 5 + 10 * t)  # detected at 0 + timeout
+    # Node 1 dies while the job restarts after node 0's failure: the restart begins again.
+    r2 = simulate_job(prepare(job("sim.failures=['0@0', '1@4.0']", "sim.spares=2", "sim.restart_s=5")))
+    assert r2.failures == 2 and r2.restarts == 1 and r2.generations == 2
+    assert r2.wall_s == pytest.approx(last_heartbeat(4.0, 0.5) + 2.0 + 5 + 10 * t)

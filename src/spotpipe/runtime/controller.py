@@ -164,6 +164,7 @@ class Controller:
         self._last_commit = time.monotonic()
         self._gen_started = time.monotonic()
         self._first_loss: float | None = None
+        self._first_step_of_gen = -1
         self._old_handlers: dict[int, Any] = {}
         self._next_worker_id = 0
         self._confirmed: set[int] = set()
@@ -357,6 +358,7 @@ class Controller:
         self.plan = plan
         self._gen_started = time.monotonic()
         self._last_commit = self._gen_started
+        self._first_step_of_gen = self.next_step
         self._log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
 
     # -- steps -----------------------------------------------------------------------------------
@@ -398,7 +400,8 @@ class Controller:
             self._write_manifest(step, ckpts)
         if eval_due(step, t, bool(head.get("stop")), self.stop_reason):
             self.pending_evals.append(step)
-        self._progress.step(step, loss, step_time, int(head["tokens"]))
+        # The first step after a generation starts includes building the groups: not a rate.
+        self._progress.step(step, loss, 0.0 if step == self._first_step_of_gen else step_time, int(head["tokens"]))
         for key in keys + [control.step_done_key(step), control.step_commit_key(step)]:
             try:
                 self._store.delete_key(key)

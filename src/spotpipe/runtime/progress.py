@@ -64,15 +64,19 @@ class Progress:
         self.last_line = ""
 
     def step(self, step: int, loss: float, step_time: float, tokens: int) -> None:
-        """Record committed step ``step`` (0-based) and redraw."""
+        """Record committed step ``step`` (0-based) and redraw.
+
+        ``step_time <= 0`` means "not representative" (the first step of a run includes start-up);
+        it does not enter the moving average of the step time.
+        """
         if step_time > 0:
             self._ema = step_time if self._ema is None else 0.9 * self._ema + 0.1 * step_time
-        ema = self._ema or step_time
-        rate = tokens / ema if ema > 0 else 0.0
-        eta = (self.total - step - 1) * ema
-        self.last_line = (
-            f"step {step + 1}/{self.total}  loss {loss:.4f}  {format_rate(rate)} tok/s  ETA {format_duration(eta)}"
-        )
+        ema = self._ema
+        if ema:
+            speed = f"{format_rate(tokens / ema)} tok/s  ETA {format_duration((self.total - step - 1) * ema)}"
+        else:
+            speed = "starting"
+        self.last_line = f"step {step + 1}/{self.total}  loss {loss:.4f}  {speed}"
         if not self.enabled:
             return
         if self.tty:

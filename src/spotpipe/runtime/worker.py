@@ -98,13 +98,20 @@ class Worker:
         if threads > 0:
             torch.set_num_threads(threads)
         self.backend = resolve_backend(cfg.run.backend)
+        self.schedule = build_pipeline_schedule(cfg)
         if self.backend == "nccl":
-            index = int(self.grant.info.get("local_index", 0))
+            from spotpipe.schedule.validate import check_message_order
+
+            # NCCL ignores tags and matches messages by order: both ends must agree on it.
+            problems = check_message_order(self.schedule)
+            if problems:
+                raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
+            env = os.environ.get("SPOTPIPE_LOCAL_INDEX") or os.environ.get("LOCAL_RANK")
+            index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
             self.device = torch.device("cuda", index % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        self.schedule = build_pipeline_schedule(cfg)
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
         self.chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device) for s in self.my_stages}

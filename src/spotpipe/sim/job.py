@@ -176,7 +176,6 @@ class _Job:
         self.phase = "running"
         self.timer: Timer | None = None
         self.step_started = 0.0
-        self.productive = 0.0
         self.kept: list[float] = []  # duration of every committed step, in order (for rollbacks)
         self.counts = {"failures": 0, "spare_failures": 0, "restarts": 0, "replayed": 0, "checkpoints": 0}
         self.trace_mode = bool(self.cfg.sim.failure_trace)
@@ -396,12 +395,12 @@ class _Job:
     def run(self, horizon_s: float) -> JobResult:
         alias: dict[int, int] = {}
         initial = len(self.locations)
+        self.engine.at(0.0, self.start)  # before any failure at t = 0
         for e in parse_failures(self.cfg.sim.failures, initial):
             self.engine.at(e.time, self.fail, e.node)
         if self.trace_mode:
             for e in read_preemption_trace(self.cfg.sim.failure_trace, initial, self.setup.base_dir):
                 self.engine.at(e.time, self.node_event, e, alias)
-        self.engine.at(0.0, self.start)
         self.engine.run(until=horizon_s)
         if self.phase != "done":
             self.finish("interrupted")
