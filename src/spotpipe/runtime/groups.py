@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,8 +254,6 @@ class Generation:
         pg = self.world if group == "world" else self.replica_group
         if pg is None:
             return
-        import time
-
         start = time.monotonic()
         name = f"the {group} group of generation {self.number}"
         if self.aborted:
