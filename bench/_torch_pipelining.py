@@ -2,7 +2,8 @@
 
 Runs ``steps`` training steps of the same spotpipe model chunks (``build_stage``), the same
 microbatches and the same optimiser work (global grad-norm all-reduce, clipping, AdamW) on
-``stages`` gloo ranks over 127.0.0.1, and returns each step's wall time measured on rank 0.
+``stages`` gloo ranks over 127.0.0.1, and returns the interval between consecutive step ends on rank 0 (the same
+measure as spotpipe's ``step_time``: commit to commit).
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ def _rank_main(rank: int, cfg: JobConfig, token_dir: str, steps: int, port: int,
     token_file = TokenFile(token_dir)
     sampler = SequenceSampler(len(token_file.tokens), cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction)
     times: list[float] = []
+    dist.barrier()
+    last = time.perf_counter()
     for step in range(steps):
         batch = torch.from_numpy(sampler.batch(token_file, sampler.next_ids(cfg.train.batch_size)))
         tokens, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        dist.barrier()
-        start = time.perf_counter()
         if rank == 0:
             schedule.step(tokens)
         elif rank == stages - 1:
@@ -69,7 +70,9 @@ def _rank_main(rank: int, cfg: JobConfig, token_dir: str, steps: int, port: int,
         set_lr(optimizer, lr_at(step, cfg.train))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        times.append(now - last)  # end-to-end interval between step ends, data loading included
+        last = now
     if rank == 0:
         out.put(times)
     dist.barrier()

@@ -62,7 +62,7 @@ class PipelineConfig:
 class TrainConfig:
     """Optimisation."""
 
-    steps: int = 300  # the default job: ~3-5 min on 2 CPU cores (`make run`)
+    steps: int = 500  # the default job: ~3-5 min on 2 CPU cores (`make run`)
     batch_size: int = 16  # sequences per step, all replicas together
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

@@ -239,6 +239,9 @@ def test_bad_checkpoints_are_one_line(interrupted_run: dict[str, Any], run_cli: 
     # Not a run directory.
     proc = run_cli("train", "--resume", str(tmp_path))
     helpers.assert_one_line_error(proc, "not a spotpipe run directory")
+    # A new run may not overwrite an existing one.
+    proc = run_cli("train", "--set", f"run.dir={source}")
+    helpers.assert_one_line_error(proc, "already holds a run", f"--resume {source}")
     # A checkpoint that does not fit the job.
     proc = run_cli("train", "--resume", str(source), "--set", "model.d_model=64")
     helpers.assert_one_line_error(proc, "model.d_model = 32", "this job has 64")

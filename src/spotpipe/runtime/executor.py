@@ -38,7 +38,7 @@ _OPCODES = {Op.F: _F, Op.B: _B, Op.SEND_F: _SEND_F, Op.SEND_B: _SEND_B, Op.RECV_
 _SRC_NONE, _SRC_LOCAL, _SRC_RECV = range(3)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Instruction:
     """One compiled action.
 

@@ -163,6 +163,12 @@ def _shutdown_sockets(sockets: dict[int, str]) -> int:
     return done
 
 
+# Aborted generations are kept here until the process exits: destroying a gloo group whose
+# connections were cut can block or abort in its destructor, and a worker never needs them again.
+# Workers leave with os._exit, which skips those destructors.
+_RETIRED: list[Generation] = []
+
+
 def resolve_backend(backend: str) -> str:
     """``run.backend``: ``auto`` is NCCL when CUDA is available, else gloo."""
     if backend == "auto":
@@ -288,6 +294,7 @@ class Generation:
                 return
             self.aborted = True
             self.abort_reason = reason
+        _RETIRED.append(self)  # never destroyed while the process runs (see _RETIRED)
         self.transport.aborted = True
         for pg in (self.world, self.replica_group):
             if pg is None:

@@ -178,13 +178,21 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Generations
 
-    def enter_generation(self) -> Generation | None:
-        """Wait for the controller's current generation and build its groups (None: stop)."""
-        while not self.stop_requested and not self.store.check([control.GEN_CURRENT]):
+    def enter_generation(self, after: int = 0) -> Generation | None:
+        """Wait for a generation newer than ``after`` and build its groups (None: the job stops).
+
+        The first call takes the first generation; a recovery handler passes the number of the
+        generation it aborted, so it joins the one the controller publishes next.
+        """
+        number = 0
+        while not self.stop_requested:
+            if self.store.check([control.GEN_CURRENT]):
+                number = int(self.store.get(control.GEN_CURRENT))
+                if number > after:
+                    break
             time.sleep(0.02)
         if self.stop_requested:
             return None
-        number = int(self.store.get(control.GEN_CURRENT))
         plan = GenerationPlan.from_json(self.store.get(control.plan_key(number)))
         rank = plan.rank_of_worker(self.id)
         gen = Generation(self.store, plan, rank, self.backend, self.cfg.run.timeout_s, self.listen_host, self.device)
@@ -463,7 +471,13 @@ def run_worker(args: argparse.Namespace) -> int:
     store = control.connect_store(host, port, args.timeout)
     listen_host = args.listen_host or control.local_address_towards(host, port)
     grant = control.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
-    code = Worker(store, grant, listen_host).run()
+    try:
+        code = Worker(store, grant, listen_host).run()
+    except BaseException:  # a bug: the controller already has the one-line report; log the rest
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     # Everything is written and fsynced; skip the interpreter's slow teardown of torch, gloo and
     # the store client (seconds on a busy machine, during which the controller waits).
     sys.stdout.flush()
