@@ -104,6 +104,7 @@ class FTConfig:
     faults: tuple[str, ...] = ()  # fault specs, see spotpipe.ft.faults (e.g. "stage=2@step=40", "10%/h")
     swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
     rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
+    spares: int = 1  # warm standby worker processes that take a lost role at once (multi-process runtime)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ def validate(cfg: JobConfig) -> None:
     _check(f.strategy in FT_STRATEGIES, f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {f.strategy!r}")
     _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
+    _check(0 <= f.spares <= 64, f"ft.spares must be in 0..64, got {f.spares}")
     _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")
     if f.swap_edges or f.strategy == "checkfree+":
         _check(chunks >= 4, f"ft.swap_edges / ft.strategy = checkfree+ needs >= 4 pipeline stages (model chunks), got {chunks}")

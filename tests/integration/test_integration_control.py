@@ -136,7 +136,7 @@ def test_killed_worker_fails_the_job_cleanly(
 ) -> None:
     """SIGKILL one worker: the job names it, every other process exits, nothing is left running."""
     run_dir = tmp_path / "run"
-    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers)
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "ft.strategy=none")  # no stage recovery
     try:
         events = wait_for_steps(run_dir, proc, helpers, 3)
         victim = next(e for e in events if e["event"] == "worker_start" and e["stage"] == 2)

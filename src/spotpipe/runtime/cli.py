@@ -44,6 +44,14 @@ def register(subparsers: Any) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.steps=100 (repeatable)"
     )
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument(
+        "--fail", action="append", default=[], metavar="SPEC",
+        help="inject a fault (appended to ft.faults), e.g. stage=2@step=40, stage=1,replica=0@random, stages=1+2@step=30, stage=2@stall=5s",
+    )
+    train.add_argument(
+        "--fail-rate", action="append", default=[], metavar="RATE",
+        help="kill workers at a rate (appended to ft.faults), e.g. 10%%/h (per worker, Poisson) or 2%%/step",
+    )
     train.set_defaults(func=cmd_train)
 
     worker = subparsers.add_parser(
@@ -63,6 +71,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spotpipe.runtime.job import prepare_run
 
     prep = prepare_run(args.config, list(args.set), args.resume)  # bad input fails here, before torch loads
+    extra = tuple(args.fail) + tuple(args.fail_rate)
+    if extra:
+        from dataclasses import replace
+
+        from spotpipe.ft.faults import parse_fault_specs
+
+        parse_fault_specs(extra)  # a bad spec is one line, before anything starts
+        prep = replace(prep, cfg=replace(prep.cfg, ft=replace(prep.cfg.ft, faults=prep.cfg.ft.faults + extra)))
     from spotpipe.runtime.controller import Controller, format_result
 
     controller = Controller(

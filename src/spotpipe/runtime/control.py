@@ -18,6 +18,13 @@ server; every worker is a client. Everything the two sides say goes through thes
 ``step/<k>/commit``            set by the last worker to finish step k: the step commits
 ``err/<worker>``               why a worker gave up (one line), before it exits
 ``bye/<worker>``               a worker finished cleanly
+``gen/<g>/step/<k>/ready``     counter: workers whose step barrier of step k returned
+``gen/<g>/step/<k>/decide``    ``commit`` | ``abort`` (compare_set, first writer wins)
+``gen/<g>/survivor/<worker>``  a survivor of g aborted its step and waits for g+1
+``gen/<g>/recovery``           the recovery decision that generation g starts with
+``gen/<g>/recovered/<worker>`` a worker finished its part of that recovery
+``mirror/<s>/<r>[/step]``      stage s's published state for its mirror holder
+``spare/<worker>``             the role handed to a waiting spare; ``ctl/end``: the job is over
 =============================  ==========================================================
 
 Token handshake. The controller makes a random token per run and hands it to local workers in
@@ -90,6 +97,50 @@ def error_key(worker: int) -> str:
 
 def bye_key(worker: int) -> str:
     return f"bye/{worker}"
+
+
+# Stage recovery (issue 5; see spotpipe.runtime.recover and spotpipe.runtime.supervise).
+
+
+def step_ready_key(generation: int, step: int) -> str:
+    """Counter of workers whose world all-reduce of ``step`` returned (phase 2 done)."""
+    return f"gen/{generation}/step/{step}/ready"
+
+
+def step_decide_key(generation: int, step: int) -> str:
+    """``commit`` or ``abort``, set once with compare_set: every survivor applies ``step`` or none."""
+    return f"gen/{generation}/step/{step}/decide"
+
+
+def survivor_key(generation: int, worker: int) -> str:
+    """A survivor of generation g aborted its step: JSON {step, sampler, mirror}."""
+    return f"gen/{generation}/survivor/{worker}"
+
+
+def recovery_key(generation: int) -> str:
+    """The controller's recovery decision for generation g (published before gen/current)."""
+    return f"gen/{generation}/recovery"
+
+
+def recovered_key(generation: int, worker: int) -> str:
+    """A worker finished its part of generation g's recovery: JSON {bytes, seconds}."""
+    return f"gen/{generation}/recovered/{worker}"
+
+
+END = "ctl/end"  # the job is over (spares waiting for a role exit)
+
+
+def spare_key(worker: int) -> str:
+    """The grant that turns waiting spare ``worker`` into a member (JSON, like a join grant)."""
+    return f"spare/{worker}"
+
+
+def mirror_key(stage: int, replica: int) -> str:
+    return f"mirror/{stage}/{replica}"
+
+
+def mirror_seq_key(stage: int, replica: int) -> str:
+    return f"mirror/{stage}/{replica}/step"
 
 
 # ----------------------------------------------------------------------------------------------

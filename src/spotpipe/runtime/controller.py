@@ -18,9 +18,11 @@ write the ``step`` event: a step is in the log only when every worker finished i
 
 Failures. Heartbeats feed :func:`spotpipe.ft.detector.detect` (the same pure function the
 simulator calls); a suspect becomes a ``failure_suspected`` event, and a dead process, a
-worker's error report or silence of ``run.timeout_s`` confirms it. Stage recovery (issue 5) is not
-in this build: a confirmed failure aborts the generation, stops the job, and names the worker,
-the step and, when there is one, the checkpoint to resume from.
+worker's error report or silence of ``run.timeout_s`` confirms it. A lost worker (dead process or
+silence) starts a stage recovery (:mod:`spotpipe.runtime.supervise`) unless ``ft.strategy =
+none``; a worker's own error, or a recovery that cannot proceed, stops the job with one line that
+names the worker, the step and, when there is one, the checkpoint to resume from. Faults in
+``ft.faults`` are injected as real signals (:mod:`spotpipe.runtime.inject`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from spotpipe.runtime.groups import GenerationPlan, Member
 from spotpipe.runtime.launch import LocalProcess, LocalWorkers, describe_exit
 from spotpipe.runtime.progress import Progress, format_duration
 from spotpipe.runtime.job import eval_due
+from spotpipe.runtime.supervise import Recovery, RecoveryMixin
 
 POLL_S = 0.05
 
@@ -99,6 +102,9 @@ class RunResult:
     message: str = ""
     checkpoint: int | None = None
     first_loss: float | None = None
+    failures: int = 0
+    ettr: float | None = None
+    lost_s: float = 0.0
 
 
 @dataclass
@@ -109,7 +115,7 @@ class _Failure:
     at: float = field(default_factory=time.time)
 
 
-class Controller:
+class Controller(RecoveryMixin):
     """Runs one job.
 
     Args:
@@ -169,6 +175,21 @@ class Controller:
         self._next_worker_id = 0
         self._confirmed: set[int] = set()
         self._transport_reports: list[Any] = []
+        self.recovering: Recovery | None = None
+        self.spares: list[WorkerState] = []  # warm standby workers without a role
+        self.spare_count = cfg.ft.spares if cfg.ft.strategy != "none" and self.local_count > 0 else 0
+        self.recoveries: list[dict[str, Any]] = []
+        self.last_manifest: Manifest | None = resume
+        self._failure_cls = _Failure
+        if cfg.ft.swap_edges and cfg.ft.strategy != "checkfree+":
+            raise SpotpipeError("ft.swap_edges (the CheckFree+ swap schedule) is not available in multi-process mode yet; "
+                                "set ft.swap_edges=false")
+        if cfg.ft.strategy == "checkfree+":
+            raise SpotpipeError("ft.strategy=checkfree+ is not available in multi-process mode yet "
+                                "(use auto, replica, mirror, checkfree or checkpoint; checkfree+ runs in the in-process mode)")
+        from spotpipe.runtime.inject import FaultInjector
+
+        self._injector = FaultInjector(cfg, self._holder_pid, self._fault_fired)
 
     # ------------------------------------------------------------------------------------------
     # Entry
@@ -261,21 +282,29 @@ class Controller:
             if self.interrupts and self.plan is None:
                 return "interrupted"
             self._accept_joins()
-            if self.plan is None and len(self.role_of) == self.world_size:
+            if self.recovering is not None and self.failure is None:
+                self._drive_recovery()
+            elif self.plan is None and len(self.role_of) == self.world_size:
                 self._publish_generation("initial membership" if self.generation == 0 else "membership changed")
-            if self.plan is not None:
+            if self.plan is not None and self.recovering is None:
                 self._poll_commits()
                 self._poll_evals()
+            self._injector.poll(time.monotonic())
             if now >= next_health:
                 self._check_health(now)
                 next_health = now + min(self.cfg.run.heartbeat_s, 0.5) / 2
             if self.failure is not None:
                 return "failed"
-            if self.plan is not None and all(self.workers[w].bye for w in self.role_of.values()):
+            if self.recovering is not None and self.stop_reason and all(
+                self.workers[w].bye or self.workers[w].exit_code is not None
+                for w in self.role_of.values() if w not in self.recovering.lost
+            ):
+                return "interrupted" if self.stop_reason == "interrupt" else "finished"
+            if self.plan is not None and self.recovering is None and all(self.workers[w].bye for w in self.role_of.values()):
                 self._poll_commits()
                 self._poll_evals()
                 return "interrupted" if self.stop_reason == "interrupt" else "finished"
-            if self.plan is None and now > join_deadline:
+            if self.plan is None and self.generation == 0 and now > join_deadline:
                 self.failure = _Failure(None, f"only {len(self.role_of)} of {self.world_size} workers joined within {join_timeout:.0f} s", 2)
                 return "failed"
             limit = self.cfg.train.max_minutes
@@ -317,6 +346,9 @@ class Controller:
         elif not control.check_proof(self.token, self.job_id, nonce, proof):
             reason = "wrong job token"
         free = [r for r in self.roles if r not in self.role_of]
+        if not reason and not free and not self.stop_reason and len(self.spares) < self.spare_count:
+            self._accept_spare(req, nonce, host, pid)
+            return
         if not reason and (not free or self.stop_reason):
             reason = "the job has no free role" if not free else "the job is stopping"
         if reason:
@@ -331,7 +363,13 @@ class Controller:
         state = WorkerState(wid, stage, replica, host, pid, local, last_beat=time.monotonic())
         self.workers[wid] = state
         self.role_of[(stage, replica)] = wid
-        grant = {
+        grant = self._grant(wid, stage, replica, local)
+        self._store.set(control.join_response_key(nonce), json.dumps(grant))
+        self._log.write(ev.WORKER_START, worker=wid, stage=stage, replica=replica, pid=pid, host=host,
+                        generation=self.generation + 1, local=local is not None)
+
+    def _grant(self, wid: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
+        return {
             "worker": wid,
             "stage": stage,
             "replica": replica,
@@ -339,14 +377,39 @@ class Controller:
             "run_dir": str(self.run_dir.resolve()),
             "token_dir": self.token_dir,
             "token_sha256": self.token_sha256,
-            "resume": None if self.resume is None else self.resume.to_grant(),
+            "resume": None if self.resume is None or self.recovering is not None else self.resume.to_grant(),
+            "replacement": self.recovering is not None,
             "threads": self._threads if local is not None else 0,
             "local_index": local.index if local is not None else 0,
             "generation": self.generation + 1,
         }
+
+    def _accept_spare(self, req: dict[str, Any], nonce: str, host: str, pid: int) -> None:
+        """A worker joined while every role is held: keep it warm as a spare."""
+        assert self._locals is not None
+        wid = self._next_worker_id
+        self._next_worker_id += 1
+        local = self._locals.by_pid(pid) if host == socket.gethostname() else None
+        self.spares.append(WorkerState(wid, -1, -1, host, pid, local, last_beat=time.monotonic()))
+        grant = self._grant(wid, -1, -1, local)
+        grant["spare"] = True
         self._store.set(control.join_response_key(nonce), json.dumps(grant))
-        self._log.write(ev.WORKER_START, worker=wid, stage=stage, replica=replica, pid=pid, host=host,
-                        generation=self.generation + 1, local=local is not None)
+
+    def _take_spare(self, stage: int, replica: int) -> bool:
+        """Hand a free role to a waiting spare (True if one was alive)."""
+        assert self._log is not None
+        while self.spares:
+            w = self.spares.pop(0)
+            if w.local is not None and w.local.returncode() is not None:
+                continue
+            w.stage, w.replica, w.last_beat = stage, replica, time.monotonic()
+            self.workers[w.worker] = w
+            self.role_of[(stage, replica)] = w.worker
+            self._store.set(control.spare_key(w.worker), json.dumps(self._grant(w.worker, stage, replica, w.local)))
+            self._log.write(ev.WORKER_START, worker=w.worker, stage=stage, replica=replica, pid=w.pid, host=w.host,
+                            generation=self.generation + 1, local=w.local is not None, spare=True)
+            return True
+        return False
 
     def _publish_generation(self, reason: str) -> None:
         assert self._log is not None
@@ -360,6 +423,9 @@ class Controller:
         self._last_commit = self._gen_started
         self._first_step_of_gen = self.next_step
         self._log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
+        self._injector.step_started(self.next_step, time.monotonic())
+        if self.generation == 1 and self.spare_count and self._locals is not None:
+            self._locals.start(self.spare_count)  # warm standbys, once every role is held
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -368,9 +434,11 @@ class Controller:
             self._commit(self.next_step)
             self.next_step += 1
 
-    def _commit(self, step: int) -> None:
+    def _commit(self, step: int, members: list[Member] | None = None) -> None:
+        """Write the ``step`` event (from every member's report, or from ``members`` only: the
+        survivors of a step that was decided ``commit`` before a worker was lost)."""
         assert self.plan is not None and self._log is not None
-        keys = [control.step_report_key(step, m.worker) for m in self.plan.members]
+        keys = [control.step_report_key(step, m.worker) for m in (members if members is not None else self.plan.members)]
         reports = [json.loads(raw) for raw in self._store.multi_get(keys)]
         head = reports[0]
         now = time.monotonic()
@@ -402,7 +470,11 @@ class Controller:
             self.pending_evals.append(step)
         # The first step after a generation starts includes building the groups: not a rate.
         self._progress.step(step, loss, 0.0 if step == self._first_step_of_gen else step_time, int(head["tokens"]))
-        for key in keys + [control.step_done_key(step), control.step_commit_key(step)]:
+        self._injector.step_committed(step_time, step == self._first_step_of_gen)
+        if members is None:
+            self._injector.step_started(step + 1, now)
+        scoped = [control.step_ready_key(self.generation, step), control.step_decide_key(self.generation, step)]
+        for key in keys + [control.step_done_key(step), control.step_commit_key(step)] + scoped:
             try:
                 self._store.delete_key(key)
             except Exception:
@@ -415,7 +487,7 @@ class Controller:
             return
         directory = checkpoint_dir(self.run_dir, step)
         files = {rank: (str(c["file"]), str(c["sha256"])) for rank, c in ckpts.items()}
-        write_manifest(directory, step, files, self.layout)
+        self.last_manifest = write_manifest(directory, step, files, self.layout)
         seconds = max(float(c.get("seconds", 0.0)) for c in ckpts.values())
         self.last_checkpoint = step
         self._log.write(ev.CHECKPOINT, step=step, path=str(directory), seconds=seconds)
@@ -477,7 +549,7 @@ class Controller:
                 alive[w.worker] = w.last_beat
         # Local processes that exited before they joined.
         if self._locals is not None:
-            joined = {w.pid for w in self.workers.values()}
+            joined = {w.pid for w in self.workers.values()} | {w.pid for w in self.spares}
             for p in self._locals.procs:
                 code = p.returncode()
                 if code is not None and p.pid not in joined and self.failure is None:
@@ -525,6 +597,17 @@ class Controller:
         if confirm and w.worker not in self._confirmed:
             self._confirmed.add(w.worker)
             self._log.write(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=reason)
+        if confirm and priority in (0, 2) and self.failure is None and (self.recovering is not None or self._recovery_enabled()):
+            member = self.plan is not None and any(m.worker == w.worker for m in self.plan.members)
+            if member or (self.recovering is not None and w.worker in self.recovering.lost):
+                self._start_recovery(w, reason)
+                return
+            if self.recovering is not None and self.role_of.get((w.stage, w.replica)) == w.worker:
+                # a replacement died before the new generation started: free its role, start another
+                del self.role_of[(w.stage, w.replica)]
+                if self._locals is not None and self.local_count > 0:
+                    self._locals.start(1)
+                return
         if self.failure is None or (failure.priority, failure.at) < (self.failure.priority, self.failure.at):
             self.failure = failure
         if self.plan is not None:
@@ -543,6 +626,12 @@ class Controller:
             status = "interrupted"
         if status != "finished" and not self.stop_reason:
             self._request_stop("interrupt" if status == "interrupted" else "failure")
+        self._injector.cancel()
+        if self._store is not None:
+            try:
+                self._store.set(control.END, status)
+            except Exception:
+                pass
         if self._locals is not None:
             if status == "failed":
                 # Survivors see the abort and report why they stopped; give them a moment, then
@@ -568,6 +657,7 @@ class Controller:
             self._log.write(ev.RUN_END, steps=self.result.last_step + 1, wall=wall, status=status,
                             reason=self.result.message or self.stop_reason or None)
             self._log.close()
+            self._summarise()
             if self.cfg.run.plot and self.result.last_step >= 0:
                 try:
                     from spotpipe.runtime.plots import plot_loss_curve
@@ -583,13 +673,40 @@ class Controller:
             del self._store
             self._store = None
 
+    def _holder_pid(self, stage: int, replica: int) -> tuple[int, int] | None:
+        wid = self.role_of.get((stage, replica))
+        if wid is None or self.recovering is not None:
+            return None
+        return wid, self.workers[wid].pid
+
+    def _fault_fired(self, fault: Any, worker: int, pid: int) -> None:
+        assert self._log is not None
+        self._log.write(ev.FAULT_INJECTED, step=fault.step, stage=fault.stage, replica=fault.replica, worker=worker, pid=pid,
+                        kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction)
+        self._progress.message(f"fault injected: {fault.kind} worker {worker} (stage {fault.stage}, replica {fault.replica}, "
+                               f"pid {pid}) during step {fault.step + 1} ({fault.spec})")
+
+    def _summarise(self) -> None:
+        """ETTR and time lost to failures, from the event log (spotpipe.reliability.runs)."""
+        try:
+            from spotpipe.reliability.runs import read_runs
+
+            runs, _ = read_runs(self.run_dir / "events.jsonl")
+        except Exception:
+            return
+        if runs:
+            last = runs[-1]
+            self.result.failures = last.failures
+            self.result.ettr = last.ettr
+            self.result.lost_s = last.lost_s
+
     def _failure_message(self) -> str:
         f = self.failure
         text = f.reason if f is not None else "the run failed"
         where = f" after step {self.result.last_step}" if self.result.last_step >= 0 else " before the first step"
         text += f"; the job stopped{where}"
-        if f is not None and f.worker is not None:
-            text += " (stage recovery is not part of this build)"
+        if f is not None and f.worker is not None and self.cfg.ft.strategy == "none":
+            text += " (ft.strategy = none: no stage recovery)"
         if self.last_checkpoint is not None:
             text += f"; resume from the checkpoint of step {self.last_checkpoint} with: spotpipe train --resume {self.run_dir}"
         return text
@@ -620,5 +737,8 @@ def format_result(result: RunResult) -> str:
         parts.append(f"train loss {result.train_loss:.4f}")
     if result.val_loss is not None:
         parts.append(f"val loss {result.val_loss:.4f}")
+    if result.failures and result.ettr is not None:
+        parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
+                     f"failure{'s' if result.failures > 1 else ''})")
     parts.append(f"run dir {result.run_dir}")
     return ", ".join(parts)

@@ -13,21 +13,25 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    gradients (SUM); the world group all-reduces ``[squared grad norm, loss sum, microbatches,
    stop flag]``. That world all-reduce is the barrier: when it returns, every worker has finished
    its forward and backward of the step.
-3. **Apply** (local, cannot fail on a peer): clip with the global norm, set the scheduled learning
-   rate, step the optimizers, save a checkpoint if one is due.
-4. **Report**: the step report goes to the store; the last worker to report sets the commit key,
+3. **Decide** (:meth:`Worker.decide`): an all-reduce is not atomic across ranks (with a dead
+   member some ranks may complete it while others fail), so before anyone touches its weights
+   the workers agree through the store: the last of the world to count itself ready sets
+   ``gen/<g>/step/<k>/decide = commit``; a worker that sees the generation aborted first sets
+   ``abort``; compare_set lets only the first writer win. Either every survivor applies step k
+   or none does, and no worker needs a pre-step copy of its weights.
+4. **Apply** (local, cannot fail on a peer): clip with the global norm, set the scheduled learning
+   rate, step the optimizers, refresh the mirror if due, save a checkpoint if one is due.
+5. **Report**: the step report goes to the store; the last worker to report sets the commit key,
    and the controller writes the ``step`` event.
 
-A communication failure in phase 2 raises :class:`~spotpipe.runtime.transport.CommError`.
+A communication failure in phases 2-3 raises :class:`~spotpipe.runtime.transport.CommError`.
 :meth:`Worker.abort_step` then aborts the generation (so the peers wake at once), drops the
-step's activations and gradients and restores the sampler snapshot; :meth:`Worker.on_failure` is
-where stage recovery (issue 5) takes over: wait for the controller's next generation, rebuild the
-groups, restore the lost state, and return so the loop replays the step with the same data. This
-build has no recovery, so it reports the error and exits.
-
-One known gap for recovery: an all-reduce is not atomic across ranks (with a dead member, some
-ranks may complete it while others fail). Every worker's report carries the reduced values, so a
-recovery handler can finish the step on the ranks that missed only the final result.
+step's activations and gradients and restores the sampler snapshot; :meth:`Worker.on_failure`
+tells the controller where it stands, waits for the next generation, rebuilds the groups, does
+its part of the recovery (:meth:`Worker.recover`, :mod:`spotpipe.runtime.recover`) and returns
+the step to replay, with the same data. ``ft.strategy = none`` keeps the old behaviour: the
+error ends the worker and the job. A replacement (a new process, or a warm spare that was handed
+the role) enters the new generation and receives its state the same way.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ class Worker:
         self.generation: Generation | None = None
         self.heartbeat: control.Heartbeat | None = None
         self.start_step = 0
+        self.last_grad_norm = float("nan")  # this rank's pre-clip gradient norm of the last step (CheckFree's omega)
+        self.mirror: Any = None  # MirrorKeeper of the next stage's state (ft mirror strategies)
+        self.recoverable = self.cfg.ft.strategy != "none"
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -185,6 +192,7 @@ class Worker:
         generation it aborted, so it joins the one the controller publishes next.
         """
         number = 0
+        after = max(after, int(self.grant.info.get("generation", 1)) - 1)
         while not self.stop_requested:
             if self.store.check([control.GEN_CURRENT]):
                 number = int(self.store.get(control.GEN_CURRENT))
@@ -250,7 +258,9 @@ class Worker:
         t_pipe = time.perf_counter()
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
-        sq = float(self.flat_grad.double().pow(2).sum()) if self.replica == 0 else 0.0
+        local_sq = float(self.flat_grad.double().pow(2).sum())
+        self.last_grad_norm = math.sqrt(local_sq)
+        sq = local_sq if self.replica == 0 else 0.0
         vec = torch.tensor([sq, loss_sum, float(count), 1.0 if self.stop_requested else 0.0], dtype=torch.float64)
         if self.backend == "nccl":
             vec = vec.to(self.device)
@@ -265,6 +275,40 @@ class Worker:
             "compute_s": time.perf_counter() - t0,
             "reduced": [sq_total, loss_total, n_total, stop],
         }
+
+    def decide(self, step: int) -> None:
+        """Phase 2b: agree that ``step`` commits before anyone applies it.
+
+        Every worker whose step barrier returned adds 1 to ``step/<k>/ready``; the one that
+        makes it the world size sets ``step/<k>/decide = commit``. A worker that sees its
+        generation aborted first tries to set ``abort``. The store's compare_set lets only the
+        first writer win, so either every survivor applies step k or none does, and a step that
+        was decided ``commit`` is applied even by a worker that hears of a failure right after.
+
+        Raises:
+            CommError: the step was decided ``abort``.
+        """
+        from spotpipe.runtime.transport import GenerationAborted
+
+        gen = self.generation
+        assert gen is not None
+        if not self.recoverable:
+            return
+        key = control.step_decide_key(gen.number, step)
+        abort = control.abort_key(gen.number)
+        if self.store.add(control.step_ready_key(gen.number, step), 1) >= gen.plan.world_size:
+            self.store.compare_set(key, "", "commit")
+        while True:
+            if self.store.check([key]):
+                value = self.store.get(key)
+                break
+            if gen.aborted or self.store.check([abort]):
+                value = self.store.compare_set(key, "", "abort")
+                break
+            time.sleep(0.0005)
+        if value != b"commit":
+            raise GenerationAborted(peer=None, peer_name=f"the world group of generation {gen.number}",
+                                    action=f"the commit decision of step {step}", detail="step aborted after a failure")
 
     def apply_step(self, step: int, outcome: dict[str, Any]) -> float:
         """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
@@ -286,14 +330,123 @@ class Worker:
         self.flat_grad.zero_()
         self.sampler.load_state_dict(snapshot)
 
-    def on_failure(self, exc: CommError, step: int) -> None:
-        """Where stage recovery takes over after an aborted step (issue 5).
+    def on_failure(self, exc: CommError, step: int) -> int:
+        """Stage recovery after an aborted step (issue 5); returns the step to run next.
 
-        A recovery handler waits for the controller's next generation, rebuilds the groups
-        (:meth:`enter_generation`), restores any lost state, and returns: the loop then replays
-        ``step`` with the same data. This build has none: the error ends the worker.
+        The survivor tells the controller where it stands (``gen/<g>/survivor/<id>``: the
+        step it aborted, its sampler position, its mirror), waits for the next generation,
+        rebuilds the groups (:meth:`enter_generation`), does its part of the recovery the
+        controller published, and returns: the loop replays the step with the same data.
+        With ``ft.strategy = none`` the error ends the worker.
         """
-        raise exc
+        gen = self.generation
+        if not self.recoverable or gen is None:
+            raise exc
+        if self.mirror is not None:
+            try:
+                self.mirror.fetch()
+            except Exception:
+                pass
+        status = {
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "mirror_step": None if self.mirror is None else self.mirror.step,
+            "mirror_bytes": 0 if self.mirror is None else self.mirror.nbytes,
+            "error": str(exc)[:300],
+        }
+        self.store.set(control.survivor_key(gen.number, self.id), json.dumps(status))
+        self.log(f"step {step} aborted ({' '.join(str(exc).split())[:160]}); waiting for the next generation")
+        new = self.enter_generation(after=gen.number)
+        if new is None:  # the job stops (time limit, Ctrl-C) while it waits: leave cleanly
+            self.log(f"the job stops during a recovery; step {step} is not run")
+            return self.cfg.train.steps
+        return self.recover(new)
+
+    def recover(self, gen: Generation) -> int:
+        """Carry out the controller's recovery decision for ``gen`` (this worker's part)."""
+        from spotpipe.runtime import recover as rc
+
+        t0 = time.perf_counter()
+        record = json.loads(rc.wait_key(self.store, control.recovery_key(gen.number), self.cfg.run.timeout_s,
+                                        lambda: self.stop_requested))
+        moved = 0
+        if record["outcome"] == "rollback":
+            self._load_checkpoint(record["checkpoint"])
+            step = self.start_step
+            if self.mirror is not None:  # the mirror is of a step that no longer exists
+                self.mirror.reset(gen.number)
+        else:
+            step = int(record["resume_step"])
+            rank_of = {m.worker: r for r, m in enumerate(gen.plan.members)}
+            pending = list(enumerate(record["plans"]))
+            while pending:
+                # A plan may read a worker rebuilt by another plan (CheckFree next to a mirror
+                # copy): run it in a later round, after its sources are installed.
+                targets = {int(p["worker"]) for _, p in pending}
+                ready = [(i, p) for i, p in pending if not targets & {int(w) for w in p["sources"]}]
+                if not ready:
+                    raise SpotpipeError(f"generation {gen.number}: the recovery plans depend on each other in a cycle")
+                pending = [(i, p) for i, p in pending if (i, p) not in ready]
+                moved += self._recovery_round(gen, ready, rank_of, float(record.get("lr_scale", 1.1)))
+            if self.id in record.get("new_workers", []):
+                self.sampler.load_state_dict(record["sampler"])
+        self.flat_grad.zero_()
+        seconds = time.perf_counter() - t0
+        self.store.set(control.recovered_key(gen.number, self.id), json.dumps({"bytes": moved, "seconds": seconds}))
+        self.log(f"generation {gen.number}: recovery part done in {seconds:.3f} s ({moved} bytes), resuming at step {step}")
+        return step
+
+    def _recovery_round(self, gen: Generation, plans: list[tuple[int, dict[str, Any]]], rank_of: dict[int, int],
+                        lr_scale: float) -> int:
+        """Send and receive the state of ``plans`` (in parallel), then install what this worker
+        received. Returns the bytes this worker sent or received."""
+        from spotpipe.runtime import recover as rc
+
+        moved = 0
+        sends: list[tuple[torch.Tensor, int, int]] = []
+        recvs: list[tuple[torch.Tensor, int, int]] = []
+        installs: list[tuple[str, list[torch.Tensor]]] = []
+        for i, plan in plans:
+            target, sources, strat = int(plan["worker"]), [int(w) for w in plan["sources"]], plan["strategy"]
+            tag = rc.TAG_BASE + 8 * i
+            for j, src in enumerate(sources):
+                if src == self.id and target != self.id:
+                    if strat == "replica":
+                        t = rc.flatten_rank(self.chunks, self.optimizers, self.lr_scale)
+                    elif strat == "mirror":
+                        assert self.mirror is not None and self.mirror.data is not None
+                        t = self.mirror.tensor()
+                    else:
+                        t = rc.flatten_blocks(self.chunks, self.last_grad_norm)
+                    sends.append((t, rank_of[target], tag + j))
+                    moved += t.numel() * 4
+            if target == self.id:
+                blocks = strat == "checkfree"
+                bufs = [torch.zeros(rc.rank_numel(self.chunks, blocks_only=blocks)) for _ in sources]
+                for j, src in enumerate(sources):
+                    recvs.append((bufs[j], rank_of[src], tag + j))
+                installs.append((strat, bufs))
+        rc.p2p(gen, sends, recvs, self.cfg.run.timeout_s)
+        for strat, bufs in installs:
+            if strat == "checkfree":
+                w = rc.install_checkfree(bufs[0], bufs[1], self.chunks, self.optimizers, self.lr_scale, lr_scale)
+                self.log(f"rebuilt by CheckFree from the neighbours (omega {w[0]:.4g}, {w[1]:.4g}), lr x{lr_scale:g}")
+            else:
+                rc.unflatten_rank(bufs[0], self.chunks, self.optimizers, self.lr_scale)
+            moved += sum(b.numel() * 4 for b in bufs)
+        return moved
+
+    def refresh_mirror(self, step: int) -> None:
+        """Publish this rank's state after committed ``step`` for its mirror holder (if due)."""
+        from spotpipe.runtime import recover as rc
+
+        every = self.cfg.ft.mirror_every
+        if self.cfg.ft.strategy not in ("auto", "mirror") or every <= 0 or (step + 1) % every:
+            return
+        if self.cfg.pipeline.stages < 2:
+            return
+        gen = self.generation.number if self.generation is not None else 0
+        rc.publish_mirror(self.store, self.stage, self.replica, step, rc.flatten_rank(self.chunks, self.optimizers, self.lr_scale), gen)
 
     def save_checkpoint(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -356,11 +509,13 @@ class Worker:
             snapshot = self.sampler.state_dict()
             try:
                 outcome = self.compute_step(step)
+                self.decide(step)
             except CommError as exc:
                 self.abort_step(snapshot, str(exc))
-                self.on_failure(exc, step)
+                step = self.on_failure(exc, step)
                 continue
             lr = self.apply_step(step, outcome)
+            self.refresh_mirror(step)
             stop = outcome["stop"]
             report: dict[str, Any] = {
                 "worker": self.id,
@@ -378,12 +533,24 @@ class Worker:
                 report["checkpoint"] = self.save_checkpoint(step)
             self.report_step(step, report)
             if eval_due(step, t, stop, self._stop_reason() if stop else ""):
-                val = self.evaluate(step)
+                try:
+                    val = self.evaluate(step)
+                except CommError as exc:  # step is committed; recover and go on with the next one
+                    self.abort_step(self.sampler.state_dict(), str(exc))
+                    step = self.on_failure(exc, step + 1)
+                    continue
                 if self.generation is not None and self.generation.world_rank == 0:
                     self.store.set(f"eval/{step}", json.dumps({"val_loss": val}))
             if stop:
                 return
             step += 1
+
+    def _start_mirror(self) -> None:
+        from spotpipe.runtime.recover import MirrorKeeper
+
+        if self.cfg.ft.strategy in ("auto", "mirror") and self.cfg.ft.mirror_every > 0 and self.cfg.pipeline.stages > 1:
+            self.mirror = MirrorKeeper(self.store, (self.stage + 1) % self.cfg.pipeline.stages, self.replica)
+            self.mirror.start()
 
     def _stop_reason(self) -> str:
         try:
@@ -415,10 +582,13 @@ class Worker:
         try:
             t0 = time.perf_counter()
             self.setup()
+            self._start_mirror()
             self.log(f"set up in {time.perf_counter() - t0:.2f} s (stages {list(self.my_stages)}, backend {self.backend})")
             t0 = time.perf_counter()
             if self.enter_generation() is not None:
                 self.log(f"entered generation {self.generation.number if self.generation else '?'} in {time.perf_counter() - t0:.2f} s")
+                if self.grant.info.get("replacement") and self.generation is not None:
+                    self.start_step = self.recover(self.generation)
                 self.train()
             self.store.set(control.bye_key(self.id), "1")
             self.log("finished")
@@ -434,6 +604,8 @@ class Worker:
             raise
         finally:
             self.heartbeat.halt()
+            if self.mirror is not None:
+                self.mirror.halt()
 
     def log(self, text: str) -> None:
         """A line in the worker's log (stdout; the controller sends it to RUN_DIR/logs/)."""
@@ -463,6 +635,28 @@ class Worker:
 # Entry points
 
 
+def wait_as_spare(store: Any, grant: control.Grant) -> control.Grant | None:
+    """A warm standby: load torch and build a throwaway stage (the first model build of a process
+    is slow), then wait for the controller to hand over a lost role. None: the job ended."""
+    from spotpipe.model.stages import build_stage
+
+    cfg = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
+    threads = int(grant.info.get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    build_stage(cfg.model, cfg.train.seed, 0, cfg.pipeline.stages)
+    print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: warm, waiting for a role", flush=True)
+    key = control.spare_key(grant.worker)
+    while True:
+        if store.check([key]):
+            info = json.loads(store.get(key))
+            print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
+            return control.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
+        if store.check([control.END]) or store.check([control.STOP]):
+            return None
+        time.sleep(0.02)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
@@ -472,6 +666,11 @@ def run_worker(args: argparse.Namespace) -> int:
     listen_host = args.listen_host or control.local_address_towards(host, port)
     grant = control.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
     try:
+        if grant.info.get("spare"):
+            assigned = wait_as_spare(store, grant)
+            if assigned is None:
+                os._exit(0)
+            grant = assigned
         code = Worker(store, grant, listen_host).run()
     except BaseException:  # a bug: the controller already has the one-line report; log the rest
         import traceback

@@ -1,0 +1,106 @@
+"""Fault injection from the controller: real signals to real worker processes (issue 5).
+
+The specs (``ft.faults``, ``spotpipe train --fail SPEC --fail-rate RATE``) are parsed and drawn
+by the pure :class:`spotpipe.ft.faults.FaultPlan`; this module times them. A fault of step ``n``
+is armed when step ``n`` starts (the controller saw step ``n - 1`` commit, or the generation
+that runs ``n`` was published) and fires ``at_fraction x`` the expected step time later, so
+``stage=1@random`` lands at a random moment inside the step (forward, backward, all-reduce or
+optimizer step). Each fault fires once: a replayed step does not kill its replacement again.
+Per-hour rates are converted with ``ft.rate_step_time_s``, or with the median measured step time
+once three steps have committed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spotpipe.config import JobConfig
+from spotpipe.ft.faults import Delivery, Fault, FaultPlan, deliver, parse_fault_specs
+
+
+@dataclass
+class _Armed:
+    due: float
+    fault: Fault
+
+
+class FaultInjector:
+    """Arms and fires the job's faults.
+
+    Args:
+        cfg: The job (``ft.faults``, stages, replicas, steps, seed).
+        pid_of: ``(stage, replica) -> (worker id, pid)`` of the current holder, or None if vacant.
+        on_fire: Called with (fault, worker, pid) after a signal was sent (for the event log).
+    """
+
+    def __init__(self, cfg: JobConfig, pid_of: Callable[[int, int], tuple[int, int] | None],
+                 on_fire: Callable[[Fault, int, int], None]) -> None:
+        specs = parse_fault_specs(cfg.ft.faults)
+        p = cfg.pipeline
+        fixed = tuple(s for s in specs if s.rate is None)
+        rates = tuple(s for s in specs if s.rate is not None)
+        self.fixed = FaultPlan(fixed, p.stages, p.replicas, cfg.train.steps, cfg.train.seed)
+        self.rates = FaultPlan(rates, p.stages, p.replicas, cfg.train.steps, cfg.train.seed + 1)
+        self.rate_step_time = cfg.ft.rate_step_time_s if cfg.ft.rate_step_time_s > 0 else None
+        if self.rate_step_time is not None:
+            self.rates = self.rates.with_step_time(self.rate_step_time)
+        self.pid_of = pid_of
+        self.on_fire = on_fire
+        self.step_times: list[float] = []
+        self.armed: list[_Armed] = []
+        self.fired: set[tuple[int, int, int, str]] = set()
+        self.started: set[int] = set()
+        self.deliveries: list[Delivery] = []
+        self.enabled = bool(specs)
+
+    def expected_step_s(self) -> float:
+        return statistics.median(self.step_times[-9:]) if self.step_times else 0.2
+
+    def step_committed(self, step_time: float, first_of_generation: bool) -> None:
+        if not first_of_generation and step_time > 0:
+            self.step_times.append(step_time)
+
+    def step_started(self, step: int, now: float) -> None:
+        """Arm the faults of ``step`` (once per step number)."""
+        if not self.enabled or step in self.started:
+            return
+        self.started.add(step)
+        faults = list(self.fixed.faults_at(step))
+        if self.rates.specs:
+            if self.rates.step_time_s is None and len(self.step_times) >= 3:
+                self.rates = self.rates.with_step_time(self.expected_step_s())
+            if self.rates.step_time_s is not None:
+                faults += self.rates.faults_at(step)
+        for f in faults:
+            self.armed.append(_Armed(now + f.at_fraction * self.expected_step_s(), f))
+
+    def poll(self, now: float) -> None:
+        """Fire the armed faults that are due."""
+        keep: list[_Armed] = []
+        for a in self.armed:
+            if a.due > now:
+                keep.append(a)
+                continue
+            f = a.fault
+            key = (f.step, f.stage, f.replica, f.spec)
+            if key in self.fired:
+                continue
+            holder = self.pid_of(f.stage, f.replica)
+            if holder is None:  # the role is vacant (a recovery is under way): fire when it is filled
+                keep.append(a)
+                continue
+            self.fired.add(key)
+            worker, pid = holder
+            try:
+                self.deliveries.append(deliver(pid, f))
+            except Exception:
+                continue
+            self.on_fire(f, worker, pid)
+        self.armed = keep
+
+    def cancel(self) -> None:
+        """Resume any stalled process (the run ends)."""
+        for d in self.deliveries:
+            d.cancel()

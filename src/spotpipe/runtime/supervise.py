@@ -1,0 +1,234 @@
+"""Controller side of stage recovery without restarts (issue 5).
+
+:class:`RecoveryMixin` is part of :class:`spotpipe.runtime.controller.Controller`. When a worker
+is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
+``ft.strategy`` is not ``none``, the controller does not stop the job; it runs a recovery:
+
+1. **Collect.** It aborts the generation (``gen/<g>/abort``) and waits until every surviving
+   member has posted ``gen/<g>/survivor/<worker>`` (the step it aborted, its sampler position,
+   the step of the mirror it holds). Workers lost within 0.3 s of each other are one failure
+   (two adjacent stages killed together). Survivors agree on the step to resume at, ``r``: the
+   commit protocol (``gen/<g>/step/<k>/decide``, see :meth:`Worker.decide`) lets either every
+   survivor apply a step or none. A step decided ``commit`` whose lost worker never reported is
+   committed now from the survivors' reports.
+2. **Decide.** :func:`spotpipe.ft.policy.plan_recovery` picks a strategy per lost worker
+   (replica, mirror with its lag, checkfree, or a rollback to the last checkpoint; ``stop`` ends
+   the job with one line). ``recovery_started`` events say which and why.
+3. **Replace.** The lost roles become free; the controller starts one local worker process per
+   lost role (a remote worker that joins may take it instead). When every role is held it
+   writes ``gen/<g+1>/recovery`` and then publishes generation ``g + 1``.
+4. **Install.** Every member of ``g + 1`` does its part (:meth:`Worker.recover`: sources send,
+   replacements receive, or all load the checkpoint) and posts ``gen/<g+1>/recovered/<w>``;
+   then ``recovery_finished`` (bytes, seconds since the failure was confirmed) and
+   ``step_replayed`` are written, one line is printed, and training replays step ``r`` with the
+   same data. Survivors keep their processes throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotpipe import events as ev
+from spotpipe.runtime import control
+
+COLLECT_GRACE_S = 0.3
+
+
+@dataclass
+class Recovery:
+    """One recovery in progress."""
+
+    generation: int  # the aborted generation
+    started: float  # time.monotonic() of the first confirmation
+    wall_started: float
+    lost: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (stage, replica)
+    last_loss_at: float = 0.0
+    phase: str = "collect"
+    plans: list[Any] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    new_workers: dict[tuple[int, int], int] = field(default_factory=dict)
+    new_generation: int = 0
+    resume_step: int = 0
+    outcome: str = "continue"
+    reason: str = ""
+
+
+class RecoveryMixin:
+    """The recovery state machine (see the module docstring). Mixed into the Controller."""
+
+    recovering: Recovery | None
+    recoveries: list[dict[str, Any]]
+
+    # -- entry -----------------------------------------------------------------------------------
+
+    def _recovery_enabled(self) -> bool:
+        c: Any = self
+        return c.cfg.ft.strategy != "none" and c.plan is not None and not c.stop_reason
+
+    def _start_recovery(self, w: Any, reason: str) -> None:
+        """A member of the current generation is lost: begin (or extend) the recovery."""
+        c: Any = self
+        now = time.monotonic()
+        if self.recovering is None:
+            self.recovering = Recovery(c.generation, now, time.time())
+            try:
+                c._store.set(control.abort_key(c.generation), reason)
+            except Exception:
+                pass
+        rec = self.recovering
+        if w.worker in rec.lost or rec.phase != "collect":
+            if rec.phase != "collect" and w.worker not in rec.lost:
+                c.failure = c._failure_cls(w.worker, f"{reason} during the recovery of generation {rec.generation}", 0)
+            return
+        rec.lost[w.worker] = (w.stage, w.replica)
+        rec.last_loss_at = now
+        rec.reason = reason if not rec.reason else rec.reason + "; " + reason
+        if w.local is not None and w.local.returncode() is None:
+            import os
+            import signal
+
+            try:  # silent but alive (stalled): it must not come back into the job
+                os.kill(w.local.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    # -- the state machine -----------------------------------------------------------------------
+
+    def _drive_recovery(self) -> None:
+        rec = self.recovering
+        assert rec is not None
+        if rec.phase == "collect":
+            self._recovery_collect(rec)
+        elif rec.phase == "replace":
+            self._recovery_replace(rec)
+        elif rec.phase == "install":
+            self._recovery_install(rec)
+
+    def _timed_out(self, rec: Recovery, what: str) -> bool:
+        c: Any = self
+        if time.monotonic() - rec.started > c.cfg.run.timeout_s:
+            c.failure = c._failure_cls(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
+                                             f"{c.cfg.run.timeout_s:g} s)", 2)
+            return True
+        return False
+
+    def _recovery_collect(self, rec: Recovery) -> None:
+        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery
+
+        c: Any = self
+        now = time.monotonic()
+        if now - rec.last_loss_at < COLLECT_GRACE_S:
+            return
+        survivors = [m for m in c.plan.members if m.worker not in rec.lost]
+        keys = [control.survivor_key(rec.generation, m.worker) for m in survivors]
+        if survivors and not c._store.check(keys):
+            self._timed_out(rec, "survivors to abort their step")
+            return
+        status = {m.worker: json.loads(raw) for m, raw in zip(survivors, c._store.multi_get(keys))} if survivors else {}
+        steps = sorted({int(s["step"]) for s in status.values()})
+        if len(steps) > 1:
+            c.failure = c._failure_cls(None, f"survivors of generation {rec.generation} disagree on the step to resume at ({steps}); "
+                                             "this is a bug in the commit protocol", 1)
+            return
+        resume = steps[0] if steps else c.next_step
+        c._poll_commits()
+        while c.next_step < resume:  # decided "commit" but the lost worker never reported
+            c._commit(c.next_step, [m for m in survivors])
+            c.next_step += 1
+        rec.resume_step = resume
+        S, R = c.cfg.pipeline.stages, c.cfg.pipeline.replicas
+        mirrors: dict[tuple[int, int], tuple[int, int]] = {}
+        lags: dict[tuple[int, int], int] = {}
+        by_role = {(m.stage, m.replica): m.worker for m in survivors}
+        if c.cfg.ft.strategy in ("auto", "mirror"):
+            for role in rec.lost.values():
+                holder = mirror_holder(role[0], role[1], S)
+                hw = by_role.get(holder)
+                if hw is None or holder == role:
+                    continue
+                mstep = status[hw].get("mirror_step")
+                if mstep is not None:
+                    mirrors[role] = holder
+                    lags[role] = max(0, (resume - 1) - int(mstep))
+        plans = plan_recovery(
+            sorted(rec.lost.values()), S, replicas=R, strategy=c.cfg.ft, mirrors=mirrors, mirror_lag=lags,
+            checkpoint_step=c.last_checkpoint, swap_edges=False,
+        )
+        rec.plans = list(plans)
+        rec.outcome = job_outcome(plans)
+        for p in plans:
+            c._log.write(ev.RECOVERY_STARTED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why,
+                         generation=rec.generation + 1, resume_step=resume, exact=p.exact)
+        if rec.outcome == "stop":
+            c.failure = c._failure_cls(None, f"cannot recover: {plans[0].why}", 1)
+            return
+        sampler = next(iter(status.values()))["sampler"] if status else None
+        rec.record = {"outcome": rec.outcome, "resume_step": resume, "sampler": sampler, "lr_scale": 1.1}
+        if rec.outcome == "rollback":
+            rec.record["checkpoint"] = c.last_manifest.to_grant()
+            rec.resume_step = c.last_manifest.step + 1
+        for wid, role in rec.lost.items():
+            if c.role_of.get(role) == wid:
+                del c.role_of[role]
+        c.plan = None
+        rec.phase = "replace"
+        count = len(rec.lost)
+        taken = sum(1 for role in sorted(rec.lost.values()) if c._take_spare(*role))
+        if c._locals is not None and c.local_count > 0:
+            c._locals.start(count)  # the replacements that no spare covered, or new spares
+        c._progress.message(
+            f"lost {', '.join(c.workers[w].name() for w in sorted(rec.lost))}: "
+            f"{'rolling back to the checkpoint of step ' + str(c.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
+            f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {count} new process{'es' if count > 1 else ''}"
+        )
+
+    def _recovery_replace(self, rec: Recovery) -> None:
+        c: Any = self
+        if len(c.role_of) < c.world_size:
+            self._timed_out(rec, "replacement workers to join")
+            return
+        lost_roles = set(rec.lost.values())
+        rec.new_workers = {role: c.role_of[role] for role in lost_roles}
+        plans = []
+        for p in rec.plans:
+            if p.strategy in ("checkpoint", "stop"):
+                continue
+            plans.append({"worker": rec.new_workers[p.worker], "stage": p.stage, "replica": p.replica, "strategy": p.strategy,
+                          "sources": [c.role_of[src] for src in p.sources]})
+        rec.record["plans"] = plans
+        rec.record["new_workers"] = sorted(rec.new_workers.values())
+        c._store.set(control.recovery_key(c.generation + 1), json.dumps(rec.record))
+        c.next_step = rec.resume_step
+        c._publish_generation("recovery: " + rec.reason[:200])
+        rec.new_generation = c.generation
+        rec.phase = "install"
+
+    def _recovery_install(self, rec: Recovery) -> None:
+        c: Any = self
+        keys = [control.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
+        if not c._store.check(keys):
+            self._timed_out(rec, "the new generation to install the recovered state")
+            return
+        done = {m.worker: json.loads(raw) for m, raw in zip(c.plan.members, c._store.multi_get(keys))}
+        seconds = time.monotonic() - rec.started
+        moved = sum(int(d.get("bytes", 0)) for w, d in done.items() if w in rec.new_workers.values())
+        for p in rec.plans:
+            target = rec.new_workers.get(p.worker)
+            got = int(done.get(target, {}).get("bytes", 0)) if target is not None else 0
+            c._log.write(ev.RECOVERY_FINISHED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why, bytes=got,
+                         seconds=seconds, worker=target, generation=rec.new_generation, exact=p.exact)
+        replayed = list(range(rec.resume_step, rec.record["resume_step"] + 1))
+        for step in replayed:
+            if step < c.cfg.train.steps:
+                c._log.write(ev.STEP_REPLAYED, step=step, generation=rec.new_generation)
+        what = "/".join(sorted({p.strategy for p in rec.plans}))
+        c._progress.message(
+            f"recovered {len(rec.lost)} lost worker{'s' if len(rec.lost) > 1 else ''} by {what} in {seconds:.2f} s "
+            f"({moved / 1e6:.2f} MB moved); generation {rec.new_generation} replays step {rec.resume_step + 1}"
+        )
+        c._last_commit = time.monotonic()  # the replayed step's time starts now, not at the failure
+        self.recoveries.append({"strategy": what, "seconds": seconds, "bytes": moved, "resume_step": rec.resume_step})
+        self.recovering = None
