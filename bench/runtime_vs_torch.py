@@ -8,7 +8,9 @@ warm-up steps are dropped). spotpipe's step interval is commit to commit as its 
 it, so it includes the atomic-step protocol; torch's is the interval between step ends on rank 0.
 
 Writes ``bench/results/runtime_vs_torch.json`` with both tokens/s and ``ratio`` (spotpipe /
-torch). ``--quick`` finishes in under a minute.
+torch). ``--quick`` finishes in under a minute. spotpipe runs with ``ft.strategy=none`` (torch
+has no failure handling either); the cost of the default peer mirror is measured by
+bench/recovery.py.
 
     python bench/runtime_vs_torch.py [--quick] [--rounds N] [--steps N]
 """
@@ -79,6 +81,9 @@ def main() -> int:
         f"train.steps={args.warmup + steps}",
         "train.eval_every=0",
         "train.eval_batches=1",
+        # Compare the pipeline runtimes alone: torch has no failure handling, so spotpipe runs
+        # without its peer mirror (ft.strategy=auto refreshes a mirror every step; see README).
+        "ft.strategy=none",
     ]
     with tempfile.TemporaryDirectory(prefix="spotpipe-bench-") as tmp:
         work = Path(tmp)

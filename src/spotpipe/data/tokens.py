@@ -29,6 +29,7 @@ import numpy as np
 from spotpipe.config import DataConfig
 from spotpipe.data.tokenizer import load_tokenizer
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import fsync_dir
 
 FORMAT = "spotpipe-tokens"
 VERSION = 1
@@ -322,7 +323,7 @@ def _check_destination(out_dir: Path) -> None:
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``out_dir``; an old token dir there is moved away first."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out_dir.exists():
         if not overwrite:
             return
@@ -337,20 +338,7 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         except OSError:
             if not (out_dir / HEADER_NAME).exists():  # not a concurrent writer that won the race
                 raise
-    _fsync_dir(out_dir.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(out_dir.parent)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,13 +21,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import write_atomic
 
 MAGIC = b"SPOTPIPE-CKPT 1\n"
 MANIFEST = "manifest.json"
@@ -44,35 +43,6 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 def rank_file_name(rank: int) -> str:
     return f"rank{rank}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> str:
