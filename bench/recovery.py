@@ -4,11 +4,17 @@ Two measurements, both from the runs' own ``events.jsonl``:
 
 1. **Recovery time** per strategy: ``spotpipe train`` on the default small model (4 stages,
    d_model 128, 8 layers, context 128, tinyshakespeare) with one worker killed by SIGKILL at a
-   fixed step (``--fail stage=2@step=N``; ``replica`` runs 2 replicas). Recovery time = from the
+   fixed step (``--fail stage=2@step=N``; ``replica`` runs 2 replicas; ``checkfree+`` loses the
+   edge stage 0, which it rebuilds from its swap partner). Recovery time = from the
    ``fault_injected`` event to the next committed ``step`` event (the failed step replayed),
    so it includes detection, the collect grace, the replacement, the state transfer and the
    replayed step. Strategies are run round-robin, ``--repeats`` times each.
-2. **ETTR** (Kokolis et al., Meta 2025: productive time / wall time, computed by
+2. **Steady-state cost** of each way of being ready (``--overhead``): runs of the same job
+   without failures, alternated round-robin, compared by their median step time (commit to
+   commit): ``ft.strategy = none`` against a mirror replayed every step (``mirror_every = 1``: the
+   gradient published each step, the holder replays the update), a mirror refreshed every 5
+   steps (full state), and the CheckFree+ swap schedule (tied-gradient exchange included).
+3. **ETTR** (Kokolis et al., Meta 2025: productive time / wall time, computed by
    :func:`spotpipe.reliability.runs.read_runs` from the events) of a run where this script kills
    one worker (a random one, with a real SIGKILL to its pid) every ``--kill-every`` seconds.
 
@@ -40,6 +46,14 @@ STRATEGIES = {
     "mirror": ["ft.strategy=mirror", "ft.mirror_every=1"],
     "checkfree": ["ft.strategy=checkfree"],
     "checkpoint": ["ft.strategy=checkpoint", "train.checkpoint_every=10"],
+    "checkfree+": ["ft.strategy=checkfree+"],
+}
+KILL_STAGE = {"checkfree+": 0}  # the edge stage CheckFree+ copies from its swap partner; others: stage 2
+STEADY = {
+    "none": ["ft.strategy=none"],
+    "mirror every step": ["ft.strategy=mirror", "ft.mirror_every=1"],
+    "mirror every 5": ["ft.strategy=mirror", "ft.mirror_every=5"],
+    "checkfree+ swap": ["ft.strategy=checkfree+"],
 }
 
 
@@ -90,13 +104,21 @@ def run_strategy(name: str, steps: int, kill_step: int, tmp: Path, k: int) -> di
     run_dir = tmp / f"{name}-{k}"
     sets = [*STRATEGIES[name], f"train.steps={steps}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(train_cmd(run_dir, sets, ["--fail", f"stage=2@step={kill_step}"]), capture_output=True, text=True,
-                          timeout=600)
+    fail = f"stage={KILL_STAGE.get(name, 2)}@step={kill_step}"
+    proc = subprocess.run(train_cmd(run_dir, sets, ["--fail", fail]), capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t0
     evs = events(run_dir)
     rec = recovery_times(evs)
     return {"strategy": name, "rc": proc.returncode, "wall_s": wall, "recoveries": rec,
             "error": proc.stderr.strip().splitlines()[-1] if proc.returncode else None}
+
+
+def run_steady(name: str, steps: int, tmp: Path, k: int) -> dict[str, Any]:
+    """A failure-free run; its median step time over the steps after the first three."""
+    run_dir = tmp / f"steady-{name.replace(' ', '-')}-{k}"
+    proc = subprocess.run(train_cmd(run_dir, [*STEADY[name], f"train.steps={steps}"]), capture_output=True, text=True, timeout=600)
+    times = [e["step_time"] for e in events(run_dir) if e["event"] == "step" and e["step"] >= 3]
+    return {"config": name, "rc": proc.returncode, "median_step_s": statistics.median(times) if times else None, "steps": len(times)}
 
 
 def run_ettr(duration_s: float, kill_every_s: float, tmp: Path, seed: int) -> dict[str, Any]:
@@ -151,7 +173,8 @@ def main() -> int:
     ap.add_argument("--ettr-seconds", type=float, default=300.0)
     ap.add_argument("--kill-every", type=float, default=60.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.json"))
-    ap.add_argument("--strategies", default="replica,mirror,checkfree,checkpoint", help="comma-separated subset")
+    ap.add_argument("--strategies", default="replica,mirror,checkfree,checkfree+,checkpoint", help="comma-separated subset")
+    ap.add_argument("--overhead-rounds", type=int, default=2, help="rounds of the steady-state runs (0: skip)")
     ap.add_argument("--no-ettr", action="store_true", help="skip the ETTR run")
     args = ap.parse_args()
     if not DATA.is_file():
@@ -162,6 +185,7 @@ def main() -> int:
     ettr_s, kill_every = args.ettr_seconds, args.kill_every
     if args.quick:
         names, repeats, steps, kill_step, ettr_s, kill_every = ["mirror"], 1, 8, 4, 20.0, 7.0
+        args.overhead_rounds = 0
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -171,6 +195,12 @@ def main() -> int:
                 results.append(r)
                 got = [x["to_next_commit_s"] for x in r["recoveries"]]
                 print(f"  {name:10s} run {k}: rc {r['rc']}, recovery (kill -> next commit) {got}", flush=True)
+        steady: list[dict[str, Any]] = []
+        for k in range(args.overhead_rounds):
+            for name in STEADY:  # alternated, like the strategies
+                r = run_steady(name, 30, tmp, k)
+                steady.append(r)
+                print(f"  steady {name:18s} round {k}: rc {r['rc']}, median step {r['median_step_s']}", flush=True)
         ettr = {"ettr": None, "wall_s": 0.0, "kills": 0, "failures": 0, "steps": 0} if args.no_ettr else run_ettr(ettr_s, kill_every, tmp, 0)
     table = []
     for name in names:
@@ -192,6 +222,14 @@ def main() -> int:
         inner = "-" if row["confirm_to_installed_median_s"] is None else f"{row['confirm_to_installed_median_s']:.2f} s"
         redo = "-" if row["failed_step_committed_median_s"] is None else f"{row['failed_step_committed_median_s']:.2f} s"
         print(f"{row['strategy']:12s} {row['n']:3d} {med:>26s} {mx:>8s} {inner:>20s} {redo:>28s}")
+    overhead = []
+    for name in STEADY if steady else ():
+        meds = [r["median_step_s"] for r in steady if r["config"] == name and r["median_step_s"] is not None]
+        overhead.append({"config": name, "median_step_s": statistics.median(meds) if meds else None})
+    base = next((o["median_step_s"] for o in overhead if o["config"] == "none"), None)
+    for o in overhead:
+        o["ratio_vs_none"] = None if base is None or o["median_step_s"] is None else o["median_step_s"] / base
+        print(f"steady state {o['config']:18s} median step {o['median_step_s']:.3f} s  x{o['ratio_vs_none']:.3f} vs none")
     e = "-" if ettr["ettr"] is None else f"{ettr['ettr']:.3f}"
     print(f"\nETTR with one worker killed every {kill_every:g} s over {ettr['wall_s']:.0f} s: {e} "
           f"({ettr['kills']} kills, {ettr['failures']} failures, {ettr['steps']} steps)")
@@ -202,7 +240,8 @@ def main() -> int:
                                                             "python": platform.python_version(), "torch": torch.__version__},
         "config": {"small": SMALL, "strategies": STRATEGIES, "steps": steps, "kill_step": kill_step, "repeats": repeats,
                    "ettr_seconds": ettr_s, "kill_every_s": kill_every},
-        "table": table, "runs": results, "ettr": ettr,
+        "table": table, "runs": results, "ettr": ettr, "steady_state": overhead, "steady_runs": steady,
+        "kill_stage": {n: KILL_STAGE.get(n, 2) for n in names}, "steady_configs": STEADY,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))

@@ -100,7 +100,7 @@ class FTConfig:
 
     strategy: str = "auto"
     detect_timeout_s: float = 2.0
-    mirror_every: int = 1
+    mirror_every: int = 1  # 1: the holder replays every step's update (exact); N > 1: full state every N steps
     faults: tuple[str, ...] = ()  # fault specs, see spotpipe.ft.faults (e.g. "stage=2@step=40", "10%/h")
     swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
     rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
@@ -132,10 +132,11 @@ class SimConfig:
     failure_rate: float = 0.0  # failures per node-day (Poisson per node); 0 = none
     failure_trace: str = ""  # preemption trace "<ms>,<add|remove>,<node>" (Bamboo format)
     seed: int = 0  # random failures
-    recovery: str = "checkpoint"  # recovery policy: checkpoint = restart from last checkpoint
+    recovery: str = "checkpoint"  # recovery policy: checkpoint = restart from last checkpoint; policy = ft.strategy via spotpipe.ft.policy
     checkpoint_write_s: float = 0.0  # time to write one checkpoint (blocks training)
     restart_s: float = 60.0  # time to restart the job and load the last checkpoint
     replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
+    regroup_s: float = 1.0  # recovery = "policy", no rollback: rebuild communicators and install the state (plus the transfer)
     delay_collectives: bool = True  # false: all-reduces cost nothing on the links (as under link-delay emulation)
 
 
@@ -366,7 +367,7 @@ def validate(cfg: JobConfig) -> None:
     validate_sim(cfg)
 
 
-SIM_RECOVERY = ("checkpoint",)
+SIM_RECOVERY = ("checkpoint", "policy")
 
 
 def validate_sim(cfg: JobConfig) -> None:
@@ -376,7 +377,7 @@ def validate_sim(cfg: JobConfig) -> None:
     _check(s.backward_ratio > 0, f"sim.backward_ratio must be > 0, got {s.backward_ratio}")
     for i, v in enumerate(s.speed_factors):
         _check(v > 0, f"sim.speed_factors[{i}] must be > 0, got {v}")
-    for name in ("optimizer_s", "failure_rate", "checkpoint_write_s", "restart_s", "replace_s"):
+    for name in ("optimizer_s", "failure_rate", "checkpoint_write_s", "restart_s", "replace_s", "regroup_s"):
         value = getattr(s, name)
         _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")

@@ -160,3 +160,18 @@ def test_convergence_config_loads_with_rate_faults():
     assert not plan.needs_step_time or plan.step_time_s == cfg.ft.rate_step_time_s > 0
     with pytest.raises(ConfigError, match="needs >= 4 pipeline stages"):
         load_config(None, ["ft.strategy=checkfree+", "pipeline.stages=2"])
+
+
+def test_phase_faults_parse_and_travel_with_their_fault() -> None:
+    from spotpipe.ft.faults import PHASES, FaultPlan, FaultSpecError, parse_fault_spec
+
+    spec = parse_fault_spec("stage=2@step=40,phase=backward")
+    assert spec.phase == "backward" and spec.step == 40 and spec.kind == "kill"
+    plan = FaultPlan.from_texts(["stage=1@step=3,phase=optimizer", "stage=2@step=3"], 4, 1, 10)
+    assert sorted((f.stage, f.phase) for f in plan.faults_at(3)) == [(1, "optimizer"), (2, "")]
+    assert set(PHASES) == {"forward", "backward", "allreduce", "optimizer"}
+    for bad, why in (("stage=1@step=3,phase=sideways", "phase must be one of"),
+                     ("stage=1@stall=2s,phase=forward", "not with a stall or a rate"),
+                     ("stage=1@5%/h,phase=forward", "not with a stall or a rate")):
+        with pytest.raises(FaultSpecError, match=why):
+            parse_fault_spec(bad)

@@ -156,6 +156,49 @@ def test_killed_worker_fails_the_job_cleanly(
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "failed"
 
 
+@pytest.mark.timeout(240)
+def test_a_killed_remote_worker_is_confirmed_within_seconds_and_replaced(
+    tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
+) -> None:
+    """A worker the controller did not start (`spotpipe worker --join`, as on another machine) has
+    no process handle to watch: its SIGKILL is confirmed from its heartbeat silence plus the
+    survivors naming it as the peer they lost, in about ft.detect_timeout_s (2 s), far below
+    run.timeout_s (60 s); a local replacement takes its role and training goes on."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "run.local_workers=3", "ft.strategy=mirror",
+                          "ft.mirror_every=1", "train.steps=30", "train.eval_every=0")
+    remote = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "job.token").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        address = next(r["address"] for r in helpers.read_events(run_dir) if r["event"] == "run_start")
+        remote = subprocess.Popen(
+            helpers.spotpipe_cmd("worker", "--join", address, "--token-file", str(run_dir / "job.token")),
+            env=spotpipe_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_steps(run_dir, proc, helpers, 5)
+        killed_at = time.time()
+        os.kill(remote.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=150)
+    finally:
+        for p in (proc, remote):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 0, (out[-2000:], err[-2000:])
+    assert "finished: 30 steps" in out
+    events = helpers.read_events(run_dir)
+    victim = next(e for e in events if e["event"] == "worker_start" and not e["local"])
+    confirmed = [e for e in events if e["event"] == "failure_confirmed"]
+    assert [e["worker"] for e in confirmed] == [victim["worker"]], confirmed
+    assert "peers lost the connection" in confirmed[0]["reason"], confirmed[0]
+    assert confirmed[0]["t"] - killed_at < 10.0, "the loss was confirmed by the run.timeout_s fallback"
+    fin = next(e for e in events if e["event"] == "recovery_finished")
+    assert fin["strategy"] == "mirror" and fin["exact"]
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(30))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 

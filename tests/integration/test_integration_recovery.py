@@ -4,8 +4,13 @@ Real 4-stage CPU jobs over gloo; the controller kills workers with SIGKILL (``--
 loss the job goes on in a new generation with a replacement process; the survivors keep their
 processes. Checked from the event log: every committed step appears once, in order, with the
 same sampler positions as a failure-free run (each training sample used exactly once), and with
-``replica`` or ``mirror`` (``mirror_every = 1``) the per-step losses equal the failure-free run's.
+``replica`` or ``mirror`` (``mirror_every = 1``) the per-step losses and the final weights and
+optimizer state (the last checkpoint) equal the failure-free run's bit for bit. Kills land at a
+random moment or, with ``phase=``, inside the forward, the backward, the step's all-reduce or
+the optimizer step (the victim SIGKILLs itself there, :mod:`spotpipe.runtime.phase_fault`).
 Two adjacent stages lost together under ``checkfree`` roll back to the checkpoint and say so.
+CheckFree+ rebuilds a lost edge stage from its swap partner and keeps the embedding and head
+copies equal through a CheckFree rebuild of the stage that holds one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-BASE = [f"train.steps={STEPS}", "train.eval_every=0", "train.warmup_steps=3"]
+BASE = [f"train.steps={STEPS}", "train.eval_every=0", "train.warmup_steps=3", "train.checkpoint_every=100"]  # final checkpoint only
+PHASE_KILLS = ["stage=1@step=3,phase=forward", "stage=2@step=6,phase=backward", "stage=3@step=9,phase=allreduce",
+               "stage=0@step=12,phase=optimizer"]
 
 
 def _run(train: Callable[..., Any], run_dir: Path, *sets: str) -> Any:
@@ -49,21 +56,22 @@ def committed(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_survival(run_dir: Path, ref_dir: Path, helpers: Any, world: int, lost: int = 1) -> list[dict[str, Any]]:
-    """The job went on: one new generation, ``lost`` replacements, survivors kept their processes,
-    every step committed once with the failure-free run's sampler positions."""
+    """The job went on: one new generation per loss, one replacement per loss, survivors kept
+    their processes, every step committed once with the failure-free run's sampler positions."""
     events = helpers.read_events(run_dir)
     kinds = [e["event"] for e in events]
     assert kinds.count("fault_injected") == lost and kinds.count("failure_confirmed") == lost, kinds
     gens = [e for e in events if e["event"] == "generation"]
-    assert len(gens) == 2, gens
+    assert len(gens) == lost + 1, gens
     starts = [e for e in events if e["event"] == "worker_start"]
     assert len(starts) == world + lost  # only the replacements are new processes
     killed = {e["worker"] for e in events if e["event"] == "fault_injected"}
-    survivors = [w for w in gens[0]["workers"] if w not in killed]
-    assert set(survivors) <= set(gens[1]["workers"]), "a survivor was replaced"
     pid_of = {e["worker"]: e["pid"] for e in starts}
-    new_pids = {pid_of[w] for w in gens[1]["workers"] if w not in gens[0]["workers"]}
-    assert len(new_pids) == lost and not new_pids & {pid_of[w] for w in survivors}
+    for before, after in zip(gens, gens[1:]):
+        survivors = [w for w in before["workers"] if w not in killed]
+        assert set(survivors) <= set(after["workers"]), "a survivor was replaced"
+        new_pids = {pid_of[w] for w in after["workers"] if w not in before["workers"]}
+        assert len(new_pids) == 1 and not new_pids & {pid_of[w] for w in survivors}
     steps = committed(events)
     assert [e["step"] for e in steps] == list(range(STEPS)), "a committed step was lost or committed twice"
     ref_steps = committed(helpers.read_events(ref_dir))
@@ -73,34 +81,81 @@ def check_survival(run_dir: Path, ref_dir: Path, helpers: Any, world: int, lost:
     return events
 
 
+def final_state(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Every rank's weights, AdamW state and sampler position from the run's last checkpoint."""
+    from spotpipe.runtime.checkpoint import latest_checkpoint, load_state
+
+    manifest = latest_checkpoint(run_dir)
+    assert manifest is not None and manifest.step == STEPS - 1, manifest
+    return {rank: load_state(manifest.path(rank)) for rank in manifest.files}
+
+
+def assert_same_state(got: Any, want: Any, where: str = "") -> None:
+    """Equal bit for bit, recursively (tensors with torch.equal)."""
+    import torch
+
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert sorted(map(str, got)) == sorted(map(str, want)), where
+        for k in want:
+            assert_same_state(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_state(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def assert_final_weights_equal(run_dir: Path, ref_dir: Path) -> None:
+    got, want = final_state(run_dir), final_state(ref_dir)
+    assert sorted(got) == sorted(want)
+    for rank in want:
+        for part in ("chunks", "optimizers", "lr_scale", "sampler"):
+            assert_same_state(got[rank][part], want[rank][part], f"rank {rank} {part}")
+
+
 @pytest.mark.timeout(240)
-def test_replica_recovery_after_a_kill_at_a_random_moment_is_exact(
+def test_replica_recovery_after_kills_at_a_random_moment_and_mid_optimizer_is_exact(
     tmp_path: Path, train: Callable[..., Any], reference: Callable[[int], Path], helpers: Any
 ) -> None:
     run_dir = tmp_path / "replica"
-    proc = _run(train, run_dir, "pipeline.replicas=2", "ft.strategy=replica", 'ft.faults=["stage=1,replica=0@random"]')
-    events = check_survival(run_dir, reference(2), helpers, world=8)
-    fin = next(e for e in events if e["event"] == "recovery_finished")
-    assert fin["strategy"] == "replica" and fin["exact"] and fin["bytes"] > 0
+    proc = _run(train, run_dir, "pipeline.replicas=2", "ft.strategy=replica",
+                'ft.faults=["stage=1,replica=0@random", "stage=2,replica=1@step=12,phase=optimizer"]')
+    events = check_survival(run_dir, reference(2), helpers, world=8, lost=2)
+    fins = [e for e in events if e["event"] == "recovery_finished"]
+    assert all(e["strategy"] == "replica" and e["exact"] and e["bytes"] > 0 for e in fins), fins
     assert "recovered 1 lost worker by replica" in proc.stdout
     ref = helpers.step_losses(reference(2))
     got = helpers.step_losses(run_dir)
     assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-6 * max(1.0, max(abs(v) for v in ref.values()))
+    assert_final_weights_equal(run_dir, reference(2))
     assert "ETTR" in proc.stdout
 
 
-@pytest.mark.timeout(240)
-def test_mirror_recovery_equals_the_failure_free_run(
+@pytest.mark.timeout(300)
+def test_mirror_recovery_after_kills_in_every_phase_equals_the_failure_free_run(
     tmp_path: Path, train: Callable[..., Any], reference: Callable[[int], Path], helpers: Any
 ) -> None:
+    """Four kills, one per phase of a step, each in another stage; every lost stage is copied
+    from the mirror its predecessor replays (exact even when the victim dies in its optimizer
+    step: the step commits, and its gradient already reached the mirror)."""
     run_dir = tmp_path / "mirror"
-    _run(train, run_dir, "ft.strategy=mirror", "ft.mirror_every=1", 'ft.faults=["stage=2@step=7"]')
-    events = check_survival(run_dir, reference(1), helpers, world=4)
-    fin = next(e for e in events if e["event"] == "recovery_finished")
-    assert fin["strategy"] == "mirror" and fin["exact"], fin
+    faults = ", ".join(f'"{f}"' for f in PHASE_KILLS)
+    _run(train, run_dir, "ft.strategy=mirror", "ft.mirror_every=1", f"ft.faults=[{faults}]")
+    events = check_survival(run_dir, reference(1), helpers, world=4, lost=len(PHASE_KILLS))
+    phases = [e.get("phase") for e in events if e["event"] == "fault_injected"]
+    assert phases == ["forward", "backward", "allreduce", "optimizer"], phases
+    fins = [e for e in events if e["event"] == "recovery_finished"]
+    assert all(e["strategy"] == "mirror" and e["exact"] for e in fins), fins
+    # The optimizer-phase kill came after the commit decision: that step is not replayed.
+    replayed = {e["step"] for e in events if e["event"] == "step_replayed"}
+    assert {3, 6, 9} <= replayed and 12 not in replayed, replayed
     ref = helpers.step_losses(reference(1))
     got = helpers.step_losses(run_dir)
     assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-6 * max(1.0, max(abs(v) for v in ref.values()))
+    assert_final_weights_equal(run_dir, reference(1))
 
 
 @pytest.mark.timeout(240)
@@ -145,13 +200,42 @@ def test_two_adjacent_stages_lost_roll_back_to_the_checkpoint(
     assert max(abs(last[k]["loss"] - ref[k]["loss"]) for k in ref) <= 1e-6 * 10
 
 
+@pytest.mark.timeout(240)
+def test_checkfree_plus_rebuilds_an_edge_stage_and_keeps_the_copies_equal(
+    tmp_path: Path, train: Callable[..., Any], reference: Callable[[int], Path], helpers: Any
+) -> None:
+    """The swap schedule runs; a lost stage 0 is copied from its swap partner (CheckFree+); a
+    lost stage 1, which holds the embedding copy, is rebuilt by CheckFree and gets the exact
+    embedding from stage 0, so at the end both copies (and both head copies) are equal."""
+    run_dir = tmp_path / "checkfree-plus"
+    _run(train, run_dir, "ft.strategy=checkfree+", 'ft.faults=["stage=0@step=4", "stage=1@step=9,phase=backward"]')
+    events = check_survival(run_dir, reference(1), helpers, world=4, lost=2)
+    fins = [e for e in events if e["event"] == "recovery_finished"]
+    assert [(e["stage"], e["strategy"]) for e in fins] == [(0, "checkfree+"), (1, "checkfree")], fins
+    state = final_state(run_dir)
+    emb = [state[r]["chunks"][r]["embed.weight"] for r in (0, 1)]
+    head = [state[r]["chunks"][r]["head.weight"] for r in (2, 3)]
+    assert emb[0].equal(emb[1]) and head[0].equal(head[1])
+    moments = []
+    for r in (0, 1):  # the embedding is alone in its optimizer group (unscaled lr, weight decay)
+        opt = state[r]["optimizers"][r]
+        group = next(g for g in opt["param_groups"] if not g["lr_scaled"] and g["weight_decay"] > 0)
+        assert len(group["params"]) == 1
+        moments.append(opt["state"][group["params"][0]])
+    assert moments[0]["exp_avg"].equal(moments[1]["exp_avg"]) and moments[0]["exp_avg_sq"].equal(moments[1]["exp_avg_sq"])
+    got = helpers.step_losses(run_dir)
+    assert all(v == v for v in got.values()) and got[STEPS - 1] < got[0]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "extra,needles",
     [
-        (["--set", "ft.strategy=checkfree+"], ["ft.strategy=checkfree+ is not available in multi-process mode yet"]),
+        (["--set", "ft.strategy=checkfree+", "--set", "pipeline.schedule=interleaved"], ["ft.strategy = checkfree+ needs one chunk per worker"]),
+        (["--set", "ft.strategy=checkfree+", "--set", "model.layers=5"], ["swap partners with equal blocks", "stage 0 2 blocks and stage 1 1"]),
         (["--fail", "stage=9@step=3"], ["stage 9 does not exist"]),
         (["--fail", "stage=1@sometime"], ["bad fault spec"]),
+        (["--fail", "stage=1@step=3,phase=sideways"], ["phase must be one of forward, backward, allreduce, optimizer"]),
     ],
 )
 def test_refused_recovery_settings_are_one_line(

@@ -1,7 +1,9 @@
 """Pipeline training on real worker processes reproduces single-process training.
 
 Same seed, 30 steps, 4 stages, fp32, a tiny model: the per-step losses of GPipe, 1F1B and
-interleaved 1F1B (and 1F1B with 2 replicas per stage) equal LocalTrainer's within 1e-5 relative;
+interleaved 1F1B (and 1F1B with 2 replicas per stage) equal LocalTrainer's within 1e-5 relative, and the
+CheckFree+ swap schedule (odd microbatches through stages 1, 0, 2, 3 ... with the embedding and head
+copies kept in sync across workers) equals the in-process SwapTrainer's;
 a run resumed from a checkpoint reproduces the uninterrupted run's losses exactly.
 """
 
@@ -21,6 +23,7 @@ CASES = {
     "1f1b": ["pipeline.schedule=1f1b", "train.checkpoint_every=10"],
     "interleaved": ["pipeline.schedule=interleaved", "pipeline.virtual_stages=2"],
     "1f1b-2replicas": ["pipeline.schedule=1f1b", "pipeline.replicas=2"],
+    "checkfree+": ["pipeline.schedule=1f1b", "ft.strategy=checkfree+"],  # the CheckFree+ swap schedule
 }
 
 
@@ -42,16 +45,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, train: Callable[..., Any]) ->
 
 
 def reference(run_dir: Path) -> tuple[list[float], dict[int, float]]:
-    """LocalTrainer's per-step losses and validation losses for the run's own resolved config."""
+    """LocalTrainer's (SwapTrainer's under CheckFree+) per-step losses and validation losses for the
+    run's own resolved config."""
     import torch
 
     from spotpipe.config import load_config
     from spotpipe.data.tokens import TokenFile
+    from spotpipe.ft.inprocess import SwapTrainer, swap_on
     from spotpipe.runtime.local import LocalTrainer
 
     cfg = load_config(run_dir / "config.toml")
     torch.set_num_threads(1)
-    trainer = LocalTrainer(cfg, TokenFile(cfg.data.path))
+    trainer = (SwapTrainer if swap_on(cfg) else LocalTrainer)(cfg, TokenFile(cfg.data.path))
     losses, vals = [], {}
     for step in range(cfg.train.steps):
         losses.append(trainer.train_step().loss)

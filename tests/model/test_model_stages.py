@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from spotpipe.config import ModelConfig
 from spotpipe.errors import SpotpipeError
-from spotpipe.model.stages import build_stage, split_model
+from spotpipe.model.stages import StageModule, build_stage, split_model
 from spotpipe.model.transformer import Rotary, apply_rotary, build_model
 
 CFG = ModelConfig(layers=4, d_model=32, heads=4, kv_heads=2, vocab_size=61, context=16)
@@ -207,3 +207,26 @@ def test_low_precision_builds_and_runs(dtype: str) -> None:
     loss = stage(tokens, targets)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
+
+
+def test_checkfree_plus_edge_copies_start_and_end_swapped_paths() -> None:
+    """With edge copies chunk 1 also embeds and chunk S-2 also finishes; the copies start equal to
+    the originals, so a swapped path computes what the in-process SwapTrainer does."""
+    cfg = ModelConfig(layers=4, d_model=32, heads=4)
+    chunks = [build_stage(cfg, 0, i, 4, edge_copies=True) for i in range(4)]
+    assert torch.equal(chunks[1].embed.weight, chunks[0].embed.weight)
+    assert torch.equal(chunks[2].head.weight, chunks[3].head.weight)
+    assert [c.tie_partner for c in chunks] == [1, 0, 3, 2]
+    assert [len(c.copy_parameters()) for c in chunks] == [0, 1, 2, 0]  # embedding; norm + head
+    tokens, targets = _batch(cfg, b=2)
+    x = chunks[1](tokens)  # the swapped path: 1, 0, 2, 3 ... ending on 2's copy of the head
+    x = chunks[0](x)
+    x = chunks[3](x, finish=False)
+    loss = chunks[2](x, targets, finish=True)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    with pytest.raises(TypeError, match="holds no embedding"):
+        chunks[2](tokens)
+    with pytest.raises(TypeError, match="cannot end a path"):
+        chunks[1](chunks[0](tokens), finish=True)
+    with pytest.raises(ValueError, match=r"embedding belongs to chunks \(0, 1\)"):
+        StageModule(cfg, 1, 4, chunks[1].blocks, embed=None, edge_copies=True)

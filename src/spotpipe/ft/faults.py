@@ -8,6 +8,9 @@ the ``ft.faults`` config list::
     stages=1+2@step=30          kill stages 1 and 2 of one replica at once (adjacent loss)
     stage=2@stall=5s            SIGSTOP stage 2 at a random moment for 5 s, then SIGCONT (straggler)
     stage=2@step=40,stall=500ms stall at a given step
+    stage=2@step=40,phase=backward  kill stage 2 in the middle of step 40's backward pass; phases:
+                                forward, backward, allreduce (while the step's all-reduce runs),
+                                optimizer (after its optimizer step, before it reports the step)
     10%/h                       every worker fails at 0.10 failures per hour (Poisson), converted
                                 to a per-step probability with the (measured or stated) step time
     2%/step                     every worker fails with probability 0.02 in each step
@@ -38,8 +41,9 @@ from spotpipe.errors import SpotpipeError
 
 ACCEPTED_FORMS = (
     "stage=I@step=N, stage=I,replica=R@random, stages=I+J@step=N, stage=I@stall=5s, "
-    "stage=I@step=N,stall=500ms, P%/h, P%/step, stage=I@P%/h"
+    "stage=I@step=N,stall=500ms, stage=I@step=N,phase=forward|backward|allreduce|optimizer, P%/h, P%/step, stage=I@P%/h"
 )
+PHASES = ("forward", "backward", "allreduce", "optimizer")
 
 KILL = "kill"
 STALL = "stall"
@@ -62,6 +66,7 @@ class FaultSpec:
         rate: Failure rate, per hour (``rate_unit == "h"``) or probability per step (``"step"``).
         rate_unit: ``"h"`` or ``"step"`` when ``rate`` is set.
         stall_s: Stall (SIGSTOP) for this long instead of killing.
+        phase: Kill inside this phase of the step (one of ``PHASES``) instead of at a time.
     """
 
     text: str
@@ -72,6 +77,7 @@ class FaultSpec:
     rate: float | None = None
     rate_unit: str | None = None
     stall_s: float | None = None
+    phase: str | None = None
 
     @property
     def kind(self) -> str:
@@ -103,6 +109,7 @@ class Fault:
         at_fraction: When within the step, as a fraction of the step time (0 = at its start).
         stall_s: Stall duration for ``"stall"``.
         spec: Text of the spec that produced it.
+        phase: Phase of the step the victim kills itself in (``""``: timed by ``at_fraction``).
     """
 
     step: int
@@ -112,6 +119,7 @@ class Fault:
     at_fraction: float = 0.0
     stall_s: float = 0.0
     spec: str = ""
+    phase: str = ""
 
     @property
     def worker(self) -> tuple[int, int]:
@@ -166,6 +174,7 @@ def parse_fault_spec(text: str) -> FaultSpec:
     rate: float | None = None
     unit: str | None = None
     stall: float | None = None
+    phase: str | None = None
     for item in trigger_text.split(","):
         if item.startswith("step="):
             if not item[5:].isdigit():
@@ -173,6 +182,10 @@ def parse_fault_spec(text: str) -> FaultSpec:
             if step is not None:
                 raise _bad(raw, "step= given twice")
             step = int(item[5:])
+        elif item.startswith("phase="):
+            if item[6:] not in PHASES:
+                raise _bad(raw, f"phase must be one of {', '.join(PHASES)}, got {item[6:]!r}")
+            phase = item[6:]
         elif item == "random":
             random_step = True
         elif item.startswith("stall="):
@@ -203,7 +216,9 @@ def parse_fault_spec(text: str) -> FaultSpec:
         if stall is None:
             raise _bad(raw, "say when: step=N, random, a rate, or stall=D")
         random_step = True
-    return FaultSpec(raw, stages, replica, step, random_step, rate, unit, stall)
+    if phase is not None and (stall is not None or rate is not None):
+        raise _bad(raw, "phase= goes with a kill at step=N or random, not with a stall or a rate")
+    return FaultSpec(raw, stages, replica, step, random_step, rate, unit, stall, phase)
 
 
 def parse_fault_specs(texts: Iterable[str]) -> tuple[FaultSpec, ...]:
@@ -285,7 +300,7 @@ class FaultPlan:
                 if when != step:
                     continue
                 for s, r in self._victims(spec, rng):
-                    add(Fault(step, s, r, spec.kind, frac, stall, spec.text))
+                    add(Fault(step, s, r, spec.kind, frac, stall, spec.text, spec.phase or ""))
                 continue
             p = spec.per_step_probability(self.step_time_s)
             rng = self._rng(index, step)

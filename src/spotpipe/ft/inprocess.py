@@ -54,6 +54,7 @@ from spotpipe.ft.policy import (
     job_outcome,
     mirror_holder,
     plan_recovery,
+    swap_schedule_on,
 )
 from spotpipe.ft.recovery import (
     Mirror,
@@ -79,7 +80,7 @@ HEAD_KEYS = ("norm.", "head.")
 
 def swap_on(cfg: JobConfig) -> bool:
     """Whether the CheckFree+ swap schedule is on for this job."""
-    return cfg.ft.swap_edges or cfg.ft.strategy == CHECKFREE_PLUS
+    return swap_schedule_on(cfg.ft)
 
 
 class SwapTrainer(LocalTrainer):

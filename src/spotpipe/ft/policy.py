@@ -108,6 +108,12 @@ def swap_partner(stage: int, num_stages: int) -> int | None:
     return None
 
 
+def swap_schedule_on(ft: FTConfig) -> bool:
+    """Whether the job runs the CheckFree+ swap schedule (``ft.swap_edges``, always on with
+    ``ft.strategy = "checkfree+"``)."""
+    return ft.swap_edges or ft.strategy == CHECKFREE_PLUS
+
+
 def job_outcome(plans: Iterable[RecoveryPlan]) -> str:
     """``"stop"``, ``"rollback"`` (to a checkpoint) or ``"continue"`` for a set of plans."""
     strategies = {p.strategy for p in plans}

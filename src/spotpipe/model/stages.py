@@ -55,6 +55,7 @@ class StageModule(nn.Module):
         embed: nn.Embedding | None = None,
         norm: RMSNorm | None = None,
         head: nn.Linear | None = None,
+        edge_copies: bool = False,
     ) -> None:
         super().__init__()
         ranges = partition_layers(cfg.layers, num_chunks)
@@ -66,10 +67,13 @@ class StageModule(nn.Module):
         self.layer_range: tuple[int, int] = ranges[index]
         if len(blocks) != self.layer_range[1] - self.layer_range[0]:
             raise ValueError(f"chunk {index} needs {self.layer_range[1] - self.layer_range[0]} blocks, got {len(blocks)}")
-        if self.is_first != (embed is not None):
-            raise ValueError(f"chunk {index}: the embedding belongs to the first chunk only")
-        if self.is_last != (norm is not None and head is not None):
-            raise ValueError(f"chunk {index}: the final norm and head belong to the last chunk only")
+        self.edge_copies = edge_copies
+        embed_at = (0, 1) if edge_copies else (0,)
+        head_at = (num_chunks - 2, num_chunks - 1) if edge_copies else (num_chunks - 1,)
+        if (index in embed_at) != (embed is not None):
+            raise ValueError(f"chunk {index}: the embedding belongs to chunk{'s' if edge_copies else ''} {embed_at} only")
+        if (index in head_at) != (norm is not None and head is not None):
+            raise ValueError(f"chunk {index}: the final norm and head belong to chunk{'s' if edge_copies else ''} {head_at} only")
         self.embed = embed
         self.blocks = blocks
         self.norm = norm
@@ -86,27 +90,63 @@ class StageModule(nn.Module):
         """True for the last chunk (it produces logits or the loss)."""
         return self.index == self.num_chunks - 1
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def holds_copy(self) -> bool:
+        """True for chunk 1 and chunk S-2 under CheckFree+: their embedding, resp. final norm and
+        head, are in-sync copies of chunk 0's, resp. chunk S-1's (gradients summed every step)."""
+        return self.edge_copies and self.index in (1, self.num_chunks - 2)
+
+    def copy_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the CheckFree+ copies this chunk holds (empty for other chunks)."""
+        if not self.holds_copy:
+            return []
+        mods = [self.embed] if self.index == 1 else []
+        if self.index == self.num_chunks - 2:
+            mods += [self.norm, self.head]
+        return [p for m in mods if m is not None for p in m.parameters()]
+
+    @property
+    def tie_partner(self) -> int | None:
+        """The chunk whose embedding or final norm and head this chunk's must equal (CheckFree+:
+        0 <-> 1, S-2 <-> S-1); ``None`` without edge copies or for a middle chunk."""
+        if not self.edge_copies:
+            return None
+        return {0: 1, 1: 0, self.num_chunks - 2: self.num_chunks - 1, self.num_chunks - 1: self.num_chunks - 2}.get(self.index)
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient is summed with :attr:`tie_partner`'s every step (CheckFree+)."""
+        if self.tie_partner is None:
+            return []
+        mods = [self.embed] if self.index in (0, 1) else [self.norm, self.head]
+        return [p for m in mods if m is not None for p in m.parameters()]
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, finish: bool | None = None) -> torch.Tensor:
         """Run this chunk.
 
         Args:
-            x: Token ids ``[B, T]`` (int64) for the first chunk; hidden states ``[B, T, d_model]``
-                for the others.
-            targets: Next-token ids ``[B, T]``; only the last chunk uses them.
+            x: Token ids ``[B, T]`` (int64) where the chunk starts a microbatch's path (chunk 0,
+                or chunk 1 on a CheckFree+ swapped path); hidden states ``[B, T, d_model]`` else.
+            targets: Next-token ids ``[B, T]``; used where the chunk ends the path.
+            finish: Apply the final norm and head (the chunk ends the microbatch's path). Default:
+                the chunk is the last one. Chunk S-2 with CheckFree+ copies finishes swapped paths.
 
         Returns:
-            Hidden states ``[B, T, d_model]`` for every chunk but the last; for the last, the scalar
-            mean token cross-entropy when ``targets`` is given, else logits ``[B, T, vocab_size]``.
+            Hidden states ``[B, T, d_model]`` unless the chunk finishes; then the scalar mean token
+            cross-entropy when ``targets`` is given, else logits ``[B, T, vocab_size]``.
         """
         cos, sin = self.rotary.tables(x.shape[1], x.device)
-        if self.embed is not None:
-            if x.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"chunk {self.index} is the first chunk: it takes token ids, got {x.dtype}")
+        if x.is_floating_point() and self.index == 0 and not self.edge_copies:
+            raise TypeError(f"chunk {self.index} is the first chunk: it takes token ids, got {x.dtype}")
+        if not x.is_floating_point():
+            if self.embed is None:
+                raise TypeError(f"chunk {self.index} holds no embedding: it takes hidden states, got token ids ({x.dtype})")
             x = self.embed(x)
         for block in self.blocks:
             x = block(x, cos, sin)
-        if self.norm is None or self.head is None:
+        if not (self.is_last if finish is None else finish):
             return x
+        if self.norm is None or self.head is None:
+            raise TypeError(f"chunk {self.index} holds no final norm and head: it cannot end a path")
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
@@ -127,8 +167,13 @@ def build_stage(
     chunk: int,
     num_chunks: int,
     device: torch.device | str | None = None,
+    edge_copies: bool = False,
 ) -> StageModule:
     """Build only chunk ``chunk`` of ``num_chunks``, with the weights ``build_model(cfg, seed)`` has there.
+
+    With ``edge_copies`` (CheckFree+; Blagoev, Ersoy, Chen 2025, section 3.2) chunk 1 also holds a
+    copy of the embedding and chunk S-2 a copy of the final norm and LM head, initialised equal to
+    the originals, so a swapped microbatch can start on chunk 1 and end on chunk S-2.
 
     Args:
         cfg: Model sizes.
@@ -145,7 +190,10 @@ def build_stage(
     if not 0 <= chunk < num_chunks:
         raise ConfigError(f"chunk index {chunk} out of range [0, {num_chunks})")
     start, end = ranges[chunk]
-    first, last = chunk == 0, chunk == num_chunks - 1
+    if edge_copies and num_chunks < 4:
+        raise ConfigError(f"CheckFree+ edge copies need >= 4 chunks, got {num_chunks}")
+    first = chunk == 0 or (edge_copies and chunk == 1)
+    last = chunk == num_chunks - 1 or (edge_copies and chunk == num_chunks - 2)
     embed = make_embedding(cfg, seed) if first else None
     blocks = nn.ModuleList(make_block(cfg, seed, layer) for layer in range(start, end))
     norm = RMSNorm(cfg.d_model, cfg.norm_eps) if last else None
@@ -157,7 +205,7 @@ def build_stage(
             head.weight = embed.weight
         else:
             head = make_head(cfg, seed)
-    stage = StageModule(cfg, chunk, num_chunks, blocks, embed=embed, norm=norm, head=head)
+    stage = StageModule(cfg, chunk, num_chunks, blocks, embed=embed, norm=norm, head=head, edge_copies=edge_copies)
     finish(stage, cfg, device)
     return stage
 

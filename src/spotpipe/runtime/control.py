@@ -135,8 +135,18 @@ def spare_key(worker: int) -> str:
     return f"spare/{worker}"
 
 
+def fault_key(worker: int) -> str:
+    """Phase fault a worker is about to kill itself with: JSON {step, phase, time}."""
+    return f"fault/{worker}"
+
+
 def mirror_key(stage: int, replica: int) -> str:
     return f"mirror/{stage}/{replica}"
+
+
+def mirror_grad_key(generation: int, stage: int, replica: int, step: int) -> str:
+    """The gradient of ``step`` a worker publishes for the holder that replays it on its mirror."""
+    return f"gen/{generation}/mirror/{stage}/{replica}/grad/{step}"
 
 
 def mirror_seq_key(stage: int, replica: int) -> str:

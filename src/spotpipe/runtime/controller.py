@@ -18,7 +18,9 @@ write the ``step`` event: a step is in the log only when every worker finished i
 
 Failures. Heartbeats feed :func:`spotpipe.ft.detector.detect` (the same pure function the
 simulator calls); a suspect becomes a ``failure_suspected`` event, and a dead process, a
-worker's error report or silence of ``run.timeout_s`` confirms it. A lost worker (dead process or
+worker's error report, silence past ``ft.detect_timeout_s`` together with a survivor that lost
+its connection to it, or silence of ``run.timeout_s`` confirms it
+(:mod:`spotpipe.runtime.members`). A lost worker (dead process or
 silence) starts a stage recovery (:mod:`spotpipe.runtime.supervise`) unless ``ft.strategy =
 none``; a worker's own error, or a recovery that cannot proceed, stops the job with one line that
 names the worker, the step and, when there is one, the checkpoint to resume from. Faults in
@@ -46,36 +48,13 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.runtime import control
 from spotpipe.runtime.checkpoint import Manifest, checkpoint_dir, write_manifest
 from spotpipe.runtime.groups import GenerationPlan, Member
-from spotpipe.runtime.launch import LocalProcess, LocalWorkers, describe_exit
+from spotpipe.runtime.launch import LocalWorkers
 from spotpipe.runtime.progress import Progress, format_duration
 from spotpipe.runtime.job import eval_due
+from spotpipe.runtime.members import MembershipMixin, WorkerState
 from spotpipe.runtime.supervise import Recovery, RecoveryMixin
 
 POLL_S = 0.05
-
-
-@dataclass
-class WorkerState:
-    """What the controller knows about one worker."""
-
-    worker: int
-    stage: int
-    replica: int
-    host: str
-    pid: int
-    local: LocalProcess | None
-    beats: int = 0
-    last_beat: float = 0.0
-    bye: bool = False
-    exit_code: int | None = None
-    suspected: bool = False
-    reported: bool = False  # its error report was read
-
-    def member(self) -> Member:
-        return Member(self.worker, self.stage, self.replica, self.host, self.pid)
-
-    def name(self) -> str:
-        return self.member().name()
 
 
 @dataclass
@@ -115,7 +94,7 @@ class _Failure:
     at: float = field(default_factory=time.time)
 
 
-class Controller(RecoveryMixin):
+class Controller(MembershipMixin, RecoveryMixin):
     """Runs one job.
 
     Args:
@@ -181,12 +160,6 @@ class Controller(RecoveryMixin):
         self.recoveries: list[dict[str, Any]] = []
         self.last_manifest: Manifest | None = resume
         self._failure_cls = _Failure
-        if cfg.ft.swap_edges and cfg.ft.strategy != "checkfree+":
-            raise SpotpipeError("ft.swap_edges (the CheckFree+ swap schedule) is not available in multi-process mode yet; "
-                                "set ft.swap_edges=false")
-        if cfg.ft.strategy == "checkfree+":
-            raise SpotpipeError("ft.strategy=checkfree+ is not available in multi-process mode yet "
-                                "(use auto, replica, mirror, checkfree or checkpoint; checkfree+ runs in the in-process mode)")
         from spotpipe.runtime.inject import FaultInjector
 
         self._injector = FaultInjector(cfg, self._holder_pid, self._fault_fired)
@@ -319,98 +292,6 @@ class Controller(RecoveryMixin):
 
     # -- joins and generations -----------------------------------------------------------------
 
-    def _accept_joins(self) -> None:
-        from torch.distributed import QueueEmptyError
-
-        while True:
-            try:
-                raw = self._store.queue_pop(control.JOIN_QUEUE, block=False)
-            except QueueEmptyError:
-                return
-            except Exception:
-                return
-            try:
-                req = json.loads(raw)
-                nonce = str(req["nonce"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            self._answer_join(req, nonce)
-
-    def _answer_join(self, req: dict[str, Any], nonce: str) -> None:
-        assert self._log is not None and self._locals is not None
-        host, pid = str(req.get("host", "?")), int(req.get("pid", 0) or 0)
-        proof = str(req.get("proof", ""))
-        reason = ""
-        if not proof:
-            reason = "missing job token (set SPOTPIPE_TOKEN or pass --token-file)"
-        elif not control.check_proof(self.token, self.job_id, nonce, proof):
-            reason = "wrong job token"
-        free = [r for r in self.roles if r not in self.role_of]
-        if not reason and not free and not self.stop_reason and len(self.spares) < self.spare_count:
-            self._accept_spare(req, nonce, host, pid)
-            return
-        if not reason and (not free or self.stop_reason):
-            reason = "the job has no free role" if not free else "the job is stopping"
-        if reason:
-            self._log.write(ev.JOIN_REFUSED, host=host, pid=pid, reason=reason)
-            self._progress.message(f"refused a worker from {host} (pid {pid}): {reason}")
-            self._store.set(control.join_response_key(nonce), json.dumps({"refused": reason}))
-            return
-        stage, replica = free[0]
-        wid = self._next_worker_id
-        self._next_worker_id += 1
-        local = self._locals.by_pid(pid) if host == socket.gethostname() else None
-        state = WorkerState(wid, stage, replica, host, pid, local, last_beat=time.monotonic())
-        self.workers[wid] = state
-        self.role_of[(stage, replica)] = wid
-        grant = self._grant(wid, stage, replica, local)
-        self._store.set(control.join_response_key(nonce), json.dumps(grant))
-        self._log.write(ev.WORKER_START, worker=wid, stage=stage, replica=replica, pid=pid, host=host,
-                        generation=self.generation + 1, local=local is not None)
-
-    def _grant(self, wid: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
-        return {
-            "worker": wid,
-            "stage": stage,
-            "replica": replica,
-            "config": config_to_toml(self.cfg),
-            "run_dir": str(self.run_dir.resolve()),
-            "token_dir": self.token_dir,
-            "token_sha256": self.token_sha256,
-            "resume": None if self.resume is None or self.recovering is not None else self.resume.to_grant(),
-            "replacement": self.recovering is not None,
-            "threads": self._threads if local is not None else 0,
-            "local_index": local.index if local is not None else 0,
-            "generation": self.generation + 1,
-        }
-
-    def _accept_spare(self, req: dict[str, Any], nonce: str, host: str, pid: int) -> None:
-        """A worker joined while every role is held: keep it warm as a spare."""
-        assert self._locals is not None
-        wid = self._next_worker_id
-        self._next_worker_id += 1
-        local = self._locals.by_pid(pid) if host == socket.gethostname() else None
-        self.spares.append(WorkerState(wid, -1, -1, host, pid, local, last_beat=time.monotonic()))
-        grant = self._grant(wid, -1, -1, local)
-        grant["spare"] = True
-        self._store.set(control.join_response_key(nonce), json.dumps(grant))
-
-    def _take_spare(self, stage: int, replica: int) -> bool:
-        """Hand a free role to a waiting spare (True if one was alive)."""
-        assert self._log is not None
-        while self.spares:
-            w = self.spares.pop(0)
-            if w.local is not None and w.local.returncode() is not None:
-                continue
-            w.stage, w.replica, w.last_beat = stage, replica, time.monotonic()
-            self.workers[w.worker] = w
-            self.role_of[(stage, replica)] = w.worker
-            self._store.set(control.spare_key(w.worker), json.dumps(self._grant(w.worker, stage, replica, w.local)))
-            self._log.write(ev.WORKER_START, worker=w.worker, stage=stage, replica=replica, pid=w.pid, host=w.host,
-                            generation=self.generation + 1, local=w.local is not None, spare=True)
-            return True
-        return False
-
     def _publish_generation(self, reason: str) -> None:
         assert self._log is not None
         self.generation += 1
@@ -512,82 +393,6 @@ class Controller(RecoveryMixin):
                 pass
 
     # -- health ----------------------------------------------------------------------------------
-
-    def _check_health(self, now: float) -> None:
-        from spotpipe.ft.detector import detect
-
-        assert self._log is not None
-        alive: dict[int, float] = {}
-        for w in list(self.workers.values()):
-            if w.bye and (w.local is None or w.local.returncode() is not None):
-                continue
-            try:
-                beats = int(self._store.add(control.heartbeat_key(w.worker), 0))
-            except Exception:
-                beats = w.beats
-            if beats != w.beats:
-                w.beats, w.last_beat = beats, now
-                if w.suspected:
-                    w.suspected = False
-            if not w.bye and self._store.check([control.bye_key(w.worker)]):
-                w.bye = True
-            if not w.reported and self._store.check([control.error_key(w.worker)]):
-                self._read_error_report(w, now)
-            if w.local is not None and w.exit_code is None:
-                code = w.local.returncode()
-                if code is not None:
-                    w.exit_code = code
-                    if (code != 0 or not w.bye) and not w.reported and not self._store.check([control.error_key(w.worker)]):
-                        said = w.local.last_log_line()
-                        self._fail(w, f"{w.name()} died ({describe_exit(code)})" + (f": {said}" if said and code > 0 else ""), 0)
-                        continue
-                    if not w.reported and self._store.check([control.error_key(w.worker)]):
-                        self._read_error_report(w, now)
-            if w.reported or w.exit_code is not None:
-                continue
-            if not w.bye:
-                alive[w.worker] = w.last_beat
-        # Local processes that exited before they joined.
-        if self._locals is not None:
-            joined = {w.pid for w in self.workers.values()} | {w.pid for w in self.spares}
-            for p in self._locals.procs:
-                code = p.returncode()
-                if code is not None and p.pid not in joined and self.failure is None:
-                    said = p.last_log_line()
-                    self.failure = _Failure(None, f"local worker {p.index} (pid {p.pid}) exited before it joined ({describe_exit(code)})" + (f": {said}" if said else ""), 0)
-        detection = detect(now, alive, self.cfg.ft, self._transport_reports)
-        for wid in detection.suspects:
-            w = self.workers[wid]
-            if not w.suspected:
-                w.suspected = True
-                self._log.write(ev.FAILURE_SUSPECTED, worker=wid, stage=w.stage, replica=w.replica, reason=detection.reasons[wid])
-            if now - w.last_beat >= self.cfg.run.timeout_s:
-                self._fail(w, f"{w.name()} sent no heartbeat for {now - w.last_beat:.0f} s (run.timeout_s)", 2)
-        if self._transport_reports and len(self._transport_reports) > 100:
-            del self._transport_reports[:-100]
-
-    def _read_error_report(self, w: WorkerState, now: float) -> None:
-        """A worker said why it gave up: its own fault, or (kind "comm") a peer it lost."""
-        from spotpipe.ft.detector import TransportReport
-
-        try:
-            body = json.loads(self._store.get(control.error_key(w.worker)))
-        except Exception:
-            return
-        w.reported = True
-        at = float(body.get("time", time.time()))
-        message = str(body.get("message", "failed"))
-        if body.get("kind") in ("error", "timeout") and body.get("peer") is not None:
-            # Evidence against the peer for the detector; the reporter itself is a survivor.
-            at_mono = now - max(0.0, time.time() - at)
-            self._transport_reports.append(
-                TransportReport(w.worker, int(body["peer"]), str(body["kind"]), at_mono, message[:200])
-            )
-            self._fail(w, message, 3 if body["kind"] == "error" else 2, at, confirm=False)
-        elif body.get("kind") in ("error", "timeout", "aborted"):
-            self._fail(w, message, 3, at, confirm=False)
-        else:
-            self._fail(w, message, 1, at)
 
     def _fail(self, w: WorkerState, reason: str, priority: int, at: float | None = None, confirm: bool = True) -> None:
         """Record a failure; the job stops. The best explanation (lowest priority: 0 a process

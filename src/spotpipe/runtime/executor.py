@@ -51,6 +51,8 @@ class Instruction:
         source: For compute: where the input comes from (none / local / receive).
         local_next: For compute: the stage on THIS rank that consumes the result locally, or -1.
         action: The original action, for error messages.
+        ends_path: For a forward: the stage is the last of the microbatch's path (it computes
+            the loss; under CheckFree+ that is chunk S-2 for a swapped microbatch).
     """
 
     op: int
@@ -61,6 +63,7 @@ class Instruction:
     source: int
     local_next: int
     action: Action
+    ends_path: bool = False
 
 
 def compile_rank(
@@ -99,10 +102,11 @@ def compile_rank(
         if a.op is Op.F:
             source = _SRC_NONE if pred is None else (_SRC_LOCAL if s2r[pred] == rank else _SRC_RECV)
             local_next = succ if succ is not None and s2r[succ] == rank else -1
-        else:
-            source = _SRC_NONE if succ is None else (_SRC_LOCAL if s2r[succ] == rank else _SRC_RECV)
-            local_next = pred if pred is not None and s2r[pred] == rank else -1
-        out.append(Instruction(_OPCODES[a.op], a.stage, a.microbatch, -1, -1, source, local_next, a))
+            out.append(Instruction(_F, a.stage, a.microbatch, -1, -1, source, local_next, a, succ is None))
+            continue
+        source = _SRC_NONE if succ is None else (_SRC_LOCAL if s2r[succ] == rank else _SRC_RECV)
+        local_next = pred if pred is not None and s2r[pred] == rank else -1
+        out.append(Instruction(_B, a.stage, a.microbatch, -1, -1, source, local_next, a))
     return tuple(out)
 
 
@@ -177,7 +181,7 @@ class Executor:
                     x = local.pop(key).detach()
                 else:
                     x = self._wait_recv((_RECV_F, ins.stage, ins.microbatch), ins)
-                out = runner.forward(ins.stage, ins.microbatch, x)
+                out = runner.forward(ins.stage, ins.microbatch, x, ins.ends_path)
                 if out is not None:
                     if ins.local_next >= 0:
                         local[(_F, ins.local_next, ins.microbatch)] = out

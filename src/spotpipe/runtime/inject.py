@@ -74,7 +74,22 @@ class FaultInjector:
             if self.rates.step_time_s is not None:
                 faults += self.rates.faults_at(step)
         for f in faults:
-            self.armed.append(_Armed(now + f.at_fraction * self.expected_step_s(), f))
+            if not f.phase:  # phase faults travel with the victim's role (phase_faults_for)
+                self.armed.append(_Armed(now + f.at_fraction * self.expected_step_s(), f))
+
+    def phase_faults_for(self, stage: int, replica: int) -> list[tuple[int, str]]:
+        """``(step, phase)`` of the phase faults the holder of this role kills itself with
+        (:mod:`spotpipe.runtime.phase_fault`), those that have not fired yet."""
+        return [(f.step, f.phase) for f in self.fixed.all_faults() if f.phase and f.worker == (stage, replica)
+                and (f.step, f.stage, f.replica, f.spec) not in self.fired]
+
+    def phase_fault_fired(self, stage: int, replica: int, step: int, phase: str) -> Fault | None:
+        """A victim reported it killed itself in ``phase`` of ``step``: mark the fault fired."""
+        for f in self.fixed.faults_at(step):
+            if f.phase == phase and f.worker == (stage, replica):
+                self.fired.add((f.step, f.stage, f.replica, f.spec))
+                return f
+        return None
 
     def poll(self, now: float) -> None:
         """Fire the armed faults that are due."""

@@ -18,15 +18,49 @@ from typing import Any
 
 from spotpipe.config import JobConfig, TrainConfig, load_config
 from spotpipe.errors import SpotpipeError
+from spotpipe.ft.policy import swap_schedule_on
 
 
-def build_pipeline_schedule(cfg: JobConfig) -> Any:
-    """The lowered schedule of the job (``pipeline.schedule`` through ``schedule.passes.lower``)."""
+def build_pipeline_schedule(cfg: JobConfig, swap: bool | None = None) -> Any:
+    """The lowered schedule of the job (``pipeline.schedule`` through ``schedule.passes.lower``).
+
+    With ``swap`` (default: :func:`spotpipe.ft.policy.swap_schedule_on`) odd microbatches take the
+    CheckFree+ swapped path (:func:`spotpipe.schedule.swap.swap_edges`); evaluation passes use
+    ``swap=False``, the model's own order.
+    """
     from spotpipe.schedule.generators import build_schedule
     from spotpipe.schedule.passes import lower
+    from spotpipe.schedule.swap import swap_edges
 
     p = cfg.pipeline
-    return lower(build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages))
+    compute = build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages)
+    if swap_schedule_on(cfg.ft) if swap is None else swap:
+        compute = swap_edges(compute)
+    return lower(compute)
+
+
+def check_swap_layout(cfg: JobConfig) -> None:
+    """Refuse a CheckFree+ job the pipeline runtime cannot run, naming the keys to change.
+
+    A lost edge stage is rebuilt by copying its swap partner (0 <-> 1, S-1 <-> S-2), so the two
+    must hold the same number of blocks, and each worker must hold one chunk.
+    """
+    from spotpipe.model.partition import partition_layers
+
+    p = cfg.pipeline
+    if not swap_schedule_on(cfg.ft):
+        return
+    what = "ft.strategy = checkfree+" if cfg.ft.strategy == "checkfree+" else "ft.swap_edges = true"
+    if p.schedule == "interleaved" and p.virtual_stages != 1:
+        raise SpotpipeError(f"{what} needs one chunk per worker: pipeline.schedule = interleaved with "
+                            f"pipeline.virtual_stages = {p.virtual_stages} cannot run it (use 1f1b or gpipe)")
+    sizes = [end - start for start, end in partition_layers(cfg.model.layers, p.stages)]
+    for a, b in ((0, 1), (p.stages - 2, p.stages - 1)):
+        if sizes[a] != sizes[b]:
+            raise SpotpipeError(
+                f"{what} needs swap partners with equal blocks, but model.layers = {cfg.model.layers} over "
+                f"{p.stages} stages gives stage {a} {sizes[a]} blocks and stage {b} {sizes[b]}; make model.layers a multiple "
+                "of pipeline.stages")
 
 
 def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
@@ -43,6 +77,7 @@ def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
         "model.ffn_hidden": m.ffn_hidden,
         "model.context": m.context,
         "model.dtype": m.dtype,
+        "edge_copies": swap_schedule_on(cfg.ft),  # CheckFree+ copies on chunks 1 and S-2
     }
 
 
@@ -113,6 +148,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     cfg = cfg.validate()
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
+    check_swap_layout(cfg)
     schedule = build_pipeline_schedule(cfg)
     from spotpipe.model.partition import partition_layers
 

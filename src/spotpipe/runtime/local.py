@@ -30,7 +30,7 @@ from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
-from spotpipe.runtime.optim import build_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.runtime.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class LocalTrainer:
         self.chunks: list[StageModule] = [
             build_stage(cfg.model, cfg.train.seed, i, self.num_chunks, device=self.device) for i in range(self.num_chunks)
         ]
-        self.optimizers: list[torch.optim.Optimizer] = [build_optimizer(c.parameters(), cfg.train) for c in self.chunks]
+        self.optimizers: list[torch.optim.Optimizer] = [build_stage_optimizer(c, cfg.train) for c in self.chunks]
         self.lr_scale: list[float] = [1.0] * self.num_chunks
         name = str(getattr(token_file, "dir", "the token file"))
         self.sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
@@ -178,7 +178,7 @@ class LocalTrainer:
                         q.grad.mul_(coef)
         lr = lr_at(self.step, self.cfg.train)
         for opt, chunk_scale in zip(self.optimizers, self.lr_scale):
-            set_lr(opt, lr * chunk_scale)
+            set_lr(opt, lr, chunk_scale)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return total_norm, lr
@@ -238,10 +238,11 @@ class LocalTrainer:
         if module.index != i or module.num_chunks != self.num_chunks:
             raise ValueError(f"module is chunk {module.index} of {module.num_chunks}, expected chunk {i} of {self.num_chunks}")
         self.chunks[i] = module
-        self.optimizers[i] = optimizer if optimizer is not None else build_optimizer(module.parameters(), self.cfg.train)
+        self.optimizers[i] = optimizer if optimizer is not None else build_stage_optimizer(module, self.cfg.train)
 
     def set_lr_scale(self, i: int, scale: float) -> None:
-        """Multiply chunk ``i``'s learning rate by ``scale`` from the next step on (CheckFree uses 1.1)."""
+        """Multiply the learning rate of chunk ``i``'s blocks by ``scale`` from the next step on (CheckFree
+        uses 1.1; the embedding, final norm and head keep the base rate, see ``build_optimizer``)."""
         self.lr_scale[i] = scale
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,13 +14,34 @@ import torch
 from spotpipe.config import TrainConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only (norm gains and biases are not decayed)."""
+def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
+                    unscaled: Iterable[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (norm gains and biases are not decayed).
+
+    ``unscaled`` parameters go into their own groups, which :func:`set_lr` never scales: a
+    chunk's learning-rate factor (CheckFree's x1.1) is for its rebuilt *blocks*, while an
+    embedding or LM head that CheckFree+ keeps in two places must train at the same rate in both.
+    """
+    fixed = {id(p) for p in unscaled}
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for scaled in (True, False):
+        part = [p for p in params if (id(p) not in fixed) == scaled]
+        decay = [p for p in part if p.dim() >= 2]
+        no_decay = [p for p in part if p.dim() < 2]
+        if scaled or decay:
+            groups.append({"params": decay, "weight_decay": train.weight_decay, "lr_scaled": scaled})
+        if scaled or no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scaled": scaled})
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, foreach=False)
+
+
+def build_stage_optimizer(chunk: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """:func:`build_optimizer` for a model chunk: everything but its transformer blocks (embedding,
+    final norm, LM head) is ``unscaled``."""
+    blocks = getattr(chunk, "blocks", None)
+    inside = {id(p) for p in blocks.parameters()} if blocks is not None else set()
+    return build_optimizer(chunk.parameters(), train, unscaled=[p for p in chunk.parameters() if id(p) not in inside])
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
@@ -36,9 +57,22 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, scale: float = 1.0) -> None:
+    """Set every group's learning rate to ``lr``, times ``scale`` where the group is scaled."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * scale if group.get("lr_scaled", True) else lr
+
+
+def apply_update(flat_grad: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer], lr_scale: dict[int, float],
+                 coef: float, lr: float) -> None:
+    """Clip (``coef``, see :func:`clip_coefficient`), set the learning rates and step every chunk's
+    optimizer. The one update rule of a pipeline worker and of the mirror that replays it, so the
+    two stay bit for bit equal."""
+    if coef < 1.0:
+        flat_grad.mul_(coef)
+    for s in sorted(optimizers):
+        set_lr(optimizers[s], lr, lr_scale[s])
+        optimizers[s].step()
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

@@ -1,22 +1,20 @@
-"""Worker side of stage recovery without restarts (issue 5): state transfer, mirrors, replay.
+"""Stage state on the wire (issue 5): flat rank state, CheckFree install, tied copies, P2P.
 
-The controller decides (:mod:`spotpipe.runtime.supervise`); this module carries the decision out
-on each worker of the new generation. A rank's state travels as one flat float tensor (every
-chunk's state-dict tensors, then AdamW's ``exp_avg`` and ``exp_avg_sq`` per parameter, then a
-tail of per-chunk ``step``, ``lr_scale`` and "has optimizer state" flags). Both ends build the
-same layout from their own chunks, which have identical shapes, so nothing but the numbers
-moves. The transfers use the new generation's world group (gloo/NCCL point-to-point), the path
-checkpointless training takes (SageMaker HyperPod, 2025: peer-to-peer state, fresh
-communicators, processes kept).
+The controller decides (:mod:`spotpipe.runtime.supervise`); each worker of the new generation
+carries the decision out (:mod:`spotpipe.runtime.worker_recovery`) with these pieces. A rank's
+state travels as one flat float tensor (every chunk's state-dict tensors, then AdamW's
+``exp_avg`` and ``exp_avg_sq`` per parameter, then a tail of per-chunk ``step``, ``lr_scale``
+and "has optimizer state" flags). Both ends build the same layout from their own chunks, which
+have identical shapes, so nothing but the numbers moves. The transfers use the new generation's
+world group (gloo/NCCL point-to-point), the path checkpointless training takes (SageMaker
+HyperPod, 2025: peer-to-peer state, fresh communicators, processes kept).
 
 Strategies, as the worker executes them (the rules are in :mod:`spotpipe.ft.policy`):
 
 - ``replica``: the live replica of the same stage sends its full state (exact).
-- ``mirror``: the previous stage's worker sends the mirror it keeps in host memory (exact when
-  the mirror is of the last committed step). A mirror is refreshed after the optimizer step of
-  every ``ft.mirror_every``-th step: the owner publishes its flat state under
-  ``mirror/<stage>/<replica>`` and the holder's background thread fetches it into its own
-  memory (so the copy is lost with the holder, as the policy assumes).
+- ``mirror``: the previous stage's worker sends the copy it keeps (:mod:`spotpipe.runtime.mirror`).
+- ``checkfree+``: the swap partner sends its full state; its blocks become the lost edge
+  stage's, its embedding or norm + head copy is the exact original (CheckFree+, section 3.2).
 - ``checkfree``: both neighbours send their blocks and their last pre-clip gradient norm; the
   replacement installs :func:`spotpipe.ft.recovery.checkfree_rebuild`, fresh optimizer state and
   ``lr x 1.1`` (CheckFree; Blagoev, Ersoy, Chen 2025, section 3.1).
@@ -27,13 +25,10 @@ Strategies, as the worker executes them (the rules are in :mod:`spotpipe.ft.poli
 from __future__ import annotations
 
 import datetime
-import struct
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from spotpipe.ft.recovery import BLOCK_PREFIX, checkfree_rebuild, complete_state
@@ -105,7 +100,7 @@ def unflatten_rank(flat: torch.Tensor, chunks: dict[int, Any], optimizers: dict[
             pending.append((s, moments))
     for j, (s, moments) in enumerate(pending):
         step, scale, has = (float(x) for x in flat[off + 3 * j : off + 3 * j + 3])
-        lr_scale[s] = scale
+        lr_scale[s] = float(torch.tensor(scale, dtype=torch.float32))  # what the flat state carries, exactly
         opt = optimizers[s]
         for p, a, b in moments:
             opt.state.pop(p, None)
@@ -145,8 +140,49 @@ def install_checkfree(prev: torch.Tensor, nxt: torch.Tensor, chunks: dict[int, A
             for k, v in rebuilt.items():
                 sd[k].copy_(v.to(sd[k].dtype))
         optimizers[s].state.clear()
-        lr_scale[s] = scale
+        lr_scale[s] = float(torch.tensor(scale, dtype=torch.float32))  # what the flat state carries, exactly
     return w_prev, w_next
+
+
+def params_numel(params: list[torch.nn.Parameter]) -> int:
+    """Length of :func:`flatten_params` of ``params``."""
+    return 3 * sum(q.numel() for q in params) + 2
+
+
+def flatten_params(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Weights and AdamW moments of some parameters (a CheckFree+ copy), then (step, has_state)."""
+    parts: list[torch.Tensor] = []
+    step, has = 0.0, 0.0
+    for q in params:
+        a, b = _optim_tensors(optimizer, q)
+        parts.append(q.detach().reshape(-1).float().cpu())
+        if a is None or b is None:
+            parts += [torch.zeros(q.numel()), torch.zeros(q.numel())]
+        else:
+            has = 1.0
+            parts += [a.detach().reshape(-1).float().cpu(), b.detach().reshape(-1).float().cpu()]
+            st = optimizer.state[q].get("step", 0.0)
+            step = float(st.item() if isinstance(st, torch.Tensor) else st)
+    parts.append(torch.tensor([step, has], dtype=torch.float32))
+    return torch.cat(parts)
+
+
+def install_params(flat: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Install :func:`flatten_params` output into the same-shaped ``params`` and their AdamW state."""
+    if flat.numel() != params_numel(params):
+        raise ValueError(f"flat parameter state has {flat.numel()} numbers, the parameters need {params_numel(params)}")
+    step, has = (float(x) for x in flat[-2:])
+    off = 0
+    with torch.no_grad():
+        for q in params:
+            n = q.numel()
+            q.copy_(flat[off : off + n].view_as(q).to(q.dtype))
+            a = flat[off + n : off + 2 * n].view_as(q).to(q.dtype).clone()
+            b = flat[off + 2 * n : off + 3 * n].view_as(q).to(q.dtype).clone()
+            off += 3 * n
+            optimizer.state.pop(q, None)
+            if has > 0:
+                optimizer.state[q] = {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": a, "exp_avg_sq": b}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,92 +196,6 @@ def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterabl
     works += [gen.world.recv([t], src, tag) for t, src, tag in recvs]
     for w in works:
         w.wait(datetime.timedelta(seconds=timeout_s))
-
-
-# ----------------------------------------------------------------------------------------------
-# Mirrors (host memory of the previous stage's worker)
-
-
-def _pack(step: int, flat: torch.Tensor) -> bytes:
-    return struct.pack("<q", step) + flat.numpy().tobytes()
-
-
-def _unpack(blob: bytes) -> tuple[int, np.ndarray]:
-    (step,) = struct.unpack("<q", blob[:8])
-    return step, np.frombuffer(blob[8:], dtype=np.float32).copy()
-
-
-def publish_mirror(store: Any, stage: int, replica: int, step: int, flat: torch.Tensor, generation: int = 0) -> int:
-    """Owner side: publish the state after committed ``step`` (in ``generation``) for the holder.
-    Returns the bytes published."""
-    blob = _pack(step, flat)
-    store.set(control.mirror_key(stage, replica), blob)
-    store.set(control.mirror_seq_key(stage, replica), f"{generation}:{step}")
-    return len(blob)
-
-
-class MirrorKeeper(threading.Thread):
-    """Holder side: a background thread that fetches the next stage's published state into this
-    process's memory (off the training critical path).
-
-    Args:
-        store: A store client (cloned here).
-        stage: The mirrored stage (the next pipeline rank, wrapping around).
-        replica: Its replica.
-        poll_s: How often to look for a new refresh.
-    """
-
-    def __init__(self, store: Any, stage: int, replica: int, poll_s: float = 0.05) -> None:
-        super().__init__(name=f"spotpipe-mirror-{stage}", daemon=True)
-        self._store = store.clone()
-        self.stage = stage
-        self.replica = replica
-        self.poll_s = poll_s
-        self._halt = threading.Event()
-        self._lock = threading.Lock()
-        self.step: int | None = None
-        self.data: np.ndarray | None = None
-        self.seq = ""
-        self.min_generation = 0  # after a rollback: ignore states published before it
-        self.bytes_received = 0
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.fetch()
-            except Exception:
-                pass
-            self._halt.wait(self.poll_s)
-
-    def fetch(self) -> None:
-        """Take the newest published state if it is newer than the one held."""
-        key = control.mirror_seq_key(self.stage, self.replica)
-        with self._lock:
-            if not self._store.check([key]):
-                return
-            seq = bytes(self._store.get(key)).decode()
-            if seq == self.seq or int(seq.split(":")[0]) < self.min_generation:
-                return
-            step, data = _unpack(self._store.get(control.mirror_key(self.stage, self.replica)))
-            self.step, self.data, self.seq = step, data, seq
-            self.bytes_received += data.nbytes + 8
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.data is None else int(self.data.nbytes)
-
-    def tensor(self) -> torch.Tensor:
-        with self._lock:
-            assert self.data is not None
-            return torch.from_numpy(self.data.copy())
-
-    def reset(self, min_generation: int) -> None:
-        """Forget the held state (a rollback made its step void)."""
-        with self._lock:
-            self.step, self.data, self.seq, self.min_generation = None, None, "", min_generation
-
-    def halt(self) -> None:
-        self._halt.set()
 
 
 def wait_key(store: Any, key: str, timeout_s: float, stop: Any = None) -> bytes:

@@ -11,7 +11,7 @@ Megatron-LM's pipeline, Narayanan et al. 2021).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class StageRunner:
         self._train = True
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self.hook: Callable[[str], None] | None = None  # called with "forward" / "backward" (phase faults)
 
     # -- step boundaries ---------------------------------------------------------------------
 
@@ -79,38 +80,42 @@ class StageRunner:
 
     # -- actions -----------------------------------------------------------------------------
 
-    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None) -> torch.Tensor | None:
+    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None) -> torch.Tensor | None:
         """Forward of ``stage`` for ``microbatch``.
 
         Args:
             x: The input activation (received or handed over locally); ``None`` on the first stage
                 of the path, which reads the microbatch's token ids.
+            ends_path: The stage is the last of the microbatch's path (it computes the loss).
+                Default: the chunk is the model's last one (``is_last``).
 
         Returns:
-            The output activation, or ``None`` from the last chunk (its loss is accumulated).
+            The output activation, or ``None`` where the path ends (its loss is accumulated).
         """
+        if self.hook is not None and self._train:
+            self.hook("forward")
         chunk = self.chunks[stage]
         if x is None:
             x = self._inputs[microbatch]
         elif self._train and x.is_floating_point():
             x.requires_grad_(True)
-        if getattr(chunk, "is_last", False):
+        if getattr(chunk, "is_last", False) if ends_path is None else ends_path:
             if self._train:
-                out = chunk(x, self._targets[microbatch])
+                out = chunk(x, self._targets[microbatch], finish=True)
                 self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             else:
                 with torch.no_grad():
-                    out = chunk(x, self._targets[microbatch])
+                    out = chunk(x, self._targets[microbatch], finish=True)
             detached = out.detach()
             self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
             self._loss_count += 1
             return None
         if self._train:
-            out = chunk(x)
+            out = chunk(x, finish=False)
             self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             return out
         with torch.no_grad():
-            return chunk(x)
+            return chunk(x, finish=False)
 
     def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of ``stage`` for ``microbatch``.
@@ -123,6 +128,8 @@ class StageRunner:
             The gradient with respect to the stage's input activation, or ``None`` on the first
             chunk (its input is token ids).
         """
+        if self.hook is not None:
+            self.hook("backward")
         try:
             x, out = self._saved.pop((stage, microbatch))
         except KeyError:

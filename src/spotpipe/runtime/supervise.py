@@ -116,7 +116,7 @@ class RecoveryMixin:
         return False
 
     def _recovery_collect(self, rec: Recovery) -> None:
-        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery
+        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery, swap_schedule_on
 
         c: Any = self
         now = time.monotonic()
@@ -155,7 +155,7 @@ class RecoveryMixin:
                     lags[role] = max(0, (resume - 1) - int(mstep))
         plans = plan_recovery(
             sorted(rec.lost.values()), S, replicas=R, strategy=c.cfg.ft, mirrors=mirrors, mirror_lag=lags,
-            checkpoint_step=c.last_checkpoint, swap_edges=False,
+            checkpoint_step=c.last_checkpoint, swap_edges=swap_schedule_on(c.cfg.ft),
         )
         rec.plans = list(plans)
         rec.outcome = job_outcome(plans)

@@ -10,9 +10,11 @@ One step is atomic (DESIGN.md, "Atomic steps"):
 1. **Snapshot**: the sampler state before the step (the data of the step is a pure function of
    it, so a replay reads the same samples).
 2. **Compute** (may fail): the executor plays the schedule; the replica group all-reduces the
-   gradients (SUM); the world group all-reduces ``[squared grad norm, loss sum, microbatches,
-   stop flag]``. That world all-reduce is the barrier: when it returns, every worker has finished
-   its forward and backward of the step.
+   gradients (SUM); under CheckFree+ the holders of the embedding (chunks 0, 1) and of the final
+   norm and head (S-2, S-1) add each other's gradient of them (:meth:`Worker.sum_tied_gradients`);
+   the world group all-reduces ``[squared grad norm, loss sum, microbatches, stop flag]``. That
+   world all-reduce is the barrier: when it returns, every worker has finished its forward and
+   backward of the step. With a replaying mirror the worker then publishes its gradient.
 3. **Decide** (:meth:`Worker.decide`): an all-reduce is not atomic across ranks (with a dead
    member some ranks may complete it while others fail), so before anyone touches its weights
    the workers agree through the store: the last of the world to count itself ready sets
@@ -20,7 +22,7 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    ``abort``; compare_set lets only the first writer win. Either every survivor applies step k
    or none does, and no worker needs a pre-step copy of its weights.
 4. **Apply** (local, cannot fail on a peer): clip with the global norm, set the scheduled learning
-   rate, step the optimizers, refresh the mirror if due, save a checkpoint if one is due.
+   rate, step the optimizers, keep the mirror current, save a checkpoint if one is due.
 5. **Report**: the step report goes to the store; the last worker to report sets the commit key,
    and the controller writes the ``step`` event.
 
@@ -52,20 +54,32 @@ import torch
 
 from spotpipe.config import JobConfig, config_from_mapping
 from spotpipe.errors import SpotpipeError
+from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.runtime import control
 from spotpipe.runtime.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
 from spotpipe.runtime.executor import Executor, compile_rank, stage_peers
 from spotpipe.runtime.groups import Generation, GenerationPlan, resolve_backend
 from spotpipe.runtime.job import build_pipeline_schedule, checkpoint_due, eval_due
-from spotpipe.runtime.optim import build_optimizer, clip_coefficient, lr_at, set_lr
+from spotpipe.runtime.optim import apply_update, build_stage_optimizer, clip_coefficient, lr_at
+from spotpipe.runtime.phase_fault import PhaseFault
 from spotpipe.runtime.stage_runner import StageRunner
 from spotpipe.runtime.transport import CommError
+from spotpipe.runtime.worker_recovery import WorkerRecoveryMixin
 
 EXIT_ERROR = 3
 EXIT_ORPHANED = 4
+TIE_TAG = 800_000  # message tag of the CheckFree+ tied-gradient exchange
 
 
-class Worker:
+def _extend(ranges: list[tuple[int, int]], offset: int, n: int) -> None:
+    """Append ``[offset, offset + n)`` to sorted ranges, merging it with the last when adjacent."""
+    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
+    else:
+        ranges.append((offset, n))
+
+
+class Worker(WorkerRecoveryMixin):
     """State and main loop of one worker.
 
     Args:
@@ -89,8 +103,10 @@ class Worker:
         self.heartbeat: control.Heartbeat | None = None
         self.start_step = 0
         self.last_grad_norm = float("nan")  # this rank's pre-clip gradient norm of the last step (CheckFree's omega)
-        self.mirror: Any = None  # MirrorKeeper of the next stage's state (ft mirror strategies)
+        self.mirror: Any = None  # the next stage's copy this worker holds (runtime.mirror)
+        self._mirror_gen = 0  # generation whose start this worker published its full state for
         self.recoverable = self.cfg.ft.strategy != "none"
+        self.fault = PhaseFault.from_grant(grant.info, store, self.id, self.cfg.pipeline.microbatches)
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -105,7 +121,9 @@ class Worker:
         if threads > 0:
             torch.set_num_threads(threads)
         self.backend = resolve_backend(cfg.run.backend)
+        self.swap = swap_schedule_on(cfg.ft)
         self.schedule = build_pipeline_schedule(cfg)
+        self.eval_schedule = build_pipeline_schedule(cfg, swap=False) if self.swap else self.schedule
         if self.backend == "nccl":
             from spotpipe.schedule.validate import check_message_order
 
@@ -121,13 +139,17 @@ class Worker:
             self.device = torch.device("cpu")
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
-        self.chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device) for s in self.my_stages}
-        self.optimizers = {s: build_optimizer(self.chunks[s].parameters(), cfg.train) for s in self.my_stages}
+        self.chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
+                       for s in self.my_stages}
+        self.optimizers = {s: build_stage_optimizer(self.chunks[s], cfg.train) for s in self.my_stages}
         self.lr_scale = {s: 1.0 for s in self.my_stages}
         self._make_flat_grads()
         self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
-        self.holds_first = 0 in self.chunks
-        self.holds_last = (self.num_chunks - 1) in self.chunks
+        if self.fault.planned:
+            self.runner.hook = self.fault.hit
+            self.optimizers[self.my_stages[0]].register_step_post_hook(lambda *_: self.fault.hit("optimizer"))
+        self.holds_first = any(c.embed is not None for c in self.chunks.values())  # reads token ids
+        self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
         self.token_file = self._open_data()
         name = str(self.token_file.dir)
         self.sampler = SequenceSampler(self.token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
@@ -144,10 +166,18 @@ class Worker:
         total = sum(q.numel() for q in params)
         dtype = params[0].dtype if params else torch.float32
         self.flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
+        copies = {id(q) for c in self.chunks.values() for q in c.copy_parameters()}
+        tied = {id(q) for c in self.chunks.values() for q in c.tied_parameters()}
         offset = 0
+        self.counted: list[tuple[int, int]] = []  # flat ranges in the gradient norm (copies count once)
+        self.tied: list[tuple[int, int]] = []  # flat ranges summed with the CheckFree+ swap partner
         for q in params:
             n = q.numel()
             q.grad = self.flat_grad[offset : offset + n].view_as(q)
+            if id(q) not in copies:
+                _extend(self.counted, offset, n)
+            if id(q) in tied:
+                _extend(self.tied, offset, n)
             offset += n
         self.params = params
 
@@ -214,6 +244,8 @@ class Worker:
         p, m = self.cfg.pipeline, self.cfg.model
         world_rank_of = {(mem.stage, mem.replica): r for r, mem in enumerate(gen.plan.members)}
         peers = stage_peers(self.schedule, self.replica, world_rank_of)
+        partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
+        self.tie_peer = peers(partners[0]) if partners else -1
         rows = self.cfg.train.batch_size // (p.replicas * p.microbatches)
         from spotpipe.runtime.linkdelay import wrap_for_job  # [network] link-delay emulation (issue 3)
 
@@ -224,7 +256,8 @@ class Worker:
             (rows, m.context, m.d_model),
             self.dtype,
             self.cfg.run.timeout_s,
-            eval_program=compile_rank(self.schedule, self.stage, peers, forward_only=True),
+            eval_program=compile_rank(self.eval_schedule, self.stage, stage_peers(self.eval_schedule, self.replica, world_rank_of),
+                                      forward_only=True),
             device=self.device,
         )
 
@@ -251,6 +284,7 @@ class Worker:
         gen = self.generation
         assert gen is not None
         t0 = time.perf_counter()
+        self.fault.begin_step(step)
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
         inputs, targets = self._microbatches(self.sampler, step_ids)
         self.flat_grad.zero_()
@@ -258,18 +292,24 @@ class Worker:
         t_pipe = time.perf_counter()
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
-        local_sq = float(self.flat_grad.double().pow(2).sum())
+        if self.tied:
+            self.sum_tied_gradients(step)
+        local_sq = sum(float(self.flat_grad[o : o + n].double().pow(2).sum()) for o, n in self.counted)
         self.last_grad_norm = math.sqrt(local_sq)
         sq = local_sq if self.replica == 0 else 0.0
         vec = torch.tensor([sq, loss_sum, float(count), 1.0 if self.stop_requested else 0.0], dtype=torch.float64)
         if self.backend == "nccl":
             vec = vec.to(self.device)
+        self.fault.hit("allreduce")
         gen.all_reduce(vec, "world", f"the step barrier (world all-reduce) of step {step}")
         sq_total, loss_total, n_total, stop = (float(v) for v in vec.cpu())
+        grad_norm = math.sqrt(max(sq_total, 0.0))
         return {
             "step": step,
             "loss": loss_total / max(n_total, 1.0),
-            "grad_norm": math.sqrt(max(sq_total, 0.0)),
+            "grad_norm": grad_norm,
+            "coef": clip_coefficient(grad_norm, self.cfg.train.grad_clip),
+            "lr": lr_at(step, self.cfg.train),
             "stop": stop > 0,
             "pipe_s": t_pipe - t0,
             "compute_s": time.perf_counter() - t0,
@@ -310,143 +350,31 @@ class Worker:
             raise GenerationAborted(peer=None, peer_name=f"the world group of generation {gen.number}",
                                     action=f"the commit decision of step {step}", detail="step aborted after a failure")
 
-    def apply_step(self, step: int, outcome: dict[str, Any]) -> float:
+    def apply_step(self, outcome: dict[str, Any]) -> float:
         """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
-        coef = clip_coefficient(outcome["grad_norm"], self.cfg.train.grad_clip)
-        if coef < 1.0:
-            self.flat_grad.mul_(coef)
-        lr = lr_at(step, self.cfg.train)
-        for s in self.my_stages:
-            set_lr(self.optimizers[s], lr * self.lr_scale[s])
-            self.optimizers[s].step()
-        return lr
+        apply_update(self.flat_grad, self.optimizers, self.lr_scale, outcome["coef"], outcome["lr"])
+        return float(outcome["lr"])
 
-    def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:
-        """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""
-        if self.generation is not None:
-            self.generation.abort(reason)
-        self.executor.transport.abort()  # the injected transport (a wrapper fails its queued sends)
-        self.executor.discard()
-        self.flat_grad.zero_()
-        self.sampler.load_state_dict(snapshot)
-
-    def on_failure(self, exc: CommError, step: int) -> int:
-        """Stage recovery after an aborted step (issue 5); returns the step to run next.
-
-        The survivor tells the controller where it stands (``gen/<g>/survivor/<id>``: the
-        step it aborted, its sampler position, its mirror), waits for the next generation,
-        rebuilds the groups (:meth:`enter_generation`), does its part of the recovery the
-        controller published, and returns: the loop replays the step with the same data.
-        With ``ft.strategy = none`` the error ends the worker.
-        """
-        gen = self.generation
-        if not self.recoverable or gen is None:
-            raise exc
-        if self.mirror is not None:
+    def sum_tied_gradients(self, step: int) -> None:
+        """CheckFree+: add the swap partner's gradient of the embedding (chunks 0 and 1) or of the
+        final norm and head (chunks S-2 and S-1), so both copies take the same update, as tied
+        weights do. ``a + b`` and ``b + a`` are the same float, so the copies stay bit for bit equal."""
+        partner = self.tie_peer
+        mine = torch.cat([self.flat_grad[o : o + n] for o, n in self.tied])
+        theirs = torch.empty_like(mine)
+        transport = self.executor.transport
+        what = f"the CheckFree+ tied-gradient exchange of step {step}"
+        send = transport.isend(mine, partner, TIE_TAG)
+        recv = transport.irecv(theirs, partner, TIE_TAG)
+        for handle in (recv, send):
             try:
-                self.mirror.fetch()
-            except Exception:
-                pass
-        status = {
-            "step": step,
-            "sampler": self.sampler.state_dict(),
-            "mirror_step": None if self.mirror is None else self.mirror.step,
-            "mirror_bytes": 0 if self.mirror is None else self.mirror.nbytes,
-            "error": str(exc)[:300],
-        }
-        self.store.set(control.survivor_key(gen.number, self.id), json.dumps(status))
-        self.log(f"step {step} aborted ({' '.join(str(exc).split())[:160]}); waiting for the next generation")
-        new = self.enter_generation(after=gen.number)
-        if new is None:  # the job stops (time limit, Ctrl-C) while it waits: leave cleanly
-            self.log(f"the job stops during a recovery; step {step} is not run")
-            return self.cfg.train.steps
-        return self.recover(new)
-
-    def recover(self, gen: Generation) -> int:
-        """Carry out the controller's recovery decision for ``gen`` (this worker's part)."""
-        from spotpipe.runtime import recover as rc
-
-        t0 = time.perf_counter()
-        record = json.loads(rc.wait_key(self.store, control.recovery_key(gen.number), self.cfg.run.timeout_s,
-                                        lambda: self.stop_requested))
-        moved = 0
-        if record["outcome"] == "rollback":
-            self._load_checkpoint(record["checkpoint"])
-            step = self.start_step
-            if self.mirror is not None:  # the mirror is of a step that no longer exists
-                self.mirror.reset(gen.number)
-        else:
-            step = int(record["resume_step"])
-            rank_of = {m.worker: r for r, m in enumerate(gen.plan.members)}
-            pending = list(enumerate(record["plans"]))
-            while pending:
-                # A plan may read a worker rebuilt by another plan (CheckFree next to a mirror
-                # copy): run it in a later round, after its sources are installed.
-                targets = {int(p["worker"]) for _, p in pending}
-                ready = [(i, p) for i, p in pending if not targets & {int(w) for w in p["sources"]}]
-                if not ready:
-                    raise SpotpipeError(f"generation {gen.number}: the recovery plans depend on each other in a cycle")
-                pending = [(i, p) for i, p in pending if (i, p) not in ready]
-                moved += self._recovery_round(gen, ready, rank_of, float(record.get("lr_scale", 1.1)))
-            if self.id in record.get("new_workers", []):
-                self.sampler.load_state_dict(record["sampler"])
-        self.flat_grad.zero_()
-        seconds = time.perf_counter() - t0
-        self.store.set(control.recovered_key(gen.number, self.id), json.dumps({"bytes": moved, "seconds": seconds}))
-        self.log(f"generation {gen.number}: recovery part done in {seconds:.3f} s ({moved} bytes), resuming at step {step}")
-        return step
-
-    def _recovery_round(self, gen: Generation, plans: list[tuple[int, dict[str, Any]]], rank_of: dict[int, int],
-                        lr_scale: float) -> int:
-        """Send and receive the state of ``plans`` (in parallel), then install what this worker
-        received. Returns the bytes this worker sent or received."""
-        from spotpipe.runtime import recover as rc
-
-        moved = 0
-        sends: list[tuple[torch.Tensor, int, int]] = []
-        recvs: list[tuple[torch.Tensor, int, int]] = []
-        installs: list[tuple[str, list[torch.Tensor]]] = []
-        for i, plan in plans:
-            target, sources, strat = int(plan["worker"]), [int(w) for w in plan["sources"]], plan["strategy"]
-            tag = rc.TAG_BASE + 8 * i
-            for j, src in enumerate(sources):
-                if src == self.id and target != self.id:
-                    if strat == "replica":
-                        t = rc.flatten_rank(self.chunks, self.optimizers, self.lr_scale)
-                    elif strat == "mirror":
-                        assert self.mirror is not None and self.mirror.data is not None
-                        t = self.mirror.tensor()
-                    else:
-                        t = rc.flatten_blocks(self.chunks, self.last_grad_norm)
-                    sends.append((t, rank_of[target], tag + j))
-                    moved += t.numel() * 4
-            if target == self.id:
-                blocks = strat == "checkfree"
-                bufs = [torch.zeros(rc.rank_numel(self.chunks, blocks_only=blocks)) for _ in sources]
-                for j, src in enumerate(sources):
-                    recvs.append((bufs[j], rank_of[src], tag + j))
-                installs.append((strat, bufs))
-        rc.p2p(gen, sends, recvs, self.cfg.run.timeout_s)
-        for strat, bufs in installs:
-            if strat == "checkfree":
-                w = rc.install_checkfree(bufs[0], bufs[1], self.chunks, self.optimizers, self.lr_scale, lr_scale)
-                self.log(f"rebuilt by CheckFree from the neighbours (omega {w[0]:.4g}, {w[1]:.4g}), lr x{lr_scale:g}")
-            else:
-                rc.unflatten_rank(bufs[0], self.chunks, self.optimizers, self.lr_scale)
-            moved += sum(b.numel() * 4 for b in bufs)
-        return moved
-
-    def refresh_mirror(self, step: int) -> None:
-        """Publish this rank's state after committed ``step`` for its mirror holder (if due)."""
-        from spotpipe.runtime import recover as rc
-
-        every = self.cfg.ft.mirror_every
-        if self.cfg.ft.strategy not in ("auto", "mirror") or every <= 0 or (step + 1) % every:
-            return
-        if self.cfg.pipeline.stages < 2:
-            return
-        gen = self.generation.number if self.generation is not None else 0
-        rc.publish_mirror(self.store, self.stage, self.replica, step, rc.flatten_rank(self.chunks, self.optimizers, self.lr_scale), gen)
+                handle.wait(self.cfg.run.timeout_s)
+            except CommError as exc:
+                raise exc.with_action(what) from None
+        off = 0
+        for o, n in self.tied:
+            self.flat_grad[o : o + n].add_(theirs[off : off + n])
+            off += n
 
     def save_checkpoint(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -507,15 +435,17 @@ class Worker:
         step = self.start_step
         while step < t.steps:
             snapshot = self.sampler.state_dict()
+            self.mirror_generation_start(step)
             try:
                 outcome = self.compute_step(step)
+                self.mirror_gradient(step, outcome["coef"], outcome["lr"])
                 self.decide(step)
             except CommError as exc:
                 self.abort_step(snapshot, str(exc))
                 step = self.on_failure(exc, step)
                 continue
-            lr = self.apply_step(step, outcome)
-            self.refresh_mirror(step)
+            lr = self.apply_step(outcome)
+            self.mirror_committed(step)
             stop = outcome["stop"]
             report: dict[str, Any] = {
                 "worker": self.id,
@@ -544,13 +474,6 @@ class Worker:
             if stop:
                 return
             step += 1
-
-    def _start_mirror(self) -> None:
-        from spotpipe.runtime.recover import MirrorKeeper
-
-        if self.cfg.ft.strategy in ("auto", "mirror") and self.cfg.ft.mirror_every > 0 and self.cfg.pipeline.stages > 1:
-            self.mirror = MirrorKeeper(self.store, (self.stage + 1) % self.cfg.pipeline.stages, self.replica)
-            self.mirror.start()
 
     def _stop_reason(self) -> str:
         try:

@@ -6,6 +6,8 @@
 - :mod:`spotpipe.sim.cluster`: nodes, speeds, failure processes and preemption-trace replay.
 - :mod:`spotpipe.sim.player`: one iteration of a lowered schedule, action by action.
 - :mod:`spotpipe.sim.recovery`: the failure-detector and recovery-policy hooks.
+- :mod:`spotpipe.sim.ftpolicy`: ``sim.recovery = "policy"``, the shipped recovery policy priced on
+  the cluster.
 - :mod:`spotpipe.sim.job`: a whole job (steps, checkpoints, failures, restarts, events).
 - :mod:`spotpipe.sim.report` / :mod:`spotpipe.sim.cli`: `spotpipe simulate`.
 

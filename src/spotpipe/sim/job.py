@@ -323,12 +323,14 @@ class _Job:
             checkpoint_step=self.checkpoint_step,
             free_nodes=len(self.pool),
             config=self.cfg,
+            locations=tuple(self.locations[n] for n in self.slots),
         )
         decision = self.policy.decide(ctx)
         if self.decision is not None:  # an earlier failure of the same outage: the deeper rollback wins
             decision = replace(decision, resume_step=min(decision.resume_step, self.decision.resume_step))
         self.decision = decision
-        self.emit(ev.RECOVERY_STARTED, stage=rank, replica=replica, strategy=decision.strategy, why=decision.why)
+        self.emit(ev.RECOVERY_STARTED, stage=rank, replica=replica, strategy=decision.strategy, why=decision.why,
+                  resume_step=decision.resume_step)
         if decision.stop:
             self.finish("failed")
             return
@@ -373,14 +375,17 @@ class _Job:
         self.generation += 1
         self.counts["restarts"] += 1
         self.emit(ev.GENERATION, generation=self.generation, workers=list(self.slots), reason=f"recovery ({decision.strategy})")
+        own = {(w.stage, w.replica): w for w in decision.workers}
         for s in sorted(self.lost):
             node, failed_at = self.lost[s]
             rank, replica = self.position(s)
             new = self.slots[s]
             self.emit(ev.WORKER_START, worker=new, stage=rank, replica=replica, pid=None, generation=self.generation, host=self.locations[new])
+            w = own.get((rank, replica))
             self.emit(
-                ev.RECOVERY_FINISHED, stage=rank, replica=replica, strategy=decision.strategy, bytes=0,
-                seconds=self.engine.now - failed_at,
+                ev.RECOVERY_FINISHED, stage=rank, replica=replica, strategy=w.strategy if w else decision.strategy,
+                why=w.why if w else decision.why, bytes=w.bytes if w else 0, seconds=self.engine.now - failed_at,
+                worker=new, generation=self.generation, exact=w.exact if w else False,
             )
         resume = min(decision.resume_step, self.step)
         for k in range(resume, min(self.step + 1, self.cfg.train.steps)):  # 0-based, the interrupted one too
@@ -443,7 +448,7 @@ def simulate_job(
         horizon_s: Give up (status ``interrupted``) at this virtual time; default 1000 x the
             failure-free job time plus a day.
     """
-    job = _Job(setup, log, policy or build_policy(setup.config), detector, record)
+    job = _Job(setup, log, policy or build_policy(setup.config, setup.cluster.network), detector, record)
     if horizon_s is None:
         horizon_s = 1000.0 * job.iteration().iteration_s * setup.config.train.steps + 86400.0
     return job.run(horizon_s)

@@ -13,9 +13,11 @@ Two seams, both pure functions of the virtual clock:
   training resumes from, how long the restart takes once every lost position has a node, and
   whether lost positions need replacement nodes. :class:`CheckpointRestart` is the baseline of
   the Meta cluster study (Kokolis et al. 2025, "Revisiting Reliability in Large-Scale Machine
-  Learning Research Clusters", s. 4: restart from the last checkpoint after a failure). A policy
-  built on :func:`spotpipe.ft.policy.plan_recovery` (replica / mirror / CheckFree recovery of the
-  lost stages without rollback) plugs in here with the same signature.
+  Learning Research Clusters", s. 4: restart from the last checkpoint after a failure)
+  (``sim.recovery = "checkpoint"``, the default). :class:`spotpipe.sim.ftpolicy.PlannedRecovery`
+  (``sim.recovery = "policy"``) plays the shipped policy,
+  :func:`spotpipe.ft.policy.plan_recovery` (replica / mirror / CheckFree recovery of the lost
+  stages without rollback, else the checkpoint, else stop).
 
 Pure Python.
 """
@@ -27,10 +29,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spotpipe.config import FTConfig, JobConfig
+from spotpipe.config import SIM_RECOVERY, FTConfig, JobConfig
 from spotpipe.errors import ConfigError
 from spotpipe.ft.detector import detect as ft_detect
 from spotpipe.ft.detector import next_deadline
+from spotpipe.sim.network import Network
 
 Worker = tuple[int, int]  # (pipeline rank, replica)
 Detector = Callable[[float, Mapping[int, float], FTConfig], Any]
@@ -49,6 +52,8 @@ class FailureContext:
         checkpoint_step: Step of the newest complete checkpoint (``None``: none yet).
         free_nodes: Idle nodes (spares, replacements) ready now.
         config: The job.
+        locations: Location of the node of every worker slot (``replica x ranks + rank``; a lost
+            slot: its dead node's); empty: unknown (the initial placement's is used).
     """
 
     now: float
@@ -59,6 +64,28 @@ class FailureContext:
     checkpoint_step: int | None
     free_nodes: int
     config: JobConfig
+    locations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerRecovery:
+    """How one lost worker is rebuilt (for its ``recovery_finished`` event).
+
+    Attributes:
+        stage: Pipeline rank.
+        replica: Data-parallel replica.
+        strategy: Its own strategy (``mirror``, ``checkfree``, ``checkpoint``, ...).
+        why: One line from the policy.
+        bytes: State bytes moved to the new node.
+        exact: The rebuilt state equals the lost state.
+    """
+
+    stage: int
+    replica: int
+    strategy: str
+    why: str
+    bytes: int = 0
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,8 @@ class RecoveryDecision:
         replace_lost: Lost positions take idle nodes (spares or replacements).
         why: One line for the event log.
         stop: The job ends instead.
+        bytes: State bytes moved to the new nodes (0: none, or a checkpoint load).
+        workers: Per lost worker, its own strategy, reason and bytes (empty: the decision's).
     """
 
     strategy: str
@@ -81,6 +110,8 @@ class RecoveryDecision:
     replace_lost: bool
     why: str
     stop: bool = False
+    bytes: int = 0
+    workers: tuple[WorkerRecovery, ...] = ()
 
 
 class RecoveryPolicy(Protocol):
@@ -117,11 +148,21 @@ class CheckpointRestart:
         )
 
 
-def build_policy(cfg: JobConfig) -> RecoveryPolicy:
-    """The policy named by ``sim.recovery``."""
+def build_policy(cfg: JobConfig, network: Network | None = None) -> RecoveryPolicy:
+    """The policy named by ``sim.recovery``.
+
+    Args:
+        cfg: The job.
+        network: The cluster's links, to price state transfers (``policy``); ``None``: the
+            uniform link of ``[network]``.
+    """
     if cfg.sim.recovery == "checkpoint":
         return CheckpointRestart(cfg.sim.restart_s)
-    raise ConfigError(f"sim.recovery must be checkpoint, got {cfg.sim.recovery!r}")
+    if cfg.sim.recovery == "policy":
+        from spotpipe.sim.ftpolicy import PlannedRecovery  # it imports this module
+
+        return PlannedRecovery(network)
+    raise ConfigError(f"sim.recovery must be one of {', '.join(SIM_RECOVERY)}, got {cfg.sim.recovery!r}")
 
 
 def last_heartbeat(t: float, heartbeat_s: float) -> float:
