@@ -169,9 +169,25 @@ def test_phase_faults_parse_and_travel_with_their_fault() -> None:
     assert spec.phase == "backward" and spec.step == 40 and spec.kind == "kill"
     plan = FaultPlan.from_texts(["stage=1@step=3,phase=optimizer", "stage=2@step=3"], 4, 1, 10)
     assert sorted((f.stage, f.phase) for f in plan.faults_at(3)) == [(1, "optimizer"), (2, "")]
-    assert set(PHASES) == {"forward", "backward", "allreduce", "optimizer"}
+    assert set(PHASES) == {"forward", "backward", "allreduce", "optimizer", "recovery"}
     for bad, why in (("stage=1@step=3,phase=sideways", "phase must be one of"),
                      ("stage=1@stall=2s,phase=forward", "not with a stall or a rate"),
                      ("stage=1@5%/h,phase=forward", "not with a stall or a rate")):
         with pytest.raises(FaultSpecError, match=why):
             parse_fault_spec(bad)
+
+
+def test_phase_faults_are_found_without_walking_every_step() -> None:
+    import time
+
+    from spotpipe.ft.faults import FaultPlan
+
+    plan = FaultPlan.from_texts(["stage=1@step=3,phase=optimizer", "stage=2@random,phase=backward", "stage=0@step=5"], 4, 1,
+                                10_000_000, seed=3)
+    t0 = time.perf_counter()
+    found = plan.phase_faults()
+    assert time.perf_counter() - t0 < 0.5
+    assert [(f.step, f.stage, f.phase) for f in found if f.stage == 1] == [(3, 1, "optimizer")]
+    drawn = [f for f in found if f.stage == 2]
+    assert len(drawn) == 1 and drawn[0].phase == "backward" and plan.faults_at(drawn[0].step) == (drawn[0],)
+    assert all(f.phase for f in found)

@@ -235,7 +235,7 @@ def test_checkfree_plus_rebuilds_an_edge_stage_and_keeps_the_copies_equal(
         (["--set", "ft.strategy=checkfree+", "--set", "model.layers=5"], ["swap partners with equal blocks", "stage 0 2 blocks and stage 1 1"]),
         (["--fail", "stage=9@step=3"], ["stage 9 does not exist"]),
         (["--fail", "stage=1@sometime"], ["bad fault spec"]),
-        (["--fail", "stage=1@step=3,phase=sideways"], ["phase must be one of forward, backward, allreduce, optimizer"]),
+        (["--fail", "stage=1@step=3,phase=sideways"], ["phase must be one of forward, backward, allreduce, optimizer, recovery"]),
     ],
 )
 def test_refused_recovery_settings_are_one_line(
@@ -249,3 +249,73 @@ def test_refused_recovery_settings_are_one_line(
     proc = subprocess.run(helpers.spotpipe_cmd(*args, *extra), capture_output=True, text=True, timeout=100,
                           env=spotpipe_env, cwd=tmp_path)
     helpers.assert_one_line_error(proc, *needles)
+
+
+@pytest.mark.timeout(300)
+def test_a_second_kill_during_a_recovery_is_recovered_too(
+    tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], reference: Callable[[int], Path], helpers: Any
+) -> None:
+    """Stage 1 is killed; while its recovery is under way (no spare: a new process must start),
+    this test SIGKILLs the worker of stage 3. The controller plans again with both losses (or,
+    if the new generation was already installing, recovers that generation in turn); both stages
+    come back from their mirrors and the final state equals the failure-free run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "second"
+    args = ["train"]
+    for s in [*helpers.tiny, f"data.path={token_dir}", f"run.dir={run_dir}", *BASE, "ft.strategy=mirror", "ft.mirror_every=1",
+              "ft.spares=0", 'ft.faults=["stage=1@step=5"]']:
+        args += ["--set", s]
+    proc = subprocess.Popen(helpers.spotpipe_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=spotpipe_env, cwd=tmp_path)
+    second = None
+    try:
+        deadline = time.monotonic() + 150
+        while second is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            events = helpers.read_events(run_dir) if (run_dir / "events.jsonl").exists() else []
+            if any(e["event"] == "recovery_started" for e in events):
+                victim = next(e for e in events if e["event"] == "worker_start" and e["stage"] == 3)
+                os.kill(victim["pid"], signal.SIGKILL)
+                second = victim
+        out, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert second is not None, "the first recovery never started"
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+    assert f"finished: {STEPS} steps" in out, out[-2000:]
+    events = helpers.read_events(run_dir)
+    confirmed = [e["worker"] for e in events if e["event"] == "failure_confirmed"]
+    assert second["worker"] in confirmed and len(confirmed) >= 2, confirmed
+    fins = [e for e in events if e["event"] == "recovery_finished"]
+    assert {e["stage"] for e in fins} >= {1, 3} and all(e["strategy"] == "mirror" and e["exact"] for e in fins), fins
+    steps = committed(events)
+    assert [e["step"] for e in steps] == list(range(STEPS))
+    assert [e["sampler"] for e in steps] == [e["sampler"] for e in committed(helpers.read_events(reference(1)))]
+    assert_final_weights_equal(run_dir, reference(1))
+
+
+@pytest.mark.timeout(240)
+def test_a_source_lost_while_the_new_generation_installs_is_recovered_in_turn(
+    tmp_path: Path, train: Callable[..., Any], reference: Callable[[int], Path], helpers: Any
+) -> None:
+    """Stage 1 is killed; stage 0, which holds its mirror, dies while sending it (``phase=recovery``).
+    The half-installed generation is aborted and recovered in turn: stage 0 from the mirror the
+    last stage keeps, stage 1 (its mirror is gone) by CheckFree from stage 0 and stage 2."""
+    run_dir = tmp_path / "install"
+    _run(train, run_dir, "ft.strategy=auto", "ft.mirror_every=1", 'ft.faults=["stage=1@step=5", "stage=0@step=5,phase=recovery"]')
+    events = helpers.read_events(run_dir)
+    phases = [e.get("phase") for e in events if e["event"] == "fault_injected"]
+    assert phases == [None, "recovery"], phases
+    fins = [(e["stage"], e["strategy"]) for e in events if e["event"] == "recovery_finished"]
+    assert fins == [(0, "mirror"), (1, "checkfree")], fins
+    gens = [e for e in events if e["event"] == "generation"]
+    assert len(gens) == 3, gens  # the first, the aborted half-installed one, the recovered one
+    steps = committed(events)
+    assert [e["step"] for e in steps] == list(range(STEPS))
+    assert [e["sampler"] for e in steps] == [e["sampler"] for e in committed(helpers.read_events(reference(1)))]

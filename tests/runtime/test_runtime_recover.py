@@ -109,3 +109,17 @@ def test_tied_copy_state_round_trips_weights_and_moments() -> None:
     assert float(got["step"]) == 2.0
     with pytest.raises(ValueError, match="numbers"):
         rc.install_params(flat[:-3], dst.tied_parameters(), dst_opt)
+
+
+def test_flat_ranges_of_tied_and_counted_parameters() -> None:
+    """Chunk 1 under CheckFree+: the embedding copy is its first range; the norm leaves it out."""
+    from spotpipe.runtime.tied import flat_ranges
+
+    chunk = build_stage(CFG.model, 0, 1, 4, edge_copies=True)
+    params = list(chunk.parameters())
+    n_embed = chunk.embed.weight.numel()
+    total = sum(p.numel() for p in params)
+    assert flat_ranges(params, {id(p) for p in chunk.tied_parameters()}) == [(0, n_embed)]
+    copies = {id(p) for p in chunk.copy_parameters()}
+    assert flat_ranges(params, {id(p) for p in params} - copies) == [(n_embed, total - n_embed)]
+    assert flat_ranges(params, set()) == []

@@ -10,7 +10,8 @@ the ``ft.faults`` config list::
     stage=2@step=40,stall=500ms stall at a given step
     stage=2@step=40,phase=backward  kill stage 2 in the middle of step 40's backward pass; phases:
                                 forward, backward, allreduce (while the step's all-reduce runs),
-                                optimizer (after its optimizer step, before it reports the step)
+                                optimizer (after its optimizer step, before it reports the step),
+                                recovery (while it sends state in a recovery that resumes at step 40)
     10%/h                       every worker fails at 0.10 failures per hour (Poisson), converted
                                 to a per-step probability with the (measured or stated) step time
     2%/step                     every worker fails with probability 0.02 in each step
@@ -41,9 +42,9 @@ from spotpipe.errors import SpotpipeError
 
 ACCEPTED_FORMS = (
     "stage=I@step=N, stage=I,replica=R@random, stages=I+J@step=N, stage=I@stall=5s, "
-    "stage=I@step=N,stall=500ms, stage=I@step=N,phase=forward|backward|allreduce|optimizer, P%/h, P%/step, stage=I@P%/h"
+    "stage=I@step=N,stall=500ms, stage=I@step=N,phase=forward|backward|allreduce|optimizer|recovery, P%/h, P%/step, stage=I@P%/h"
 )
-PHASES = ("forward", "backward", "allreduce", "optimizer")
+PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery")
 
 KILL = "kill"
 STALL = "stall"
@@ -317,6 +318,17 @@ class FaultPlan:
                     if rng.random() < p:
                         add(Fault(step, s, r, spec.kind, rng.random(), stall, spec.text))
         return tuple(sorted(found.values(), key=lambda f: (f.at_fraction, f.stage, f.replica)))
+
+    def phase_faults(self) -> list[Fault]:
+        """The faults aimed at a phase (``phase=``), found from their specs' steps alone (a plan
+        over a million steps is not walked)."""
+        steps: set[int] = set()
+        for index, spec in enumerate(self.specs):
+            if spec.phase and spec.step is not None:
+                steps.add(spec.step)
+            elif spec.phase and spec.random_step:
+                steps.add(self._rng(index, "once").randrange(1, self.total_steps) if self.total_steps > 1 else 0)
+        return [f for step in sorted(steps) for f in self.faults_at(step) if f.phase]
 
     def all_faults(self, steps: Iterable[int] | None = None) -> list[Fault]:
         """Every fault over ``steps`` (default ``range(total_steps)``), for logs and tests."""

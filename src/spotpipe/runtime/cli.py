@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     train.add_argument(
         "--fail", action="append", default=[], metavar="SPEC",
         help="inject a fault (appended to ft.faults), e.g. stage=2@step=40, stage=1,replica=0@random, stages=1+2@step=30, "
-             "stage=2@stall=5s, stage=2@step=40,phase=backward (phases: forward, backward, allreduce, optimizer)",
+             "stage=2@stall=5s, stage=2@step=40,phase=backward (phases: forward, backward, allreduce, optimizer, recovery)",
     )
     train.add_argument(
         "--fail-rate", action="append", default=[], metavar="RATE",

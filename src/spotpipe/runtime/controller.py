@@ -402,12 +402,16 @@ class Controller(MembershipMixin, RecoveryMixin):
         if confirm and w.worker not in self._confirmed:
             self._confirmed.add(w.worker)
             self._log.write(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=reason)
+        if self.recovering is not None and w.worker in self.recovering.lost:
+            return  # already being replaced: its exit or last words change nothing
         if confirm and priority in (0, 2) and self.failure is None and (self.recovering is not None or self._recovery_enabled()):
+            rec = self.recovering
             member = self.plan is not None and any(m.worker == w.worker for m in self.plan.members)
-            if member or (self.recovering is not None and w.worker in self.recovering.lost):
+            waiting = rec is not None and w.worker in rec.status  # a survivor between generations
+            if member or waiting:
                 self._start_recovery(w, reason)
                 return
-            if self.recovering is not None and self.role_of.get((w.stage, w.replica)) == w.worker:
+            if rec is not None and self.role_of.get((w.stage, w.replica)) == w.worker:
                 # a replacement died before the new generation started: free its role, start another
                 del self.role_of[(w.stage, w.replica)]
                 if self._locals is not None and self.local_count > 0:

@@ -54,6 +54,7 @@ class FaultInjector:
         self.started: set[int] = set()
         self.deliveries: list[Delivery] = []
         self.enabled = bool(specs)
+        self._phase_faults = self.fixed.phase_faults()
 
     def expected_step_s(self) -> float:
         return statistics.median(self.step_times[-9:]) if self.step_times else 0.2
@@ -80,7 +81,7 @@ class FaultInjector:
     def phase_faults_for(self, stage: int, replica: int) -> list[tuple[int, str]]:
         """``(step, phase)`` of the phase faults the holder of this role kills itself with
         (:mod:`spotpipe.runtime.phase_fault`), those that have not fired yet."""
-        return [(f.step, f.phase) for f in self.fixed.all_faults() if f.phase and f.worker == (stage, replica)
+        return [(f.step, f.phase) for f in self._phase_faults if f.worker == (stage, replica)
                 and (f.step, f.stage, f.replica, f.spec) not in self.fired]
 
     def phase_fault_fired(self, stage: int, replica: int, step: int, phase: str) -> Fault | None:

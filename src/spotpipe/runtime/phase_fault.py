@@ -12,6 +12,8 @@ sends itself a real ``SIGKILL`` when it gets there:
   the collective runs (peers that arrived first are blocked in it);
 - ``optimizer``: right after its optimizer step, before it reports the step: the step was
   decided ``commit``, the survivors apply it, and the victim's update is lost with it.
+- ``recovery``: as a source of the state transfer of a recovery that resumes at the step (a
+  second loss while the new generation installs its state).
 
 Before it dies the worker records the fault under ``fault/<worker>`` in the store, so the
 controller's event log says which fault killed it, and a replacement is not handed it again.

@@ -22,11 +22,20 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
    then ``recovery_finished`` (bytes, seconds since the failure was confirmed) and
    ``step_replayed`` are written, one line is printed, and training replays step ``r`` with the
    same data. Survivors keep their processes throughout.
+
+Another loss during a recovery. While replacements join (step 3) the lost worker is added and
+the decision is taken again with the survivors that are left (``recovery_started`` with
+``replanned``); a mirror or a CheckFree neighbour that was lost is no longer a source. While the
+new generation installs its state (step 4) that generation is aborted and recovered in turn,
+from the survivors' statuses in it; a replacement that had not installed its state is killed
+and counted as lost too (its weights are void). Either way the resume step stays the same.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +63,8 @@ class Recovery:
     resume_step: int = 0
     outcome: str = "continue"
     reason: str = ""
+    status: dict[int, Any] = field(default_factory=dict)  # survivor -> its posted status
+    replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
 
 
 class RecoveryMixin:
@@ -71,29 +82,52 @@ class RecoveryMixin:
     def _start_recovery(self, w: Any, reason: str) -> None:
         """A member of the current generation is lost: begin (or extend) the recovery."""
         c: Any = self
-        now = time.monotonic()
         if self.recovering is None:
-            self.recovering = Recovery(c.generation, now, time.time())
+            self.recovering = Recovery(c.generation, time.monotonic(), time.time())
             try:
                 c._store.set(control.abort_key(c.generation), reason)
             except Exception:
                 pass
         rec = self.recovering
-        if w.worker in rec.lost or rec.phase != "collect":
-            if rec.phase != "collect" and w.worker not in rec.lost:
-                c.failure = c._failure_cls(w.worker, f"{reason} during the recovery of generation {rec.generation}", 0)
+        if w.worker in rec.lost:
             return
+        if rec.phase == "install":
+            # Lost while the new generation installs its state: abort that generation and recover
+            # it in turn; replacements that had not installed their state are lost with it.
+            self._restart_recovery(rec, w, reason)
+            return
+        self._add_lost(rec, w, reason)
+        if rec.phase == "replace":  # lost while replacements join: plan again with one more loss
+            if c.role_of.get((w.stage, w.replica)) == w.worker:
+                del c.role_of[(w.stage, w.replica)]
+            self._recovery_plan(rec)
+
+    def _add_lost(self, rec: Recovery, w: Any, reason: str) -> None:
+        """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed."""
         rec.lost[w.worker] = (w.stage, w.replica)
-        rec.last_loss_at = now
+        rec.last_loss_at = time.monotonic()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
         if w.local is not None and w.local.returncode() is None:
-            import os
-            import signal
-
-            try:  # silent but alive (stalled): it must not come back into the job
+            try:  # silent but alive (stalled), or a replacement whose state is void: it must not come back
                 os.kill(w.local.pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def _restart_recovery(self, rec: Recovery, w: Any, reason: str) -> None:
+        """A member of the generation being installed was lost: start a recovery of that generation."""
+        c: Any = self
+        keys = [control.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
+        done = {m.worker for m, k in zip(c.plan.members, keys) if c._store.check([k])}
+        c._progress.message(f"lost {c.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
+        self.recovering = Recovery(c.generation, rec.started, rec.wall_started)
+        try:
+            c._store.set(control.abort_key(c.generation), reason)
+        except Exception:
+            pass
+        self._add_lost(self.recovering, w, reason)
+        for role, wid in rec.new_workers.items():
+            if wid not in done and wid != w.worker:
+                self._add_lost(self.recovering, c.workers[wid], f"{c.workers[wid].name()} had not installed its state")
 
     # -- the state machine -----------------------------------------------------------------------
 
@@ -116,8 +150,6 @@ class RecoveryMixin:
         return False
 
     def _recovery_collect(self, rec: Recovery) -> None:
-        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery, swap_schedule_on
-
         c: Any = self
         now = time.monotonic()
         if now - rec.last_loss_at < COLLECT_GRACE_S:
@@ -138,11 +170,22 @@ class RecoveryMixin:
         while c.next_step < resume:  # decided "commit" but the lost worker never reported
             c._commit(c.next_step, [m for m in survivors])
             c.next_step += 1
-        rec.resume_step = resume
+        rec.status = status
+        rec.record = {"resume_step": resume}
+        self._recovery_plan(rec)
+
+    def _recovery_plan(self, rec: Recovery) -> None:
+        """Decide (again, when another worker is lost while replacements join) and ask for a
+        replacement for every lost role that has none yet."""
+        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery, swap_schedule_on
+
+        c: Any = self
+        resume = int(rec.record["resume_step"])
+        status = {w: st for w, st in rec.status.items() if w not in rec.lost}
         S, R = c.cfg.pipeline.stages, c.cfg.pipeline.replicas
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
-        by_role = {(m.stage, m.replica): m.worker for m in survivors}
+        by_role = {(c.workers[w].stage, c.workers[w].replica): w for w in status}
         if c.cfg.ft.strategy in ("auto", "mirror"):
             for role in rec.lost.values():
                 holder = mirror_holder(role[0], role[1], S)
@@ -161,12 +204,13 @@ class RecoveryMixin:
         rec.outcome = job_outcome(plans)
         for p in plans:
             c._log.write(ev.RECOVERY_STARTED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why,
-                         generation=rec.generation + 1, resume_step=resume, exact=p.exact)
+                         generation=rec.generation + 1, resume_step=resume, exact=p.exact, replanned=rec.phase == "replace")
         if rec.outcome == "stop":
             c.failure = c._failure_cls(None, f"cannot recover: {plans[0].why}", 1)
             return
         sampler = next(iter(status.values()))["sampler"] if status else None
         rec.record = {"outcome": rec.outcome, "resume_step": resume, "sampler": sampler, "lr_scale": 1.1}
+        rec.resume_step = resume
         if rec.outcome == "rollback":
             rec.record["checkpoint"] = c.last_manifest.to_grant()
             rec.resume_step = c.last_manifest.step + 1
@@ -175,14 +219,15 @@ class RecoveryMixin:
                 del c.role_of[role]
         c.plan = None
         rec.phase = "replace"
-        count = len(rec.lost)
-        taken = sum(1 for role in sorted(rec.lost.values()) if c._take_spare(*role))
-        if c._locals is not None and c.local_count > 0:
-            c._locals.start(count)  # the replacements that no spare covered, or new spares
+        new_roles = sorted(set(rec.lost.values()) - rec.replaced)
+        rec.replaced |= set(new_roles)
+        taken = sum(1 for role in new_roles if c._take_spare(*role))
+        if c._locals is not None and c.local_count > 0 and new_roles:
+            c._locals.start(len(new_roles))  # the replacements that no spare covered, or new spares
         c._progress.message(
             f"lost {', '.join(c.workers[w].name() for w in sorted(rec.lost))}: "
             f"{'rolling back to the checkpoint of step ' + str(c.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
-            f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {count} new process{'es' if count > 1 else ''}"
+            f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {len(new_roles)} new process{'es' if len(new_roles) != 1 else ''}"
         )
 
     def _recovery_replace(self, rec: Recovery) -> None:

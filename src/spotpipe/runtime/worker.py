@@ -11,7 +11,7 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    it, so a replay reads the same samples).
 2. **Compute** (may fail): the executor plays the schedule; the replica group all-reduces the
    gradients (SUM); under CheckFree+ the holders of the embedding (chunks 0, 1) and of the final
-   norm and head (S-2, S-1) add each other's gradient of them (:meth:`Worker.sum_tied_gradients`);
+   norm and head (S-2, S-1) add each other's gradient of them (:mod:`spotpipe.runtime.tied`);
    the world group all-reduces ``[squared grad norm, loss sum, microbatches, stop flag]``. That
    world all-reduce is the barrier: when it returns, every worker has finished its forward and
    backward of the step. With a replaying mirror the worker then publishes its gradient.
@@ -63,20 +63,12 @@ from spotpipe.runtime.job import build_pipeline_schedule, checkpoint_due, eval_d
 from spotpipe.runtime.optim import apply_update, build_stage_optimizer, clip_coefficient, lr_at
 from spotpipe.runtime.phase_fault import PhaseFault
 from spotpipe.runtime.stage_runner import StageRunner
+from spotpipe.runtime.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.transport import CommError
 from spotpipe.runtime.worker_recovery import WorkerRecoveryMixin
 
 EXIT_ERROR = 3
 EXIT_ORPHANED = 4
-TIE_TAG = 800_000  # message tag of the CheckFree+ tied-gradient exchange
-
-
-def _extend(ranges: list[tuple[int, int]], offset: int, n: int) -> None:
-    """Append ``[offset, offset + n)`` to sorted ranges, merging it with the last when adjacent."""
-    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
-        ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
-    else:
-        ranges.append((offset, n))
 
 
 class Worker(WorkerRecoveryMixin):
@@ -105,6 +97,7 @@ class Worker(WorkerRecoveryMixin):
         self.last_grad_norm = float("nan")  # this rank's pre-clip gradient norm of the last step (CheckFree's omega)
         self.mirror: Any = None  # the next stage's copy this worker holds (runtime.mirror)
         self._mirror_gen = 0  # generation whose start this worker published its full state for
+        self._resume_step = 0  # the step the recovery under way resumes at
         self.recoverable = self.cfg.ft.strategy != "none"
         self.fault = PhaseFault.from_grant(grant.info, store, self.id, self.cfg.pipeline.microbatches)
 
@@ -166,20 +159,15 @@ class Worker(WorkerRecoveryMixin):
         total = sum(q.numel() for q in params)
         dtype = params[0].dtype if params else torch.float32
         self.flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
-        copies = {id(q) for c in self.chunks.values() for q in c.copy_parameters()}
-        tied = {id(q) for c in self.chunks.values() for q in c.tied_parameters()}
         offset = 0
-        self.counted: list[tuple[int, int]] = []  # flat ranges in the gradient norm (copies count once)
-        self.tied: list[tuple[int, int]] = []  # flat ranges summed with the CheckFree+ swap partner
         for q in params:
             n = q.numel()
             q.grad = self.flat_grad[offset : offset + n].view_as(q)
-            if id(q) not in copies:
-                _extend(self.counted, offset, n)
-            if id(q) in tied:
-                _extend(self.tied, offset, n)
             offset += n
         self.params = params
+        copies = {id(q) for c in self.chunks.values() for q in c.copy_parameters()}
+        self.counted = flat_ranges(params, {id(q) for q in params} - copies)  # in the gradient norm (copies count once)
+        self.tied = flat_ranges(params, {id(q) for c in self.chunks.values() for q in c.tied_parameters()})  # CheckFree+
 
     def _open_data(self) -> Any:
         from spotpipe.data.tokens import TokenFile, default_cache_dir, resolve_dataset
@@ -293,7 +281,8 @@ class Worker(WorkerRecoveryMixin):
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
         if self.tied:
-            self.sum_tied_gradients(step)
+            sum_tied_gradients(self.flat_grad, self.tied, self.executor.transport, self.tie_peer, self.cfg.run.timeout_s,
+                               f"the CheckFree+ tied-gradient exchange of step {step}")
         local_sq = sum(float(self.flat_grad[o : o + n].double().pow(2).sum()) for o, n in self.counted)
         self.last_grad_norm = math.sqrt(local_sq)
         sq = local_sq if self.replica == 0 else 0.0
@@ -354,27 +343,6 @@ class Worker(WorkerRecoveryMixin):
         """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
         apply_update(self.flat_grad, self.optimizers, self.lr_scale, outcome["coef"], outcome["lr"])
         return float(outcome["lr"])
-
-    def sum_tied_gradients(self, step: int) -> None:
-        """CheckFree+: add the swap partner's gradient of the embedding (chunks 0 and 1) or of the
-        final norm and head (chunks S-2 and S-1), so both copies take the same update, as tied
-        weights do. ``a + b`` and ``b + a`` are the same float, so the copies stay bit for bit equal."""
-        partner = self.tie_peer
-        mine = torch.cat([self.flat_grad[o : o + n] for o, n in self.tied])
-        theirs = torch.empty_like(mine)
-        transport = self.executor.transport
-        what = f"the CheckFree+ tied-gradient exchange of step {step}"
-        send = transport.isend(mine, partner, TIE_TAG)
-        recv = transport.irecv(theirs, partner, TIE_TAG)
-        for handle in (recv, send):
-            try:
-                handle.wait(self.cfg.run.timeout_s)
-            except CommError as exc:
-                raise exc.with_action(what) from None
-        off = 0
-        for o, n in self.tied:
-            self.flat_grad[o : o + n].add_(theirs[off : off + n])
-            off += n
 
     def save_checkpoint(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -511,7 +479,11 @@ class Worker(WorkerRecoveryMixin):
             if self.enter_generation() is not None:
                 self.log(f"entered generation {self.generation.number if self.generation else '?'} in {time.perf_counter() - t0:.2f} s")
                 if self.grant.info.get("replacement") and self.generation is not None:
-                    self.start_step = self.recover(self.generation)
+                    try:
+                        self.start_step = self.recover(self.generation)
+                    except CommError as exc:  # lost a peer while installing: the controller decides again
+                        self.generation.abort(str(exc))
+                        self.start_step = self.on_failure(exc, self._resume_step)
                 self.train()
             self.store.set(control.bye_key(self.id), "1")
             self.log("finished")

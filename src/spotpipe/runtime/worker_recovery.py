@@ -30,7 +30,7 @@ import torch
 from spotpipe.errors import SpotpipeError
 from spotpipe.runtime import control
 from spotpipe.runtime.groups import Generation
-from spotpipe.runtime.transport import CommError
+from spotpipe.runtime.transport import CommError, GenerationAborted
 
 EXTRA_TAG = 4  # tag offset of the tied-copy state a CheckFree rebuild of chunk 1 or S-2 also gets
 
@@ -58,6 +58,8 @@ class WorkerRecoveryMixin:
     last_grad_norm: float
     swap: bool
     _mirror_gen: int
+    _resume_step: int
+    fault: Any
     schedule: Any
     num_chunks: int
 
@@ -82,6 +84,23 @@ class WorkerRecoveryMixin:
         gen = self.generation
         if not self.recoverable or gen is None:
             raise exc
+        while True:
+            self._post_survivor_status(gen, exc, step)
+            self.log(f"step {step} aborted ({' '.join(str(exc).split())[:160]}); waiting for the next generation")
+            new = self.enter_generation(after=gen.number)
+            if new is None:  # the job stops (time limit, Ctrl-C) while it waits: leave cleanly
+                self.log(f"the job stops during a recovery; step {step} is not run")
+                return self.cfg.train.steps
+            try:
+                return self.recover(new)
+            except CommError as again:  # another worker was lost during this recovery: start over
+                new.abort(str(again))
+                self.flat_grad.zero_()
+                gen, exc, step = new, again, self._resume_step
+
+    def _post_survivor_status(self, gen: Generation, exc: CommError, step: int) -> None:
+        """``gen/<g>/survivor/<id>``: the step this survivor resumes at, its data position, the step
+        of the mirror it holds, and the peer it lost (evidence for the controller)."""
         if self.mirror is not None:
             try:
                 self.mirror.settle(self.cfg.run.timeout_s)
@@ -96,12 +115,6 @@ class WorkerRecoveryMixin:
             "peer_worker": gen.plan.members[exc.peer].worker if exc.peer is not None and 0 <= exc.peer < gen.plan.world_size else None,
         }
         self.store.set(control.survivor_key(gen.number, self.id), json.dumps(status))
-        self.log(f"step {step} aborted ({' '.join(str(exc).split())[:160]}); waiting for the next generation")
-        new = self.enter_generation(after=gen.number)
-        if new is None:  # the job stops (time limit, Ctrl-C) while it waits: leave cleanly
-            self.log(f"the job stops during a recovery; step {step} is not run")
-            return self.cfg.train.steps
-        return self.recover(new)
 
     def recover(self, gen: Generation) -> int:
         """Carry out the controller's recovery decision for ``gen`` (this worker's part)."""
@@ -113,11 +126,11 @@ class WorkerRecoveryMixin:
         moved = 0
         if record["outcome"] == "rollback":
             self._load_checkpoint(record["checkpoint"])
-            step = self.start_step
+            step = self._resume_step = self.start_step
             if self.mirror is not None:  # the mirror is of a step that no longer exists
                 self.mirror.reset(gen.number)
         else:
-            step = int(record["resume_step"])
+            step = self._resume_step = int(record["resume_step"])
             rank_of = {m.worker: r for r, m in enumerate(gen.plan.members)}
             pending = list(enumerate(record["plans"]))
             while pending:
@@ -128,7 +141,12 @@ class WorkerRecoveryMixin:
                 if not ready:
                     raise SpotpipeError(f"generation {gen.number}: the recovery plans depend on each other in a cycle")
                 pending = [(i, p) for i, p in pending if (i, p) not in ready]
-                moved += self._recovery_round(gen, ready, rank_of, float(record.get("lr_scale", 1.1)))
+                try:
+                    moved += self._recovery_round(gen, ready, rank_of, float(record.get("lr_scale", 1.1)))
+                except (RuntimeError, TimeoutError) as err:  # a peer of the transfer is gone
+                    raise GenerationAborted(peer=None, peer_name=f"the world group of generation {gen.number}",
+                                            action=f"the state transfer of the recovery to step {step}",
+                                            detail=" ".join(str(err).split())[:200]) from None
             if self.id in record.get("new_workers", []):
                 self.sampler.load_state_dict(record["sampler"])
         self.flat_grad.zero_()
@@ -176,6 +194,8 @@ class WorkerRecoveryMixin:
                     extra = torch.zeros(rc.params_numel(self._tied()))
                     recvs.append((extra, rank_of[sources[extra_from]], tag + EXTRA_TAG))
                 installs.append((strat, bufs, extra))
+        if sends:
+            self.fault.hit("recovery", self._resume_step)
         rc.p2p(gen, sends, recvs, self.cfg.run.timeout_s)
         for strat, bufs, extra in installs:
             if strat == "checkfree":
