@@ -18,8 +18,8 @@ write the ``step`` event: a step is in the log only when every worker finished i
 
 Failures. Heartbeats feed :func:`spotpipe.ft.detector.detect` (the same pure function the
 simulator calls); a suspect becomes a ``failure_suspected`` event, and a dead process, a
-worker's error report, silence past ``ft.detect_timeout_s`` together with a survivor that lost
-its connection to it, or silence of ``run.timeout_s`` confirms it
+worker's error report, silence past ``ft.detect_timeout_s`` while the other members aborted
+their step, or silence of ``run.timeout_s`` confirms it
 (:mod:`spotpipe.runtime.members`). A lost worker (dead process or
 silence) starts a stage recovery (:mod:`spotpipe.runtime.supervise`) unless ``ft.strategy =
 none``; a worker's own error, or a recovery that cannot proceed, stops the job with one line that

@@ -10,9 +10,9 @@
 - **Health.** Heartbeat counters in the store feed :func:`spotpipe.ft.detector.detect` (the pure
   function the simulator calls too); a suspect becomes a ``failure_suspected`` event. A dead local
   process, a worker's error report, or silence of ``run.timeout_s`` confirms a failure
-  (:meth:`Controller._fail`). A worker silent for ``ft.detect_timeout_s`` that a survivor names
-  as the peer it lost when its step failed is confirmed at once (:meth:`_peers_lost`): how a
-  remote worker's death is confirmed without waiting for ``run.timeout_s``.
+  (:meth:`Controller._fail`). A worker silent for ``ft.detect_timeout_s`` while the other members
+  aborted their step is confirmed at once (:meth:`_step_failed_without`): how a remote worker's
+  death is confirmed without waiting for ``run.timeout_s``.
 """
 
 from __future__ import annotations
@@ -164,6 +164,8 @@ class MembershipMixin:
         for w in list(self.workers.values()):
             if w.bye and (w.local is None or w.local.returncode() is not None):
                 continue
+            if w.worker in self._confirmed:  # lost and dealt with: its later exit or silence is old news
+                continue
             try:
                 beats = int(self._store.add(control.heartbeat_key(w.worker), 0))
             except Exception:
@@ -207,9 +209,9 @@ class MembershipMixin:
                 self._log.write(ev.FAILURE_SUSPECTED, worker=wid, stage=w.stage, replica=w.replica, reason=detection.reasons[wid])
             if now - w.last_beat >= self.cfg.run.timeout_s:
                 self._fail(w, f"{w.name()} sent no heartbeat for {now - w.last_beat:.0f} s (run.timeout_s)", 2)
-            elif wid in detection.silent and wid not in self._confirmed and self._peers_lost(wid):
-                self._fail(w, f"{w.name()} sent no heartbeat for {now - w.last_beat:.1f} s and its peers lost the "
-                              "connection to it", 2)
+            elif wid in detection.silent and self._step_failed_without(wid):
+                self._fail(w, f"{w.name()} sent no heartbeat for {now - w.last_beat:.1f} s while the others aborted "
+                              "their step", 2)
         if self._transport_reports and len(self._transport_reports) > 100:
             del self._transport_reports[:-100]
 
@@ -253,19 +255,18 @@ class MembershipMixin:
             self._progress.message(f"fault injected: worker {w.worker} (stage {w.stage}, replica {w.replica}, pid {w.pid}) "
                                    f"killed itself in the {fault.phase} phase of step {fault.step + 1} ({fault.spec})")
 
-    def _peers_lost(self, wid: int) -> bool:
-        """Whether a survivor of the current generation aborted its step naming ``wid`` as the peer
-        it lost (``gen/<g>/survivor/<id>``, posted by :meth:`Worker.on_failure`). Together with
-        heartbeat silence this confirms a remote worker's loss within ``ft.detect_timeout_s``; a
-        stalled worker (peers still waiting on it) waits for ``run.timeout_s``."""
+    def _step_failed_without(self, wid: int) -> bool:
+        """Whether members of the current generation aborted their step (``gen/<g>/survivor/<id>``,
+        posted by :meth:`Worker.on_failure`) while ``wid`` did not. Together with heartbeat silence
+        this confirms a remote worker's loss within ``ft.detect_timeout_s``: its peers lost their
+        connections to it (in a collective they cannot say to whom). A stalled worker, whose peers
+        are still waiting on it, keeps its role until ``run.timeout_s``."""
         plan = getattr(self, "plan", None)
         if plan is None:
             return False
-        keys = [control.survivor_key(plan.generation, m.worker) for m in plan.members if m.worker != wid]
-        for key in keys:
-            try:
-                if self._store.check([key]) and json.loads(self._store.get(key)).get("peer_worker") == wid:
-                    return True
-            except Exception:
-                continue
-        return False
+        try:
+            if self._store.check([control.survivor_key(plan.generation, wid)]):
+                return False
+            return any(self._store.check([control.survivor_key(plan.generation, m.worker)]) for m in plan.members if m.worker != wid)
+        except Exception:
+            return False

@@ -100,7 +100,7 @@ class WorkerRecoveryMixin:
 
     def _post_survivor_status(self, gen: Generation, exc: CommError, step: int) -> None:
         """``gen/<g>/survivor/<id>``: the step this survivor resumes at, its data position, the step
-        of the mirror it holds, and the peer it lost (evidence for the controller)."""
+        of the mirror it holds, and the error that stopped it."""
         if self.mirror is not None:
             try:
                 self.mirror.settle(self.cfg.run.timeout_s)
@@ -112,7 +112,6 @@ class WorkerRecoveryMixin:
             "mirror_step": None if self.mirror is None else self.mirror.step,
             "mirror_bytes": 0 if self.mirror is None else self.mirror.nbytes,
             "error": str(exc)[:300],
-            "peer_worker": gen.plan.members[exc.peer].worker if exc.peer is not None and 0 <= exc.peer < gen.plan.world_size else None,
         }
         self.store.set(control.survivor_key(gen.number, self.id), json.dumps(status))
 
