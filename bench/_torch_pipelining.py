@@ -8,7 +8,6 @@ measure as spotpipe's ``step_time``: commit to commit).
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Any

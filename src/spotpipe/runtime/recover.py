@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from spotpipe.ft.recovery import BLOCK_PREFIX, checkfree_rebuild, complete_state
-from spotpipe.runtime import control
 
 TAG_BASE = 900_000
 
