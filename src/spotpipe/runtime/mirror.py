@@ -140,7 +140,10 @@ class MirrorKeeper(threading.Thread):
             self.step, self.data, self.seq, self.min_generation = None, None, "", min_generation
 
     def halt(self) -> None:
+        """Stop the thread and wait for it (so its store client is not torn down under it)."""
         self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
 
 class MirrorReplayer(threading.Thread):
@@ -214,7 +217,10 @@ class MirrorReplayer(threading.Thread):
             self.step, self.min_generation = None, min_generation
 
     def halt(self) -> None:
+        """Stop the thread and wait for it (so its store client is not torn down under it)."""
         self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
     # -- background thread ----------------------------------------------------------------------
 
