@@ -103,7 +103,10 @@ class RecoveryMixin:
             self._recovery_plan(rec)
 
     def _add_lost(self, rec: Recovery, w: Any, reason: str) -> None:
-        """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed."""
+        """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed, and the
+        health checks stop looking at it (its exit, silence or last words are no new failure)."""
+        c: Any = self
+        c._confirmed.add(w.worker)
         rec.lost[w.worker] = (w.stage, w.replica)
         rec.last_loss_at = time.monotonic()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
