@@ -21,7 +21,7 @@ from spotpipe.data.sampler import SequenceSampler
 from spotpipe.data.tokens import TokenFile
 from spotpipe.model.stages import build_stage
 from spotpipe.model.transformer import lm_loss
-from spotpipe.runtime.optim import build_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.runtime.state.optim import build_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
 
 
 def _free_port() -> int:

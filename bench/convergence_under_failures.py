@@ -1,6 +1,6 @@
 """Convergence under stage failures: checkpointing vs CheckFree vs CheckFree+ vs mirrors.
 
-The in-process mode (:mod:`spotpipe.ft.inprocess`) trains a 6-stage LLaMA-style model on
+The in-process mode (:mod:`spotpipe.runtime.inprocess.convergence`) trains a 6-stage LLaMA-style model on
 tinyshakespeare with every stage in one process; per-stage failures arrive at 5%, 10% and 16%
 per hour (CheckFree, Blagoev, Ersoy, Chen 2025, section 5 and Table 2), converted to per-step
 probabilities with a *stated* step time (90 s), and each lost stage is rebuilt by the shipped
@@ -72,9 +72,9 @@ import torch  # noqa: E402
 from spotpipe import __version__  # noqa: E402
 from spotpipe.config import DataConfig, JobConfig, load_config  # noqa: E402
 from spotpipe.data.tokens import default_cache_dir, resolve_dataset  # noqa: E402
-from spotpipe.ft.inprocess import run_inprocess  # noqa: E402
-from spotpipe.ft.recovery import checkfree_rebuild, checkfree_weights, import_state  # noqa: E402
-from spotpipe.runtime.local import LocalTrainer  # noqa: E402
+from spotpipe.runtime.inprocess.convergence import run_inprocess  # noqa: E402
+from spotpipe.runtime.state.rules import checkfree_rebuild, checkfree_weights, import_state  # noqa: E402
+from spotpipe.runtime.inprocess.local import LocalTrainer  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CONFIG = ROOT / "configs" / "convergence.toml"

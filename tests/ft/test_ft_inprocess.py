@@ -10,10 +10,10 @@ import torch
 from spotpipe import events as ev
 from spotpipe.config import load_config
 from spotpipe.data.tokens import TokenFile, prepare_tokens
-from spotpipe.ft.inprocess import SwapTrainer, _Run, omega_preclip, run_inprocess
-from spotpipe.ft.recovery import checkfree_weights
+from spotpipe.runtime.inprocess.convergence import SwapTrainer, _Run, omega_preclip, run_inprocess
+from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.model.transformer import lm_loss
-from spotpipe.runtime.local import LocalTrainer
+from spotpipe.runtime.inprocess.local import LocalTrainer
 
 TINY = ["model.layers=4", "model.d_model=32", "model.heads=4", "model.context=16", "pipeline.stages=4",
         "pipeline.microbatches=2", "train.batch_size=4", "train.steps=8", "train.warmup_steps=1",

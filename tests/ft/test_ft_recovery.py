@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from spotpipe.ft.recovery import (
+from spotpipe.runtime.state.rules import (
     Mirror,
     RecoveryError,
     checkfree_plus_copy,

@@ -7,7 +7,7 @@ same sampler positions as a failure-free run (each training sample used exactly 
 ``replica`` or ``mirror`` (``mirror_every = 1``) the per-step losses and the final weights and
 optimizer state (the last checkpoint) equal the failure-free run's bit for bit. Kills land at a
 random moment or, with ``phase=``, inside the forward, the backward, the step's all-reduce or
-the optimizer step (the victim SIGKILLs itself there, :mod:`spotpipe.runtime.phase_fault`).
+the optimizer step (the victim SIGKILLs itself there, :mod:`spotpipe.runtime.worker.phase_fault`).
 Two adjacent stages lost together under ``checkfree`` roll back to the checkpoint and say so.
 CheckFree+ rebuilds a lost edge stage from its swap partner and keeps the embedding and head
 copies equal through a CheckFree rebuild of the stage that holds one.
@@ -83,7 +83,7 @@ def check_survival(run_dir: Path, ref_dir: Path, helpers: Any, world: int, lost:
 
 def final_state(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Every rank's weights, AdamW state and sampler position from the run's last checkpoint."""
-    from spotpipe.runtime.checkpoint import latest_checkpoint, load_state
+    from spotpipe.runtime.state.checkpoint import latest_checkpoint, load_state
 
     manifest = latest_checkpoint(run_dir)
     assert manifest is not None and manifest.step == STEPS - 1, manifest

@@ -51,8 +51,8 @@ def reference(run_dir: Path) -> tuple[list[float], dict[int, float]]:
 
     from spotpipe.config import load_config
     from spotpipe.data.tokens import TokenFile
-    from spotpipe.ft.inprocess import SwapTrainer, swap_on
-    from spotpipe.runtime.local import LocalTrainer
+    from spotpipe.runtime.inprocess.convergence import SwapTrainer, swap_on
+    from spotpipe.runtime.inprocess.local import LocalTrainer
 
     cfg = load_config(run_dir / "config.toml")
     torch.set_num_threads(1)

@@ -16,8 +16,8 @@ from spotpipe.data.tokens import TokenFile, prepare_tokens
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import build_stage
 from spotpipe.model.transformer import build_model
-from spotpipe.runtime.local import LocalTrainer, default_num_chunks, fit_vocab
-from spotpipe.runtime.optim import build_optimizer, build_stage_optimizer, lr_at, set_lr
+from spotpipe.runtime.inprocess.local import LocalTrainer, default_num_chunks, fit_vocab
+from spotpipe.runtime.state.optim import build_optimizer, build_stage_optimizer, lr_at, set_lr
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spotpipe.runtime.checkpoint import (
+from spotpipe.runtime.state.checkpoint import (
     CheckpointError,
     check_layout,
     checkpoint_dir,

@@ -11,57 +11,57 @@ import pytest
 
 from spotpipe.config import TrainConfig
 from spotpipe.errors import SpotpipeError
-from spotpipe.runtime import control
-from spotpipe.runtime.job import checkpoint_due, eval_due
-from spotpipe.runtime.launch import describe_exit
-from spotpipe.runtime.progress import Progress, format_duration, format_rate
+from spotpipe.runtime import protocol
+from spotpipe.runtime.control.job import checkpoint_due, eval_due
+from spotpipe.runtime.control.launch import describe_exit
+from spotpipe.runtime.control.progress import Progress, format_duration, format_rate
 
 
 def test_join_proof_needs_the_token_and_is_bound_to_the_nonce() -> None:
-    token = control.new_token()
-    assert control.TOKEN_RE.match(token)
-    proof = control.join_proof(token, "job1", "n1")
-    assert control.check_proof(token, "job1", "n1", proof)
-    assert not control.check_proof(token, "job1", "n2", proof)  # a replayed proof for another nonce
-    assert not control.check_proof(token, "job2", "n1", proof)
-    assert not control.check_proof(control.new_token(), "job1", "n1", proof)
-    assert not control.check_proof(token, "job1", "n1", "")
+    token = protocol.new_token()
+    assert protocol.TOKEN_RE.match(token)
+    proof = protocol.join_proof(token, "job1", "n1")
+    assert protocol.check_proof(token, "job1", "n1", proof)
+    assert not protocol.check_proof(token, "job1", "n2", proof)  # a replayed proof for another nonce
+    assert not protocol.check_proof(token, "job2", "n1", proof)
+    assert not protocol.check_proof(protocol.new_token(), "job1", "n1", proof)
+    assert not protocol.check_proof(token, "job1", "n1", "")
     assert token not in proof
 
 
 def test_read_token_from_file_env_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    token = control.new_token()
+    token = protocol.new_token()
     path = tmp_path / "job.token"
-    control.write_private_file(path, token)
+    protocol.write_private_file(path, token)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert control.read_token(str(path)) == token
-    monkeypatch.setenv(control.TOKEN_ENV, token)
-    assert control.read_token(None) == token
-    monkeypatch.delenv(control.TOKEN_ENV)
-    assert control.read_token(None) is None
+    assert protocol.read_token(str(path)) == token
+    monkeypatch.setenv(protocol.TOKEN_ENV, token)
+    assert protocol.read_token(None) == token
+    monkeypatch.delenv(protocol.TOKEN_ENV)
+    assert protocol.read_token(None) is None
     with pytest.raises(SpotpipeError, match="does not exist"):
-        control.read_token(str(tmp_path / "nope"))
+        protocol.read_token(str(tmp_path / "nope"))
     path.write_text("zz\n")
     with pytest.raises(SpotpipeError, match="malformed"):
-        control.read_token(str(path))
-    monkeypatch.setenv(control.TOKEN_ENV, "not hex")
+        protocol.read_token(str(path))
+    monkeypatch.setenv(protocol.TOKEN_ENV, "not hex")
     with pytest.raises(SpotpipeError, match="SPOTPIPE_TOKEN is malformed"):
-        control.read_token(None)
+        protocol.read_token(None)
 
 
 @pytest.mark.parametrize("text,want", [("127.0.0.1:29400", ("127.0.0.1", 29400)), ("host.example:1", ("host.example", 1)), ("[::1]:80", ("::1", 80))])
 def test_parse_address(text: str, want: tuple[str, int]) -> None:
-    assert control.parse_address(text) == want
+    assert protocol.parse_address(text) == want
 
 
 @pytest.mark.parametrize("text", ["nohost", ":80", "h:0", "h:99999", "h:x"])
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(SpotpipeError, match="HOST:PORT"):
-        control.parse_address(text)
+        protocol.parse_address(text)
 
 
 def test_generation_plan_round_trip_and_ranks() -> None:
-    from spotpipe.runtime.groups import GenerationPlan, Member
+    from spotpipe.runtime.comm.groups import GenerationPlan, Member
 
     members = tuple(Member(10 + r * 2 + s, s, r, "h", 100 + s) for r in range(2) for s in range(2))
     plan = GenerationPlan(3, 2, 2, members)

@@ -16,11 +16,11 @@ from spotpipe.config import JobConfig, apply_overrides
 from spotpipe.data.sampler import microbatch_ids
 from spotpipe.data.tokens import TokenFile, prepare_tokens
 from spotpipe.model.stages import build_stage
-from spotpipe.runtime.executor import Executor, compile_rank
-from spotpipe.runtime.job import build_pipeline_schedule
-from spotpipe.runtime.local import LocalTrainer
-from spotpipe.runtime.stage_runner import StageRunner
-from spotpipe.runtime.transport import CommError, LocalHub, PeerTimeout
+from spotpipe.runtime.pipeline.executor import Executor, compile_rank
+from spotpipe.runtime.control.job import build_pipeline_schedule
+from spotpipe.runtime.inprocess.local import LocalTrainer
+from spotpipe.runtime.pipeline.stage_runner import StageRunner
+from spotpipe.runtime.comm.transport import CommError, LocalHub, PeerTimeout
 from spotpipe.schedule.ir import Action, Op, Schedule
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"

@@ -16,8 +16,8 @@ CHILD = textwrap.dedent(
     import json, sys, threading, time, datetime
     import torch
     from torch.distributed import TCPStore
-    from spotpipe.runtime.groups import Generation, GenerationPlan
-    from spotpipe.runtime.transport import CommError
+    from spotpipe.runtime.comm.groups import Generation, GenerationPlan
+    from spotpipe.runtime.comm.transport import CommError
 
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     store = TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=30))
@@ -73,7 +73,7 @@ CHILD = textwrap.dedent(
 def test_generation_timeout_abort_and_rebuild() -> None:
     from torch.distributed import TCPStore
 
-    from spotpipe.runtime.groups import GenerationPlan, Member
+    from spotpipe.runtime.comm.groups import GenerationPlan, Member
 
     store = TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=30), wait_for_workers=False)
     members = (Member(5, 0, 0), Member(8, 1, 0))

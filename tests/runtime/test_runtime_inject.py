@@ -9,7 +9,7 @@ import time
 import pytest
 
 from spotpipe.config import load_config
-from spotpipe.runtime.inject import FaultInjector
+from spotpipe.runtime.control.inject import FaultInjector
 
 
 @pytest.mark.timeout(30)

@@ -10,9 +10,9 @@ import torch
 
 from spotpipe.config import load_config
 from spotpipe.model.stages import build_stage
-from spotpipe.runtime.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
-from spotpipe.runtime.optim import apply_update, build_stage_optimizer
-from spotpipe.runtime.recover import flatten_rank
+from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
+from spotpipe.runtime.state.optim import apply_update, build_stage_optimizer
+from spotpipe.runtime.state.flat import flatten_rank
 
 CFG = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4",
                          "train.grad_clip=1.0"])

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from spotpipe.runtime.phase_fault import PhaseFault
+from spotpipe.runtime.worker.phase_fault import PhaseFault
 
 SCRIPT = """
 import sys
-from spotpipe.runtime.phase_fault import PhaseFault
+from spotpipe.runtime.worker.phase_fault import PhaseFault
 fault = PhaseFault({3: "backward"}, microbatches=4)
 for step in range(5):
     fault.begin_step(step)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from spotpipe.config import load_config
-from spotpipe.ft.recovery import checkfree_weights
+from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.model.stages import build_stage
-from spotpipe.runtime import control
-from spotpipe.runtime import recover as rc
-from spotpipe.runtime.optim import build_optimizer
+from spotpipe.runtime import protocol
+from spotpipe.runtime.state import flat as rc
+from spotpipe.runtime.state.optim import build_optimizer
 
 CFG = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4"])
 
@@ -72,7 +72,7 @@ def store() -> Any:
 
 def test_commit_decision_has_one_winner(store: Any) -> None:
     """Racing commit and abort writers: everyone reads the same value, whoever came first."""
-    key = control.step_decide_key(1, 3)
+    key = protocol.step_decide_key(1, 3)
     seen: list[bytes] = []
     lock = threading.Lock()
 
@@ -113,7 +113,7 @@ def test_tied_copy_state_round_trips_weights_and_moments() -> None:
 
 def test_flat_ranges_of_tied_and_counted_parameters() -> None:
     """Chunk 1 under CheckFree+: the embedding copy is its first range; the norm leaves it out."""
-    from spotpipe.runtime.tied import flat_ranges
+    from spotpipe.runtime.worker.tied import flat_ranges
 
     chunk = build_stage(CFG.model, 0, 1, 4, edge_copies=True)
     params = list(chunk.parameters())

@@ -5,9 +5,9 @@
 - :mod:`spotpipe.ft.policy` (pure): which recovery strategy rebuilds each lost stage, and why.
 - :mod:`spotpipe.ft.faults` (no torch): fault specs, a seeded per-step fault plan, and delivery of
   real signals (SIGKILL, SIGSTOP/SIGCONT) to real processes.
-- :mod:`spotpipe.ft.recovery` (torch): the recovery rules over state dicts (CheckFree, CheckFree+,
-  replica and mirror copies) and the host-memory :class:`~spotpipe.ft.recovery.Mirror`.
-- :mod:`spotpipe.ft.inprocess` (torch): the in-process convergence mode.
+- :mod:`spotpipe.runtime.state.rules` (torch): the recovery rules over state dicts (CheckFree, CheckFree+,
+  replica and mirror copies) and the host-memory :class:`~spotpipe.runtime.state.rules.Mirror`.
+- :mod:`spotpipe.runtime.inprocess.convergence` (torch): the in-process convergence mode.
 
 This package's ``__init__`` imports nothing, so importing the pure modules never pulls in torch.
 """

@@ -12,20 +12,9 @@ import argparse
 import sys
 from typing import Any
 
+from spotpipe.runtime.worker.entry import add_worker_arguments
+
 EXIT_INTERRUPTED = 130
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``spotpipe worker`` (and ``python -m spotpipe.runtime.worker``)."""
-    parser.add_argument("--join", required=True, metavar="HOST:PORT", help="the controller's address, printed by `spotpipe train`")
-    parser.add_argument("--token-file", default=None, metavar="FILE", help="file holding the job token (default: $SPOTPIPE_TOKEN)")
-    parser.add_argument(
-        "--listen-host",
-        default=None,
-        metavar="ADDR",
-        help="address the other workers reach this one on (default: this machine's address towards the controller)",
-    )
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the controller (default 60)")
 
 
 def register(subparsers: Any) -> None:
@@ -69,7 +58,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from spotpipe.errors import SpotpipeError
-    from spotpipe.runtime.job import prepare_run
+    from spotpipe.runtime.control.job import prepare_run
 
     prep = prepare_run(args.config, list(args.set), args.resume)  # bad input fails here, before torch loads
     extra = tuple(args.fail) + tuple(args.fail_rate)
@@ -80,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         parse_fault_specs(extra)  # a bad spec is one line, before anything starts
         prep = replace(prep, cfg=replace(prep.cfg, ft=replace(prep.cfg.ft, faults=prep.cfg.ft.faults + extra)))
-    from spotpipe.runtime.controller import Controller, format_result
+    from spotpipe.runtime.control.controller import Controller, format_result
 
     controller = Controller(
         prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout
@@ -97,12 +86,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from spotpipe.runtime import control
+    from spotpipe.runtime import protocol
 
     # Check the cheap things before torch is imported, so bad input fails at once.
-    control.parse_address(args.join)
-    control.read_token(args.token_file)
-    from spotpipe.runtime.worker import run_worker
+    protocol.parse_address(args.join)
+    protocol.read_token(args.token_file)
+    from spotpipe.runtime.worker.entry import run_worker
 
     return run_worker(args)
 

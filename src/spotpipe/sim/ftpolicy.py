@@ -29,7 +29,7 @@ simulator measures the policy that ships"), and prices the answer on the simulat
 * ``stop`` (no checkpoint to roll back to, or ``ft.strategy = "none"``): the job ends; the
   ``recovery_started`` event carries the policy's reason.
 
-Inputs the policy reads, as the runtime builds them (:mod:`spotpipe.runtime.supervise`): the job's
+Inputs the policy reads, as the runtime builds them (:mod:`spotpipe.runtime.control.recovery`): the job's
 ``[ft]`` section (``ft.strategy``), one stage per pipeline rank (``pipeline.stages``; a rank of an
 interleaved schedule holds all of its chunks), mirrors when ``ft.strategy`` is ``auto`` or
 ``mirror`` (the holder of stage ``s`` is :func:`~spotpipe.ft.policy.mirror_holder`, refreshed

@@ -2,7 +2,7 @@
 
 This is the ONE place that turns ``[network]`` settings into per-link latency and bandwidth; the
 simulator (:mod:`spotpipe.sim.player`) and the runtime's link-delay transport wrapper
-(:mod:`spotpipe.runtime.linkdelay`) both call it, so a simulated and an emulated cluster see the
+(:mod:`spotpipe.runtime.comm.linkdelay`) both call it, so a simulated and an emulated cluster see the
 same links. Pure Python: no torch.
 
 The matrix format is that of the SkipPipe measurements of 12 Google Cloud locations (Blagoev,

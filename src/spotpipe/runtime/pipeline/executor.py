@@ -15,7 +15,7 @@ The action list is compiled once into tuples of small integers, so the per-actio
 tuple unpack and one branch. Tensors are sent as they are (no copies); receive buffers are fresh
 tensors that become the next chunk's input directly.
 
-A failed wait raises a :class:`~spotpipe.runtime.transport.CommError` that names the peer worker,
+A failed wait raises a :class:`~spotpipe.runtime.comm.transport.CommError` that names the peer worker,
 the action and the step; the executor leaves the step half done, and :meth:`Executor.discard`
 drops what it held so the worker can abort the step and replay it.
 """
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spotpipe.runtime.stage_runner import StageRunner
-from spotpipe.runtime.transport import CommError, Handle, Transport
+from spotpipe.runtime.pipeline.stage_runner import StageRunner
+from spotpipe.runtime.comm.transport import CommError, Handle, Transport
 from spotpipe.schedule.ir import Action, Op, Schedule
 
 # Compiled opcodes.

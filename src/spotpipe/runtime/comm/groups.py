@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from spotpipe.errors import SpotpipeError
-from spotpipe.runtime.transport import CommError, ProcessGroupTransport, classify_comm_error
+from spotpipe.runtime.comm.transport import CommError, ProcessGroupTransport, classify_comm_error
 
 
 @dataclass(frozen=True)

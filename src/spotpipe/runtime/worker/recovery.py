@@ -1,20 +1,20 @@
 """Worker side of failures: abort a step, join the next generation, carry out a recovery, mirrors.
 
-:class:`WorkerRecoveryMixin` is part of :class:`spotpipe.runtime.worker.Worker` (the step loop is
-there). The controller decides (:mod:`spotpipe.runtime.supervise`); this is each worker's part.
+:class:`WorkerRecoveryMixin` is part of :class:`spotpipe.runtime.worker.worker.Worker` (the step loop is
+there). The controller decides (:mod:`spotpipe.runtime.control.recovery`); this is each worker's part.
 
 - :meth:`abort_step` discards a failed step (activations, gradients, the data position).
 - :meth:`on_failure` posts where this survivor stands, waits for the next generation, rebuilds
   the groups and calls :meth:`recover`; the loop then replays the step with the same data.
 - :meth:`recover` runs the plans of ``gen/<g>/recovery`` in rounds (a plan whose source is
   itself rebuilt in this recovery waits for a later round). Per strategy the source sends
-  (:mod:`spotpipe.runtime.recover`): ``replica`` and ``checkfree+`` its full state (CheckFree+:
+  (:mod:`spotpipe.runtime.state.flat`): ``replica`` and ``checkfree+`` its full state (CheckFree+:
   the swap partner's blocks, optimizer state and in-sync embedding or head copy; Blagoev, Ersoy,
   Chen 2025, section 3.2), ``mirror`` the copy it holds, ``checkfree`` both neighbours' blocks and
   gradient norms (section 3.1). Under the CheckFree+ swap schedule a chunk that holds a copy
   (1 or S-2) rebuilt by CheckFree also receives the exact embedding or norm and head, weights
   and moments, from its edge neighbour, so the two copies stay equal.
-- Mirrors (:mod:`spotpipe.runtime.mirror`): the owner publishes its state at the start of each
+- Mirrors (:mod:`spotpipe.runtime.worker.mirror`): the owner publishes its state at the start of each
   generation and its gradient each step (``ft.mirror_every = 1``), or its full state every N
   steps; the holder keeps the copy current in a background thread.
 """
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from spotpipe.errors import SpotpipeError
-from spotpipe.runtime import control
-from spotpipe.runtime.groups import Generation
-from spotpipe.runtime.transport import CommError, GenerationAborted
+from spotpipe.runtime import protocol
+from spotpipe.runtime.comm.groups import Generation
+from spotpipe.runtime.comm.transport import CommError, GenerationAborted
 
 EXTRA_TAG = 4  # tag offset of the tied-copy state a CheckFree rebuild of chunk 1 or S-2 also gets
 
@@ -113,14 +113,14 @@ class WorkerRecoveryMixin:
             "mirror_bytes": 0 if self.mirror is None else self.mirror.nbytes,
             "error": str(exc)[:300],
         }
-        self.store.set(control.survivor_key(gen.number, self.id), json.dumps(status))
+        self.store.set(protocol.survivor_key(gen.number, self.id), json.dumps(status))
 
     def recover(self, gen: Generation) -> int:
         """Carry out the controller's recovery decision for ``gen`` (this worker's part)."""
-        from spotpipe.runtime import recover as rc
+        from spotpipe.runtime.state import flat as rc
 
         t0 = time.perf_counter()
-        record = json.loads(rc.wait_key(self.store, control.recovery_key(gen.number), self.cfg.run.timeout_s,
+        record = json.loads(rc.wait_key(self.store, protocol.recovery_key(gen.number), self.cfg.run.timeout_s,
                                         lambda: self.stop_requested))
         moved = 0
         if record["outcome"] == "rollback":
@@ -150,7 +150,7 @@ class WorkerRecoveryMixin:
                 self.sampler.load_state_dict(record["sampler"])
         self.flat_grad.zero_()
         seconds = time.perf_counter() - t0
-        self.store.set(control.recovered_key(gen.number, self.id), json.dumps({"bytes": moved, "seconds": seconds}))
+        self.store.set(protocol.recovered_key(gen.number, self.id), json.dumps({"bytes": moved, "seconds": seconds}))
         self.log(f"generation {gen.number}: recovery part done in {seconds:.3f} s ({moved} bytes), resuming at step {step}")
         return step
 
@@ -158,7 +158,7 @@ class WorkerRecoveryMixin:
                         lr_scale: float) -> int:
         """Send and receive the state of ``plans`` (in parallel), then install what this worker
         received. Returns the bytes this worker sent or received."""
-        from spotpipe.runtime import recover as rc
+        from spotpipe.runtime.state import flat as rc
 
         moved = 0
         sends: list[tuple[torch.Tensor, int, int]] = []
@@ -236,8 +236,8 @@ class WorkerRecoveryMixin:
     def _start_mirror(self) -> None:
         """Start the background keeper of the next stage's copy (this worker is its holder)."""
         from spotpipe.model.stages import build_stage
-        from spotpipe.runtime.mirror import MirrorKeeper, MirrorReplayer
-        from spotpipe.runtime.optim import build_stage_optimizer
+        from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer
+        from spotpipe.runtime.state.optim import build_stage_optimizer
 
         mode = self._mirror_mode()
         owner = (self.stage + 1) % self.cfg.pipeline.stages
@@ -255,8 +255,8 @@ class WorkerRecoveryMixin:
     def mirror_generation_start(self, step: int) -> None:
         """Owner side, ``replay`` mode: publish the full state once per generation (the holder's
         copy starts from it) before the generation's first step ``step``."""
-        from spotpipe.runtime import recover as rc
-        from spotpipe.runtime.mirror import publish_mirror
+        from spotpipe.runtime.state import flat as rc
+        from spotpipe.runtime.worker.mirror import publish_mirror
 
         gen = self.generation
         if self._mirror_mode() != "replay" or gen is None or self._mirror_gen == gen.number:
@@ -267,7 +267,7 @@ class WorkerRecoveryMixin:
 
     def mirror_gradient(self, step: int, coef: float, lr: float) -> None:
         """Owner side, ``replay`` mode: publish the step's gradient before voting on its commit."""
-        from spotpipe.runtime.mirror import publish_gradient
+        from spotpipe.runtime.worker.mirror import publish_gradient
 
         gen = self.generation
         if self._mirror_mode() == "replay" and gen is not None:
@@ -276,8 +276,8 @@ class WorkerRecoveryMixin:
     def mirror_committed(self, step: int) -> None:
         """After committed ``step``: the holder replays it (``replay``) or the owner publishes its
         full state if due (``periodic``)."""
-        from spotpipe.runtime import recover as rc
-        from spotpipe.runtime.mirror import publish_mirror
+        from spotpipe.runtime.state import flat as rc
+        from spotpipe.runtime.worker.mirror import publish_mirror
 
         gen = self.generation.number if self.generation is not None else 0
         if self.mirror is not None:

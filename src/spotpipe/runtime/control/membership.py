@@ -1,6 +1,6 @@
 """Who is in the job: joins, warm spares, role grants, heartbeats and exits (controller side).
 
-:class:`MembershipMixin` is part of :class:`spotpipe.runtime.controller.Controller`.
+:class:`MembershipMixin` is part of :class:`spotpipe.runtime.control.controller.Controller`.
 
 - **Joins.** A worker pushes a join request on the store's queue with a proof of the job token;
   the controller answers with a role (stage, replica), keeps it as a warm spare when every role
@@ -25,9 +25,9 @@ from typing import Any
 
 from spotpipe import events as ev
 from spotpipe.config import config_to_toml
-from spotpipe.runtime import control
-from spotpipe.runtime.groups import Member
-from spotpipe.runtime.launch import LocalProcess, describe_exit
+from spotpipe.runtime import protocol
+from spotpipe.runtime.comm.groups import Member
+from spotpipe.runtime.control.launch import LocalProcess, describe_exit
 
 
 @dataclass
@@ -68,7 +68,7 @@ class MembershipMixin:
 
         while True:
             try:
-                raw = self._store.queue_pop(control.JOIN_QUEUE, block=False)
+                raw = self._store.queue_pop(protocol.JOIN_QUEUE, block=False)
             except QueueEmptyError:
                 return
             except Exception:
@@ -87,7 +87,7 @@ class MembershipMixin:
         reason = ""
         if not proof:
             reason = "missing job token (set SPOTPIPE_TOKEN or pass --token-file)"
-        elif not control.check_proof(self.token, self.job_id, nonce, proof):
+        elif not protocol.check_proof(self.token, self.job_id, nonce, proof):
             reason = "wrong job token"
         free = [r for r in self.roles if r not in self.role_of]
         if not reason and not free and not self.stop_reason and len(self.spares) < self.spare_count:
@@ -98,7 +98,7 @@ class MembershipMixin:
         if reason:
             self._log.write(ev.JOIN_REFUSED, host=host, pid=pid, reason=reason)
             self._progress.message(f"refused a worker from {host} (pid {pid}): {reason}")
-            self._store.set(control.join_response_key(nonce), json.dumps({"refused": reason}))
+            self._store.set(protocol.join_response_key(nonce), json.dumps({"refused": reason}))
             return
         stage, replica = free[0]
         wid = self._next_worker_id
@@ -108,7 +108,7 @@ class MembershipMixin:
         self.workers[wid] = state
         self.role_of[(stage, replica)] = wid
         grant = self._grant(wid, stage, replica, local)
-        self._store.set(control.join_response_key(nonce), json.dumps(grant))
+        self._store.set(protocol.join_response_key(nonce), json.dumps(grant))
         self._log.write(ev.WORKER_START, worker=wid, stage=stage, replica=replica, pid=pid, host=host,
                         generation=self.generation + 1, local=local is not None)
 
@@ -138,7 +138,7 @@ class MembershipMixin:
         self.spares.append(WorkerState(wid, -1, -1, host, pid, local, last_beat=time.monotonic()))
         grant = self._grant(wid, -1, -1, local)
         grant["spare"] = True
-        self._store.set(control.join_response_key(nonce), json.dumps(grant))
+        self._store.set(protocol.join_response_key(nonce), json.dumps(grant))
 
     def _take_spare(self, stage: int, replica: int) -> bool:
         """Hand a free role to a waiting spare (True if one was alive)."""
@@ -150,7 +150,7 @@ class MembershipMixin:
             w.stage, w.replica, w.last_beat = stage, replica, time.monotonic()
             self.workers[w.worker] = w
             self.role_of[(stage, replica)] = w.worker
-            self._store.set(control.spare_key(w.worker), json.dumps(self._grant(w.worker, stage, replica, w.local)))
+            self._store.set(protocol.spare_key(w.worker), json.dumps(self._grant(w.worker, stage, replica, w.local)))
             self._log.write(ev.WORKER_START, worker=w.worker, stage=stage, replica=replica, pid=w.pid, host=w.host,
                             generation=self.generation + 1, local=w.local is not None, spare=True)
             return True
@@ -167,27 +167,27 @@ class MembershipMixin:
             if w.worker in self._confirmed:  # lost and dealt with: its later exit or silence is old news
                 continue
             try:
-                beats = int(self._store.add(control.heartbeat_key(w.worker), 0))
+                beats = int(self._store.add(protocol.heartbeat_key(w.worker), 0))
             except Exception:
                 beats = w.beats
             if beats != w.beats:
                 w.beats, w.last_beat = beats, now
                 if w.suspected:
                     w.suspected = False
-            if not w.bye and self._store.check([control.bye_key(w.worker)]):
+            if not w.bye and self._store.check([protocol.bye_key(w.worker)]):
                 w.bye = True
-            if not w.reported and self._store.check([control.error_key(w.worker)]):
+            if not w.reported and self._store.check([protocol.error_key(w.worker)]):
                 self._read_error_report(w, now)
             if w.local is not None and w.exit_code is None:
                 code = w.local.returncode()
                 if code is not None:
                     w.exit_code = code
                     self._read_phase_fault(w)
-                    if (code != 0 or not w.bye) and not w.reported and not self._store.check([control.error_key(w.worker)]):
+                    if (code != 0 or not w.bye) and not w.reported and not self._store.check([protocol.error_key(w.worker)]):
                         said = w.local.last_log_line()
                         self._fail(w, f"{w.name()} died ({describe_exit(code)})" + (f": {said}" if said and code > 0 else ""), 0)
                         continue
-                    if not w.reported and self._store.check([control.error_key(w.worker)]):
+                    if not w.reported and self._store.check([protocol.error_key(w.worker)]):
                         self._read_error_report(w, now)
             if w.reported or w.exit_code is not None:
                 continue
@@ -220,7 +220,7 @@ class MembershipMixin:
         from spotpipe.ft.detector import TransportReport
 
         try:
-            body = json.loads(self._store.get(control.error_key(w.worker)))
+            body = json.loads(self._store.get(protocol.error_key(w.worker)))
         except Exception:
             return
         w.reported = True
@@ -241,7 +241,7 @@ class MembershipMixin:
 
     def _read_phase_fault(self, w: WorkerState) -> None:
         """A worker that killed itself for a phase fault left a note: log the fault it fired."""
-        key = control.fault_key(w.worker)
+        key = protocol.fault_key(w.worker)
         try:
             if not self._store.check([key]):
                 return
@@ -265,8 +265,8 @@ class MembershipMixin:
         if plan is None:
             return False
         try:
-            if self._store.check([control.survivor_key(plan.generation, wid)]):
+            if self._store.check([protocol.survivor_key(plan.generation, wid)]):
                 return False
-            return any(self._store.check([control.survivor_key(plan.generation, m.worker)]) for m in plan.members if m.worker != wid)
+            return any(self._store.check([protocol.survivor_key(plan.generation, m.worker)]) for m in plan.members if m.worker != wid)
         except Exception:
             return False

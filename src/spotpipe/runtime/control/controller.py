@@ -1,7 +1,7 @@
 """The controller: one per job, inside the ``spotpipe train`` process.
 
 It owns the job's ``torch.distributed.TCPStore`` (the control plane, see
-:mod:`spotpipe.runtime.control`), starts the local worker processes, hands out roles to workers
+:mod:`spotpipe.runtime.protocol`), starts the local worker processes, hands out roles to workers
 that present the job token, publishes generations, watches heartbeats and worker processes,
 commits steps, and writes the run directory: ``events.jsonl``, ``config.toml``, checkpoint
 manifests, ``loss.png``.
@@ -20,11 +20,11 @@ Failures. Heartbeats feed :func:`spotpipe.ft.detector.detect` (the same pure fun
 simulator calls); a suspect becomes a ``failure_suspected`` event, and a dead process, a
 worker's error report, silence past ``ft.detect_timeout_s`` while the other members aborted
 their step, or silence of ``run.timeout_s`` confirms it
-(:mod:`spotpipe.runtime.members`). A lost worker (dead process or
-silence) starts a stage recovery (:mod:`spotpipe.runtime.supervise`) unless ``ft.strategy =
+(:mod:`spotpipe.runtime.control.membership`). A lost worker (dead process or
+silence) starts a stage recovery (:mod:`spotpipe.runtime.control.recovery`) unless ``ft.strategy =
 none``; a worker's own error, or a recovery that cannot proceed, stops the job with one line that
 names the worker, the step and, when there is one, the checkpoint to resume from. Faults in
-``ft.faults`` are injected as real signals (:mod:`spotpipe.runtime.inject`).
+``ft.faults`` are injected as real signals (:mod:`spotpipe.runtime.control.inject`).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from typing import Any, TextIO
 from spotpipe import events as ev
 from spotpipe.config import JobConfig, config_to_toml
 from spotpipe.errors import SpotpipeError
-from spotpipe.runtime import control
-from spotpipe.runtime.checkpoint import Manifest, checkpoint_dir, write_manifest
-from spotpipe.runtime.groups import GenerationPlan, Member
-from spotpipe.runtime.launch import LocalWorkers
-from spotpipe.runtime.progress import Progress, format_duration
-from spotpipe.runtime.job import eval_due
-from spotpipe.runtime.members import MembershipMixin, WorkerState
-from spotpipe.runtime.supervise import Recovery, RecoveryMixin
+from spotpipe.runtime import protocol
+from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_manifest
+from spotpipe.runtime.comm.groups import GenerationPlan, Member
+from spotpipe.runtime.control.launch import LocalWorkers
+from spotpipe.runtime.control.progress import Progress, format_duration
+from spotpipe.runtime.control.job import eval_due
+from spotpipe.runtime.control.membership import MembershipMixin, WorkerState
+from spotpipe.runtime.control.recovery import Recovery, RecoveryMixin
 
 POLL_S = 0.05
 
@@ -137,8 +137,8 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.failure: _Failure | None = None
         self.stop_reason = ""
         self.interrupts = 0
-        self.token = control.new_token()
-        self.job_id = control.new_token()[:16]
+        self.token = protocol.new_token()
+        self.job_id = protocol.new_token()[:16]
         self.result = RunResult("failed", run_dir)
         self.last_checkpoint: int | None = None if resume is None else resume.step
         self._store: Any = None
@@ -160,7 +160,7 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.recoveries: list[dict[str, Any]] = []
         self.last_manifest: Manifest | None = resume
         self._failure_cls = _Failure
-        from spotpipe.runtime.inject import FaultInjector
+        from spotpipe.runtime.control.inject import FaultInjector
 
         self._injector = FaultInjector(cfg, self._holder_pid, self._fault_fired)
 
@@ -196,7 +196,7 @@ class Controller(MembershipMixin, RecoveryMixin):
                 f"cannot listen on {host}:{cfg.run.port} (run.host, run.port): {why}; choose another run.port, or 0 for a free one"
             ) from None
         self.port = int(self._store.port)
-        self._store.set(control.JOB_ID, self.job_id)
+        self._store.set(protocol.JOB_ID, self.job_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         self._log = ev.EventLog(self.run_dir / "events.jsonl")
@@ -223,7 +223,7 @@ class Controller(MembershipMixin, RecoveryMixin):
         if remote > 0:
             shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
             token_path = self.run_dir / "job.token"
-            control.write_private_file(token_path, self.token)
+            protocol.write_private_file(token_path, self.token)
             self._progress.message(
                 f"waiting for {remote} remote worker{'s' if remote > 1 else ''}; on each host run:\n"
                 f"  SPOTPIPE_TOKEN={self.token} spotpipe worker --join {shown}:{self.port}\n"
@@ -297,8 +297,8 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.generation += 1
         members = tuple(self.workers[self.role_of[role]].member() for role in self.roles)
         plan = GenerationPlan(self.generation, self.cfg.pipeline.stages, self.cfg.pipeline.replicas, members)
-        self._store.set(control.plan_key(self.generation), plan.to_json())
-        self._store.set(control.GEN_CURRENT, str(self.generation))
+        self._store.set(protocol.plan_key(self.generation), plan.to_json())
+        self._store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan
         self._gen_started = time.monotonic()
         self._last_commit = self._gen_started
@@ -311,7 +311,7 @@ class Controller(MembershipMixin, RecoveryMixin):
     # -- steps -----------------------------------------------------------------------------------
 
     def _poll_commits(self) -> None:
-        while self.next_step < self.cfg.train.steps and self._store.check([control.step_commit_key(self.next_step)]):
+        while self.next_step < self.cfg.train.steps and self._store.check([protocol.step_commit_key(self.next_step)]):
             self._commit(self.next_step)
             self.next_step += 1
 
@@ -319,7 +319,7 @@ class Controller(MembershipMixin, RecoveryMixin):
         """Write the ``step`` event (from every member's report, or from ``members`` only: the
         survivors of a step that was decided ``commit`` before a worker was lost)."""
         assert self.plan is not None and self._log is not None
-        keys = [control.step_report_key(step, m.worker) for m in (members if members is not None else self.plan.members)]
+        keys = [protocol.step_report_key(step, m.worker) for m in (members if members is not None else self.plan.members)]
         reports = [json.loads(raw) for raw in self._store.multi_get(keys)]
         head = reports[0]
         now = time.monotonic()
@@ -354,8 +354,8 @@ class Controller(MembershipMixin, RecoveryMixin):
         self._injector.step_committed(step_time, step == self._first_step_of_gen)
         if members is None:
             self._injector.step_started(step + 1, now)
-        scoped = [control.step_ready_key(self.generation, step), control.step_decide_key(self.generation, step)]
-        for key in keys + [control.step_done_key(step), control.step_commit_key(step)] + scoped:
+        scoped = [protocol.step_ready_key(self.generation, step), protocol.step_decide_key(self.generation, step)]
+        for key in keys + [protocol.step_done_key(step), protocol.step_commit_key(step)] + scoped:
             try:
                 self._store.delete_key(key)
             except Exception:
@@ -388,7 +388,7 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.stop_reason = reason
         if self._store is not None:
             try:
-                self._store.set(control.STOP, reason)
+                self._store.set(protocol.STOP, reason)
             except Exception:
                 pass
 
@@ -421,7 +421,7 @@ class Controller(MembershipMixin, RecoveryMixin):
             self.failure = failure
         if self.plan is not None:
             try:
-                self._store.set(control.abort_key(self.generation), reason)
+                self._store.set(protocol.abort_key(self.generation), reason)
             except Exception:
                 pass
         self._request_stop("failure")
@@ -438,7 +438,7 @@ class Controller(MembershipMixin, RecoveryMixin):
         self._injector.cancel()
         if self._store is not None:
             try:
-                self._store.set(control.END, status)
+                self._store.set(protocol.END, status)
             except Exception:
                 pass
         if self._locals is not None:
@@ -469,7 +469,7 @@ class Controller(MembershipMixin, RecoveryMixin):
             self._summarise()
             if self.cfg.run.plot and self.result.last_step >= 0:
                 try:
-                    from spotpipe.runtime.plots import plot_loss_curve
+                    from spotpipe.runtime.control.plots import plot_loss_curve
 
                     plot_loss_curve(self.run_dir / "events.jsonl", self.run_dir / "loss.png", title=self.run_dir.name)
                 except SpotpipeError as exc:

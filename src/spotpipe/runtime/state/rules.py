@@ -1,6 +1,6 @@
 """Recovery rules over stage state: CheckFree, CheckFree+, replica and mirror copies.
 
-Both the in-process convergence mode (:mod:`spotpipe.ft.inprocess`) and the multi-process
+Both the in-process convergence mode (:mod:`spotpipe.runtime.inprocess.convergence`) and the multi-process
 runtime call these functions, so a stage is rebuilt by the same code in both. They work on a
 portable *named state*::
 
@@ -155,7 +155,7 @@ def checkfree_weights(omega_prev: float, omega_next: float) -> tuple[float, floa
     """Normalised CheckFree coefficients ``(w_prev, w_next)`` that sum to 1.
 
     Which omega: the neighbours' gradient norms of the last step **before clipping**
-    (:meth:`spotpipe.runtime.local.LocalTrainer.last_grad_norms`). Reasons:
+    (:meth:`spotpipe.runtime.inprocess.local.LocalTrainer.last_grad_norms`). Reasons:
 
     1. spotpipe clips by the *global* norm over all stages (``notes/LOWERING.md``), which
        multiplies every stage's norm by the same coefficient, so the ratio, and with it the

@@ -1,6 +1,6 @@
 """Kills aimed at one phase of a step: the worker SIGKILLs itself at the planned point.
 
-A timed signal from the controller (:mod:`spotpipe.runtime.inject`) lands wherever the victim
+A timed signal from the controller (:mod:`spotpipe.runtime.control.inject`) lands wherever the victim
 happens to be; a test that must show survival of a kill *during the backward pass* or *during
 the all-reduce* needs the kill to land there. A fault spec with ``phase=`` (``stage=2@step=40,
 phase=backward``, :mod:`spotpipe.ft.faults`) is handed to the victim with its role, and the worker
@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from spotpipe.runtime import control
+from spotpipe.runtime import protocol
 
 ALLREDUCE_DELAY_S = 0.002
 
@@ -64,7 +64,7 @@ class PhaseFault:
 
     def fire(self, phase: str, step: int) -> None:
         if self.store is not None:
-            self.store.set(control.fault_key(self.worker), json.dumps({"step": step, "phase": phase, "time": time.time()}))
+            self.store.set(protocol.fault_key(self.worker), json.dumps({"step": step, "phase": phase, "time": time.time()}))
         print(f"[{time.strftime('%H:%M:%S')}] worker {self.worker}: fault injected: SIGKILL in the {phase} phase of step {step}",
               flush=True)
         if phase == "allreduce":

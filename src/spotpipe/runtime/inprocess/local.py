@@ -30,7 +30,7 @@ from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
-from spotpipe.runtime.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.runtime.state.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ time. Receives pass straight through (the receiver simply sees the message later
 point-to-point messages are delayed; collectives (the gradient all-reduce, the step barrier) run
 on the process groups directly and are not.
 
-World rank ``replica * stages + stage`` (:class:`spotpipe.runtime.groups.GenerationPlan`) is node
+World rank ``replica * stages + stage`` (:class:`spotpipe.runtime.comm.groups.GenerationPlan`) is node
 ``replica * stages + stage`` of the network, as in the simulator's placement.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spotpipe.config import JobConfig
-from spotpipe.runtime.transport import GenerationAborted, Handle, PeerTimeout, Transport
+from spotpipe.runtime.comm.transport import GenerationAborted, Handle, PeerTimeout, Transport
 from spotpipe.sim.network import Network, build_network
 
 

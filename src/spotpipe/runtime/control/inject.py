@@ -80,7 +80,7 @@ class FaultInjector:
 
     def phase_faults_for(self, stage: int, replica: int) -> list[tuple[int, str]]:
         """``(step, phase)`` of the phase faults the holder of this role kills itself with
-        (:mod:`spotpipe.runtime.phase_fault`), those that have not fired yet."""
+        (:mod:`spotpipe.runtime.worker.phase_fault`), those that have not fired yet."""
         return [(f.step, f.phase) for f in self._phase_faults if f.worker == (stage, replica)
                 and (f.step, f.stage, f.replica, f.spec) not in self.fired]
 

@@ -1,7 +1,7 @@
 """Stage state on the wire (issue 5): flat rank state, CheckFree install, tied copies, P2P.
 
-The controller decides (:mod:`spotpipe.runtime.supervise`); each worker of the new generation
-carries the decision out (:mod:`spotpipe.runtime.worker_recovery`) with these pieces. A rank's
+The controller decides (:mod:`spotpipe.runtime.control.recovery`); each worker of the new generation
+carries the decision out (:mod:`spotpipe.runtime.worker.recovery`) with these pieces. A rank's
 state travels as one flat float tensor (every chunk's state-dict tensors, then AdamW's
 ``exp_avg`` and ``exp_avg_sq`` per parameter, then a tail of per-chunk ``step``, ``lr_scale``
 and "has optimizer state" flags). Both ends build the same layout from their own chunks, which
@@ -12,11 +12,11 @@ HyperPod, 2025: peer-to-peer state, fresh communicators, processes kept).
 Strategies, as the worker executes them (the rules are in :mod:`spotpipe.ft.policy`):
 
 - ``replica``: the live replica of the same stage sends its full state (exact).
-- ``mirror``: the previous stage's worker sends the copy it keeps (:mod:`spotpipe.runtime.mirror`).
+- ``mirror``: the previous stage's worker sends the copy it keeps (:mod:`spotpipe.runtime.worker.mirror`).
 - ``checkfree+``: the swap partner sends its full state; its blocks become the lost edge
   stage's, its embedding or norm + head copy is the exact original (CheckFree+, section 3.2).
 - ``checkfree``: both neighbours send their blocks and their last pre-clip gradient norm; the
-  replacement installs :func:`spotpipe.ft.recovery.checkfree_rebuild`, fresh optimizer state and
+  replacement installs :func:`spotpipe.runtime.state.rules.checkfree_rebuild`, fresh optimizer state and
   ``lr x 1.1`` (CheckFree; Blagoev, Ersoy, Chen 2025, section 3.1).
 - ``checkpoint``: every worker loads the last complete checkpoint (the fallback when adjacent
   stages are lost together: never continue with garbage weights).
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from spotpipe.ft.recovery import BLOCK_PREFIX, checkfree_rebuild, complete_state
+from spotpipe.runtime.state.rules import BLOCK_PREFIX, checkfree_rebuild, complete_state
 
 TAG_BASE = 900_000
 

@@ -10,7 +10,7 @@ Two ways to keep it current, chosen by ``ft.mirror_every``:
   every step, it publishes only its gradient (after the replica all-reduce) with the clip
   coefficient and the learning rate, *before* it votes on the commit decision. The holder's
   background thread replays the owner's update on its copy with the same function the owner uses
-  (:func:`spotpipe.runtime.optim.apply_update`), once the holder itself saw the step commit. So the
+  (:func:`spotpipe.runtime.state.optim.apply_update`), once the holder itself saw the step commit. So the
   copy is bit for bit the owner's state after every committed step, even when the owner dies
   inside its own optimizer step (the step was decided ``commit``, the gradient is already out),
   and a refresh moves a third of the bytes of a full state. The price is the holder's CPU time
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spotpipe.runtime import control
+from spotpipe.runtime import protocol
 
 HEADER = struct.Struct("<qdd")  # step, clip coefficient, base learning rate
 
@@ -55,8 +55,8 @@ def publish_mirror(store: Any, stage: int, replica: int, step: int, flat: torch.
     """Publish the full state after committed ``step`` (in ``generation``) for the holder.
     Returns the bytes published."""
     blob = _pack(step, flat)
-    store.set(control.mirror_key(stage, replica), blob)
-    store.set(control.mirror_seq_key(stage, replica), f"{generation}:{step}")
+    store.set(protocol.mirror_key(stage, replica), blob)
+    store.set(protocol.mirror_seq_key(stage, replica), f"{generation}:{step}")
     return len(blob)
 
 
@@ -65,7 +65,7 @@ def publish_gradient(store: Any, generation: int, stage: int, replica: int, step
     """Publish ``step``'s gradient, clip coefficient and base lr for the replaying holder.
     Returns the bytes published."""
     blob = HEADER.pack(step, coef, lr) + grad.detach().float().cpu().numpy().tobytes()
-    store.set(control.mirror_grad_key(generation, stage, replica, step), blob)
+    store.set(protocol.mirror_grad_key(generation, stage, replica, step), blob)
     return len(blob)
 
 
@@ -107,14 +107,14 @@ class MirrorKeeper(threading.Thread):
 
     def fetch(self) -> None:
         """Take the newest published state if it is newer than the one held."""
-        key = control.mirror_seq_key(self.stage, self.replica)
+        key = protocol.mirror_seq_key(self.stage, self.replica)
         with self._lock:
             if not self._store.check([key]):
                 return
             seq = bytes(self._store.get(key)).decode()
             if seq == self.seq or int(seq.split(":")[0]) < self.min_generation:
                 return
-            step, data = _unpack(self._store.get(control.mirror_key(self.stage, self.replica)))
+            step, data = _unpack(self._store.get(protocol.mirror_key(self.stage, self.replica)))
             self.step, self.data, self.seq = step, data, seq
             self.bytes_received += data.nbytes + 8
 
@@ -206,7 +206,7 @@ class MirrorReplayer(threading.Thread):
         return 0 if self.step is None else 4 * 3 * self.flat_grad.numel()
 
     def tensor(self) -> torch.Tensor:
-        from spotpipe.runtime.recover import flatten_rank
+        from spotpipe.runtime.state.flat import flatten_rank
 
         with self._lock:
             return flatten_rank(self.chunks, self.optimizers, self.lr_scale)
@@ -250,19 +250,19 @@ class MirrorReplayer(threading.Thread):
         return bytes(self._store.get(key))
 
     def _replay(self, generation: int, step: int) -> None:
-        from spotpipe.runtime.optim import apply_update
-        from spotpipe.runtime.recover import unflatten_rank
+        from spotpipe.runtime.state.optim import apply_update
+        from spotpipe.runtime.state.flat import unflatten_rank
 
         if generation > self.state_generation and generation >= self.min_generation:
             # The owner publishes its full state at the start of every generation, before its
             # first step there; take it (a rebuilt owner, a rollback, or the first step).
-            seq_key = control.mirror_seq_key(self.stage, self.replica)
+            seq_key = protocol.mirror_seq_key(self.stage, self.replica)
             while True:
                 seq = self._wait(seq_key).decode()
                 if int(seq.split(":")[0]) >= generation:
                     break
                 time.sleep(0.002)
-            base, data = _unpack(self._store.get(control.mirror_key(self.stage, self.replica)))
+            base, data = _unpack(self._store.get(protocol.mirror_key(self.stage, self.replica)))
             with self._lock:
                 unflatten_rank(torch.from_numpy(data), self.chunks, self.optimizers, self.lr_scale)
                 self.step, self.state_generation = base, generation
@@ -271,7 +271,7 @@ class MirrorReplayer(threading.Thread):
             return
         if step != self.step + 1:
             raise RuntimeError(f"mirror of stage {self.stage} holds step {self.step}, cannot replay step {step}")
-        key = control.mirror_grad_key(generation, self.stage, self.replica, step)
+        key = protocol.mirror_grad_key(generation, self.stage, self.replica, step)
         blob = self._wait(key)
         at, coef, lr = HEADER.unpack_from(blob)
         grad = np.frombuffer(blob, dtype=np.float32, offset=HEADER.size)

@@ -1,10 +1,10 @@
 """In-process convergence mode: every stage in one process, failures re-initialise a stage.
 
 This is how the CheckFree authors ran their convergence experiments (Blagoev, Ersoy, Chen 2025,
-section 5): all stages train in one process on :class:`~spotpipe.runtime.local.LocalTrainer`,
+section 5): all stages train in one process on :class:`~spotpipe.runtime.inprocess.local.LocalTrainer`,
 and a failure wipes one stage's weights and optimizer state (they are overwritten with NaN, so a
 recovery that reads the lost state shows up at once), after which the stage is rebuilt by the
-same :mod:`spotpipe.ft.policy` decision and :mod:`spotpipe.ft.recovery` functions the
+same :mod:`spotpipe.ft.policy` decision and :mod:`spotpipe.runtime.state.rules` functions the
 multi-process runtime uses. The multi-process mode stays the reference for mechanics and timing.
 
 Time. Failures come from a :class:`~spotpipe.ft.faults.FaultPlan` (``ft.faults``, e.g.
@@ -56,7 +56,7 @@ from spotpipe.ft.policy import (
     plan_recovery,
     swap_schedule_on,
 )
-from spotpipe.ft.recovery import (
+from spotpipe.runtime.state.rules import (
     Mirror,
     NamedState,
     RecoveryError,
@@ -71,7 +71,7 @@ from spotpipe.ft.recovery import (
     state_nbytes,
 )
 from spotpipe.model.transformer import lm_loss
-from spotpipe.runtime.local import LocalTrainer
+from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.schedule.swap import swap_permutation
 
 EMBED_KEYS = ("embed.",)

@@ -1,6 +1,6 @@
 """A worker process: one (stage, replica) role of a pipeline-parallel job.
 
-Started by the controller (``python -m spotpipe.runtime.worker --join HOST:PORT``) or by hand on
+Started by the controller (``python -m spotpipe.runtime.worker.worker --join HOST:PORT``) or by hand on
 another machine (``spotpipe worker --join HOST:PORT``). It joins with the job token, gets a role
 and the job's config, builds its model chunks, enters the current generation (its process
 groups), and trains step by step until the job ends.
@@ -11,7 +11,7 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    it, so a replay reads the same samples).
 2. **Compute** (may fail): the executor plays the schedule; the replica group all-reduces the
    gradients (SUM); under CheckFree+ the holders of the embedding (chunks 0, 1) and of the final
-   norm and head (S-2, S-1) add each other's gradient of them (:mod:`spotpipe.runtime.tied`);
+   norm and head (S-2, S-1) add each other's gradient of them (:mod:`spotpipe.runtime.worker.tied`);
    the world group all-reduces ``[squared grad norm, loss sum, microbatches, stop flag]``. That
    world all-reduce is the barrier: when it returns, every worker has finished its forward and
    backward of the step. With a replaying mirror the worker then publishes its gradient.
@@ -26,11 +26,11 @@ One step is atomic (DESIGN.md, "Atomic steps"):
 5. **Report**: the step report goes to the store; the last worker to report sets the commit key,
    and the controller writes the ``step`` event.
 
-A communication failure in phases 2-3 raises :class:`~spotpipe.runtime.transport.CommError`.
+A communication failure in phases 2-3 raises :class:`~spotpipe.runtime.comm.transport.CommError`.
 :meth:`Worker.abort_step` then aborts the generation (so the peers wake at once), drops the
 step's activations and gradients and restores the sampler snapshot; :meth:`Worker.on_failure`
 tells the controller where it stands, waits for the next generation, rebuilds the groups, does
-its part of the recovery (:meth:`Worker.recover`, :mod:`spotpipe.runtime.recover`) and returns
+its part of the recovery (:meth:`Worker.recover`, :mod:`spotpipe.runtime.state.flat`) and returns
 the step to replay, with the same data. ``ft.strategy = none`` keeps the old behaviour: the
 error ends the worker and the job. A replacement (a new process, or a warm spare that was handed
 the role) enters the new generation and receives its state the same way.
@@ -38,11 +38,9 @@ the role) enters the new generation and receives its state the same way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 import tomllib
@@ -55,17 +53,18 @@ import torch
 from spotpipe.config import JobConfig, config_from_mapping
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import swap_schedule_on
-from spotpipe.runtime import control
-from spotpipe.runtime.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
-from spotpipe.runtime.executor import Executor, compile_rank, stage_peers
-from spotpipe.runtime.groups import Generation, GenerationPlan, resolve_backend
-from spotpipe.runtime.job import build_pipeline_schedule, checkpoint_due, eval_due
-from spotpipe.runtime.optim import apply_update, build_stage_optimizer, clip_coefficient, lr_at
-from spotpipe.runtime.phase_fault import PhaseFault
-from spotpipe.runtime.stage_runner import StageRunner
-from spotpipe.runtime.tied import flat_ranges, sum_tied_gradients
-from spotpipe.runtime.transport import CommError
-from spotpipe.runtime.worker_recovery import WorkerRecoveryMixin
+from spotpipe.runtime import protocol
+from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
+from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
+from spotpipe.runtime.comm.groups import Generation, GenerationPlan, resolve_backend
+from spotpipe.runtime.control.job import build_pipeline_schedule, checkpoint_due, eval_due
+from spotpipe.runtime.state.optim import apply_update, build_stage_optimizer, clip_coefficient, lr_at
+from spotpipe.runtime.worker.heartbeat import Heartbeat
+from spotpipe.runtime.worker.phase_fault import PhaseFault
+from spotpipe.runtime.pipeline.stage_runner import StageRunner
+from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
+from spotpipe.runtime.comm.transport import CommError
+from spotpipe.runtime.worker.recovery import WorkerRecoveryMixin
 
 EXIT_ERROR = 3
 EXIT_ORPHANED = 4
@@ -80,7 +79,7 @@ class Worker(WorkerRecoveryMixin):
         listen_host: Address peers reach this worker on.
     """
 
-    def __init__(self, store: Any, grant: control.Grant, listen_host: str) -> None:
+    def __init__(self, store: Any, grant: protocol.Grant, listen_host: str) -> None:
         self.store = store
         self.grant = grant
         self.id = grant.worker
@@ -92,7 +91,7 @@ class Worker(WorkerRecoveryMixin):
         self.name = f"worker {self.id} (stage {self.stage}, replica {self.replica})"
         self.stop_requested = False
         self.generation: Generation | None = None
-        self.heartbeat: control.Heartbeat | None = None
+        self.heartbeat: Heartbeat | None = None
         self.start_step = 0
         self.last_grad_norm = float("nan")  # this rank's pre-clip gradient norm of the last step (CheckFree's omega)
         self.mirror: Any = None  # the next stage's copy this worker holds (runtime.mirror)
@@ -212,14 +211,14 @@ class Worker(WorkerRecoveryMixin):
         number = 0
         after = max(after, int(self.grant.info.get("generation", 1)) - 1)
         while not self.stop_requested:
-            if self.store.check([control.GEN_CURRENT]):
-                number = int(self.store.get(control.GEN_CURRENT))
+            if self.store.check([protocol.GEN_CURRENT]):
+                number = int(self.store.get(protocol.GEN_CURRENT))
                 if number > after:
                     break
             time.sleep(0.02)
         if self.stop_requested:
             return None
-        plan = GenerationPlan.from_json(self.store.get(control.plan_key(number)))
+        plan = GenerationPlan.from_json(self.store.get(protocol.plan_key(number)))
         rank = plan.rank_of_worker(self.id)
         gen = Generation(self.store, plan, rank, self.backend, self.cfg.run.timeout_s, self.listen_host, self.device)
         self.generation = gen
@@ -235,7 +234,7 @@ class Worker(WorkerRecoveryMixin):
         partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
         self.tie_peer = peers(partners[0]) if partners else -1
         rows = self.cfg.train.batch_size // (p.replicas * p.microbatches)
-        from spotpipe.runtime.linkdelay import wrap_for_job  # [network] link-delay emulation (issue 3)
+        from spotpipe.runtime.comm.linkdelay import wrap_for_job  # [network] link-delay emulation (issue 3)
 
         self.executor = Executor(
             compile_rank(self.schedule, self.stage, peers),
@@ -317,15 +316,15 @@ class Worker(WorkerRecoveryMixin):
         Raises:
             CommError: the step was decided ``abort``.
         """
-        from spotpipe.runtime.transport import GenerationAborted
+        from spotpipe.runtime.comm.transport import GenerationAborted
 
         gen = self.generation
         assert gen is not None
         if not self.recoverable:
             return
-        key = control.step_decide_key(gen.number, step)
-        abort = control.abort_key(gen.number)
-        if self.store.add(control.step_ready_key(gen.number, step), 1) >= gen.plan.world_size:
+        key = protocol.step_decide_key(gen.number, step)
+        abort = protocol.abort_key(gen.number)
+        if self.store.add(protocol.step_ready_key(gen.number, step), 1) >= gen.plan.world_size:
             self.store.compare_set(key, "", "commit")
         while True:
             if self.store.check([key]):
@@ -364,10 +363,10 @@ class Worker(WorkerRecoveryMixin):
         """Phase 4: publish the report; the last of the world to report commits the step."""
         gen = self.generation
         assert gen is not None
-        self.store.set(control.step_report_key(step, self.id), json.dumps(report))
-        done = self.store.add(control.step_done_key(step), 1)
+        self.store.set(protocol.step_report_key(step, self.id), json.dumps(report))
+        done = self.store.add(protocol.step_done_key(step), 1)
         if done == gen.plan.world_size:
-            self.store.set(control.step_commit_key(step), str(gen.number))
+            self.store.set(protocol.step_commit_key(step), str(gen.number))
 
     def evaluate(self, step: int) -> float | None:
         """Validation loss over the first ``train.eval_batches`` batches of the val split (the
@@ -445,7 +444,7 @@ class Worker(WorkerRecoveryMixin):
 
     def _stop_reason(self) -> str:
         try:
-            return self.store.get(control.STOP).decode()
+            return self.store.get(protocol.STOP).decode()
         except Exception:
             return ""
 
@@ -466,7 +465,7 @@ class Worker(WorkerRecoveryMixin):
 
     def run(self) -> int:
         """Set up, train, report. Returns the process exit code."""
-        self.heartbeat = control.Heartbeat(
+        self.heartbeat = Heartbeat(
             self.store, self.id, self.cfg.run.heartbeat_s, self._request_stop, self._abort_generation, self._orphaned
         )
         self.heartbeat.start()
@@ -485,7 +484,7 @@ class Worker(WorkerRecoveryMixin):
                         self.generation.abort(str(exc))
                         self.start_step = self.on_failure(exc, self._resume_step)
                 self.train()
-            self.store.set(control.bye_key(self.id), "1")
+            self.store.set(protocol.bye_key(self.id), "1")
             self.log("finished")
             return 0
         except CommError as exc:
@@ -521,76 +520,10 @@ class Worker(WorkerRecoveryMixin):
             if comm.peer is not None and gen is not None and 0 <= comm.peer < gen.plan.world_size:
                 body["peer"] = gen.plan.members[comm.peer].worker
         try:
-            self.store.set(control.error_key(self.id), json.dumps(body))
+            self.store.set(protocol.error_key(self.id), json.dumps(body))
         except Exception:
             pass
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry points
-
-
-def wait_as_spare(store: Any, grant: control.Grant) -> control.Grant | None:
-    """A warm standby: load torch and build a throwaway stage (the first model build of a process
-    is slow), then wait for the controller to hand over a lost role. None: the job ended."""
-    from spotpipe.model.stages import build_stage
-
-    cfg = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
-    threads = int(grant.info.get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    build_stage(cfg.model, cfg.train.seed, 0, cfg.pipeline.stages)
-    print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: warm, waiting for a role", flush=True)
-    key = control.spare_key(grant.worker)
-    while True:
-        if store.check([key]):
-            info = json.loads(store.get(key))
-            print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
-            return control.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
-        if store.check([control.END]) or store.check([control.STOP]):
-            return None
-        time.sleep(0.02)
-
-
-def run_worker(args: argparse.Namespace) -> int:
-    """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
-    host, port = control.parse_address(args.join)
-    token = control.read_token(args.token_file)
-    store = control.connect_store(host, port, args.timeout)
-    listen_host = args.listen_host or control.local_address_towards(host, port)
-    grant = control.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
-    try:
-        if grant.info.get("spare"):
-            assigned = wait_as_spare(store, grant)
-            if assigned is None:
-                os._exit(0)
-            grant = assigned
-        code = Worker(store, grant, listen_host).run()
-    except BaseException:  # a bug: the controller already has the one-line report; log the rest
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    # Everything is written and fsynced; skip the interpreter's slow teardown of torch, gloo and
-    # the store client (seconds on a busy machine, during which the controller waits).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from spotpipe.runtime.cli import add_worker_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m spotpipe.runtime.worker", description="A spotpipe worker process.")
-    add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_worker(args)
-    except SpotpipeError as exc:
-        print(f"spotpipe worker: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from spotpipe.runtime.transport import CommError, Transport
+from spotpipe.runtime.comm.transport import CommError, Transport
 
 TIE_TAG = 800_000  # message tag of the tied-gradient exchange
 

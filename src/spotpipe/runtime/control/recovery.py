@@ -1,6 +1,6 @@
 """Controller side of stage recovery without restarts (issue 5).
 
-:class:`RecoveryMixin` is part of :class:`spotpipe.runtime.controller.Controller`. When a worker
+:class:`RecoveryMixin` is part of :class:`spotpipe.runtime.control.controller.Controller`. When a worker
 is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
 ``ft.strategy`` is not ``none``, the controller does not stop the job; it runs a recovery:
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spotpipe import events as ev
-from spotpipe.runtime import control
+from spotpipe.runtime import protocol
 
 COLLECT_GRACE_S = 0.3
 
@@ -85,7 +85,7 @@ class RecoveryMixin:
         if self.recovering is None:
             self.recovering = Recovery(c.generation, time.monotonic(), time.time())
             try:
-                c._store.set(control.abort_key(c.generation), reason)
+                c._store.set(protocol.abort_key(c.generation), reason)
             except Exception:
                 pass
         rec = self.recovering
@@ -119,12 +119,12 @@ class RecoveryMixin:
     def _restart_recovery(self, rec: Recovery, w: Any, reason: str) -> None:
         """A member of the generation being installed was lost: start a recovery of that generation."""
         c: Any = self
-        keys = [control.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
+        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
         done = {m.worker for m, k in zip(c.plan.members, keys) if c._store.check([k])}
         c._progress.message(f"lost {c.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
         self.recovering = Recovery(c.generation, rec.started, rec.wall_started)
         try:
-            c._store.set(control.abort_key(c.generation), reason)
+            c._store.set(protocol.abort_key(c.generation), reason)
         except Exception:
             pass
         self._add_lost(self.recovering, w, reason)
@@ -158,7 +158,7 @@ class RecoveryMixin:
         if now - rec.last_loss_at < COLLECT_GRACE_S:
             return
         survivors = [m for m in c.plan.members if m.worker not in rec.lost]
-        keys = [control.survivor_key(rec.generation, m.worker) for m in survivors]
+        keys = [protocol.survivor_key(rec.generation, m.worker) for m in survivors]
         if survivors and not c._store.check(keys):
             self._timed_out(rec, "survivors to abort their step")
             return
@@ -248,7 +248,7 @@ class RecoveryMixin:
                           "sources": [c.role_of[src] for src in p.sources]})
         rec.record["plans"] = plans
         rec.record["new_workers"] = sorted(rec.new_workers.values())
-        c._store.set(control.recovery_key(c.generation + 1), json.dumps(rec.record))
+        c._store.set(protocol.recovery_key(c.generation + 1), json.dumps(rec.record))
         c.next_step = rec.resume_step
         c._publish_generation("recovery: " + rec.reason[:200])
         rec.new_generation = c.generation
@@ -256,7 +256,7 @@ class RecoveryMixin:
 
     def _recovery_install(self, rec: Recovery) -> None:
         c: Any = self
-        keys = [control.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
+        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
         if not c._store.check(keys):
             self._timed_out(rec, "the new generation to install the recovered state")
             return

@@ -120,7 +120,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     of them is wrong."""
     from spotpipe.data.sampler import SequenceSampler
     from spotpipe.data.tokens import default_cache_dir, resolve_dataset
-    from spotpipe.runtime.checkpoint import check_layout, latest_checkpoint
+    from spotpipe.runtime.state.checkpoint import check_layout, latest_checkpoint
 
     if resume_dir is not None:
         run_dir = Path(resume_dir)

@@ -1,6 +1,6 @@
 """Local worker processes: start them, watch them, and make sure none outlives the job.
 
-Workers are started with :mod:`subprocess` as ``python -m spotpipe.runtime.worker --join
+Workers are started with :mod:`subprocess` as ``python -m spotpipe.runtime.worker.worker --join
 HOST:PORT``, each in its own session (so a Ctrl-C on the terminal reaches only the controller,
 which then stops them in order). The job token travels in the environment (``SPOTPIPE_TOKEN``),
 never on the command line, where any user could read it. Output goes to
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from spotpipe.runtime.control import TOKEN_ENV
+from spotpipe.runtime.protocol import TOKEN_ENV
 
 
 @dataclass

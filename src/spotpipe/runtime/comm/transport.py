@@ -15,7 +15,7 @@ Implementations:
 
 * :class:`ProcessGroupTransport`: torch.distributed P2P over one generation's world process group
   (gloo on CPU, NCCL on CUDA). ``abort()`` runs the generation's abort hook (see
-  :mod:`spotpipe.runtime.groups`), which wakes every pending wait of that generation on this
+  :mod:`spotpipe.runtime.comm.groups`), which wakes every pending wait of that generation on this
   worker and on its peers.
 * :class:`LocalHub` / :class:`QueueTransport`: in-process transport between threads, for tests of
   the executor and for an in-process player; same semantics, no sockets.
@@ -206,7 +206,7 @@ class ProcessGroupTransport:
         group: The process group (``ProcessGroupGloo`` or ``ProcessGroupNCCL``) of the generation.
         peer_names: World rank -> how to name that worker in errors.
         on_abort: Called once by :meth:`abort`; it aborts the generation's groups (see
-            :class:`spotpipe.runtime.groups.Generation`).
+            :class:`spotpipe.runtime.comm.groups.Generation`).
         poll_completion: Wait by polling ``is_completed`` (NCCL) instead of a timed ``wait`` (gloo).
     """
 

@@ -1,0 +1,1 @@
+"""The controller process: membership, recovery supervisor, local launch, fault injection, progress, plots."""

@@ -1,0 +1,1 @@
+"""Single-process reference trainer and the in-process convergence mode."""

@@ -1,0 +1,104 @@
+"""How a worker process starts: ``spotpipe worker --join HOST:PORT`` and
+``python -m spotpipe.runtime.worker``.
+
+Parses the arguments, joins the job (:func:`spotpipe.runtime.protocol.request_join`), waits as a
+warm spare when the controller says so, then runs :class:`spotpipe.runtime.worker.worker.Worker`.
+This module imports torch only inside :func:`run_worker`, so ``spotpipe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from spotpipe.errors import SpotpipeError
+from spotpipe.runtime import protocol
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``spotpipe worker`` (and ``python -m spotpipe.runtime.worker``)."""
+    parser.add_argument("--join", required=True, metavar="HOST:PORT", help="the controller's address, printed by `spotpipe train`")
+    parser.add_argument("--token-file", default=None, metavar="FILE", help="file holding the job token (default: $SPOTPIPE_TOKEN)")
+    parser.add_argument(
+        "--listen-host",
+        default=None,
+        metavar="ADDR",
+        help="address the other workers reach this one on (default: this machine's address towards the controller)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the controller (default 60)")
+
+
+
+def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
+    """A warm standby: load torch and build a throwaway stage (the first model build of a process
+    is slow), then wait for the controller to hand over a lost role. None: the job ended."""
+    import tomllib
+
+    import torch
+
+    from spotpipe.config import config_from_mapping
+    from spotpipe.model.stages import build_stage
+
+    cfg = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
+    threads = int(grant.info.get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    build_stage(cfg.model, cfg.train.seed, 0, cfg.pipeline.stages)
+    print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: warm, waiting for a role", flush=True)
+    key = protocol.spare_key(grant.worker)
+    while True:
+        if store.check([key]):
+            info = json.loads(store.get(key))
+            print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
+            return protocol.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
+        if store.check([protocol.END]) or store.check([protocol.STOP]):
+            return None
+        time.sleep(0.02)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
+    host, port = protocol.parse_address(args.join)
+    token = protocol.read_token(args.token_file)
+    store = protocol.connect_store(host, port, args.timeout)
+    listen_host = args.listen_host or protocol.local_address_towards(host, port)
+    grant = protocol.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
+    try:
+        if grant.info.get("spare"):
+            assigned = wait_as_spare(store, grant)
+            if assigned is None:
+                os._exit(0)
+            grant = assigned
+        from spotpipe.runtime.worker.worker import Worker
+
+        code = Worker(store, grant, listen_host).run()
+    except BaseException:  # a bug: the controller already has the one-line report; log the rest
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    # Everything is written and fsynced; skip the interpreter's slow teardown of torch, gloo and
+    # the store client (seconds on a busy machine, during which the controller waits).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spotpipe.runtime.worker", description="A spotpipe worker process.")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_worker(args)
+    except SpotpipeError as exc:
+        print(f"spotpipe worker: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
