@@ -11,8 +11,8 @@ import torch
 from spotpipe.config import load_config
 from spotpipe.model.stages import build_stage
 from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
-from spotpipe.runtime.state.optim import apply_update, build_stage_optimizer
-from spotpipe.runtime.state.flat import flatten_rank
+from spotpipe.runtime.state.optimizer import ChunkAdamW
+from spotpipe.runtime.state.stage_state import StageState
 
 CFG = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4",
                          "train.grad_clip=1.0"])
@@ -42,16 +42,20 @@ def test_mirror_keeper_holds_the_newest_published_state(store: Any) -> None:
     assert keeper.step == 3 and torch.equal(keeper.tensor(), torch.full((10,), 3.0))
 
 
-def _owner(stage: int) -> tuple[dict[int, Any], dict[int, Any], dict[int, float], torch.Tensor]:
-    chunks = {stage: build_stage(CFG.model, CFG.train.seed, stage, 4)}
-    opts = {stage: build_stage_optimizer(chunks[stage], CFG.train)}
-    params = list(chunks[stage].parameters())
+def _state(stage: int, seed: int, scale: float = 1.0) -> StageState:
+    chunks = {stage: build_stage(CFG.model, seed, stage, 4)}
+    return StageState(chunks, ChunkAdamW(chunks, CFG.train), {stage: scale})
+
+
+def _owner(stage: int) -> tuple[StageState, torch.Tensor]:
+    state = _state(stage, CFG.train.seed, 1.25)  # lr factors travel as float32 (install_checkfree rounds)
+    params = list(state.chunks[stage].parameters())
     flat = torch.zeros(sum(p.numel() for p in params))
     off = 0
     for p in params:
         p.grad = flat[off : off + p.numel()].view_as(p)
         off += p.numel()
-    return chunks, opts, {stage: 1.25}, flat  # lr factors travel as float32 (recover.install_checkfree rounds)
+    return state, flat
 
 
 @pytest.mark.timeout(60)
@@ -59,24 +63,23 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
     """The holder replays the owner's published gradients with the owner's update rule: after
     every committed step its copy (weights, moments, step, lr factor) is the owner's exactly;
     steps that were never committed are never applied."""
-    chunks, opts, scale, flat = _owner(2)
-    chunks[2].blocks[0].attn_norm.weight.data.mul_(1.5)  # the owner's state is not a fresh build
-    holder_chunks = {2: build_stage(CFG.model, 7, 2, 4)}
-    mirror = MirrorReplayer(store, 2, 0, holder_chunks, {2: build_stage_optimizer(holder_chunks[2], CFG.train)}, timeout_s=10)
+    owner, flat = _owner(2)
+    owner.chunks[2].blocks[0].attn_norm.weight.data.mul_(1.5)  # the owner's state is not a fresh build
+    mirror = MirrorReplayer(store, 2, 0, _state(2, 7), timeout_s=10)
     mirror.start()
     try:
-        publish_mirror(store, 2, 0, 9, flatten_rank(chunks, opts, scale), generation=1)  # state after step 9
+        publish_mirror(store, 2, 0, 9, owner.flat(), generation=1)  # state after step 9
         gen = torch.Generator().manual_seed(0)
         for step in range(10, 14):
             flat.copy_(torch.randn(flat.shape, generator=gen) * (3.0 if step == 11 else 0.1))
             coef, lr = (0.25 if step == 11 else 1.0), 1e-3 * step
             publish_gradient(store, 1, 2, 0, step, flat, coef, lr)
-            apply_update(flat, opts, scale, coef, lr)
+            owner.apply_update(flat, coef, lr)
             mirror.committed(1, step)
         publish_gradient(store, 1, 2, 0, 14, torch.ones_like(flat), 1.0, 1.0)  # published, never committed
         mirror.settle(10.0)
         assert mirror.error == "" and mirror.step == 13
-        assert torch.equal(mirror.tensor(), flatten_rank(chunks, opts, scale))
+        assert torch.equal(mirror.tensor(), owner.flat())
         assert mirror.nbytes == 3 * 4 * flat.numel()
     finally:
         mirror.halt()
@@ -85,12 +88,11 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
 @pytest.mark.timeout(60)
 def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
     """A copy that would skip a step is marked unusable (step None), never silently wrong."""
-    chunks, opts, scale, flat = _owner(1)
-    holder_chunks = {1: build_stage(CFG.model, 7, 1, 4)}
-    mirror = MirrorReplayer(store, 1, 0, holder_chunks, {1: build_stage_optimizer(holder_chunks[1], CFG.train)}, timeout_s=5)
+    owner, flat = _owner(1)
+    mirror = MirrorReplayer(store, 1, 0, _state(1, 7), timeout_s=5)
     mirror.start()
     try:
-        publish_mirror(store, 1, 0, 4, flatten_rank(chunks, opts, scale), generation=3)
+        publish_mirror(store, 1, 0, 4, owner.flat(), generation=3)
         publish_gradient(store, 3, 1, 0, 6, flat, 1.0, 1e-3)
         mirror.committed(3, 6)
         mirror.settle(5.0)

@@ -1,4 +1,4 @@
-"""Worker-side recovery pieces: flat rank state, CheckFree install, tied-copy state, the commit decision."""
+"""Worker-side recovery pieces: the stage state's flat form, CheckFree install, tied-copy state, the commit decision."""
 
 from __future__ import annotations
 
@@ -13,54 +13,69 @@ from spotpipe.config import load_config
 from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.model.stages import build_stage
 from spotpipe.runtime import protocol
-from spotpipe.runtime.state import flat as rc
-from spotpipe.runtime.state.optim import build_optimizer
+from spotpipe.runtime.state.optimizer import ChunkAdamW
+from spotpipe.runtime.state.stage_state import StageState
 
 CFG = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4"])
 
 
-def _rank(stage: int, seed: int, steps: int) -> tuple[dict[int, Any], dict[int, Any], dict[int, float]]:
+def _rank(stage: int, seed: int, steps: int) -> StageState:
     chunk = build_stage(CFG.model, seed, stage, 4)
-    opt = build_optimizer(chunk.parameters(), CFG.train)
+    state = StageState({stage: chunk}, ChunkAdamW({stage: chunk}, CFG.train), {stage: 1.0 if steps else 1.1})
     for _ in range(steps):
         for p in chunk.parameters():
             p.grad = torch.randn_like(p)
-        opt.step()
-    return {stage: chunk}, {stage: opt}, {stage: 1.0 if steps else 1.1}
+        state.optimizer.step(CFG.train.lr, state.lr_scale)
+    return state
+
+
+def _adam(state: StageState, stage: int) -> Any:
+    return state.optimizer.by_chunk[stage]  # type: ignore[attr-defined]
 
 
 def test_flat_state_round_trip_is_exact() -> None:
     src = _rank(1, 0, 3)
     dst = _rank(1, 7, 0)
-    flat = rc.flatten_rank(*src)
-    assert flat.numel() == rc.rank_numel(dst[0])
-    rc.unflatten_rank(flat, *dst)
-    for (k, a), (_, b) in zip(src[0][1].state_dict().items(), dst[0][1].state_dict().items()):
+    flat = src.flat()
+    assert flat.numel() == dst.numel()
+    dst.load_flat(flat)
+    for (k, a), (_, b) in zip(src.chunks[1].state_dict().items(), dst.chunks[1].state_dict().items()):
         assert torch.equal(a, b), k
-    for pa, pb in zip(src[0][1].parameters(), dst[0][1].parameters()):
-        sa, sb = src[1][1].state[pa], dst[1][1].state[pb]
+    for pa, pb in zip(src.chunks[1].parameters(), dst.chunks[1].parameters()):
+        sa, sb = _adam(src, 1).state[pa], _adam(dst, 1).state[pb]
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
         assert float(sa["step"]) == float(sb["step"]) == 3.0
-    assert dst[2][1] == 1.0
+    assert dst.lr_scale[1] == 1.0
     # One more identical optimizer step on both keeps them identical (the moments moved too).
-    for o, c in ((src[1][1], src[0][1]), (dst[1][1], dst[0][1])):
-        for p in c.parameters():
+    for state in (src, dst):
+        for p in state.chunks[1].parameters():
             p.grad = torch.ones_like(p)
-        o.step()
-    assert all(torch.equal(a, b) for a, b in zip(src[0][1].parameters(), dst[0][1].parameters()))
+        state.optimizer.step(CFG.train.lr, state.lr_scale)
+    assert all(torch.equal(a, b) for a, b in zip(src.chunks[1].parameters(), dst.chunks[1].parameters()))
+    with pytest.raises(ValueError, match="numbers"):
+        dst.load_flat(flat[:-1])
+
+
+def test_checkpoint_form_round_trips_and_names_the_file() -> None:
+    src, dst = _rank(2, 0, 2), _rank(2, 5, 0)
+    dst.load_checkpoint(src.to_checkpoint(), "ckpt/rank-2.pt")
+    assert torch.equal(dst.flat(), src.flat())
+    with pytest.raises(ValueError, match="ckpt/rank-1.pt holds chunks"):
+        _rank(1, 0, 0).load_checkpoint(src.to_checkpoint(), "ckpt/rank-1.pt")
 
 
 def test_checkfree_install_is_the_weighted_average_with_fresh_state() -> None:
-    prev, nxt, tgt = _rank(1, 1, 1)[0], _rank(3, 2, 1)[0], _rank(2, 3, 2)
-    a = rc.flatten_blocks(prev, 3.0)
-    b = rc.flatten_blocks(nxt, 1.0)
-    w = rc.install_checkfree(a, b, tgt[0], tgt[1], tgt[2], 1.1)
+    prev, nxt, tgt = _rank(1, 1, 1), _rank(3, 2, 1), _rank(2, 3, 2)
+    a = prev.blocks_flat(3.0)
+    b = nxt.blocks_flat(1.0)
+    assert a.numel() == tgt.numel(blocks_only=True)
+    w = tgt.install_checkfree(a, b, 1.1)
     assert w == (3.0, 1.0)
     wa, wb = checkfree_weights(3.0, 1.0)
-    sp, sn, st = prev[1].state_dict(), nxt[3].state_dict(), tgt[0][2].state_dict()
+    sp, sn, st = prev.chunks[1].state_dict(), nxt.chunks[3].state_dict(), tgt.chunks[2].state_dict()
     for k in st:
         assert torch.allclose(st[k], (wa * sp[k].double() + wb * sn[k].double()).float(), atol=1e-6), k
-    assert not tgt[1][2].state and tgt[2][2] == pytest.approx(1.1, rel=1e-7)  # float32, as the flat state carries it
+    assert not _adam(tgt, 2).state and tgt.lr_scale[2] == pytest.approx(1.1, rel=1e-7)  # float32, as the flat state carries it
 
 
 @pytest.fixture()
@@ -92,23 +107,23 @@ def test_commit_decision_has_one_winner(store: Any) -> None:
 
 def test_tied_copy_state_round_trips_weights_and_moments() -> None:
     """CheckFree of chunk 1 under CheckFree+ also installs the exact embedding copy from chunk 0."""
-    src = build_stage(CFG.model, 0, 0, 4, edge_copies=True)
-    opt = build_optimizer(src.parameters(), CFG.train)
+    src_chunk = build_stage(CFG.model, 0, 0, 4, edge_copies=True)
+    src = StageState({0: src_chunk}, ChunkAdamW({0: src_chunk}, CFG.train))
     for _ in range(2):
-        for p in src.parameters():
+        for p in src_chunk.parameters():
             p.grad = torch.randn_like(p)
-        opt.step()
-    dst = build_stage(CFG.model, 9, 1, 4, edge_copies=True)
-    dst_opt = build_optimizer(dst.parameters(), CFG.train)
-    flat = rc.flatten_params(src.tied_parameters(), opt)
-    assert flat.numel() == rc.params_numel(dst.tied_parameters())
-    rc.install_params(flat, dst.tied_parameters(), dst_opt)
-    assert torch.equal(dst.embed.weight, src.embed.weight)
-    got, want = dst_opt.state[dst.embed.weight], opt.state[src.embed.weight]
+        src.optimizer.step(CFG.train.lr, src.lr_scale)
+    dst_chunk = build_stage(CFG.model, 9, 1, 4, edge_copies=True)
+    dst = StageState({1: dst_chunk}, ChunkAdamW({1: dst_chunk}, CFG.train))
+    flat = src.tied_flat()
+    assert flat.numel() == dst.tied_numel()
+    dst.install_tied(flat)
+    assert torch.equal(dst_chunk.embed.weight, src_chunk.embed.weight)
+    got, want = _adam(dst, 1).state[dst_chunk.embed.weight], _adam(src, 0).state[src_chunk.embed.weight]
     assert torch.equal(got["exp_avg"], want["exp_avg"]) and torch.equal(got["exp_avg_sq"], want["exp_avg_sq"])
     assert float(got["step"]) == 2.0
     with pytest.raises(ValueError, match="numbers"):
-        rc.install_params(flat[:-3], dst.tied_parameters(), dst_opt)
+        dst.install_tied(flat[:-3])
 
 
 def test_flat_ranges_of_tied_and_counted_parameters() -> None:

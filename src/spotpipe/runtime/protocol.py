@@ -97,7 +97,7 @@ def bye_key(worker: int) -> str:
     return f"bye/{worker}"
 
 
-# Stage recovery (issue 5; see spotpipe.runtime.state.flat and spotpipe.runtime.control.recovery).
+# Stage recovery (see spotpipe.runtime.control.recovery and spotpipe.runtime.worker.recovery).
 
 
 def step_ready_key(generation: int, step: int) -> str:

@@ -20,7 +20,7 @@ Failures. Heartbeats feed :func:`spotpipe.ft.detector.detect` (the same pure fun
 simulator calls); a suspect becomes a ``failure_suspected`` event, and a dead process, a
 worker's error report, silence past ``ft.detect_timeout_s`` while the other members aborted
 their step, or silence of ``run.timeout_s`` confirms it
-(:mod:`spotpipe.runtime.control.membership`). A lost worker (dead process or
+(:mod:`spotpipe.runtime.control.membership`, with the pure rules of :mod:`spotpipe.ft.confirm`). A lost worker (dead process or
 silence) starts a stage recovery (:mod:`spotpipe.runtime.control.recovery`) unless ``ft.strategy =
 none``; a worker's own error, or a recovery that cannot proceed, stops the job with one line that
 names the worker, the step and, when there is one, the checkpoint to resume from. Faults in
@@ -38,7 +38,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,8 +51,11 @@ from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, format_duration
 from spotpipe.runtime.control.job import eval_due
-from spotpipe.runtime.control.membership import MembershipMixin, WorkerState
-from spotpipe.runtime.control.recovery import Recovery, RecoveryMixin
+from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
+from spotpipe.runtime.control.context import ControlContext
+from spotpipe.runtime.control.launch import LocalProcess
+from spotpipe.runtime.control.membership import Membership, WorkerState
+from spotpipe.runtime.control.recovery import RecoverySupervisor
 
 POLL_S = 0.05
 
@@ -86,16 +89,11 @@ class RunResult:
     lost_s: float = 0.0
 
 
-@dataclass
-class _Failure:
-    worker: int | None
-    reason: str
-    priority: int  # 0 = a process died, 1 = a worker's own error, 2 = timeout / silence, 3 = lost peer
-    at: float = field(default_factory=time.time)
-
-
-class Controller(MembershipMixin, RecoveryMixin):
-    """Runs one job.
+class Controller:
+    """Runs one job: owns the store, the event log and the step commits; its parts are the job's
+    :class:`Membership` (joins, spares, health) and :class:`RecoverySupervisor` (stage recovery),
+    which reach the controller only through :class:`ControlContext` and the small host interfaces
+    they declare (``MembershipHost``, ``RecoveryHost``).
 
     Args:
         cfg: The resolved, validated job (``model.vocab_size`` fitted to the data).
@@ -124,42 +122,34 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.out = out or sys.stdout
         self.layout = layout or {}
         p = cfg.pipeline
-        self.roles = [(stage, replica) for replica in range(p.replicas) for stage in range(p.stages)]
-        self.world_size = len(self.roles)
+        self.world_size = p.stages * p.replicas
         self.local_count = self.world_size if cfg.run.local_workers < 0 else cfg.run.local_workers
-        self.workers: dict[int, WorkerState] = {}
-        self.role_of: dict[tuple[int, int], int] = {}
         self.plan: GenerationPlan | None = None
         self.generation = 0
         self.next_step = 0 if resume is None else resume.step + 1
         self.start_step = self.next_step
         self.pending_evals: list[int] = []
-        self.failure: _Failure | None = None
+        self.failure: Failure | None = None
         self.stop_reason = ""
         self.interrupts = 0
         self.token = protocol.new_token()
         self.job_id = protocol.new_token()[:16]
         self.result = RunResult("failed", run_dir)
         self.last_checkpoint: int | None = None if resume is None else resume.step
-        self._store: Any = None
-        self._locals: LocalWorkers | None = None
-        self._log: ev.EventLog | None = None
         self._progress = Progress(cfg.train.steps, self.out, enabled=cfg.run.progress)
+        self.ctx = ControlContext(cfg, self._progress)
         self._t0 = time.time()
         self._last_commit = time.monotonic()
         self._gen_started = time.monotonic()
         self._first_loss: float | None = None
         self._first_step_of_gen = -1
         self._old_handlers: dict[int, Any] = {}
-        self._next_worker_id = 0
-        self._confirmed: set[int] = set()
-        self._transport_reports: list[Any] = []
-        self.recovering: Recovery | None = None
-        self.spares: list[WorkerState] = []  # warm standby workers without a role
-        self.spare_count = cfg.ft.spares if cfg.ft.strategy != "none" and self.local_count > 0 else 0
-        self.recoveries: list[dict[str, Any]] = []
+        spare_count = cfg.ft.spares if cfg.ft.strategy != "none" and self.local_count > 0 else 0
+        self.spare_count = spare_count
         self.last_manifest: Manifest | None = resume
-        self._failure_cls = _Failure
+        self._threads = 0
+        self.members = Membership(self.ctx, self, self.token, self.job_id, spare_count)
+        self.supervisor = RecoverySupervisor(self.ctx, self.members, self)
         from spotpipe.runtime.control.inject import FaultInjector
 
         self._injector = FaultInjector(cfg, self._holder_pid, self._fault_fired)
@@ -188,20 +178,20 @@ class Controller(MembershipMixin, RecoveryMixin):
         cfg = self.cfg
         host = cfg.run.host
         try:
-            self._store = TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
+            self.ctx.store = TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
         except Exception as exc:
             text = str(exc)
             why = "address already in use" if "EADDRINUSE" in text or "already in use" in text else " ".join(text.split())[:120]
             raise SpotpipeError(
                 f"cannot listen on {host}:{cfg.run.port} (run.host, run.port): {why}; choose another run.port, or 0 for a free one"
             ) from None
-        self.port = int(self._store.port)
-        self._store.set(protocol.JOB_ID, self.job_id)
+        self.port = int(self.ctx.store.port)
+        self.ctx.store.set(protocol.JOB_ID, self.job_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
-        self._log = ev.EventLog(self.run_dir / "events.jsonl")
+        self.ctx.log = ev.EventLog(self.run_dir / "events.jsonl")
         self._t0 = time.time()
-        self._log.write(
+        self.ctx.log.write(
             ev.RUN_START,
             name=self.run_dir.name,
             config=dataclasses.asdict(cfg),
@@ -233,15 +223,15 @@ class Controller(MembershipMixin, RecoveryMixin):
                 self._progress.message("note: run.host is 127.0.0.1, which other machines cannot reach; set run.host=0.0.0.0")
         cpus = os.cpu_count() or 1
         threads = max(1, cpus // max(1, self.local_count)) if self.local_count else 0
-        self._locals = LocalWorkers(address, self.token, self.run_dir / "logs", threads=threads)
+        self.ctx.locals = LocalWorkers(address, self.token, self.run_dir / "logs", threads=threads)
         self._threads = threads
-        self._locals.start(self.local_count)
+        self.ctx.locals.start(self.local_count)
 
     # ------------------------------------------------------------------------------------------
     # Main loop
 
     def _loop(self) -> str:
-        assert self._store is not None
+        assert self.ctx.store is not None
         next_health = 0.0
         join_timeout = max(60.0, self.cfg.run.timeout_s)
         join_deadline = time.monotonic() + join_timeout if self.local_count == self.world_size else math.inf
@@ -254,31 +244,32 @@ class Controller(MembershipMixin, RecoveryMixin):
                 self._progress.message("stopping after the current step (Ctrl-C again to kill the workers now)")
             if self.interrupts and self.plan is None:
                 return "interrupted"
-            self._accept_joins()
-            if self.recovering is not None and self.failure is None:
-                self._drive_recovery()
-            elif self.plan is None and len(self.role_of) == self.world_size:
-                self._publish_generation("initial membership" if self.generation == 0 else "membership changed")
-            if self.plan is not None and self.recovering is None:
-                self._poll_commits()
+            self.members.accept_joins()
+            if self.supervisor.recovering is not None and self.failure is None:
+                self.supervisor.drive()
+            elif self.plan is None and len(self.members.role_of) == self.world_size:
+                self.publish_generation("initial membership" if self.generation == 0 else "membership changed")
+            if self.plan is not None and self.supervisor.recovering is None:
+                self.poll_commits()
                 self._poll_evals()
             self._injector.poll(time.monotonic())
             if now >= next_health:
-                self._check_health(now)
+                self.members.check_health(now)
                 next_health = now + min(self.cfg.run.heartbeat_s, 0.5) / 2
             if self.failure is not None:
                 return "failed"
-            if self.recovering is not None and self.stop_reason and all(
-                self.workers[w].bye or self.workers[w].exit_code is not None
-                for w in self.role_of.values() if w not in self.recovering.lost
+            if self.supervisor.recovering is not None and self.stop_reason and all(
+                self.members.workers[w].bye or self.members.workers[w].exit_code is not None
+                for w in self.members.role_of.values() if w not in self.supervisor.recovering.lost
             ):
                 return "interrupted" if self.stop_reason == "interrupt" else "finished"
-            if self.plan is not None and self.recovering is None and all(self.workers[w].bye for w in self.role_of.values()):
-                self._poll_commits()
+            if self.plan is not None and self.supervisor.recovering is None and all(self.members.workers[w].bye for w in self.members.role_of.values()):
+                self.poll_commits()
                 self._poll_evals()
                 return "interrupted" if self.stop_reason == "interrupt" else "finished"
             if self.plan is None and self.generation == 0 and now > join_deadline:
-                self.failure = _Failure(None, f"only {len(self.role_of)} of {self.world_size} workers joined within {join_timeout:.0f} s", 2)
+                self.fail(Failure(None, f"only {len(self.members.role_of)} of {self.world_size} workers joined within {join_timeout:.0f} s",
+                                  FailureKind.SILENCE, time.time()))
                 return "failed"
             limit = self.cfg.train.max_minutes
             if limit > 0 and not self.stop_reason and time.time() - self._t0 > limit * 60:
@@ -292,42 +283,42 @@ class Controller(MembershipMixin, RecoveryMixin):
 
     # -- joins and generations -----------------------------------------------------------------
 
-    def _publish_generation(self, reason: str) -> None:
-        assert self._log is not None
+    def publish_generation(self, reason: str) -> None:
+        assert self.ctx.log is not None
         self.generation += 1
-        members = tuple(self.workers[self.role_of[role]].member() for role in self.roles)
+        members = self.members.members()
         plan = GenerationPlan(self.generation, self.cfg.pipeline.stages, self.cfg.pipeline.replicas, members)
-        self._store.set(protocol.plan_key(self.generation), plan.to_json())
-        self._store.set(protocol.GEN_CURRENT, str(self.generation))
+        self.ctx.store.set(protocol.plan_key(self.generation), plan.to_json())
+        self.ctx.store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan
         self._gen_started = time.monotonic()
         self._last_commit = self._gen_started
         self._first_step_of_gen = self.next_step
-        self._log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
+        self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
-        if self.generation == 1 and self.spare_count and self._locals is not None:
-            self._locals.start(self.spare_count)  # warm standbys, once every role is held
+        if self.generation == 1 and self.spare_count and self.ctx.locals is not None:
+            self.ctx.locals.start(self.spare_count)  # warm standbys, once every role is held
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def _poll_commits(self) -> None:
-        while self.next_step < self.cfg.train.steps and self._store.check([protocol.step_commit_key(self.next_step)]):
-            self._commit(self.next_step)
+    def poll_commits(self) -> None:
+        while self.next_step < self.cfg.train.steps and self.ctx.store.check([protocol.step_commit_key(self.next_step)]):
+            self.commit(self.next_step)
             self.next_step += 1
 
-    def _commit(self, step: int, members: list[Member] | None = None) -> None:
+    def commit(self, step: int, members: list[Member] | None = None) -> None:
         """Write the ``step`` event (from every member's report, or from ``members`` only: the
         survivors of a step that was decided ``commit`` before a worker was lost)."""
-        assert self.plan is not None and self._log is not None
+        assert self.plan is not None and self.ctx.log is not None
         keys = [protocol.step_report_key(step, m.worker) for m in (members if members is not None else self.plan.members)]
-        reports = [json.loads(raw) for raw in self._store.multi_get(keys)]
+        reports = [json.loads(raw) for raw in self.ctx.store.multi_get(keys)]
         head = reports[0]
         now = time.monotonic()
         step_time = now - self._last_commit
         self._last_commit = now
         t = self.cfg.train
         loss = float(head["loss"])
-        self._log.write(
+        self.ctx.log.write(
             ev.STEP,
             step=step,
             loss=loss,
@@ -357,12 +348,12 @@ class Controller(MembershipMixin, RecoveryMixin):
         scoped = [protocol.step_ready_key(self.generation, step), protocol.step_decide_key(self.generation, step)]
         for key in keys + [protocol.step_done_key(step), protocol.step_commit_key(step)] + scoped:
             try:
-                self._store.delete_key(key)
+                self.ctx.store.delete_key(key)
             except Exception:
                 pass
 
     def _write_manifest(self, step: int, ckpts: dict[int, dict[str, Any]]) -> None:
-        assert self._log is not None
+        assert self.ctx.log is not None
         if len(ckpts) != self.cfg.pipeline.stages:
             self._progress.message(f"warning: checkpoint of step {step} is incomplete ({len(ckpts)} of {self.cfg.pipeline.stages} ranks)")
             return
@@ -371,60 +362,107 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.last_manifest = write_manifest(directory, step, files, self.layout)
         seconds = max(float(c.get("seconds", 0.0)) for c in ckpts.values())
         self.last_checkpoint = step
-        self._log.write(ev.CHECKPOINT, step=step, path=str(directory), seconds=seconds)
+        self.ctx.log.write(ev.CHECKPOINT, step=step, path=str(directory), seconds=seconds)
 
     def _poll_evals(self) -> None:
-        assert self._log is not None
-        while self.pending_evals and self._store.check([f"eval/{self.pending_evals[0]}"]):
+        assert self.ctx.log is not None
+        while self.pending_evals and self.ctx.store.check([f"eval/{self.pending_evals[0]}"]):
             step = self.pending_evals.pop(0)
-            body = json.loads(self._store.get(f"eval/{step}"))
+            body = json.loads(self.ctx.store.get(f"eval/{step}"))
             val = body.get("val_loss")
-            self._log.write(ev.EVAL, step=step, val_loss=val)
+            self.ctx.log.write(ev.EVAL, step=step, val_loss=val)
             if val is not None:
                 self.result.val_loss = float(val)
                 self._progress.message(f"step {step + 1}: validation loss {float(val):.4f}")
 
     def _request_stop(self, reason: str) -> None:
         self.stop_reason = reason
-        if self._store is not None:
+        if self.ctx.store is not None:
             try:
-                self._store.set(protocol.STOP, reason)
+                self.ctx.store.set(protocol.STOP, reason)
             except Exception:
                 pass
 
     # -- health ----------------------------------------------------------------------------------
 
-    def _fail(self, w: WorkerState, reason: str, priority: int, at: float | None = None, confirm: bool = True) -> None:
-        """Record a failure; the job stops. The best explanation (lowest priority: 0 a process
-        died, 1 a worker's own error, 2 a timeout or silence, 3 a lost peer) is the one reported."""
-        assert self._log is not None
-        failure = _Failure(w.worker, reason, priority, at or time.time())
-        if confirm and w.worker not in self._confirmed:
-            self._confirmed.add(w.worker)
-            self._log.write(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=reason)
-        if self.recovering is not None and w.worker in self.recovering.lost:
-            return  # already being replaced: its exit or last words change nothing
-        if confirm and priority in (0, 2) and self.failure is None and (self.recovering is not None or self._recovery_enabled()):
-            rec = self.recovering
-            member = self.plan is not None and any(m.worker == w.worker for m in self.plan.members)
-            waiting = rec is not None and w.worker in rec.status  # a survivor between generations
-            if member or waiting:
-                self._start_recovery(w, reason)
-                return
-            if rec is not None and self.role_of.get((w.stage, w.replica)) == w.worker:
-                # a replacement died before the new generation started: free its role, start another
-                del self.role_of[(w.stage, w.replica)]
-                if self._locals is not None and self.local_count > 0:
-                    self._locals.start(1)
-                return
-        if self.failure is None or (failure.priority, failure.at) < (self.failure.priority, self.failure.at):
-            self.failure = failure
+    def fail(self, failure: Failure) -> None:
+        """Stop the job; of all failures seen the best explanation is reported
+        (:func:`spotpipe.ft.confirm.better_explanation`)."""
+        self.failure = better_explanation(self.failure, failure)
         if self.plan is not None:
             try:
-                self._store.set(protocol.abort_key(self.generation), reason)
+                self.ctx.store.set(protocol.abort_key(self.generation), failure.reason)
             except Exception:
                 pass
         self._request_stop("failure")
+
+    def on_failure(self, w: WorkerState | None, failure: Failure, confirm: bool) -> None:
+        """A failure observed by the health checks (``confirm``: a confirmed loss of ``w``).
+
+        A confirmed loss that :func:`spotpipe.ft.confirm.starts_recovery` of a member (or of a
+        survivor waiting between generations) starts or extends a stage recovery; a replacement
+        that died before its generation started is replaced again; anything else stops the job.
+        """
+        if w is None:
+            self.failure = better_explanation(self.failure, failure)
+            return
+        if confirm and w.worker not in self.members.confirmed:
+            self.members.confirmed.add(w.worker)
+            self.ctx.event(ev.FAILURE_CONFIRMED, worker=w.worker, stage=w.stage, replica=w.replica, reason=failure.reason)
+        rec = self.supervisor.recovering
+        if rec is not None and w.worker in rec.lost:
+            return  # already being replaced: its exit or last words change nothing
+        if confirm and starts_recovery(failure) and self.failure is None and (rec is not None or self.supervisor.enabled()):
+            member = self.plan is not None and any(m.worker == w.worker for m in self.plan.members)
+            waiting = rec is not None and w.worker in rec.status  # a survivor between generations
+            if member or waiting:
+                self.supervisor.start(w, failure.reason)
+                return
+            if rec is not None and self.members.role_of.get((w.stage, w.replica)) == w.worker:
+                # a replacement died before the new generation started: free its role, start another
+                self.members.free_role(w.worker, (w.stage, w.replica))
+                if self.ctx.locals is not None and self.local_count > 0:
+                    self.ctx.locals.start(1)
+                return
+        self.fail(failure)
+
+    def on_exit(self, w: WorkerState) -> None:
+        """A local worker exited: a worker that killed itself for a phase fault left a note; log it."""
+        key = protocol.fault_key(w.worker)
+        try:
+            if not self.ctx.store.check([key]):
+                return
+            body = json.loads(self.ctx.store.get(key))
+        except Exception:
+            return
+        fault = self._injector.phase_fault_fired(w.stage, w.replica, int(body["step"]), str(body["phase"]))
+        if fault is not None:
+            self.ctx.event(ev.FAULT_INJECTED, step=fault.step, stage=fault.stage, replica=fault.replica, worker=w.worker,
+                           pid=w.pid, kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction, phase=fault.phase)
+            self._progress.message(f"fault injected: worker {w.worker} (stage {w.stage}, replica {w.replica}, pid {w.pid}) "
+                                   f"killed itself in the {fault.phase} phase of step {fault.step + 1} ({fault.spec})")
+
+    def make_grant(self, worker: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
+        """What a worker is told when it joins (or a spare when it takes a role)."""
+        return {
+            "worker": worker,
+            "stage": stage,
+            "replica": replica,
+            "config": config_to_toml(self.cfg),
+            "run_dir": str(self.run_dir.resolve()),
+            "token_dir": self.token_dir,
+            "token_sha256": self.token_sha256,
+            "resume": None if self.resume is None or self.supervisor.recovering is not None else self.resume.to_grant(),
+            "replacement": self.supervisor.recovering is not None,
+            "threads": self._threads if local is not None else 0,
+            "local_index": local.index if local is not None else 0,
+            "generation": self.generation + 1,
+            "phase_faults": self._injector.phase_faults_for(stage, replica),
+        }
+
+    def restart_step_clock(self) -> None:
+        """The next committed step's time is measured from now."""
+        self._last_commit = time.monotonic()
 
     # ------------------------------------------------------------------------------------------
     # Shutdown
@@ -436,25 +474,25 @@ class Controller(MembershipMixin, RecoveryMixin):
         if status != "finished" and not self.stop_reason:
             self._request_stop("interrupt" if status == "interrupted" else "failure")
         self._injector.cancel()
-        if self._store is not None:
+        if self.ctx.store is not None:
             try:
-                self._store.set(protocol.END, status)
+                self.ctx.store.set(protocol.END, status)
             except Exception:
                 pass
-        if self._locals is not None:
+        if self.ctx.locals is not None:
             if status == "failed":
                 # Survivors see the abort and report why they stopped; give them a moment, then
                 # read every report and exit status, so the message names the root cause.
-                self._locals.wait_all(3.0)
+                self.ctx.locals.wait_all(3.0)
                 try:
-                    self._check_health(time.monotonic())
+                    self.members.check_health(time.monotonic())
                 except Exception:
                     pass
             elif status == "interrupted" and self.interrupts < 2:
-                self._locals.wait_all(10.0)
+                self.ctx.locals.wait_all(10.0)
             else:
-                self._locals.wait_all(5.0)
-            self._locals.stop_all(grace_s=2.0)
+                self.ctx.locals.wait_all(5.0)
+            self.ctx.locals.stop_all(grace_s=2.0)
         wall = time.time() - self._t0
         self.result.status = status
         self.result.wall_s = wall
@@ -462,10 +500,10 @@ class Controller(MembershipMixin, RecoveryMixin):
         self.result.first_loss = self._first_loss
         if status == "failed":
             self.result.message = self._failure_message()
-        if self._log is not None:
-            self._log.write(ev.RUN_END, steps=self.result.last_step + 1, wall=wall, status=status,
+        if self.ctx.log is not None:
+            self.ctx.log.write(ev.RUN_END, steps=self.result.last_step + 1, wall=wall, status=status,
                             reason=self.result.message or self.stop_reason or None)
-            self._log.close()
+            self.ctx.log.close()
             self._summarise()
             if self.cfg.run.plot and self.result.last_step >= 0:
                 try:
@@ -478,19 +516,17 @@ class Controller(MembershipMixin, RecoveryMixin):
         token_path = self.run_dir / "job.token"
         if token_path.exists():
             token_path.unlink()
-        if self._store is not None:
-            del self._store
-            self._store = None
+        self.ctx.store = None  # drop the store server: its port is free again
 
     def _holder_pid(self, stage: int, replica: int) -> tuple[int, int] | None:
-        wid = self.role_of.get((stage, replica))
-        if wid is None or self.recovering is not None:
+        wid = self.members.role_of.get((stage, replica))
+        if wid is None or self.supervisor.recovering is not None:
             return None
-        return wid, self.workers[wid].pid
+        return wid, self.members.workers[wid].pid
 
     def _fault_fired(self, fault: Any, worker: int, pid: int) -> None:
-        assert self._log is not None
-        self._log.write(ev.FAULT_INJECTED, step=fault.step, stage=fault.stage, replica=fault.replica, worker=worker, pid=pid,
+        assert self.ctx.log is not None
+        self.ctx.log.write(ev.FAULT_INJECTED, step=fault.step, stage=fault.stage, replica=fault.replica, worker=worker, pid=pid,
                         kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction)
         self._progress.message(f"fault injected: {fault.kind} worker {worker} (stage {fault.stage}, replica {fault.replica}, "
                                f"pid {pid}) during step {fault.step + 1} ({fault.spec})")

@@ -1,12 +1,12 @@
 """Controller side of stage recovery without restarts (issue 5).
 
-:class:`RecoveryMixin` is part of :class:`spotpipe.runtime.control.controller.Controller`. When a worker
+:class:`RecoverySupervisor` is owned by :class:`spotpipe.runtime.control.controller.Controller`. When a worker
 is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
 ``ft.strategy`` is not ``none``, the controller does not stop the job; it runs a recovery:
 
 1. **Collect.** It aborts the generation (``gen/<g>/abort``) and waits until every surviving
    member has posted ``gen/<g>/survivor/<worker>`` (the step it aborted, its sampler position,
-   the step of the mirror it holds). Workers lost within 0.3 s of each other are one failure
+   the step of the mirror it holds). Workers lost within :data:`~spotpipe.ft.confirm.GROUPING_WINDOW_S` of each other are one failure
    (two adjacent stages killed together). Survivors agree on the step to resume at, ``r``: the
    commit protocol (``gen/<g>/step/<k>/decide``, see :meth:`Worker.decide`) lets either every
    survivor apply a step or none. A step decided ``commit`` whose lost worker never reported is
@@ -38,12 +38,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from spotpipe import events as ev
+from spotpipe.ft.confirm import Failure, FailureKind, same_failure
 from spotpipe.runtime import protocol
-
-COLLECT_GRACE_S = 0.3
+from spotpipe.runtime.comm.groups import GenerationPlan, Member
+from spotpipe.runtime.control.context import ControlContext
+from spotpipe.runtime.control.membership import Membership, WorkerState
+from spotpipe.runtime.state.checkpoint import Manifest
 
 
 @dataclass
@@ -67,25 +70,66 @@ class Recovery:
     replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
 
 
-class RecoveryMixin:
-    """The recovery state machine (see the module docstring). Mixed into the Controller."""
+class RecoveryHost(Protocol):
+    """What :class:`RecoverySupervisor` needs from the controller: the generation and step counters
+    it moves, the commit log it completes, and a way to stop the job."""
 
-    recovering: Recovery | None
-    recoveries: list[dict[str, Any]]
+    plan: GenerationPlan | None
+    generation: int
+    next_step: int
+    last_checkpoint: int | None
+    last_manifest: Manifest | None
+    stop_reason: str
+    local_count: int
+
+    def poll_commits(self) -> None:
+        """Write the ``step`` events of steps every member committed."""
+        ...
+
+    def commit(self, step: int, members: list[Member] | None = None) -> None:
+        """Write step ``step``'s event from ``members``' reports (the survivors of a decided step)."""
+        ...
+
+    def publish_generation(self, reason: str) -> None:
+        """Publish the next generation from the current role table."""
+        ...
+
+    def restart_step_clock(self) -> None:
+        """The next step's time starts now (not at the failure)."""
+        ...
+
+    def fail(self, failure: Failure) -> None:
+        """Stop the job with ``failure`` as (a candidate for) its reason."""
+        ...
+
+
+class RecoverySupervisor:
+    """The recovery state machine (see the module docstring).
+
+    Args:
+        ctx: The controller's store, event log, progress and local processes.
+        members: The job's membership (workers, role table, spares).
+        host: The controller's generation and step counters (:class:`RecoveryHost`).
+    """
+
+    def __init__(self, ctx: ControlContext, members: Membership, host: RecoveryHost) -> None:
+        self.ctx = ctx
+        self.members = members
+        self.host = host
+        self.recovering: Recovery | None = None
+        self.recoveries: list[dict[str, Any]] = []
 
     # -- entry -----------------------------------------------------------------------------------
 
-    def _recovery_enabled(self) -> bool:
-        c: Any = self
-        return c.cfg.ft.strategy != "none" and c.plan is not None and not c.stop_reason
+    def enabled(self) -> bool:
+        return self.ctx.cfg.ft.strategy != "none" and self.host.plan is not None and not self.host.stop_reason
 
-    def _start_recovery(self, w: Any, reason: str) -> None:
+    def start(self, w: WorkerState, reason: str) -> None:
         """A member of the current generation is lost: begin (or extend) the recovery."""
-        c: Any = self
         if self.recovering is None:
-            self.recovering = Recovery(c.generation, time.monotonic(), time.time())
+            self.recovering = Recovery(self.host.generation, time.monotonic(), time.time())
             try:
-                c._store.set(protocol.abort_key(c.generation), reason)
+                self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
             except Exception:
                 pass
         rec = self.recovering
@@ -98,15 +142,14 @@ class RecoveryMixin:
             return
         self._add_lost(rec, w, reason)
         if rec.phase == "replace":  # lost while replacements join: plan again with one more loss
-            if c.role_of.get((w.stage, w.replica)) == w.worker:
-                del c.role_of[(w.stage, w.replica)]
+            if self.members.role_of.get((w.stage, w.replica)) == w.worker:
+                del self.members.role_of[(w.stage, w.replica)]
             self._recovery_plan(rec)
 
-    def _add_lost(self, rec: Recovery, w: Any, reason: str) -> None:
+    def _add_lost(self, rec: Recovery, w: WorkerState, reason: str) -> None:
         """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed, and the
         health checks stop looking at it (its exit, silence or last words are no new failure)."""
-        c: Any = self
-        c._confirmed.add(w.worker)
+        self.members.confirmed.add(w.worker)
         rec.lost[w.worker] = (w.stage, w.replica)
         rec.last_loss_at = time.monotonic()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
@@ -116,25 +159,24 @@ class RecoveryMixin:
             except OSError:
                 pass
 
-    def _restart_recovery(self, rec: Recovery, w: Any, reason: str) -> None:
+    def _restart_recovery(self, rec: Recovery, w: WorkerState, reason: str) -> None:
         """A member of the generation being installed was lost: start a recovery of that generation."""
-        c: Any = self
-        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
-        done = {m.worker for m, k in zip(c.plan.members, keys) if c._store.check([k])}
-        c._progress.message(f"lost {c.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
-        self.recovering = Recovery(c.generation, rec.started, rec.wall_started)
+        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
+        done = {m.worker for m, k in zip(self.host.plan.members, keys) if self.ctx.store.check([k])}
+        self.ctx.progress.message(f"lost {self.members.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
+        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started)
         try:
-            c._store.set(protocol.abort_key(c.generation), reason)
+            self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
         except Exception:
             pass
         self._add_lost(self.recovering, w, reason)
         for role, wid in rec.new_workers.items():
             if wid not in done and wid != w.worker:
-                self._add_lost(self.recovering, c.workers[wid], f"{c.workers[wid].name()} had not installed its state")
+                self._add_lost(self.recovering, self.members.workers[wid], f"{self.members.workers[wid].name()} had not installed its state")
 
     # -- the state machine -----------------------------------------------------------------------
 
-    def _drive_recovery(self) -> None:
+    def drive(self) -> None:
         rec = self.recovering
         assert rec is not None
         if rec.phase == "collect":
@@ -145,34 +187,32 @@ class RecoveryMixin:
             self._recovery_install(rec)
 
     def _timed_out(self, rec: Recovery, what: str) -> bool:
-        c: Any = self
-        if time.monotonic() - rec.started > c.cfg.run.timeout_s:
-            c.failure = c._failure_cls(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
-                                             f"{c.cfg.run.timeout_s:g} s)", 2)
+        if time.monotonic() - rec.started > self.ctx.cfg.run.timeout_s:
+            self.host.fail(Failure(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
+                                             f"{self.ctx.cfg.run.timeout_s:g} s)", FailureKind(2), time.time()))
             return True
         return False
 
     def _recovery_collect(self, rec: Recovery) -> None:
-        c: Any = self
         now = time.monotonic()
-        if now - rec.last_loss_at < COLLECT_GRACE_S:
+        if same_failure(rec.last_loss_at, now):
             return
-        survivors = [m for m in c.plan.members if m.worker not in rec.lost]
+        survivors = [m for m in self.host.plan.members if m.worker not in rec.lost]
         keys = [protocol.survivor_key(rec.generation, m.worker) for m in survivors]
-        if survivors and not c._store.check(keys):
+        if survivors and not self.ctx.store.check(keys):
             self._timed_out(rec, "survivors to abort their step")
             return
-        status = {m.worker: json.loads(raw) for m, raw in zip(survivors, c._store.multi_get(keys))} if survivors else {}
+        status = {m.worker: json.loads(raw) for m, raw in zip(survivors, self.ctx.store.multi_get(keys))} if survivors else {}
         steps = sorted({int(s["step"]) for s in status.values()})
         if len(steps) > 1:
-            c.failure = c._failure_cls(None, f"survivors of generation {rec.generation} disagree on the step to resume at ({steps}); "
-                                             "this is a bug in the commit protocol", 1)
+            self.host.fail(Failure(None, f"survivors of generation {rec.generation} disagree on the step to resume at ({steps}); "
+                                             "this is a bug in the commit protocol", FailureKind(1), time.time()))
             return
-        resume = steps[0] if steps else c.next_step
-        c._poll_commits()
-        while c.next_step < resume:  # decided "commit" but the lost worker never reported
-            c._commit(c.next_step, [m for m in survivors])
-            c.next_step += 1
+        resume = steps[0] if steps else self.host.next_step
+        self.host.poll_commits()
+        while self.host.next_step < resume:  # decided "commit" but the lost worker never reported
+            self.host.commit(self.host.next_step, [m for m in survivors])
+            self.host.next_step += 1
         rec.status = status
         rec.record = {"resume_step": resume}
         self._recovery_plan(rec)
@@ -182,14 +222,13 @@ class RecoveryMixin:
         replacement for every lost role that has none yet."""
         from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery, swap_schedule_on
 
-        c: Any = self
         resume = int(rec.record["resume_step"])
         status = {w: st for w, st in rec.status.items() if w not in rec.lost}
-        S, R = c.cfg.pipeline.stages, c.cfg.pipeline.replicas
+        S, R = self.ctx.cfg.pipeline.stages, self.ctx.cfg.pipeline.replicas
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
-        by_role = {(c.workers[w].stage, c.workers[w].replica): w for w in status}
-        if c.cfg.ft.strategy in ("auto", "mirror"):
+        by_role = {(self.members.workers[w].stage, self.members.workers[w].replica): w for w in status}
+        if self.ctx.cfg.ft.strategy in ("auto", "mirror"):
             for role in rec.lost.values():
                 holder = mirror_holder(role[0], role[1], S)
                 hw = by_role.get(holder)
@@ -200,83 +239,81 @@ class RecoveryMixin:
                     mirrors[role] = holder
                     lags[role] = max(0, (resume - 1) - int(mstep))
         plans = plan_recovery(
-            sorted(rec.lost.values()), S, replicas=R, strategy=c.cfg.ft, mirrors=mirrors, mirror_lag=lags,
-            checkpoint_step=c.last_checkpoint, swap_edges=swap_schedule_on(c.cfg.ft),
+            sorted(rec.lost.values()), S, replicas=R, strategy=self.ctx.cfg.ft, mirrors=mirrors, mirror_lag=lags,
+            checkpoint_step=self.host.last_checkpoint, swap_edges=swap_schedule_on(self.ctx.cfg.ft),
         )
         rec.plans = list(plans)
         rec.outcome = job_outcome(plans)
         for p in plans:
-            c._log.write(ev.RECOVERY_STARTED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why,
+            self.ctx.event(ev.RECOVERY_STARTED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why,
                          generation=rec.generation + 1, resume_step=resume, exact=p.exact, replanned=rec.phase == "replace")
         if rec.outcome == "stop":
-            c.failure = c._failure_cls(None, f"cannot recover: {plans[0].why}", 1)
+            self.host.fail(Failure(None, f"cannot recover: {plans[0].why}", FailureKind(1), time.time()))
             return
         sampler = next(iter(status.values()))["sampler"] if status else None
-        rec.record = {"outcome": rec.outcome, "resume_step": resume, "sampler": sampler, "lr_scale": 1.1}
+        rec.record = {"outcome": rec.outcome, "resume_step": resume, "sampler": sampler}
         rec.resume_step = resume
         if rec.outcome == "rollback":
-            rec.record["checkpoint"] = c.last_manifest.to_grant()
-            rec.resume_step = c.last_manifest.step + 1
+            rec.record["checkpoint"] = self.host.last_manifest.to_grant()
+            rec.resume_step = self.host.last_manifest.step + 1
         for wid, role in rec.lost.items():
-            if c.role_of.get(role) == wid:
-                del c.role_of[role]
-        c.plan = None
+            if self.members.role_of.get(role) == wid:
+                del self.members.role_of[role]
+        self.host.plan = None
         rec.phase = "replace"
         new_roles = sorted(set(rec.lost.values()) - rec.replaced)
         rec.replaced |= set(new_roles)
-        taken = sum(1 for role in new_roles if c._take_spare(*role))
-        if c._locals is not None and c.local_count > 0 and new_roles:
-            c._locals.start(len(new_roles))  # the replacements that no spare covered, or new spares
-        c._progress.message(
-            f"lost {', '.join(c.workers[w].name() for w in sorted(rec.lost))}: "
-            f"{'rolling back to the checkpoint of step ' + str(c.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
+        taken = sum(1 for role in new_roles if self.members.take_spare(*role))
+        if self.ctx.locals is not None and self.host.local_count > 0 and new_roles:
+            self.ctx.locals.start(len(new_roles))  # the replacements that no spare covered, or new spares
+        self.ctx.progress.message(
+            f"lost {', '.join(self.members.workers[w].name() for w in sorted(rec.lost))}: "
+            f"{'rolling back to the checkpoint of step ' + str(self.host.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
             f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {len(new_roles)} new process{'es' if len(new_roles) != 1 else ''}"
         )
 
     def _recovery_replace(self, rec: Recovery) -> None:
-        c: Any = self
-        if len(c.role_of) < c.world_size:
+        if len(self.members.role_of) < self.members.world_size:
             self._timed_out(rec, "replacement workers to join")
             return
         lost_roles = set(rec.lost.values())
-        rec.new_workers = {role: c.role_of[role] for role in lost_roles}
+        rec.new_workers = {role: self.members.role_of[role] for role in lost_roles}
         plans = []
         for p in rec.plans:
             if p.strategy in ("checkpoint", "stop"):
                 continue
             plans.append({"worker": rec.new_workers[p.worker], "stage": p.stage, "replica": p.replica, "strategy": p.strategy,
-                          "sources": [c.role_of[src] for src in p.sources]})
+                          "sources": [self.members.role_of[src] for src in p.sources], "lr_scale": p.lr_scale})
         rec.record["plans"] = plans
         rec.record["new_workers"] = sorted(rec.new_workers.values())
-        c._store.set(protocol.recovery_key(c.generation + 1), json.dumps(rec.record))
-        c.next_step = rec.resume_step
-        c._publish_generation("recovery: " + rec.reason[:200])
-        rec.new_generation = c.generation
+        self.ctx.store.set(protocol.recovery_key(self.host.generation + 1), json.dumps(rec.record))
+        self.host.next_step = rec.resume_step
+        self.host.publish_generation("recovery: " + rec.reason[:200])
+        rec.new_generation = self.host.generation
         rec.phase = "install"
 
     def _recovery_install(self, rec: Recovery) -> None:
-        c: Any = self
-        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in c.plan.members]
-        if not c._store.check(keys):
+        keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
+        if not self.ctx.store.check(keys):
             self._timed_out(rec, "the new generation to install the recovered state")
             return
-        done = {m.worker: json.loads(raw) for m, raw in zip(c.plan.members, c._store.multi_get(keys))}
+        done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}
         seconds = time.monotonic() - rec.started
         moved = sum(int(d.get("bytes", 0)) for w, d in done.items() if w in rec.new_workers.values())
         for p in rec.plans:
             target = rec.new_workers.get(p.worker)
             got = int(done.get(target, {}).get("bytes", 0)) if target is not None else 0
-            c._log.write(ev.RECOVERY_FINISHED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why, bytes=got,
+            self.ctx.event(ev.RECOVERY_FINISHED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why, bytes=got,
                          seconds=seconds, worker=target, generation=rec.new_generation, exact=p.exact)
         replayed = list(range(rec.resume_step, rec.record["resume_step"] + 1))
         for step in replayed:
-            if step < c.cfg.train.steps:
-                c._log.write(ev.STEP_REPLAYED, step=step, generation=rec.new_generation)
+            if step < self.ctx.cfg.train.steps:
+                self.ctx.event(ev.STEP_REPLAYED, step=step, generation=rec.new_generation)
         what = "/".join(sorted({p.strategy for p in rec.plans}))
-        c._progress.message(
+        self.ctx.progress.message(
             f"recovered {len(rec.lost)} lost worker{'s' if len(rec.lost) > 1 else ''} by {what} in {seconds:.2f} s "
             f"({moved / 1e6:.2f} MB moved); generation {rec.new_generation} replays step {rec.resume_step + 1}"
         )
-        c._last_commit = time.monotonic()  # the replayed step's time starts now, not at the failure
+        self.host.restart_step_clock()  # the replayed step's time starts now, not at the failure
         self.recoveries.append({"strategy": what, "seconds": seconds, "bytes": moved, "resume_step": rec.resume_step})
         self.recovering = None

@@ -10,7 +10,7 @@ Two ways to keep it current, chosen by ``ft.mirror_every``:
   every step, it publishes only its gradient (after the replica all-reduce) with the clip
   coefficient and the learning rate, *before* it votes on the commit decision. The holder's
   background thread replays the owner's update on its copy with the same function the owner uses
-  (:func:`spotpipe.runtime.state.optim.apply_update`), once the holder itself saw the step commit. So the
+  (:meth:`spotpipe.runtime.state.stage_state.StageState.apply_update`), once the holder itself saw the step commit. So the
   copy is bit for bit the owner's state after every committed step, even when the owner dies
   inside its own optimizer step (the step was decided ``commit``, the gradient is already out),
   and a refresh moves a third of the bytes of a full state. The price is the holder's CPU time
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from spotpipe.runtime import protocol
+from spotpipe.runtime.state.stage_state import StageState
 
 HEADER = struct.Struct("<qdd")  # step, clip coefficient, base learning rate
 
@@ -153,22 +154,19 @@ class MirrorReplayer(threading.Thread):
         store: A store client (cloned here).
         stage: The mirrored pipeline rank.
         replica: Its replica.
-        chunks: Freshly built modules of the owner's chunks (same shapes and order as the owner's).
-        optimizers: Their optimizers (built like the owner's).
+        state: A fresh :class:`~spotpipe.runtime.state.stage_state.StageState` of the owner's chunks
+            (same shapes and order as the owner's, optimizer built the same way).
         timeout_s: Limit of every wait for a published state or gradient.
     """
 
-    def __init__(self, store: Any, stage: int, replica: int, chunks: dict[int, Any], optimizers: dict[int, Any],
-                 timeout_s: float) -> None:
+    def __init__(self, store: Any, stage: int, replica: int, state: StageState, timeout_s: float) -> None:
         super().__init__(name=f"spotpipe-mirror-{stage}", daemon=True)
         self._store = store.clone()
         self.stage = stage
         self.replica = replica
-        self.chunks = chunks
-        self.optimizers = optimizers
-        self.lr_scale = {s: 1.0 for s in chunks}
+        self.state = state
         self.timeout_s = timeout_s
-        params = [q for s in sorted(chunks) for q in chunks[s].parameters() if q.requires_grad]
+        params = [q for s in sorted(state.chunks) for q in state.chunks[s].parameters() if q.requires_grad]
         self.flat_grad = torch.zeros(sum(q.numel() for q in params), dtype=params[0].dtype if params else torch.float32)
         offset = 0
         for q in params:
@@ -206,10 +204,8 @@ class MirrorReplayer(threading.Thread):
         return 0 if self.step is None else 4 * 3 * self.flat_grad.numel()
 
     def tensor(self) -> torch.Tensor:
-        from spotpipe.runtime.state.flat import flatten_rank
-
         with self._lock:
-            return flatten_rank(self.chunks, self.optimizers, self.lr_scale)
+            return self.state.flat()
 
     def reset(self, min_generation: int) -> None:
         """Forget the copy (a rollback made its step void); the next state comes from ``min_generation``."""
@@ -250,9 +246,6 @@ class MirrorReplayer(threading.Thread):
         return bytes(self._store.get(key))
 
     def _replay(self, generation: int, step: int) -> None:
-        from spotpipe.runtime.state.optim import apply_update
-        from spotpipe.runtime.state.flat import unflatten_rank
-
         if generation > self.state_generation and generation >= self.min_generation:
             # The owner publishes its full state at the start of every generation, before its
             # first step there; take it (a rebuilt owner, a rollback, or the first step).
@@ -264,7 +257,7 @@ class MirrorReplayer(threading.Thread):
                 time.sleep(0.002)
             base, data = _unpack(self._store.get(protocol.mirror_key(self.stage, self.replica)))
             with self._lock:
-                unflatten_rank(torch.from_numpy(data), self.chunks, self.optimizers, self.lr_scale)
+                self.state.load_flat(torch.from_numpy(data))
                 self.step, self.state_generation = base, generation
             self.bytes_received += data.nbytes
         if self.step is None or step <= self.step:
@@ -277,7 +270,7 @@ class MirrorReplayer(threading.Thread):
         grad = np.frombuffer(blob, dtype=np.float32, offset=HEADER.size)
         with self._lock:
             self.flat_grad.copy_(torch.from_numpy(grad.copy()))
-            apply_update(self.flat_grad, self.optimizers, self.lr_scale, coef, lr)
+            self.state.apply_update(self.flat_grad, coef, lr)
             self.step = step
         self.bytes_received += len(blob)
         try:

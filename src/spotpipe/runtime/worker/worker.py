@@ -27,10 +27,10 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    and the controller writes the ``step`` event.
 
 A communication failure in phases 2-3 raises :class:`~spotpipe.runtime.comm.transport.CommError`.
-:meth:`Worker.abort_step` then aborts the generation (so the peers wake at once), drops the
-step's activations and gradients and restores the sampler snapshot; :meth:`Worker.on_failure`
+:meth:`RecoveryAgent.abort_step` then aborts the generation (so the peers wake at once), drops the
+step's activations and gradients and restores the sampler snapshot; :meth:`RecoveryAgent.on_failure`
 tells the controller where it stands, waits for the next generation, rebuilds the groups, does
-its part of the recovery (:meth:`Worker.recover`, :mod:`spotpipe.runtime.state.flat`) and returns
+its part of the recovery (:meth:`RecoveryAgent.recover`, :mod:`spotpipe.runtime.worker.strategies`) and returns
 the step to replay, with the same data. ``ft.strategy = none`` keeps the old behaviour: the
 error ends the worker and the job. A replacement (a new process, or a warm spare that was handed
 the role) enters the new generation and receives its state the same way.
@@ -58,19 +58,22 @@ from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_f
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
 from spotpipe.runtime.comm.groups import Generation, GenerationPlan, resolve_backend
 from spotpipe.runtime.control.job import build_pipeline_schedule, checkpoint_due, eval_due
-from spotpipe.runtime.state.optim import apply_update, build_stage_optimizer, clip_coefficient, lr_at
+from spotpipe.runtime.state.optim import clip_coefficient, lr_at
+from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
-from spotpipe.runtime.worker.recovery import WorkerRecoveryMixin
+from spotpipe.runtime.worker.mirror_link import MirrorLink
+from spotpipe.runtime.worker.recovery import RecoveryAgent
 
 EXIT_ERROR = 3
 EXIT_ORPHANED = 4
 
 
-class Worker(WorkerRecoveryMixin):
+class Worker:
     """State and main loop of one worker.
 
     Args:
@@ -94,10 +97,9 @@ class Worker(WorkerRecoveryMixin):
         self.heartbeat: Heartbeat | None = None
         self.start_step = 0
         self.last_grad_norm = float("nan")  # this rank's pre-clip gradient norm of the last step (CheckFree's omega)
-        self.mirror: Any = None  # the next stage's copy this worker holds (runtime.mirror)
-        self._mirror_gen = 0  # generation whose start this worker published its full state for
-        self._resume_step = 0  # the step the recovery under way resumes at
-        self.recoverable = self.cfg.ft.strategy != "none"
+        self.num_stages = self.cfg.pipeline.stages
+        self.mirror_link: MirrorLink | None = None  # set up in setup()
+        self.recovery = RecoveryAgent(self)
         self.fault = PhaseFault.from_grant(grant.info, store, self.id, self.cfg.pipeline.microbatches)
 
     # ------------------------------------------------------------------------------------------
@@ -131,15 +133,16 @@ class Worker(WorkerRecoveryMixin):
             self.device = torch.device("cpu")
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
-        self.chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
-                       for s in self.my_stages}
-        self.optimizers = {s: build_stage_optimizer(self.chunks[s], cfg.train) for s in self.my_stages}
-        self.lr_scale = {s: 1.0 for s in self.my_stages}
+        chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
+                  for s in self.my_stages}
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train))
+        self.chunks = self.state.chunks
+        self.mirror_link = MirrorLink(self.store, cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
         self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
         if self.fault.planned:
             self.runner.hook = self.fault.hit
-            self.optimizers[self.my_stages[0]].register_step_post_hook(lambda *_: self.fault.hit("optimizer"))
+            self.state.optimizer.add_step_hook(lambda: self.fault.hit("optimizer"))
         self.holds_first = any(c.embed is not None for c in self.chunks.values())  # reads token ids
         self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
         self.token_file = self._open_data()
@@ -149,7 +152,7 @@ class Worker(WorkerRecoveryMixin):
         self.dtype = next(next(iter(self.chunks.values())).parameters()).dtype
         resume = self.grant.info.get("resume")
         if resume:
-            self._load_checkpoint(resume)
+            self.load_checkpoint(resume)
 
     def _make_flat_grads(self) -> None:
         """One contiguous gradient buffer; every ``param.grad`` is a view into it, so autograd
@@ -185,19 +188,52 @@ class Worker(WorkerRecoveryMixin):
             )
         return tf
 
-    def _load_checkpoint(self, resume: dict[str, Any]) -> None:
+    def load_checkpoint(self, resume: dict[str, Any]) -> None:
+        """Load this rank's file of a checkpoint (state and sampler) and continue after its step.
+
+        Raises:
+            SpotpipeError: The file does not hold this rank's chunks (or is of another format).
+        """
         name, sha = resume["files"][str(self.stage)]
-        state = load_state(Path(resume["dir"]) / name, expected_sha256=sha, map_location=self.device)
-        if int(state.get("rank", -1)) != self.stage or sorted(int(s) for s in state["chunks"]) != list(self.my_stages):
-            raise SpotpipeError(f"checkpoint file {Path(resume['dir']) / name} does not hold the chunks of pipeline rank {self.stage}")
-        for s in self.my_stages:
-            self.chunks[s].load_state_dict(state["chunks"][s])
-            self.optimizers[s].load_state_dict(state["optimizers"][s])
-            self.lr_scale[s] = float(state["lr_scale"][s])
-        # load_state_dict may replace .grad views: re-attach them to the flat buffer.
-        self._make_flat_grads()
-        self.sampler.load_state_dict(state["sampler"])
-        self.start_step = int(state["step"]) + 1
+        path = Path(resume["dir"]) / name
+        saved = load_state(path, expected_sha256=sha, map_location="cpu")
+        if int(saved.get("rank", -1)) != self.stage:
+            raise SpotpipeError(f"checkpoint file {path} does not hold the chunks of pipeline rank {self.stage}")
+        try:
+            self.state.load_checkpoint(saved["state"], str(path))
+        except (KeyError, ValueError) as exc:
+            raise SpotpipeError(f"checkpoint file {path} cannot be loaded: {exc}") from None
+        self.sampler.load_state_dict(saved["sampler"])
+        self.start_step = int(saved["step"]) + 1
+
+    @property
+    def mirror(self) -> Any:
+        """The copy of the next stage this worker holds (MirrorKeeper / MirrorReplayer), or None."""
+        return None if self.mirror_link is None else self.mirror_link.holder
+
+    def discard_step(self) -> None:
+        """Abort the injected transport (a wrapper fails its queued sends), drop the step's
+        activations and zero the gradients."""
+        self.executor.transport.abort()
+        self.executor.discard()
+        self.flat_grad.zero_()
+
+    def zero_gradients(self) -> None:
+        """Zero the gradient buffer (a new generation's executor is left alone)."""
+        self.flat_grad.zero_()
+
+    def _start_mirror(self) -> None:
+        """Start holding the next stage's copy (a fresh state shaped like it for ``replay``)."""
+        from spotpipe.model.stages import build_stage
+
+        assert self.mirror_link is not None
+        owner_state = None
+        if self.mirror_link.mode == "replay":
+            m, seed = self.cfg.model, self.cfg.train.seed
+            owner = (self.stage + 1) % self.cfg.pipeline.stages
+            chunks = {s: build_stage(m, seed, s, self.num_chunks, edge_copies=self.swap) for s in self.schedule.stages_of_rank(owner)}
+            owner_state = StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train))
+        self.mirror_link.start_holder(owner_state)
 
     # ------------------------------------------------------------------------------------------
     # Generations
@@ -320,7 +356,7 @@ class Worker(WorkerRecoveryMixin):
 
         gen = self.generation
         assert gen is not None
-        if not self.recoverable:
+        if not self.recovery.recoverable:
             return
         key = protocol.step_decide_key(gen.number, step)
         abort = protocol.abort_key(gen.number)
@@ -340,7 +376,7 @@ class Worker(WorkerRecoveryMixin):
 
     def apply_step(self, outcome: dict[str, Any]) -> float:
         """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
-        apply_update(self.flat_grad, self.optimizers, self.lr_scale, outcome["coef"], outcome["lr"])
+        self.state.apply_update(self.flat_grad, outcome["coef"], outcome["lr"])
         return float(outcome["lr"])
 
     def save_checkpoint(self, step: int) -> dict[str, Any]:
@@ -349,9 +385,7 @@ class Worker(WorkerRecoveryMixin):
             "format": "spotpipe-stage-state",
             "step": step,
             "rank": self.stage,
-            "chunks": {s: self.chunks[s].state_dict() for s in self.my_stages},
-            "optimizers": {s: self.optimizers[s].state_dict() for s in self.my_stages},
-            "lr_scale": dict(self.lr_scale),
+            "state": self.state.to_checkpoint(),
             "sampler": self.sampler.state_dict(),
         }
         directory = checkpoint_dir(self.run_dir, step)
@@ -402,17 +436,18 @@ class Worker(WorkerRecoveryMixin):
         step = self.start_step
         while step < t.steps:
             snapshot = self.sampler.state_dict()
-            self.mirror_generation_start(step)
+            gen_number = self.generation.number if self.generation is not None else 0
+            self.mirror_link.generation_started(gen_number, step)
             try:
                 outcome = self.compute_step(step)
-                self.mirror_gradient(step, outcome["coef"], outcome["lr"])
+                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"])
                 self.decide(step)
             except CommError as exc:
-                self.abort_step(snapshot, str(exc))
-                step = self.on_failure(exc, step)
+                self.recovery.abort_step(snapshot, str(exc))
+                step = self.recovery.on_failure(exc, step)
                 continue
             lr = self.apply_step(outcome)
-            self.mirror_committed(step)
+            self.mirror_link.committed(gen_number, step)
             stop = outcome["stop"]
             report: dict[str, Any] = {
                 "worker": self.id,
@@ -433,8 +468,8 @@ class Worker(WorkerRecoveryMixin):
                 try:
                     val = self.evaluate(step)
                 except CommError as exc:  # step is committed; recover and go on with the next one
-                    self.abort_step(self.sampler.state_dict(), str(exc))
-                    step = self.on_failure(exc, step + 1)
+                    self.recovery.abort_step(self.sampler.state_dict(), str(exc))
+                    step = self.recovery.on_failure(exc, step + 1)
                     continue
                 if self.generation is not None and self.generation.world_rank == 0:
                     self.store.set(f"eval/{step}", json.dumps({"val_loss": val}))
@@ -479,10 +514,10 @@ class Worker(WorkerRecoveryMixin):
                 self.log(f"entered generation {self.generation.number if self.generation else '?'} in {time.perf_counter() - t0:.2f} s")
                 if self.grant.info.get("replacement") and self.generation is not None:
                     try:
-                        self.start_step = self.recover(self.generation)
+                        self.start_step = self.recovery.recover(self.generation)
                     except CommError as exc:  # lost a peer while installing: the controller decides again
                         self.generation.abort(str(exc))
-                        self.start_step = self.on_failure(exc, self._resume_step)
+                        self.start_step = self.recovery.on_failure(exc, self.recovery.resume_step)
                 self.train()
             self.store.set(protocol.bye_key(self.id), "1")
             self.log("finished")
@@ -498,8 +533,8 @@ class Worker(WorkerRecoveryMixin):
             raise
         finally:
             self.heartbeat.halt()
-            if self.mirror is not None:
-                self.mirror.halt()
+            if self.mirror_link is not None:
+                self.mirror_link.halt()
 
     def log(self, text: str) -> None:
         """A line in the worker's log (stdout; the controller sends it to RUN_DIR/logs/)."""

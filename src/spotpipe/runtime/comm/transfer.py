@@ -1,0 +1,51 @@
+"""Point-to-point state transfers over a generation's world group, and waiting for a store key.
+
+Recovery moves stage state worker to worker (:mod:`spotpipe.runtime.worker.recovery`), never
+through the controller's store: each source posts its sends and each target its receives on the
+new generation's world group (gloo / NCCL point-to-point), and all are waited on with one timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+TAG_BASE = 900_000
+"""Tags of recovery transfers start here (pipeline messages use tags far below it)."""
+
+
+def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterable[tuple[torch.Tensor, int, int]],
+        timeout_s: float) -> None:
+    """Post every send and receive, then wait for all of them.
+
+    Args:
+        gen: The generation (its ``world`` process group).
+        sends: ``(tensor, destination world rank, tag)``.
+        recvs: ``(buffer, source world rank, tag)``; filled in place.
+        timeout_s: Limit of each wait, seconds.
+
+    Raises:
+        RuntimeError: A peer is gone or the group was aborted (torch's error).
+    """
+    works = [gen.world.send([t], dst, tag) for t, dst, tag in sends]
+    works += [gen.world.recv([t], src, tag) for t, src, tag in recvs]
+    for w in works:
+        w.wait(datetime.timedelta(seconds=timeout_s))
+
+
+def wait_key(store: Any, key: str, timeout_s: float, stop: Callable[[], bool] | None = None) -> bytes:
+    """Poll the store until ``key`` exists and return its value.
+
+    Raises:
+        TimeoutError: After ``timeout_s`` seconds, or as soon as ``stop()`` is true.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline or (stop is not None and stop()):
+            raise TimeoutError(f"store key {key} did not appear within {timeout_s:g} s")
+        time.sleep(0.005)
+    return bytes(store.get(key))

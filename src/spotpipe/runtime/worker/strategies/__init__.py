@@ -1,0 +1,29 @@
+"""The runtime half of each recovery strategy, registered by name (the plan's ``strategy``).
+
+Adding a strategy: one module here with a :class:`~spotpipe.runtime.worker.strategies.base.
+StateTransfer` and one line in :data:`REGISTRY` (its pure half is registered in :mod:`spotpipe.ft`).
+``checkpoint`` is not here: a rollback reloads the last checkpoint on every worker instead.
+"""
+
+from __future__ import annotations
+
+from spotpipe.runtime.worker.strategies.base import RecoveryPlanView, StateTransfer, WorkerView
+from spotpipe.runtime.worker.strategies.checkfree import CHECKFREE
+from spotpipe.runtime.worker.strategies.copy import CHECKFREE_PLUS, MIRROR, REPLICA
+
+REGISTRY: dict[str, StateTransfer] = {t.name: t for t in (REPLICA, MIRROR, CHECKFREE, CHECKFREE_PLUS)}
+
+
+def transfer_for(strategy: str) -> StateTransfer:
+    """The runtime half of ``strategy``.
+
+    Raises:
+        KeyError: If no runtime half is registered under that name (a plan the runtime cannot run).
+    """
+    try:
+        return REGISTRY[strategy]
+    except KeyError:
+        raise KeyError(f"no runtime recovery for strategy {strategy!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["REGISTRY", "RecoveryPlanView", "StateTransfer", "WorkerView", "transfer_for"]

@@ -1,0 +1,363 @@
+"""Unit tests of the controller's recovery state machine (runtime/control/recovery.py).
+
+The supervisor runs against a dict-backed store, a real event log and a small host that plays the
+controller's part (generation and step counters, commits), so every moment of a recovery can be
+reached deterministically: a loss before the plan is published, while replacements join, while the
+new generation installs its state, and a loss of the worker that holds the copy being restored.
+Each either recovers (a new generation with a plan for every lost role) or stops at once with one
+line naming what cannot be rebuilt: never a wait for a timeout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotpipe import events as ev
+from spotpipe.config import load_config
+from spotpipe.ft.confirm import GROUPING_WINDOW_S, Failure
+from spotpipe.runtime import protocol
+from spotpipe.runtime.comm.groups import GenerationPlan, Member
+from spotpipe.runtime.control.context import ControlContext
+from spotpipe.runtime.control.membership import Membership, WorkerState
+from spotpipe.runtime.control.progress import Progress
+from spotpipe.runtime.control.recovery import RecoverySupervisor
+from spotpipe.runtime.state.checkpoint import Manifest
+
+
+class DictStore:
+    """The store calls the supervisor and membership make, over a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.data for k in keys)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return [self.data[k] for k in keys]
+
+    def add(self, key: str, n: int) -> int:
+        value = int(self.data.get(key, b"0")) + n
+        self.data[key] = str(value).encode()
+        return value
+
+    def delete_key(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+
+class FakeLocals:
+    """Counts the local processes the supervisor asks for."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.procs: list[Any] = []
+
+    def start(self, n: int) -> None:
+        self.started += n
+
+
+class Host:
+    """The controller's side of the RecoveryHost / MembershipHost interfaces."""
+
+    def __init__(self, members: Membership | None = None) -> None:
+        self.plan: GenerationPlan | None = None
+        self.generation = 0
+        self.next_step = 0
+        self.last_checkpoint: int | None = None
+        self.last_manifest: Manifest | None = None
+        self.stop_reason = ""
+        self.local_count = 4
+        self.members = members
+        self.committed: list[int] = []
+        self.failures: list[Failure] = []
+
+    def poll_commits(self) -> None:
+        pass
+
+    def commit(self, step: int, members: list[Member] | None = None) -> None:
+        self.committed.append(step)
+
+    def publish_generation(self, reason: str) -> None:
+        assert self.members is not None
+        self.generation += 1
+        self.plan = GenerationPlan(self.generation, self.members.ctx.cfg.pipeline.stages,
+                                   self.members.ctx.cfg.pipeline.replicas, self.members.members())
+
+    def restart_step_clock(self) -> None:
+        pass
+
+    def fail(self, failure: Failure) -> None:
+        self.failures.append(failure)
+
+    def make_grant(self, worker: int, stage: int, replica: int, local: Any) -> dict[str, Any]:
+        return {"worker": worker, "stage": stage, "replica": replica}
+
+    def on_failure(self, w: Any, failure: Failure, confirm: bool) -> None:
+        self.failures.append(failure)
+
+    def on_exit(self, w: Any) -> None:
+        pass
+
+
+class Job:
+    """A 4-stage job in generation 1 with workers 0-3 (stage s = worker s), mid-step ``step``."""
+
+    def __init__(self, tmp_path: Path, strategy: str = "mirror", stages: int = 4, replicas: int = 1, step: int = 7,
+                 timeout_s: float = 60.0, checkpoint: int | None = None) -> None:
+        cfg = load_config(None, [f"pipeline.stages={stages}", f"pipeline.replicas={replicas}", f"ft.strategy={strategy}",
+                                 f"run.timeout_s={timeout_s}", "model.layers=8"])
+        self.store = DictStore()
+        self.locals = FakeLocals()
+        self.ctx = ControlContext(cfg, Progress(10, io.StringIO(), enabled=False), self.store,
+                                  ev.EventLog(tmp_path / "events.jsonl"), self.locals)  # type: ignore[arg-type]
+        self.host = Host()
+        self.members = Membership(self.ctx, self.host, "token", "job", spare_count=0)
+        self.host.members = self.members
+        self.sup = RecoverySupervisor(self.ctx, self.members, self.host)
+        self.tmp = tmp_path
+        for replica in range(replicas):
+            for stage in range(stages):
+                wid = replica * stages + stage
+                self.members.workers[wid] = WorkerState(wid, stage, replica, "h", 1000 + wid, None)
+                self.members.role_of[(stage, replica)] = wid
+        self.host.next_step = step
+        if checkpoint is not None:
+            self.host.last_checkpoint = checkpoint
+            self.host.last_manifest = Manifest(tmp_path / "ckpt", checkpoint, {}, {})
+        self.host.publish_generation("initial membership")
+        self.step = step
+        self._next_id = stages * replicas
+
+    def lose(self, wid: int) -> None:
+        """Worker ``wid`` is confirmed lost (its process died)."""
+        self.sup.start(self.members.workers[wid], f"worker {wid} died")
+
+    def survivors_post(self, generation: int, mirror_step: int | None = None, skip: tuple[int, ...] = ()) -> None:
+        rec = self.sup.recovering
+        assert rec is not None
+        for wid in self.members.workers:
+            if wid in rec.lost or wid in skip:
+                continue
+            body = {"step": self.step, "sampler": {"pos": self.step}, "mirror_step": self.step - 1 if mirror_step is None else mirror_step}
+            self.store.set(protocol.survivor_key(generation, wid), json.dumps(body))
+
+    def drive(self, wait_window: bool = True) -> None:
+        if wait_window:
+            rec = self.sup.recovering
+            if rec is not None:
+                rec.last_loss_at = time.monotonic() - GROUPING_WINDOW_S - 0.01
+        self.sup.drive()
+
+    def join_replacements(self) -> list[int]:
+        """New workers take every free role (as replacement processes would)."""
+        joined = []
+        for role in [(s, r) for r in range(self.ctx.cfg.pipeline.replicas) for s in range(self.ctx.cfg.pipeline.stages)]:
+            if role not in self.members.role_of:
+                wid = self._next_id
+                self._next_id += 1
+                self.members.workers[wid] = WorkerState(wid, role[0], role[1], "h", 2000 + wid, None)
+                self.members.role_of[role] = wid
+                joined.append(wid)
+        return joined
+
+    def record(self, generation: int) -> dict[str, Any]:
+        return json.loads(self.store.get(protocol.recovery_key(generation)))
+
+    def install_all(self, generation: int, skip: tuple[int, ...] = ()) -> None:
+        assert self.host.plan is not None
+        for m in self.host.plan.members:
+            if m.worker not in skip:
+                self.store.set(protocol.recovered_key(generation, m.worker), json.dumps({"bytes": 100}))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        self.ctx.log.sync()  # type: ignore[union-attr]
+        return ev.read_events(self.tmp / "events.jsonl", name)
+
+
+def test_one_loss_recovers_by_mirror_through_every_phase(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    job.lose(2)
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "collect"
+    assert job.store.check([protocol.abort_key(1)])  # the generation is aborted at once
+    job.drive()
+    assert rec.phase == "collect"  # survivors have not posted yet
+    job.survivors_post(1)
+    job.drive()
+    assert rec.phase == "replace" and job.host.plan is None
+    assert [p.strategy for p in rec.plans] == ["mirror"]
+    assert job.locals.started == 1  # no spare: one new process
+    started = job.events("recovery_started")
+    assert [(e["stage"], e["strategy"], e["replanned"]) for e in started] == [(2, "mirror", False)]
+    job.drive()
+    assert rec.phase == "replace"  # waits for the replacement
+    [new] = job.join_replacements()
+    job.drive()
+    assert rec.phase == "install" and job.host.generation == 2
+    record = job.record(2)
+    assert record["plans"] == [{"worker": new, "stage": 2, "replica": 0, "strategy": "mirror", "sources": [1], "lr_scale": 1.0}]
+    assert record["resume_step"] == job.step
+    job.install_all(2)
+    job.drive()
+    assert job.sup.recovering is None and not job.host.failures
+    [done] = job.events("recovery_finished")
+    assert done["worker"] == new and done["bytes"] == 100
+
+
+def test_checkfree_plan_carries_its_learning_rate_factor(tmp_path: Path) -> None:
+    job = Job(tmp_path, strategy="checkfree")
+    job.lose(1)
+    job.survivors_post(1)
+    job.drive()
+    job.join_replacements()
+    job.drive()
+    [plan] = job.record(2)["plans"]
+    assert plan["strategy"] == "checkfree" and plan["sources"] == [0, 2] and plan["lr_scale"] == pytest.approx(1.1)
+
+
+def test_second_loss_before_the_plan_is_one_failure(tmp_path: Path) -> None:
+    """Lost within the grouping window, before survivors posted: planned together."""
+    job = Job(tmp_path)
+    job.lose(3)
+    job.lose(1)
+    job.survivors_post(1)
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "replace"
+    assert sorted((p.stage, p.strategy) for p in rec.plans) == [(1, "mirror"), (3, "mirror")]
+    assert job.locals.started == 2
+
+
+def test_grouping_window_delays_the_plan(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive(wait_window=False)  # within the window: a second loss may still belong to this failure
+    assert job.sup.recovering is not None and job.sup.recovering.phase == "collect"
+
+
+def test_second_loss_while_replacements_join_replans(tmp_path: Path) -> None:
+    """Issue scenario: stage 3 lost, then stage 1 as soon as recovery_started appears."""
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "replace"
+    job.lose(1)
+    assert rec.phase == "replace"
+    assert sorted((p.stage, p.strategy) for p in rec.plans) == [(1, "mirror"), (3, "mirror")]
+    started = job.events("recovery_started")
+    assert [e["replanned"] for e in started] == [False, True, True]
+    assert job.locals.started == 2  # one more process for the newly lost role only
+    new = job.join_replacements()
+    job.drive()
+    assert rec.phase == "install" and job.host.generation == 2 and len(new) == 2
+    record = job.record(2)
+    by_stage = {p["stage"]: p for p in record["plans"]}
+    assert by_stage[1]["sources"] == [0] and by_stage[3]["sources"] == [2]
+    job.install_all(2)
+    job.drive()
+    assert job.sup.recovering is None and not job.host.failures
+
+
+def test_losing_the_mirror_holder_while_replacements_join_falls_back(tmp_path: Path) -> None:
+    """Stage 2 lost, then stage 1 (which holds stage 2's mirror): stage 2 can no longer be copied
+    from its mirror; with two adjacent stages lost and no checkpoint the job stops at once."""
+    job = Job(tmp_path)
+    job.lose(2)
+    job.survivors_post(1)
+    job.drive()
+    job.lose(1)
+    assert job.host.failures, "must stop at once, not wait for run.timeout_s"
+    assert "cannot recover" in job.host.failures[0].reason
+
+
+def test_losing_the_mirror_holder_with_a_checkpoint_rolls_back(tmp_path: Path) -> None:
+    job = Job(tmp_path, checkpoint=4)
+    job.lose(2)
+    job.survivors_post(1)
+    job.drive()
+    job.lose(1)
+    rec = job.sup.recovering
+    assert rec is not None and not job.host.failures
+    assert {p.strategy for p in rec.plans} == {"checkpoint"}
+    job.join_replacements()
+    job.drive()
+    record = job.record(2)
+    assert record["outcome"] == "rollback" and record["checkpoint"]["step"] == 4
+    assert job.host.next_step == 5
+
+
+def test_loss_while_installing_restarts_from_the_new_generation(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    [new] = job.join_replacements()
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "install" and job.host.generation == 2
+    job.lose(1)  # a survivor dies while the replacement installs its state
+    again = job.sup.recovering
+    assert again is not None and again is not rec and again.generation == 2
+    assert set(again.lost) == {1, new}  # the replacement's state is void: lost too
+    assert job.store.check([protocol.abort_key(2)])
+    job.survivors_post(2)
+    job.drive()
+    # stage 2 still holds the mirror of stage 3 (no step committed since): both are copies again
+    assert sorted((p.stage, p.strategy) for p in again.plans) == [(1, "mirror"), (3, "mirror")]
+    assert again.resume_step == job.step  # the same step is replayed
+    job.join_replacements()
+    job.drive()
+    assert again.phase == "install" and job.host.generation == 3
+    job.install_all(3)
+    job.drive()
+    assert job.sup.recovering is None and not job.host.failures
+
+
+def test_replacement_installed_before_the_loss_is_kept(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    [new] = job.join_replacements()
+    job.drive()
+    job.store.set(protocol.recovered_key(2, new), json.dumps({"bytes": 5}))
+    job.lose(0)
+    again = job.sup.recovering
+    assert again is not None and set(again.lost) == {0}
+
+
+def test_survivors_that_never_post_time_out_with_one_line(tmp_path: Path) -> None:
+    job = Job(tmp_path, timeout_s=1.0)
+    job.lose(2)
+    rec = job.sup.recovering
+    assert rec is not None
+    rec.started -= 2.0
+    job.drive()
+    [failure] = job.host.failures
+    assert "timed out" in failure.reason and "run.timeout_s" in failure.reason
+
+
+def test_replica_strategy_takes_the_live_replica(tmp_path: Path) -> None:
+    job = Job(tmp_path, strategy="replica", stages=2, replicas=2)
+    job.lose(3)  # stage 1, replica 1
+    job.survivors_post(1)
+    job.drive()
+    job.join_replacements()
+    job.drive()
+    [plan] = job.record(2)["plans"]
+    assert plan["strategy"] == "replica" and plan["sources"] == [1]
