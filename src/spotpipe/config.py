@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spotpipe.errors import ConfigError
+from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 FT_STRATEGIES = ("auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none")
@@ -101,7 +102,7 @@ class FTConfig:
     strategy: str = "auto"
     detect_timeout_s: float = 2.0
     mirror_every: int = 1  # 1: the holder replays every step's update (exact); N > 1: full state every N steps
-    faults: tuple[str, ...] = ()  # fault specs, see spotpipe.ft.faults (e.g. "stage=2@step=40", "10%/h")
+    faults: tuple[str, ...] = ()  # fault specs, see spotpipe.faultspec (e.g. "stage=2@step=40", "10%/h")
     swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
     rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
     spares: int = 1  # warm standby worker processes that take a lost role at once (multi-process runtime)
@@ -350,8 +351,6 @@ def validate(cfg: JobConfig) -> None:
     if f.swap_edges or f.strategy == "checkfree+":
         _check(chunks >= 4, f"ft.swap_edges / ft.strategy = checkfree+ needs >= 4 pipeline stages (model chunks), got {chunks}")
     if f.faults:
-        from spotpipe.ft.faults import FaultSpecError, parse_fault_specs  # pure; here to avoid a cycle
-
         try:
             specs = parse_fault_specs(f.faults)
         except FaultSpecError as exc:
