@@ -12,8 +12,9 @@ from spotpipe.config import JobConfig, apply_overrides
 from spotpipe.cost import analytic_cost, calibrate_scale, fit_scale_and_overhead, read_profile, speeds_per_node
 from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.model.partition import model_shapes
+from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Action, Op
-from spotpipe.sim.job import job_schedule, profiled_cost
+from spotpipe.sim.job import profiled_cost
 from spotpipe.sim.network import build_network
 from spotpipe.sim.player import play_iteration
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from spotpipe.errors import ConfigError
+from spotpipe.faultspec import FaultSpecError, parse_fault_specs
+from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
+from spotpipe.schedule.generators import model_chunks
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 FT_STRATEGIES = ("auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none")
 
 
@@ -53,7 +55,7 @@ class PipelineConfig:
 
     stages: int = 4  # pipeline ranks
     replicas: int = 1  # data-parallel replicas of every stage
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
     microbatches: int = 4
 
@@ -101,7 +103,7 @@ class FTConfig:
     strategy: str = "auto"
     detect_timeout_s: float = 2.0
     mirror_every: int = 1  # 1: the holder replays every step's update (exact); N > 1: full state every N steps
-    faults: tuple[str, ...] = ()  # fault specs, see spotpipe.ft.faults (e.g. "stage=2@step=40", "10%/h")
+    faults: tuple[str, ...] = ()  # fault specs, see spotpipe.faultspec (e.g. "stage=2@step=40", "10%/h")
     swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
     rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
     spares: int = 1  # warm standby worker processes that take a lost role at once (multi-process runtime)
@@ -309,16 +311,17 @@ def validate(cfg: JobConfig) -> None:
     _check(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
     _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0 (0 = default), got {m.ffn_hidden}")
     _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
-    _check(p.schedule in SCHEDULES, f"pipeline.schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
+    _check(p.schedule in SCHEDULE_REGISTRY,
+           f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r}")
     _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
     _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
     _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
     _check(p.virtual_stages >= 1, f"pipeline.virtual_stages must be >= 1, got {p.virtual_stages}")
-    chunks = p.stages * (p.virtual_stages if p.schedule == "interleaved" else 1)
+    chunks = model_chunks(p.schedule, p.stages, p.virtual_stages)
     _check(
         chunks <= m.layers,
         f"pipeline.stages ({p.stages})"
-        + (f" x pipeline.virtual_stages ({p.virtual_stages})" if p.schedule == "interleaved" else "")
+        + (f" x pipeline.virtual_stages ({p.virtual_stages})" if SCHEDULE_REGISTRY[p.schedule].chunked else "")
         + f" must be <= model.layers ({m.layers}): every stage needs at least one block",
     )
     if p.schedule == "interleaved":
@@ -350,8 +353,6 @@ def validate(cfg: JobConfig) -> None:
     if f.swap_edges or f.strategy == "checkfree+":
         _check(chunks >= 4, f"ft.swap_edges / ft.strategy = checkfree+ needs >= 4 pipeline stages (model chunks), got {chunks}")
     if f.faults:
-        from spotpipe.ft.faults import FaultSpecError, parse_fault_specs  # pure; here to avoid a cycle
-
         try:
             specs = parse_fault_specs(f.faults)
         except FaultSpecError as exc:

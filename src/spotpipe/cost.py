@@ -35,13 +35,15 @@ from spotpipe.config import JobConfig, config_from_mapping
 from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.events import RUN_START, STEP, iter_events
 from spotpipe.model.partition import model_shapes
+from spotpipe.schedule.generators import model_chunks
 from spotpipe.schedule.ir import Action, Op
 
 
 def num_chunks(cfg: JobConfig) -> int:
-    """Model chunks (schedule stages): pipeline ranks x virtual stages for interleaved."""
+    """Model chunks (schedule stages): pipeline ranks x virtual stages for a chunked schedule
+    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`)."""
     p = cfg.pipeline
-    return p.stages * (p.virtual_stages if p.schedule == "interleaved" else 1)
+    return model_chunks(p.schedule, p.stages, p.virtual_stages)
 
 
 def sequences_per_microbatch(cfg: JobConfig) -> int:

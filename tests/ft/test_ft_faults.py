@@ -1,4 +1,4 @@
-"""Fault specs, the seeded fault plan, and real signals to a real process."""
+"""The seeded fault plan and real signals to a real process (the spec grammar: tests/test_faultspec.py)."""
 
 from __future__ import annotations
 
@@ -11,68 +11,8 @@ import pytest
 
 from spotpipe.config import load_config
 from spotpipe.errors import ConfigError
-from spotpipe.ft.faults import (
-    Fault,
-    FaultPlan,
-    FaultSpecError,
-    deliver,
-    parse_fault_spec,
-    rate_per_step,
-)
-
-
-@pytest.mark.parametrize(
-    "text, fields",
-    [
-        ("stage=2@step=40", dict(stages=(2,), replica=None, step=40, random_step=False, kind="kill")),
-        ("stage=1,replica=0@random", dict(stages=(1,), replica=0, step=None, random_step=True)),
-        ("stages=1+2@step=30", dict(stages=(1, 2), step=30)),
-        ("stage=2@stall=5s", dict(stages=(2,), random_step=True, stall_s=5.0, kind="stall")),
-        ("stage=2@step=4,stall=500ms", dict(stages=(2,), step=4, stall_s=0.5, kind="stall")),
-        ("10%/h", dict(stages=None, rate=0.10, rate_unit="h")),
-        ("2%/step", dict(stages=None, rate=0.02, rate_unit="step")),
-        ("stage=3@5%/h", dict(stages=(3,), rate=0.05, rate_unit="h")),
-        (" stage = 2 @ step = 7 ", dict(stages=(2,), step=7)),
-    ],
-)
-def test_parse_table(text, fields):
-    spec = parse_fault_spec(text)
-    for key, value in fields.items():
-        got = getattr(spec, key)
-        assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
-
-
-@pytest.mark.parametrize(
-    "text, fragment",
-    [
-        ("", "empty"),
-        ("stage=2", "say when"),
-        ("stage=x@step=3", "cannot read the target"),
-        ("stage=1+2@step=3", "use stages=I+J"),
-        ("stages=2@step=3", "two or more stages"),
-        ("stages=2+2@step=3", "listed twice"),
-        ("stage=1@step=-3", "non-negative integer"),
-        ("stage=1@step=3,random", "only one of"),
-        ("stage=1@stall=5min", "stall duration"),
-        ("150%/step", "<= 100%/step"),
-        ("0%/h", "must be > 0"),
-        ("stage=1@tomorrow", "cannot read 'tomorrow'"),
-    ],
-)
-def test_bad_specs_name_the_spec_and_the_accepted_forms(text, fragment):
-    with pytest.raises(FaultSpecError) as info:
-        parse_fault_spec(text)
-    message = str(info.value)
-    assert fragment in message and repr(text) in message and "accepted forms" in message
-
-
-def test_config_faults_use_the_same_syntax():
-    cfg = load_config(None, ['ft.faults=["stage=2@step=40", "10%/h"]'])
-    assert cfg.ft.faults == ("stage=2@step=40", "10%/h")
-    with pytest.raises(ConfigError, match="ft.faults: bad fault spec 'stage=2@sometime'"):
-        load_config(None, ['ft.faults=["stage=2@sometime"]'])
-    with pytest.raises(ConfigError, match="names stage 7"):
-        load_config(None, ['ft.faults=["stage=7@step=1"]'])
+from spotpipe.faultspec import FaultSpecError, parse_fault_spec, rate_per_step
+from spotpipe.ft.faults import Fault, FaultPlan, deliver
 
 
 def test_plan_fixed_steps_and_adjacent_pairs():
@@ -163,7 +103,7 @@ def test_convergence_config_loads_with_rate_faults():
 
 
 def test_phase_faults_parse_and_travel_with_their_fault() -> None:
-    from spotpipe.ft.faults import PHASES, FaultPlan, FaultSpecError, parse_fault_spec
+    from spotpipe.faultspec import PHASES
 
     spec = parse_fault_spec("stage=2@step=40,phase=backward")
     assert spec.phase == "backward" and spec.step == 40 and spec.kind == "kill"

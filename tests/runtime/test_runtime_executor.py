@@ -17,7 +17,7 @@ from spotpipe.data.sampler import microbatch_ids
 from spotpipe.data.tokens import TokenFile, prepare_tokens
 from spotpipe.model.stages import build_stage
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank
-from spotpipe.runtime.control.job import build_pipeline_schedule
+from spotpipe.schedule.build import job_schedule
 from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.runtime.comm.transport import CommError, LocalHub, PeerTimeout
@@ -56,7 +56,7 @@ def tiny(schedule: str, stages: int = 4, microbatches: int = 4, replicas: int = 
 
 def play_step(cfg: JobConfig, token_file: TokenFile, step_ids: list[int]) -> tuple[dict[str, torch.Tensor], float]:
     """One step of every rank in threads: gradients per global parameter name, mean loss."""
-    sched = build_pipeline_schedule(cfg)
+    sched = job_schedule(cfg)
     p = cfg.pipeline
     n_chunks = sched.num_stages
     hub = LocalHub(p.stages)
@@ -120,7 +120,7 @@ def test_executor_gradients_equal_local_trainer(token_file: TokenFile, schedule:
 
 def test_forward_only_program_keeps_only_forward_actions() -> None:
     cfg = tiny("1f1b")
-    sched = build_pipeline_schedule(cfg)
+    sched = job_schedule(cfg)
     program = compile_rank(sched, 1, lambda s: s, forward_only=True)
     ops = {ins.action.op for ins in program}
     assert ops == {Op.F, Op.SEND_F, Op.RECV_F}

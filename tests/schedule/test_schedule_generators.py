@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spotpipe.schedule.generators import (
-    SCHEDULE_NAMES,
+    REGISTRY,
     build_schedule,
     gpipe_schedule,
     interleaved_schedule,
@@ -90,7 +90,7 @@ def test_interleaved_with_one_virtual_stage_is_1f1b() -> None:
     assert s.name == "interleaved"
 
 
-@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_rank_runs_each_forward_and_backward_once(name: str) -> None:
     s = build_schedule(name, 3, 6, virtual_stages=2)
     for r, acts in enumerate(s.ranks):

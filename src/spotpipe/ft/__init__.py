@@ -3,8 +3,9 @@
 - :mod:`spotpipe.ft.detector` (pure): which workers are suspected dead, from heartbeats and
   transport errors; the runtime feeds it ``time.monotonic()``, the simulator its virtual clock.
 - :mod:`spotpipe.ft.policy` (pure): which recovery strategy rebuilds each lost stage, and why.
-- :mod:`spotpipe.ft.faults` (no torch): fault specs, a seeded per-step fault plan, and delivery of
-  real signals (SIGKILL, SIGSTOP/SIGCONT) to real processes.
+- :mod:`spotpipe.ft.faults` (no torch): a seeded per-step fault plan from fault specs (their
+  grammar is :mod:`spotpipe.faultspec`), and delivery of real signals (SIGKILL, SIGSTOP/SIGCONT)
+  to real processes.
 - :mod:`spotpipe.runtime.state.rules` (torch): the recovery rules over state dicts (CheckFree, CheckFree+,
   replica and mirror copies) and the host-memory :class:`~spotpipe.runtime.state.rules.Mirror`.
 - :mod:`spotpipe.runtime.inprocess.convergence` (torch): the in-process convergence mode.

@@ -220,54 +220,13 @@ def _make_plan(args: argparse.Namespace, rf: float, gpus: int, gpn: int) -> Plan
     )
 
 
-def plan_to_json(plan: Plan) -> dict[str, Any]:
-    """The ``--json`` form of a plan (stable keys; ``mttf_hours`` among them)."""
-    out = dict(plan.__dict__)
-    out["first_order_valid"] = plan.first_order_valid
-    return out
-
-
-def render_plan(plan: Plan) -> str:
-    """Text form of a plan."""
-    from spotpipe.reliability.models import FIRST_ORDER_LIMIT
-    from spotpipe.reliability.units import format_duration as fd
-
-    lines = [
-        f"job: {plan.gpus} GPUs = {plan.nodes:g} nodes x {plan.gpus_per_node} GPUs; "
-        f"r_f {plan.rf:g} failures per 1000 node-days",
-        f"MTTF: {plan.mttf_hours:.3g} h ({plan.failures_per_day:.3g} failures per day)",
-        f"checkpoint/restart (write w {fd(plan.write_s)}, restart u0 {fd(plan.restart_s)}):",
-        f"  at interval {fd(plan.interval_s)}: ETTR {plan.ettr_at_interval:.4f} (first order, Meta); "
-        f"{plan.ettr_at_interval_exact:.4f} exact for exponential failures",
-    ]
-    if not plan.first_order_valid:
-        lines.append(
-            f"  note: N r_f (u0 + dt/2) = {plan.model_load:.3g} > {FIRST_ORDER_LIMIT}: failures are frequent "
-            "relative to the interval; trust the exact figure (or `simulate`), not the first-order one"
-        )
-    if plan.best_interval_s is None or plan.best_ettr is None:
-        lines.append("  best interval: none (zero write time, or the restart alone outlasts the MTTF)")
-    else:
-        lines.append(
-            f"  best interval {fd(plan.best_interval_s)} (Young {fd(plan.young_interval_s)}, "
-            f"Daly {fd(plan.daly_interval_s)}): ETTR {plan.best_ettr:.4f} (first order)"
-        )
-    if plan.best_interval_exact_s is not None and plan.best_ettr_exact is not None:
-        lines.append(
-            f"  best interval, exact form: {fd(plan.best_interval_exact_s)}: ETTR {plan.best_ettr_exact:.4f}"
-        )
-    lines.append(
-        f"checkpoint-free (recovery {fd(plan.recovery_s)}, step {fd(plan.step_s)}, penalty "
-        f"{fd(plan.penalty_s)}): ETTR {plan.ettr_checkpoint_free:.4f} (exact {plan.ettr_checkpoint_free_exact:.4f})"
-    )
-    return "\n".join(lines)
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
     gpus, gpn = _job_size(args)
     rf = _rf(args, gpus / gpn)
     assert rf is not None
     plan = _make_plan(args, rf, gpus, gpn)
+    from spotpipe.reliability.models import plan_to_json, render_plan
+
     print(json.dumps(plan_to_json(plan), indent=2) if args.json else render_plan(plan))
     return 0
 

@@ -20,15 +20,18 @@ Sources:
 The first-order formulas hold while ``lam * (u0 + dt/2)`` is small (a few percent); the exact
 renewal forms hold for exponential failures at any rate. :func:`model_load` gives the quantity to
 check, and :mod:`spotpipe.reliability.montecarlo` measures where the first-order form breaks.
+:func:`make_plan` evaluates them all for one job; :func:`render_plan` and :func:`plan_to_json`
+are the plan's text and JSON forms (the CLI and the HTML report both use them).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from spotpipe.errors import SpotpipeError
-from spotpipe.reliability.units import SECONDS_PER_HOUR, rate_per_second
+from spotpipe.reliability.units import SECONDS_PER_HOUR, format_duration, rate_per_second
 
 # Above this value of lam * (u0 + dt/2) the first-order model is flagged as outside its validity.
 FIRST_ORDER_LIMIT = 0.1
@@ -273,3 +276,44 @@ def make_plan(
         ettr_checkpoint_free=ettr_checkpoint_free(recovery_s, nodes, rf, step_s, penalty_s),
         ettr_checkpoint_free_exact=ettr_checkpoint_free_exact(recovery_s, lam, step_s, penalty_s),
     )
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """The ``--json`` form of a plan (stable keys; ``mttf_hours`` among them)."""
+    out = dict(plan.__dict__)
+    out["first_order_valid"] = plan.first_order_valid
+    return out
+
+
+def render_plan(plan: Plan) -> str:
+    """Text form of a plan, as ``spotpipe reliability plan`` prints it and the HTML report shows it."""
+    fd = format_duration
+    lines = [
+        f"job: {plan.gpus} GPUs = {plan.nodes:g} nodes x {plan.gpus_per_node} GPUs; "
+        f"r_f {plan.rf:g} failures per 1000 node-days",
+        f"MTTF: {plan.mttf_hours:.3g} h ({plan.failures_per_day:.3g} failures per day)",
+        f"checkpoint/restart (write w {fd(plan.write_s)}, restart u0 {fd(plan.restart_s)}):",
+        f"  at interval {fd(plan.interval_s)}: ETTR {plan.ettr_at_interval:.4f} (first order, Meta); "
+        f"{plan.ettr_at_interval_exact:.4f} exact for exponential failures",
+    ]
+    if not plan.first_order_valid:
+        lines.append(
+            f"  note: N r_f (u0 + dt/2) = {plan.model_load:.3g} > {FIRST_ORDER_LIMIT}: failures are frequent "
+            "relative to the interval; trust the exact figure (or `simulate`), not the first-order one"
+        )
+    if plan.best_interval_s is None or plan.best_ettr is None:
+        lines.append("  best interval: none (zero write time, or the restart alone outlasts the MTTF)")
+    else:
+        lines.append(
+            f"  best interval {fd(plan.best_interval_s)} (Young {fd(plan.young_interval_s)}, "
+            f"Daly {fd(plan.daly_interval_s)}): ETTR {plan.best_ettr:.4f} (first order)"
+        )
+    if plan.best_interval_exact_s is not None and plan.best_ettr_exact is not None:
+        lines.append(
+            f"  best interval, exact form: {fd(plan.best_interval_exact_s)}: ETTR {plan.best_ettr_exact:.4f}"
+        )
+    lines.append(
+        f"checkpoint-free (recovery {fd(plan.recovery_s)}, step {fd(plan.step_s)}, penalty "
+        f"{fd(plan.penalty_s)}): ETTR {plan.ettr_checkpoint_free:.4f} (exact {plan.ettr_checkpoint_free_exact:.4f})"
+    )
+    return "\n".join(lines)

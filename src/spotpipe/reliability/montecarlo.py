@@ -243,7 +243,7 @@ def _play(gaps: _Gaps, policy: Policy, step_s: float, trials: int) -> dict[str, 
         lost = work - productive
 
     def total(values: NDArray[np.float64]) -> NDArray[np.float64]:
-        return np.bincount(gaps.trial, weights=values, minlength=trials)
+        return np.bincount(gaps.trial, weights=values, minlength=trials).astype(np.float64, copy=False)
 
     counts = np.bincount(gaps.trial, minlength=trials).astype(np.float64)
     return {

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from spotpipe.errors import SpotpipeError
 from spotpipe.reliability.analysis import TraceAnalysis, render_analysis
 from spotpipe.reliability.fits import IntervalFits, intervals_from_times
-from spotpipe.reliability.models import Plan, ettr_checkpoint, ettr_checkpoint_exact, mttf_hours
+from spotpipe.reliability.models import Plan, ettr_checkpoint, ettr_checkpoint_exact, mttf_hours, render_plan
 from spotpipe.reliability.montecarlo import CheckpointRestart, Exponential, simulate
 from spotpipe.reliability.units import SECONDS_PER_DAY, SECONDS_PER_HOUR, rate_per_second
 
@@ -155,8 +155,6 @@ def _img(data: str, alt: str) -> str:
 
 def write_report(path: Path, analyses: list[TraceAnalysis], plan: Plan, trials: int = 64) -> Path:
     """Write the HTML report; returns its path."""
-    from spotpipe.reliability.cli import render_plan
-
     mttf_png = plot_mttf(plan, analyses)
     ettr_png, points = plot_ettr(plan, trials)
     cdf_png = plot_cdf(analyses)

@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if extra:
         from dataclasses import replace
 
-        from spotpipe.ft.faults import parse_fault_specs
+        from spotpipe.faultspec import parse_fault_specs
 
         parse_fault_specs(extra)  # a bad spec is one line, before anything starts
         prep = replace(prep, cfg=replace(prep.cfg, ft=replace(prep.cfg.ft, faults=prep.cfg.ft.faults + extra)))

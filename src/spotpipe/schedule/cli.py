@@ -2,7 +2,10 @@
 
 ``spotpipe schedule show --schedule 1f1b --stages 4 --microbatches 8`` prints the ideal-time grid
 (every compute action one step, communication none), so the pipeline bubble is visible;
-``--format text|csv|chrome`` prints the action lists, the CSV form or a Chrome trace (Perfetto).
+``--format text|csv|chrome`` prints the action lists, the CSV form or a Chrome trace (Perfetto);
+``--swap`` shows the CheckFree+ swapped paths. It builds through the same builder as the runtime
+and the simulator (:mod:`spotpipe.schedule.build`), and its ``--schedule`` choices are the
+registered generators (:data:`spotpipe.schedule.generators.REGISTRY`).
 ``spotpipe schedule validate FILE.csv`` checks a schedule (compute-only or lowered) for missing
 actions, broken dependencies, unmatched send/recv and deadlocks.
 """
@@ -13,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from spotpipe.schedule.generators import SCHEDULE_NAMES, build_schedule
+from spotpipe.config import PipelineConfig
+from spotpipe.schedule.build import compute_schedule
+from spotpipe.schedule.generators import REGISTRY
 from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.render import FORMATS, render
@@ -51,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Generate a schedule and print it; the grid shows ideal time steps "
         "(each forward/backward one step, communication none), so the bubble is visible.",
     )
-    show.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b",
+    show.add_argument("--schedule", choices=tuple(REGISTRY), default="1f1b",
                       help="schedule generator (default: %(default)s)")
     show.add_argument("--stages", type=_positive_int, default=4,
                       help="pipeline ranks (default: %(default)s)")
@@ -59,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="microbatches per step (default: %(default)s)")
     show.add_argument("--virtual-stages", type=_positive_int, default=2,
                       help="model chunks per rank, used by the interleaved schedule only, as pipeline.virtual_stages (default: %(default)s)")
+    show.add_argument("--swap", action="store_true",
+                      help="CheckFree+ swapped paths for odd microbatches (stages 0<->1 and S-2<->S-1), "
+                      "as ft.strategy = checkfree+ runs them; needs >= 4 stages")
     show.add_argument("--lowered", action="store_true",
                       help="add the send/recv actions the runtime and simulator play")
     show.add_argument("--format", choices=FORMATS, default="grid",
@@ -87,7 +95,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    schedule = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual_stages)
+    pipeline = PipelineConfig(stages=args.stages, schedule=args.schedule, virtual_stages=args.virtual_stages,
+                              microbatches=args.microbatches)
+    schedule = compute_schedule(pipeline, swap=args.swap)
     if args.lowered:
         schedule = lower(schedule)
     text = render(schedule, args.format)

@@ -16,14 +16,28 @@ lowers them (adds send/recv) for the runtime executor and the simulator.
   (stage) ``s`` lives on rank ``s % P``. Microbatches advance in groups of ``P`` through the
   chunks, which shrinks the bubble by a factor ``V``. The warm-up length and the chunk order follow
   Megatron-LM's ``forward_backward_pipelining_with_interleaving``.
+
+:data:`REGISTRY` maps each schedule name to its generator and is the only list of names: the
+config check of ``pipeline.schedule``, :func:`build_schedule`, the job builder
+(:func:`spotpipe.schedule.build.job_schedule`) and ``spotpipe schedule show --schedule`` all read
+it. Adding a schedule takes two things:
+
+1. a generator: a function ``(stages, microbatches, virtual_stages) -> Schedule`` that returns a
+   compute-only schedule (here, or in its own module of this package that imports only
+   :mod:`spotpipe.schedule.ir` and never this module, so no import circle can form);
+2. one registration line in :data:`REGISTRY`: ``"name": Generator(function, chunked=...)``,
+   with ``chunked=True`` when it places ``virtual_stages`` model chunks on every rank.
+
+Nothing else names schedules; the runtime and the simulator play what the builder returns.
 """
 
 from __future__ import annotations
 
-from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
-#: Names accepted by :func:`build_schedule` (the same as ``pipeline.schedule`` in the config).
-SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
+from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -160,23 +174,70 @@ def interleaved_schedule(stages: int, virtual_stages: int, microbatches: int) ->
     )
 
 
+#: A generator's signature: ``(stages, microbatches, virtual_stages) -> compute-only Schedule``.
+GenerateFn = Callable[[int, int, int], Schedule]
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A registered schedule generator.
+
+    Attributes:
+        generate: ``(stages, microbatches, virtual_stages) -> Schedule``, compute-only; a generator
+            that does not use virtual stages ignores the third argument (the config keeps
+            ``pipeline.virtual_stages`` set for every schedule).
+        chunked: Whether every rank holds ``virtual_stages`` model chunks (then the schedule has
+            ``stages * virtual_stages`` stages), else one.
+    """
+
+    generate: GenerateFn
+    chunked: bool = False
+
+
+#: Every schedule by name (the values of ``pipeline.schedule``): the only list of names.
+REGISTRY: Mapping[str, Generator] = MappingProxyType({
+    "gpipe": Generator(lambda stages, microbatches, _virtual: gpipe_schedule(stages, microbatches)),
+    "1f1b": Generator(lambda stages, microbatches, _virtual: one_f_one_b_schedule(stages, microbatches)),
+    "interleaved": Generator(lambda stages, microbatches, virtual: interleaved_schedule(stages, virtual, microbatches), chunked=True),
+})
+
+
+def _generator(name: str) -> Generator:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ScheduleError(f"unknown schedule {name!r}: allowed values are {', '.join(REGISTRY)}") from None
+
+
+def model_chunks(name: str, stages: int, virtual_stages: int) -> int:
+    """Model chunks (schedule stages) of schedule ``name`` over ``stages`` ranks.
+
+    Args:
+        name: A registered schedule name.
+        stages: Pipeline ranks.
+        virtual_stages: Chunks per rank, counted only by a ``chunked`` schedule.
+
+    Returns:
+        ``stages * virtual_stages`` for a chunked schedule (interleaved), else ``stages``.
+
+    Raises:
+        ScheduleError: for an unknown name (the message lists the allowed ones).
+    """
+    return stages * (virtual_stages if _generator(name).chunked else 1)
+
+
 def build_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """The compute-only schedule called ``name`` (the value of ``pipeline.schedule``).
 
     Args:
-        name: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+        name: A key of :data:`REGISTRY` (``"gpipe"``, ``"1f1b"``, ``"interleaved"``).
         stages: pipeline ranks.
         microbatches: microbatches per step.
-        virtual_stages: model chunks per rank; used by ``interleaved`` only and ignored by the
-            others (the config keeps ``pipeline.virtual_stages`` set for every schedule).
+        virtual_stages: model chunks per rank; used by chunked schedules (interleaved) only and
+            ignored by the others (the config keeps ``pipeline.virtual_stages`` set for every
+            schedule).
 
     Raises:
         ScheduleError: for an unknown name (the message lists the allowed ones) or bad sizes.
     """
-    if name == "gpipe":
-        return gpipe_schedule(stages, microbatches)
-    if name == "1f1b":
-        return one_f_one_b_schedule(stages, microbatches)
-    if name == "interleaved":
-        return interleaved_schedule(stages, virtual_stages, microbatches)
-    raise ScheduleError(f"unknown schedule {name!r}: allowed values are {', '.join(SCHEDULE_NAMES)}")
+    return _generator(name).generate(stages, microbatches, virtual_stages)

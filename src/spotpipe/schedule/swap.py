@@ -146,7 +146,7 @@ def makespan(schedule: Schedule, cost: Mapping[Op, float] = UNIT_COST) -> float:
     return max((t + cost[a.op] for a, t in times.items()), default=0.0)
 
 
-def _list_schedule(draft: Schedule, priority: dict[Action, tuple[float, ...]], caps: list[int]) -> Schedule | None:
+def _list_schedule(draft: Schedule, priority: Mapping[Action, tuple[float, ...]], caps: list[int]) -> Schedule | None:
     """Play ``draft`` greedily (unit costs): an idle rank starts its best ready action, within
     its forward-activation cap. Returns the order played, or ``None`` if it got stuck."""
     pending = [sorted(acts, key=lambda a: priority[a]) for acts in draft.ranks]
@@ -213,8 +213,8 @@ def swap_edges(schedule: Schedule) -> Schedule:
     )
     caps = list(peak_in_flight(schedule))
     s2r = schedule.stage_to_rank
-    for a, b in ((0, 1), (schedule.num_stages - 2, schedule.num_stages - 1)):
-        caps[s2r[a]] = caps[s2r[b]] = max(caps[s2r[a]], caps[s2r[b]])
+    for lo, hi in ((0, 1), (schedule.num_stages - 2, schedule.num_stages - 1)):
+        caps[s2r[lo]] = caps[s2r[hi]] = max(caps[s2r[lo]], caps[s2r[hi]])
     priority = {a: (float(a.op != Op.F), t, float(r), float(i)) for k in keyed for t, r, i, a in k}
     candidates = [by_time]
     listed = _list_schedule(by_time, priority, caps)

@@ -1,7 +1,8 @@
 """A whole simulated training job: steps, checkpoints, failures, detection and recovery.
 
 :func:`prepare` turns a :class:`~spotpipe.config.JobConfig` into what the simulation needs (the
-lowered schedule the runtime would play, a cost model, the cluster). :func:`simulate_job` then
+lowered schedule the runtime plays, from the same builder :func:`spotpipe.schedule.build.job_schedule`,
+CheckFree+ swapped paths included; a cost model; the cluster). :func:`simulate_job` then
 runs ``train.steps`` steps on the discrete-event :class:`~spotpipe.sim.engine.Engine`:
 
 * a step lasts one played iteration (:func:`~spotpipe.sim.player.play_iteration`, replayed only
@@ -32,9 +33,8 @@ from spotpipe.config import JobConfig
 from spotpipe.cost import CostModel, analytic_cost, fit_scale_and_overhead, read_profile
 from spotpipe.events import EventLog
 from spotpipe.ft.detector import detect as ft_detect
-from spotpipe.schedule.generators import build_schedule
+from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Placement, Schedule
-from spotpipe.schedule.passes import lower
 from spotpipe.sim.cluster import JOIN, Cluster, NodeEvent, PoissonFailures, build_cluster, parse_failures, read_preemption_trace
 from spotpipe.sim.engine import Engine, Timer
 from spotpipe.sim.network import Network, build_network, resolve_path
@@ -51,12 +51,6 @@ class SimSetup:
     cost: CostModel
     cluster: Cluster
     base_dir: str | None = None
-
-
-def job_schedule(cfg: JobConfig) -> Schedule:
-    """The lowered schedule the runtime plays for this config."""
-    p = cfg.pipeline
-    return lower(build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages))
 
 
 def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostModel:

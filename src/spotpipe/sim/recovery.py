@@ -117,7 +117,10 @@ class RecoveryDecision:
 class RecoveryPolicy(Protocol):
     """Decides what a detected failure costs."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The ``sim.recovery`` value it implements (read-only: policies are frozen dataclasses)."""
+        ...
 
     def decide(self, ctx: FailureContext) -> RecoveryDecision:
         """The decision for one detected failure."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from spotpipe.schedule.generators import model_chunks
 from spotpipe.schedule.memory import peak_memory_bytes
 from spotpipe.schedule.render import chrome_trace
 from spotpipe.schedule.validate import ActionTiming, Timeline
@@ -72,7 +73,7 @@ def summary(setup: SimSetup, result: JobResult, sim_seconds: float) -> dict[str,
             "stages": p.stages,
             "replicas": p.replicas,
             "microbatches": p.microbatches,
-            "virtual_stages": p.virtual_stages if p.schedule == "interleaved" else 1,
+            "virtual_stages": model_chunks(p.schedule, 1, p.virtual_stages),
             "workers": p.stages * p.replicas,
             "spares": cfg.sim.spares,
             "network": cfg.network.matrix or f"uniform {cfg.network.latency_ms} ms, {cfg.network.bandwidth_gbps or 'unlimited'} Gbit/s",

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spotpipe.config import JobConfig
-from spotpipe.ft.faults import Delivery, Fault, FaultPlan, deliver, parse_fault_specs
+from spotpipe.faultspec import parse_fault_specs
+from spotpipe.ft.faults import Delivery, Fault, FaultPlan, deliver
 
 
 @dataclass

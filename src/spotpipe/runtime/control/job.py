@@ -2,7 +2,8 @@
 
 :func:`prepare_run` turns ``spotpipe train [--config] [--set] [--resume]`` into a resolved job:
 the validated config (``model.vocab_size`` fitted to the data), the run directory, the token file,
-the lowered schedule (checked now, so a bad combination fails before a worker starts) and the
+the lowered schedule (from :func:`spotpipe.schedule.build.job_schedule`, the builder the workers
+and the simulator use; built now, so a bad combination fails before a worker starts) and the
 checkpoint to resume from. Every problem is one :class:`~spotpipe.errors.SpotpipeError` line.
 
 The controller and the workers both call :func:`eval_due` and :func:`checkpoint_layout`, so they
@@ -19,24 +20,7 @@ from typing import Any
 from spotpipe.config import JobConfig, TrainConfig, load_config
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import swap_schedule_on
-
-
-def build_pipeline_schedule(cfg: JobConfig, swap: bool | None = None) -> Any:
-    """The lowered schedule of the job (``pipeline.schedule`` through ``schedule.passes.lower``).
-
-    With ``swap`` (default: :func:`spotpipe.ft.policy.swap_schedule_on`) odd microbatches take the
-    CheckFree+ swapped path (:func:`spotpipe.schedule.swap.swap_edges`); evaluation passes use
-    ``swap=False``, the model's own order.
-    """
-    from spotpipe.schedule.generators import build_schedule
-    from spotpipe.schedule.passes import lower
-    from spotpipe.schedule.swap import swap_edges
-
-    p = cfg.pipeline
-    compute = build_schedule(p.schedule, p.stages, p.microbatches, p.virtual_stages)
-    if swap_schedule_on(cfg.ft) if swap is None else swap:
-        compute = swap_edges(compute)
-    return lower(compute)
+from spotpipe.schedule.build import job_schedule
 
 
 def check_swap_layout(cfg: JobConfig) -> None:
@@ -149,7 +133,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     check_swap_layout(cfg)
-    schedule = build_pipeline_schedule(cfg)
+    schedule = job_schedule(cfg)
     from spotpipe.model.partition import partition_layers
 
     partition_layers(cfg.model.layers, schedule.num_stages)

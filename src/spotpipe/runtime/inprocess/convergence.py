@@ -43,7 +43,8 @@ import torch
 
 from spotpipe import events as ev
 from spotpipe.config import JobConfig
-from spotpipe.ft.faults import STALL, FaultPlan
+from spotpipe.faultspec import STALL
+from spotpipe.ft.faults import FaultPlan
 from spotpipe.ft.policy import (
     CHECKFREE,
     CHECKFREE_PLUS,

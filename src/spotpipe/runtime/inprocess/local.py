@@ -31,6 +31,7 @@ from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
 from spotpipe.runtime.state.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.schedule.generators import model_chunks
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,10 @@ class StepResult:
 
 
 def default_num_chunks(cfg: JobConfig) -> int:
-    """Chunks of a job: ``pipeline.stages``, times ``virtual_stages`` for the interleaved schedule."""
+    """Chunks of a job: ``pipeline.stages``, times ``virtual_stages`` for a chunked schedule
+    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`)."""
     p = cfg.pipeline
-    return p.stages * (p.virtual_stages if p.schedule == "interleaved" else 1)
+    return model_chunks(p.schedule, p.stages, p.virtual_stages)
 
 
 def fit_vocab(cfg: JobConfig, token_file: Any) -> JobConfig:

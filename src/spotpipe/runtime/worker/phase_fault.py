@@ -3,7 +3,7 @@
 A timed signal from the controller (:mod:`spotpipe.runtime.control.inject`) lands wherever the victim
 happens to be; a test that must show survival of a kill *during the backward pass* or *during
 the all-reduce* needs the kill to land there. A fault spec with ``phase=`` (``stage=2@step=40,
-phase=backward``, :mod:`spotpipe.ft.faults`) is handed to the victim with its role, and the worker
+phase=backward``, :mod:`spotpipe.faultspec`) is handed to the victim with its role, and the worker
 sends itself a real ``SIGKILL`` when it gets there:
 
 - ``forward`` / ``backward``: at the forward / backward of the middle microbatch of the step, so

@@ -57,7 +57,7 @@ from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
 from spotpipe.runtime.comm.groups import Generation, GenerationPlan, resolve_backend
-from spotpipe.runtime.control.job import build_pipeline_schedule, checkpoint_due, eval_due
+from spotpipe.runtime.control.job import checkpoint_due, eval_due
 from spotpipe.runtime.state.optim import clip_coefficient, lr_at
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
@@ -68,6 +68,7 @@ from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
 from spotpipe.runtime.worker.recovery import RecoveryAgent
+from spotpipe.schedule.build import job_schedule
 
 EXIT_ERROR = 3
 EXIT_ORPHANED = 4
@@ -116,8 +117,8 @@ class Worker:
             torch.set_num_threads(threads)
         self.backend = resolve_backend(cfg.run.backend)
         self.swap = swap_schedule_on(cfg.ft)
-        self.schedule = build_pipeline_schedule(cfg)
-        self.eval_schedule = build_pipeline_schedule(cfg, swap=False) if self.swap else self.schedule
+        self.schedule = job_schedule(cfg)
+        self.eval_schedule = job_schedule(cfg, swap=False) if self.swap else self.schedule
         if self.backend == "nccl":
             from spotpipe.schedule.validate import check_message_order
 
