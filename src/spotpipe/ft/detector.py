@@ -130,16 +130,16 @@ def detect(
             silent.add(worker)
             reasons[worker] = f"no heartbeat for {age:.2f} s (ft.detect_timeout_s = {timeout_s:g} s)"
     for report in sorted(transport_errors, key=lambda r: (r.at, r.reporter, r.peer)):
-        seen = last_heartbeat.get(report.peer)
-        if seen is None or report.peer in reasons or report.peer == report.reporter:
+        peer_seen = last_heartbeat.get(report.peer)
+        if peer_seen is None or report.peer in reasons or report.peer == report.reporter:
             continue
-        if seen > report.at:
+        if peer_seen > report.at:
             continue  # the peer spoke after the failure: alive
         what = "transport error" if report.kind == "error" else "transport timeout"
         text = f"{what} reported by worker {report.reporter} at t={report.at:.2f}"
         if report.detail:
             text += f" ({report.detail})"
-        reasons[report.peer] = text + f"; no heartbeat since t={seen:.2f}"
+        reasons[report.peer] = text + f"; no heartbeat since t={peer_seen:.2f}"
     suspects = tuple(sorted(reasons))
     return Detection(suspects=suspects, reasons={w: reasons[w] for w in suspects}, silent=frozenset(silent))
 
