@@ -153,11 +153,19 @@ def rebuilds(plan: RecoveryPlan) -> bool:
 
 
 def job_outcome(plans: Iterable[RecoveryPlan]) -> str:
-    """``"stop"``, ``"rollback"`` (to a checkpoint) or ``"continue"`` for a set of plans."""
-    strategies = {p.strategy for p in plans}
-    if STOP in strategies:
+    """What the job does about one failure, given its plans.
+
+    Args:
+        plans: The plans of :func:`plan_recovery` for the lost workers.
+
+    Returns:
+        ``"stop"`` if any plan stops the job, else ``"rollback"`` (to the checkpoint) if any plan
+        does not rebuild its worker from peers, else ``"continue"``.
+    """
+    plans = tuple(plans)
+    if any(p.strategy == STOP for p in plans):
         return "stop"
-    if CHECKPOINT in strategies:
+    if not all(rebuilds(p) for p in plans):
         return "rollback"
     return "continue"
 
