@@ -54,8 +54,10 @@ class RecoveryPlan:
             replica -> (the replica,), mirror -> (the mirror holder,), checkfree -> (previous
             stage, next stage), checkfree+ on an edge -> (the swap partner,).
         exact: The rebuilt state equals the lost state (replica, or a mirror 0 steps behind).
-        lr_scale: Learning-rate multiplier the rebuilt worker trains with from now on (the
-            strategy's :attr:`Strategy.lr_scale`: 1.1 for CheckFree, else 1.0).
+        lr_scale: The strategy's learning-rate factor (:attr:`Strategy.lr_scale`): the
+            multiplier a worker rebuilt from fresh state trains with from now on (CheckFree:
+            1.1). Strategies that copy a peer's state (replica, mirror, CheckFree+) say 1.0; the
+            copied state carries its own factor, which the runtime keeps.
         checkpoint_step: For ``checkpoint``, the step the whole job rolls back to.
     """
 
@@ -148,7 +150,8 @@ class Strategy(Protocol):
         exact: Its rebuilt state equals the lost state whenever its source is current (replica;
             a mirror refreshed after the last committed step). The plan's own ``exact`` says
             whether this one is.
-        lr_scale: Learning-rate factor of the rebuilt worker (CheckFree: 1.1, else 1.0).
+        lr_scale: Learning-rate factor of a worker it rebuilds from fresh state (CheckFree:
+            1.1); 1.0 for strategies that copy a peer's state with the factor it carries.
         payload: What each source sends (:data:`Payload`).
         rebuilds: It rebuilds one worker from live peers; False: it rolls the whole job back.
         includes: Further strategies its rule relies on for positions it does not cover, tried
