@@ -1,10 +1,23 @@
 """Config loading, overrides, validation messages and the TOML round trip."""
 
 import tomllib
+import typing
 
 import pytest
 
-from spotpipe.config import JobConfig, apply_overrides, config_from_mapping, config_to_toml, load_config
+from spotpipe.config import (
+    FT_STRATEGIES,
+    SIM_RECOVERY,
+    BackendName,
+    DtypeName,
+    JobConfig,
+    SimRecoveryName,
+    StrategyName,
+    apply_overrides,
+    config_from_mapping,
+    config_to_toml,
+    load_config,
+)
 from spotpipe.errors import ConfigError
 
 
@@ -57,3 +70,31 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_file_with_unknown_table_is_refused():
     with pytest.raises(ConfigError, match="unknown section"):
         config_from_mapping(tomllib.loads("[trian]\nsteps = 3\n"), where="x.toml")
+
+
+CLOSED_CHOICES = [("model.dtype", DtypeName), ("run.backend", BackendName), ("ft.strategy", StrategyName),
+                  ("sim.recovery", SimRecoveryName)]
+
+
+@pytest.mark.parametrize("key, choice", CLOSED_CHOICES, ids=[k for k, _ in CLOSED_CHOICES])
+def test_closed_choices_are_literal_types_and_checked_against_them(key, choice):
+    section, name = key.split(".")
+    assert typing.get_type_hints(type(getattr(JobConfig(), section)))[name] == choice  # the field is typed by it
+    allowed = typing.get_args(choice)
+    for value in allowed:  # every value of the type is accepted ...
+        assert getattr(getattr(load_config(None, [f"{key}={value}"]), section), name) == value
+    with pytest.raises(ConfigError) as info:  # ... and the message lists exactly those
+        load_config(None, [f"{key}=bogus"])
+    message = str(info.value)
+    assert message.startswith(f"{key} must be ") and "'bogus'" in message
+    assert all(value in message for value in allowed)
+
+
+def test_closed_choice_messages_and_derived_tuples():
+    with pytest.raises(ConfigError, match="run.backend must be auto, gloo or nccl, got 'mpi'"):
+        load_config(None, ["run.backend=mpi"])
+    with pytest.raises(ConfigError, match="model.dtype must be float32, bfloat16 or float16, got 'int8'"):
+        load_config(None, ["model.dtype=int8"])
+    with pytest.raises(ConfigError, match="ft.strategy must be one of auto, replica, mirror, checkfree, checkfree\\+, checkpoint, none"):
+        load_config(None, ["ft.strategy=magic"])
+    assert FT_STRATEGIES == typing.get_args(StrategyName) and SIM_RECOVERY == typing.get_args(SimRecoveryName)

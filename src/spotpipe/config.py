@@ -13,14 +13,28 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from spotpipe.errors import ConfigError
 from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
 
-FT_STRATEGIES = ("auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none")
+# Closed choices: each is one Literal type, the only list of its values; the checks in
+# :func:`validate` and their messages take the allowed values from it (``typing.get_args``).
+DtypeName = Literal["float32", "bfloat16", "float16"]
+"""``model.dtype``: the floating-point type of weights, activations and optimizer state."""
+BackendName = Literal["auto", "gloo", "nccl"]
+"""``run.backend``: the collective backend (``auto``: NCCL when CUDA is available, else gloo)."""
+StrategyName = Literal["auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none"]
+"""``ft.strategy``: the policy modes ``auto`` and ``none``, and the name of every recovery strategy
+in :data:`spotpipe.ft.strategies.REGISTRY` (a test checks that the two lists agree)."""
+SimRecoveryName = Literal["checkpoint", "policy"]
+"""``sim.recovery``: how the simulator handles a failure (restart from the checkpoint, or the shipped
+recovery policy)."""
+
+FT_STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
+SIM_RECOVERY: tuple[SimRecoveryName, ...] = get_args(SimRecoveryName)
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    dtype: str = "float32"
+    dtype: DtypeName = "float32"
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,7 @@ class RunConfig:
     dir: str = ""  # "" = runs/<name>
     host: str = "127.0.0.1"  # controller listen address
     port: int = 0  # 0 = any free port
-    backend: str = "auto"  # auto | gloo | nccl
+    backend: BackendName = "auto"
     timeout_s: float = 60.0  # every wait on a peer or the store gives up after this
     heartbeat_s: float = 0.5
     progress: bool = True
@@ -100,7 +114,7 @@ class RunConfig:
 class FTConfig:
     """Failure detection and recovery."""
 
-    strategy: str = "auto"
+    strategy: StrategyName = "auto"
     detect_timeout_s: float = 2.0
     mirror_every: int = 1  # 1: the holder replays every step's update (exact); N > 1: full state every N steps
     faults: tuple[str, ...] = ()  # fault specs, see spotpipe.faultspec (e.g. "stage=2@step=40", "10%/h")
@@ -134,7 +148,7 @@ class SimConfig:
     failure_rate: float = 0.0  # failures per node-day (Poisson per node); 0 = none
     failure_trace: str = ""  # preemption trace "<ms>,<add|remove>,<node>" (Bamboo format)
     seed: int = 0  # random failures
-    recovery: str = "checkpoint"  # recovery policy: checkpoint = restart from last checkpoint; policy = ft.strategy via spotpipe.ft.policy
+    recovery: SimRecoveryName = "checkpoint"  # recovery policy: checkpoint = restart from last checkpoint; policy = ft.strategy via spotpipe.ft.policy
     checkpoint_write_s: float = 0.0  # time to write one checkpoint (blocks training)
     restart_s: float = 60.0  # time to restart the job and load the last checkpoint
     replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
@@ -193,6 +207,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if origin is Literal:  # a closed choice: read as a string here, checked against its values by validate()
+        return _coerce(key, value, str)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -297,6 +313,28 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_choice(key: str, value: str, choices: Any, *, listed: bool = True) -> None:
+    """Check ``value`` against the closed choice ``choices`` (a ``Literal`` type).
+
+    Args:
+        key: Dotted config key, e.g. ``"ft.strategy"``.
+        value: The configured value.
+        choices: The key's ``Literal[...]`` type alias; its arguments are the allowed values.
+        listed: Phrase the message as ``one of a, b, c`` (True) or as ``a, b or c`` (False).
+
+    Raises:
+        ConfigError: naming the key, the allowed values and the value given.
+    """
+    allowed: tuple[str, ...] = get_args(choices)
+    if value in allowed:
+        return
+    if listed:
+        text = "one of " + ", ".join(allowed)
+    else:
+        text = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+    raise ConfigError(f"{key} must be {text}, got {value!r}")
+
+
 def validate(cfg: JobConfig) -> None:
     """Range and cross-section checks; each message names the key and the allowed values."""
     m, p, t, r, f = cfg.model, cfg.pipeline, cfg.train, cfg.run, cfg.ft
@@ -310,7 +348,7 @@ def validate(cfg: JobConfig) -> None:
     _check(m.context >= 2, f"model.context must be >= 2, got {m.context}")
     _check(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
     _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0 (0 = default), got {m.ffn_hidden}")
-    _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _check_choice("model.dtype", m.dtype, DtypeName, listed=False)
     _check(p.schedule in SCHEDULE_REGISTRY,
            f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r}")
     _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
@@ -340,12 +378,12 @@ def validate(cfg: JobConfig) -> None:
     _check(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
     _check(0 < cfg.data.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
-    _check(r.backend in ("auto", "gloo", "nccl"), f"run.backend must be auto, gloo or nccl, got {r.backend!r}")
+    _check_choice("run.backend", r.backend, BackendName, listed=False)
     _check(r.timeout_s > 0, f"run.timeout_s must be > 0, got {r.timeout_s}")
     _check(r.heartbeat_s > 0, f"run.heartbeat_s must be > 0, got {r.heartbeat_s}")
     _check(-1 <= r.local_workers <= p.stages * p.replicas,
            f"run.local_workers must be -1 (all) or in [0, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {r.local_workers}")
-    _check(f.strategy in FT_STRATEGIES, f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {f.strategy!r}")
+    _check_choice("ft.strategy", f.strategy, StrategyName)
     _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
     _check(0 <= f.spares <= 64, f"ft.spares must be in 0..64, got {f.spares}")
@@ -368,8 +406,6 @@ def validate(cfg: JobConfig) -> None:
     validate_sim(cfg)
 
 
-SIM_RECOVERY = ("checkpoint", "policy")
-
 
 def validate_sim(cfg: JobConfig) -> None:
     """Range checks of the [sim] section (owned by the simulator)."""
@@ -383,4 +419,4 @@ def validate_sim(cfg: JobConfig) -> None:
         _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")
     _check(s.host_cores >= 0, f"sim.host_cores must be >= 0 (0 = a device per worker), got {s.host_cores}")
-    _check(s.recovery in SIM_RECOVERY, f"sim.recovery must be one of {', '.join(SIM_RECOVERY)}, got {s.recovery!r}")
+    _check_choice("sim.recovery", s.recovery, SimRecoveryName)

@@ -193,3 +193,9 @@ def test_policy_beats_checkpoint_restart_under_the_same_seeded_failures(tmp_path
 def test_ftpolicy_does_not_import_torch() -> None:
     code = "import sys, spotpipe.sim.ftpolicy, spotpipe.sim.job; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=20).returncode == 0
+
+
+def test_ftpolicy_and_the_recovery_hooks_import_one_way() -> None:
+    # sim.recovery (build_policy) imports sim.ftpolicy; both share sim.decision; never the reverse
+    code = "import sys, spotpipe.sim.ftpolicy; sys.exit('spotpipe.sim.recovery' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=20).returncode == 0

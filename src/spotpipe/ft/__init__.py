@@ -3,6 +3,9 @@
 - :mod:`spotpipe.ft.detector` (pure): which workers are suspected dead, from heartbeats and
   transport errors; the runtime feeds it ``time.monotonic()``, the simulator its virtual clock.
 - :mod:`spotpipe.ft.policy` (pure): which recovery strategy rebuilds each lost stage, and why.
+- :mod:`spotpipe.ft.strategies` (pure): one module per recovery strategy (replica, mirror,
+  CheckFree, CheckFree+, checkpoint) with its sources, why it applies or not, the bytes it moves,
+  its exactness and learning-rate factor; ``REGISTRY`` is the only list of their names.
 - :mod:`spotpipe.ft.faults` (no torch): a seeded per-step fault plan from fault specs (their
   grammar is :mod:`spotpipe.faultspec`), and delivery of real signals (SIGKILL, SIGSTOP/SIGCONT)
   to real processes.

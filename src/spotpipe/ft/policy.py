@@ -5,7 +5,9 @@ Given the lost workers ``(stage, replica)`` and what survives, :func:`plan_recov
 one-line ``why`` for the ``recovery_started`` event. It reads no clock and no tensors, so the
 runtime, the in-process convergence mode and the simulator all run the same decision.
 
-Strategies (``ft.strategy``), from most to least exact:
+Strategies (``ft.strategy``), from most to least exact; each is one module of
+:mod:`spotpipe.ft.strategies` holding its rules, and :data:`spotpipe.ft.strategies.REGISTRY` is
+the only list of them (its order is ``auto``'s):
 
 - ``replica``: copy weights and optimizer state from a live data-parallel replica of the same
   stage (checkpointless peer replication, SageMaker HyperPod 2025). Exact.
@@ -21,9 +23,10 @@ Strategies (``ft.strategy``), from most to least exact:
   (CheckFree+, same paper, section 3.2). Approximate for the blocks, exact for embedding/head.
 - ``checkpoint``: the whole job rolls back to the last periodic checkpoint. The baseline, and
   the only way out when two adjacent stages are lost with no replica or mirror.
-- ``auto``: replica, then mirror, then checkfree+ (edges, swap schedule on) / checkfree (middle),
-  then checkpoint.
-- ``none``: no recovery; a loss stops the job.
+- ``auto`` (a policy mode): every strategy of the registry that rebuilds single workers, in the
+  registry's order: replica, then mirror, then checkfree+ (edges, swap schedule on) / checkfree
+  (middle); then the checkpoint.
+- ``none`` (a policy mode): no recovery; a loss stops the job.
 
 Rules that keep garbage weights out of training:
 
@@ -33,93 +36,136 @@ Rules that keep garbage weights out of training:
   Exact strategies are resolved first, so a lost stage whose neighbour is recovered exactly
   from a mirror can still be rebuilt by CheckFree.
 - If any lost worker cannot be rebuilt, the whole job rolls back to the checkpoint (every lost
-  worker's plan says ``checkpoint`` and why); with no checkpoint, every plan says ``stop``.
+  worker's plan says ``checkpoint`` and why); with no checkpoint, every plan says ``stop``. The
+  why names, for each strategy tried whose rule covers the worker's position, why it could not
+  (:meth:`~spotpipe.ft.strategies.base.Strategy.why_not`); when none covers the position, why
+  each is out of scope (:meth:`~spotpipe.ft.strategies.base.Strategy.scope_reason`).
+
+Each plan carries the strategy's learning-rate factor (``lr_scale``: CheckFree's 1.1, else 1.0),
+which the runtime applies to the rebuilt worker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import Final
 
 from spotpipe.config import FT_STRATEGIES, FTConfig
 from spotpipe.errors import SpotpipeError
+from spotpipe.ft.strategies import REGISTRY, get_strategy
+from spotpipe.ft.strategies.base import RecoveryPlan as RecoveryPlan
+from spotpipe.ft.strategies.base import Strategy, Survivors
+from spotpipe.ft.strategies.base import Worker as Worker
+from spotpipe.ft.strategies.checkfree import CHECKFREE_LR_SCALE as CHECKFREE_LR_SCALE
+from spotpipe.ft.strategies.checkfree import NAME as CHECKFREE
+from spotpipe.ft.strategies.checkfree_plus import NAME as CHECKFREE_PLUS
+from spotpipe.ft.strategies.checkfree_plus import swap_partner as swap_partner
+from spotpipe.ft.strategies.checkpoint import NAME as CHECKPOINT
+from spotpipe.ft.strategies.checkpoint import STOP as STOP
+from spotpipe.ft.strategies.checkpoint import rollback
+from spotpipe.ft.strategies.mirror import NAME as MIRROR
+from spotpipe.ft.strategies.mirror import mirror_holder as mirror_holder
+from spotpipe.ft.strategies.replica import NAME as REPLICA
 
-Worker = tuple[int, int]  # (stage, replica)
+__all__ = [
+    "AUTO", "CHECKFREE", "CHECKFREE_LR_SCALE", "CHECKFREE_PLUS", "CHECKPOINT", "EXACT_STRATEGIES", "MIRROR", "NONE",
+    "REPLICA", "STOP", "PolicyError", "RecoveryPlan", "Worker", "job_outcome", "mirror_holder", "plan_recovery",
+    "rebuilds", "recovery_enabled", "swap_partner", "swap_schedule_on", "tried_strategies", "uses_mirrors",
+]
 
-REPLICA = "replica"
-MIRROR = "mirror"
-CHECKFREE = "checkfree"
-CHECKFREE_PLUS = "checkfree+"
-CHECKPOINT = "checkpoint"
-STOP = "stop"
-EXACT_STRATEGIES = (REPLICA, MIRROR)
-CHECKFREE_LR_SCALE = 1.1  # CheckFree (Blagoev et al. 2025): the rebuilt stage trains at 1.1x lr
+AUTO: Final = "auto"  # policy mode: the registry's strategies in priority order
+NONE: Final = "none"  # policy mode: no recovery, a loss stops the job
+EXACT_STRATEGIES: Final = tuple(name for name, s in REGISTRY.items() if s.exact)
 
 
 class PolicyError(SpotpipeError):
     """Inconsistent input to the recovery policy (a worker out of range, lost and alive at once)."""
 
 
-@dataclass(frozen=True)
-class RecoveryPlan:
-    """How one lost worker is rebuilt.
+def _name(strategy: str | FTConfig) -> str:
+    """The ``ft.strategy`` value of a name or an ``[ft]`` section, checked.
 
-    Attributes:
-        stage: Lost worker's pipeline stage.
-        replica: Lost worker's data-parallel replica.
-        strategy: ``replica``, ``mirror``, ``checkfree``, ``checkfree+``, ``checkpoint`` or ``stop``.
-        why: One line for the event log.
-        sources: Workers whose state is read, in the order the recovery function takes them:
-            replica -> (the replica,), mirror -> (the mirror holder,), checkfree -> (previous
-            stage, next stage), checkfree+ on an edge -> (the swap partner,).
-        exact: The rebuilt state equals the lost state (replica, or a mirror 0 steps behind).
-        lr_scale: Learning-rate multiplier the rebuilt worker trains with from now on.
-        checkpoint_step: For ``checkpoint``, the step the whole job rolls back to.
+    Raises:
+        PolicyError: if it is not one of :data:`spotpipe.config.FT_STRATEGIES`.
     """
-
-    stage: int
-    replica: int
-    strategy: str
-    why: str
-    sources: tuple[Worker, ...] = ()
-    exact: bool = False
-    lr_scale: float = 1.0
-    checkpoint_step: int | None = None
-
-    @property
-    def worker(self) -> Worker:
-        return (self.stage, self.replica)
+    name = strategy.strategy if isinstance(strategy, FTConfig) else strategy
+    if name not in FT_STRATEGIES:
+        raise PolicyError(f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {name!r}")
+    return name
 
 
-def mirror_holder(stage: int, replica: int, num_stages: int) -> Worker:
-    """The worker that keeps the host-memory mirror of ``(stage, replica)``: the previous stage
-    of the same replica, wrapping around (the last stage mirrors stage 0)."""
-    return ((stage - 1) % num_stages, replica)
+def tried_strategies(strategy: str | FTConfig) -> tuple[Strategy, ...]:
+    """The strategies that may rebuild a single lost worker under ``ft.strategy``, in the order
+    :func:`plan_recovery` tries them.
+
+    Args:
+        strategy: ``ft.strategy`` or the ``[ft]`` section.
+
+    Returns:
+        ``auto``: every registered strategy that rebuilds single workers, in registry (priority)
+        order; a strategy's name: it, then the strategies it includes (``checkfree+`` ->
+        checkfree+, checkfree); ``none`` and ``checkpoint``: none.
+
+    Raises:
+        PolicyError: for a value that is not an ``ft.strategy``.
+    """
+    name = _name(strategy)
+    if name == NONE:
+        return ()
+    if name == AUTO:
+        return tuple(s for s in REGISTRY.values() if s.rebuilds)
+    chosen = get_strategy(name)
+    return tuple(s for s in (chosen, *(get_strategy(n) for n in chosen.includes)) if s.rebuilds)
 
 
-def swap_partner(stage: int, num_stages: int) -> int | None:
-    """CheckFree+ swap partner of an edge stage (0 <-> 1, S-1 <-> S-2); ``None`` for the others."""
-    if num_stages < 4:
-        return None
-    if stage == 0:
-        return 1
-    if stage == num_stages - 1:
-        return num_stages - 2
-    return None
+def recovery_enabled(strategy: str | FTConfig) -> bool:
+    """Whether a lost worker is recovered at all (False only for ``ft.strategy = none``, where a
+    loss ends the job).
+
+    Raises:
+        PolicyError: for a value that is not an ``ft.strategy``.
+    """
+    return _name(strategy) != NONE
+
+
+def uses_mirrors(strategy: str | FTConfig) -> bool:
+    """Whether workers keep host-memory mirrors under ``ft.strategy`` (some strategy tried needs
+    them: ``auto`` and ``mirror``). ``ft.mirror_every`` and the stage count are the caller's.
+
+    Raises:
+        PolicyError: for a value that is not an ``ft.strategy``.
+    """
+    return any(s.needs_mirrors for s in tried_strategies(strategy))
 
 
 def swap_schedule_on(ft: FTConfig) -> bool:
-    """Whether the job runs the CheckFree+ swap schedule (``ft.swap_edges``, always on with
-    ``ft.strategy = "checkfree+"``)."""
-    return ft.swap_edges or ft.strategy == CHECKFREE_PLUS
+    """Whether the job runs the CheckFree+ swap schedule: ``ft.swap_edges``, or a strategy chosen
+    by name that needs it (``ft.strategy = "checkfree+"``)."""
+    chosen = REGISTRY.get(ft.strategy)
+    return ft.swap_edges or (chosen is not None and chosen.needs_swap_schedule)
+
+
+def rebuilds(plan: RecoveryPlan) -> bool:
+    """Whether ``plan`` rebuilds its worker from peers (state moves between workers), as opposed
+    to a rollback to the checkpoint or a stop."""
+    found = REGISTRY.get(plan.strategy)
+    return found is not None and found.rebuilds
 
 
 def job_outcome(plans: Iterable[RecoveryPlan]) -> str:
-    """``"stop"``, ``"rollback"`` (to a checkpoint) or ``"continue"`` for a set of plans."""
-    strategies = {p.strategy for p in plans}
-    if STOP in strategies:
+    """What the job does about one failure, given its plans.
+
+    Args:
+        plans: The plans of :func:`plan_recovery` for the lost workers.
+
+    Returns:
+        ``"stop"`` if any plan stops the job, else ``"rollback"`` (to the checkpoint) if any plan
+        does not rebuild its worker from peers, else ``"continue"``.
+    """
+    plans = tuple(plans)
+    if any(p.strategy == STOP for p in plans):
         return "stop"
-    if CHECKPOINT in strategies:
+    if not all(rebuilds(p) for p in plans):
         return "rollback"
     return "continue"
 
@@ -154,14 +200,13 @@ def plan_recovery(
         swap_edges: Whether the CheckFree+ swap schedule is on (edge stages have copies).
 
     Returns:
-        One plan per lost worker, in ``(stage, replica)`` order.
+        One plan per lost worker, in ``(stage, replica)`` order, each with its ``lr_scale``.
 
     Raises:
-        PolicyError: if a worker is out of range, or lost and alive at once.
+        PolicyError: if a worker is out of range, or lost and alive at once, or ``strategy`` is
+            not an ``ft.strategy``.
     """
-    name = strategy.strategy if isinstance(strategy, FTConfig) else strategy
-    if name not in FT_STRATEGIES:
-        raise PolicyError(f"ft.strategy must be one of {', '.join(FT_STRATEGIES)}, got {name!r}")
+    name = _name(strategy)
     if num_stages < 1 or replicas < 1:
         raise PolicyError(f"need num_stages >= 1 and replicas >= 1, got {num_stages} and {replicas}")
     lost_set = set(lost)
@@ -174,25 +219,18 @@ def plan_recovery(
         raise PolicyError(f"workers {sorted(live & lost_set)} are both lost and alive")
     if not lost_set:
         return ()
-    mirrors = dict(mirrors or {})
-    lags = dict(mirror_lag or {})
 
-    if name == "none":
+    if name == NONE:
         return tuple(
             RecoveryPlan(s, r, STOP, f"stage {s} replica {r} lost and ft.strategy = none: stopping the job")
             for s, r in sorted(lost_set)
         )
-    if name == CHECKPOINT:
-        return _rollback(sorted(lost_set), checkpoint_step, "ft.strategy = checkpoint")
+    order = tried_strategies(name)
+    if not order:  # a strategy that rebuilds no single worker: the checkpoint
+        return rollback(sorted(lost_set), checkpoint_step, f"ft.strategy = {name}")
 
-    order = {
-        "auto": (REPLICA, MIRROR, CHECKFREE_PLUS, CHECKFREE),
-        REPLICA: (REPLICA,),
-        MIRROR: (MIRROR,),
-        CHECKFREE: (CHECKFREE,),
-        CHECKFREE_PLUS: (CHECKFREE_PLUS, CHECKFREE),
-    }[name]
-    exact_sources = set(live)  # live workers and exactly recovered ones
+    view = Survivors(num_stages, replicas, frozenset(live), frozenset(live), dict(mirrors or {}),
+                     dict(mirror_lag or {}), swap_edges)
     pending = sorted(lost_set)
     plans: dict[Worker, RecoveryPlan] = {}
     progress = True
@@ -200,136 +238,29 @@ def plan_recovery(
         progress = False
         for strat in order:
             for w in pending:
-                plan = _try(strat, w, num_stages, replicas, exact_sources, live, mirrors, lags, swap_edges)
+                plan = strat.plan(w, view)
                 if plan is not None:
                     plans[w] = plan
                     pending.remove(w)
                     if plan.exact:
-                        exact_sources.add(w)
+                        view = view.with_source(w)  # an exact rebuild may serve as a source
                     progress = True
                     break
             if progress:
                 break  # restart from the most exact strategy: a new source may enable it
     if not pending:
         return tuple(plans[w] for w in sorted(plans))
-    causes = [_why_not(w, name, order, num_stages, replicas, lost_set, exact_sources, mirrors, swap_edges) for w in pending]
-    return _rollback(sorted(lost_set), checkpoint_step, "; ".join(causes))
+    causes = [_why_not(w, name, order, view) for w in pending]
+    return rollback(sorted(lost_set), checkpoint_step, "; ".join(causes))
 
 
-def _try(
-    strat: str,
-    w: Worker,
-    num_stages: int,
-    replicas: int,
-    sources: set[Worker],
-    live: set[Worker],
-    mirrors: Mapping[Worker, Worker],
-    lags: Mapping[Worker, int],
-    swap_edges: bool,
-) -> RecoveryPlan | None:
+def _why_not(w: Worker, name: str, order: tuple[Strategy, ...], view: Survivors) -> str:
+    """Why no strategy of ``order`` rebuilt ``w``: each covering strategy's reason, or, when none
+    covers the position, why each is out of scope."""
     s, r = w
-    if strat == REPLICA:
-        for other in sorted(range(replicas), key=lambda x: (x == r, x)):
-            if other != r and (s, other) in sources:
-                return RecoveryPlan(
-                    s, r, REPLICA, f"stage {s} replica {r}: copy weights and optimizer state from live replica {other} (exact)",
-                    sources=((s, other),), exact=True,
-                )
-        return None
-    if strat == MIRROR:
-        holder = mirrors.get(w)
-        if holder is None or holder not in live:  # a rebuilt holder lost the mirror it kept
-            return None
-        lag = int(lags.get(w, 0))
-        behind = "exact" if lag == 0 else f"{lag} step{'s' if lag != 1 else ''} behind"
-        return RecoveryPlan(
-            s, r, MIRROR,
-            f"stage {s} replica {r}: copy the host-memory mirror held by stage {holder[0]} replica {holder[1]} ({behind})",
-            sources=(holder,), exact=lag == 0,
-        )
-    if strat == CHECKFREE:
-        if s == 0 or s == num_stages - 1:
-            return None
-        prev, nxt = _neighbour(s - 1, r, replicas, sources), _neighbour(s + 1, r, replicas, sources)
-        if prev is None or nxt is None:
-            return None
-        return RecoveryPlan(
-            s, r, CHECKFREE,
-            f"stage {s} replica {r}: gradient-norm-weighted average of stages {s - 1} and {s + 1}, "
-            f"fresh optimizer state, lr x{CHECKFREE_LR_SCALE:g} (CheckFree)",
-            sources=(prev, nxt), lr_scale=CHECKFREE_LR_SCALE,
-        )
-    if strat == CHECKFREE_PLUS:
-        partner = swap_partner(s, num_stages)
-        if partner is None or not swap_edges:
-            return None
-        src = _neighbour(partner, r, replicas, sources)
-        if src is None:
-            return None
-        part = "embedding" if s == 0 else "final norm and LM head"
-        return RecoveryPlan(
-            s, r, CHECKFREE_PLUS,
-            f"edge stage {s} replica {r}: copy blocks and optimizer state of swap partner stage {partner}, "
-            f"{part} from its in-sync copy (CheckFree+)",
-            sources=(src,),
-        )
-    raise AssertionError(strat)  # pragma: no cover
-
-
-def _neighbour(stage: int, replica: int, replicas: int, sources: set[Worker]) -> Worker | None:
-    """A source worker of ``stage``, preferring the same replica."""
-    for other in sorted(range(replicas), key=lambda x: (x != replica, x)):
-        if (stage, other) in sources:
-            return (stage, other)
-    return None
-
-
-def _why_not(
-    w: Worker,
-    name: str,
-    order: tuple[str, ...],
-    num_stages: int,
-    replicas: int,
-    lost: set[Worker],
-    sources: set[Worker],
-    mirrors: Mapping[Worker, Worker],
-    swap_edges: bool,
-) -> str:
-    s, r = w
-    parts: list[str] = []
-    if REPLICA in order:
-        parts.append("no live replica" if replicas > 1 else "no replicas (pipeline.replicas = 1)")
-    if MIRROR in order:
-        holder = mirrors.get(w)
-        parts.append("no fresh mirror" if holder is None else f"its mirror holder (stage {holder[0]} replica {holder[1]}) is lost too")
-    edge = s == 0 or s == num_stages - 1
-    if CHECKFREE in order or CHECKFREE_PLUS in order:
-        if edge:
-            partner = swap_partner(s, num_stages)
-            if CHECKFREE_PLUS not in order:
-                parts.append("CheckFree cannot rebuild an edge stage (ft.strategy = checkfree+ can)")
-            elif partner is None:
-                parts.append(f"CheckFree+ needs >= 4 stages, the job has {num_stages}")
-            elif not swap_edges:
-                parts.append("the CheckFree+ swap schedule is off (ft.swap_edges = false)")
-            else:
-                parts.append(f"its swap partner stage {partner} is lost too")
-        else:
-            gone = [n for n in (s - 1, s + 1) if _neighbour(n, r, replicas, sources) is None]
-            parts.append(f"adjacent stage{'s' if len(gone) > 1 else ''} {' and '.join(map(str, gone))} lost together with it, "
-                         "so CheckFree has no two neighbours")
+    covering = [strat for strat in order if strat.covers(s, view.num_stages)]
+    if covering:
+        parts = [strat.why_not(w, view) for strat in covering]
+    else:
+        parts = [strat.scope_reason(s, view.num_stages) for strat in order]
     return f"stage {s} replica {r} cannot be rebuilt by ft.strategy = {name} ({', '.join(parts)})"
-
-
-def _rollback(lost: list[Worker], checkpoint_step: int | None, cause: str) -> tuple[RecoveryPlan, ...]:
-    if checkpoint_step is None:
-        return tuple(
-            RecoveryPlan(s, r, STOP, f"stopping the job: {cause}; and there is no checkpoint to roll back to "
-                                     "(train.checkpoint_every = 0 or none written yet)")
-            for s, r in lost
-        )
-    return tuple(
-        RecoveryPlan(s, r, CHECKPOINT, f"whole job rolls back to the checkpoint of step {checkpoint_step}: {cause}",
-                     checkpoint_step=checkpoint_step)
-        for s, r in lost
-    )

@@ -5,6 +5,7 @@
   also used by the runtime's link-delay transport wrapper.
 - :mod:`spotpipe.sim.cluster`: nodes, speeds, failure processes and preemption-trace replay.
 - :mod:`spotpipe.sim.player`: one iteration of a lowered schedule, action by action.
+- :mod:`spotpipe.sim.decision`: what a recovery policy knows and decides (the policy seam).
 - :mod:`spotpipe.sim.recovery`: the failure-detector and recovery-policy hooks.
 - :mod:`spotpipe.sim.ftpolicy`: ``sim.recovery = "policy"``, the shipped recovery policy priced on
   the cluster.

@@ -14,7 +14,10 @@ simulator measures the policy that ships"), and prices the answer on the simulat
   link from each source to the new node, ``latency + bytes / bandwidth``
   (:class:`spotpipe.sim.network.Link`, the alpha-beta model of Hockney 1994); transfers from
   different sources use different directed links and run in parallel (the slowest one counts).
-  Bytes per strategy, from the model shapes of :mod:`spotpipe.model.partition`:
+  The bytes each source sends are the strategy's own rule
+  (:meth:`spotpipe.ft.strategies.base.Strategy.source_bytes`, looked up in
+  :data:`spotpipe.ft.strategies.REGISTRY`) applied to the per-rank state sizes that
+  :func:`stage_bytes` takes from the model shapes of :mod:`spotpipe.model.partition`:
 
   - ``replica`` / ``mirror`` / ``checkfree+``: the stage's weights plus its two AdamW moments
     (3 x the parameter bytes; Loshchilov and Hutter 2019 keep two moments per parameter), from
@@ -31,8 +34,8 @@ simulator measures the policy that ships"), and prices the answer on the simulat
 
 Inputs the policy reads, as the runtime builds them (:mod:`spotpipe.runtime.control.recovery`): the job's
 ``[ft]`` section (``ft.strategy``), one stage per pipeline rank (``pipeline.stages``; a rank of an
-interleaved schedule holds all of its chunks), mirrors when ``ft.strategy`` is ``auto`` or
-``mirror`` (the holder of stage ``s`` is :func:`~spotpipe.ft.policy.mirror_holder`, refreshed
+interleaved schedule holds all of its chunks), mirrors when a strategy tried needs them
+(:func:`spotpipe.ft.policy.uses_mirrors`: ``ft.strategy`` is ``auto`` or ``mirror``; the holder of stage ``s`` is :func:`~spotpipe.ft.policy.mirror_holder`, refreshed
 after every ``ft.mirror_every``-th committed step, so ``step % ft.mirror_every`` steps behind),
 the CheckFree+ swap schedule when ``ft.swap_edges`` or ``ft.strategy = "checkfree+"``, and the
 newest checkpoint.
@@ -51,44 +54,23 @@ from dataclasses import dataclass
 
 from spotpipe.config import JobConfig
 from spotpipe.cost import num_chunks
-from spotpipe.ft.policy import (
-    CHECKFREE,
-    CHECKFREE_PLUS,
-    MIRROR,
-    REPLICA,
-    RecoveryPlan,
-    job_outcome,
-    mirror_holder,
-    plan_recovery,
-    swap_schedule_on,
-)
+from spotpipe.ft.policy import RecoveryPlan, job_outcome, mirror_holder, plan_recovery, swap_schedule_on, uses_mirrors
+from spotpipe.ft.strategies import REGISTRY
+from spotpipe.ft.strategies.base import StageBytes as StageBytes
 from spotpipe.model.partition import DTYPE_BYTES, block_params, model_shapes
+from spotpipe.sim.decision import FailureContext, RecoveryDecision, Worker, WorkerRecovery
 from spotpipe.sim.network import Link, Network, uniform_link
-from spotpipe.sim.recovery import FailureContext, RecoveryDecision, Worker, WorkerRecovery
-
-ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq per parameter (Loshchilov and Hutter 2019)
-FULL_STATE = (REPLICA, MIRROR, CHECKFREE_PLUS)
-
-
-@dataclass(frozen=True)
-class StageBytes:
-    """Bytes of each pipeline rank's state.
-
-    Attributes:
-        weights: Parameter bytes of every chunk the rank holds, in ``model.dtype``.
-        blocks: The part of ``weights`` in transformer blocks (what CheckFree averages).
-    """
-
-    weights: tuple[int, ...]
-    blocks: tuple[int, ...]
-
-    def full(self, rank: int) -> int:
-        """Weights plus the two AdamW moments (same dtype) of ``rank``."""
-        return (1 + ADAMW_MOMENTS) * self.weights[rank]
 
 
 def stage_bytes(cfg: JobConfig) -> StageBytes:
-    """Per-rank state bytes from the model shapes (chunk ``c`` runs on rank ``c % stages``)."""
+    """Per-rank state bytes from the model shapes (chunk ``c`` runs on rank ``c % stages``).
+
+    Args:
+        cfg: The job (``model``, ``pipeline.stages``, ``pipeline.schedule`` for the chunk count).
+
+    Returns:
+        Per rank, the parameter bytes of its chunks in ``model.dtype`` and their transformer-block part.
+    """
     ranks = cfg.pipeline.stages
     shapes = model_shapes(cfg.model, num_chunks(cfg))
     per_block = block_params(cfg.model) * DTYPE_BYTES.get(cfg.model.dtype, 4)
@@ -101,12 +83,17 @@ def stage_bytes(cfg: JobConfig) -> StageBytes:
 
 
 def plan_bytes(plan: RecoveryPlan, sizes: StageBytes) -> tuple[int, ...]:
-    """Bytes each of ``plan.sources`` sends to the rebuilt worker (empty: nothing moves)."""
-    if plan.strategy in FULL_STATE:
-        return tuple(sizes.full(plan.stage) for _ in plan.sources)
-    if plan.strategy == CHECKFREE:
-        return tuple(sizes.blocks[src_stage] for src_stage, _ in plan.sources)
-    return ()
+    """Bytes each of ``plan.sources`` sends to the rebuilt worker, by the plan's strategy's rule.
+
+    Args:
+        plan: One plan of :func:`spotpipe.ft.policy.plan_recovery`.
+        sizes: Per-rank state bytes (:func:`stage_bytes`).
+
+    Returns:
+        One byte count per source; empty when nothing moves (a rollback, a stop).
+    """
+    strategy = REGISTRY.get(plan.strategy)
+    return () if strategy is None else strategy.source_bytes(plan, sizes)
 
 
 def _link(network: Network, a: str, b: str) -> Link:
@@ -134,7 +121,7 @@ class PlannedRecovery:
         ft, ranks = cfg.ft, cfg.pipeline.stages
         mirrors: dict[Worker, Worker] = {}
         lags: dict[Worker, int] = {}
-        if ft.strategy in ("auto", MIRROR) and ft.mirror_every > 0:
+        if uses_mirrors(ft) and ft.mirror_every > 0:
             for stage, replica in ctx.lost:
                 holder = mirror_holder(stage, replica, ranks)
                 if holder != (stage, replica):

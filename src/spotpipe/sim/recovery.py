@@ -8,10 +8,13 @@ Two seams, both pure functions of the virtual clock:
   stops, and the detector is evaluated at :func:`spotpipe.ft.detector.next_deadline` (the same
   rule the controller ships, so the simulator measures it; DESIGN.md "failure detection and
   policy are pure functions"). The detector is a parameter, so another rule can be plugged in.
-* **Policy.** A :class:`RecoveryPolicy` turns a :class:`FailureContext` (who was lost, the
-  committed step, the newest checkpoint, free nodes) into a :class:`RecoveryDecision`: which step
+* **Policy.** A :class:`~spotpipe.sim.decision.RecoveryPolicy` turns a
+  :class:`~spotpipe.sim.decision.FailureContext` (who was lost, the committed step, the newest
+  checkpoint, free nodes) into a :class:`~spotpipe.sim.decision.RecoveryDecision`: which step
   training resumes from, how long the restart takes once every lost position has a node, and
-  whether lost positions need replacement nodes. :class:`CheckpointRestart` is the baseline of
+  whether lost positions need replacement nodes (those types live in :mod:`spotpipe.sim.decision`
+  and are re-exported here). :func:`build_policy` picks the policy by ``sim.recovery``.
+  :class:`CheckpointRestart` is the baseline of
   the Meta cluster study (Kokolis et al. 2025, "Revisiting Reliability in Large-Scale Machine
   Learning Research Clusters", s. 4: restart from the last checkpoint after a failure)
   (``sim.recovery = "checkpoint"``, the default). :class:`spotpipe.sim.ftpolicy.PlannedRecovery`
@@ -27,104 +30,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from spotpipe.config import SIM_RECOVERY, FTConfig, JobConfig
 from spotpipe.errors import ConfigError
 from spotpipe.ft.detector import detect as ft_detect
 from spotpipe.ft.detector import next_deadline
+from spotpipe.sim.decision import FailureContext as FailureContext
+from spotpipe.sim.decision import RecoveryDecision as RecoveryDecision
+from spotpipe.sim.decision import RecoveryPolicy as RecoveryPolicy
+from spotpipe.sim.decision import Worker as Worker
+from spotpipe.sim.decision import WorkerRecovery as WorkerRecovery
+from spotpipe.sim.ftpolicy import PlannedRecovery
 from spotpipe.sim.network import Network
 
-Worker = tuple[int, int]  # (pipeline rank, replica)
 Detector = Callable[[float, Mapping[int, float], FTConfig], Any]
-
-
-@dataclass(frozen=True)
-class FailureContext:
-    """What a policy knows when it decides.
-
-    Attributes:
-        now: Virtual time of the detection.
-        failed_at: Virtual time the node died.
-        lost: Lost worker positions ``(rank, replica)``.
-        lost_nodes: Their node ids.
-        step: Steps committed so far.
-        checkpoint_step: Step of the newest complete checkpoint (``None``: none yet).
-        free_nodes: Idle nodes (spares, replacements) ready now.
-        config: The job.
-        locations: Location of the node of every worker slot (``replica x ranks + rank``; a lost
-            slot: its dead node's); empty: unknown (the initial placement's is used).
-    """
-
-    now: float
-    failed_at: float
-    lost: tuple[Worker, ...]
-    lost_nodes: tuple[int, ...]
-    step: int
-    checkpoint_step: int | None
-    free_nodes: int
-    config: JobConfig
-    locations: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerRecovery:
-    """How one lost worker is rebuilt (for its ``recovery_finished`` event).
-
-    Attributes:
-        stage: Pipeline rank.
-        replica: Data-parallel replica.
-        strategy: Its own strategy (``mirror``, ``checkfree``, ``checkpoint``, ...).
-        why: One line from the policy.
-        bytes: State bytes moved to the new node.
-        exact: The rebuilt state equals the lost state.
-    """
-
-    stage: int
-    replica: int
-    strategy: str
-    why: str
-    bytes: int = 0
-    exact: bool = False
-
-
-@dataclass(frozen=True)
-class RecoveryDecision:
-    """What the job does about a failure.
-
-    Attributes:
-        strategy: Name for the ``recovery_started`` event (``checkpoint``, ``stop``, ...).
-        resume_step: Training continues after this many committed steps (steps after it are
-            replayed).
-        restart_s: Seconds from the moment every lost position has a node until training runs.
-        replace_lost: Lost positions take idle nodes (spares or replacements).
-        why: One line for the event log.
-        stop: The job ends instead.
-        bytes: State bytes moved to the new nodes (0: none, or a checkpoint load).
-        workers: Per lost worker, its own strategy, reason and bytes (empty: the decision's).
-    """
-
-    strategy: str
-    resume_step: int
-    restart_s: float
-    replace_lost: bool
-    why: str
-    stop: bool = False
-    bytes: int = 0
-    workers: tuple[WorkerRecovery, ...] = ()
-
-
-class RecoveryPolicy(Protocol):
-    """Decides what a detected failure costs."""
-
-    @property
-    def name(self) -> str:
-        """The ``sim.recovery`` value it implements (read-only: policies are frozen dataclasses)."""
-        ...
-
-    def decide(self, ctx: FailureContext) -> RecoveryDecision:
-        """The decision for one detected failure."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -162,8 +82,6 @@ def build_policy(cfg: JobConfig, network: Network | None = None) -> RecoveryPoli
     if cfg.sim.recovery == "checkpoint":
         return CheckpointRestart(cfg.sim.restart_s)
     if cfg.sim.recovery == "policy":
-        from spotpipe.sim.ftpolicy import PlannedRecovery  # it imports this module
-
         return PlannedRecovery(network)
     raise ConfigError(f"sim.recovery must be one of {', '.join(SIM_RECOVERY)}, got {cfg.sim.recovery!r}")
 
