@@ -361,3 +361,11 @@ def test_replica_strategy_takes_the_live_replica(tmp_path: Path) -> None:
     job.drive()
     [plan] = job.record(2)["plans"]
     assert plan["strategy"] == "replica" and plan["sources"] == [1]
+
+
+def test_every_strategy_that_moves_state_has_a_runtime_half() -> None:
+    """The pure registry and the runtime registry name the same strategies (checkpoint reloads files)."""
+    from spotpipe.ft.strategies import REGISTRY as PURE
+    from spotpipe.runtime.worker.strategies import REGISTRY as RUNTIME
+
+    assert set(RUNTIME) == {name for name, s in PURE.items() if s.rebuilds}

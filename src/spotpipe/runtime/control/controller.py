@@ -51,6 +51,7 @@ from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, format_duration
 from spotpipe.runtime.control.job import eval_due
+from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
 from spotpipe.runtime.control.context import ControlContext
 from spotpipe.runtime.control.launch import LocalProcess
@@ -144,7 +145,7 @@ class Controller:
         self._first_loss: float | None = None
         self._first_step_of_gen = -1
         self._old_handlers: dict[int, Any] = {}
-        spare_count = cfg.ft.spares if cfg.ft.strategy != "none" and self.local_count > 0 else 0
+        spare_count = cfg.ft.spares if recovery_enabled(cfg.ft) and self.local_count > 0 else 0
         self.spare_count = spare_count
         self.last_manifest: Manifest | None = resume
         self._threads = 0
@@ -550,7 +551,7 @@ class Controller:
         text = f.reason if f is not None else "the run failed"
         where = f" after step {self.result.last_step}" if self.result.last_step >= 0 else " before the first step"
         text += f"; the job stopped{where}"
-        if f is not None and f.worker is not None and self.cfg.ft.strategy == "none":
+        if f is not None and f.worker is not None and not recovery_enabled(self.cfg.ft):
             text += " (ft.strategy = none: no stage recovery)"
         if self.last_checkpoint is not None:
             text += f"; resume from the checkpoint of step {self.last_checkpoint} with: spotpipe train --resume {self.run_dir}"

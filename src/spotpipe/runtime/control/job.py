@@ -34,7 +34,7 @@ def check_swap_layout(cfg: JobConfig) -> None:
     p = cfg.pipeline
     if not swap_schedule_on(cfg.ft):
         return
-    what = "ft.strategy = checkfree+" if cfg.ft.strategy == "checkfree+" else "ft.swap_edges = true"
+    what = "ft.swap_edges = true" if cfg.ft.swap_edges else f"ft.strategy = {cfg.ft.strategy}"
     if p.schedule == "interleaved" and p.virtual_stages != 1:
         raise SpotpipeError(f"{what} needs one chunk per worker: pipeline.schedule = interleaved with "
                             f"pipeline.virtual_stages = {p.virtual_stages} cannot run it (use 1f1b or gpipe)")

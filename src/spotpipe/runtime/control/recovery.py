@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from spotpipe import events as ev
 from spotpipe.ft.confirm import Failure, FailureKind, same_failure
+from spotpipe.ft.policy import rebuilds, recovery_enabled, uses_mirrors
 from spotpipe.runtime import protocol
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.context import ControlContext
@@ -122,7 +123,7 @@ class RecoverySupervisor:
     # -- entry -----------------------------------------------------------------------------------
 
     def enabled(self) -> bool:
-        return self.ctx.cfg.ft.strategy != "none" and self.host.plan is not None and not self.host.stop_reason
+        return recovery_enabled(self.ctx.cfg.ft) and self.host.plan is not None and not self.host.stop_reason
 
     def start(self, w: WorkerState, reason: str) -> None:
         """A member of the current generation is lost: begin (or extend) the recovery."""
@@ -228,7 +229,7 @@ class RecoverySupervisor:
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
         by_role = {(self.members.workers[w].stage, self.members.workers[w].replica): w for w in status}
-        if self.ctx.cfg.ft.strategy in ("auto", "mirror"):
+        if uses_mirrors(self.ctx.cfg.ft):
             for role in rec.lost.values():
                 holder = mirror_holder(role[0], role[1], S)
                 hw = by_role.get(holder)
@@ -280,7 +281,7 @@ class RecoverySupervisor:
         rec.new_workers = {role: self.members.role_of[role] for role in lost_roles}
         plans = []
         for p in rec.plans:
-            if p.strategy in ("checkpoint", "stop"):
+            if not rebuilds(p):
                 continue
             plans.append({"worker": rec.new_workers[p.worker], "stage": p.stage, "replica": p.replica, "strategy": p.strategy,
                           "sources": [self.members.role_of[src] for src in p.sources], "lr_scale": p.lr_scale})

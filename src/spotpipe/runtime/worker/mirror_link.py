@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from spotpipe.config import JobConfig
+from spotpipe.ft.policy import uses_mirrors
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
 
@@ -29,7 +30,7 @@ def mirror_mode(cfg: JobConfig) -> MirrorMode:
     """``replay`` (``ft.mirror_every = 1``), ``periodic`` (every N steps) or ``""`` (no mirrors:
     another strategy, ``mirror_every = 0``, or a single stage)."""
     ft = cfg.ft
-    if ft.strategy not in ("auto", "mirror") or ft.mirror_every <= 0 or cfg.pipeline.stages < 2:
+    if not uses_mirrors(ft) or ft.mirror_every <= 0 or cfg.pipeline.stages < 2:
         return ""
     return "replay" if ft.mirror_every == 1 else "periodic"
 

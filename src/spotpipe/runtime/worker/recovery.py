@@ -27,6 +27,7 @@ import torch
 
 from spotpipe.config import JobConfig
 from spotpipe.errors import SpotpipeError
+from spotpipe.ft.policy import recovery_enabled
 from spotpipe.runtime import protocol
 from spotpipe.runtime.comm.groups import Generation
 from spotpipe.runtime.comm.transfer import TAG_BASE, p2p, wait_key
@@ -82,7 +83,7 @@ class RecoveryAgent:
 
     def __init__(self, worker: RecoveryHost) -> None:
         self.w = worker
-        self.recoverable = worker.cfg.ft.strategy != "none"
+        self.recoverable = recovery_enabled(worker.cfg.ft)
         self.resume_step = 0  # the step the recovery under way resumes at
 
     def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from spotpipe.ft.strategies import checkfree
 from spotpipe.runtime.worker.strategies.base import RecoveryPlanView, WorkerView
 
 
@@ -26,7 +27,7 @@ def tied_source(worker: WorkerView, plan: RecoveryPlanView) -> int | None:
 class CheckFreeRebuild:
     """The neighbours send blocks (+ the copy where one is held); the target averages them."""
 
-    name = "checkfree"
+    name = checkfree.NAME
 
     def send(self, worker: WorkerView, plan: RecoveryPlanView, source_index: int) -> torch.Tensor:
         blocks = worker.state.blocks_flat(worker.last_grad_norm)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from spotpipe.ft.strategies import checkfree_plus, mirror, replica
 from spotpipe.runtime.worker.strategies.base import RecoveryPlanView, WorkerView
 
 
@@ -41,7 +42,7 @@ class MirrorCopy(FullStateCopy):
     """The holder sends the copy it keeps instead of its own state."""
 
     def __init__(self) -> None:
-        super().__init__("mirror", "")
+        super().__init__(mirror.NAME, "")
 
     def send(self, worker: WorkerView, plan: RecoveryPlanView, source_index: int) -> torch.Tensor:
         mirror = worker.mirror
@@ -50,6 +51,6 @@ class MirrorCopy(FullStateCopy):
         return mirror.tensor()  # type: ignore[no-any-return]
 
 
-REPLICA = FullStateCopy("replica", "")
-CHECKFREE_PLUS = FullStateCopy("checkfree+", "rebuilt by CheckFree+ from the swap partner's blocks and in-sync copies")
+REPLICA = FullStateCopy(replica.NAME, "")
+CHECKFREE_PLUS = FullStateCopy(checkfree_plus.NAME, "rebuilt by CheckFree+ from the swap partner's blocks and in-sync copies")
 MIRROR = MirrorCopy()
