@@ -8,7 +8,7 @@ from ``(seed, epoch)``, so the sampler's whole state is ``(seed, epoch, position
 gives exactly the same future ids, which is what lets a step be replayed with the same data after
 a failure (atomic steps) and a run be resumed from a checkpoint.
 
-Per step (``notes/LOWERING.md``, "Data per step"): the sampler yields ``train.batch_size`` ids in
+Per step (the lowering contract of :mod:`spotpipe.schedule.passes`, "Data per step"): the sampler yields ``train.batch_size`` ids in
 order; replica ``r`` of ``R`` takes ids ``[r B/R : (r+1) B/R]``; microbatch ``m`` of ``M`` takes the
 ``m``-th equal slice of that (:func:`microbatch_ids`, :func:`batch_for_step`).
 """

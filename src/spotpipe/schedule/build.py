@@ -18,7 +18,8 @@ DESIGN.md, "One schedule IR, two players"). Pure: no torch.
 
 from __future__ import annotations
 
-from spotpipe.config import JobConfig, PipelineConfig
+from typing import Any, Protocol
+
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.generators import build_schedule
 from spotpipe.schedule.ir import Schedule
@@ -26,7 +27,34 @@ from spotpipe.schedule.passes import lower
 from spotpipe.schedule.swap import swap_edges
 
 
-def compute_schedule(pipeline: PipelineConfig, swap: bool = False) -> Schedule:
+class PipelineShape(Protocol):
+    """The fields of a ``[pipeline]`` section the builder reads (:class:`spotpipe.config.PipelineConfig`,
+    or the ``spotpipe schedule show`` arguments, which carry the same names)."""
+
+    @property
+    def schedule(self) -> str: ...
+
+    @property
+    def stages(self) -> int: ...
+
+    @property
+    def microbatches(self) -> int: ...
+
+    @property
+    def virtual_stages(self) -> int: ...
+
+
+class JobShape(Protocol):
+    """The sections of a job the builder reads (:class:`spotpipe.config.JobConfig`)."""
+
+    @property
+    def pipeline(self) -> PipelineShape: ...
+
+    @property
+    def ft(self) -> Any: ...
+
+
+def compute_schedule(pipeline: PipelineShape, swap: bool = False) -> Schedule:
     """The compute-only schedule of a ``[pipeline]`` section, swapped for CheckFree+ on request.
 
     Args:
@@ -44,7 +72,7 @@ def compute_schedule(pipeline: PipelineConfig, swap: bool = False) -> Schedule:
     return swap_edges(schedule) if swap else schedule
 
 
-def job_schedule(cfg: JobConfig, swap: bool | None = None) -> Schedule:
+def job_schedule(cfg: JobShape, swap: bool | None = None) -> Schedule:
     """The lowered schedule a job runs: what every runtime worker plays and the simulator times.
 
     Args:

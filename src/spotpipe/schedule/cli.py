@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from spotpipe.config import PipelineConfig
 from spotpipe.schedule.build import compute_schedule
 from spotpipe.schedule.generators import REGISTRY
 from spotpipe.schedule.ir import Schedule, ScheduleError
@@ -95,9 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    pipeline = PipelineConfig(stages=args.stages, schedule=args.schedule, virtual_stages=args.virtual_stages,
-                              microbatches=args.microbatches)
-    schedule = compute_schedule(pipeline, swap=args.swap)
+    schedule = compute_schedule(args, swap=args.swap)  # the arguments carry the [pipeline] field names
     if args.lowered:
         schedule = lower(schedule)
     text = render(schedule, args.format)

@@ -1,6 +1,25 @@
 """Lowering passes: pure functions ``Schedule -> Schedule`` that the players' schedules go through.
 
-The contract is ``notes/LOWERING.md``. :func:`add_communication` inserts the point-to-point
+The lowering contract (what every player of a lowered schedule, the runtime executor, the
+simulator's player and :func:`~spotpipe.schedule.validate.simulate_schedule`, agrees on):
+
+* **Actions.** Each rank walks its action list in order. ``F`` / ``B`` compute one microbatch of
+  one stage (chunk). ``SEND_F`` / ``SEND_B`` post a message and never block. ``RECV_F`` /
+  ``RECV_B`` only post a receive; the compute action that consumes the data waits for it, so a
+  RECV may sit anywhere before its consumer. Every message's identity (stage, microbatch,
+  direction) comes from its action; a transport invents no tags.
+* **Loss.** The last stage of a microbatch's path computes the mean token cross-entropy; its
+  backward starts from ``loss / (microbatches x replicas)``, so gradients summed over microbatches
+  and over replicas (all-reduce SUM) are the gradient of the step's mean loss (GPipe, Huang et al.
+  2019; Megatron-LM, Narayanan et al. 2021).
+* **Clipping.** By the global norm over all stages: each rank contributes the squared norm of its
+  own parameters (a copy held twice counts once) to one world all-reduce, and every rank applies
+  the same coefficient (:func:`spotpipe.runtime.state.optim.clip_coefficient`).
+* **Data per step.** ``train.batch_size`` sample ids in sampler order; replica ``r`` of ``R`` takes
+  the ``r``-th equal slice, microbatch ``m`` of ``M`` the ``m``-th equal slice of that
+  (:func:`spotpipe.data.sampler.microbatch_ids`).
+
+:func:`add_communication` inserts the point-to-point
 messages a compute-only schedule implies: for every forward whose path successor lives on another
 rank a ``SEND_F`` right after it and a ``RECV_F`` right before the successor's forward; for every
 backward whose path predecessor lives on another rank a ``SEND_B`` right after it and a
@@ -84,7 +103,7 @@ def post_receives_early(schedule: Schedule, lookahead: int = 1) -> Schedule:
 
     The receives for the ``j``-th compute action of a rank are posted right before its
     ``(j - lookahead)``-th compute action (or at the start of the list), after the receives already
-    there; SENDs stay right after their producer. Under the ``LOWERING.md`` semantics a RECV only
+    there; SENDs stay right after their producer. Under the lowering contract a RECV only
     posts the receive and the consumer waits for the data, so moving it earlier cannot deadlock;
     the tests also play the result with blocking receives.
 
@@ -131,7 +150,7 @@ def lower(schedule: Schedule, *, early_receives: int = 0) -> Schedule:
 
     :func:`add_communication`, then :func:`post_receives_early` with ``lookahead=early_receives``
     when that is above 0. Early receives are off by default: they are valid under the
-    ``LOWERING.md`` semantics (the consumer waits, not the RECV), but a transport whose receive
+    lowering contract (the consumer waits, not the RECV), but a transport whose receive
     blocks (a posted NCCL receive holds its stream) would deadlock on them, e.g. a rank that
     posts the gradient receive of microbatch 0 before sending that microbatch's activation.
     """

@@ -5,7 +5,7 @@
 one line saying what is wrong followed by the rank x step grid with the faulty actions marked
 (``[1F3]``).
 
-:func:`simulate_schedule` plays all ranks with the semantics of ``notes/LOWERING.md``: every rank
+:func:`simulate_schedule` plays all ranks with the semantics of the lowering contract (:mod:`spotpipe.schedule.passes`): every rank
 walks its list in order; a compute action occupies its rank for ``duration(action)``; a SEND is
 non-blocking (its message arrives ``duration(send)`` later); a RECV only posts the receive and the
 compute action that consumes the data waits for the message. With ``blocking_recv=True`` a RECV

@@ -297,7 +297,8 @@ class _Job:
         self.lost[slot] = (node, now)
         self.undetected.add(node)
         alive = {n: 0.0 for n in self.slots if n not in self.dead}
-        when, reason = detection_time(node, now, alive, self.cfg.run.heartbeat_s, self.cfg.ft, self.detector)
+        when, reason = detection_time(node, now, alive, self.cfg.run.heartbeat_s, self.cfg.ft, self.detector,
+                                      run_timeout_s=self.cfg.run.timeout_s)
         self.engine.at(when, self.detected, node, now, reason)
 
     def detected(self, node: int, failed_at: float, reason: str) -> None:

@@ -1,7 +1,7 @@
 """Pipeline player: one training iteration of a lowered Schedule on a modelled cluster.
 
 Every worker (pipeline rank ``r`` of replica ``p``, one node of the cluster) walks its rank's
-action list in order, exactly as the runtime executor does (``notes/LOWERING.md``):
+action list in order, exactly as the runtime executor does (the lowering contract of :mod:`spotpipe.schedule.passes`):
 
 * ``F`` / ``B`` occupy the worker for :meth:`CostModel.duration` divided by the node's speed
   factor. A compute action that consumes a message (a ``RECV`` of the same stage and microbatch

@@ -36,6 +36,7 @@ from spotpipe.config import SIM_RECOVERY, FTConfig, JobConfig
 from spotpipe.errors import ConfigError
 from spotpipe.ft.detector import detect as ft_detect
 from spotpipe.ft.detector import next_deadline
+from spotpipe.ft.confirm import confirm_silence
 from spotpipe.sim.decision import FailureContext as FailureContext
 from spotpipe.sim.decision import RecoveryDecision as RecoveryDecision
 from spotpipe.sim.decision import RecoveryPolicy as RecoveryPolicy
@@ -99,8 +100,14 @@ def detection_time(
     ft: FTConfig,
     detector: Detector = ft_detect,
     max_checks: int = 10_000,
+    run_timeout_s: float = math.inf,
 ) -> tuple[float, str]:
-    """When ``detector`` first suspects ``node`` that died at ``failed_at``, and why.
+    """When the loss of ``node`` that died at ``failed_at`` is confirmed, and why.
+
+    ``detector`` must first suspect it; then the runtime's confirmation rule
+    (:func:`spotpipe.ft.confirm.confirm_silence`) decides, with the other members known to have
+    aborted their step (a dead peer breaks the running step at once). A suspect the rule does
+    not confirm yet is checked again a heartbeat later.
 
     Args:
         node: The dead node.
@@ -109,10 +116,15 @@ def detection_time(
         heartbeat_s: ``run.heartbeat_s``.
         ft: The ``[ft]`` section the detector reads.
         detector: ``detect(now, last_heartbeat, config)`` returning an object with ``suspects``
-            and ``reasons`` (as :class:`spotpipe.ft.detector.Detection`).
+            and ``reasons`` (as :class:`spotpipe.ft.detector.Detection`; ``silent`` if it has one).
+        max_checks: Heartbeat periods to try before giving up.
+        run_timeout_s: ``run.timeout_s`` (silence that confirms a loss on its own).
 
     Returns:
-        ``(time, reason)``: the first check time at which ``node`` is a suspect.
+        ``(time, reason)``: the first check time at which ``node``'s loss is confirmed.
+
+    Raises:
+        ConfigError: If the detector never suspects ``node`` within ``max_checks`` periods.
     """
     dead_hb = last_heartbeat(failed_at, heartbeat_s)
     t = next_deadline({node: dead_hb}, ft) or failed_at
@@ -122,6 +134,8 @@ def detection_time(
         beats[node] = dead_hb
         found = detector(t, beats, ft)
         if node in found.suspects:
-            return t, str(found.reasons.get(node, "suspected"))
+            silent = node in getattr(found, "silent", found.suspects)
+            if confirm_silence(max(0.0, t - dead_hb), silent, True, run_timeout_s) is not None:
+                return t, str(found.reasons.get(node, "suspected"))
         t += heartbeat_s
     raise ConfigError(f"the failure detector never suspected node {node} that died at t={failed_at:g} s")

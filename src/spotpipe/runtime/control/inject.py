@@ -1,4 +1,4 @@
-"""Fault injection from the controller: real signals to real worker processes (issue 5).
+"""Fault injection from the controller: real signals to real worker processes.
 
 The specs (``ft.faults``, ``spotpipe train --fail SPEC --fail-rate RATE``) are parsed and drawn
 by the pure :class:`spotpipe.ft.faults.FaultPlan`; this module times them. A fault of step ``n``

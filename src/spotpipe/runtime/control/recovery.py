@@ -1,4 +1,4 @@
-"""Controller side of stage recovery without restarts (issue 5).
+"""Controller side of stage recovery without restarts.
 
 :class:`RecoverySupervisor` is owned by :class:`spotpipe.runtime.control.controller.Controller`. When a worker
 is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and

@@ -3,7 +3,7 @@
 :class:`LocalTrainer` trains the same chunks the pipeline workers hold (built by
 :func:`~spotpipe.model.stages.build_stage`), with one AdamW per chunk, the same learning-rate
 schedule, global-norm clipping over all chunks, the same sampler and the same data slicing and
-loss scaling (``notes/LOWERING.md``, "Loss" and "Data per step"), but runs every replica's every
+loss scaling (the lowering contract of :mod:`spotpipe.schedule.passes`, "Loss" and "Data per step"), but runs every replica's every
 microbatch one after the other in this process. The multi-process runtime must reproduce its
 per-step losses (within 1e-5 relative). It also exposes the hooks the in-process failure mode
 uses: per-chunk gradient norms (CheckFree's weighting, Blagoev et al. 2025), per-chunk learning

@@ -2,7 +2,7 @@
 
 It decides nothing (DESIGN.md, "the executor decides nothing"): the order of actions, which
 messages exist and their tags all come from the lowered :class:`~spotpipe.schedule.ir.Schedule`
-(``notes/LOWERING.md``). Per action it dispatches:
+(the lowering contract, :mod:`spotpipe.schedule.passes`). Per action it dispatches:
 
 * ``RECV_F`` / ``RECV_B``: allocate the buffer and post the receive (non-blocking).
 * ``F``: input = the microbatch's tokens (first stage of its path), a locally handed-over output

@@ -5,7 +5,7 @@ of its schedule; the runner keeps what autograd needs between them, per (stage, 
 frees it after the backward. The last chunk returns the mean token cross-entropy; its backward
 starts from ``loss * loss_scale``, where ``loss_scale = 1 / (microbatches x replicas)``, so the
 gradients summed over microbatches and replicas (all-reduce SUM) are the gradient of the mean loss
-of the whole step (``notes/LOWERING.md``; the same accumulation as GPipe, Huang et al. 2019, and
+of the whole step (the lowering contract of :mod:`spotpipe.schedule.passes`; the same accumulation as GPipe, Huang et al. 2019, and
 Megatron-LM's pipeline, Narayanan et al. 2021).
 """
 

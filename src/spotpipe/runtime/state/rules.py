@@ -157,7 +157,7 @@ def checkfree_weights(omega_prev: float, omega_next: float) -> tuple[float, floa
     Which omega: the neighbours' gradient norms of the last step **before clipping**
     (:meth:`spotpipe.runtime.inprocess.local.LocalTrainer.last_grad_norms`). Reasons:
 
-    1. spotpipe clips by the *global* norm over all stages (``notes/LOWERING.md``), which
+    1. spotpipe clips by the *global* norm over all stages (the lowering contract of :mod:`spotpipe.schedule.passes`), which
        multiplies every stage's norm by the same coefficient, so the ratio, and with it the
        average, is the same before and after global clipping: taking the pre-clip norm loses
        nothing and needs no knowledge of the clip coefficient.

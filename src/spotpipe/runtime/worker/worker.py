@@ -271,7 +271,7 @@ class Worker:
         partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
         self.tie_peer = peers(partners[0]) if partners else -1
         rows = self.cfg.train.batch_size // (p.replicas * p.microbatches)
-        from spotpipe.runtime.comm.linkdelay import wrap_for_job  # [network] link-delay emulation (issue 3)
+        from spotpipe.runtime.comm.linkdelay import wrap_for_job  # [network] link-delay emulation
 
         self.executor = Executor(
             compile_rank(self.schedule, self.stage, peers),
