@@ -138,3 +138,29 @@ def test_flat_ranges_of_tied_and_counted_parameters() -> None:
     copies = {id(p) for p in chunk.copy_parameters()}
     assert flat_ranges(params, {id(p) for p in params} - copies) == [(n_embed, total - n_embed)]
     assert flat_ranges(params, set()) == []
+
+
+def test_flat_state_keeps_each_parameters_own_step() -> None:
+    """A CheckFree-rebuilt chunk 1 under CheckFree+ has fresh moments for its blocks but the exact,
+    older moments of its embedding copy: both step counts survive the flat form (a mirror or a
+    replica of it must keep AdamW's bias correction of each)."""
+    src_chunk = build_stage(CFG.model, 0, 1, 4, edge_copies=True)
+    src = StageState({1: src_chunk}, ChunkAdamW({1: src_chunk}, CFG.train))
+    for _ in range(3):
+        for p in src_chunk.parameters():
+            p.grad = torch.randn_like(p)
+        src.optimizer.step(CFG.train.lr, src.lr_scale)
+    embed = src_chunk.embed.weight
+    moments = src.optimizer.moments(1, embed)
+    assert moments is not None
+    src.optimizer.clear(1)  # fresh AdamW for every parameter (as after CheckFree) ...
+    src.optimizer.set_moments(1, embed, moments[0], moments[1], 9.0)  # ... but the copy keeps its own
+    for p in src_chunk.parameters():
+        p.grad = torch.ones_like(p)
+    src.optimizer.step(CFG.train.lr, src.lr_scale)
+    dst_chunk = build_stage(CFG.model, 5, 1, 4, edge_copies=True)
+    dst = StageState({1: dst_chunk}, ChunkAdamW({1: dst_chunk}, CFG.train))
+    dst.load_flat(src.flat())
+    got = {name: dst.optimizer.moments(1, p) for name, p in dst_chunk.named_parameters()}
+    assert got["embed.weight"] is not None and got["embed.weight"][2] == 10.0
+    assert {m[2] for name, m in got.items() if m is not None and name != "embed.weight"} == {1.0}

@@ -6,7 +6,9 @@ StageOptimizer`) and the per-chunk learning-rate scales. It travels and rests in
 float32 CPU tensor (:meth:`StageState.flat`):
 
     for each chunk, in order: every state-dict tensor, then per parameter AdamW's ``exp_avg`` and
-    ``exp_avg_sq``; then a tail of per-chunk ``(step, lr_scale, has_state)``.
+    ``exp_avg_sq``; then a tail that holds, per chunk, its ``lr_scale`` and per parameter its
+    ``(step, has_state)`` (a chunk's parameters may differ: a CheckFree-rebuilt chunk has fresh
+    moments for its blocks but the exact, older ones for its CheckFree+ embedding or head copy).
 
 Checkpoints (:mod:`spotpipe.runtime.worker.worker`), mirrors (:mod:`spotpipe.runtime.worker.mirror`)
 and recovery transfers (:mod:`spotpipe.runtime.worker.strategies`) all use it. Both ends build the
@@ -77,7 +79,9 @@ class StageState:
                     n += v.numel()
             if not blocks_only:
                 n += 2 * sum(p.numel() for p in self.chunks[s].parameters())
-        return n + (3 * len(self.chunks) if not blocks_only else 1)
+        if blocks_only:
+            return n + 1
+        return n + len(self.chunks) + 2 * sum(1 for s in self.chunks for _ in self.chunks[s].parameters())
 
     def flat(self) -> torch.Tensor:
         """The whole state as one float32 CPU tensor of :meth:`numel` numbers (layout: module doc)."""
@@ -85,16 +89,15 @@ class StageState:
         tail: list[float] = []
         for s in sorted(self.chunks):
             parts += [_f32(v) for v in self.chunks[s].state_dict().values()]
-            step, has = 0.0, 0.0
+            tail.append(float(self.lr_scale.get(s, 1.0)))
             for p in self.chunks[s].parameters():
                 m = self.optimizer.moments(s, p)
                 if m is None:
                     parts += [torch.zeros(p.numel()), torch.zeros(p.numel())]
+                    tail += [0.0, 0.0]
                 else:
-                    has = 1.0
                     parts += [_f32(m[0]), _f32(m[1])]
-                    step = m[2]
-            tail += [step, float(self.lr_scale.get(s, 1.0)), has]
+                    tail += [m[2], 1.0]
         parts.append(torch.tensor(tail, dtype=torch.float32))
         return torch.cat(parts)
 
@@ -120,10 +123,14 @@ class StageState:
                     moments.append((p, flat[off : off + n].view_as(p), flat[off + n : off + 2 * n].view_as(p)))
                     off += 2 * n
                 pending.append((s, moments))
-        for j, (s, moments) in enumerate(pending):
-            step, scale, has = (float(x) for x in flat[off + 3 * j : off + 3 * j + 3])
-            self.lr_scale[s] = float(torch.tensor(scale, dtype=torch.float32))  # what the flat state carries, exactly
+        tail = [float(x) for x in flat[off:]]
+        t = 0
+        for s, moments in pending:
+            self.lr_scale[s] = float(torch.tensor(tail[t], dtype=torch.float32))  # what the flat state carries, exactly
+            t += 1
             for p, a, b in moments:
+                step, has = tail[t], tail[t + 1]
+                t += 2
                 self.optimizer.clear(s, p)
                 if has > 0:
                     self.optimizer.set_moments(s, p, a, b, step)

@@ -1,4 +1,4 @@
-"""Worker side of failures: abort a step, join the next generation, carry out a recovery, mirrors.
+"""Worker side of failures: abort a step, join the next generation, carry out a recovery.
 
 :class:`RecoveryAgent` is owned by :class:`spotpipe.runtime.worker.worker.Worker` (the step loop is
 there) and reaches it only through :class:`RecoveryHost`. The controller decides
