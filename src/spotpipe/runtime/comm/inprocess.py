@@ -269,8 +269,7 @@ class InProcessHub:
                 results, errors = self._results, self._errors
                 self._lock.release()
                 try:
-                    if torch.get_num_threads() != intra_op_threads:
-                        torch.set_num_threads(intra_op_threads)  # this thread's own OpenMP setting
+                    torch.set_num_threads(intra_op_threads)  # sets this thread's own OpenMP and MKL counts too
                     with torch.set_grad_enabled(grad):
                         results[rank] = body()
                     error = None

@@ -15,12 +15,15 @@ Copies of the embedding and of the final norm and LM head. The first stage of a 
 path embeds its tokens and the last computes the loss. A worker whose chunk starts or ends a path
 without owning that part keeps an in-sync copy (chunks 1 and S-2 under CheckFree+; see
 :mod:`spotpipe.model.stages`). In one process the copy *is* the original: the chunk uses chunk
-0's embedding, resp. the last chunk's norm and head (and chunk 0, second on a swapped path, is
-built as the workers' CheckFree+ chunk 0, which takes hidden states). That is exactly what an in-sync copy
+0's embedding, resp. the last chunk's norm and head. That is exactly what an in-sync copy
 computes, and the gradients of both uses land in one tensor, which is the summed gradient the
 workers exchange (:mod:`spotpipe.runtime.worker.tied`), counted once in the gradient norm as the
-workers count it. The in-process convergence mode keeps its own snapshot of the copies for
-recovery (:mod:`spotpipe.runtime.inprocess.convergence`).
+workers count it. Chunk 0, second on a swapped path, is built as the workers' CheckFree+ chunk
+0, which takes hidden states. The in-process convergence mode keeps its own snapshot of the
+copies for recovery (:mod:`spotpipe.runtime.inprocess.convergence`).
+
+Replicas. Each replica's pipeline is played on its own over the same chunks; LocalTrainer keeps
+each replica's gradient apart and adds them in replica order, as the workers' all-reduce does.
 
 Evaluation stays :meth:`LocalTrainer.evaluate`: the model in its own stage order, the path a user
 deploys and the one the workers' forward-only evaluation schedule takes.
