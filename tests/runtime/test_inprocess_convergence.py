@@ -203,6 +203,16 @@ def test_played_steps_equal_the_single_process_reference(corpus, extra):
 
 
 @pytest.mark.timeout(60)
+def test_played_swap_steps_are_deterministic_bit_for_bit(corpus):
+    """The ranks take turns in an order fixed by the schedule, so two runs agree in every bit."""
+    cfg = _cfg("ft.strategy=checkfree+", "pipeline.microbatches=4")
+    a, b = PipelineTrainer(cfg, corpus), PipelineTrainer(cfg, corpus)
+    for _ in range(2):
+        assert a.train_step().loss == b.train_step().loss
+    assert all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b)))
+
+
+@pytest.mark.timeout(60)
 def test_a_schedule_that_deadlocks_fails_at_once_naming_the_action(corpus):
     """A broken schedule (rank 0 waits for microbatch 0's gradient before it sends the activation
     rank 1 waits for) raises at once a CommError naming the action and the step, instead of hanging."""
