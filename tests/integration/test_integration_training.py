@@ -3,7 +3,8 @@
 Same seed, 30 steps, 4 stages, fp32, a tiny model: the per-step losses of GPipe, 1F1B and
 interleaved 1F1B (and 1F1B with 2 replicas per stage) equal LocalTrainer's within 1e-5 relative, and the
 CheckFree+ swap schedule (odd microbatches through stages 1, 0, 2, 3 ... with the embedding and head
-copies kept in sync across workers) equals the in-process SwapTrainer's;
+copies kept in sync across workers) equals the in-process PipelineTrainer's (the same lowered swap
+schedule played by the executor, every rank in one process);
 a run resumed from a checkpoint reproduces the uninterrupted run's losses exactly.
 """
 
@@ -45,18 +46,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory, train: Callable[..., Any]) ->
 
 
 def reference(run_dir: Path) -> tuple[list[float], dict[int, float]]:
-    """LocalTrainer's (SwapTrainer's under CheckFree+) per-step losses and validation losses for the
+    """LocalTrainer's (PipelineTrainer's under CheckFree+) per-step losses and validation losses for the
     run's own resolved config."""
     import torch
 
     from spotpipe.config import load_config
     from spotpipe.data.tokens import TokenFile
-    from spotpipe.runtime.inprocess.convergence import SwapTrainer, swap_on
+    from spotpipe.runtime.inprocess.convergence import swap_on
     from spotpipe.runtime.inprocess.local import LocalTrainer
+    from spotpipe.runtime.inprocess.player import PipelineTrainer
 
     cfg = load_config(run_dir / "config.toml")
     torch.set_num_threads(1)
-    trainer = (SwapTrainer if swap_on(cfg) else LocalTrainer)(cfg, TokenFile(cfg.data.path))
+    trainer = (PipelineTrainer if swap_on(cfg) else LocalTrainer)(cfg, TokenFile(cfg.data.path))
     losses, vals = [], {}
     for step in range(cfg.train.steps):
         losses.append(trainer.train_step().loss)

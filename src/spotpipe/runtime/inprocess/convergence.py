@@ -1,11 +1,13 @@
 """In-process convergence mode: every stage in one process, failures re-initialise a stage.
 
 This is how the CheckFree authors ran their convergence experiments (Blagoev, Ersoy, Chen 2025,
-section 5): all stages train in one process on :class:`~spotpipe.runtime.inprocess.local.LocalTrainer`,
-and a failure wipes one stage's weights and optimizer state (they are overwritten with NaN, so a
-recovery that reads the lost state shows up at once), after which the stage is rebuilt by the
-same :mod:`spotpipe.ft.policy` decision and :mod:`spotpipe.runtime.state.rules` functions the
-multi-process runtime uses. The multi-process mode stays the reference for mechanics and timing.
+section 5): all stages train in one process, and a failure wipes one stage's weights and
+optimizer state (they are overwritten with NaN, so a recovery that reads the lost state shows up
+at once), after which the stage is rebuilt by the same :mod:`spotpipe.ft.policy` decision and
+:mod:`spotpipe.runtime.state.rules` functions the multi-process runtime uses. Every training step
+is the job's lowered schedule played by the real pipeline executor, one executor per rank
+(:class:`~spotpipe.runtime.inprocess.player.PipelineTrainer`), so the steps are those the workers
+take. The multi-process mode stays the reference for mechanics and timing.
 
 Time. Failures come from a :class:`~spotpipe.ft.faults.FaultPlan` (``ft.faults``, e.g.
 ``"10%/h"``) converted to per-step probabilities with a *stated* step time (``ft.rate_step_time_s``;
@@ -15,14 +17,13 @@ the interrupted step is replayed with the same data (atomic steps). A checkpoint
 every step since the checkpoint. Checkpoint writes and recovery transfers are taken as free on
 the simulated clock (their measured seconds are in the events), which favours checkpointing.
 
-CheckFree+ (``ft.strategy = "checkfree+"`` or ``ft.swap_edges``): :class:`SwapTrainer` sends odd
-microbatches through stages ``1, 0, 2, ..., S-1, S-2``. Chunk 1 then embeds with its copy of the
-embedding and chunk S-2 ends with its copy of the final norm and LM head. In one process the
-copies are kept identical to the originals by construction (the forward uses the original
-module, which is what an in-sync copy computes; gradients of both uses land in one tensor, which
-is the summed gradient an all-reduce between the two holders gives), and a named-state snapshot
-of each copy is refreshed after every committed step: that snapshot is what a lost edge stage
-is rebuilt from.
+CheckFree+ (``ft.strategy = "checkfree+"`` or ``ft.swap_edges``): the job's lowered schedule is
+the swap schedule (:mod:`spotpipe.schedule.swap`), so odd microbatches take stages
+``1, 0, 2, ..., S-1, S-2``; chunk 1 embeds them and chunk S-2 computes their loss with the
+copies of the embedding and of the final norm and LM head, which in one process are the
+originals themselves (see :mod:`spotpipe.runtime.inprocess.player`). A named-state snapshot of
+each copy is refreshed after every committed step: that snapshot is what a lost edge stage is
+rebuilt from.
 
 Events (JSONL, :mod:`spotpipe.events`, ``t`` on the simulated clock): ``run_start``, ``step``,
 ``eval``, ``checkpoint``, ``generation``, ``failure_confirmed``, ``recovery_started`` /
@@ -57,6 +58,7 @@ from spotpipe.ft.policy import (
     plan_recovery,
     swap_schedule_on,
 )
+from spotpipe.runtime.inprocess.player import PipelineTrainer
 from spotpipe.runtime.state.rules import (
     Mirror,
     NamedState,
@@ -71,9 +73,6 @@ from spotpipe.runtime.state.rules import (
     select,
     state_nbytes,
 )
-from spotpipe.model.transformer import lm_loss
-from spotpipe.runtime.inprocess.local import LocalTrainer
-from spotpipe.schedule.swap import swap_permutation
 
 EMBED_KEYS = ("embed.",)
 HEAD_KEYS = ("norm.", "head.")
@@ -82,44 +81,6 @@ HEAD_KEYS = ("norm.", "head.")
 def swap_on(cfg: JobConfig) -> bool:
     """Whether the CheckFree+ swap schedule is on for this job."""
     return swap_schedule_on(cfg.ft)
-
-
-class SwapTrainer(LocalTrainer):
-    """:class:`LocalTrainer` whose odd microbatches take the CheckFree+ swapped path.
-
-    Only the forward routing differs; gradient accumulation, clipping and the optimizer step are
-    LocalTrainer's. Evaluation uses the normal path.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.path = swap_permutation(self.num_chunks)
-        self._counting = False
-        self._calls = 0
-
-    def compute_gradients(self, step_ids: Any) -> list[float]:
-        self._counting, self._calls = True, 0
-        try:
-            return super().compute_gradients(step_ids)
-        finally:
-            self._counting = False
-
-    def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not self._counting:
-            return super().forward_loss(tokens, targets)
-        microbatch = self._calls % self.cfg.pipeline.microbatches  # LocalTrainer loops replicas, then microbatches
-        self._calls += 1
-        if microbatch % 2 == 0:
-            return super().forward_loss(tokens, targets)
-        first, last = self.chunks[0], self.chunks[-1]
-        assert first.embed is not None and last.norm is not None and last.head is not None
-        x = first.embed(tokens)  # chunk 1's in-sync copy of the embedding
-        for c in self.path:
-            chunk = self.chunks[c]
-            cos, sin = chunk.rotary.tables(x.shape[1], x.device)
-            for block in chunk.blocks:
-                x = block(x, cos, sin)
-        return lm_loss(last.head(last.norm(x)), targets)  # chunk S-2's copy of norm + head
 
 
 @dataclass
@@ -165,12 +126,19 @@ class InProcessResult:
 
 
 class _Run:
-    """State of one in-process run (trainer, checkpoint, mirrors, copies, clock, log)."""
+    """State of one in-process run (trainer, checkpoint, mirrors, copies, clock, log).
+
+    Args:
+        cfg: The job.
+        token_file: Tokens to train on.
+        log: Where events go (``None``: nowhere).
+        step_time_s: Seconds one step costs on the simulated clock (``None``: the first measured).
+    """
 
     def __init__(self, cfg: JobConfig, token_file: Any, log: ev.EventLog | None, step_time_s: float | None) -> None:
         self.cfg = cfg
         self.swap = swap_on(cfg)
-        self.trainer: LocalTrainer = (SwapTrainer if self.swap else LocalTrainer)(cfg, token_file)
+        self.trainer = PipelineTrainer(cfg, token_file)
         self.S = self.trainer.num_chunks
         self.replicas = cfg.pipeline.replicas
         self.strategy = cfg.ft.strategy
@@ -430,4 +398,4 @@ def run_inprocess(
     return res
 
 
-__all__ = ["InProcessResult", "SwapTrainer", "omega_preclip", "omega_stage_clipped", "run_inprocess", "swap_on"]
+__all__ = ["InProcessResult", "omega_preclip", "omega_stage_clipped", "run_inprocess", "swap_on"]

@@ -7,7 +7,10 @@ loss scaling (the lowering contract of :mod:`spotpipe.schedule.passes`, "Loss" a
 microbatch one after the other in this process. The multi-process runtime must reproduce its
 per-step losses (within 1e-5 relative). It also exposes the hooks the in-process failure mode
 uses: per-chunk gradient norms (CheckFree's weighting, Blagoev et al. 2025), per-chunk learning
-rate scales, and replacing a chunk.
+rate scales, and replacing a chunk. :meth:`LocalTrainer.replica_losses` is the one place that
+decides how a replica's microbatches are computed: here one after the other through every chunk;
+the in-process player (:mod:`spotpipe.runtime.inprocess.player`) plays the lowered schedule on the
+pipeline executor instead.
 
 Gradient accumulation follows the pipeline exactly: each microbatch loss is scaled by
 ``1 / (replicas x microbatches)`` before backward; with several replicas each replica's gradient
@@ -132,24 +135,20 @@ class LocalTrainer:
     def compute_gradients(self, step_ids: Sequence[int]) -> list[float]:
         """Forward and backward every microbatch of the step; return the unscaled microbatch losses.
 
-        Gradients (scaled by 1/(R M), summed per replica, then over replicas) are left in the
-        chunks' ``.grad``; nothing is clipped or stepped.
+        Gradients (scaled by 1/(R M), summed per replica by :meth:`replica_losses`, then over
+        replicas in replica order) are left in the chunks' ``.grad``; nothing is clipped or stepped.
+
+        Returns:
+            The microbatch losses, replica by replica, microbatch by microbatch.
         """
-        p = self.cfg.pipeline
-        replicas, microbatches = p.replicas, p.microbatches
-        scale = 1.0 / (replicas * microbatches)
+        replicas = self.cfg.pipeline.replicas
         params = self._params()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         losses: list[float] = []
         total: list[torch.Tensor | None] | None = None
         for r in range(replicas):
-            for m in range(microbatches):
-                ids = microbatch_ids(step_ids, replicas, microbatches, r, m)
-                tokens, targets = _to_tensor(self.sampler.batch(self.token_file, ids), self.device)
-                loss = self.forward_loss(tokens, targets)
-                (loss * scale).backward()
-                losses.append(float(loss.detach()))
+            losses.extend(self.replica_losses(step_ids, r))
             if replicas > 1:  # keep each replica's sum apart, then add in replica order (all-reduce)
                 grads = [q.grad for q in params]
                 if total is None:
@@ -161,6 +160,32 @@ class LocalTrainer:
         if total is not None:
             for q, g in zip(params, total):
                 q.grad = g
+        return losses
+
+    def microbatch(self, step_ids: Sequence[int], replica: int, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and next-token targets (each ``[rows, context]``) of one microbatch of one replica."""
+        p = self.cfg.pipeline
+        ids = microbatch_ids(step_ids, p.replicas, p.microbatches, replica, microbatch)
+        return _to_tensor(self.sampler.batch(self.token_file, ids), self.device)
+
+    def replica_losses(self, step_ids: Sequence[int], replica: int) -> list[float]:
+        """Forward and backward of one replica's microbatches, one after the other through every chunk.
+
+        Each loss is scaled by ``1 / (replicas x microbatches)`` before its backward; the gradients
+        accumulate in the chunks' ``.grad``. Subclasses play the microbatches differently (the
+        in-process player runs the pipeline executor) but must leave the same gradients.
+
+        Returns:
+            The unscaled loss of each microbatch, in microbatch order.
+        """
+        p = self.cfg.pipeline
+        scale = 1.0 / (p.replicas * p.microbatches)
+        losses: list[float] = []
+        for m in range(p.microbatches):
+            tokens, targets = self.microbatch(step_ids, replica, m)
+            loss = self.forward_loss(tokens, targets)
+            (loss * scale).backward()
+            losses.append(float(loss.detach()))
         return losses
 
     def clip_and_step(self) -> tuple[float, float]:

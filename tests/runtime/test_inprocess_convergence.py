@@ -1,8 +1,10 @@
-"""In-process convergence mode: failures wipe a stage, the shared recovery functions rebuild it."""
+"""In-process convergence mode: failures wipe a stage, the shared recovery functions rebuild it;
+every step is the job's lowered schedule played by the pipeline executor."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -10,10 +12,14 @@ import torch
 from spotpipe import events as ev
 from spotpipe.config import load_config
 from spotpipe.data.tokens import TokenFile, prepare_tokens
-from spotpipe.runtime.inprocess.convergence import SwapTrainer, _Run, omega_preclip, run_inprocess
-from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.model.transformer import lm_loss
+from spotpipe.runtime.control.job import build_pipeline_schedule
+from spotpipe.runtime.inprocess.convergence import _Run, omega_preclip, run_inprocess
 from spotpipe.runtime.inprocess.local import LocalTrainer
+from spotpipe.runtime.inprocess.player import PipelineTrainer
+from spotpipe.runtime.state.rules import checkfree_weights
+from spotpipe.schedule.ir import Schedule
+from spotpipe.schedule.swap import swapped_paths
 
 TINY = ["model.layers=4", "model.d_model=32", "model.heads=4", "model.context=16", "pipeline.stages=4",
         "pipeline.microbatches=2", "train.batch_size=4", "train.steps=8", "train.warmup_steps=1",
@@ -100,7 +106,7 @@ def test_checkfree_rebuilds_the_weighted_average_with_fresh_optimizer_and_lr_sca
 def test_checkfree_plus_copies_the_partner_and_restores_edges_exactly(corpus):
     cfg = _cfg("ft.strategy=checkfree+")
     run = _Run(cfg, corpus, None, 1.0)
-    assert isinstance(run.trainer, SwapTrainer)
+    assert isinstance(run.trainer, PipelineTrainer) and run.trainer.schedule.paths == swapped_paths(4, 2)
     for _ in range(3):
         run.trainer.train_step()
         run.after_commit()
@@ -118,27 +124,110 @@ def test_checkfree_plus_copies_the_partner_and_restores_edges_exactly(corpus):
 
 
 @pytest.mark.timeout(60)
-def test_swap_trainer_routes_odd_microbatches_through_the_swapped_path(corpus):
-    tr = SwapTrainer(_cfg("ft.strategy=checkfree+"), corpus)
-    tokens = torch.randint(0, 256, (2, 16))
-    targets = torch.randint(0, 256, (2, 16))
+def test_swap_schedule_routes_odd_microbatches_through_the_swapped_path(corpus):
+    """The played swap schedule: microbatch 0 takes stages 0, 1, 2, 3; microbatch 1 takes 1, 0, 3, 2,
+    embedded with chunk 0's embedding and finished with chunk 3's norm and head."""
+    tr = PipelineTrainer(_cfg("ft.strategy=checkfree+"), corpus)
+    step_ids = tr.sampler.next_ids(tr.cfg.train.batch_size)
+    even, odd = tr.compute_gradients(step_ids)  # per-microbatch losses where each path ended
 
-    def through(order):
+    def through(order, m):
+        tokens, targets = tr.microbatch(step_ids, 0, m)
         x = tr.chunks[0].embed(tokens)
         for c in order:
             cos, sin = tr.chunks[c].rotary.tables(16, x.device)
             for blk in tr.chunks[c].blocks:
                 x = blk(x, cos, sin)
-        return lm_loss(tr.chunks[3].head(tr.chunks[3].norm(x)), targets)
+        return float(lm_loss(tr.chunks[3].head(tr.chunks[3].norm(x)), targets))
 
     with torch.no_grad():
-        tr._counting, tr._calls = True, 0
-        even, odd = tr.forward_loss(tokens, targets), tr.forward_loss(tokens, targets)
-        tr._counting = False
-        normal = tr.forward_loss(tokens, targets)
-        assert torch.allclose(even, normal) and torch.allclose(odd, through([1, 0, 3, 2]))
-        assert not torch.allclose(odd, normal)
-        assert torch.allclose(normal, through([0, 1, 2, 3]))
+        normal = float(tr.forward_loss(*tr.microbatch(step_ids, 0, 1)))
+        assert even == pytest.approx(float(tr.forward_loss(*tr.microbatch(step_ids, 0, 0))), rel=1e-6)
+        assert even == pytest.approx(through([0, 1, 2, 3], 0), rel=1e-6)
+        assert odd == pytest.approx(through([1, 0, 3, 2], 1), rel=1e-6)
+        assert odd != pytest.approx(normal, rel=1e-4)
+        assert normal == pytest.approx(through([0, 1, 2, 3], 1), rel=1e-6)
+    # both uses of the embedding and of the head land in the originals' one gradient
+    assert tr.chunks[1].embed is None and tr.chunks[2].head is None
+    assert tr.chunks[0].embed.weight.grad is not None and tr.chunks[3].head.weight.grad is not None
+
+
+def _trace(schedule: Schedule, rank: int) -> list[tuple[str, int, int]]:
+    """A rank's lowered actions as the player records them: computes by (op, stage, microbatch),
+    messages by (direction, peer rank, tag)."""
+    out = []
+    for a in schedule.ranks[rank]:
+        if a.op.is_comm:
+            out.append(("SEND" if a.op.is_send else "RECV", schedule.stage_to_rank[a.peer], a.tag(schedule.num_microbatches)))
+        else:
+            out.append((a.op.value, a.stage, a.microbatch))
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [("ft.strategy=checkfree+", "pipeline.schedule=1f1b"),
+                                   ("pipeline.schedule=interleaved", "pipeline.virtual_stages=2", "model.layers=8",
+                                    "pipeline.stages=2", "pipeline.microbatches=4"),
+                                   ("pipeline.schedule=gpipe", "pipeline.replicas=2", "train.batch_size=8")])
+def test_every_rank_plays_exactly_its_lowered_action_list(corpus, extra):
+    """What each rank's executor did, in order (computes seen by its stage runner, messages by its
+    transport), is the job's lowered schedule for that rank: no hand-written loop plays a step."""
+    cfg = _cfg(*extra)
+    want = build_pipeline_schedule(cfg)
+    tr = PipelineTrainer(cfg, corpus)
+    assert tr.schedule == want
+    tr.train_step()
+    assert len(tr.last_trace) == want.num_ranks > 1
+    for rank in range(want.num_ranks):
+        assert tr.last_trace[rank] == _trace(want, rank), f"rank {rank}"
+        assert tr.last_trace[rank] == [
+            (i.action.op.value, i.stage, i.microbatch) if i.action.op.is_compute
+            else ("SEND" if i.action.op.is_send else "RECV", i.peer, i.tag) for i in tr.programs[rank]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [("pipeline.schedule=1f1b",),
+                                   ("pipeline.schedule=interleaved", "pipeline.virtual_stages=2", "model.layers=8",
+                                    "pipeline.stages=2", "pipeline.microbatches=4"),
+                                   ("pipeline.schedule=1f1b", "pipeline.replicas=2", "train.batch_size=8")])
+def test_played_steps_equal_the_single_process_reference(corpus, extra):
+    """Without CheckFree+ the executor-played steps are LocalTrainer's: same losses and weights."""
+    cfg = _cfg(*extra)
+    played, ref = PipelineTrainer(cfg, corpus), LocalTrainer(cfg, corpus)
+    for _ in range(3):
+        a, b = played.train_step(), ref.train_step()
+        assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for p, q in zip(_weights(played), _weights(ref)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert played.evaluate() == pytest.approx(ref.evaluate(), rel=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_played_swap_steps_are_deterministic_bit_for_bit(corpus):
+    """The ranks take turns in an order fixed by the schedule, so two runs agree in every bit."""
+    cfg = _cfg("ft.strategy=checkfree+", "pipeline.microbatches=4")
+    a, b = PipelineTrainer(cfg, corpus), PipelineTrainer(cfg, corpus)
+    for _ in range(2):
+        assert a.train_step().loss == b.train_step().loss
+    assert all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b)))
+
+
+@pytest.mark.timeout(60)
+def test_a_schedule_that_deadlocks_fails_at_once_naming_the_action(corpus):
+    """A broken schedule (rank 0 waits for microbatch 0's gradient before it sends the activation
+    rank 1 waits for) raises at once a CommError naming the action and the step, instead of hanging."""
+    from spotpipe.runtime.comm.transport import CommError
+    from spotpipe.schedule.ir import parse_actions
+
+    cfg = _cfg("pipeline.stages=2", "model.layers=2")
+    good = build_pipeline_schedule(cfg)
+    r0 = parse_actions("0F0 0RECV_B0 0B0 0SEND_F0 0F1 0SEND_F1 0RECV_B1 0B1")
+    bad = good.with_ranks([r0, good.ranks[1]])
+    tr = PipelineTrainer(cfg, corpus, schedule=bad)
+    t0 = time.monotonic()
+    with pytest.raises(CommError, match="0RECV_B0 of step 0") as err:
+        tr.train_step()
+    assert "can never end" in str(err.value) and time.monotonic() - t0 < tr.cfg.run.timeout_s / 2
 
 
 @pytest.mark.timeout(60)
