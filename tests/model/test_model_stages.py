@@ -211,7 +211,7 @@ def test_low_precision_builds_and_runs(dtype: str) -> None:
 
 def test_checkfree_plus_edge_copies_start_and_end_swapped_paths() -> None:
     """With edge copies chunk 1 also embeds and chunk S-2 also finishes; the copies start equal to
-    the originals, so a swapped path computes what the in-process SwapTrainer does."""
+    the originals, so a swapped path computes what the in-process PipelineTrainer does."""
     cfg = ModelConfig(layers=4, d_model=32, heads=4)
     chunks = [build_stage(cfg, 0, i, 4, edge_copies=True) for i in range(4)]
     assert torch.equal(chunks[1].embed.weight, chunks[0].embed.weight)

@@ -13,7 +13,7 @@ from spotpipe import events as ev
 from spotpipe.config import load_config
 from spotpipe.data.tokens import TokenFile, prepare_tokens
 from spotpipe.model.transformer import lm_loss
-from spotpipe.runtime.control.job import build_pipeline_schedule
+from spotpipe.schedule.build import job_schedule
 from spotpipe.runtime.inprocess.convergence import _Run, omega_preclip, run_inprocess
 from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.runtime.inprocess.player import PipelineTrainer
@@ -173,7 +173,7 @@ def test_every_rank_plays_exactly_its_lowered_action_list(corpus, extra):
     """What each rank's executor did, in order (computes seen by its stage runner, messages by its
     transport), is the job's lowered schedule for that rank: no hand-written loop plays a step."""
     cfg = _cfg(*extra)
-    want = build_pipeline_schedule(cfg)
+    want = job_schedule(cfg)
     tr = PipelineTrainer(cfg, corpus)
     assert tr.schedule == want
     tr.train_step()
@@ -220,7 +220,7 @@ def test_a_schedule_that_deadlocks_fails_at_once_naming_the_action(corpus):
     from spotpipe.schedule.ir import parse_actions
 
     cfg = _cfg("pipeline.stages=2", "model.layers=2")
-    good = build_pipeline_schedule(cfg)
+    good = job_schedule(cfg)
     r0 = parse_actions("0F0 0RECV_B0 0B0 0SEND_F0 0F1 0SEND_F1 0RECV_B1 0B1")
     bad = good.with_ranks([r0, good.ranks[1]])
     tr = PipelineTrainer(cfg, corpus, schedule=bad)

@@ -49,7 +49,7 @@ from spotpipe.model.stages import StageModule, build_stage
 from spotpipe.model.transformer import lm_loss
 from spotpipe.runtime.comm.inprocess import InProcessHub
 from spotpipe.runtime.comm.transport import Handle, Transport
-from spotpipe.runtime.control.job import build_pipeline_schedule as job_schedule  # the job's lowered schedule
+from spotpipe.schedule.build import job_schedule  # the job's lowered schedule (the one builder)
 from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.runtime.pipeline.executor import Executor, Instruction, compile_rank
 from spotpipe.runtime.pipeline.stage_runner import StageRunner

@@ -6,7 +6,7 @@ start on chunk 1 and end on chunk S-2. The copies must stay equal to the origina
 and S-1, as tied weights do: after the replica all-reduce each holder sends its gradient of the
 copy to its partner and adds the partner's (``a + b`` and ``b + a`` are the same float), so both
 optimizers take the same step. The gradient norm counts each tied parameter once (the copy's
-range is left out), so clipping is that of the one-model run (the in-process ``SwapTrainer``).
+range is left out), so clipping is that of the one-model run (the in-process ``PipelineTrainer``).
 """
 
 from __future__ import annotations
