@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.columns import factorize
 
 CATEGORIES: tuple[str, ...] = (
@@ -175,9 +176,7 @@ def load_taxonomy(path: str | Path | None) -> Taxonomy:
         return Taxonomy()
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpotpipeError(f"taxonomy rules file {p} does not exist") from None
+        data = tomllib.loads(read_text(p, "taxonomy rules file"))
     except tomllib.TOMLDecodeError as exc:
         raise SpotpipeError(f"{p}: not valid TOML: {exc}") from None
     known = {"rule", "failure_categories", "replace_defaults"}

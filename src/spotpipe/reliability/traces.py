@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.columns import (
     MISSING_TIMES,
     int_column,
@@ -359,7 +360,7 @@ def read_sacct(path: str | Path, gpus_per_node: int = 8) -> tuple[JobTable, Inge
 def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestReport]:
     p = Path(path)
     log = ProblemLog(str(p), "sacct")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = read_text(p, "trace")
     header_line = text.split("\n", 1)[0].rstrip("\r")
     header = [h.strip() for h in header_line.split("|")]
     index = {h.lower(): i for i, h in enumerate(header)}
@@ -459,7 +460,7 @@ def read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
 def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
     p = Path(path)
     log = ProblemLog(str(p), "acme")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = read_text(p, "trace")
     first_line = text.split("\n", 1)[0]
     if not first_line.strip():
         raise SpotpipeError(f"{p}: empty file or empty header line")

@@ -32,6 +32,7 @@ from pathlib import Path
 from spotpipe.config import JobConfig
 from spotpipe.cost import speeds_per_node
 from spotpipe.errors import ConfigError
+from spotpipe.fsutil import read_text
 from spotpipe.schedule.ir import Placement
 from spotpipe.sim.network import Network, build_network, resolve_path
 
@@ -181,4 +182,4 @@ def read_preemption_trace(path: str | Path, initial_nodes: int, base_dir: str | 
     p = resolve_path(str(path), base_dir)
     if not p.is_file():
         raise ConfigError(f"sim.failure_trace: file {p} does not exist")
-    return parse_preemption_trace(p.read_text(encoding="utf-8"), initial_nodes, str(p))
+    return parse_preemption_trace(read_text(p, "sim.failure_trace:"), initial_nodes, str(p))
