@@ -158,6 +158,8 @@ def read_lanl(path: str | Path) -> tuple[list[FailureTrace], IngestReport]:
                 repair_s=np.array([r[3] for r in records], dtype=np.float64),
             )
         )
+    if log.rows == 0:
+        raise SpotpipeError(f"{p}: a header and no failure records: nothing to measure")
     return traces, log.report()
 
 

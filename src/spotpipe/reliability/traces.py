@@ -191,6 +191,12 @@ def _split_columns(
     return [flat[i::width] for i in range(width)], numbers
 
 
+def _require_rows(path: Path, log: ProblemLog) -> None:
+    """A job trace with a header and no rows is refused (there is nothing to measure)."""
+    if log.rows == 0:
+        raise SpotpipeError(f"{path}: a header and no job rows: nothing to measure")
+
+
 class _Problems:
     """Malformed cells found column by column, merged into line order at the end."""
 
@@ -388,6 +394,7 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
     width = len(header)
     cols, numbers = _split_columns(text, "|", width, log)
     del text
+    _require_rows(p, log)
     n = int(numbers.size)
     problems = _Problems(n)
     job_id = strip_column(cols[i_id])
@@ -487,6 +494,7 @@ def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
         numbers = np.asarray([num for num, _ in ok], dtype=np.int64)
         cols = list(zip(*(r for _, r in ok))) if ok else [()] * width
     del text
+    _require_rows(p, log)
     n = int(numbers.size)
     problems = _Problems(n)
     job_id = strip_column(cols[index["job_id"]])
