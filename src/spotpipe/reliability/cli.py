@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--wall", default="30d", help="job wall time (default 30d)")
     p.add_argument("--trials", type=_TRIALS, default=200, help="simulated jobs, 2..1000000 (default 200)")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="random seed (default 0)")
-    p.add_argument("--max-failures", type=int_in(1), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_simulate)
 
@@ -99,7 +99,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rf", type=_RF, default=6.5, help="failures per 1000 node-days (default 6.5)")
     p.add_argument("--wall", default="30d", help="simulated job length (default 30d)")
     p.add_argument("--trials", type=_TRIALS, default=48, help="simulated jobs per grid point, 2..1000000 (default 48)")
-    p.add_argument("--max-failures", type=int_in(1), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_validate)
 
@@ -116,7 +116,7 @@ def register(subparsers: Any) -> None:
     _job_options(p, gpus_per_node=False)
     p.add_argument("--interval", default="1h", help="checkpoint interval to evaluate (default 1h)")
     p.add_argument("--trials", type=_TRIALS, default=64, help="Monte Carlo jobs per plotted point, 2..1000000 (default 64)")
-    p.add_argument("--max-failures", type=int_in(1), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
     p.add_argument("-o", "--output", default="reliability_report.html", help="HTML file to write (default reliability_report.html)")
     p.set_defaults(func=_cmd_report)
 
@@ -380,9 +380,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     bar = ProgressLine("reliability simulate", args.trials * len(policies), "jobs", enabled=cost.seconds > 2.0)
     results = []
     for k, pol in enumerate(policies):
-        base = k * args.trials
-        results.append(mc.simulate(failures, pol, wall, step, args.trials, args.seed, gpus,
-                                   progress=lambda done, base=base: bar.update(base + done)))
+        offset = k * args.trials
+
+        def report(done: int, offset: int = offset) -> None:
+            bar.update(offset + done)
+
+        results.append(mc.simulate(failures, pol, wall, step, args.trials, args.seed, gpus, progress=report))
     bar.close()
     if args.json:
         payload = {

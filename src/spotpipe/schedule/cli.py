@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       "(default: %(default)s)")
     show.add_argument("--out", type=Path, default=None, metavar="FILE",
                       help="write to FILE instead of standard output")
-    show.add_argument("--max-actions", type=int_in(1), default=MAX_ACTIONS, metavar="N",
+    show.add_argument("--max-actions", type=int_in(1, 10**9), default=MAX_ACTIONS, metavar="N",
                       help="refuse schedules of more than N actions, which take long and much memory "
                       "to build and print (default: %(default)s)")
     show.set_defaults(func=_cmd_show)

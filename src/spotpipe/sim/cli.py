@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="write a Chrome trace of the first iteration (open in ui.perfetto.dev)")
     cmd.add_argument("--events", type=Path, default=None, metavar="OUT.jsonl",
                      help="write the job's events (same records as the runtime, virtual time)")
-    cmd.add_argument("--max-steps", type=int_in(1), default=MAX_STEPS, metavar="N",
+    cmd.add_argument("--max-steps", type=int_in(1, 10**12), default=MAX_STEPS, metavar="N",
                      help="refuse a job of more than N train.steps, and stop one that has played N steps "
                      "(replays after rollbacks included) without finishing (default: %(default)s)")
     cmd.set_defaults(func=_cmd_simulate)
