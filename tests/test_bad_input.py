@@ -104,6 +104,16 @@ def test_run_dir_on_a_read_only_place(tmp_path: Path, capsys: pytest.CaptureFixt
                   "cannot write run.dir /proc/spotpipe-run: cannot create anything in /proc")
 
 
+def test_token_cache_that_cannot_be_written(blocker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("text to be cached\n" * 20)
+    monkeypatch.setenv("SPOTPIPE_CACHE", str(blocker / "cache"))
+    one_line_main(capsys, ["train", "--set", f"data.path={text}", "--set", f"run.dir={tmp_path / 'run'}"],
+                  f"cannot write the token cache ($SPOTPIPE_CACHE) {blocker / 'cache'}/corpus-", f"{blocker} is not a directory")
+    assert not (tmp_path / "run").exists()
+
+
 # -- text inputs that are not UTF-8 --------------------------------------------------------------
 
 
@@ -203,6 +213,11 @@ def test_config_numbers_out_of_range(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert message in str(info.value)
+
+
+def test_failure_times_of_the_simulator_are_finite(capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_main(capsys, ["simulate", "--set", 'sim.failures=["3@inf"]'],
+                  "sim.failures[0]: expected NODE@SECONDS (finite) like 3@120.5, got '3@inf'")
 
 
 def test_issue_example_gpus_1e24(capsys: pytest.CaptureFixture[str]) -> None:

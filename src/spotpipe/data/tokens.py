@@ -422,7 +422,7 @@ def _cached(out_dir: Path, files: list[Path], tokenizer: str, verify: bool = Fal
         except SpotpipeError:
             pass  # a damaged cache entry is rebuilt
     return prepare_tokens(files, out_dir, tokenizer, overwrite=(out_dir / HEADER_NAME).exists(),
-                          what="the token cache (set $SPOTPIPE_CACHE to a writable folder)")
+                          what="the token cache ($SPOTPIPE_CACHE)")
 
 
 def resolve_dataset(data_cfg: DataConfig, cache_dir: Path, verify: bool = False) -> TokenFile:

@@ -104,8 +104,8 @@ def parse_failures(specs: Sequence[str], num_nodes: int) -> list[NodeEvent]:
             node, when = int(node_text), float(time_text)
         except ValueError:
             node, when = -1, math.nan
-        if not sep or math.isnan(when):
-            raise ConfigError(f"sim.failures[{i}]: expected NODE@SECONDS like 3@120.5, got {spec!r}")
+        if not sep or not math.isfinite(when):
+            raise ConfigError(f"sim.failures[{i}]: expected NODE@SECONDS (finite) like 3@120.5, got {spec!r}")
         if not 0 <= node < num_nodes:
             raise ConfigError(f"sim.failures[{i}]: node {node} out of range [0, {num_nodes - 1}] in {spec!r}")
         if when < 0:
