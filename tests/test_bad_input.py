@@ -285,6 +285,11 @@ def test_issue_example_simulation_of_1e8_steps_is_refused_with_its_cost() -> Non
              "train.steps = 100,000,000 steps are played one by one", "GiB", "the limit is --max-steps 10000000")
 
 
+def test_simulation_of_a_huge_iteration_is_refused_with_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_main(capsys, ["simulate", "--set", "pipeline.microbatches=1000000", "--set", "train.batch_size=1000000"],
+                  "an iteration plays 20,000,000 actions", "GiB", "the limit is --max-actions 4000000")
+
+
 def test_simulation_that_rolls_back_forever_is_stopped_at_max_steps(capsys: pytest.CaptureFixture[str]) -> None:
     err = one_line_main(capsys, ["simulate", "--set", "train.steps=20000", "--set", "sim.failure_rate=5000",
                                  "--set", "sim.restart_s=1", "--set", "sim.replace_s=1", "--max-steps", "30000"],

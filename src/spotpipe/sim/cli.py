@@ -21,12 +21,17 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.events import EventLog
 from spotpipe.fsutil import check_output, write_output
 from spotpipe.progressline import ProgressLine
+from spotpipe.schedule.cli import count_actions
 
 MAX_STEPS = 10_000_000  # default --max-steps: about a minute and half a GiB
+MAX_ACTIONS = 4_000_000  # default --max-actions: actions of one played iteration, all replicas
 # Measured on one busy core: the simulator plays about 150,000 steps a second and keeps ~40 bytes
-# per committed step (its duration, for rollbacks).
+# per committed step (its duration, for rollbacks); an iteration plays ~700,000 actions a second
+# and its lowered schedule holds ~500 bytes per action.
 STEPS_PER_SECOND = 150_000
 BYTES_PER_STEP = 40
+ACTIONS_PER_SECOND = 700_000
+BYTES_PER_ACTION = 500
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="write a Chrome trace of the first iteration (open in ui.perfetto.dev)")
     cmd.add_argument("--events", type=Path, default=None, metavar="OUT.jsonl",
                      help="write the job's events (same records as the runtime, virtual time)")
+    cmd.add_argument("--max-actions", type=int_in(1, 10**12), default=MAX_ACTIONS, metavar="N",
+                     help="refuse a job whose iteration plays more than N actions (pipeline.stages x "
+                     "pipeline.microbatches x pipeline.replicas, lowered) (default: %(default)s)")
     cmd.add_argument("--max-steps", type=int_in(1, 10**12), default=MAX_STEPS, metavar="N",
                      help="refuse a job of more than N train.steps, and stop one that has played N steps "
                      "(replays after rollbacks included) without finishing (default: %(default)s)")
@@ -92,6 +100,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from spotpipe.sim.report import format_summary, iteration_trace, summary
 
     cfg = load_config(args.config, args.overrides)
+    p = cfg.pipeline
+    per_replica = count_actions(p.schedule, p.stages, p.microbatches, p.virtual_stages, lowered=True)
+    played = per_replica * p.replicas
+    if played > args.max_actions:
+        raise SpotpipeError(
+            f"simulate: an iteration plays {played:,} actions ({per_replica:,} per replica x pipeline.replicas = "
+            f"{p.replicas}): about {played / ACTIONS_PER_SECOND:,.0f} s and {per_replica * BYTES_PER_ACTION / 2**30:.1f} GiB "
+            f"per distinct placement; the limit is --max-actions {args.max_actions}: raise it to go on"
+        )
     steps = cfg.train.steps
     if steps > args.max_steps:
         raise SpotpipeError(
