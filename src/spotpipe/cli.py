@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from spotpipe import __version__
 from spotpipe.errors import SpotpipeError
@@ -25,9 +27,18 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``spotpipe: error:`` line (exit code 2), like every
+    other error of the command line; sub-command parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``spotpipe: error: <message> (see `<prog> --help`)`` and exit with code 2."""
+        self.exit(2, f"spotpipe: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered command group."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="spotpipe",
         description="Pipeline-parallel LLM training that survives failures, slow links and small memory.",
     )
@@ -47,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spotpipe` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad argument (its one line is printed)
+        return exc.code if isinstance(exc.code, int) else 2
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -59,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spotpipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`spotpipe ... | head`): nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ problem is a :class:`~spotpipe.errors.ConfigError` naming the key and the allowe
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from spotpipe.errors import ConfigError
+from spotpipe.fsutil import read_text
 from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
@@ -35,6 +37,7 @@ recovery policy)."""
 
 FT_STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 SIM_RECOVERY: tuple[SimRecoveryName, ...] = get_args(SimRecoveryName)
+MAX_WAIT_S = 1e6  # the longest timeout or heartbeat period (about 11 days); more overflows the store's timedelta
 
 
 @dataclass(frozen=True)
@@ -197,16 +200,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not -(2**63) <= number < 2**63:
+            raise ConfigError(f"{key}: expected a 64-bit integer, got {value!r}")
+        return number
     if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return _finite_float(key, value)
     if origin is Literal:  # a closed choice: read as a string here, checked against its values by validate()
         return _coerce(key, value, str)
     if annotation is str:
@@ -221,6 +222,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         (item_type, _ellipsis) = typing.get_args(annotation)
         return tuple(_coerce(key, v, item_type) for v in value)
     raise ConfigError(f"{key}: unsupported type {annotation!r}")  # pragma: no cover
+
+
+def _finite_float(key: str, value: Any) -> float:
+    """A TOML or --set value as a finite float (``inf`` and ``nan`` are refused), naming ``key``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
 
 
 def _parse_override_value(text: str) -> Any:
@@ -275,7 +289,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(read_text(p, "config file"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
         cfg = config_from_mapping(data, where=str(p))
@@ -349,6 +363,8 @@ def validate(cfg: JobConfig) -> None:
     _check(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
     _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0 (0 = default), got {m.ffn_hidden}")
     _check_choice("model.dtype", m.dtype, DtypeName, listed=False)
+    _check(m.rope_theta > 1, f"model.rope_theta must be > 1, got {m.rope_theta}")
+    _check(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
     _check(p.schedule in SCHEDULE_REGISTRY,
            f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r}")
     _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
@@ -362,6 +378,10 @@ def validate(cfg: JobConfig) -> None:
         + (f" x pipeline.virtual_stages ({p.virtual_stages})" if SCHEDULE_REGISTRY[p.schedule].chunked else "")
         + f" must be <= model.layers ({m.layers}): every stage needs at least one block",
     )
+    _check(not (m.tie_embeddings and chunks > 1),
+           f"model.tie_embeddings = true needs the embedding and the LM head in one model chunk, but pipeline.stages = "
+           f"{p.stages} cuts the model into {chunks} chunks on different workers; set model.tie_embeddings = false "
+           "(or pipeline.stages = 1)")
     if p.schedule == "interleaved":
         _check(p.microbatches % p.stages == 0, f"pipeline.microbatches ({p.microbatches}) must be a multiple of pipeline.stages ({p.stages}) for the interleaved schedule")
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
@@ -369,6 +389,10 @@ def validate(cfg: JobConfig) -> None:
     _check(t.batch_size >= per_step and t.batch_size % per_step == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of pipeline.replicas x pipeline.microbatches ({per_step})")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.beta1 < 1, f"train.beta1 must be in [0, 1), got {t.beta1}")
+    _check(0 <= t.beta2 < 1, f"train.beta2 must be in [0, 1), got {t.beta2}")
+    _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
@@ -379,12 +403,12 @@ def validate(cfg: JobConfig) -> None:
     _check(0 < cfg.data.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
     _check_choice("run.backend", r.backend, BackendName, listed=False)
-    _check(r.timeout_s > 0, f"run.timeout_s must be > 0, got {r.timeout_s}")
-    _check(r.heartbeat_s > 0, f"run.heartbeat_s must be > 0, got {r.heartbeat_s}")
+    _check(0 < r.timeout_s <= MAX_WAIT_S, f"run.timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.timeout_s}")
+    _check(0 < r.heartbeat_s <= MAX_WAIT_S, f"run.heartbeat_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.heartbeat_s}")
     _check(-1 <= r.local_workers <= p.stages * p.replicas,
            f"run.local_workers must be -1 (all) or in [0, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {r.local_workers}")
     _check_choice("ft.strategy", f.strategy, StrategyName)
-    _check(f.detect_timeout_s > 0, f"ft.detect_timeout_s must be > 0, got {f.detect_timeout_s}")
+    _check(0 < f.detect_timeout_s <= MAX_WAIT_S, f"ft.detect_timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
     _check(0 <= f.spares <= 64, f"ft.spares must be in 0..64, got {f.spares}")
     _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")

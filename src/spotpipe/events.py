@@ -8,6 +8,7 @@ the start of a simulation).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import output_error, read_text
 
 # Event names. Fields each one carries are listed beside it.
 RUN_START = "run_start"  # name, config (dict), world (workers), mode ("runtime" | "sim")
@@ -35,13 +37,20 @@ RUN_END = "run_end"  # steps, wall, status ("finished" | "interrupted" | "failed
 
 
 class EventLog:
-    """Append-only JSONL writer; each record is flushed so nothing is lost on a crash."""
+    """Append-only JSONL writer; each record is flushed so nothing is lost on a crash.
+
+    A log that cannot be opened or written (read-only or full file system) raises one
+    :class:`SpotpipeError` line naming the file and the reason.
+    """
 
     def __init__(self, path: str | Path, clock: Any = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        self._file: TextIO = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: TextIO = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise output_error(self.path, "event log", exc.strerror or str(exc)) from None
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one record; ``t`` defaults to the log's clock."""
@@ -49,8 +58,11 @@ class EventLog:
         if record["t"] is None:
             record["t"] = self._clock()
         record.update(fields)
-        self._file.write(json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise output_error(self.path, "event log", exc.strerror or str(exc)) from None
         return record
 
     def sync(self) -> None:
@@ -60,7 +72,10 @@ class EventLog:
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the failed write already raised
 
     def __enter__(self) -> EventLog:
         return self
@@ -87,8 +102,7 @@ def iter_events(path: str | Path) -> Iterator[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise SpotpipeError(f"event log {p} does not exist")
-    with open(p, encoding="utf-8") as fh:
-        lines = fh.readlines()
+    lines = io.StringIO(read_text(p, "event log"), newline=None).readlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -77,7 +77,9 @@ def interrupted_run(
         for name, p in intruders.items():
             out, err = p.communicate(timeout=90)
             refused[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # the refusals are logged before the answer; wait for the event anyway
+        while sum(e["event"] == "join_refused" for e in helpers.read_events(run_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         pids = worker_pids(helpers.read_events(run_dir))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)

@@ -69,8 +69,8 @@ def test_plan_text_flags_first_order_model_outside_validity(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpus", "64", "--rf", "0"], "--rf must be > 0"),
-        (["--gpus", "0", "--rf", "6.5"], "--gpus must be > 0"),
+        (["--gpus", "64", "--rf", "0"], "argument --rf: expected a number in (0, 1e+06], got 0"),
+        (["--gpus", "0", "--rf", "6.5"], "argument --gpus: expected an integer in 1..1000000000, got 0"),
         (["--gpus", "64"], "give --rf"),
         (["--rf", "6.5"], "--gpus"),
         (["--gpus", "64", "--rf", "6.5", "--restart", "5 minutes"], "--restart: '5 minutes' is not a duration"),

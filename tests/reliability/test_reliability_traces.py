@@ -49,7 +49,7 @@ def test_sacct_rows_are_used_skipped_or_reported_with_line_numbers(tmp_path):
     assert report.rows == 11
     assert report.skipped == {
         "job steps (JobID with '.')": 1,
-        "not finished (running or no End)": 1,
+        "not finished (no End)": 1,
         "never started": 1,
     }
     assert report.unknown_columns == ("Foo",)
@@ -192,3 +192,81 @@ def test_requeued_jobs_give_an_ettr_upper_bound(tmp_path):
     assert metrics is not None
     assert metrics.requeued_jobs == 1
     assert metrics.ettr_upper_mean == pytest.approx(8 / 10)
+
+
+ISSUE_REQUEUES = """\
+JobID|State|NNodes|Start|End|Elapsed|AllocTRES
+4711|REQUEUED|1|2024-01-01T00:00:00|2024-01-01T01:04:49|01:04:49|gres/gpu=8
+4711|REQUEUED|1|2024-01-01T02:00:00|2024-01-01T03:14:33|01:14:33|gres/gpu=8
+4711|COMPLETED|1|2024-01-01T04:00:00|2024-01-01T05:00:00|01:00:00|gres/gpu=8
+"""
+
+
+def test_requeued_runs_listed_by_sacct_duplicates_are_all_used(tmp_path, capsys):
+    path = _write(tmp_path, "requeue.sacct", ISSUE_REQUEUES)
+    a = analyze_path(path)
+    assert (a.report.rows, a.report.used, a.report.skipped) == (3, 3, {})
+    m = a.jobs
+    assert m is not None
+    run_s = (3600 + 4 * 60 + 49) + (3600 + 14 * 60 + 33) + 3600
+    assert m.exposure_hours == pytest.approx(run_s / 3600) and round(m.exposure_hours, 4) == 3.3228
+    assert round(m.gpu_hours, 2) == 26.58
+    assert m.requeued_jobs == 1
+    assert m.ettr_upper_mean == pytest.approx(run_s / (5 * 3600)) and round(m.ettr_upper_min, 3) == 0.665
+    assert dict((s.name, s.jobs) for s in m.by_category) == {"unknown": 2, "completed": 1}
+    assert main(["reliability", "analyze", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows, 3 used" in out and "3.3228 job-hours" in out and "26.58 GPU-hours" in out
+    assert "ETTR of 1 requeued jobs (upper bound, run time / wall time): mean 0.665, min 0.665" in out
+
+
+def test_requeue_gives_the_same_numbers_as_node_fail_earlier_runs(tmp_path):
+    requeued = analyze_path(_write(tmp_path, "a.sacct", ISSUE_REQUEUES)).jobs
+    node_fail = analyze_path(_write(tmp_path, "b.sacct", ISSUE_REQUEUES.replace("REQUEUED", "NODE_FAIL"))).jobs
+    assert requeued is not None and node_fail is not None
+    for key in ("jobs", "exposure_hours", "gpu_hours", "requeued_jobs", "ettr_upper_mean"):
+        assert getattr(requeued, key) == getattr(node_fail, key), key
+
+
+def test_requeued_run_with_a_hardware_reason_counts_toward_rf(tmp_path):
+    text = "JobID|State|NNodes|Start|End|Reason\n" \
+        "9|REQUEUED|2|2024-01-01T00:00:00|2024-01-01T12:00:00|Xid 79 on node a1\n" \
+        "9|COMPLETED|2|2024-01-01T13:00:00|2024-01-02T00:00:00|None\n"
+    m = analyze_path(_write(tmp_path, "hw.sacct", text)).jobs
+    assert m is not None and m.interruptions == 1 and m.requeued_jobs == 1
+
+
+@pytest.mark.parametrize("state", [
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "CONFIGURING", "COMPLETING", "DEADLINE", "FAILED",
+    "NODE_FAIL", "OUT_OF_MEMORY", "PENDING", "PREEMPTED", "RUNNING", "RESV_DEL_HOLD",
+    "REQUEUE_FED", "REQUEUE_HOLD", "REQUEUED", "RESIZING", "REVOKED", "SIGNALING", "SPECIAL_EXIT",
+    "STAGE_OUT", "STOPPED", "SUSPENDED", "TIMEOUT",
+])
+def test_a_record_with_an_end_is_a_finished_run_whatever_its_state(tmp_path, state):
+    from spotpipe.reliability.traces import SLURM_JOB_STATES
+
+    assert state in SLURM_JOB_STATES
+    text = (
+        "JobID|State|NNodes|Start|End\n"
+        f"1|{state}|1|2024-01-01T00:00:00|2024-01-01T02:00:00\n"
+        f"2|{state}|1|2024-01-01T00:00:00|Unknown\n"
+    )
+    table, report = read_sacct(_write(tmp_path, "s.sacct", text))
+    assert table.job_id.tolist() == ["1"] and table.runtime.tolist() == [7200.0]
+    assert report.skipped == {"not finished (no End)": 1}
+    category = Taxonomy().classify(state)
+    assert category != "unknown" or state == "REQUEUED", category  # every documented state has a rule
+
+
+def test_elapsed_stands_in_for_end_only_for_states_that_ended(tmp_path):
+    text = (
+        "JobID|State|NNodes|Start|End|Elapsed\n"
+        "1|REQUEUED|1|2024-01-01T00:00:00||01:00:00\n"
+        "2|RUNNING|1|2024-01-01T00:00:00||01:00:00\n"
+    )
+    table, report = read_sacct(_write(tmp_path, "e.sacct", text))
+    assert table.job_id.tolist() == ["1"] and table.runtime.tolist() == [3600.0]
+    text = "JobID|State|NNodes|Elapsed\n1|PREEMPTED|1|02:00:00\n2|SUSPENDED|1|01:00:00\n"
+    table, report = read_sacct(_write(tmp_path, "f.sacct", text))
+    assert table.job_id.tolist() == ["1"] and table.runtime.tolist() == [7200.0]
+    assert report.skipped == {"not finished (no End)": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def test_mirror_keeper_holds_the_newest_published_state(store: Any) -> None:
     assert keeper.step is None
     for step in (4, 5):
         publish_mirror(store, 2, 0, step, torch.full((10,), float(step)))
-    keeper.settle(1.0)
+    keeper.settle(1.0)  # fetches at once (no wait on the background thread)
     assert keeper.step == 5 and torch.equal(keeper.tensor(), torch.full((10,), 5.0)) and keeper.nbytes == 40
     # A rollback to an earlier checkpoint voids the held state and anything published before it.
     keeper.reset(min_generation=2)
@@ -40,6 +41,25 @@ def test_mirror_keeper_holds_the_newest_published_state(store: Any) -> None:
     publish_mirror(store, 2, 0, 3, torch.full((10,), 3.0), generation=2)
     keeper.fetch()
     assert keeper.step == 3 and torch.equal(keeper.tensor(), torch.full((10,), 3.0))
+
+
+@pytest.mark.timeout(120)
+def test_mirror_keeper_thread_picks_up_the_newest_state(store: Any) -> None:
+    """The background thread, not a call: wait for the event (the newest step held), with a
+    generous deadline, never a fixed sleep."""
+    keeper = MirrorKeeper(store, 1, 0, poll_s=0.01)
+    keeper.start()
+    try:
+        for step in (7, 8):
+            publish_mirror(store, 1, 0, step, torch.full((4,), float(step)))
+        deadline = time.monotonic() + 60
+        while keeper.step != 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert keeper.step == 8 and torch.equal(keeper.tensor(), torch.full((4,), 8.0))
+    finally:
+        keeper.halt()
+    keeper.join(60)
+    assert not keeper.is_alive()
 
 
 def _state(stage: int, seed: int, scale: float = 1.0) -> StageState:
@@ -58,7 +78,7 @@ def _owner(stage: int) -> tuple[StageState, torch.Tensor]:
     return state, flat
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
     """The holder replays the owner's published gradients with the owner's update rule: after
     every committed step its copy (weights, moments, step, lr factor) is the owner's exactly;
@@ -77,7 +97,7 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
             owner.apply_update(flat, coef, lr)
             mirror.committed(1, step)
         publish_gradient(store, 1, 2, 0, 14, torch.ones_like(flat), 1.0, 1.0)  # published, never committed
-        mirror.settle(10.0)
+        mirror.settle(120.0)  # returns as soon as every committed step is replayed
         assert mirror.error == "" and mirror.step == 13
         assert torch.equal(mirror.tensor(), owner.flat())
         assert mirror.nbytes == 3 * 4 * flat.numel()
@@ -85,7 +105,7 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
         mirror.halt()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
     """A copy that would skip a step is marked unusable (step None), never silently wrong."""
     owner, flat = _owner(1)
@@ -95,7 +115,7 @@ def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
         publish_mirror(store, 1, 0, 4, owner.flat(), generation=3)
         publish_gradient(store, 3, 1, 0, 6, flat, 1.0, 1e-3)
         mirror.committed(3, 6)
-        mirror.settle(5.0)
+        mirror.settle(120.0)  # returns as soon as the replayer is idle
         assert mirror.step is None and "cannot replay step 6" in mirror.error
     finally:
         mirror.halt()

@@ -74,7 +74,7 @@ def test_errors_through_the_main_cli(capsys: pytest.CaptureFixture[str], tmp_pat
     assert err.startswith("spotpipe: error: 0B0 runs before its forward 0F0 on rank 0\n")
     assert "[0B0]" in err and "Traceback" not in err
     assert main(["schedule", "validate", str(tmp_path / "missing.csv")]) == 2
-    assert "cannot read schedule" in capsys.readouterr().err
+    assert "missing.csv does not exist" in capsys.readouterr().err
     assert main(["schedule", "show", "--schedule", "interleaved", "--stages", "4", "--microbatches", "6"]) == 2
     assert "must be a multiple of stages (4)" in capsys.readouterr().err
     garbage = tmp_path / "garbage.csv"

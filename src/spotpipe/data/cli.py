@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spotpipe.cliargs import float_in
+
 
 def register(subparsers: Any) -> None:
     """Add the ``data`` command group to the top-level parser."""
@@ -39,7 +41,8 @@ def register(subparsers: Any) -> None:
     info = sub.add_parser("info", help="describe a token dir", description="Print a token dir's header, a sample and its unigram baseline.")
     info.add_argument("dir", metavar="DIR", help="token directory from `spotpipe data prepare`")
     info.add_argument("--verify", action="store_true", help="also check the SHA-256 of tokens.bin and that every id is in the vocabulary")
-    info.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="validation share for the unigram baseline (default 0.05, as data.val_fraction)")
+    info.add_argument("--val-fraction", type=float_in(0.0, 0.5, lo_open=True, hi_open=True), default=0.05, metavar="F",
+                      help="validation share for the unigram baseline, in (0, 0.5) as data.val_fraction (default 0.05)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(func=_info)
 
@@ -52,20 +55,18 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from spotpipe.data.tokens import prepare_tokens
 
-    tf = prepare_tokens([Path(p) for p in args.inputs], Path(args.out), args.tokenizer, progress=args.progress)
+    tf = prepare_tokens([Path(p) for p in args.inputs], Path(args.out), args.tokenizer, progress=args.progress, what="--out")
     print(f"wrote {tf.dir}: {tf.num_tokens:,} tokens ({tf.dtype.name}), vocabulary {tf.vocab_size}, tokenizer {tf.tokenizer}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from spotpipe.data.sampler import split_bounds
     from spotpipe.data.stats import unigram_baseline
     from spotpipe.data.tokenizer import load_tokenizer
     from spotpipe.data.tokens import TokenFile
     from spotpipe.errors import SpotpipeError
 
     tf = TokenFile(Path(args.dir), verify=args.verify)
-    split_bounds(tf.num_tokens, args.val_fraction, "val")  # validates --val-fraction
     base = unigram_baseline(tf, args.val_fraction)
     summary: dict[str, Any] = {
         "dir": str(tf.dir),

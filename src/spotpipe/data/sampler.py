@@ -29,8 +29,8 @@ def split_bounds(num_tokens: int, val_fraction: float, split: str) -> tuple[int,
     """``[start, end)`` token range of ``split`` ("train": the first 1 - val_fraction, "val": the rest)."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise SpotpipeError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 < val_fraction < 0.5:  # the range of data.val_fraction (config.validate)
+        raise SpotpipeError(f"data.val_fraction must be in (0, 0.5), got {val_fraction}")
     cut = int(num_tokens * (1.0 - val_fraction))
     return (0, cut) if split == "train" else (cut, num_tokens)
 

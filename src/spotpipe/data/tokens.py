@@ -29,7 +29,8 @@ import numpy as np
 from spotpipe.config import DataConfig
 from spotpipe.data.tokenizer import load_tokenizer
 from spotpipe.errors import SpotpipeError
-from spotpipe.fsutil import fsync_dir
+from spotpipe.fsutil import check_output, fsync_dir, output_error
+from spotpipe.progressline import ProgressLine
 
 FORMAT = "spotpipe-tokens"
 VERSION = 1
@@ -37,6 +38,7 @@ TOKENS_NAME = "tokens.bin"
 HEADER_NAME = "header.json"
 READ_CHUNK = 1 << 20
 PROGRESS_MIN_BYTES = 16 << 20  # show progress when the inputs are bigger than this
+VERIFY_PROGRESS_BYTES = 1 << 30  # show progress while checking a tokens.bin bigger than this
 STDLIB_MAX_BYTES = 4 << 20
 STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
@@ -100,7 +102,11 @@ class TokenFile:
         if verify:
             top = _max_token(self.tokens)
             if top >= self.vocab_size:
-                raise SpotpipeError(f"{tokens_path} holds token id {top}, but the vocabulary has {self.vocab_size} ids")
+                raise SpotpipeError(
+                    f"{tokens_path} holds token id {top}, but {header_path} says vocab_size {self.vocab_size} "
+                    f"(ids 0..{self.vocab_size - 1}): the header does not belong to these tokens "
+                    "(run `spotpipe data prepare` again)"
+                )
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -136,10 +142,16 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 
 def _sha256_file(path: Path) -> str:
+    size = path.stat().st_size
+    bar = ProgressLine(f"checking {path}", size / 2**20, "MiB", enabled=size >= VERIFY_PROGRESS_BYTES)
     digest = hashlib.sha256()
+    done = 0
     with open(path, "rb") as f:
         while block := f.read(8 * READ_CHUNK):
             digest.update(block)
+            done += len(block)
+            bar.update(done / 2**20)
+    bar.close()
     return digest.hexdigest()
 
 
@@ -234,6 +246,7 @@ def prepare_tokens(
     tokenizer: str = "byte",
     progress: bool | None = None,
     overwrite: bool = True,
+    what: str = "token dir",
 ) -> TokenFile:
     """Tokenize text files into a token directory, atomically.
 
@@ -248,19 +261,33 @@ def prepare_tokens(
         progress: Show progress on stderr; ``None`` = only for inputs over 16 MiB.
         overwrite: Replace an existing token dir at ``out_dir``; with ``False`` an existing one
             (for example written meanwhile by another process) is kept and returned.
+        what: The option or key that named ``out_dir`` (``--out``), for errors.
 
     Returns:
         The new :class:`TokenFile`.
 
     Raises:
-        SpotpipeError: for missing inputs, no text, or an ``out_dir`` that exists and is not a
-            token dir.
+        SpotpipeError: for missing inputs, no text, an ``out_dir`` that exists and is not a
+            token dir, or one that cannot be written (checked before tokenizing; a full disk is
+            reported when it happens), each naming ``what`` and the path.
     """
     out_dir = Path(out_dir)
+    check_output(out_dir, what, "dir")
     tok = load_tokenizer(tokenizer)
     files = collect_inputs([Path(p) for p in inputs])
     dtype = token_dtype(tok.vocab_size)
     _check_destination(out_dir)
+    try:
+        return _write_tokens(files, ", ".join(str(p) for p in inputs), out_dir, tok, dtype, progress, overwrite)
+    except OSError as exc:
+        raise output_error(out_dir, what, exc.strerror or str(exc)) from None
+
+
+def _write_tokens(
+    files: list[Path], inputs_label: str, out_dir: Path, tok: Any, dtype: np.dtype[Any], progress: bool | None,
+    overwrite: bool,
+) -> TokenFile:
+    """Tokenize ``files`` into a temporary directory next to ``out_dir`` and rename it there."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -291,7 +318,7 @@ def prepare_tokens(
             os.fsync(out.fileno())
         bar.update(done_bytes, num_tokens, final=True)
         if num_tokens == 0:
-            raise SpotpipeError(f"inputs {', '.join(str(p) for p in inputs)} contain no text")
+            raise SpotpipeError(f"inputs {inputs_label} contain no text")
         header: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -388,16 +415,17 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
-def _cached(out_dir: Path, files: list[Path], tokenizer: str) -> TokenFile:
+def _cached(out_dir: Path, files: list[Path], tokenizer: str, verify: bool = False) -> TokenFile:
     if (out_dir / HEADER_NAME).exists():
         try:
-            return TokenFile(out_dir)
+            return TokenFile(out_dir, verify=verify)
         except SpotpipeError:
             pass  # a damaged cache entry is rebuilt
-    return prepare_tokens(files, out_dir, tokenizer, overwrite=(out_dir / HEADER_NAME).exists())
+    return prepare_tokens(files, out_dir, tokenizer, overwrite=(out_dir / HEADER_NAME).exists(),
+                          what="the token cache ($SPOTPIPE_CACHE)")
 
 
-def resolve_dataset(data_cfg: DataConfig, cache_dir: Path) -> TokenFile:
+def resolve_dataset(data_cfg: DataConfig, cache_dir: Path, verify: bool = False) -> TokenFile:
     """Turn ``data.path`` into an opened :class:`TokenFile`.
 
     * ``""``: the built-in corpus (:func:`stdlib_corpus_files`), prepared once into
@@ -406,18 +434,24 @@ def resolve_dataset(data_cfg: DataConfig, cache_dir: Path) -> TokenFile:
     * a text file or a directory of text: prepared once into ``cache_dir/<name>-<hash>``, the hash
       covering the absolute path, sizes and mtimes of the files, and the tokenizer.
 
+    With ``verify`` an existing token dir or cache entry is checked in full (SHA-256 of
+    ``tokens.bin`` against its header, every id below the header's vocabulary; about a second
+    per GiB), so a corrupt file is one error line naming it, before any worker starts; a
+    damaged cache entry is rebuilt from its text.
+
     Raises:
-        SpotpipeError: naming ``data.path`` when it does not exist or cannot be read.
+        SpotpipeError: naming ``data.path`` when it does not exist or cannot be read, or the
+            token file when it is corrupt.
     """
     cache_dir = Path(cache_dir)
     tokenizer = data_cfg.tokenizer or "byte"
     if data_cfg.path == "":
         files = stdlib_corpus_files()
         key = _key("stdlib", sys.version, tokenizer, [(f.name, f.stat().st_size) for f in files])
-        return _cached(cache_dir / f"stdlib-{key}", files, tokenizer)
+        return _cached(cache_dir / f"stdlib-{key}", files, tokenizer, verify)
     path = Path(data_cfg.path).expanduser()
     if path.is_dir() and (path / HEADER_NAME).exists():
-        return TokenFile(path)
+        return TokenFile(path, verify=verify)
     if not path.exists():
         raise SpotpipeError(
             f"data.path {path} does not exist (give a token dir from `spotpipe data prepare`, a text file or a directory of text)"
@@ -425,4 +459,4 @@ def resolve_dataset(data_cfg: DataConfig, cache_dir: Path) -> TokenFile:
     files = collect_inputs([path])
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = _key(str(path.resolve()), tokenizer, stats)
-    return _cached(cache_dir / f"{path.stem or 'data'}-{key}", files, tokenizer)
+    return _cached(cache_dir / f"{path.stem or 'data'}-{key}", files, tokenizer, verify)

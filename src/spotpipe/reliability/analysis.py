@@ -243,7 +243,7 @@ def render_analysis(a: TraceAnalysis) -> str:
     if a.jobs is not None:
         m = a.jobs
         lines.append(
-            f"jobs {m.jobs}, {m.node_days:.4g} node-days, {m.gpu_hours:.4g} GPU-hours; "
+            f"jobs {m.jobs}, {m.exposure_hours:.5g} job-hours, {m.node_days:.4g} node-days, {m.gpu_hours:.4g} GPU-hours; "
             f"interruptions ({'+'.join(m.counted)}): {m.interruptions}"
         )
         if m.rf is None:

@@ -12,13 +12,23 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spotpipe.cliargs import float_in, int_in
 from spotpipe.errors import SpotpipeError
+from spotpipe.progressline import ProgressLine
 
 if TYPE_CHECKING:
     from spotpipe.reliability.models import Plan
     from spotpipe.reliability.taxonomy import Taxonomy
 
 _FORMAT_CHOICES = ("auto", "sacct", "acme", "events", "lanl", "bamboo")
+
+
+MAX_FAILURES = 10_000_000  # default --max-failures: about 4 s and 1 GiB at most
+_GPUS = int_in(1, 10**9)
+_RF = float_in(0.0, 1e6, lo_open=True)
+_TRIALS = int_in(2, 10**6)
+_MAX_FAILURES_HELP = ("refuse work of more than N simulated failures (all trials together), which takes long "
+                      "and much memory; the estimate is printed (default %(default)s)")
 
 
 def register(subparsers: Any) -> None:
@@ -31,46 +41,83 @@ def register(subparsers: Any) -> None:
     sub = group.add_subparsers(dest="reliability_command", metavar="SUBCOMMAND")
     group.set_defaults(func=lambda args: _help(group))
 
-    p = sub.add_parser("analyze", help="measure job traces, failure traces and spotpipe event logs")
+    p = sub.add_parser(
+        "analyze",
+        help="measure job traces, failure traces and spotpipe event logs",
+        description="Read job traces (Slurm sacct -P, AcmeTrace CSV), failure traces (LANL, Bamboo spot) and "
+        "spotpipe events.jsonl; print failure rates, r_f, MTTF by job size, shares by state and failure "
+        "category, fits of the time between failures and, for event logs, ETTR and the time lost.",
+    )
     p.add_argument("traces", nargs="+", metavar="TRACE", help="sacct -P output, AcmeTrace CSV, events.jsonl, LANL CSV, Bamboo trace")
     _trace_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser("plan", help="MTTF, ETTR and the best checkpoint interval for a job size")
+    p = sub.add_parser(
+        "plan",
+        help="MTTF, ETTR and the best checkpoint interval for a job size",
+        description="Closed-form planning for a job of --gpus (or --nodes) at a failure rate --rf (or --mttf): "
+        "MTTF, Meta's first-order ETTR and the exact renewal ETTR at --interval, the best checkpoint "
+        "interval (and Young's and Daly's), and the ETTR of checkpoint-free recovery.",
+    )
     _job_options(p)
     p.add_argument("--interval", default="1h", help="checkpoint interval to evaluate, or 'best' (default 1h)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("simulate", help="Monte Carlo ETTR of a long job with confidence intervals")
+    p = sub.add_parser(
+        "simulate",
+        help="Monte Carlo ETTR of a long job with confidence intervals",
+        description="Simulate --trials jobs of --wall wall time step by step under exponential, Weibull or "
+        "trace-replayed failures, with checkpoint/restart and checkpoint-free recovery; print ETTR with a "
+        "95%% confidence interval, the spread between jobs and where the time went.",
+    )
     _job_options(p)
     p.add_argument("--interval", default="best", help="checkpoint interval, or 'best' (default)")
-    p.add_argument("--failures", choices=("exponential", "weibull"), default="exponential")
-    p.add_argument("--shape", type=float, default=0.7, help="Weibull shape (default 0.7)")
+    p.add_argument("--failures", choices=("exponential", "weibull"), default="exponential",
+                   help="distribution of the time between failures, with mean = the job's MTTF (default exponential)")
+    p.add_argument("--shape", type=float_in(0.05, 20.0), default=0.7,
+                   help="Weibull shape in [0.05, 20]; < 1: failures come in bursts (default 0.7)")
     p.add_argument("--trace", help="replay failures from a Bamboo or LANL trace instead")
     p.add_argument("--trace-name", help="which system of a LANL trace (e.g. 'LANL system 20')")
-    p.add_argument("--policy", choices=("checkpoint", "free", "both"), default="both")
+    p.add_argument("--policy", choices=("checkpoint", "free", "both"), default="both",
+                   help="recovery to simulate: checkpoint/restart, checkpoint-free, or both (default both)")
     p.add_argument("--wall", default="30d", help="job wall time (default 30d)")
-    p.add_argument("--trials", type=int, default=200, help="simulated jobs (default 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=_TRIALS, default=200, help="simulated jobs, 2..1000000 (default 200)")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="random seed (default 0)")
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("validate", help="Monte Carlo vs the closed-form ETTR over a grid")
-    p.add_argument("--rf", type=float, default=6.5, help="failures per 1000 node-days (default 6.5)")
+    p = sub.add_parser(
+        "validate",
+        help="Monte Carlo vs the closed-form ETTR over a grid",
+        description="Simulate a grid of job sizes, checkpoint intervals, write and restart times and compare "
+        "the Monte Carlo ETTR with Meta's first-order formula and the exact renewal form: where does the "
+        "closed form hold?",
+    )
+    p.add_argument("--rf", type=_RF, default=6.5, help="failures per 1000 node-days (default 6.5)")
     p.add_argument("--wall", default="30d", help="simulated job length (default 30d)")
-    p.add_argument("--trials", type=int, default=48)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--trials", type=_TRIALS, default=48, help="simulated jobs per grid point, 2..1000000 (default 48)")
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("report", help="HTML page with MTTF, ETTR and failure-interval plots")
-    p.add_argument("traces", nargs="*", metavar="TRACE")
+    p = sub.add_parser(
+        "report",
+        help="HTML page with MTTF, ETTR and failure-interval plots",
+        description="Write one HTML page: the plan for a job size, MTTF vs job size, ETTR vs checkpoint "
+        "interval (closed forms and Monte Carlo points), the time between failures and the analysis of "
+        "every trace given.",
+    )
+    p.add_argument("traces", nargs="*", metavar="TRACE",
+                   help="job traces, failure traces or events.jsonl to analyse and plot (optional)")
     _trace_options(p)
     _job_options(p, gpus_per_node=False)
     p.add_argument("--interval", default="1h", help="checkpoint interval to evaluate (default 1h)")
-    p.add_argument("--trials", type=int, default=64, help="Monte Carlo jobs per plotted point")
-    p.add_argument("-o", "--output", default="reliability_report.html", help="HTML file to write")
+    p.add_argument("--trials", type=_TRIALS, default=64, help="Monte Carlo jobs per plotted point, 2..1000000 (default 64)")
+    p.add_argument("--max-failures", type=int_in(1, 10**12), default=MAX_FAILURES, metavar="N", help=_MAX_FAILURES_HELP)
+    p.add_argument("-o", "--output", default="reliability_report.html", help="HTML file to write (default reliability_report.html)")
     p.set_defaults(func=_cmd_report)
 
 
@@ -83,17 +130,18 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=_FORMAT_CHOICES, default="auto", help="trace format (default: detect)")
     p.add_argument("--rules", help="taxonomy rules file (TOML), tried before the defaults")
     p.add_argument("--count", help="categories counted toward r_f (default hardware,infrastructure)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpus-per-node", type=int_in(1, 1024), default=8, help="GPUs per node, 1..1024 (default 8)")
     p.add_argument("--buckets", default="1,2,8,16,64,256,1024,4096", help="GPU-count bucket edges")
-    p.add_argument("--min-intervals", type=int, default=50, help="fewest intervals for a fit (default 50)")
+    p.add_argument("--min-intervals", type=int_in(2, 10**9), default=50,
+                   help="fewest intervals between failures for a fit, >= 2 (default 50)")
 
 
 def _job_options(p: argparse.ArgumentParser, gpus_per_node: bool = True) -> None:
     if gpus_per_node:  # the report parser already has it from the trace options
-        p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--gpus", type=int, help="GPUs in the job")
-    p.add_argument("--nodes", type=int, help="nodes in the job (instead of --gpus)")
-    p.add_argument("--rf", type=float, help="failures per 1000 node-days (Meta reports 6.5)")
+        p.add_argument("--gpus-per-node", type=int_in(1, 1024), default=8, help="GPUs per node, 1..1024 (default 8)")
+    p.add_argument("--gpus", type=_GPUS, help="GPUs in the job, 1..1000000000")
+    p.add_argument("--nodes", type=_GPUS, help="nodes in the job (instead of --gpus), 1..1000000000")
+    p.add_argument("--rf", type=_RF, help="failures per 1000 node-days, in (0, 1e6] (Meta reports 6.5)")
     p.add_argument("--mttf", help="job MTTF instead of --rf (e.g. 2h)")
     p.add_argument("--ckpt-write", default="60s", help="checkpoint write time w (default 60s)")
     p.add_argument("--restart", default="5m", help="restart overhead u0 (default 5m)")
@@ -115,8 +163,8 @@ def _buckets(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise SpotpipeError(f"--buckets {text!r}: use comma-separated GPU counts like 1,8,64") from None
-    if not values or any(v < 1 for v in values):
-        raise SpotpipeError(f"--buckets {text!r}: GPU counts must be >= 1")
+    if not values or any(not 1 <= v <= 10**9 for v in values):
+        raise SpotpipeError(f"--buckets {text!r}: GPU counts must be in 1..1000000000")
     return values
 
 
@@ -169,7 +217,11 @@ def _rf(args: argparse.Namespace, nodes: float, required: bool = True) -> float 
         mttf_s = parse_duration(args.mttf, "--mttf")
         if mttf_s <= 0:
             raise SpotpipeError("--mttf must be > 0")
-        return 1000.0 * 24.0 / (nodes * mttf_s / SECONDS_PER_HOUR)
+        rf = 1000.0 * 24.0 / (nodes * mttf_s / SECONDS_PER_HOUR)
+        if not 0 < rf <= 1e6:
+            raise SpotpipeError(f"--mttf {args.mttf} of a {nodes:g}-node job means r_f = {rf:.3g} failures per 1000 "
+                                "node-days; it must be in (0, 1e6]")
+        return rf
     if args.rf is None:
         if required:
             raise SpotpipeError("give --rf (failures per 1000 node-days, e.g. 6.5) or --mttf")
@@ -280,7 +332,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         policies.append(mc.CheckpointRestart(plan.interval_s, plan.write_s, plan.restart_s))
     if args.policy in ("free", "both"):
         policies.append(mc.CheckpointFree(plan.recovery_s, plan.penalty_s))
-    results = [mc.simulate(failures, pol, wall, step, args.trials, args.seed, gpus) for pol in policies]
+    cost = mc.estimate_cost(failures, wall, args.trials, len(policies))
+    mc.check_cost(cost, args.max_failures,
+                  f"reliability simulate ({args.trials} trials x {len(policies)} polic{'ies' if len(policies) > 1 else 'y'} "
+                  f"of {wall / 86400:.4g} days at MTTF {plan.mttf_hours:.3g} h)")
+    bar = ProgressLine("reliability simulate", args.trials * len(policies), "jobs", enabled=cost.seconds > 2.0)
+    results = []
+    for k, pol in enumerate(policies):
+        offset = k * args.trials
+
+        def report(done: int, offset: int = offset) -> None:
+            bar.update(offset + done)
+
+        results.append(mc.simulate(failures, pol, wall, step, args.trials, args.seed, gpus, progress=report))
+    bar.close()
     if args.json:
         payload = {
             "job": {"gpus": gpus, "nodes": nodes, "rf": rf, "mttf_hours": plan.mttf_hours, "wall_s": wall},
@@ -311,7 +376,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from spotpipe.reliability.units import parse_duration
     from spotpipe.reliability.validation import compare_grid, default_grid, summarize
 
-    points = compare_grid(default_grid(), rf=args.rf, wall_s=parse_duration(args.wall, "--wall"), trials=args.trials)
+    from spotpipe.reliability import montecarlo as mc
+    from spotpipe.reliability.units import rate_per_second
+
+    wall = parse_duration(args.wall, "--wall")
+    if wall <= 0:
+        raise SpotpipeError("--wall must be > 0")
+    grid = default_grid()
+    total = sum(
+        mc.estimate_cost(mc.Exponential(1.0 / rate_per_second(nodes, args.rf)), wall, args.trials).failures
+        for nodes, _, _, _ in grid
+    )
+    largest = max(mc.estimate_cost(mc.Exponential(1.0 / rate_per_second(n, args.rf)), wall, args.trials).largest_chunk
+                  for n, _, _, _ in grid)
+    cost = mc.Cost(total, largest)
+    mc.check_cost(cost, args.max_failures, f"reliability validate ({len(grid)} grid points x {args.trials} trials)")
+    bar = ProgressLine("reliability validate", len(grid), "grid points", enabled=cost.seconds > 2.0)
+    points = compare_grid(grid, rf=args.rf, wall_s=wall, trials=args.trials, progress=bar.update)
+    bar.close()
     summary = summarize(points)
     if args.json:
         print(json.dumps({"summary": summary.__dict__, "points": [
@@ -339,8 +421,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from spotpipe.reliability.report import write_report
+    from spotpipe.fsutil import check_output
+    from spotpipe.reliability import montecarlo as mc
+    from spotpipe.reliability.report import ETTR_POINTS, ettr_plot_wall, write_report
+    from spotpipe.reliability.units import rate_per_second
 
+    check_output(args.output, "--output")
     gpus, gpn = _job_size(args) if (args.gpus or args.nodes) else (16384, args.gpus_per_node)
     analyses = _analyses(args)
     rf = _rf(args, gpus / gpn, required=False)
@@ -351,6 +437,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             raise SpotpipeError("report: no trace gives r_f; pass --rf (failures per 1000 node-days)")
         rf = float(measured[0])
     plan = _make_plan(args, rf, gpus, gpn)
+    mttf_s = 1.0 / rate_per_second(plan.nodes, plan.rf)
+    cost = mc.estimate_cost(mc.Exponential(mttf_s), ettr_plot_wall(mttf_s), args.trials, ETTR_POINTS)
+    mc.check_cost(cost, args.max_failures, f"reliability report ({ETTR_POINTS} Monte Carlo points x {args.trials} trials)")
     out = write_report(Path(args.output), analyses, plan, trials=args.trials)
     print(f"wrote {out}", file=sys.stderr)
     print(str(out))

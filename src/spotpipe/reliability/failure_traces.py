@@ -17,6 +17,7 @@ Times inside a trace are seconds since its first event.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.traces import IngestReport, ProblemLog
 
 
@@ -80,7 +82,7 @@ def read_lanl(path: str | Path) -> tuple[list[FailureTrace], IngestReport]:
     rows: dict[str, list[tuple[float, str, str, float, int, str]]] = defaultdict(list)
     declared_nodes: dict[str, int] = {}
     no_cause = 0
-    with open(p, encoding="utf-8", errors="replace", newline="") as fh:
+    with io.StringIO(read_text(p, "trace"), newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
@@ -156,6 +158,8 @@ def read_lanl(path: str | Path) -> tuple[list[FailureTrace], IngestReport]:
                 repair_s=np.array([r[3] for r in records], dtype=np.float64),
             )
         )
+    if log.rows == 0:
+        raise SpotpipeError(f"{p}: a header and no failure records: nothing to measure")
     return traces, log.report()
 
 
@@ -169,7 +173,7 @@ def read_bamboo(path: str | Path) -> tuple[FailureTrace, IngestReport]:
     times: list[float] = []
     names: list[str] = []
     pool: list[float] = []
-    with open(p, encoding="utf-8", errors="replace", newline="") as fh:
+    with io.StringIO(read_text(p, "trace"), newline="") as fh:
         for number, raw in enumerate(fh, 1):
             text = raw.strip()
             if not text:

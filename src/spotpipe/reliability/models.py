@@ -35,6 +35,17 @@ from spotpipe.reliability.units import SECONDS_PER_HOUR, format_duration, rate_p
 
 # Above this value of lam * (u0 + dt/2) the first-order model is flagged as outside its validity.
 FIRST_ORDER_LIMIT = 0.1
+_EXP_LIMIT = 700.0  # exp() of more overflows a float; there expm1(x) = exp(x) to machine precision
+
+
+def _ratio_over_expm1(scale: float, x: float) -> float:
+    """``scale / (e^x - 1)`` for ``x > 0`` without overflow (0 where it underflows)."""
+    if x <= _EXP_LIMIT:
+        return scale / math.expm1(x)
+    if scale <= 0:
+        return 0.0
+    log = math.log(scale) - x
+    return math.exp(log) if log > -745.0 else 0.0
 
 
 def _positive(value: float, what: str) -> float:
@@ -97,7 +108,7 @@ def ettr_checkpoint_exact(
     if rate_per_s <= 0:
         return interval_s / (interval_s + write_s)
     cycle = interval_s + write_s
-    return rate_per_s * interval_s * math.exp(-rate_per_s * restart_s) / math.expm1(rate_per_s * cycle)
+    return _ratio_over_expm1(rate_per_s * interval_s, rate_per_s * cycle) * math.exp(-rate_per_s * restart_s)
 
 
 def young_interval(write_s: float, mttf_s: float) -> float:
@@ -192,7 +203,7 @@ def ettr_checkpoint_free_exact(
         return 1.0
     base = math.exp(-rate_per_s * recovery_s)
     if step_s > 0:
-        base *= rate_per_s * step_s / math.expm1(rate_per_s * step_s)
+        base *= _ratio_over_expm1(rate_per_s * step_s, rate_per_s * step_s)
     return max(0.0, base - rate_per_s * penalty_s)
 
 

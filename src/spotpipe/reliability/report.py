@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import write_output
 from spotpipe.reliability.analysis import TraceAnalysis, render_analysis
 from spotpipe.reliability.fits import IntervalFits, intervals_from_times
 from spotpipe.reliability.models import Plan, ettr_checkpoint, ettr_checkpoint_exact, mttf_hours, render_plan
@@ -73,6 +74,15 @@ def plot_mttf(plan: Plan, analyses: list[TraceAnalysis]) -> str:
     return _png(fig)
 
 
+ETTR_POINTS = 6  # Monte Carlo points on the ETTR plot
+
+
+def ettr_plot_wall(mttf_s: float) -> float:
+    """Wall time of each simulated job on the ETTR plot: 30 days, at least 200 MTTFs (60 days
+    when the MTTF is a day or more)."""
+    return max(30 * SECONDS_PER_DAY, 200 * mttf_s) if mttf_s < SECONDS_PER_DAY else 60 * SECONDS_PER_DAY
+
+
 def plot_ettr(plan: Plan, trials: int, seed: int = 0) -> tuple[str, list[dict[str, float]]]:
     """ETTR vs checkpoint interval with Monte Carlo points; PNG and the simulated points."""
     fig, ax = _figure()
@@ -85,9 +95,9 @@ def plot_ettr(plan: Plan, trials: int, seed: int = 0) -> tuple[str, list[dict[st
     exact = [ettr_checkpoint_exact(t, plan.write_s, plan.restart_s, lam) for t in grid]
     ax.plot(grid / 60, first, label="first order (Meta)")
     ax.plot(grid / 60, exact, label="exact, exponential (Daly)")
-    wall = max(30 * SECONDS_PER_DAY, 200 * mttf_s) if mttf_s < SECONDS_PER_DAY else 60 * SECONDS_PER_DAY
+    wall = ettr_plot_wall(mttf_s)
     points: list[dict[str, float]] = []
-    for k, t in enumerate(np.logspace(np.log10(lo * 2), np.log10(hi / 2), 6)):
+    for k, t in enumerate(np.logspace(np.log10(lo * 2), np.log10(hi / 2), ETTR_POINTS)):
         r = simulate(Exponential(mttf_s), CheckpointRestart(float(t), plan.write_s, plan.restart_s), wall, plan.step_s, trials, seed + k)
         points.append({"interval_s": float(t), "ettr": r.ettr_mean, "ci_lo": r.ettr_ci95[0], "ci_hi": r.ettr_ci95[1]})
     ax.errorbar(
@@ -182,6 +192,5 @@ def write_report(path: Path, analyses: list[TraceAnalysis], plan: Plan, trials: 
     for a in analyses:
         parts.append(f"<h3>{html.escape(a.report.path)}</h3><pre>{html.escape(render_analysis(a))}</pre>")
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_output(path, "\n".join(parts), "--output")
     return path

@@ -18,6 +18,7 @@ Time lost is split into recovery (``recovery_finished.seconds``), checkpoint wri
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 from spotpipe import events as ev
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.traces import IngestReport, ProblemLog
 from spotpipe.reliability.units import SECONDS_PER_HOUR, mttf_text
 
@@ -157,8 +159,8 @@ def read_runs(path: str | Path) -> tuple[list[RunSummary], IngestReport]:
     log = ProblemLog(str(p), "events")
     if not p.is_file():
         raise SpotpipeError(f"event log {p} does not exist")
-    with open(p, encoding="utf-8") as fh:
-        line_numbers = [n for n, line in enumerate(fh, 1) if line.strip()]
+    lines = io.StringIO(read_text(p, "event log"), newline=None).readlines()
+    line_numbers = [n for n, line in enumerate(lines, 1) if line.strip()]
     runs: list[_Run] = []
     current: _Run | None = None
     for k, record in enumerate(ev.iter_events(p)):

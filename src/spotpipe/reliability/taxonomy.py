@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.columns import factorize
 
 CATEGORIES: tuple[str, ...] = (
@@ -102,9 +103,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("infrastructure", state=r"FAILED", reason=_INFRA),
     Rule("user", state=r"FAILED|OUT_OF_MEMORY|DEADLINE"),
     Rule("timeout", state=r"TIMEOUT"),
-    Rule("cancelled", state=r"CANCELLED.*"),
+    Rule("cancelled", state=r"CANCELLED.*|REVOKED"),  # REVOKED: a federation sibling started elsewhere
     Rule("completed", state=r"COMPLETED"),
-    Rule("running", state=r"RUNNING|PENDING|REQUEUED|RESIZING|SUSPENDED|REQUEUE_.*|REVOKED|SIGNALING|STAGE_OUT|STOPPED"),
+    # An earlier run of a requeued job (sacct --duplicates): interrupted, the cause in the reason
+    # columns if anywhere; without one it is a failure of unknown cause (not counted toward r_f).
+    Rule("hardware", state=r"REQUEUED", reason=_HW),
+    Rule("infrastructure", state=r"REQUEUED", reason=_INFRA),
+    Rule("unknown", state=r"REQUEUED"),
+    Rule("running", state=r"RUNNING|PENDING|RESIZING|SUSPENDED|REQUEUE_.*|SIGNALING|STAGE_OUT|STOPPED"
+         r"|CONFIGURING|COMPLETING|RESV_DEL_HOLD|SPECIAL_EXIT"),
     # LANL root-cause columns (Schroeder & Gibson 2006).
     Rule("hardware", state=r"Hardware"),
     Rule("software", state=r"Software"),
@@ -169,9 +176,7 @@ def load_taxonomy(path: str | Path | None) -> Taxonomy:
         return Taxonomy()
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpotpipeError(f"taxonomy rules file {p} does not exist") from None
+        data = tomllib.loads(read_text(p, "taxonomy rules file"))
     except tomllib.TOMLDecodeError as exc:
         raise SpotpipeError(f"{p}: not valid TOML: {exc}") from None
     known = {"rule", "failure_categories", "replace_defaults"}

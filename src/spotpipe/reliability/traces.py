@@ -9,7 +9,11 @@ Formats:
     * ``sacct --parsable2``: ``|``-separated with a header (``sacct -P -o JobID,State,...``).
       Needs ``JobID``, ``State``, ``Start`` + ``End`` (or ``Elapsed``/``ElapsedRaw``) and
       ``NNodes`` or ``AllocNodes``; GPUs come from ``AllocTRES``/``ReqTRES`` (``gres/gpu=N``)
-      or nodes x ``gpus_per_node``. Job steps (``123.batch``, ``123.0``) are skipped.
+      or nodes x ``gpus_per_node``. Job steps (``123.batch``, ``123.0``) are skipped. A record
+      with an End (or, without an End column, an Elapsed and a state that has ended) is a
+      finished run whatever its state, so the earlier runs of a requeued job
+      (``sacct --duplicates``: state ``REQUEUED``, ``PREEMPTED``, ``NODE_FAIL``, ... with one
+      JobID) are all used.
     * AcmeTrace (Hu et al., "Characterization of Large Language Model Development in the
       Datacenter", NSDI 2024): ``job_id, user, node_num, gpu_num, cpu_num, type, state,
       submit_time, start_time, end_time, duration, queue, gpu_time`` (Kalos adds
@@ -34,6 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 from spotpipe.reliability.columns import (
     MISSING_TIMES,
     int_column,
@@ -186,6 +191,12 @@ def _split_columns(
     return [flat[i::width] for i in range(width)], numbers
 
 
+def _require_rows(path: Path, log: ProblemLog) -> None:
+    """A job trace with a header and no rows is refused (there is nothing to measure)."""
+    if log.rows == 0:
+        raise SpotpipeError(f"{path}: a header and no job rows: nothing to measure")
+
+
 class _Problems:
     """Malformed cells found column by column, merged into line order at the end."""
 
@@ -292,7 +303,21 @@ SACCT_FIELDS = frozenset(
     TRESUsageOutMinTask TRESUsageOutTot UID User UserCPU WCKey WCKeyID WorkDir""".split()
 )
 _SACCT_REASON_COLUMNS = ("reason", "comment", "admincomment", "systemcomment", "failednode")
-_RUNNING_STATES = frozenset({"PENDING", "REQUEUED", "RESIZING", "RUNNING", "SUSPENDED"})
+# Every job state Slurm documents (squeue(1) and sacct(1) "JOB STATE CODES"). A record is a
+# finished run when it has an End, whatever its state: ``sacct --duplicates`` lists the earlier
+# runs of a requeued job as REQUEUED (or PREEMPTED, NODE_FAIL, ...) with a real Start and End.
+SLURM_JOB_STATES = (
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "CONFIGURING", "COMPLETING", "DEADLINE", "FAILED",
+    "NODE_FAIL", "OUT_OF_MEMORY", "PENDING", "PREEMPTED", "RUNNING", "RESV_DEL_HOLD",
+    "REQUEUE_FED", "REQUEUE_HOLD", "REQUEUED", "RESIZING", "REVOKED", "SIGNALING", "SPECIAL_EXIT",
+    "STAGE_OUT", "STOPPED", "SUSPENDED", "TIMEOUT",
+)
+# States of a record that may still be under way: only for these does a missing End stay
+# missing when Elapsed is known (Elapsed of a live job is the time so far, not its run time).
+_ACTIVE_STATES = frozenset({
+    "CONFIGURING", "COMPLETING", "PENDING", "RUNNING", "RESV_DEL_HOLD", "REQUEUE_FED", "REQUEUE_HOLD",
+    "RESIZING", "SIGNALING", "SPECIAL_EXIT", "STAGE_OUT", "STOPPED", "SUSPENDED",
+})
 
 
 def _gpus_from_tres(text: str) -> int | None:
@@ -341,7 +366,7 @@ def read_sacct(path: str | Path, gpus_per_node: int = 8) -> tuple[JobTable, Inge
 def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestReport]:
     p = Path(path)
     log = ProblemLog(str(p), "sacct")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = read_text(p, "trace")
     header_line = text.split("\n", 1)[0].rstrip("\r")
     header = [h.strip() for h in header_line.split("|")]
     index = {h.lower(): i for i, h in enumerate(header)}
@@ -369,6 +394,7 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
     width = len(header)
     cols, numbers = _split_columns(text, "|", width, log)
     del text
+    _require_rows(p, log)
     n = int(numbers.size)
     problems = _Problems(n)
     job_id = strip_column(cols[i_id])
@@ -386,11 +412,11 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
     if i_elapsed is not None:
         elapsed, bad = _elapsed_column(cols[i_elapsed])
         problems.mark(bad, _named(job_id, header[i_elapsed], cols[i_elapsed]))
+        active = np.fromiter(map_column(state, _ACTIVE_STATES.__contains__), dtype=bool, count=n)
         if i_start is None or i_end is None:  # only Elapsed: durations without dates
-            start, end = np.where(np.isnan(elapsed), np.nan, 0.0), elapsed
+            start, end = np.where(np.isnan(elapsed), np.nan, 0.0), np.where(active, np.nan, elapsed)
         else:
-            still = np.fromiter(map_column(state, _RUNNING_STATES.__contains__), dtype=bool, count=n)
-            fill = np.isnan(end) & ~np.isnan(start) & ~still
+            fill = np.isnan(end) & ~np.isnan(start) & ~active
             end = np.where(fill, start + elapsed, end)
     exit_code = np.zeros(n, dtype=np.int64)
     signal = np.zeros(n, dtype=np.int64)
@@ -412,12 +438,11 @@ def _read_sacct(path: str | Path, gpus_per_node: int) -> tuple[JobTable, IngestR
         reason = [" ".join(c.strip() for c in cells if c.strip()) for cells in zip(*(cols[i] for i in i_reasons))]
     else:
         reason = [""] * n
-    running = np.fromiter(map_column(state, _RUNNING_STATES.__contains__), dtype=bool, count=n)
     never = np.isnan(start)
     steps = np.array(["." in j for j in job_id], dtype=bool)
     skip = [
         ("never started", never),
-        ("not finished (running or no End)", ~never & (running | np.isnan(end))),
+        ("not finished (no End)", ~never & np.isnan(end)),
     ]
     columns = {"nodes": nodes, "gpus": gpus, "state": state,
                "exit_code": exit_code, "signal": signal, "reason": reason}
@@ -442,7 +467,7 @@ def read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
 def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
     p = Path(path)
     log = ProblemLog(str(p), "acme")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = read_text(p, "trace")
     first_line = text.split("\n", 1)[0]
     if not first_line.strip():
         raise SpotpipeError(f"{p}: empty file or empty header line")
@@ -469,6 +494,7 @@ def _read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
         numbers = np.asarray([num for num, _ in ok], dtype=np.int64)
         cols = list(zip(*(r for _, r in ok))) if ok else [()] * width
     del text
+    _require_rows(p, log)
     n = int(numbers.size)
     problems = _Problems(n)
     job_id = strip_column(cols[index["job_id"]])

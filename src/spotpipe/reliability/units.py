@@ -16,6 +16,7 @@ from spotpipe.errors import SpotpipeError
 SECONDS_PER_HOUR = 3600.0
 SECONDS_PER_DAY = 86400.0
 NODE_DAYS_PER_RF_UNIT = 1000.0  # r_f counts failures per this many node-days
+MAX_DURATION_S = 1e10  # about 317 years: the longest duration any option takes
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": SECONDS_PER_HOUR, "d": SECONDS_PER_DAY}
@@ -29,24 +30,22 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
         what: the option or key it came from, named in the error.
 
     Returns:
-        The duration in seconds (finite, >= 0).
+        The duration in seconds, in ``[0, MAX_DURATION_S]`` (about 317 years).
 
     Raises:
-        SpotpipeError: one line naming ``what`` and the accepted forms.
+        SpotpipeError: one line naming ``what``, the accepted forms and the range.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
-        if math.isfinite(value) and value >= 0:
-            return value
-        raise SpotpipeError(f"{what}: {text!r} is not a duration >= 0")
-    match = _DURATION.match(str(text))
-    if match is None:
-        raise SpotpipeError(
-            f"{what}: {text!r} is not a duration; use e.g. 60s, 5m, 2h, 1d or plain seconds"
-        )
-    value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if not math.isfinite(value):
-        raise SpotpipeError(f"{what}: {text!r} is not a finite duration")
+    else:
+        match = _DURATION.match(str(text))
+        if match is None:
+            raise SpotpipeError(
+                f"{what}: {text!r} is not a duration; use e.g. 60s, 5m, 2h, 1d or plain seconds"
+            )
+        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not (math.isfinite(value) and 0 <= value <= MAX_DURATION_S):
+        raise SpotpipeError(f"{what}: {text!r} is not a duration in [0, {MAX_DURATION_S:.0e} s] (about 317 years)")
     return value
 
 

@@ -13,7 +13,7 @@ both errors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import product
 
@@ -69,8 +69,12 @@ def compare_grid(
     trials: int = 48,
     step_s: float = 10.0,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[GridPoint]:
-    """Simulate each (nodes, interval, write, restart) point with exponential failures."""
+    """Simulate each (nodes, interval, write, restart) point with exponential failures.
+
+    ``progress``, if given, is called with the number of points done after each point.
+    """
     out: list[GridPoint] = []
     for k, (nodes, interval, write, restart) in enumerate(points):
         lam = rate_per_second(nodes, rf)
@@ -96,6 +100,8 @@ def compare_grid(
                 mc_half_width=(result.ettr_ci95[1] - result.ettr_ci95[0]) / 2.0,
             )
         )
+        if progress is not None:
+            progress(k + 1)
     return out
 
 

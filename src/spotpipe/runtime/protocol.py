@@ -45,12 +45,14 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
 
 TOKEN_ENV = "SPOTPIPE_TOKEN"
 TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")
@@ -177,12 +179,7 @@ def read_token(token_file: str | None) -> str | None:
     """
     if token_file:
         path = Path(token_file).expanduser()
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            raise SpotpipeError(f"token file {path} does not exist") from None
-        except OSError as exc:
-            raise SpotpipeError(f"cannot read token file {path}: {exc.strerror}") from None
+        text = read_text(path, "token file").strip()
         if not TOKEN_RE.match(text):
             raise SpotpipeError(
                 f"token file {path} is malformed: expected the job token printed by `spotpipe train` (32 hex characters)"
@@ -214,15 +211,36 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> Any:
-    """A TCPStore client of the controller at ``host:port``."""
+    """A TCPStore client of the controller at ``host:port``, within ``timeout_s`` seconds.
+
+    The client's constructor waits for the server's answer to its first message without a
+    deadline, so a port that accepts connections and never answers (not a spotpipe controller, a
+    hung one) would block it forever; it runs in a daemon thread that is abandoned at the
+    deadline. Every later store call has the store's own timeout (``timeout_s``).
+
+    Raises:
+        SpotpipeError: naming the address, when no store answers within ``timeout_s``.
+    """
     from torch.distributed import TCPStore
 
-    try:
-        return TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:
-        raise SpotpipeError(
-            f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {' '.join(str(exc).split())[:120]}"
-        ) from None
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            result["store"] = TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
+        except Exception as exc:  # c10d raises its own error types
+            result["error"] = exc
+
+    thread = threading.Thread(target=connect, name="store-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "store" in result:
+        return result["store"]
+    if "error" in result:
+        reason = " ".join(str(result["error"]).split())[:120]
+    else:
+        reason = "the port accepts connections but nothing answers like a spotpipe controller"
+    raise SpotpipeError(f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {reason}")
 
 
 def local_address_towards(host: str, port: int) -> str:
@@ -270,7 +288,13 @@ def request_join(store: Any, token: str | None, *, listen_host: str, timeout_s: 
         JoinRefused: with the controller's reason (bad or missing token, job full, ...).
         SpotpipeError: no answer within ``timeout_s``.
     """
-    job_id = store.get(JOB_ID).decode()
+    deadline = time.monotonic() + timeout_s
+    try:
+        job_id = store.get(JOB_ID).decode()
+    except Exception as exc:  # the store's own timeout (c10d error types)
+        raise SpotpipeError(
+            f"the controller did not answer within {timeout_s:g} s: {' '.join(str(exc).split())[:120]}"
+        ) from None
     nonce = secrets.token_hex(8)
     request = {
         "nonce": nonce,
@@ -281,7 +305,6 @@ def request_join(store: Any, token: str | None, *, listen_host: str, timeout_s: 
     }
     store.queue_push(JOIN_QUEUE, json.dumps(request))
     key = join_response_key(nonce)
-    deadline = time.monotonic() + timeout_s
     while not store.check([key]):
         if time.monotonic() > deadline:
             raise SpotpipeError(f"the controller did not answer the join request within {timeout_s:g} s")

@@ -16,22 +16,32 @@ import argparse
 import sys
 from pathlib import Path
 
+from spotpipe.cliargs import int_in
+from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import check_output, read_text, write_output
 from spotpipe.schedule.build import compute_schedule
-from spotpipe.schedule.generators import REGISTRY
-from spotpipe.schedule.ir import Schedule, ScheduleError
+from spotpipe.schedule.generators import REGISTRY, model_chunks
+from spotpipe.schedule.ir import Schedule
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.render import FORMATS, render
 from spotpipe.schedule.validate import check_message_order, describe, validate_schedule
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+MAX_ACTIONS = 100_000  # default --max-actions: at most ~10 s and ~100 MB on one core
+# Measured on one busy core: the grid (which plays the schedule to place every action) costs about
+# 80 us and 0.6 kB per action; the other formats about 15 us.
+_SECONDS_PER_ACTION = {"grid": 8e-5}
+_DEFAULT_SECONDS_PER_ACTION = 1.5e-5
+_BYTES_PER_ACTION = 600
+_COUNT = int_in(1, 1_000_000)
+
+
+def count_actions(schedule: str, stages: int, microbatches: int, virtual_stages: int, lowered: bool) -> int:
+    """Actions ``schedule show`` would generate: a forward and a backward per microbatch and
+    model chunk, plus, lowered, a SEND and a RECV each way per microbatch and chunk boundary."""
+    chunks = model_chunks(schedule, stages, virtual_stages)
+    compute = 2 * chunks * microbatches
+    return compute + (4 * (chunks - 1) * microbatches if lowered else 0)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,11 +67,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     show.add_argument("--schedule", choices=tuple(REGISTRY), default="1f1b",
                       help="schedule generator (default: %(default)s)")
-    show.add_argument("--stages", type=_positive_int, default=4,
+    show.add_argument("--stages", type=_COUNT, default=4,
                       help="pipeline ranks (default: %(default)s)")
-    show.add_argument("--microbatches", type=_positive_int, default=8,
+    show.add_argument("--microbatches", type=_COUNT, default=8,
                       help="microbatches per step (default: %(default)s)")
-    show.add_argument("--virtual-stages", type=_positive_int, default=2,
+    show.add_argument("--virtual-stages", type=_COUNT, default=2,
                       help="model chunks per rank, used by the interleaved schedule only, as pipeline.virtual_stages (default: %(default)s)")
     show.add_argument("--swap", action="store_true",
                       help="CheckFree+ swapped paths for odd microbatches (stages 0<->1 and S-2<->S-1), "
@@ -74,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       "(default: %(default)s)")
     show.add_argument("--out", type=Path, default=None, metavar="FILE",
                       help="write to FILE instead of standard output")
+    show.add_argument("--max-actions", type=int_in(1, 10**9), default=MAX_ACTIONS, metavar="N",
+                      help="refuse schedules of more than N actions, which take long and much memory "
+                      "to build and print (default: %(default)s)")
     show.set_defaults(func=_cmd_show)
 
     check = sub.add_parser(
@@ -94,6 +107,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    actions = count_actions(args.schedule, args.stages, args.microbatches, args.virtual_stages, args.lowered)
+    if actions > args.max_actions:
+        raise SpotpipeError(
+            f"schedule show: --stages {args.stages} x --microbatches {args.microbatches}"
+            + (f" x --virtual-stages {args.virtual_stages}" if REGISTRY[args.schedule].chunked else "")
+            + f" makes {actions:,} actions{' (lowered)' if args.lowered else ''}: about "
+            f"{actions * _SECONDS_PER_ACTION.get(args.format, _DEFAULT_SECONDS_PER_ACTION):.0f} s and "
+            f"{actions * _BYTES_PER_ACTION / 2**30:.1f} GiB to build and print as {args.format}; the limit is "
+            f"--max-actions {args.max_actions}: raise it to go on"
+        )
+    if args.out is not None:
+        check_output(args.out, "--out")
     schedule = compute_schedule(args, swap=args.swap)  # the arguments carry the [pipeline] field names
     if args.lowered:
         schedule = lower(schedule)
@@ -103,20 +128,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        try:
-            args.out.write_text(text)
-        except OSError as exc:
-            raise ScheduleError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        write_output(args.out, text, "--out")
         print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     path: Path = args.file
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScheduleError(f"cannot read schedule {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "schedule")
     schedule: Schedule = Schedule.from_csv(text, where=str(path))
     validate_schedule(schedule, blocking_recv=args.blocking_recv, message_order=args.message_order)
     note = ""

@@ -273,8 +273,12 @@ class Schedule:
                 rank, index, action = int(row[0]), int(row[1]), parse_action(row[2])
             except (ValueError, IndexError, ScheduleError) as exc:
                 raise ScheduleError(f"{where}: row {number}: {row}: {exc}") from None
+            if rank < 0 or index < 0:
+                raise ScheduleError(f"{where}: row {number}: {row}: rank and index must be >= 0")
             per_rank.setdefault(rank, []).append((index, action))
-        n_ranks = max(per_rank) + 1 if per_rank else 0
+        if not per_rank:
+            raise ScheduleError(f"{where}: no actions after the header; a schedule needs at least one rank with actions")
+        n_ranks = max(per_rank) + 1
         ranks = [[a for _, a in sorted(per_rank.get(r, []))] for r in range(n_ranks)]
         try:
             s2r = [int(x) for x in meta["stage_to_rank"].split()] if "stage_to_rank" in meta else None

@@ -167,6 +167,8 @@ def describe(schedule: Schedule) -> str:
 def format_problem(schedule: Schedule, problem: Problem, more: int = 0) -> str:
     """One line saying what is wrong, then the grid with the faulty actions marked."""
     head = problem.message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+    if not any(schedule.ranks):
+        return head  # no grid to show
     return f"{head}\n{describe(schedule)}\n{step_grid(schedule, problem.marks)}"
 
 
@@ -187,6 +189,12 @@ def _neighbours(schedule: Schedule) -> tuple[list[dict[int, int]], list[dict[int
 def _metadata_problems(schedule: Schedule) -> list[Problem]:
     out: list[Problem] = []
     n_ranks, n_stages = schedule.num_ranks, schedule.num_stages
+    if not any(schedule.ranks):
+        return [Problem("the schedule has no actions: it needs at least one rank with a forward and a backward "
+                        "of every microbatch")]
+    for r, acts in enumerate(schedule.ranks):
+        if not acts:
+            out.append(Problem(f"rank {r} has no actions (ranks are 0..{n_ranks - 1}; every rank holds at least one stage)"))
     for s, r in enumerate(schedule.stage_to_rank):
         if not 0 <= r < n_ranks:
             out.append(Problem(f"stage {s} is placed on rank {r}, but the schedule has ranks 0..{n_ranks - 1}"))

@@ -12,9 +12,26 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any, cast
 
+from spotpipe import events as ev
+from spotpipe.cliargs import int_in
 from spotpipe.config import load_config
+from spotpipe.errors import SpotpipeError
 from spotpipe.events import EventLog
+from spotpipe.fsutil import check_output, write_output
+from spotpipe.progressline import ProgressLine
+from spotpipe.schedule.cli import count_actions
+
+MAX_STEPS = 10_000_000  # default --max-steps: about a minute and half a GiB
+MAX_ACTIONS = 4_000_000  # default --max-actions: actions of one played iteration, all replicas
+# Measured on one busy core: the simulator plays about 150,000 steps a second and keeps ~40 bytes
+# per committed step (its duration, for rollbacks); an iteration plays ~700,000 actions a second
+# and its lowered schedule holds ~500 bytes per action.
+STEPS_PER_SECOND = 150_000
+BYTES_PER_STEP = 40
+ACTIONS_PER_SECOND = 700_000
+BYTES_PER_ACTION = 500
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +52,47 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="write a Chrome trace of the first iteration (open in ui.perfetto.dev)")
     cmd.add_argument("--events", type=Path, default=None, metavar="OUT.jsonl",
                      help="write the job's events (same records as the runtime, virtual time)")
+    cmd.add_argument("--max-actions", type=int_in(1, 10**12), default=MAX_ACTIONS, metavar="N",
+                     help="refuse a job whose iteration plays more than N actions (pipeline.stages x "
+                     "pipeline.microbatches x pipeline.replicas, lowered) (default: %(default)s)")
+    cmd.add_argument("--max-steps", type=int_in(1, 10**12), default=MAX_STEPS, metavar="N",
+                     help="refuse a job of more than N train.steps, and stop one that has played N steps "
+                     "(replays after rollbacks included) without finishing (default: %(default)s)")
     cmd.set_defaults(func=_cmd_simulate)
+
+
+class _StepWatch:
+    """Stands in for the event log of a simulation: shows progress with an ETA on stderr, stops
+    a job that has played more than ``max_steps`` steps, and passes every record on to ``log``."""
+
+    def __init__(self, log: EventLog | None, steps: int, max_steps: int) -> None:
+        self.log = log
+        self.steps = steps
+        self.max_steps = max_steps
+        self.played = 0
+        self.committed = 0
+        self.progress = ProgressLine("simulate", steps, "steps")
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event == ev.STEP:
+            self.played += 1
+            self.committed = int(fields.get("step", 0)) + 1
+            self.progress.update(self.committed)
+            if self.played > self.max_steps:
+                raise SpotpipeError(
+                    f"simulate: stopped after playing {self.played - 1:,} steps ({self.played - 1 - self.committed:,} of "
+                    f"them again after rollbacks) with {self.committed - 1:,} of train.steps = {self.steps:,} committed: "
+                    "failures roll the job back faster than it moves on (see sim.failure_rate, train.checkpoint_every, "
+                    f"sim.recovery = policy); the limit is --max-steps {self.max_steps}: raise it to go on"
+                )
+        if self.log is not None:
+            return self.log.write(event, **fields)
+        return {"event": event, **fields}
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -43,22 +100,39 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from spotpipe.sim.report import format_summary, iteration_trace, summary
 
     cfg = load_config(args.config, args.overrides)
+    p = cfg.pipeline
+    per_replica = count_actions(p.schedule, p.stages, p.microbatches, p.virtual_stages, lowered=True)
+    played = per_replica * p.replicas
+    if played > args.max_actions:
+        raise SpotpipeError(
+            f"simulate: an iteration plays {played:,} actions ({per_replica:,} per replica x pipeline.replicas = "
+            f"{p.replicas}): about {played / ACTIONS_PER_SECOND:,.0f} s and {per_replica * BYTES_PER_ACTION / 2**30:.1f} GiB "
+            f"per distinct placement; the limit is --max-actions {args.max_actions}: raise it to go on"
+        )
+    steps = cfg.train.steps
+    if steps > args.max_steps:
+        raise SpotpipeError(
+            f"simulate: train.steps = {steps:,} steps are played one by one: at least {steps / STEPS_PER_SECOND:,.0f} s "
+            f"and {steps * BYTES_PER_STEP / 2**30:.1f} GiB, more with failures; the limit is --max-steps "
+            f"{args.max_steps}: raise it to go on"
+        )
+    for path, option in ((args.trace, "--trace"), (args.events, "--events")):
+        if path is not None:
+            check_output(path, option)
     base_dir = args.config.resolve().parent if args.config is not None else None
     start = time.perf_counter()
     setup = prepare(cfg, base_dir)
     if args.events is not None and args.events.exists():
         args.events.unlink()  # a fresh log per simulation
-    log = EventLog(args.events) if args.events is not None else None
+    watch = _StepWatch(EventLog(args.events) if args.events is not None else None, steps, args.max_steps)
     try:
-        result = simulate_job(setup, log=log, record=args.trace is not None)
+        result = simulate_job(setup, log=cast(EventLog, watch), record=args.trace is not None)
     finally:
-        if log is not None:
-            log.close()
+        watch.close()
     elapsed = time.perf_counter() - start
     data = summary(setup, result, elapsed)
     if args.trace is not None:
-        args.trace.parent.mkdir(parents=True, exist_ok=True)
-        args.trace.write_text(json.dumps(iteration_trace(setup, result.iteration)))
+        write_output(args.trace, json.dumps(iteration_trace(setup, result.iteration)), "--trace")
     if args.json:
         print(json.dumps(data, indent=1))
     else:

@@ -32,6 +32,7 @@ from pathlib import Path
 from spotpipe.config import JobConfig
 from spotpipe.cost import speeds_per_node
 from spotpipe.errors import ConfigError
+from spotpipe.fsutil import read_text
 from spotpipe.schedule.ir import Placement
 from spotpipe.sim.network import Network, build_network, resolve_path
 
@@ -103,8 +104,8 @@ def parse_failures(specs: Sequence[str], num_nodes: int) -> list[NodeEvent]:
             node, when = int(node_text), float(time_text)
         except ValueError:
             node, when = -1, math.nan
-        if not sep or math.isnan(when):
-            raise ConfigError(f"sim.failures[{i}]: expected NODE@SECONDS like 3@120.5, got {spec!r}")
+        if not sep or not math.isfinite(when):
+            raise ConfigError(f"sim.failures[{i}]: expected NODE@SECONDS (finite) like 3@120.5, got {spec!r}")
         if not 0 <= node < num_nodes:
             raise ConfigError(f"sim.failures[{i}]: node {node} out of range [0, {num_nodes - 1}] in {spec!r}")
         if when < 0:
@@ -181,4 +182,4 @@ def read_preemption_trace(path: str | Path, initial_nodes: int, base_dir: str | 
     p = resolve_path(str(path), base_dir)
     if not p.is_file():
         raise ConfigError(f"sim.failure_trace: file {p} does not exist")
-    return parse_preemption_trace(p.read_text(encoding="utf-8"), initial_nodes, str(p))
+    return parse_preemption_trace(read_text(p, "sim.failure_trace:"), initial_nodes, str(p))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from spotpipe.config import NetworkConfig
 from spotpipe.errors import ConfigError
+from spotpipe.fsutil import read_text
 
 GIB = float(2**30)
 HEADER = ("location_a", "location_b", "latency_ms", "bandwidth_GiB_per_s")
@@ -150,10 +151,7 @@ def read_matrix(path: str | Path) -> LinkMatrix:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"network.matrix: file {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"network.matrix: cannot read {p}: {exc}") from None
+    text = read_text(p, "network.matrix:")
     return parse_matrix(text, source=str(p))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from spotpipe.config import JobConfig, TrainConfig, load_config
 from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import check_output
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
 
@@ -116,6 +117,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
             raise SpotpipeError("--resume continues with the run's own config.toml; change values with --set, not --config")
         cfg = load_config(run_dir / "config.toml", overrides)
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+        check_output(run_dir, "--resume", "dir")
     else:
         cfg = load_config(config_path, overrides)
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
@@ -126,7 +128,8 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                 "or choose another run.name / run.dir"
             )
         cfg = replace(cfg, run=replace(cfg.run, name=name, dir=str(run_dir)))
-    token_file = resolve_dataset(cfg.data, default_cache_dir())
+        check_output(run_dir, "run.dir", "dir")  # not under a file, not read-only, before any worker starts
+    token_file = resolve_dataset(cfg.data, default_cache_dir(), verify=True)  # a corrupt tokens.bin fails here
     if token_file.vocab_size != cfg.model.vocab_size:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=token_file.vocab_size))
     cfg = cfg.validate()

@@ -45,15 +45,39 @@ def build_stage_optimizer(chunk: torch.nn.Module, train: TrainConfig) -> torch.o
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+    """Learning rate of optimiser step ``step``: linear warmup, then cosine decay to the floor.
 
-    ``step`` counts from 0 (the first optimiser step uses ``lr_at(0)``).
+    With peak ``lr``, floor ``lr * min_lr_ratio``, ``W = warmup_steps`` and ``T = steps`` (the
+    steps are ``0 .. T-1``):
+
+    * warmup, ``step < W``: ``lr * (step + 1) / W``, so the peak is reached once, at step
+      ``W - 1`` (at step 0 when ``W = 0``);
+    * decay, from the peak step ``p = max(W - 1, 0)`` to the last step ``T - 1``:
+      ``floor + (lr - floor) * (1 + cos(pi * (step - p) / (T - 1 - p))) / 2``, the cosine
+      annealing of Loshchilov and Hutter ("SGDR: Stochastic Gradient Descent with Warm
+      Restarts", ICLR 2017, eq. 5) over one period without restarts, so the last step that runs
+      is at exactly ``lr * min_lr_ratio``.
+
+    When the warmup covers every step (``W >= T``) there is nothing to decay over; steps past
+    ``T - 1`` (none run) stay at the floor.
+
+    Args:
+        step: 0-based optimiser step (the first update uses ``lr_at(0)``).
+        train: ``lr``, ``min_lr_ratio``, ``warmup_steps`` and ``steps``.
+
+    Returns:
+        The learning rate, before any per-chunk scale (CheckFree's x1.1).
     """
     if train.warmup_steps > 0 and step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    span = max(1, train.steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
+        return train.lr * ((step + 1) / train.warmup_steps)  # exactly lr at the last warmup step
+    peak = max(train.warmup_steps - 1, 0)
+    span = train.steps - 1 - peak
     floor = train.lr * train.min_lr_ratio
+    if span <= 0:
+        return train.lr if step <= peak else floor
+    progress = min(1.0, (step - peak) / span)
+    if progress >= 1.0:
+        return floor
     return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from spotpipe.cliargs import float_in
+from spotpipe.config import MAX_WAIT_S
 from spotpipe.errors import SpotpipeError
 from spotpipe.runtime import protocol
 
@@ -31,7 +33,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="address the other workers reach this one on (default: this machine's address towards the controller)",
     )
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the controller (default 60)")
+    parser.add_argument("--timeout", type=float_in(0.0, MAX_WAIT_S, lo_open=True), default=60.0, metavar="S",
+                        help=f"seconds to wait for the controller, in (0, {MAX_WAIT_S:g}] (default 60)")
 
 
 
