@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from spotpipe.cli import build_parser, main
 from spotpipe.cliargs import float_in, int_in
-from spotpipe.progressline import ProgressLine, format_eta
+from spotpipe.progressline import ProgressLine
 
 
 def _commands(parser: argparse.ArgumentParser, name: str = "spotpipe") -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -128,17 +129,25 @@ def test_val_fraction_range_of_data_info_is_the_configs(capsys: pytest.CaptureFi
     assert "(0, 0.5)" in capsys.readouterr().err
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_line_shows_the_rate_and_eta() -> None:
-    now = [0.0]
-    stream = io.StringIO()
-    bar = ProgressLine("simulate", 1000, "steps", stream=stream, clock=lambda: now[0])
-    now[0] = 5.0
-    bar.update(100)  # not a terminal: one plain line at most every 10 s
-    assert stream.getvalue() == ""
-    now[0] = 10.0
+    stream = _Terminal()
+    bar = ProgressLine("simulate", 1000, "steps", stream=stream)
+    time.sleep(1.1)  # work that ends within a second draws no bar
+    bar.update(100)
+    time.sleep(0.6)  # a terminal is redrawn twice a second
     bar.update(250)
-    assert stream.getvalue() == "simulate:  25.0% (250 of 1,000 steps, 25/s), ETA 30s\n"
-    assert format_eta(3725) == "1h02m" and format_eta(75) == "1m15s"
-    quiet = ProgressLine("x", 10, "u", enabled=False, stream=stream, clock=lambda: 100.0)
-    quiet.update(5)
-    assert stream.getvalue().count("\n") == 1
+    bar.update(200)  # done never goes back
+    bar.close()
+    last = stream.getvalue().strip().split("\r")[-1]
+    assert last.startswith("simulate:") and "250/1000" in last and "steps" in last and "25%" in last
+    assert "<" in last  # elapsed<remaining: the time left is shown
+    quiet = io.StringIO()
+    off = ProgressLine("x", 10, "u", enabled=False, stream=quiet)
+    off.update(5)
+    off.close()
+    assert quiet.getvalue() == ""

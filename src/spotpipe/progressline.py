@@ -1,24 +1,17 @@
-"""A progress line with an ETA on stderr, for long pure-Python work (no dependency).
+"""A progress bar with an ETA on stderr for long pure-Python work, drawn by tqdm.
 
-On a terminal the line is redrawn in place twice a second; otherwise (a log file, CI) a plain
-line is printed every 10 s. The ETA assumes the rest goes at the average rate so far.
+A thin adapter: the callers report how much is *done* (not increments), and a bar that is not
+enabled prints nothing; nor does work that ends within a second. On a terminal tqdm redraws the line twice a second; in a log file it
+writes a new state at most every 10 s. The rate is the average since the start (``smoothing=0``),
+so the ETA assumes the rest goes at the average rate so far.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
 
-
-def format_eta(seconds: float) -> str:
-    """``45s``, ``12m05s``, ``3h20m``."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+from tqdm import tqdm
 
 
 class ProgressLine:
@@ -30,46 +23,20 @@ class ProgressLine:
         unit: Name of a unit (``steps``).
         enabled: Print anything at all.
         stream: Where to print (default: stderr).
-        clock: Seconds, monotonic (for tests).
     """
 
-    def __init__(self, label: str, total: float, unit: str, enabled: bool = True,
-                 stream: TextIO | None = None, clock: object = time.monotonic) -> None:
-        self.label = label
-        self.total = max(float(total), 1.0)
-        self.unit = unit
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.clock = clock
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = self._now()
-        self.last = self.start
-        self.printed = False
-
-    def _now(self) -> float:
-        return float(self.clock())  # type: ignore[operator]
-
-    def line(self, done: float) -> str:
-        """The text of the line for ``done`` units."""
-        elapsed = self._now() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = format_eta((self.total - done) / rate) if rate > 0 else "?"
-        return (f"{self.label}: {100.0 * done / self.total:5.1f}% ({done:,.0f} of {self.total:,.0f} {self.unit}, "
-                f"{rate:,.0f}/s), ETA {eta}")
+    def __init__(self, label: str, total: float, unit: str, enabled: bool = True, stream: TextIO | None = None) -> None:
+        out = stream if stream is not None else sys.stderr
+        tty = bool(getattr(out, "isatty", lambda: False)())
+        self._bar = tqdm(total=total if total > 0 else 1, desc=label, unit=f" {unit}", file=out, disable=not enabled,
+                         mininterval=0.5 if tty else 10.0, delay=1.0, smoothing=0.0, dynamic_ncols=tty, ascii=not tty, leave=True)
 
     def update(self, done: float) -> None:
-        """Print the line if enough time passed since the last one."""
-        if not self.enabled:
-            return
-        now = self._now()
-        if now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        self.printed = True
-        text = self.line(done)
-        print(("\r" + text) if self.tty else text, end="" if self.tty else "\n", file=self.stream, flush=True)
+        """Move the bar to ``done`` units (it is redrawn only as often as the interval allows)."""
+        step = done - self._bar.n
+        if step > 0:
+            self._bar.update(step)
 
     def close(self) -> None:
-        """End a redrawn line, so what follows starts on a fresh line."""
-        if self.enabled and self.printed and self.tty:
-            print(file=self.stream, flush=True)
+        """Draw the final state and end the line."""
+        self._bar.close()
