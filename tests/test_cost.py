@@ -15,7 +15,7 @@ from spotpipe.model.partition import model_shapes
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Action, Op
 from spotpipe.sim.job import profiled_cost
-from spotpipe.sim.network import build_network
+from spotpipe.network import build_network
 from spotpipe.sim.player import play_iteration
 
 pytestmark = pytest.mark.timeout(60)

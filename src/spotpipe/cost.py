@@ -3,7 +3,7 @@
 The simulator asks two questions of every action of a lowered schedule: how long does this
 compute action take on a node of relative speed 1 (:meth:`CostModel.duration`), and how many
 bytes does this message carry (:meth:`CostModel.message_bytes`). Link time per message comes from
-:mod:`spotpipe.sim.network` (latency + bytes / bandwidth).
+:mod:`spotpipe.network` (latency + bytes / bandwidth).
 
 * **Analytic** (:func:`analytic_cost`): forward FLOPs per token of each chunk from
   :func:`spotpipe.model.partition.model_shapes` (PaLM accounting, Chowdhery et al. 2022, app. B)

@@ -15,7 +15,7 @@ from spotpipe.events import EventLog, read_events
 from spotpipe.model.partition import DTYPE_BYTES, block_params, model_shapes
 from spotpipe.sim.ftpolicy import PlannedRecovery, stage_bytes
 from spotpipe.sim.job import prepare, simulate_job
-from spotpipe.sim.network import Network, parse_matrix, uniform_link
+from spotpipe.network import Network, parse_matrix, uniform_link
 from spotpipe.sim.recovery import CheckpointRestart, FailureContext, build_policy, last_heartbeat
 
 pytestmark = pytest.mark.timeout(30)

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from spotpipe.config import JobConfig, apply_overrides  # noqa: E402
 from spotpipe.runtime.comm.linkdelay import LinkDelayTransport, emulates_links, wrap_for_job  # noqa: E402
 from spotpipe.runtime.comm.transport import GenerationAborted, LocalHub  # noqa: E402
-from spotpipe.sim.network import Link, Network  # noqa: E402
+from spotpipe.network import Link, Network  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ from spotpipe.schedule.generators import build_schedule
 from spotpipe.schedule.ir import Op, Placement, Schedule, ScheduleError
 from spotpipe.schedule.passes import lower
 from spotpipe.sim.engine import SimulationError
-from spotpipe.sim.network import Link, LinkMatrix, Network
+from spotpipe.network import Link, LinkMatrix, Network
 from spotpipe.sim.player import play_iteration
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """Discrete-event simulator of pipeline-parallel training on a modelled cluster (pure Python).
 
 - :mod:`spotpipe.sim.engine`: the virtual clock and event queue.
-- :mod:`spotpipe.sim.network`: per-link latency and bandwidth (uniform or a location matrix);
+- :mod:`spotpipe.network`: per-link latency and bandwidth (uniform or a location matrix);
   also used by the runtime's link-delay transport wrapper.
 - :mod:`spotpipe.sim.cluster`: nodes, speeds, failure processes and preemption-trace replay.
 - :mod:`spotpipe.sim.player`: one iteration of a lowered schedule, action by action.

@@ -12,7 +12,7 @@ simulator measures the policy that ships"), and prices the answer on the simulat
   ``sim.regroup_s`` (fresh communicators and installing the state; the fast re-initialisation of
   checkpointless training, SageMaker HyperPod 2025). The transfer is the bytes moved over the
   link from each source to the new node, ``latency + bytes / bandwidth``
-  (:class:`spotpipe.sim.network.Link`, the alpha-beta model of Hockney 1994); transfers from
+  (:class:`spotpipe.network.Link`, the alpha-beta model of Hockney 1994); transfers from
   different sources use different directed links and run in parallel (the slowest one counts).
   The bytes each source sends are the strategy's own rule
   (:meth:`spotpipe.ft.strategies.base.Strategy.source_bytes`, looked up in
@@ -59,7 +59,7 @@ from spotpipe.ft.strategies import REGISTRY
 from spotpipe.ft.strategies.base import StageBytes as StageBytes
 from spotpipe.model.partition import DTYPE_BYTES, block_params, model_shapes
 from spotpipe.sim.decision import FailureContext, RecoveryDecision, Worker, WorkerRecovery
-from spotpipe.sim.network import Link, Network, uniform_link
+from spotpipe.network import Link, Network, uniform_link
 
 
 def stage_bytes(cfg: JobConfig) -> StageBytes:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from spotpipe.cost import CostModel
 from spotpipe.schedule.ir import Action, Op, Placement, Schedule, ScheduleError
 from spotpipe.sim.engine import Engine, SimulationError
-from spotpipe.sim.network import Network
+from spotpipe.network import Network
 
 _COMPUTE, _SEND = 0, 1
 
@@ -450,7 +450,7 @@ def play_iteration(
     Args:
         schedule: A lowered schedule (communication actions present where ranks differ).
         cost: Seconds and bytes per action (:mod:`spotpipe.cost`).
-        network: Links between nodes (:mod:`spotpipe.sim.network`).
+        network: Links between nodes (:mod:`spotpipe.network`).
         placement: Which node runs each (rank, replica); default one replica on nodes 0..S-1.
         speeds: Relative speed per node (default 1.0 everywhere).
         record: Keep every action's interval (for traces); costs time and memory at scale.

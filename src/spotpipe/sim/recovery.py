@@ -43,7 +43,7 @@ from spotpipe.sim.decision import RecoveryPolicy as RecoveryPolicy
 from spotpipe.sim.decision import Worker as Worker
 from spotpipe.sim.decision import WorkerRecovery as WorkerRecovery
 from spotpipe.sim.ftpolicy import PlannedRecovery
-from spotpipe.sim.network import Network
+from spotpipe.network import Network
 
 Detector = Callable[[float, Mapping[int, float], FTConfig], Any]
 

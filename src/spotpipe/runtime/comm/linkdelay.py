@@ -2,7 +2,7 @@
 
 Every message sent through :class:`LinkDelayTransport` reaches the inner transport (and so its
 receiver) ``latency + bytes / bandwidth`` after it was sent, with the latency and bandwidth of the
-link between the two workers from :func:`spotpipe.sim.network.build_network` -- the same code and
+link between the two workers from :func:`spotpipe.network.build_network` -- the same code and
 the same numbers the simulator uses (``network.matrix`` + ``network.locations``, or the uniform
 ``network.latency_ms`` / ``network.bandwidth_gbps``). Messages on one directed link are
 serialised in send order: a message starts when the previous one has left (its bytes /
@@ -29,7 +29,7 @@ from typing import Any
 
 from spotpipe.config import JobConfig
 from spotpipe.runtime.comm.transport import GenerationAborted, Handle, PeerTimeout, Transport
-from spotpipe.sim.network import Network, build_network
+from spotpipe.network import Network, build_network
 
 
 class _DelayedSend:

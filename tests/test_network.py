@@ -12,12 +12,12 @@ import pytest
 from spotpipe.config import NetworkConfig
 from spotpipe.errors import ConfigError
 from spotpipe.sim.engine import Engine, SimulationError
-from spotpipe.sim.network import GIB, build_network, parse_matrix, read_matrix, uniform_link
+from spotpipe.network import GIB, build_network, parse_matrix, read_matrix, uniform_link
 
 pytestmark = pytest.mark.timeout(60)
 
-LINKS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gcp-12-locations" / "links.csv"
-SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "networks" / "gcp-12-locations.csv"
+LINKS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gcp-12-locations" / "links.csv"
+SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "networks" / "gcp-12-locations.csv"
 
 SMALL = """location_a,location_b,latency_ms,bandwidth_GiB_per_s
 A,B,10,0.5
@@ -112,7 +112,7 @@ def test_engine_orders_events_and_cancels() -> None:
 def test_sim_and_cost_never_import_torch() -> None:
     code = (
         "import sys\n"
-        "import spotpipe.cost, spotpipe.sim.cli, spotpipe.sim.job, spotpipe.sim.report, spotpipe.sim.network\n"
+        "import spotpipe.cost, spotpipe.sim.cli, spotpipe.sim.job, spotpipe.sim.report, spotpipe.network\n"
         "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:3]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
