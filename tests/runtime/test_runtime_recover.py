@@ -164,3 +164,42 @@ def test_flat_state_keeps_each_parameters_own_step() -> None:
     got = {name: dst.optimizer.moments(1, p) for name, p in dst_chunk.named_parameters()}
     assert got["embed.weight"] is not None and got["embed.weight"][2] == 10.0
     assert {m[2] for name, m in got.items() if m is not None and name != "embed.weight"} == {1.0}
+
+
+def test_view_shares_modules_optimizer_and_scales() -> None:
+    """A view over some chunks (or their blocks) flattens and loads exactly their part of the state."""
+    chunks = {s: build_stage(CFG.model, 0, s, 4) for s in range(4)}
+    state = StageState(chunks, ChunkAdamW(chunks, CFG.train))
+    for _ in range(2):
+        for c in chunks.values():
+            for p in c.parameters():
+                p.grad = torch.randn_like(p)
+        state.step(CFG.train.lr)
+    one = state.view([2])
+    assert one.chunks[2] is chunks[2] and one.optimizer is state.optimizer and one.lr_scale is state.lr_scale
+    alone = _rank(2, 3, 0)  # a worker that holds chunk 2 alone, with other weights
+    alone.load_flat(one.flat())
+    assert torch.equal(alone.flat(), one.flat())
+    # loading into the view lands in the whole state: weights, moments and the lr scale
+    src = _rank(2, 4, 3)
+    src.lr_scale[2] = float(torch.tensor(1.1, dtype=torch.float32))
+    one.load_flat(src.flat())
+    assert torch.equal(state.view([2]).flat(), src.flat()) and state.lr_scale[2] == src.lr_scale[2]
+    assert all(torch.equal(a, b) for a, b in zip(chunks[2].parameters(), src.chunks[2].parameters()))
+    for p, q in zip(chunks[2].parameters(), src.chunks[2].parameters()):
+        mp, mq = state.optimizer.moments(2, p), src.optimizer.moments(2, q)
+        assert torch.equal(mp[0], mq[0]) and torch.equal(mp[1], mq[1]) and mp[2] == mq[2] == 3.0
+    # the blocks part: chunk 1's blocks and their moments into chunk 0, whose embedding stays
+    embed = chunks[0].embed.weight.detach().clone()
+    embed_avg = state.optimizer.moments(0, chunks[0].embed.weight)[0].clone()
+    state.view([0], part="blocks").load_flat(state.view([1], part="blocks").flat())
+    for p, q in zip(chunks[0].blocks.parameters(), chunks[1].blocks.parameters()):
+        assert torch.equal(p, q)
+        mp, mq = state.optimizer.moments(0, p), state.optimizer.moments(1, q)
+        assert torch.equal(mp[0], mq[0]) and torch.equal(mp[1], mq[1]) and mp[2] == mq[2] == 2.0
+    assert torch.equal(chunks[0].embed.weight, embed) and torch.equal(state.optimizer.moments(0, chunks[0].embed.weight)[0], embed_avg)
+    # a state made from a chunk of another shape does not fit
+    with pytest.raises(ValueError, match="numbers"):
+        state.view([0]).load_flat(state.view([1]).flat())
+    with pytest.raises(KeyError):
+        state.view([7])

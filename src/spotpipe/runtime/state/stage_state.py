@@ -11,10 +11,12 @@ float32 CPU tensor (:meth:`StageState.flat`):
     moments for its blocks but the exact, older ones for its CheckFree+ embedding or head copy).
 
 Checkpoints (:mod:`spotpipe.runtime.worker.worker`), mirrors (:mod:`spotpipe.runtime.worker.mirror`)
-and recovery transfers (:mod:`spotpipe.runtime.worker.strategies`) all use it. Both ends build the
-layout from their own chunks, which have identical shapes, so nothing but the numbers moves
-(the path checkpointless training takes: SageMaker HyperPod, 2025). float32 holds fp32, bf16 and
-fp16 values exactly, and AdamW's step count exactly up to 2**24 steps.
+and recovery transfers (:mod:`spotpipe.runtime.worker.strategies`) all use it, and so do the
+single-process trainer and the in-process convergence mode (:mod:`spotpipe.runtime.inprocess`),
+which hold every chunk in one state and move one chunk's part through :meth:`StageState.view`.
+Both ends build the layout from their own chunks, which have identical shapes, so nothing but the
+numbers moves (the path checkpointless training takes: SageMaker HyperPod, 2025). float32 holds
+fp32, bf16 and fp16 values exactly, and AdamW's step count exactly up to 2**24 steps.
 
 The CheckFree rebuild (Blagoev, Ersoy, Chen 2025, section 3.1) reads the neighbours' *blocks*
 only (:meth:`StageState.blocks_flat`, with the gradient norm omega appended) and installs their
@@ -25,7 +27,7 @@ weighted average with fresh optimizer state and the plan's learning-rate factor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,7 +64,39 @@ class StageState:
         replays it, so the two stay bit for bit equal."""
         if coef < 1.0:
             flat_grad.mul_(coef)
+        self.step(lr)
+
+    def step(self, lr: float) -> None:
+        """One optimizer step of every chunk at base rate ``lr`` times the chunk's :attr:`lr_scale`
+        (gradients already clipped; the single-process reference clips its own ``.grad``)."""
         self.optimizer.step(lr, self.lr_scale)
+
+    def view(self, chunks: Iterable[int], part: str | None = None) -> StageState:
+        """The state of some of these chunks, sharing their modules, the optimizer and the
+        learning-rate scales: what the view loads or installs lands in this state.
+
+        One process that holds every chunk (the single-process reference and the in-process
+        convergence mode, :mod:`spotpipe.runtime.inprocess`) moves a chunk's state through a view in
+        the one flat form: ``view([s]).flat()`` is what a worker of chunk ``s`` holds and sends.
+
+        Args:
+            chunks: Chunk indices, each held here.
+            part: A submodule of every chunk to restrict the view to, or None for whole chunks.
+                ``"blocks"`` is the transformer blocks with their moments: what a CheckFree+ swap
+                partner shares with a lost edge stage (Blagoev, Ersoy, Chen 2025, section 3.2).
+                A part view has no :meth:`tied_flat`.
+
+        Returns:
+            A :class:`StageState` over ``{s: chunk s (or its part)}``.
+
+        Raises:
+            KeyError: If a chunk is not held here.
+            AttributeError: If a chunk has no submodule ``part``.
+        """
+        picked = {s: self.chunks[s] if part is None else getattr(self.chunks[s], part) for s in chunks}
+        out = StageState(picked, self.optimizer)
+        out.lr_scale = self.lr_scale  # the same dict: a view's load_flat sets this state's scales
+        return out
 
     def tied_parameters(self) -> list[torch.nn.Parameter]:
         """The CheckFree+ in-sync copies this state holds (embedding or norm + head), in order."""
