@@ -73,7 +73,7 @@ from spotpipe import __version__  # noqa: E402
 from spotpipe.config import DataConfig, JobConfig, load_config  # noqa: E402
 from spotpipe.data.tokens import default_cache_dir, resolve_dataset  # noqa: E402
 from spotpipe.runtime.inprocess.convergence import run_inprocess  # noqa: E402
-from spotpipe.runtime.state.rules import checkfree_rebuild, checkfree_weights, import_state  # noqa: E402
+from spotpipe.runtime.state.rules import checkfree_weights  # noqa: E402
 from spotpipe.runtime.inprocess.local import LocalTrainer  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -196,8 +196,8 @@ def omega_study(p: dict[str, Any], token_file: Any, seed: int, log: Any) -> dict
                 for name, (wa, wb) in {"preclip": (norms[i - 1], norms[i + 1]),
                                        "stage_clipped": (min(norms[i - 1], clip), min(norms[i + 1], clip)),
                                        "uniform": (1.0, 1.0)}.items():
-                    blocks = checkfree_rebuild(tr.chunks[i - 1].state_dict(), tr.chunks[i + 1].state_dict(), wa, wb)
-                    import_state(tr.chunks[i], None, {"model": blocks, "optim": {}})
+                    st = tr.state  # the rebuild the runtime does (StageState.install_checkfree)
+                    st.view([i]).install_checkfree(st.view([i - 1]).blocks_flat(wa), st.view([i + 1]).blocks_flat(wb), 1.0)
                     row[f"val_after_{name}"] = tr.evaluate()
                     tr.load_state_dict(saved)
                 rebuilds.append(row)

@@ -12,11 +12,14 @@ import torch
 from spotpipe import events as ev
 from spotpipe.config import load_config
 from spotpipe.data.tokens import TokenFile, prepare_tokens
+from spotpipe.model.stages import build_stage
 from spotpipe.model.transformer import lm_loss
 from spotpipe.schedule.build import job_schedule
 from spotpipe.runtime.inprocess.convergence import _Run, omega_preclip, run_inprocess
 from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.runtime.inprocess.player import PipelineTrainer
+from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.schedule.ir import Schedule
 from spotpipe.schedule.swap import swapped_paths
@@ -83,6 +86,68 @@ def test_mirror_every_step_recovers_exactly(corpus, tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_mirrors_are_the_flat_stage_state_and_restore_a_fresh_trainer_bit_for_bit(corpus):
+    """Each mirror is its chunk's StageState.flat, the form a worker holds: a trainer built afresh
+    from the mirrors (and the sampler position) trains on exactly as the original, lr scale included."""
+    cfg = _cfg("ft.strategy=mirror")
+    run = _Run(cfg, corpus, None, 1.0)
+    tr = run.trainer
+    tr.set_lr_scale(2, 1.1)  # a scale other than 1 travels in the flat form too
+    for _ in range(3):
+        tr.train_step()
+        run.after_commit()
+    sampler = tr.sampler.state_dict()
+    copies = dict(run.mirrors)
+    assert sorted(copies) == [0, 1, 2, 3] and {c.step for c in copies.values()} == {3}
+    params = list(tr.chunks[2].parameters())
+    n = sum(p.numel() for p in params)
+    assert copies[2].nbytes == 4 * (3 * n + 1 + 2 * len(params))  # weights + 2 moments; lr scale, (step, has)
+    assert torch.equal(copies[2].flat, tr.state.view([2]).flat())
+    # a worker of stage 2 (a StageState of its own chunk, other initial weights) installs it exactly
+    chunk = build_stage(cfg.model, 99, 2, 4)
+    worker = StageState({2: chunk}, build_chunk_optimizer({2: chunk}, cfg.train))
+    worker.load_flat(copies[2].flat)
+    assert torch.equal(worker.flat(), copies[2].flat) and worker.lr_scale[2] == tr.lr_scale[2] != 1.0
+    ahead = [tr.train_step() for _ in range(3)]
+    assert not torch.equal(tr.chunk_state(2), copies[2].flat)  # the live stage moved on, the copy did not
+    assert torch.equal(copies[2].flat, worker.flat())
+    fresh = PipelineTrainer(cfg, corpus)
+    for s, copy in copies.items():
+        fresh.load_chunk_state(s, copy.flat)
+    fresh.sampler.load_state_dict(sampler)
+    fresh.step = 3
+    again = [fresh.train_step() for _ in range(3)]
+    assert [r.loss for r in again] == [r.loss for r in ahead] and [r.grad_norm for r in again] == [r.grad_norm for r in ahead]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(fresh), _weights(tr)))
+    assert all(torch.equal(fresh.chunk_state(s), tr.chunk_state(s)) for s in range(4))  # moments and scales too
+
+
+@pytest.mark.timeout(60)
+def test_replica_copy_is_the_flat_stage_state(corpus, tmp_path):
+    """One replica of a stage lost: the live replica's flat state is installed and counted in bytes,
+    and the run continues exactly as one without the loss."""
+    extra = ("pipeline.replicas=2", "train.batch_size=8", "ft.strategy=replica")
+    clean = _Run(_cfg(*extra), corpus, None, 1.0)
+    for _ in range(5):
+        clean.trainer.train_step()
+    events = tmp_path / "events.jsonl"
+    res = run_inprocess(_cfg(*extra, "train.steps=5", 'ft.faults=["stage=1,replica=1@step=2"]', "ft.rate_step_time_s=1"),
+                        corpus, events=events)
+    assert res.status == "finished" and res.recoveries == {"replica": 1}
+    finished = ev.read_events(events, ev.RECOVERY_FINISHED)
+    assert [(e["stage"], e["strategy"]) for e in finished] == [(1, "replica")]
+    assert finished[0]["bytes"] == 4 * clean.trainer.chunk_state(1).numel()
+    run = _Run(_cfg(*extra), corpus, None, 1.0)
+    for _ in range(2):
+        run.trainer.train_step()
+        run.after_commit()
+    assert run.fail([(1, 1)], omega_preclip) == "continue" and run.last_strategies == ["replica"]
+    for _ in range(3):
+        run.trainer.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(run.trainer), _weights(clean.trainer)))
+
+
+@pytest.mark.timeout(60)
 def test_checkfree_rebuilds_the_weighted_average_with_fresh_optimizer_and_lr_scale(corpus):
     run = _Run(_cfg("ft.strategy=checkfree"), corpus, None, 1.0)
     for _ in range(3):
@@ -97,7 +162,7 @@ def test_checkfree_rebuilds_the_weighted_average_with_fresh_optimizer_and_lr_sca
     assert run.fail([(2, 0)], omega_preclip) == "continue"
     got = tr.chunks[2].state_dict()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    assert not any(tr.optimizers[2].state.get(p) for p in tr.chunks[2].parameters())  # fresh
+    assert all(tr.state.optimizer.moments(2, p) is None for p in tr.chunks[2].parameters())  # fresh
     assert tr.lr_scale[2] == pytest.approx(1.1) and tr.lr_scale[1] == 1.0
     assert math.isfinite(tr.train_step().loss)
 
@@ -113,14 +178,21 @@ def test_checkfree_plus_copies_the_partner_and_restores_edges_exactly(corpus):
     tr = run.trainer
     embed = tr.chunks[0].embed.weight.detach().clone()
     head = tr.chunks[3].head.weight.detach().clone()
+    edge_moments = {p: tuple(m.clone() for m in tr.state.optimizer.moments(s, p)[:2])
+                    for s in (0, 3) for p in tr.chunks[s].tied_parameters()}
+    assert len(edge_moments) == 3  # the embedding; the final norm and the head
     assert run.fail([(0, 0), (3, 0)], omega_preclip) == "continue"
     assert run.last_strategies == ["checkfree+", "checkfree+"]
     assert torch.equal(tr.chunks[0].embed.weight, embed) and torch.equal(tr.chunks[3].head.weight, head)
-    for p, q in zip(tr.chunks[0].blocks.parameters(), tr.chunks[1].blocks.parameters()):
-        assert torch.equal(p, q)
-        assert torch.equal(tr.optimizers[0].state[p]["exp_avg"], tr.optimizers[1].state[q]["exp_avg"])
-    for p, q in zip(tr.chunks[3].blocks.parameters(), tr.chunks[2].blocks.parameters()):
-        assert torch.equal(p, q)
+    opt = tr.state.optimizer
+    for p, (avg, avg_sq) in edge_moments.items():  # the copies come back with their own moments
+        got = opt.moments(0 if p is tr.chunks[0].embed.weight else 3, p)
+        assert torch.equal(got[0], avg) and torch.equal(got[1], avg_sq) and got[2] == 3.0
+    for (a, b) in ((0, 1), (3, 2)):  # the partner's blocks and their moments
+        for p, q in zip(tr.chunks[a].blocks.parameters(), tr.chunks[b].blocks.parameters()):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.moments(a, p)[0], opt.moments(b, q)[0]) and torch.equal(opt.moments(a, p)[1], opt.moments(b, q)[1])
+    assert tr.lr_scale[0] == tr.lr_scale[3] == 1.0
 
 
 @pytest.mark.timeout(60)
@@ -236,10 +308,10 @@ def test_adjacent_loss_rolls_back_to_the_checkpoint_or_stops(corpus, tmp_path):
     for _ in range(3):
         run.trainer.train_step()
         run.after_commit()
-    saved = [t.clone() for t in run.checkpoint["chunks"][0]["model"].values()]
+    saved = run.checkpoint["chunks"][0].clone()  # chunk 0's flat state at step 2
     assert run.fail([(1, 0), (2, 0)], omega_preclip) == "rollback"
     assert run.trainer.step == 2 and run.last_strategies == ["checkpoint", "checkpoint"]
-    assert all(torch.equal(a, b) for a, b in zip(run.trainer.chunks[0].state_dict().values(), saved))
+    assert torch.equal(run.trainer.chunk_state(0), saved)
     assert all(torch.isfinite(p).all() for c in run.trainer.chunks for p in c.parameters())
     res = run_inprocess(_cfg("ft.strategy=checkfree", 'ft.faults=["stages=1+2@step=2"]', "ft.rate_step_time_s=1"),
                         corpus, events=tmp_path / "e.jsonl")

@@ -17,7 +17,7 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import build_stage
 from spotpipe.model.transformer import build_model
 from spotpipe.runtime.inprocess.local import LocalTrainer, default_num_chunks, fit_vocab
-from spotpipe.runtime.state.optim import build_optimizer, build_stage_optimizer, lr_at, set_lr
+from spotpipe.runtime.state.optim import build_optimizer, lr_at, set_lr
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -156,14 +156,18 @@ def test_hooks_replace_chunk_and_lr_scale(small: TokenFile) -> None:
     _losses(patient, 2)
     norms = patient.last_grad_norms()
     assert len(norms) == 2 and all(n > 0 for n in norms)
-    # rebuild chunk 1 from its state: training continues exactly as before
+    # rebuild chunk 1 (other initial weights) from its state: training continues exactly as before
     replacement = build_stage(cfg.model, 123, 1, 2)
-    state = patient.chunk_state(1)
-    optimizer = build_stage_optimizer(replacement, cfg.train)
-    replacement.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    patient.replace_chunk(1, replacement, optimizer)
+    patient.replace_chunk(1, replacement, patient.chunk_state(1))
+    assert patient.chunks[1] is replacement
     assert _losses(patient, 2) == _losses(control, 2)
+    # without a state the new chunk starts with fresh optimizer state; the others keep theirs
+    fresh = LocalTrainer(cfg, small)
+    _losses(fresh, 2)
+    kept = fresh.chunk_state(0)
+    fresh.replace_chunk(1, build_stage(cfg.model, cfg.train.seed, 1, 2))
+    assert torch.equal(fresh.chunk_state(0), kept)
+    assert all(fresh.state.optimizer.moments(1, p) is None for p in fresh.chunks[1].parameters())
     with pytest.raises(ValueError):
         patient.replace_chunk(0, build_stage(cfg.model, 0, 1, 2))
     # a per-chunk lr scale changes the update of that chunk only

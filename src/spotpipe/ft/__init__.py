@@ -9,8 +9,9 @@
 - :mod:`spotpipe.ft.faults` (no torch): a seeded per-step fault plan from fault specs (their
   grammar is :mod:`spotpipe.faultspec`), and delivery of real signals (SIGKILL, SIGSTOP/SIGCONT)
   to real processes.
-- :mod:`spotpipe.runtime.state.rules` (torch): the recovery rules over state dicts (CheckFree, CheckFree+,
-  replica and mirror copies) and the host-memory :class:`~spotpipe.runtime.state.rules.Mirror`.
+- :mod:`spotpipe.runtime.state` (torch): a stage's state and its one flat form, which every copy
+  (replica, mirror, CheckFree+ partner, checkpoint) moves, and the CheckFree tensor rule
+  (:mod:`spotpipe.runtime.state.rules`).
 - :mod:`spotpipe.runtime.inprocess.convergence` (torch): the in-process convergence mode.
 
 This package's ``__init__`` imports nothing, so importing the pure modules never pulls in torch.

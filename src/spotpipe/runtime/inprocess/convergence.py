@@ -4,7 +4,8 @@ This is how the CheckFree authors ran their convergence experiments (Blagoev, Er
 section 5): all stages train in one process, and a failure wipes one stage's weights and
 optimizer state (they are overwritten with NaN, so a recovery that reads the lost state shows up
 at once), after which the stage is rebuilt by the same :mod:`spotpipe.ft.policy` decision and
-:mod:`spotpipe.runtime.state.rules` functions the multi-process runtime uses. Every training step
+the same :class:`~spotpipe.runtime.state.stage_state.StageState` operations the multi-process
+runtime uses. Every training step
 is the job's lowered schedule played by the real pipeline executor, one executor per rank
 (:class:`~spotpipe.runtime.inprocess.player.PipelineTrainer`), so the steps are those the workers
 take. The multi-process mode stays the reference for mechanics and timing.
@@ -17,13 +18,24 @@ the interrupted step is replayed with the same data (atomic steps). A checkpoint
 every step since the checkpoint. Checkpoint writes and recovery transfers are taken as free on
 the simulated clock (their measured seconds are in the events), which favours checkpointing.
 
+State. The trainer holds one :class:`~spotpipe.runtime.state.stage_state.StageState` over every
+chunk, and every copy this mode keeps or moves is a chunk's part of it in the one flat form
+(:meth:`StageState.flat` of :meth:`StageState.view`), the form a worker checkpoints, mirrors and
+sends: the in-memory checkpoint (:meth:`~spotpipe.runtime.inprocess.local.LocalTrainer.state_dict`),
+the mirrors (refreshed every ``ft.mirror_every`` committed steps), a live replica's state (in one
+process every replica of a stage is the same chunk: its state just before the loss). A CheckFree
+rebuild is :meth:`StageState.install_checkfree` of the neighbours' :meth:`StageState.blocks_flat`,
+as on the workers, so the omegas and the learning-rate factor pass through float32 there too.
+
 CheckFree+ (``ft.strategy = "checkfree+"`` or ``ft.swap_edges``): the job's lowered schedule is
 the swap schedule (:mod:`spotpipe.schedule.swap`), so odd microbatches take stages
 ``1, 0, 2, ..., S-1, S-2``; chunk 1 embeds them and chunk S-2 computes their loss with the
 copies of the embedding and of the final norm and LM head, which in one process are the
-originals themselves (see :mod:`spotpipe.runtime.inprocess.player`). A named-state snapshot of
-each copy is refreshed after every committed step: that snapshot is what a lost edge stage is
-rebuilt from.
+originals themselves (see :mod:`spotpipe.runtime.inprocess.player`). A snapshot of each copy in
+the form a worker sends it (:meth:`StageState.tied_flat` of chunk 0, resp. S-1) is refreshed
+after every committed step. A lost edge stage gets its swap partner's blocks with their moments
+(the ``"blocks"`` part view) and the snapshot of its copy: what the partner worker's whole state
+holds (Blagoev, Ersoy, Chen 2025, section 3.2).
 
 Events (JSONL, :mod:`spotpipe.events`, ``t`` on the simulated clock): ``run_start``, ``step``,
 ``eval``, ``checkpoint``, ``generation``, ``failure_confirmed``, ``recovery_started`` /
@@ -59,23 +71,7 @@ from spotpipe.ft.policy import (
     swap_schedule_on,
 )
 from spotpipe.runtime.inprocess.player import PipelineTrainer
-from spotpipe.runtime.state.rules import (
-    Mirror,
-    NamedState,
-    RecoveryError,
-    checkfree_plus_copy,
-    checkfree_rebuild,
-    complete_state,
-    copy_from_mirror,
-    copy_from_replica,
-    export_state,
-    import_state,
-    select,
-    state_nbytes,
-)
-
-EMBED_KEYS = ("embed.",)
-HEAD_KEYS = ("norm.", "head.")
+from spotpipe.runtime.state.rules import RecoveryError
 
 
 def swap_on(cfg: JobConfig) -> bool:
@@ -125,6 +121,30 @@ class InProcessResult:
         return dataclasses.asdict(self)
 
 
+def _nbytes(flat: torch.Tensor) -> int:
+    return flat.numel() * flat.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class HostCopy:
+    """A mirror: one stage's state in the flat form as of a committed step, as the worker of the
+    previous stage keeps it in host memory (checkpointless peer replication, SageMaker HyperPod 2025).
+
+    Attributes:
+        flat: :meth:`~spotpipe.runtime.inprocess.local.LocalTrainer.chunk_state` of the stage
+            (float32, CPU; its own memory, so the live stage moving on leaves it as it was).
+        step: Committed steps the copy has seen.
+    """
+
+    flat: torch.Tensor
+    step: int
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held: weights, the two AdamW moments and the per-parameter step counts."""
+        return _nbytes(self.flat)
+
+
 class _Run:
     """State of one in-process run (trainer, checkpoint, mirrors, copies, clock, log).
 
@@ -148,9 +168,9 @@ class _Run:
         self.generation = 0
         self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_step: int | None = None
-        use_mirrors = self.strategy in ("auto", MIRROR)
-        self.mirrors: list[Mirror] | None = [Mirror(s) for s in range(self.S)] if use_mirrors else None
-        self.copies: dict[str, NamedState] = {}
+        self.use_mirrors = self.strategy in ("auto", MIRROR)
+        self.mirrors: dict[int, HostCopy] = {}  # stage -> its mirror
+        self.copies: dict[int, torch.Tensor] = {}  # edge chunk -> tied_flat of its in-sync copy (CheckFree+)
         self.last_strategies: list[str] = []
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -167,35 +187,37 @@ class _Run:
             t0 = time.perf_counter()
             self.checkpoint, self.checkpoint_step = tr.state_dict(), step
             self.emit(ev.CHECKPOINT, step=step, path="memory", seconds=time.perf_counter() - t0)
-        if self.mirrors is not None and step % self.cfg.ft.mirror_every == 0:
-            for s, mirror in enumerate(self.mirrors):
-                mirror.capture(tr.chunks[s], tr.optimizers[s], step, meta={"lr_scale": tr.lr_scale[s]})
+        if self.use_mirrors and step % self.cfg.ft.mirror_every == 0:
+            self.mirrors = {s: HostCopy(tr.chunk_state(s), step) for s in range(self.S)}
         if self.swap:
-            self.copies["embed"] = select(export_state(tr.chunks[0], tr.optimizers[0]), EMBED_KEYS)
-            self.copies["head"] = select(export_state(tr.chunks[-1], tr.optimizers[-1]), HEAD_KEYS)
+            self.refresh_copies()
+
+    def refresh_copies(self) -> None:
+        """Snapshot the CheckFree+ copies of the embedding (chunk 0's) and of the final norm and
+        head (chunk S-1's) as their holders (chunks 1 and S-2) would send them."""
+        state = self.trainer.state
+        self.copies = {s: state.view([s]).tied_flat() for s in (0, self.S - 1)}
 
     # -- failure and recovery --------------------------------------------------------------------
 
     def wipe(self, stage: int) -> None:
         """Lose a stage: NaN weights, no optimizer state (a bug that reads them shows up)."""
-        chunk, opt = self.trainer.chunks[stage], self.trainer.optimizers[stage]
+        state = self.trainer.state
         with torch.no_grad():
-            for p in chunk.parameters():
+            for p in state.chunks[stage].parameters():
                 p.fill_(float("nan"))
-                opt.state.pop(p, None)
-        self.trainer.lr_scale[stage] = float("nan")
+        state.optimizer.clear(stage)
+        state.lr_scale[stage] = float("nan")
 
     def fail(self, lost: list[tuple[int, int]], omega: Callable[[list[float], int], float]) -> str:
         """Handle one failure event; returns the job outcome ("continue", "rollback", "stop")."""
         tr = self.trainer
         self.generation += 1
         mirrors, lags = {}, {}
-        if self.mirrors is not None:
-            for s in range(self.S):
-                if self.mirrors[s].ready:
-                    for r in range(self.replicas):
-                        mirrors[(s, r)] = mirror_holder(s, r, self.S)
-                        lags[(s, r)] = self.mirrors[s].lag(tr.step)
+        for s, copy in self.mirrors.items():
+            for r in range(self.replicas):
+                mirrors[(s, r)] = mirror_holder(s, r, self.S)
+                lags[(s, r)] = tr.step - copy.step
         plans = plan_recovery(lost, self.S, replicas=self.replicas, strategy=self.strategy, mirrors=mirrors,
                               mirror_lag=lags, checkpoint_step=self.checkpoint_step, swap_edges=self.swap)
         outcome = job_outcome(plans)
@@ -203,8 +225,7 @@ class _Run:
         norms = tr.last_grad_norms()
         # In one process every replica of a stage is the same chunk: a live replica's state is
         # the chunk's state before the wipe.
-        replica_states = {p.stage: export_state(tr.chunks[p.stage], tr.optimizers[p.stage])
-                          for p in plans if p.strategy == REPLICA}
+        replica_states = {p.stage: tr.chunk_state(p.stage) for p in plans if p.strategy == REPLICA}
         lost_stages = sorted({s for s, r in lost if not any((s, o) not in lost for o in range(self.replicas))})
         for s in lost_stages:
             self.wipe(s)
@@ -224,7 +245,7 @@ class _Run:
             tr.load_state_dict(self.checkpoint)
             for plan in plans:
                 self.emit(ev.RECOVERY_FINISHED, stage=plan.stage, replica=plan.replica, strategy=CHECKPOINT,
-                          bytes=state_nbytes(self.checkpoint["chunks"][plan.stage]), seconds=time.perf_counter() - t0,
+                          bytes=_nbytes(self.checkpoint["chunks"][plan.stage]), seconds=time.perf_counter() - t0,
                           steps_undone=undone)
             self.after_commit()
             return outcome
@@ -232,41 +253,43 @@ class _Run:
             for s in lost_stages:
                 self.check_finite(s)
             if self.swap:  # a lost holder of an edge copy gets it back from the (exact) original
-                self.copies["embed"] = select(export_state(tr.chunks[0], tr.optimizers[0]), EMBED_KEYS)
-                self.copies["head"] = select(export_state(tr.chunks[-1], tr.optimizers[-1]), HEAD_KEYS)
+                self.refresh_copies()
         return outcome
 
-    def apply(self, plan: RecoveryPlan, norms: list[float], replica_states: dict[int, NamedState],
+    def apply(self, plan: RecoveryPlan, norms: list[float], replica_states: dict[int, torch.Tensor],
               omega: Callable[[list[float], int], float]) -> int:
-        """Rebuild one stage according to ``plan``; returns the bytes read from peers."""
+        """Rebuild one stage according to ``plan``; returns the bytes read from peers.
+
+        Args:
+            plan: The stage's recovery plan.
+            norms: Per-chunk gradient norms of the last step, before clipping.
+            replica_states: Stage -> its :meth:`LocalTrainer.chunk_state` just before the loss
+                (for ``replica`` plans).
+            omega: CheckFree's omega from ``norms`` and a stage.
+        """
         tr, s = self.trainer, plan.stage
-        chunk, opt = tr.chunks[s], tr.optimizers[s]
-        template = chunk.state_dict()
-        scale = 1.0
+        state = tr.state
         if plan.strategy == REPLICA:
-            state = copy_from_replica(replica_states[s])
-            scale = 1.0 if math.isnan(tr.lr_scale[s]) else tr.lr_scale[s]
-        elif plan.strategy == MIRROR:
-            assert self.mirrors is not None
-            state = copy_from_mirror(self.mirrors[s])
-            scale = float(state.get("meta", {}).get("lr_scale", 1.0))
-        elif plan.strategy == CHECKFREE:
+            flat = replica_states[s]
+            tr.load_chunk_state(s, flat)  # weights, moments and the replica's lr scale
+            return _nbytes(flat)
+        if plan.strategy == MIRROR:
+            flat = self.mirrors[s].flat
+            tr.load_chunk_state(s, flat)
+            return _nbytes(flat)
+        if plan.strategy == CHECKFREE:
             prev, nxt = plan.sources[0][0], plan.sources[1][0]
-            blocks = checkfree_rebuild(tr.chunks[prev].state_dict(), tr.chunks[nxt].state_dict(),
-                                       omega(norms, prev), omega(norms, nxt))
-            state = {"model": blocks, "optim": {}}
-            scale = plan.lr_scale
-        elif plan.strategy == CHECKFREE_PLUS:
-            partner = plan.sources[0][0]
-            extras = self.copies["embed"] if s == 0 else self.copies["head"]
-            state = checkfree_plus_copy(export_state(tr.chunks[partner], tr.optimizers[partner]), extras)
-            scale = plan.lr_scale
-        else:  # pragma: no cover - checkpoint and stop are handled by the caller
-            raise AssertionError(plan.strategy)
-        complete_state(template, state)
-        import_state(chunk, opt, state)
-        tr.set_lr_scale(s, scale)
-        return state_nbytes(state)
+            a = state.view([prev]).blocks_flat(omega(norms, prev))
+            b = state.view([nxt]).blocks_flat(omega(norms, nxt))
+            state.view([s]).install_checkfree(a, b, plan.lr_scale)
+            return _nbytes(a) + _nbytes(b)
+        if plan.strategy == CHECKFREE_PLUS:
+            blocks = state.view([plan.sources[0][0]], part="blocks").flat()
+            state.view([s], part="blocks").load_flat(blocks)
+            state.view([s]).install_tied(self.copies[s])
+            tr.set_lr_scale(s, plan.lr_scale)  # the copy is a trained stage: the plan's factor (1.0)
+            return _nbytes(blocks) + _nbytes(self.copies[s])
+        raise AssertionError(plan.strategy)  # pragma: no cover - checkpoint and stop are handled by the caller
 
     def check_finite(self, stage: int) -> None:
         for name, p in self.trainer.chunks[stage].named_parameters():
@@ -389,7 +412,7 @@ def run_inprocess(
     finally:
         res.steps, res.sim_seconds = tr.step, run.sim
         res.step_time_s = run.step_time_s or 0.0
-        res.mirror_bytes = max((m.nbytes for m in run.mirrors), default=0) if run.mirrors else 0
+        res.mirror_bytes = max((m.nbytes for m in run.mirrors.values()), default=0)
         res.wall_seconds = time.perf_counter() - t_start
         run.emit(ev.RUN_END, steps=tr.step, wall=res.sim_seconds,
                  status="failed" if res.status == "failed" else "finished")

@@ -1,13 +1,18 @@
 """Single-process training of the chunked model: the correctness reference for pipeline training.
 
 :class:`LocalTrainer` trains the same chunks the pipeline workers hold (built by
-:func:`~spotpipe.model.stages.build_stage`), with one AdamW per chunk, the same learning-rate
-schedule, global-norm clipping over all chunks, the same sampler and the same data slicing and
-loss scaling (the lowering contract of :mod:`spotpipe.schedule.passes`, "Loss" and "Data per step"), but runs every replica's every
-microbatch one after the other in this process. The multi-process runtime must reproduce its
-per-step losses (within 1e-5 relative). It also exposes the hooks the in-process failure mode
-uses: per-chunk gradient norms (CheckFree's weighting, Blagoev et al. 2025), per-chunk learning
-rate scales, and replacing a chunk. :meth:`LocalTrainer.replica_losses` is the one place that
+:func:`~spotpipe.model.stages.build_stage`), in the same
+:class:`~spotpipe.runtime.state.stage_state.StageState` a worker holds (here over every chunk: the
+optimizer of :func:`~spotpipe.runtime.state.optimizer.build_chunk_optimizer`, one AdamW per
+chunk, and per-chunk learning-rate scales), with the same learning-rate schedule, global-norm
+clipping over all chunks, the same sampler and the same data slicing and loss scaling (the
+lowering contract of :mod:`spotpipe.schedule.passes`, "Loss" and "Data per step"), but runs every
+replica's every microbatch one after the other in this process. The multi-process runtime must
+reproduce its per-step losses (within 1e-5 relative). It also exposes the hooks the in-process
+failure mode uses: per-chunk gradient norms (CheckFree's weighting, Blagoev et al. 2025), per-chunk
+learning rate scales, a chunk's state in the stage state's one flat form
+(:meth:`LocalTrainer.chunk_state`, the form checkpoints, mirrors and recovery transfers share),
+and replacing a chunk. :meth:`LocalTrainer.replica_losses` is the one place that
 decides how a replica's microbatches are computed: here one after the other through every chunk;
 the in-process player (:mod:`spotpipe.runtime.inprocess.player`) plays the lowered schedule on the
 pipeline executor instead.
@@ -20,7 +25,6 @@ all-reduce (SUM) would.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +37,9 @@ from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
-from spotpipe.runtime.state.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.runtime.state.optim import clip_coefficient, grad_sq_norm, lr_at
+from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.schedule.generators import model_chunks
 
 
@@ -87,6 +93,10 @@ class LocalTrainer:
             (:func:`default_num_chunks`).
         device: Where the chunks live (default CPU).
 
+    Attributes:
+        state: The :class:`~spotpipe.runtime.state.stage_state.StageState` of every chunk: the
+            chunks, their optimizer (behind its small interface) and learning-rate scales.
+
     Raises:
         SpotpipeError: if the token file's vocabulary does not fit ``model.vocab_size``, or a
             split is too small for ``model.context``.
@@ -108,16 +118,28 @@ class LocalTrainer:
         self.token_file = token_file
         self.num_chunks = default_num_chunks(cfg) if num_chunks is None else num_chunks
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.chunks: list[StageModule] = [
-            build_stage(cfg.model, cfg.train.seed, i, self.num_chunks, device=self.device) for i in range(self.num_chunks)
-        ]
-        self.optimizers: list[torch.optim.Optimizer] = [build_stage_optimizer(c, cfg.train) for c in self.chunks]
-        self.lr_scale: list[float] = [1.0] * self.num_chunks
+        chunks = {i: self.build_chunk(i) for i in range(self.num_chunks)}
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train))
         name = str(getattr(token_file, "dir", "the token file"))
         self.sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
         self.val_sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
         self.step = 0  # steps completed
         self._grad_norms: list[float] = [0.0] * self.num_chunks
+
+    def build_chunk(self, index: int) -> StageModule:
+        """Chunk ``index`` as the pipeline worker that holds it builds it (subclasses may build it
+        differently, with the same initial weights)."""
+        return build_stage(self.cfg.model, self.cfg.train.seed, index, self.num_chunks, device=self.device)
+
+    @property
+    def chunks(self) -> list[StageModule]:
+        """The chunks in order (those of :attr:`state`)."""
+        return [self.state.chunks[i] for i in range(self.num_chunks)]
+
+    @property
+    def lr_scale(self) -> dict[int, float]:
+        """Chunk -> its learning-rate factor (:attr:`state`'s; set it with :meth:`set_lr_scale`)."""
+        return self.state.lr_scale
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -143,8 +165,8 @@ class LocalTrainer:
         """
         replicas = self.cfg.pipeline.replicas
         params = self._params()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        for q in params:
+            q.grad = None
         losses: list[float] = []
         total: list[torch.Tensor | None] | None = None
         for r in range(replicas):
@@ -189,7 +211,7 @@ class LocalTrainer:
         return losses
 
     def clip_and_step(self) -> tuple[float, float]:
-        """Global-norm clip over all chunks, set the scheduled lr, step every optimizer.
+        """Global-norm clip over all chunks, then one step of the stage state at the scheduled lr.
 
         Returns:
             ``(grad_norm before clipping, base lr)``.
@@ -204,10 +226,9 @@ class LocalTrainer:
                     if q.grad is not None:
                         q.grad.mul_(coef)
         lr = lr_at(self.step, self.cfg.train)
-        for opt, chunk_scale in zip(self.optimizers, self.lr_scale):
-            set_lr(opt, lr, chunk_scale)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.state.step(lr)
+        for q in self._params():
+            q.grad = None
         return total_norm, lr
 
     def train_step(self) -> StepResult:
@@ -251,42 +272,67 @@ class LocalTrainer:
         """Per-chunk L2 gradient norms of the last step, before clipping."""
         return list(self._grad_norms)
 
-    def chunk_state(self, i: int) -> dict[str, Any]:
-        """A deep copy of chunk ``i``'s ``{"model": state_dict, "optimizer": state_dict}``."""
-        return copy.deepcopy({"model": self.chunks[i].state_dict(), "optimizer": self.optimizers[i].state_dict()})
+    def chunk_state(self, i: int) -> torch.Tensor:
+        """Chunk ``i``'s weights, optimizer moments and learning-rate scale in the stage state's one
+        flat form (:meth:`StageState.flat`, a float32 CPU tensor, a copy): what a worker of the
+        chunk holds, sends and checkpoints."""
+        return self.state.view([i]).flat()
 
-    def load_chunk_state(self, i: int, state: dict[str, Any]) -> None:
-        """Restore chunk ``i`` from :meth:`chunk_state` output (tensors are copied in)."""
-        self.chunks[i].load_state_dict(state["model"])
-        self.optimizers[i].load_state_dict(copy.deepcopy(state["optimizer"]))
+    def load_chunk_state(self, i: int, state: torch.Tensor) -> None:
+        """Restore chunk ``i`` from :meth:`chunk_state` output (numbers copied in).
 
-    def replace_chunk(self, i: int, module: StageModule, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Put ``module`` in place of chunk ``i``; with no ``optimizer``, a fresh AdamW is built for it."""
+        Raises:
+            ValueError: If ``state`` was not made from a chunk of this shape.
+        """
+        self.state.view([i]).load_flat(state)
+
+    def replace_chunk(self, i: int, module: StageModule, state: torch.Tensor | None = None) -> None:
+        """Put ``module`` in place of chunk ``i``, with fresh optimizer state or, given ``state``
+        (:meth:`chunk_state` output), that state. The optimizer is built again for the new chunk
+        list (:func:`build_chunk_optimizer`); every other chunk keeps its moments and scale.
+
+        Raises:
+            ValueError: If ``module`` is not chunk ``i`` of this trainer's chunks, or ``state`` does
+                not fit it.
+        """
         if module.index != i or module.num_chunks != self.num_chunks:
             raise ValueError(f"module is chunk {module.index} of {module.num_chunks}, expected chunk {i} of {self.num_chunks}")
-        self.chunks[i] = module
-        self.optimizers[i] = optimizer if optimizer is not None else build_stage_optimizer(module, self.cfg.train)
+        kept = {s: self.chunk_state(s) for s in range(self.num_chunks) if s != i}
+        scales = dict(self.state.lr_scale)
+        chunks = {**self.state.chunks, i: module}
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train), scales)
+        for s, flat in kept.items():
+            self.load_chunk_state(s, flat)
+        self.state.lr_scale.update(scales)  # exactly as they were
+        if state is not None:
+            self.load_chunk_state(i, state)
 
     def set_lr_scale(self, i: int, scale: float) -> None:
         """Multiply the learning rate of chunk ``i``'s blocks by ``scale`` from the next step on (CheckFree
-        uses 1.1; the embedding, final norm and head keep the base rate, see ``build_optimizer``)."""
-        self.lr_scale[i] = scale
+        uses 1.1; the embedding, final norm and head keep the base rate, see ``build_optimizer``).
+
+        The scale is kept in float32, the precision the flat state carries it in, so a chunk saved
+        and restored (:meth:`chunk_state`, :meth:`state_dict`) trains on exactly as before."""
+        self.state.lr_scale[i] = float(torch.tensor(scale, dtype=torch.float32))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: step, sampler, lr scales and every chunk's state (deep copies)."""
+        """Everything needed to resume: step, sampler and every chunk's :meth:`chunk_state`."""
         return {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
-            "lr_scale": list(self.lr_scale),
             "chunks": [self.chunk_state(i) for i in range(self.num_chunks)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` output; the following steps equal the original run's."""
+        """Resume from :meth:`state_dict` output; the following steps equal the original run's.
+
+        Raises:
+            SpotpipeError: If the saved state has another number of chunks.
+            ValueError: If a chunk's saved state does not fit its chunk.
+        """
         if len(state["chunks"]) != self.num_chunks:
             raise SpotpipeError(f"saved state has {len(state['chunks'])} chunks, this trainer has {self.num_chunks}")
         for i, chunk_state in enumerate(state["chunks"]):
             self.load_chunk_state(i, chunk_state)
         self.sampler.load_state_dict(state["sampler"])
-        self.lr_scale = [float(s) for s in state.get("lr_scale", [1.0] * self.num_chunks)]
         self.step = int(state["step"])

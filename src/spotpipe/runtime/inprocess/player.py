@@ -18,9 +18,12 @@ without owning that part keeps an in-sync copy (chunks 1 and S-2 under CheckFree
 0's embedding, resp. the last chunk's norm and head. That is exactly what an in-sync copy
 computes, and the gradients of both uses land in one tensor, which is the summed gradient the
 workers exchange (:mod:`spotpipe.runtime.worker.tied`), counted once in the gradient norm as the
-workers count it. Chunk 0, second on a swapped path, is built as the workers' CheckFree+ chunk
-0, which takes hidden states. The in-process convergence mode keeps its own snapshot of the
-copies for recovery (:mod:`spotpipe.runtime.inprocess.convergence`).
+workers count it. Chunk 0, second on a swapped path, and chunk S-1, second to last there, are
+built as the workers' CheckFree+ chunks: chunk 0 takes hidden states, and the parts of both that
+the copies mirror are their tied parameters. The in-process convergence mode keeps its own
+snapshot of the copies, in the form a worker sends them
+(:meth:`~spotpipe.runtime.state.stage_state.StageState.tied_flat`), for recovery
+(:mod:`spotpipe.runtime.inprocess.convergence`).
 
 Replicas. Each replica's pipeline is played on its own over the same chunks; LocalTrainer keeps
 each replica's gradient apart and adds them in replica order, as the workers' all-reduce does.
@@ -50,7 +53,7 @@ from spotpipe.model.transformer import lm_loss
 from spotpipe.runtime.comm.inprocess import InProcessHub
 from spotpipe.runtime.comm.transport import Handle, Transport
 from spotpipe.schedule.build import job_schedule  # the job's lowered schedule (the one builder)
-from spotpipe.runtime.inprocess.local import LocalTrainer
+from spotpipe.runtime.inprocess.local import LocalTrainer, default_num_chunks
 from spotpipe.runtime.pipeline.executor import Executor, Instruction, compile_rank
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.schedule.ir import Schedule
@@ -189,20 +192,16 @@ class PipelineTrainer(LocalTrainer):
 
     def __init__(self, cfg: JobConfig, token_file: Any, device: torch.device | str | None = None,
                  schedule: Schedule | None = None) -> None:
-        super().__init__(cfg, token_file, device=device)
         self.schedule: Schedule = job_schedule(cfg) if schedule is None else schedule
-        if self.schedule.num_stages != self.num_chunks:
+        chunks = default_num_chunks(cfg)
+        if self.schedule.num_stages != chunks:
             raise SpotpipeError(
                 f"the {self.schedule.name} schedule has {self.schedule.num_stages} stages but the model is cut into "
-                f"{self.num_chunks} chunks (pipeline.stages x pipeline.virtual_stages)")
+                f"{chunks} chunks (pipeline.stages x pipeline.virtual_stages)")
         if not self.schedule.is_lowered():
             raise SpotpipeError(f"the {self.schedule.name} schedule is not lowered: the executor needs its messages")
+        super().__init__(cfg, token_file, device=device)
         sched = self.schedule
-        if any(sched.path(mb).index(0) > 0 for mb in range(sched.num_microbatches) if 0 in sched.path(mb)):
-            # Chunk 0 inside a path (CheckFree+: second on swapped paths) takes hidden states, as
-            # the workers' CheckFree+ chunk 0 does; same weights, fresh optimizer (nothing trained yet).
-            self.replace_chunk(0, build_stage(cfg.model, cfg.train.seed, 0, self.num_chunks, device=self.device,
-                                              edge_copies=True))
         s2r = sched.stage_to_rank
         self.programs: tuple[tuple[Instruction, ...], ...] = tuple(
             compile_rank(self.schedule, r, lambda stage: s2r[stage]) for r in range(self.schedule.num_ranks))
@@ -211,6 +210,19 @@ class PipelineTrainer(LocalTrainer):
         self._views: dict[int, _ChunkView] = {}
         self._viewed: tuple[int, ...] = ()  # ids of the chunks the views were made for
         self._hub: InProcessHub | None = None
+
+    def build_chunk(self, index: int) -> StageModule:
+        """Chunk ``index``; where the first or the last chunk sits inside a microbatch's path
+        (CheckFree+: second, resp. second to last, on swapped paths) it is built as the workers'
+        CheckFree+ chunk (``edge_copies``): chunk 0 then takes hidden states, and the embedding of
+        chunk 0 and the final norm and head of the last chunk are its
+        :meth:`~spotpipe.model.stages.StageModule.tied_parameters`, whose in-sync copies the
+        in-process convergence mode keeps. Same initial weights either way."""
+        sched, last = self.schedule, self.num_chunks - 1
+        paths = [sched.path(mb) for mb in range(sched.num_microbatches)]
+        edge = ((index == 0 and any(path.index(0) > 0 for path in paths if 0 in path))
+                or (index == last and any(path.index(last) < len(path) - 1 for path in paths if last in path)))
+        return build_stage(self.cfg.model, self.cfg.train.seed, index, self.num_chunks, device=self.device, edge_copies=edge)
 
     @property
     def num_ranks(self) -> int:

@@ -1,122 +1,36 @@
-"""Recovery rules over stage state: CheckFree, CheckFree+, replica and mirror copies.
+"""The CheckFree tensor rules: the neighbour weights and the weighted average of their blocks.
 
-Both the in-process convergence mode (:mod:`spotpipe.runtime.inprocess.convergence`) and the multi-process
-runtime call these functions, so a stage is rebuilt by the same code in both. They work on a
-portable *named state*::
+Pure tensor math over state dicts, called by
+:meth:`~spotpipe.runtime.state.stage_state.StageState.install_checkfree`, which both the
+multi-process runtime and the in-process convergence mode use to rebuild a stage, so a stage is
+rebuilt by the same code in both. Every other recovery (a replica, a mirror, a CheckFree+ swap
+partner, a checkpoint) copies a stage's state in its one flat form
+(:meth:`~spotpipe.runtime.state.stage_state.StageState.flat`); nothing here serialises state.
+Blocks are numbered locally inside a chunk (``blocks.0.`` ...), so chunks with the same number of
+blocks have identical block keys (see :mod:`spotpipe.model.stages`).
 
-    {"model": {state-dict key: tensor}, "optim": {parameter name: {"step", "exp_avg", "exp_avg_sq"}}}
-
-keyed by names rather than by the optimizer's parameter positions, so a state can move between
-chunks whose parameter lists differ (chunk 0 has an embedding that chunk 1 lacks) and between
-processes. :func:`export_state` / :func:`import_state` convert from and to a module and its
-AdamW. Blocks are numbered locally inside a chunk (``blocks.0.`` ...), so chunks with the same
-number of blocks have identical block keys (see :mod:`spotpipe.model.stages`).
-
-The rules (Blagoev, Ersoy, Chen 2025, "All is Not Lost: LLM Recovery without Checkpoints"):
-
-- CheckFree (section 3.1): a lost middle stage ``i`` becomes
-  ``(w_{i-1} W_{i-1} + w_{i+1} W_{i+1}) / (w_{i-1} + w_{i+1})`` over its transformer blocks, with
-  fresh optimizer state and the learning rate x1.1 (:data:`~spotpipe.ft.policy.CHECKFREE_LR_SCALE`).
-- CheckFree+ (section 3.2): with the swap schedule, a lost edge stage copies its swap partner.
-- Replica / mirror (SageMaker HyperPod's checkpointless training, 2025): exact copies.
+The rule (Blagoev, Ersoy, Chen 2025, "All is Not Lost: LLM Recovery without Checkpoints",
+section 3.1): a lost middle stage ``i`` becomes
+``(w_{i-1} W_{i-1} + w_{i+1} W_{i+1}) / (w_{i-1} + w_{i+1})`` over its transformer blocks, with
+fresh optimizer state and the learning rate x1.1 (the CheckFree strategy's factor in
+:mod:`spotpipe.ft.strategies.checkfree`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from spotpipe.errors import SpotpipeError
 
 BLOCK_PREFIX = "blocks."
-NamedState = dict[str, Any]
 
 
 class RecoveryError(SpotpipeError):
     """A recovery rule cannot be applied to the given states (mismatched blocks, missing keys)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Named state: export, import, size
-
-
-def _clone(value: Any, device: torch.device | str | None = None) -> Any:
-    if isinstance(value, torch.Tensor):
-        out = value.detach().clone()
-        return out if device is None else out.to(device)
-    return copy.deepcopy(value)
-
-
-def export_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 device: torch.device | str | None = "cpu") -> NamedState:
-    """Copy ``module``'s state dict and its parameters' optimizer state, keyed by name.
-
-    Args:
-        module: A stage (any module).
-        optimizer: The optimizer over its parameters; ``None`` exports no optimizer state.
-        device: Where the copies go (``"cpu"`` = host memory; ``None`` = where they are).
-    """
-    model = {k: _clone(v, device) for k, v in module.state_dict().items()}
-    optim: dict[str, dict[str, Any]] = {}
-    if optimizer is not None:
-        for name, p in module.named_parameters():
-            st = optimizer.state.get(p)
-            if st:
-                optim[name] = {k: _clone(v, device if k != "step" else None) for k, v in st.items()}
-    return {"model": model, "optim": optim}
-
-
-def import_state(module: nn.Module, optimizer: torch.optim.Optimizer | None, state: NamedState) -> None:
-    """Load a named state into ``module`` (all keys required) and ``optimizer``.
-
-    Parameters without an entry in ``state["optim"]`` start with fresh optimizer state.
-
-    Raises:
-        RecoveryError: if keys are missing or unexpected, or shapes differ.
-    """
-    model = state["model"]
-    own = module.state_dict()
-    missing, extra = sorted(set(own) - set(model)), sorted(set(model) - set(own))
-    if missing or extra:
-        raise RecoveryError(f"state does not fit the stage: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, v in model.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise RecoveryError(f"state key {k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
-    module.load_state_dict(model)
-    if optimizer is None:
-        return
-    for name, p in module.named_parameters():
-        optimizer.state.pop(p, None)
-        entry = state.get("optim", {}).get(name)
-        if entry:
-            optimizer.state[p] = {k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) and k != "step"
-                                      else _clone(v)) for k, v in entry.items()}
-
-
-def state_nbytes(state: Mapping[str, Any]) -> int:
-    """Bytes of every tensor in a (nested) state."""
-    total = 0
-    for value in state.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, Mapping):
-            total += state_nbytes(value)
-    return total
-
-
-def clone_state(state: NamedState) -> NamedState:
-    """A deep copy of a named state (tensors cloned; an optional ``"meta"`` dict is copied too,
-    e.g. the stage's learning-rate scale)."""
-    out: NamedState = {"model": {k: _clone(v) for k, v in state["model"].items()},
-                       "optim": {n: {k: _clone(v) for k, v in e.items()} for n, e in state.get("optim", {}).items()}}
-    if "meta" in state:
-        out["meta"] = copy.deepcopy(state["meta"])
-    return out
 
 
 def _model(state: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
@@ -124,31 +38,8 @@ def _model(state: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
 
 
 def block_keys(state: Mapping[str, Any]) -> list[str]:
-    """The transformer-block keys of a (named or plain) state dict, sorted."""
+    """The transformer-block keys of a state dict (or of ``{"model": state dict}``), sorted."""
     return sorted(k for k in _model(state) if k.startswith(BLOCK_PREFIX))
-
-
-def select(state: NamedState, prefixes: Iterable[str]) -> NamedState:
-    """The part of a named state whose keys start with one of ``prefixes`` (e.g. ``"embed."``)."""
-    pre = tuple(prefixes)
-    return {"model": {k: v for k, v in state["model"].items() if k.startswith(pre)},
-            "optim": {k: v for k, v in state.get("optim", {}).items() if k.startswith(pre)}}
-
-
-def merge(*parts: NamedState) -> NamedState:
-    """Union of named states; a key given twice is an error (nothing is silently overwritten)."""
-    out: NamedState = {"model": {}, "optim": {}}
-    for part in parts:
-        for section in ("model", "optim"):
-            for k, v in part.get(section, {}).items():
-                if k in out[section]:
-                    raise RecoveryError(f"key {k} is given by two parts of a rebuilt state")
-                out[section][k] = v
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The rules
 
 
 def checkfree_weights(omega_prev: float, omega_next: float) -> tuple[float, float]:
@@ -194,8 +85,8 @@ def checkfree_rebuild(prev_state: Mapping[str, Any], next_state: Mapping[str, An
     stages 1 and S-2 are restored from their in-sync originals by the caller.
 
     Args:
-        prev_state: State (named or plain) of stage ``i-1``.
-        next_state: State of stage ``i+1``.
+        prev_state: State dict (or ``{"model": state dict}``) of stage ``i-1``.
+        next_state: The same of stage ``i+1``.
         w_prev: Omega of stage ``i-1`` (see :func:`checkfree_weights` for which norm).
         w_next: Omega of stage ``i+1``.
 
@@ -223,110 +114,22 @@ def checkfree_rebuild(prev_state: Mapping[str, Any], next_state: Mapping[str, An
     return out
 
 
-def checkfree_plus_copy(partner_state: NamedState, extras: NamedState | None = None) -> NamedState:
-    """CheckFree+: a lost edge stage takes its swap partner's blocks and their optimizer state.
+def complete_state(template: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Check that ``state`` gives every key of ``template`` (a stage's state dict) with its shape,
+    and nothing else, so no rebuilt stage ever trains with a left-over initial tensor.
 
-    The partner (stage 1 for stage 0, stage S-2 for stage S-1) ran half of every step's
-    microbatches in the lost stage's position, so its blocks already do the lost stage's job.
-    The optimizer moments are copied with the blocks (they belong to exactly those weights), and
-    the learning rate stays x1.0: the copy is a trained stage, not an average. ``extras`` is the
-    in-sync copy of the embedding (stage 0) or the final norm and LM head (stage S-1) that the
-    partner keeps; with it the rebuilt stage is complete.
-    """
-    blocks = select(clone_state(partner_state), (BLOCK_PREFIX,))
-    if not blocks["model"]:
-        raise RecoveryError("CheckFree+: the partner state has no blocks")
-    return blocks if extras is None else merge(blocks, clone_state(extras))
-
-
-def copy_from_replica(replica_state: NamedState) -> NamedState:
-    """Replica recovery: weights and optimizer state of a live data-parallel replica (exact)."""
-    return clone_state(replica_state)
-
-
-def complete_state(template: Mapping[str, Any], state: NamedState) -> NamedState:
-    """Check that ``state`` gives every key of ``template`` (a fresh stage's state dict) with its
-    shape, and nothing else, so no rebuilt stage ever trains with a left-over initial tensor.
+    Args:
+        template: The stage's state dict (or ``{"model": state dict}``).
+        state: The rebuilt state dict (or ``{"model": state dict}``).
 
     Raises:
-        RecoveryError: naming the missing or unexpected keys.
+        RecoveryError: naming the missing or unexpected keys, or a key whose shape differs.
     """
     want = _model(template)
-    have = state["model"]
+    have = _model(state)
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise RecoveryError(f"rebuilt stage state is incomplete: missing {missing[:4]}, unexpected {extra[:4]}")
     for k, v in want.items():
         if tuple(v.shape) != tuple(have[k].shape):
             raise RecoveryError(f"rebuilt stage key {k}: shape {tuple(have[k].shape)}, expected {tuple(v.shape)}")
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Mirror
-
-
-class Mirror:
-    """A host-memory copy of the next stage's weights and optimizer state (peer replication).
-
-    The worker of stage ``s - 1`` keeps the mirror of stage ``s`` (the last stage keeps stage
-    0's), refreshed every ``ft.mirror_every`` committed steps off the critical path. Recovery
-    copies it (:func:`copy_from_mirror`). Its memory cost is :attr:`nbytes` of host RAM per
-    worker; its bandwidth cost is :attr:`nbytes` per refresh.
-
-    Attributes:
-        stage: The mirrored stage.
-        step: Committed steps the mirrored state has seen (``None`` before the first refresh).
-        refreshes: How many refreshes so far.
-        bytes_sent: Total bytes copied into the mirror.
-    """
-
-    def __init__(self, stage: int) -> None:
-        self.stage = stage
-        self.step: int | None = None
-        self.refreshes = 0
-        self.bytes_sent = 0
-        self._state: NamedState | None = None
-
-    def refresh(self, state: NamedState, step: int) -> None:
-        """Replace the copy with ``state`` (copied to host memory) as of committed ``step``."""
-        self._state = {"model": {k: _clone(v, "cpu") for k, v in state["model"].items()},
-                       "optim": {n: {k: _clone(v, "cpu" if k != "step" else None) for k, v in e.items()}
-                                 for n, e in state.get("optim", {}).items()},
-                       "meta": copy.deepcopy(state.get("meta", {}))}
-        self.step = step
-        self.refreshes += 1
-        self.bytes_sent += self.nbytes
-
-    def capture(self, module: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
-                meta: Mapping[str, Any] | None = None) -> None:
-        """Refresh from a live module and its optimizer (``meta``: e.g. ``{"lr_scale": 1.1}``)."""
-        state = export_state(module, optimizer, device="cpu")
-        state["meta"] = dict(meta or {})
-        self.refresh(state, step)
-
-    @property
-    def ready(self) -> bool:
-        return self._state is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Host bytes held (weights + optimizer moments)."""
-        return 0 if self._state is None else state_nbytes(self._state)
-
-    def lag(self, step: int) -> int:
-        """Steps the mirror is behind committed ``step`` (``step`` - mirrored step)."""
-        if self.step is None:
-            raise RecoveryError(f"mirror of stage {self.stage} was never filled")
-        return step - self.step
-
-    def state(self) -> NamedState:
-        """A copy of the mirrored state."""
-        if self._state is None:
-            raise RecoveryError(f"mirror of stage {self.stage} was never filled")
-        return clone_state(self._state)
-
-
-def copy_from_mirror(mirror: Mirror) -> NamedState:
-    """Mirror recovery: the state the previous stage's worker keeps in host memory."""
-    return mirror.state()
