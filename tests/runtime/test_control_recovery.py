@@ -369,3 +369,27 @@ def test_every_strategy_that_moves_state_has_a_runtime_half() -> None:
     from spotpipe.runtime.worker.strategies import REGISTRY as RUNTIME
 
     assert set(RUNTIME) == {name for name, s in PURE.items() if s.rebuilds}
+
+
+def test_install_aborted_by_every_member_without_a_loss_stops_at_once(tmp_path: Path) -> None:
+    """The state transfer failed though no worker was lost (every member of the new generation
+    posted that it aborted it): nothing the controller waits for can change, so the job stops at
+    once with one line naming the stage and the members' error, not after run.timeout_s."""
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    job.join_replacements()
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "install" and job.host.plan is not None
+    members = [m.worker for m in job.host.plan.members]
+    for wid in members[:-1]:  # not every member yet: the others may still install
+        job.store.set(protocol.survivor_key(2, wid), json.dumps({"step": job.step, "error": "mirror unusable"}))
+    job.drive()
+    assert not job.host.failures and job.sup.recovering is rec
+    job.store.set(protocol.survivor_key(2, members[-1]), json.dumps({"step": job.step, "error": "mirror unusable"}))
+    job.drive()
+    [failure] = job.host.failures
+    assert failure.reason.startswith("cannot rebuild stage 3: every member of generation 2 aborted")
+    assert "mirror unusable" in failure.reason and "timed out" not in failure.reason

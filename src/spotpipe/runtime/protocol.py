@@ -225,6 +225,19 @@ def connect_store(host: str, port: int, timeout_s: float) -> Any:
         ) from None
 
 
+def describe_store_error(exc: BaseException, limit: int = 120) -> str:
+    """A store client's error as a short reason: ``Connection reset by peer``, ``Broken pipe``.
+
+    Drops the C++ source location torch prefixes and its advice after the first sentence.
+    """
+    text = " ".join(str(exc).split())
+    if text.startswith("[") and "] " in text[:300]:
+        text = text.split("] ", 1)[1]
+    text = text.split(". ", 1)[0].rstrip(".")
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def local_address_towards(host: str, port: int) -> str:
     """The address of this machine that ``host`` sees (the interface that routes to it)."""
     if host in ("127.0.0.1", "localhost", "::1"):

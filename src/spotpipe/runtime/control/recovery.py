@@ -187,6 +187,24 @@ class RecoverySupervisor:
         elif rec.phase == "install":
             self._recovery_install(rec)
 
+    def _install_failed_without_a_loss(self, rec: Recovery) -> bool:
+        """Stop at once (True) when every member of the generation being installed aborted it
+        (``gen/<g+1>/survivor/<w>``) though none was lost: no one will install the state, and
+        nothing the controller waits for can change. A lost member would not have posted."""
+        plan = self.host.plan
+        assert plan is not None
+        keys = [protocol.survivor_key(rec.new_generation, m.worker) for m in plan.members]
+        if not self.ctx.store.check(keys):
+            return False
+        errors = [str(json.loads(raw).get("error", "")) for raw in self.ctx.store.multi_get(keys)]
+        why = next((e for e in errors if e), "no reason given")
+        stages = sorted({p.stage for p in rec.plans})
+        what = f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+        self.host.fail(Failure(None, f"cannot rebuild {what}: every member of generation {rec.new_generation} aborted "
+                                     f"the recovery though no worker was lost ({' '.join(why.split())[:200]})",
+                               FailureKind.WORKER_ERROR, time.time()))
+        return True
+
     def _timed_out(self, rec: Recovery, what: str) -> bool:
         if time.monotonic() - rec.started > self.ctx.cfg.run.timeout_s:
             self.host.fail(Failure(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
@@ -296,7 +314,8 @@ class RecoverySupervisor:
     def _recovery_install(self, rec: Recovery) -> None:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         if not self.ctx.store.check(keys):
-            self._timed_out(rec, "the new generation to install the recovered state")
+            if not self._install_failed_without_a_loss(rec):
+                self._timed_out(rec, "the new generation to install the recovered state")
             return
         done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}
         seconds = time.monotonic() - rec.started
