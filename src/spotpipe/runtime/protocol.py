@@ -11,6 +11,7 @@ server; every worker is a client. Everything the two sides say goes through thes
 ``gen/current``                the current generation number (set when membership is complete)
 ``gen/<g>/plan``               membership of generation g (:class:`GenerationPlan` JSON)
 ``gen/<g>/abort``              set by the controller to abort generation g's communication
+``gen/<g>/arrived/<rank>``     a member is building generation g's groups (all wait for all)
 ``gen/<g>/...``                PrefixStore roots of generation g's process groups
 ``ctl/stop``                   set when the run must stop (Ctrl-C, time limit, failure)
 ``step/<k>/w/<worker>``        a worker's report of step k (loss, times, checkpoint file)
@@ -46,6 +47,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,8 @@ from typing import Any
 from spotpipe.errors import SpotpipeError
 
 TOKEN_ENV = "SPOTPIPE_TOKEN"
+LOCAL_INDEX_ENV = "SPOTPIPE_LOCAL_INDEX"  # set for the workers the controller starts: their index
+CONTROLLER_PID_ENV = "SPOTPIPE_CONTROLLER_PID"  # ... and the pid of the controller, their parent
 TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")
 
 JOB_ID = "job/id"
@@ -213,16 +217,54 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def connect_store(host: str, port: int, timeout_s: float) -> Any:
-    """A TCPStore client of the controller at ``host:port``."""
+CONNECT_POLL_S = 0.2
+"""How often a worker tries again to reach a controller that does not listen (yet)."""
+
+
+def connect_store(host: str, port: int, timeout_s: float, give_up: Callable[[], str] | None = None) -> Any:
+    """A TCPStore client of the controller at ``host:port``.
+
+    Tries for up to ``timeout_s`` seconds (the controller may start after a remote worker). Each
+    try is a plain TCP connection first, so a controller that is not listening costs no store
+    error (and no C++ log line); between tries ``give_up`` may end the wait.
+
+    Args:
+        host: The controller's address.
+        port: Its store's port.
+        timeout_s: How long to keep trying, and the client's timeout afterwards (seconds).
+        give_up: Returns a reason to stop trying (e.g. the local controller's process ended), or "".
+
+    Raises:
+        ControllerGone: ``give_up`` gave a reason.
+        SpotpipeError: No connection within ``timeout_s``.
+    """
     from torch.distributed import TCPStore
 
+    deadline = time.monotonic() + timeout_s
+    why = ""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.05, min(2.0, deadline - time.monotonic()))):
+                pass
+            break
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+        reason = give_up() if give_up is not None else ""
+        if reason:
+            raise ControllerGone(reason)
+        if time.monotonic() >= deadline:
+            raise SpotpipeError(f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {why}")
+        time.sleep(CONNECT_POLL_S)
     try:
         return TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
     except Exception as exc:
         raise SpotpipeError(
             f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {' '.join(str(exc).split())[:120]}"
         ) from None
+
+
+class ControllerGone(SpotpipeError):
+    """The controller is known to be gone (not merely slow to answer)."""
 
 
 def describe_store_error(exc: BaseException, limit: int = 120) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from spotpipe.runtime.protocol import TOKEN_ENV
+from spotpipe.runtime.protocol import CONTROLLER_PID_ENV, LOCAL_INDEX_ENV, TOKEN_ENV
 
 
 @dataclass
@@ -80,7 +80,8 @@ class LocalWorkers:
             index = len(self.procs)
             env = dict(os.environ)
             env[TOKEN_ENV] = self.token
-            env["SPOTPIPE_LOCAL_INDEX"] = str(index)
+            env[LOCAL_INDEX_ENV] = str(index)
+            env[CONTROLLER_PID_ENV] = str(os.getpid())  # the worker's parent: it is orphaned when that changes
             env.setdefault("PYTHONUNBUFFERED", "1")
             if self.threads > 0:
                 env["OMP_NUM_THREADS"] = str(self.threads)

@@ -81,8 +81,20 @@ def run_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
     host, port = protocol.parse_address(args.join)
     token = protocol.read_token(args.token_file)
-    store = protocol.connect_store(host, port, args.timeout)
     address = f"{host}:{port}"
+    local = os.environ.get(protocol.LOCAL_INDEX_ENV)
+    parent = os.environ.get(protocol.CONTROLLER_PID_ENV, "")
+
+    def controller_ended() -> str:
+        """A local worker's parent is the controller: once it is not, the controller ended."""
+        if parent.isdigit() and os.getppid() != int(parent):
+            return "its process ended before this worker connected"
+        return ""
+
+    try:
+        store = protocol.connect_store(host, port, args.timeout, give_up=controller_ended)
+    except protocol.ControllerGone as exc:
+        ControllerLost(f"local worker {local}", address)(str(exc))
     listen_host = args.listen_host or protocol.local_address_towards(host, port)
     try:
         grant = protocol.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)

@@ -127,7 +127,7 @@ class Worker:
             problems = check_message_order(self.schedule)
             if problems:
                 raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
-            env = os.environ.get("SPOTPIPE_LOCAL_INDEX") or os.environ.get("LOCAL_RANK")
+            env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
             index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
             self.device = torch.device("cuda", index % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
