@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from spotpipe.runtime.protocol import CONTROLLER_PID_ENV, LOCAL_INDEX_ENV, TOKEN_ENV
 
@@ -28,7 +27,6 @@ class LocalProcess:
     index: int
     popen: subprocess.Popen[bytes]
     log_path: Path
-    log: IO[bytes]
 
     @property
     def pid(self) -> int:
@@ -86,17 +84,19 @@ class LocalWorkers:
             if self.threads > 0:
                 env["OMP_NUM_THREADS"] = str(self.threads)
             log_path = self.log_dir / f"worker-{index}.log"
-            log = open(log_path, "ab")
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "spotpipe.runtime.worker", "--join", self.address],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-            self.procs.append(LocalProcess(index, popen, log_path, log))
+            # The child writes to its own copy of the descriptor: the controller keeps none, so a
+            # job that starts hundreds of replacements holds no file per dead worker.
+            with open(log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "spotpipe.runtime.worker", "--join", self.address],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            self.procs.append(LocalProcess(index, popen, log_path))
 
     def by_pid(self, pid: int) -> LocalProcess | None:
         for p in self.procs:
@@ -132,8 +132,6 @@ class LocalWorkers:
                 p.popen.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
-            if not p.log.closed:
-                p.log.close()
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
