@@ -74,6 +74,8 @@ class RunResult:
         wall_s: Seconds this invocation ran.
         message: One line for the user (the failure's cause for ``failed``).
         checkpoint: The last complete checkpoint's step, or None.
+        skipped: Steps whose update was skipped for a non-finite gradient norm or loss
+            (``train.nonfinite = "skip"``).
     """
 
     status: str
@@ -88,6 +90,7 @@ class RunResult:
     failures: int = 0
     ettr: float | None = None
     lost_s: float = 0.0
+    skipped: int = 0
 
 
 class Controller:
@@ -331,7 +334,11 @@ class Controller:
             generation=self.generation,
             grad_norm=float(head["grad_norm"]),
             compute_s=max(float(r.get("compute_s", 0.0)) for r in reports),
+            **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
         )
+        if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated
+            self.result.skipped += 1
+            self._progress.message(f"step {step + 1}: {head['skipped']}: update skipped (train.nonfinite = skip)")
         if self._first_loss is None:
             self._first_loss = loss
         self.result.last_step = step
@@ -549,7 +556,8 @@ class Controller:
     def _failure_message(self) -> str:
         f = self.failure
         text = f.reason if f is not None else "the run failed"
-        where = f" after step {self.result.last_step}" if self.result.last_step >= 0 else " before the first step"
+        where = (f" after step {self.result.last_step + 1}/{self.cfg.train.steps}" if self.result.last_step >= 0
+                 else " before the first step")
         text += f"; the job stopped{where}"
         if f is not None and f.worker is not None and not recovery_enabled(self.cfg.ft):
             text += " (ft.strategy = none: no stage recovery)"
@@ -583,6 +591,8 @@ def format_result(result: RunResult) -> str:
         parts.append(f"train loss {result.train_loss:.4f}")
     if result.val_loss is not None:
         parts.append(f"val loss {result.val_loss:.4f}")
+    if result.skipped:
+        parts.append(f"{result.skipped} step{'s' if result.skipped > 1 else ''} skipped (non-finite, train.nonfinite = skip)")
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")

@@ -30,7 +30,8 @@ from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
-from spotpipe.runtime.state.optim import build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, set_lr
+from spotpipe.runtime.state.optim import (build_stage_optimizer, clip_coefficient, grad_sq_norm, lr_at, nonfinite_reason,
+                                          nonfinite_step_error, set_lr)
 from spotpipe.schedule.generators import model_chunks
 
 
@@ -45,6 +46,8 @@ class StepResult:
         grad_norm: Global L2 norm of the gradient over all chunks, before clipping.
         lr: Base learning rate of the step (chunks may scale it, see ``lr_scale``).
         sampler_state: Sampler state AFTER the step: restoring it continues with the next step.
+        skipped: Why the step's update was not applied (a non-finite gradient norm or loss with
+            ``train.nonfinite = "skip"``), or "".
     """
 
     step: int
@@ -53,6 +56,7 @@ class StepResult:
     grad_norm: float
     lr: float
     sampler_state: dict[str, int]
+    skipped: str = ""
 
 
 def default_num_chunks(cfg: JobConfig) -> int:
@@ -115,6 +119,7 @@ class LocalTrainer:
         self.val_sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
         self.step = 0  # steps completed
         self._grad_norms: list[float] = [0.0] * self.num_chunks
+        self.last_skipped = ""  # why the last step's update was not applied (non-finite), or ""
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -163,22 +168,34 @@ class LocalTrainer:
                 q.grad = g
         return losses
 
-    def clip_and_step(self) -> tuple[float, float]:
-        """Global-norm clip over all chunks, set the scheduled lr, step every optimizer.
+    def clip_and_step(self, loss: float = 0.0) -> tuple[float, float]:
+        """Global-norm clip over all chunks, set the scheduled lr, step every optimizer; a step whose
+        gradient norm or ``loss`` is not finite is never applied (``train.nonfinite``, as on the
+        pipeline workers: :func:`~spotpipe.runtime.state.optim.nonfinite_reason`).
 
         Returns:
             ``(grad_norm before clipping, base lr)``.
+
+        Raises:
+            NonfiniteStep: The step is not finite and ``train.nonfinite = "stop"``.
         """
         sq = [grad_sq_norm(c.parameters()) for c in self.chunks]
         self._grad_norms = [math.sqrt(s) for s in sq]
         total_norm = math.sqrt(sum(sq))
+        lr = lr_at(self.step, self.cfg.train)
+        self.last_skipped = nonfinite_reason(total_norm, loss)
+        if self.last_skipped:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            if self.cfg.train.nonfinite == "stop":
+                raise nonfinite_step_error(self.step, self.cfg.train.steps, self.last_skipped)
+            return total_norm, lr
         coef = clip_coefficient(total_norm, self.cfg.train.grad_clip)
         if coef < 1.0:
             with torch.no_grad():
                 for q in self._params():
                     if q.grad is not None:
                         q.grad.mul_(coef)
-        lr = lr_at(self.step, self.cfg.train)
         for opt, chunk_scale in zip(self.optimizers, self.lr_scale):
             set_lr(opt, lr, chunk_scale)
             opt.step()
@@ -189,14 +206,16 @@ class LocalTrainer:
         """Take one optimiser step on the next ``train.batch_size`` samples."""
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
         losses = self.compute_gradients(step_ids)
-        grad_norm, lr = self.clip_and_step()
+        loss = sum(losses) / len(losses)
+        grad_norm, lr = self.clip_and_step(loss)
         result = StepResult(
             step=self.step,
-            loss=sum(losses) / len(losses),
+            loss=loss,
             tokens=self.cfg.train.batch_size * self.cfg.model.context,
             grad_norm=grad_norm,
             lr=lr,
             sampler_state=self.sampler.state_dict(),
+            skipped=self.last_skipped,
         )
         self.step += 1
         return result

@@ -58,7 +58,7 @@ from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_f
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
 from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, GenerationPlan, release_retired, resolve_backend
 from spotpipe.runtime.control.job import checkpoint_due, eval_due
-from spotpipe.runtime.state.optim import clip_coefficient, lr_at
+from spotpipe.runtime.state.optim import clip_coefficient, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
@@ -354,11 +354,13 @@ class Worker:
         self.fault.hit("allreduce")
         gen.all_reduce(vec, "world", f"the step barrier (world all-reduce) of step {step}")
         sq_total, loss_total, n_total, stop = (float(v) for v in vec.cpu())
-        grad_norm = math.sqrt(max(sq_total, 0.0))
+        grad_norm = math.sqrt(sq_total) if not sq_total < 0 else 0.0  # NaN stays NaN
+        loss = loss_total / max(n_total, 1.0)
         return {
             "step": step,
-            "loss": loss_total / max(n_total, 1.0),
+            "loss": loss,
             "grad_norm": grad_norm,
+            "nonfinite": nonfinite_reason(grad_norm, loss),
             "coef": clip_coefficient(grad_norm, self.cfg.train.grad_clip),
             "lr": lr_at(step, self.cfg.train),
             "stop": stop > 0,
@@ -467,13 +469,20 @@ class Worker:
             self.mirror_link.generation_started(gen_number, step)
             try:
                 outcome = self.compute_step(step)
-                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"])
+                nonfinite = outcome["nonfinite"]
+                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"], apply=not nonfinite)
                 self.decide(step)
             except CommError as exc:
                 self.recovery.abort_step(snapshot, str(exc))
                 step = self.recovery.on_failure(exc, step)
                 continue
-            lr = self.apply_step(outcome)
+            if nonfinite and t.nonfinite == "stop":  # every worker decides the same: the all-reduced values
+                raise nonfinite_step_error(step, t.steps, nonfinite)
+            if nonfinite:
+                self.log(f"step {step + 1}: {nonfinite}: update skipped (train.nonfinite = skip)")
+                lr = float(outcome["lr"])
+            else:
+                lr = self.apply_step(outcome)
             self.mirror_link.committed(gen_number, step)
             stop = outcome["stop"]
             report: dict[str, Any] = {
@@ -487,6 +496,7 @@ class Worker:
                 "pipe_s": outcome["pipe_s"],
                 "reduced": outcome["reduced"],
                 "stop": stop,
+                "skipped": nonfinite,
             }
             if checkpoint_due(step, t, stop) and self.replica == 0:
                 report["checkpoint"] = self.save_checkpoint(step)
