@@ -26,6 +26,7 @@ EVAL = "eval"  # step, val_loss
 CHECKPOINT = "checkpoint"  # step, path, seconds
 GENERATION = "generation"  # generation, workers, reason
 FAILURE_SUSPECTED = "failure_suspected"  # worker, stage, replica, reason
+SUSPICION_CLEARED = "suspicion_cleared"  # worker, stage, replica, silent_s (it beat again: no failure)
 FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason
 RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why
 RECOVERY_FINISHED = "recovery_finished"  # stage, replica, strategy, bytes, seconds

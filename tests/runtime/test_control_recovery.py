@@ -393,3 +393,34 @@ def test_install_aborted_by_every_member_without_a_loss_stops_at_once(tmp_path: 
     [failure] = job.host.failures
     assert failure.reason.startswith("cannot rebuild stage 3: every member of generation 2 aborted")
     assert "mirror unusable" in failure.reason and "timed out" not in failure.reason
+
+
+def test_a_suspect_that_beats_again_is_cleared_and_counted(tmp_path: Path) -> None:
+    """Issue 10, section 5: a late heartbeat is logged as failure_suspected; when the worker beats
+    again the suspicion is cleared (an event, and a count the run summary shows), no failure."""
+    job = Job(tmp_path)
+    for w in job.members.workers.values():
+        w.last_beat = 100.0
+    job.store.add(protocol.heartbeat_key(2), 0)
+    for wid in (0, 1, 3):  # the others beat on time
+        job.store.add(protocol.heartbeat_key(wid), 1)
+    job.members.check_health(104.0)  # worker 2 silent for 4 s > ft.detect_timeout_s (2 s)
+    [suspected] = job.events("failure_suspected")
+    assert suspected["worker"] == 2 and job.members.workers[2].suspected
+    assert job.members.suspicions_cleared == 0 and not job.host.failures
+    job.store.add(protocol.heartbeat_key(2), 1)
+    job.members.check_health(105.0)
+    [cleared] = job.events("suspicion_cleared")
+    assert cleared["worker"] == 2 and cleared["silent_s"] == pytest.approx(5.0)
+    assert job.members.suspicions_cleared == 1 and not job.members.workers[2].suspected and not job.host.failures
+    job.members.check_health(105.5)  # no new silence: nothing more
+    assert job.members.suspicions_cleared == 1
+
+
+def test_run_summary_says_how_many_suspicions_were_cleared() -> None:
+    from spotpipe.runtime.control.controller import RunResult, format_result
+
+    quiet = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0))
+    assert "suspected" not in quiet
+    line = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0, suspicions_cleared=2))
+    assert "2 suspected failures cleared (late heartbeats, no failure" in line

@@ -76,6 +76,8 @@ class RunResult:
         checkpoint: The last complete checkpoint's step, or None.
         skipped: Steps whose update was skipped for a non-finite gradient norm or loss
             (``train.nonfinite = "skip"``).
+        suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
+            ``failure_suspected`` events that were no failure.
     """
 
     status: str
@@ -91,6 +93,7 @@ class RunResult:
     ettr: float | None = None
     lost_s: float = 0.0
     skipped: int = 0
+    suspicions_cleared: int = 0
 
 
 class Controller:
@@ -506,6 +509,7 @@ class Controller:
         self.result.wall_s = wall
         self.result.checkpoint = self.last_checkpoint
         self.result.first_loss = self._first_loss
+        self.result.suspicions_cleared = self.members.suspicions_cleared
         if status == "failed":
             self.result.message = self._failure_message()
         if self.ctx.log is not None:
@@ -593,6 +597,10 @@ def format_result(result: RunResult) -> str:
         parts.append(f"val loss {result.val_loss:.4f}")
     if result.skipped:
         parts.append(f"{result.skipped} step{'s' if result.skipped > 1 else ''} skipped (non-finite, train.nonfinite = skip)")
+    if result.suspicions_cleared:
+        n = result.suspicions_cleared
+        parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
+                     "no failure; see failure_suspected in events.jsonl)")
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")

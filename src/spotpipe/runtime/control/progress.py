@@ -1,9 +1,11 @@
 """The progress display of ``spotpipe train``: one live line on a terminal, plain lines otherwise.
 
 On a TTY the line ``step 120/600  loss 2.314  12.3k tok/s  ETA 2m41s`` is redrawn in place after
-every committed step; messages (evaluations, checkpoints) are printed above it. Anywhere else
-(a pipe, a log file, CI) a plain line is printed at most every ``every_s`` seconds, plus every
-message, so logs stay short.
+every committed step; messages (evaluations, checkpoints) are printed above it. The final step's
+line ends the live line, so later messages (the last evaluation) come below it and it is written
+once, never redrawn (issue 10: ``step 500/500`` appeared twice). Anywhere else (a pipe, a log
+file, CI) a plain line is printed at most every ``every_s`` seconds, plus the final step's and
+every message, so logs stay short.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Progress:
             return
         if self.tty:
             self._draw(self.last_line)
+            if step + 1 >= self.total:  # the last step: end the live line, it is not redrawn
+                self.close()
         else:
             now = time.monotonic()
             if now - self._last_plain >= self.every_s or step + 1 == self.total:
