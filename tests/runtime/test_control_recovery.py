@@ -424,3 +424,23 @@ def test_run_summary_says_how_many_suspicions_were_cleared() -> None:
     assert "suspected" not in quiet
     line = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0, suspicions_cleared=2))
     assert "2 suspected failures cleared (late heartbeats, no failure" in line
+
+
+def test_a_loss_that_extends_a_recovery_gives_its_waits_the_whole_timeout(tmp_path: Path) -> None:
+    """A recovery that started long ago and is extended (or restarted) by another loss starts new
+    processes: they get run.timeout_s from that loss, not what is left since the first one."""
+    job = Job(tmp_path, timeout_s=10.0)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "replace"
+    rec.started -= 9.5  # the replacement has been starting for 9.5 s of the 10 s
+    job.lose(1)  # another loss while it joins: replanned, one more process
+    rec.started -= 1.0  # 10.5 s since the first loss, 1 s since the second
+    job.drive()
+    assert not job.host.failures and rec.phase == "replace"
+    rec.waiting_since -= 10.5
+    job.drive()
+    [failure] = job.host.failures
+    assert "timed out" in failure.reason and "replacement workers to join" in failure.reason

@@ -69,6 +69,7 @@ class Recovery:
     reason: str = ""
     status: dict[int, Any] = field(default_factory=dict)  # survivor -> its posted status
     replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
+    waiting_since: float = 0.0  # time.monotonic() of the last loss: each wait has run.timeout_s from it
 
 
 class RecoveryHost(Protocol):
@@ -151,6 +152,8 @@ class RecoverySupervisor:
         """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed, and the
         health checks stop looking at it (its exit, silence or last words are no new failure)."""
         self.members.confirmed.add(w.worker)
+        if rec.lost:  # another loss extends the recovery: its waits start again
+            rec.waiting_since = time.monotonic()
         rec.lost[w.worker] = (w.stage, w.replica)
         rec.last_loss_at = time.monotonic()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
@@ -165,7 +168,7 @@ class RecoverySupervisor:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         done = {m.worker for m, k in zip(self.host.plan.members, keys) if self.ctx.store.check([k])}
         self.ctx.progress.message(f"lost {self.members.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
-        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started)
+        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started, waiting_since=time.monotonic())
         try:
             self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
         except Exception:
@@ -206,7 +209,10 @@ class RecoverySupervisor:
         return True
 
     def _timed_out(self, rec: Recovery, what: str) -> bool:
-        if time.monotonic() - rec.started > self.ctx.cfg.run.timeout_s:
+        """Stop the job if ``what`` has been awaited for ``run.timeout_s`` since the recovery
+        started or, for a recovery extended by another loss, since that loss (each loss starts
+        new processes, which get the whole timeout)."""
+        if time.monotonic() - max(rec.started, rec.waiting_since) > self.ctx.cfg.run.timeout_s:
             self.host.fail(Failure(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
                                              f"{self.ctx.cfg.run.timeout_s:g} s)", FailureKind(2), time.time()))
             return True
