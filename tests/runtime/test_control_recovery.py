@@ -418,7 +418,7 @@ def test_a_suspect_that_beats_again_is_cleared_and_counted(tmp_path: Path) -> No
 
 
 def test_run_summary_says_how_many_suspicions_were_cleared() -> None:
-    from spotpipe.runtime.control.controller import RunResult, format_result
+    from spotpipe.runtime.control.progress import RunResult, format_result
 
     quiet = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0))
     assert "suspected" not in quiet

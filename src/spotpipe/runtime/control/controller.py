@@ -38,7 +38,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,7 +48,7 @@ from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_manifest
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
-from spotpipe.runtime.control.progress import Progress, format_duration
+from spotpipe.runtime.control.progress import Progress, RunResult
 from spotpipe.runtime.control.job import eval_due
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
@@ -59,41 +58,6 @@ from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.recovery import RecoverySupervisor
 
 POLL_S = 0.05
-
-
-@dataclass
-class RunResult:
-    """How ``spotpipe train`` ended.
-
-    Attributes:
-        status: ``finished``, ``interrupted`` or ``failed``.
-        run_dir: The run directory.
-        last_step: 0-based index of the last committed step (-1: none).
-        train_loss: Loss of the last committed step.
-        val_loss: Last validation loss.
-        wall_s: Seconds this invocation ran.
-        message: One line for the user (the failure's cause for ``failed``).
-        checkpoint: The last complete checkpoint's step, or None.
-        skipped: Steps whose update was skipped for a non-finite gradient norm or loss
-            (``train.nonfinite = "skip"``).
-        suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
-            ``failure_suspected`` events that were no failure.
-    """
-
-    status: str
-    run_dir: Path
-    last_step: int = -1
-    train_loss: float | None = None
-    val_loss: float | None = None
-    wall_s: float = 0.0
-    message: str = ""
-    checkpoint: int | None = None
-    first_loss: float | None = None
-    failures: int = 0
-    ettr: float | None = None
-    lost_s: float = 0.0
-    skipped: int = 0
-    suspicions_cleared: int = 0
 
 
 class Controller:
@@ -586,23 +550,3 @@ class Controller:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
-
-
-def format_result(result: RunResult) -> str:
-    """The last line ``spotpipe train`` prints."""
-    parts = [f"{result.status}: {result.last_step + 1} steps in {format_duration(result.wall_s)}"]
-    if result.train_loss is not None:
-        parts.append(f"train loss {result.train_loss:.4f}")
-    if result.val_loss is not None:
-        parts.append(f"val loss {result.val_loss:.4f}")
-    if result.skipped:
-        parts.append(f"{result.skipped} step{'s' if result.skipped > 1 else ''} skipped (non-finite, train.nonfinite = skip)")
-    if result.suspicions_cleared:
-        n = result.suspicions_cleared
-        parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
-                     "no failure; see failure_suspected in events.jsonl)")
-    if result.failures and result.ettr is not None:
-        parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
-                     f"failure{'s' if result.failures > 1 else ''})")
-    parts.append(f"run dir {result.run_dir}")
-    return ", ".join(parts)

@@ -4,6 +4,8 @@
 there) and reaches it only through :class:`RecoveryHost`. The controller decides
 (:mod:`spotpipe.runtime.control.recovery`); this is each worker's part.
 
+- :meth:`enter_first_generation` takes a new worker into its first generation (a replacement
+  then receives its state; a generation lost before its groups were built is survived like any).
 - :meth:`abort_step` discards a failed step (activations, gradients, the data position).
 - :meth:`on_failure` posts where this survivor stands, waits for the next generation, rebuilds
   the groups and calls :meth:`recover`; the loop then replays the step with the same data.
@@ -52,6 +54,7 @@ class RecoveryHost(Protocol):
     start_step: int
     stop_requested: bool
     fault: Any
+    grant: Any  # the role the controller granted (``info["replacement"]``: a new worker of a lost role)
 
     def enter_generation(self, after: int = 0) -> Generation | None:
         """Wait for a generation newer than ``after`` and build its groups (None: the job stops)."""
@@ -85,6 +88,35 @@ class RecoveryAgent:
         self.w = worker
         self.recoverable = recovery_enabled(worker.cfg.ft)
         self.resume_step = 0  # the step the recovery under way resumes at
+
+    def enter_first_generation(self) -> bool:
+        """Enter this worker's first generation; a replacement then receives its state. Returns
+        False when the job stops first. Sets the worker's ``start_step``.
+
+        Raises:
+            SpotpipeError: A replacement's generation was aborted before it received its state
+                (the controller counts it lost and gives its role to another worker).
+        """
+        w = self.w
+        t0 = time.perf_counter()
+        try:
+            gen = w.enter_generation()
+        except GenerationCancelled as exc:  # a member was lost before the groups were built
+            if w.grant.info.get("replacement"):
+                raise SpotpipeError(f"generation {exc.generation} was aborted before this replacement received its state "
+                                    f"({exc.detail}); its role goes to another worker") from None
+            w.start_step = self.on_failure(exc, w.start_step)
+            return True
+        if gen is None:
+            return False
+        w.log(f"entered generation {gen.number} in {time.perf_counter() - t0:.2f} s")
+        if w.grant.info.get("replacement"):
+            try:
+                w.start_step = self.recover(gen)
+            except CommError as exc:  # lost a peer while installing: the controller decides again
+                gen.abort(str(exc))
+                w.start_step = self.on_failure(exc, self.resume_step)
+        return True
 
     def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:
         """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""

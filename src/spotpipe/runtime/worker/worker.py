@@ -542,7 +542,7 @@ class Worker:
             self.setup()
             self._start_mirror()
             self.log(f"set up in {time.perf_counter() - t0:.2f} s (stages {list(self.my_stages)}, backend {self.backend})")
-            if self._enter_first_generation():
+            if self.recovery.enter_first_generation():
                 self.train()
             self.store.set(protocol.bye_key(self.id), "1")
             self.log("finished")
@@ -563,34 +563,6 @@ class Worker:
             self.heartbeat.halt()
             if self.mirror_link is not None:
                 self.mirror_link.halt()
-
-    def _enter_first_generation(self) -> bool:
-        """Enter the first generation; a replacement then receives its state. Returns False when
-        the job stops first.
-
-        Raises:
-            SpotpipeError: A replacement's generation was aborted before it received its state
-                (the controller counts it lost and gives its role to another worker).
-        """
-        t0 = time.perf_counter()
-        try:
-            gen = self.enter_generation()
-        except GenerationCancelled as exc:
-            if self.grant.info.get("replacement"):
-                raise SpotpipeError(f"generation {exc.generation} was aborted before this replacement received its state "
-                                    f"({exc.detail}); its role goes to another worker") from None
-            self.start_step = self.recovery.on_failure(exc, self.start_step)
-            return True
-        if gen is None:
-            return False
-        self.log(f"entered generation {gen.number} in {time.perf_counter() - t0:.2f} s")
-        if self.grant.info.get("replacement"):
-            try:
-                self.start_step = self.recovery.recover(gen)
-            except CommError as exc:  # lost a peer while installing: the controller decides again
-                gen.abort(str(exc))
-                self.start_step = self.recovery.on_failure(exc, self.recovery.resume_step)
-        return True
 
     def log(self, text: str) -> None:
         """A line in the worker's log (stdout; the controller sends it to RUN_DIR/logs/)."""
@@ -614,7 +586,3 @@ class Worker:
             self.store.set(protocol.error_key(self.id), json.dumps(body))
         except Exception:
             pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
