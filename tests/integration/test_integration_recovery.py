@@ -108,6 +108,22 @@ def assert_same_state(got: Any, want: Any, where: str = "") -> None:
         assert got == want, where
 
 
+def _stage_state(run_dir: Path, rank: int) -> Any:
+    """Rank ``rank``'s StageState (one chunk per rank) from the run's last checkpoint, built as the
+    worker builds it (CheckFree+ edge copies included) and loaded from the flat checkpoint form."""
+    from spotpipe.config import load_config
+    from spotpipe.model.stages import build_stage
+    from spotpipe.ft.policy import swap_schedule_on
+    from spotpipe.runtime.state.optimizer import ChunkAdamW
+    from spotpipe.runtime.state.stage_state import StageState
+
+    cfg = load_config(run_dir / "config.toml")
+    chunk = build_stage(cfg.model, cfg.train.seed, rank, cfg.pipeline.stages, edge_copies=swap_schedule_on(cfg.ft))
+    state = StageState({rank: chunk}, ChunkAdamW({rank: chunk}, cfg.train))
+    state.load_checkpoint(final_state(run_dir)[rank]["state"], f"rank {rank}")
+    return state
+
+
 def assert_final_weights_equal(run_dir: Path, ref_dir: Path) -> None:
     """Every rank's stage state (weights, AdamW moments and steps, lr factors: the one flat
     serialisation of StageState) and sampler position equal the reference's bit for bit."""
@@ -214,16 +230,16 @@ def test_checkfree_plus_rebuilds_an_edge_stage_and_keeps_the_copies_equal(
     events = check_survival(run_dir, reference(1), helpers, world=4, lost=2)
     fins = [e for e in events if e["event"] == "recovery_finished"]
     assert [(e["stage"], e["strategy"]) for e in fins] == [(0, "checkfree+"), (1, "checkfree")], fins
-    state = final_state(run_dir)
-    emb = [state[r]["chunks"][r]["embed.weight"] for r in (0, 1)]
-    head = [state[r]["chunks"][r]["head.weight"] for r in (2, 3)]
+    state = {r: _stage_state(run_dir, r) for r in range(4)}
+    emb = [state[r].chunks[r].embed.weight for r in (0, 1)]
+    head = [state[r].chunks[r].head.weight for r in (2, 3)]
     assert emb[0].equal(emb[1]) and head[0].equal(head[1])
     moments = []
     for r in (0, 1):  # the embedding is alone in its optimizer group (unscaled lr, weight decay)
-        opt = state[r]["optimizers"][r]
-        group = next(g for g in opt["param_groups"] if not g["lr_scaled"] and g["weight_decay"] > 0)
+        opt = state[r].optimizer.by_chunk[r]
+        group = next(g for g in opt.param_groups if not g["lr_scaled"] and g["weight_decay"] > 0)
         assert len(group["params"]) == 1
-        moments.append(opt["state"][group["params"][0]])
+        moments.append(opt.state[group["params"][0]])
     assert moments[0]["exp_avg"].equal(moments[1]["exp_avg"]) and moments[0]["exp_avg_sq"].equal(moments[1]["exp_avg_sq"])
     got = helpers.step_losses(run_dir)
     assert all(v == v for v in got.values()) and got[STEPS - 1] < got[0]
