@@ -194,6 +194,9 @@ class GenerationCancelled(GenerationAborted):
                          action=f"building the process groups of generation {generation}", waited_s=waited_s,
                          detail=reason)
 
+    def _message(self) -> str:
+        return f"generation {self.generation} was aborted before its process groups were built ({self.detail})"
+
     def with_action(self, action: str) -> CommError:
         return self
 
