@@ -31,6 +31,10 @@ BackendName = Literal["auto", "gloo", "nccl"]
 StrategyName = Literal["auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none"]
 """``ft.strategy``: the policy modes ``auto`` and ``none``, and the name of every recovery strategy
 in :data:`spotpipe.ft.strategies.REGISTRY` (a test checks that the two lists agree)."""
+NonfiniteName = Literal["stop", "skip"]
+"""``train.nonfinite``: what a step whose global gradient norm or loss is not finite does; its
+update is never applied: ``stop`` ends the job with one line naming the step, ``skip`` counts the
+step (same data order) without updating anything."""
 SimRecoveryName = Literal["checkpoint", "policy"]
 """``sim.recovery``: how the simulator handles a failure (restart from the checkpoint, or the shipped
 recovery policy)."""
@@ -95,6 +99,7 @@ class TrainConfig:
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
     max_minutes: float = 0.0  # 0 = no wall-time limit; otherwise stop after this many minutes
+    nonfinite: NonfiniteName = "stop"  # a step with a NaN/inf gradient norm or loss: stop the job, or skip its update
 
 
 @dataclass(frozen=True)
@@ -400,6 +405,7 @@ def validate(cfg: JobConfig) -> None:
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
     _check(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
+    _check_choice("train.nonfinite", t.nonfinite, NonfiniteName, listed=False)
     _check(0 < cfg.data.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
     _check_choice("run.backend", r.backend, BackendName, listed=False)

@@ -23,11 +23,12 @@ from spotpipe.fsutil import output_error, read_text
 RUN_START = "run_start"  # name, config (dict), world (workers), mode ("runtime" | "sim")
 WORKER_START = "worker_start"  # worker, stage, replica, pid, generation, host
 JOIN_REFUSED = "join_refused"  # host, pid, reason (a worker without the job's token, or a full job)
-STEP = "step"  # step, loss, tokens, step_time, wall, sampler (position dict), lr, generation
+STEP = "step"  # step, loss, tokens, step_time, wall, sampler (position dict), lr, generation[, skipped: why (non-finite)]
 EVAL = "eval"  # step, val_loss
 CHECKPOINT = "checkpoint"  # step, path, seconds
 GENERATION = "generation"  # generation, workers, reason
 FAILURE_SUSPECTED = "failure_suspected"  # worker, stage, replica, reason
+SUSPICION_CLEARED = "suspicion_cleared"  # worker, stage, replica, silent_s (it beat again: no failure)
 FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason
 RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why
 RECOVERY_FINISHED = "recovery_finished"  # stage, replica, strategy, bytes, seconds

@@ -204,6 +204,93 @@ def test_a_killed_remote_worker_is_confirmed_within_seconds_and_replaced(
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(150))
 
 
+def joined_processes(address: str) -> list[int]:
+    """Pids of the worker processes (local or joined by hand) whose command line joins ``address``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if address.encode() in argv and any(b"spotpipe" in a for a in argv) and b"--join" in argv:
+            pids.append(int(entry))
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+@pytest.mark.parametrize("moment", ["training", "recovery"])
+def test_workers_that_lose_the_controller_exit_with_one_line(
+    moment: str, tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
+) -> None:
+    """Issue 10, section 2: SIGKILL of `spotpipe train` itself, while training or while a stage
+    recovery is under way. Every worker (local ones, the warm spare, one joined by hand) exits
+    within seconds with one line naming the controller's address, no traceback, non-zero."""
+    run_dir = tmp_path / "run"
+    sets = ["run.local_workers=3", "ft.strategy=mirror", "train.eval_every=0"]
+    if moment == "recovery":
+        sets.append('ft.faults=["stage=2@step=4"]')
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, *sets)
+    remote = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "job.token").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        address = next(r["address"] for r in helpers.read_events(run_dir) if r["event"] == "run_start")
+        remote = subprocess.Popen(
+            helpers.spotpipe_cmd("worker", "--join", address, "--token-file", str(run_dir / "job.token")),
+            env=spotpipe_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        wait_for_steps(run_dir, proc, helpers, 3)
+        if moment == "recovery":
+            deadline = time.monotonic() + 60
+            while not any(e["event"] == "recovery_started" for e in helpers.read_events(run_dir)):
+                assert time.monotonic() < deadline and proc.poll() is None, "no recovery started"
+                time.sleep(0.005)
+        else:
+            time.sleep(1.0)  # the warm spare has joined
+        before = joined_processes(address)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=10)
+        while joined_processes(address) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        left = joined_processes(address)
+        exit_s = time.monotonic() - killed
+        r_out, r_err = remote.communicate(timeout=30)
+    finally:
+        for p in (proc, remote):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        for pid in joined_processes(address) if "address" in locals() else []:
+            os.kill(pid, signal.SIGKILL)
+    # 3 local workers, the spare, the one joined by hand (less the one killed by the fault)
+    assert len(before) >= (5 if moment == "training" else 4), before
+    assert not left and exit_s < 15, (left, exit_s)
+    line = f"lost the controller at {address} ("
+    errors = [ln for ln in r_err.splitlines() if ln.strip()]
+    assert remote.returncode == 4 and len(errors) == 1, (remote.returncode, r_err[-2000:])
+    assert errors[0].startswith("spotpipe worker: error: worker ") and line in errors[0] and errors[0].endswith("; exiting")
+    events = helpers.read_events(run_dir)
+    killed_pids = {e["pid"] for e in events if e["event"] == "fault_injected"}
+    logs = sorted((run_dir / "logs").glob("worker-*.log"))
+    said = 0
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, (log.name, text[-2000:])
+        errs = [ln for ln in text.splitlines() if "error:" in ln]
+        assert len(errs) <= 1, (log.name, errs)
+        if errs:
+            assert line in errs[0], errs
+            said += 1
+    assert said >= len(logs) - len(killed_pids), [log.read_text()[-300:] for log in logs]
+    assert any("spare worker" in log.read_text() and line in log.read_text() for log in logs), "the spare did not say it"
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 

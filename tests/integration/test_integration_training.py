@@ -10,6 +10,7 @@ a run resumed from a checkpoint reproduces the uninterrupted run's losses exactl
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -119,3 +120,41 @@ def test_resume_reproduces_uninterrupted_losses(
     assert start["resumed_from"] == 9 and start["start_step"] == 10
     vals = {r["step"]: r["val_loss"] for r in events[events.index(start):] if r["event"] == "eval"}
     assert vals == {19: full_vals[19], 29: full_vals[29]}
+
+
+NONFINITE = ["train.lr=1e8", "train.warmup_steps=0", "model.d_model=64", "train.steps=5", "train.eval_every=0"]
+
+
+@pytest.mark.timeout(180)
+def test_a_nonfinite_step_stops_the_job_with_one_line(tmp_path: Path, train: Callable[..., Any], helpers: Any) -> None:
+    """Issue 10, section 6: lr = 1e8 makes step 2's gradient norm NaN. The update is not applied,
+    and the job stops (train.nonfinite = "stop", the default) with one line naming the step; it
+    never exits 0 after training on NaN, and no NaN loss is committed."""
+    run_dir = tmp_path / "stop"
+    proc = train(run_dir, *NONFINITE)
+    line = helpers.assert_one_line_error(proc, "step 2/5: the gradient norm is nan", "its update was not applied",
+                                         "train.nonfinite")
+    assert "after step 1/5" in line, line
+    events = helpers.read_events(run_dir)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [0] and all(e["loss"] == e["loss"] for e in steps)
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "failed"
+
+
+@pytest.mark.timeout(180)
+def test_nonfinite_steps_can_be_skipped(tmp_path: Path, train: Callable[..., Any], helpers: Any) -> None:
+    """With train.nonfinite = "skip" the run finishes; each skipped step is committed once (the data
+    order is kept), says why in its event, and the summary counts them."""
+    run_dir = tmp_path / "skip"
+    proc = train(run_dir, *NONFINITE, "train.nonfinite=skip")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    events = helpers.read_events(run_dir)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(5))
+    skipped = [e["step"] for e in steps if e.get("skipped")]
+    assert skipped == [1, 2, 3, 4] and all("the gradient norm is nan" in e["skipped"] for e in steps[1:]), steps
+    assert "skipped" not in steps[0]
+    assert len({json.dumps(e["sampler"], sort_keys=True) for e in steps}) == 5  # the data moved on every step
+    assert all(e["loss"] == e["loss"] for e in steps)  # the weights stayed finite
+    assert "4 steps skipped (non-finite, train.nonfinite = skip)" in proc.stdout, proc.stdout[-2000:]
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"

@@ -369,3 +369,78 @@ def test_every_strategy_that_moves_state_has_a_runtime_half() -> None:
     from spotpipe.runtime.worker.strategies import REGISTRY as RUNTIME
 
     assert set(RUNTIME) == {name for name, s in PURE.items() if s.rebuilds}
+
+
+def test_install_aborted_by_every_member_without_a_loss_stops_at_once(tmp_path: Path) -> None:
+    """The state transfer failed though no worker was lost (every member of the new generation
+    posted that it aborted it): nothing the controller waits for can change, so the job stops at
+    once with one line naming the stage and the members' error, not after run.timeout_s."""
+    job = Job(tmp_path)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    job.join_replacements()
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "install" and job.host.plan is not None
+    members = [m.worker for m in job.host.plan.members]
+    for wid in members[:-1]:  # not every member yet: the others may still install
+        job.store.set(protocol.survivor_key(2, wid), json.dumps({"step": job.step, "error": "mirror unusable"}))
+    job.drive()
+    assert not job.host.failures and job.sup.recovering is rec
+    job.store.set(protocol.survivor_key(2, members[-1]), json.dumps({"step": job.step, "error": "mirror unusable"}))
+    job.drive()
+    [failure] = job.host.failures
+    assert failure.reason.startswith("cannot rebuild stage 3: every member of generation 2 aborted")
+    assert "mirror unusable" in failure.reason and "timed out" not in failure.reason
+
+
+def test_a_suspect_that_beats_again_is_cleared_and_counted(tmp_path: Path) -> None:
+    """Issue 10, section 5: a late heartbeat is logged as failure_suspected; when the worker beats
+    again the suspicion is cleared (an event, and a count the run summary shows), no failure."""
+    job = Job(tmp_path)
+    for w in job.members.workers.values():
+        w.last_beat = 100.0
+    job.store.add(protocol.heartbeat_key(2), 0)
+    for wid in (0, 1, 3):  # the others beat on time
+        job.store.add(protocol.heartbeat_key(wid), 1)
+    job.members.check_health(104.0)  # worker 2 silent for 4 s > ft.detect_timeout_s (2 s)
+    [suspected] = job.events("failure_suspected")
+    assert suspected["worker"] == 2 and job.members.workers[2].suspected
+    assert job.members.suspicions_cleared == 0 and not job.host.failures
+    job.store.add(protocol.heartbeat_key(2), 1)
+    job.members.check_health(105.0)
+    [cleared] = job.events("suspicion_cleared")
+    assert cleared["worker"] == 2 and cleared["silent_s"] == pytest.approx(5.0)
+    assert job.members.suspicions_cleared == 1 and not job.members.workers[2].suspected and not job.host.failures
+    job.members.check_health(105.5)  # no new silence: nothing more
+    assert job.members.suspicions_cleared == 1
+
+
+def test_run_summary_says_how_many_suspicions_were_cleared() -> None:
+    from spotpipe.runtime.control.progress import RunResult, format_result
+
+    quiet = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0))
+    assert "suspected" not in quiet
+    line = format_result(RunResult("finished", Path("runs/x"), last_step=9, wall_s=5.0, suspicions_cleared=2))
+    assert "2 suspected failures cleared (late heartbeats, no failure" in line
+
+
+def test_a_loss_that_extends_a_recovery_gives_its_waits_the_whole_timeout(tmp_path: Path) -> None:
+    """A recovery that started long ago and is extended (or restarted) by another loss starts new
+    processes: they get run.timeout_s from that loss, not what is left since the first one."""
+    job = Job(tmp_path, timeout_s=10.0)
+    job.lose(3)
+    job.survivors_post(1)
+    job.drive()
+    rec = job.sup.recovering
+    assert rec is not None and rec.phase == "replace"
+    rec.started -= 9.5  # the replacement has been starting for 9.5 s of the 10 s
+    job.lose(1)  # another loss while it joins: replanned, one more process
+    rec.started -= 1.0  # 10.5 s since the first loss, 1 s since the second
+    job.drive()
+    assert not job.host.failures and rec.phase == "replace"
+    rec.waiting_since -= 10.5
+    job.drive()
+    [failure] = job.host.failures
+    assert "timed out" in failure.reason and "replacement workers to join" in failure.reason

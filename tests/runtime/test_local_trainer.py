@@ -187,3 +187,43 @@ def test_vocabulary_must_fit(small: TokenFile) -> None:
     with pytest.raises(SpotpipeError, match="model.vocab_size=256"):
         LocalTrainer(cfg, small)
     assert fit_vocab(cfg, small).model.vocab_size == 256
+
+
+def test_nonfinite_rule_names_what_is_not_finite() -> None:
+    from spotpipe.runtime.state.optim import nonfinite_reason
+
+    assert nonfinite_reason(1.5, 2.0) == ""
+    assert nonfinite_reason(float("nan"), 2.0) == "the gradient norm is nan"
+    assert nonfinite_reason(float("inf"), 2.0) == "the gradient norm is inf"
+    assert nonfinite_reason(1.0, float("nan")) == "the loss is nan"
+
+
+def test_train_nonfinite_is_a_closed_choice() -> None:
+    from spotpipe.errors import ConfigError
+
+    assert load_config(None, []).train.nonfinite == "stop"
+    assert load_config(None, ["train.nonfinite=skip"]).train.nonfinite == "skip"
+    with pytest.raises(ConfigError, match=r"^train.nonfinite must be stop or skip, got 'ignore'$"):
+        load_config(None, ["train.nonfinite=ignore"])
+
+
+@pytest.mark.timeout(120)
+def test_a_nonfinite_step_is_never_applied(small: TokenFile) -> None:
+    """Issue 10, section 6: lr = 1e8 makes step 1's gradient norm NaN. ``stop`` raises one line
+    naming the step with the weights of step 0 intact; ``skip`` counts the step (the sampler moves
+    on) and keeps every weight finite."""
+    from spotpipe.runtime.state.optim import NonfiniteStep
+
+    huge = ["train.lr=1e8", "train.warmup_steps=0", "train.steps=5"]
+    stop = LocalTrainer(_cfg(*huge), small)
+    stop.train_step()
+    before = [p.detach().clone() for c in stop.chunks for p in c.parameters()]
+    with pytest.raises(NonfiniteStep, match=r"^step 2/5: the (gradient norm|loss) is (nan|inf); its update was not applied"):
+        stop.train_step()
+    after = [p.detach() for c in stop.chunks for p in c.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and stop.step == 1
+    skip = LocalTrainer(_cfg(*huge, "train.nonfinite=skip"), small)
+    results = [skip.train_step() for _ in range(5)]
+    assert results[0].skipped == "" and all(r.skipped for r in results[1:]), [r.skipped for r in results]
+    assert skip.step == 5 and results[-1].sampler_state != results[1].sampler_state
+    assert all(torch.isfinite(p).all() for c in skip.chunks for p in c.parameters())

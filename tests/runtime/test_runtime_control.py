@@ -104,6 +104,27 @@ def test_progress_line_on_tty_and_plain_lines_elsewhere() -> None:
     assert "\r" not in plain.getvalue()
 
 
+def test_final_step_line_is_written_once() -> None:
+    """Issue 10, section 5: `make run` showed its final `step N/N` line twice (drawn, then redrawn
+    under the last evaluation's message). The final line ends the live line: written once."""
+    tty = io.StringIO()
+    p = Progress(3, tty, tty=True)
+    for i in range(3):
+        p.step(i, 2.0, 1.0, 10)
+    p.message("step 3: validation loss 1.9")
+    p.close()
+    text = tty.getvalue()
+    assert text.count("step 3/3") == 1, text
+    assert text.endswith("step 3/3  loss 2.0000  10 tok/s  ETA 0s\nstep 3: validation loss 1.9\n"), repr(text)
+    plain = io.StringIO()
+    p = Progress(3, plain, tty=False, every_s=0.0)
+    for i in range(3):
+        p.step(i, 2.0, 1.0, 10)
+    p.message("step 3: validation loss 1.9")
+    p.close()
+    assert plain.getvalue().count("step 3/3") == 1
+
+
 def test_formatting_helpers() -> None:
     assert format_duration(75) == "1m15s" and format_duration(4000) == "1h06m" and format_duration(9) == "9s"
     assert format_rate(1_500_000) == "1.50M" and format_rate(12_345) == "12.3k"

@@ -119,3 +119,30 @@ def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
         assert mirror.step is None and "cannot replay step 6" in mirror.error
     finally:
         mirror.halt()
+
+
+@pytest.mark.timeout(60)
+def test_replaying_mirror_skips_a_step_its_owner_skipped(store: Any) -> None:
+    """Issue 10, section 6: a non-finite step skipped with train.nonfinite = "skip" is published
+    with apply=False; the holder counts it without touching its copy, so it still equals the owner."""
+    owner, flat = _owner(2)
+    mirror = MirrorReplayer(store, 2, 0, _state(2, 7), timeout_s=10)
+    mirror.start()
+    try:
+        publish_mirror(store, 2, 0, 4, owner.flat(), generation=1)
+        flat.fill_(0.1)
+        publish_gradient(store, 1, 2, 0, 5, flat, 1.0, 1e-3)
+        owner.apply_update(flat, 1.0, 1e-3)
+        mirror.committed(1, 5)
+        publish_gradient(store, 1, 2, 0, 6, torch.full_like(flat, float("nan")), 1.0, 1e-3, apply=False)
+        mirror.committed(1, 6)  # the owner skipped step 6: no update
+        flat.fill_(-0.2)
+        publish_gradient(store, 1, 2, 0, 7, flat, 1.0, 1e-3)
+        owner.apply_update(flat, 1.0, 1e-3)
+        mirror.committed(1, 7)
+        mirror.settle(10.0)
+        assert mirror.error == "" and mirror.step == 7
+        copy = mirror.tensor()
+        assert torch.isfinite(copy).all() and torch.equal(copy, owner.flat())
+    finally:
+        mirror.halt()

@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         parse_fault_specs(extra)  # a bad spec is one line, before anything starts
         prep = replace(prep, cfg=replace(prep.cfg, ft=replace(prep.cfg.ft, faults=prep.cfg.ft.faults + extra)))
-    from spotpipe.runtime.control.controller import Controller, format_result
+    from spotpipe.runtime.control.controller import Controller
+    from spotpipe.runtime.control.progress import format_result
 
     controller = Controller(
         prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout

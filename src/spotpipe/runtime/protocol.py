@@ -11,6 +11,7 @@ server; every worker is a client. Everything the two sides say goes through thes
 ``gen/current``                the current generation number (set when membership is complete)
 ``gen/<g>/plan``               membership of generation g (:class:`GenerationPlan` JSON)
 ``gen/<g>/abort``              set by the controller to abort generation g's communication
+``gen/<g>/arrived/<rank>``     a member is building generation g's groups (all wait for all)
 ``gen/<g>/...``                PrefixStore roots of generation g's process groups
 ``ctl/stop``                   set when the run must stop (Ctrl-C, time limit, failure)
 ``step/<k>/w/<worker>``        a worker's report of step k (loss, times, checkpoint file)
@@ -47,6 +48,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,8 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.fsutil import read_text
 
 TOKEN_ENV = "SPOTPIPE_TOKEN"
+LOCAL_INDEX_ENV = "SPOTPIPE_LOCAL_INDEX"  # set for the workers the controller starts: their index
+CONTROLLER_PID_ENV = "SPOTPIPE_CONTROLLER_PID"  # ... and the pid of the controller, their parent
 TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")
 
 JOB_ID = "job/id"
@@ -210,19 +214,48 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def connect_store(host: str, port: int, timeout_s: float) -> Any:
+CONNECT_POLL_S = 0.2
+"""How often a worker tries again to reach a controller that does not listen (yet)."""
+
+
+def connect_store(host: str, port: int, timeout_s: float, give_up: Callable[[], str] | None = None) -> Any:
     """A TCPStore client of the controller at ``host:port``, within ``timeout_s`` seconds.
 
-    The client's constructor waits for the server's answer to its first message without a
-    deadline, so a port that accepts connections and never answers (not a spotpipe controller, a
-    hung one) would block it forever; it runs in a daemon thread that is abandoned at the
-    deadline. Every later store call has the store's own timeout (``timeout_s``).
+    Tries for up to ``timeout_s`` seconds (the controller may start after a remote worker). Each
+    try is a plain TCP connection first, so a controller that is not listening costs no store
+    error (and no C++ log line); between tries ``give_up`` may end the wait. The store client's
+    constructor then waits for the server's answer to its first message without a deadline, so a
+    port that accepts connections and never answers (not a spotpipe controller, a hung one) would
+    block it forever: it runs in a daemon thread that is abandoned at the deadline. Every later
+    store call has the store's own timeout (``timeout_s``).
+
+    Args:
+        host: The controller's address.
+        port: Its store's port.
+        timeout_s: How long to keep trying, and the client's timeout afterwards (seconds).
+        give_up: Returns a reason to stop trying (e.g. the local controller's process ended), or "".
 
     Raises:
+        ControllerGone: ``give_up`` gave a reason.
         SpotpipeError: naming the address, when no store answers within ``timeout_s``.
     """
     from torch.distributed import TCPStore
 
+    deadline = time.monotonic() + timeout_s
+    why = ""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.05, min(2.0, deadline - time.monotonic()))):
+                pass
+            break
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+        reason = give_up() if give_up is not None else ""
+        if reason:
+            raise ControllerGone(reason)
+        if time.monotonic() >= deadline:
+            raise SpotpipeError(f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {why}")
+        time.sleep(CONNECT_POLL_S)
     result: dict[str, Any] = {}
 
     def connect() -> None:
@@ -233,7 +266,7 @@ def connect_store(host: str, port: int, timeout_s: float) -> Any:
 
     thread = threading.Thread(target=connect, name="store-connect", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    thread.join(max(0.1, deadline - time.monotonic()))
     if "store" in result:
         return result["store"]
     if "error" in result:
@@ -241,6 +274,23 @@ def connect_store(host: str, port: int, timeout_s: float) -> Any:
     else:
         reason = "the port accepts connections but nothing answers like a spotpipe controller"
     raise SpotpipeError(f"cannot reach the controller at {host}:{port} within {timeout_s:g} s: {reason}")
+
+
+class ControllerGone(SpotpipeError):
+    """The controller is known to be gone (not merely slow to answer)."""
+
+
+def describe_store_error(exc: BaseException, limit: int = 120) -> str:
+    """A store client's error as a short reason: ``Connection reset by peer``, ``Broken pipe``.
+
+    Drops the C++ source location torch prefixes and its advice after the first sentence.
+    """
+    text = " ".join(str(exc).split())
+    if text.startswith("[") and "] " in text[:300]:
+        text = text.split("] ", 1)[1]
+    text = text.split(". ", 1)[0].rstrip(".")
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def local_address_towards(host: str, port: int) -> str:

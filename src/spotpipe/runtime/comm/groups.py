@@ -15,12 +15,26 @@ Groups of one generation:
   and for the step's world all-reduce (gradient norm, loss, stop flag);
 * one replica group per stage (its ``replicas`` workers), for the gradient all-reduce.
 
+Building. Every member first says it arrived (``gen/<g>/arrived/<rank>``) and waits until all
+have, then builds the groups in a helper thread over its own store connection. Both waits watch
+``cancelled`` (the worker passes "the controller aborted generation g, or the job stops"), so a
+member lost before or while the groups are built never holds the others for ``run.timeout_s``:
+they raise :class:`GenerationCancelled` at once and take part in the next recovery
+(issue 10, section 1). A member that never arrives is named when the wait runs out.
+
 Abort: :meth:`Generation.abort` makes every pending wait of the generation fail at once, here and
 on the peers. NCCL has a real ``abort``. Gloo's ``abort`` does not wake a blocked wait, so for
 gloo this module records the sockets the generation's groups opened while they were built and
 shuts them down: the local waits and the peers' waits then fail with "connection closed", exactly
 as when a process dies, and the peers abort in turn. Sockets are identified by inode, so an fd
 number reused later is never touched.
+
+Release: an aborted generation is *retired*. Once the worker has entered the next generation (it
+no longer waits on the old one), :func:`release_retired` drops the retired groups in a short-lived
+thread: their listening and connected sockets, their gloo threads and their store connection are
+freed, so a survivor of hundreds of recoveries holds the descriptors and threads of one
+generation (issue 10, section 6). The groups are dropped, not destroyed in place, because a gloo
+group's destructor joins its threads (0.1-0.5 s), which must not delay the recovery.
 """
 
 from __future__ import annotations
@@ -31,13 +45,17 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from spotpipe.errors import SpotpipeError
-from spotpipe.runtime.comm.transport import CommError, ProcessGroupTransport, classify_comm_error
+from spotpipe.runtime.comm.transport import CommError, GenerationAborted, ProcessGroupTransport, classify_comm_error
+
+POLL_S = 0.005
+"""How often a member looks for the others' arrival and for a cancellation (seconds)."""
 
 
 @dataclass(frozen=True)
@@ -163,10 +181,59 @@ def _shutdown_sockets(sockets: dict[int, str]) -> int:
     return done
 
 
-# Aborted generations are kept here until the process exits: destroying a gloo group whose
-# connections were cut can block or abort in its destructor, and a worker never needs them again.
-# Workers leave with os._exit, which skips those destructors.
+class GenerationCancelled(GenerationAborted):
+    """A generation was aborted (or the job stops) before this worker had built its groups.
+
+    Attributes:
+        generation: The generation's number: the worker reports itself a survivor of it.
+    """
+
+    def __init__(self, generation: int, reason: str, waited_s: float = 0.0) -> None:
+        self.generation = generation
+        super().__init__(peer=None, peer_name=f"the members of generation {generation}",
+                         action=f"building the process groups of generation {generation}", waited_s=waited_s,
+                         detail=reason)
+
+    def _message(self) -> str:
+        return f"generation {self.generation} was aborted before its process groups were built ({self.detail})"
+
+    def with_action(self, action: str) -> CommError:
+        return self
+
+
+# Aborted generations whose groups are not released yet (see release_retired).
 _RETIRED: list[Generation] = []
+_RETIRED_LOCK = threading.Lock()
+
+
+def release_retired(keep: Generation | None = None) -> int:
+    """Free the process groups of every aborted generation except ``keep``.
+
+    Call it only when this process no longer waits on those generations (the worker calls it
+    right after it entered the next one). The groups are dropped in a short-lived thread, since a
+    gloo group's destructor joins its threads.
+
+    Args:
+        keep: A generation to keep even if it is aborted (the one the caller is in).
+
+    Returns:
+        How many generations were released.
+    """
+    with _RETIRED_LOCK:
+        gone = [g for g in _RETIRED if g is not keep]
+        _RETIRED[:] = [g for g in _RETIRED if g is keep]
+    handles: list[Any] = []
+    for gen in gone:
+        handles += gen.detach()
+    if handles:
+        threading.Thread(target=handles.clear, name="spotpipe-release-groups", daemon=True).start()
+    return len(gone)
+
+
+def retired_count() -> int:
+    """How many aborted generations still hold their groups (for tests and logs)."""
+    with _RETIRED_LOCK:
+        return len(_RETIRED)
 
 
 def resolve_backend(backend: str) -> str:
@@ -189,6 +256,13 @@ class Generation:
         timeout_s: Default timeout of the groups' operations (``run.timeout_s``).
         listen_host: Address the peers reach this worker on (gloo).
         device: The worker's device.
+        cancelled: Polled while the groups are built: a non-empty reason means the generation
+            will never be complete (the controller aborted it, the job stops).
+
+    Raises:
+        GenerationCancelled: ``cancelled`` gave a reason before the groups were built.
+        SpotpipeError: A member did not arrive, or the groups could not be built, within
+            ``timeout_s`` (naming the members that are missing).
     """
 
     def __init__(
@@ -200,9 +274,8 @@ class Generation:
         timeout_s: float,
         listen_host: str = "127.0.0.1",
         device: torch.device | None = None,
+        cancelled: Callable[[], str] | None = None,
     ) -> None:
-        from torch.distributed import PrefixStore
-
         self.plan = plan
         self.number = plan.generation
         self.world_rank = world_rank
@@ -214,26 +287,87 @@ class Generation:
         self.abort_reason = ""
         self._lock = threading.Lock()
         self._sockets: dict[int, str] = {}
-        timeout = datetime.timedelta(seconds=timeout_s)
-        prefix = f"gen/{self.number}/"
+        self._cancelled = cancelled or (lambda: "")
+        start = time.monotonic()
+        self._arrive(store, start)
+        # The groups get their own store connection: the main one stays free to poll `cancelled`
+        # while a gloo rendezvous blocks on its connection.
+        self._store: Any = store.clone() if hasattr(store, "clone") else store
         before = _socket_inodes()
-        try:
-            self.world = self._make_group(PrefixStore(prefix + "world/", store), world_rank, plan.world_size, timeout, listen_host)
-            self.replica_group: Any | None = None
-            if plan.replicas > 1:
-                stage = self.member.stage
-                self.replica_group = self._make_group(
-                    PrefixStore(prefix + f"replica{stage}/", store), self.member.replica, plan.replicas, timeout, listen_host
-                )
-        except Exception as exc:  # rendezvous timeout or a peer that vanished while connecting
-            raise SpotpipeError(
-                f"{self.member.name()}: could not build the process groups of generation {self.number} "
-                f"within run.timeout_s={timeout_s:g} s: {' '.join(str(exc).split())[:200]}"
-            ) from None
+        groups = self._build(listen_host, start)
+        self.world: Any = groups[0]
+        self.replica_group: Any | None = groups[1]
         after = _socket_inodes()
         self._sockets = _connected_only({fd: ino for fd, ino in after.items() if before.get(fd) != ino})
         names = {rank: m.name() for rank, m in enumerate(plan.members)}
         self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl")
+
+    def _check_cancelled(self, start: float) -> None:
+        why = self._cancelled()
+        if why:
+            raise GenerationCancelled(self.number, why, time.monotonic() - start)
+
+    def _arrive(self, store: Any, start: float) -> None:
+        """Say this member arrived and wait for every other one (or a cancellation)."""
+        keys = [f"gen/{self.number}/arrived/{rank}" for rank in range(self.plan.world_size)]
+        store.set(keys[self.world_rank], "1")
+        deadline = start + self.timeout_s
+        while not store.check(keys):
+            self._check_cancelled(start)
+            if time.monotonic() > deadline:
+                missing = [m.name() for m, key in zip(self.plan.members, keys) if not store.check([key])]
+                raise SpotpipeError(
+                    f"{self.member.name()}: could not build the process groups of generation {self.number}: "
+                    f"{', '.join(missing) or 'a member'} did not arrive within run.timeout_s={self.timeout_s:g} s"
+                )
+            time.sleep(POLL_S)
+
+    def _build(self, listen_host: str, start: float) -> tuple[Any, Any | None]:
+        """Build the world group (and the replica group) in a helper thread; return them.
+
+        A gloo rendezvous blocks on the store until every peer has connected; the helper thread
+        lets this one stop at once when the generation is cancelled. An abandoned helper drops
+        what it built when it finishes (its peers are aborting too).
+        """
+        from torch.distributed import PrefixStore
+
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        prefix = f"gen/{self.number}/"
+        box: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def build() -> None:
+            try:
+                world = self._make_group(PrefixStore(prefix + "world/", self._store), self.world_rank,
+                                         self.plan.world_size, timeout, listen_host)
+                replica = None
+                if self.plan.replicas > 1:
+                    replica = self._make_group(PrefixStore(prefix + f"replica{self.member.stage}/", self._store),
+                                               self.member.replica, self.plan.replicas, timeout, listen_host)
+                result: Any = (world, replica)
+            except Exception as exc:  # rendezvous timeout or a peer that vanished while connecting
+                result = exc
+            with lock:
+                if not box.get("abandoned"):
+                    box["result"] = result
+
+        helper = threading.Thread(target=build, name=f"spotpipe-build-gen{self.number}", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            try:
+                self._check_cancelled(start)
+            except GenerationCancelled:
+                with lock:
+                    box["abandoned"] = True
+                raise
+            helper.join(POLL_S)
+        result = box["result"]
+        if isinstance(result, Exception):
+            raise SpotpipeError(
+                f"{self.member.name()}: could not build the process groups of generation {self.number} "
+                f"within run.timeout_s={self.timeout_s:g} s: {' '.join(str(result).split())[:200]}"
+            ) from None
+        return result  # type: ignore[no-any-return]
 
     def _make_group(self, store: Any, rank: int, size: int, timeout: datetime.timedelta, listen_host: str) -> Any:
         if self.backend == "nccl":
@@ -257,14 +391,14 @@ class Generation:
         Raises:
             CommError: naming ``what`` and the group, on timeout, a lost peer, or abort.
         """
-        pg = self.world if group == "world" else self.replica_group
-        if pg is None:
-            return
         start = time.monotonic()
         name = f"the {group} group of generation {self.number}"
         if self.aborted:
             raise classify_comm_error(RuntimeError(self.abort_reason or "aborted"), peer=None, peer_name=name,
                                       waited_s=0.0, aborted=True, timeout_s=self.timeout_s).with_action(what)
+        pg = self.world if group == "world" else self.replica_group
+        if pg is None:
+            return
         try:
             work = pg.allreduce([tensor])
             if self.backend == "nccl":
@@ -286,15 +420,16 @@ class Generation:
     def abort(self, reason: str = "") -> None:
         """Make every pending and future operation of this generation fail, here and at the peers.
 
-        Safe to call from any thread, more than once. The groups are kept (not destroyed) so that
-        no destructor blocks; they are dropped with the generation object.
+        Safe to call from any thread, more than once. The groups are kept until
+        :func:`release_retired` drops them (a thread of this process may still be waiting on them).
         """
         with self._lock:
             if self.aborted:
                 return
             self.aborted = True
             self.abort_reason = reason
-        _RETIRED.append(self)  # never destroyed while the process runs (see _RETIRED)
+        with _RETIRED_LOCK:
+            _RETIRED.append(self)
         self.transport.aborted = True
         for pg in (self.world, self.replica_group):
             if pg is None:
@@ -305,3 +440,20 @@ class Generation:
                 pass
         if self.backend != "nccl":
             _shutdown_sockets(self._sockets)
+
+    def detach(self) -> list[Any]:
+        """Hand over this (aborted) generation's groups and store connection, and forget them.
+
+        Returns:
+            The handles to drop; once they are gone, the sockets and threads are freed.
+
+        Raises:
+            RuntimeError: If the generation was not aborted (its groups may still be in use).
+        """
+        if not self.aborted:
+            raise RuntimeError(f"generation {self.number} cannot be released before it is aborted")
+        handles = [h for h in (self.world, self.replica_group, self._store) if h is not None]
+        self.world = self.replica_group = self._store = None
+        self.transport.detach()
+        self._sockets = {}
+        return handles

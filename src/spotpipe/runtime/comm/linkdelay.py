@@ -131,11 +131,12 @@ class LinkDelayTransport:
         self.inner.abort()
 
     def close(self) -> None:
-        """Stop the delivery thread (pending sends fail)."""
+        """Stop the delivery thread (pending sends fail) and close the inner transport."""
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._fail_pending("transport closed")
+        self.inner.close()
 
     def _fail_pending(self, why: str) -> None:
         with self._cv:

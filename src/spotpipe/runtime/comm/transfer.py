@@ -29,8 +29,11 @@ def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterabl
         timeout_s: Limit of each wait, seconds.
 
     Raises:
-        RuntimeError: A peer is gone or the group was aborted (torch's error).
+        RuntimeError: A peer is gone or the group was aborted (torch's error, or before anything
+            is posted when the generation is already aborted).
     """
+    if gen.aborted:
+        raise RuntimeError(f"generation {gen.number} was aborted ({gen.abort_reason or 'no reason given'})")
     works = [gen.world.send([t], dst, tag) for t, dst, tag in sends]
     works += [gen.world.recv([t], src, tag) for t, src, tag in recvs]
     for w in works:

@@ -134,6 +134,10 @@ class Transport(Protocol):
         """Make every pending and future wait of this transport fail at once."""
         ...
 
+    def close(self) -> None:
+        """Free what the transport itself holds (threads of a wrapper); the caller is done with it."""
+        ...
+
 
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
@@ -257,6 +261,15 @@ class ProcessGroupTransport:
         if self._on_abort is not None:
             self._on_abort()
 
+    def close(self) -> None:
+        """Nothing of its own to free: the generation owns the process group."""
+
+    def detach(self) -> None:
+        """Forget the process group (its generation is released); only valid once aborted, when
+        every send and receive fails before it reaches the group."""
+        self.aborted = True
+        self._group = None
+
 
 # ----------------------------------------------------------------------------------------------
 # In-process transport (threads), for executor tests and in-process players
@@ -359,3 +372,6 @@ class QueueTransport:
 
     def abort(self) -> None:
         self.aborted = True
+
+    def close(self) -> None:
+        """Nothing to free (the hub owns the queues)."""

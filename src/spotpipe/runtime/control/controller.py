@@ -38,7 +38,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,7 +48,7 @@ from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_manifest
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
-from spotpipe.runtime.control.progress import Progress, format_duration
+from spotpipe.runtime.control.progress import Progress, RunResult
 from spotpipe.runtime.control.job import eval_due
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
@@ -59,35 +58,6 @@ from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.recovery import RecoverySupervisor
 
 POLL_S = 0.05
-
-
-@dataclass
-class RunResult:
-    """How ``spotpipe train`` ended.
-
-    Attributes:
-        status: ``finished``, ``interrupted`` or ``failed``.
-        run_dir: The run directory.
-        last_step: 0-based index of the last committed step (-1: none).
-        train_loss: Loss of the last committed step.
-        val_loss: Last validation loss.
-        wall_s: Seconds this invocation ran.
-        message: One line for the user (the failure's cause for ``failed``).
-        checkpoint: The last complete checkpoint's step, or None.
-    """
-
-    status: str
-    run_dir: Path
-    last_step: int = -1
-    train_loss: float | None = None
-    val_loss: float | None = None
-    wall_s: float = 0.0
-    message: str = ""
-    checkpoint: int | None = None
-    first_loss: float | None = None
-    failures: int = 0
-    ettr: float | None = None
-    lost_s: float = 0.0
 
 
 class Controller:
@@ -331,7 +301,11 @@ class Controller:
             generation=self.generation,
             grad_norm=float(head["grad_norm"]),
             compute_s=max(float(r.get("compute_s", 0.0)) for r in reports),
+            **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
         )
+        if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated
+            self.result.skipped += 1
+            self._progress.message(f"step {step + 1}: {head['skipped']}: update skipped (train.nonfinite = skip)")
         if self._first_loss is None:
             self._first_loss = loss
         self.result.last_step = step
@@ -499,6 +473,7 @@ class Controller:
         self.result.wall_s = wall
         self.result.checkpoint = self.last_checkpoint
         self.result.first_loss = self._first_loss
+        self.result.suspicions_cleared = self.members.suspicions_cleared
         if status == "failed":
             self.result.message = self._failure_message()
         if self.ctx.log is not None:
@@ -549,7 +524,8 @@ class Controller:
     def _failure_message(self) -> str:
         f = self.failure
         text = f.reason if f is not None else "the run failed"
-        where = f" after step {self.result.last_step}" if self.result.last_step >= 0 else " before the first step"
+        where = (f" after step {self.result.last_step + 1}/{self.cfg.train.steps}" if self.result.last_step >= 0
+                 else " before the first step")
         text += f"; the job stopped{where}"
         if f is not None and f.worker is not None and not recovery_enabled(self.cfg.ft):
             text += " (ft.strategy = none: no stage recovery)"
@@ -574,17 +550,3 @@ class Controller:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
-
-
-def format_result(result: RunResult) -> str:
-    """The last line ``spotpipe train`` prints."""
-    parts = [f"{result.status}: {result.last_step + 1} steps in {format_duration(result.wall_s)}"]
-    if result.train_loss is not None:
-        parts.append(f"train loss {result.train_loss:.4f}")
-    if result.val_loss is not None:
-        parts.append(f"val loss {result.val_loss:.4f}")
-    if result.failures and result.ettr is not None:
-        parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
-                     f"failure{'s' if result.failures > 1 else ''})")
-    parts.append(f"run dir {result.run_dir}")
-    return ", ".join(parts)

@@ -16,9 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from spotpipe.runtime.protocol import TOKEN_ENV
+from spotpipe.runtime.protocol import CONTROLLER_PID_ENV, LOCAL_INDEX_ENV, TOKEN_ENV
 
 
 @dataclass
@@ -28,7 +27,6 @@ class LocalProcess:
     index: int
     popen: subprocess.Popen[bytes]
     log_path: Path
-    log: IO[bytes]
 
     @property
     def pid(self) -> int:
@@ -80,22 +78,25 @@ class LocalWorkers:
             index = len(self.procs)
             env = dict(os.environ)
             env[TOKEN_ENV] = self.token
-            env["SPOTPIPE_LOCAL_INDEX"] = str(index)
+            env[LOCAL_INDEX_ENV] = str(index)
+            env[CONTROLLER_PID_ENV] = str(os.getpid())  # the worker's parent: it is orphaned when that changes
             env.setdefault("PYTHONUNBUFFERED", "1")
             if self.threads > 0:
                 env["OMP_NUM_THREADS"] = str(self.threads)
             log_path = self.log_dir / f"worker-{index}.log"
-            log = open(log_path, "ab")
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "spotpipe.runtime.worker", "--join", self.address],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-            self.procs.append(LocalProcess(index, popen, log_path, log))
+            # The child writes to its own copy of the descriptor: the controller keeps none, so a
+            # job that starts hundreds of replacements holds no file per dead worker.
+            with open(log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "spotpipe.runtime.worker", "--join", self.address],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            self.procs.append(LocalProcess(index, popen, log_path))
 
     def by_pid(self, pid: int) -> LocalProcess | None:
         for p in self.procs:
@@ -131,8 +132,6 @@ class LocalWorkers:
                 p.popen.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
-            if not p.log.closed:
-                p.log.close()
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:

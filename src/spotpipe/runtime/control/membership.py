@@ -9,7 +9,9 @@ workers, the role table and the spares, and tells its owner about failures throu
 - **Spares.** A lost role is handed to a waiting spare first (:meth:`Membership.take_spare`); the spare
   already imported torch and built a model once, so it starts faster than a new process.
 - **Health.** Heartbeat counters in the store feed :func:`spotpipe.ft.detector.detect` (the pure
-  function the simulator calls too); a suspect becomes a ``failure_suspected`` event. A dead local
+  function the simulator calls too); a suspect becomes a ``failure_suspected`` event, and a
+  suspect that beats again a ``suspicion_cleared`` event, counted for the run summary (a late
+  heartbeat on a busy machine is no failure, but the user sees that it happened). A dead local
   process, a worker's error report, or silence of ``run.timeout_s`` confirms a failure
   (the rules of :mod:`spotpipe.ft.confirm`, reported to the owner's ``on_failure``). A worker silent for ``ft.detect_timeout_s`` while the other members
   aborted their step is confirmed at once (:meth:`_step_failed_without`): how a remote worker's
@@ -105,6 +107,7 @@ class Membership:
         self.role_of: dict[tuple[int, int], int] = {}
         self.spares: list[WorkerState] = []  # warm standby workers without a role
         self.confirmed: set[int] = set()  # lost and dealt with: no longer health-checked
+        self.suspicions_cleared = 0  # suspects that beat again: shown in the run summary
         self.transport_reports: list[Any] = []
         self._next_worker_id = 0
 
@@ -215,9 +218,12 @@ class Membership:
             except Exception:
                 beats = w.beats
             if beats != w.beats:
-                w.beats, w.last_beat = beats, now
-                if w.suspected:
+                if w.suspected:  # a late heartbeat, not a failure (a busy machine, a stall)
                     w.suspected = False
+                    self.suspicions_cleared += 1
+                    self.ctx.event(ev.SUSPICION_CLEARED, worker=w.worker, stage=w.stage, replica=w.replica,
+                                   silent_s=round(now - w.last_beat, 3))
+                w.beats, w.last_beat = beats, now
             if not w.bye and self.ctx.store.check([protocol.bye_key(w.worker)]):
                 w.bye = True
             if not w.reported and self.ctx.store.check([protocol.error_key(w.worker)]):

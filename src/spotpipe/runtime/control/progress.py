@@ -1,9 +1,15 @@
 """The progress display of ``spotpipe train``: one live line on a terminal, plain lines otherwise.
 
 On a TTY the line ``step 120/600  loss 2.314  12.3k tok/s  ETA 2m41s`` is redrawn in place after
-every committed step; messages (evaluations, checkpoints) are printed above it. Anywhere else
-(a pipe, a log file, CI) a plain line is printed at most every ``every_s`` seconds, plus every
-message, so logs stay short.
+every committed step; messages (evaluations, checkpoints) are printed above it. The final step's
+line ends the live line, so later messages (the last evaluation) come below it and it is written
+once, never redrawn (issue 10: ``step 500/500`` appeared twice). Anywhere else (a pipe, a log
+file, CI) a plain line is printed at most every ``every_s`` seconds, plus the final step's and
+every message, so logs stay short.
+
+The run ends with one summary line (:func:`format_result` of a :class:`RunResult`): status,
+steps, losses, time, and what the user should know of failures, skipped non-finite steps and
+suspected failures that were cleared.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 
@@ -81,6 +89,8 @@ class Progress:
             return
         if self.tty:
             self._draw(self.last_line)
+            if step + 1 >= self.total:  # the last step: end the live line, it is not redrawn
+                self.close()
         else:
             now = time.monotonic()
             if now - self._last_plain >= self.every_s or step + 1 == self.total:
@@ -109,3 +119,58 @@ class Progress:
         self.stream.write("\r" + line + " " * pad)
         self.stream.flush()
         self._line_len = len(line)
+
+
+@dataclass
+class RunResult:
+    """How ``spotpipe train`` ended.
+
+    Attributes:
+        status: ``finished``, ``interrupted`` or ``failed``.
+        run_dir: The run directory.
+        last_step: 0-based index of the last committed step (-1: none).
+        train_loss: Loss of the last committed step.
+        val_loss: Last validation loss.
+        wall_s: Seconds this invocation ran.
+        message: One line for the user (the failure's cause for ``failed``).
+        checkpoint: The last complete checkpoint's step, or None.
+        skipped: Steps whose update was skipped for a non-finite gradient norm or loss
+            (``train.nonfinite = "skip"``).
+        suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
+            ``failure_suspected`` events that were no failure.
+    """
+
+    status: str
+    run_dir: Path
+    last_step: int = -1
+    train_loss: float | None = None
+    val_loss: float | None = None
+    wall_s: float = 0.0
+    message: str = ""
+    checkpoint: int | None = None
+    first_loss: float | None = None
+    failures: int = 0
+    ettr: float | None = None
+    lost_s: float = 0.0
+    skipped: int = 0
+    suspicions_cleared: int = 0
+
+
+def format_result(result: RunResult) -> str:
+    """The last line ``spotpipe train`` prints."""
+    parts = [f"{result.status}: {result.last_step + 1} steps in {format_duration(result.wall_s)}"]
+    if result.train_loss is not None:
+        parts.append(f"train loss {result.train_loss:.4f}")
+    if result.val_loss is not None:
+        parts.append(f"val loss {result.val_loss:.4f}")
+    if result.skipped:
+        parts.append(f"{result.skipped} step{'s' if result.skipped > 1 else ''} skipped (non-finite, train.nonfinite = skip)")
+    if result.suspicions_cleared:
+        n = result.suspicions_cleared
+        parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
+                     "no failure; see failure_suspected in events.jsonl)")
+    if result.failures and result.ettr is not None:
+        parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
+                     f"failure{'s' if result.failures > 1 else ''})")
+    parts.append(f"run dir {result.run_dir}")
+    return ", ".join(parts)

@@ -69,6 +69,7 @@ class Recovery:
     reason: str = ""
     status: dict[int, Any] = field(default_factory=dict)  # survivor -> its posted status
     replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
+    waiting_since: float = 0.0  # time.monotonic() of the last loss: each wait has run.timeout_s from it
 
 
 class RecoveryHost(Protocol):
@@ -151,6 +152,8 @@ class RecoverySupervisor:
         """Count ``w`` as lost in ``rec``; a local process of it that still runs is killed, and the
         health checks stop looking at it (its exit, silence or last words are no new failure)."""
         self.members.confirmed.add(w.worker)
+        if rec.lost:  # another loss extends the recovery: its waits start again
+            rec.waiting_since = time.monotonic()
         rec.lost[w.worker] = (w.stage, w.replica)
         rec.last_loss_at = time.monotonic()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
@@ -165,7 +168,7 @@ class RecoverySupervisor:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         done = {m.worker for m, k in zip(self.host.plan.members, keys) if self.ctx.store.check([k])}
         self.ctx.progress.message(f"lost {self.members.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
-        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started)
+        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started, waiting_since=time.monotonic())
         try:
             self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
         except Exception:
@@ -187,8 +190,29 @@ class RecoverySupervisor:
         elif rec.phase == "install":
             self._recovery_install(rec)
 
+    def _install_failed_without_a_loss(self, rec: Recovery) -> bool:
+        """Stop at once (True) when every member of the generation being installed aborted it
+        (``gen/<g+1>/survivor/<w>``) though none was lost: no one will install the state, and
+        nothing the controller waits for can change. A lost member would not have posted."""
+        plan = self.host.plan
+        assert plan is not None
+        keys = [protocol.survivor_key(rec.new_generation, m.worker) for m in plan.members]
+        if not self.ctx.store.check(keys):
+            return False
+        errors = [str(json.loads(raw).get("error", "")) for raw in self.ctx.store.multi_get(keys)]
+        why = next((e for e in errors if e), "no reason given")
+        stages = sorted({p.stage for p in rec.plans})
+        what = f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+        self.host.fail(Failure(None, f"cannot rebuild {what}: every member of generation {rec.new_generation} aborted "
+                                     f"the recovery though no worker was lost ({' '.join(why.split())[:200]})",
+                               FailureKind.WORKER_ERROR, time.time()))
+        return True
+
     def _timed_out(self, rec: Recovery, what: str) -> bool:
-        if time.monotonic() - rec.started > self.ctx.cfg.run.timeout_s:
+        """Stop the job if ``what`` has been awaited for ``run.timeout_s`` since the recovery
+        started or, for a recovery extended by another loss, since that loss (each loss starts
+        new processes, which get the whole timeout)."""
+        if time.monotonic() - max(rec.started, rec.waiting_since) > self.ctx.cfg.run.timeout_s:
             self.host.fail(Failure(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
                                              f"{self.ctx.cfg.run.timeout_s:g} s)", FailureKind(2), time.time()))
             return True
@@ -296,7 +320,8 @@ class RecoverySupervisor:
     def _recovery_install(self, rec: Recovery) -> None:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         if not self.ctx.store.check(keys):
-            self._timed_out(rec, "the new generation to install the recovered state")
+            if not self._install_failed_without_a_loss(rec):
+                self._timed_out(rec, "the new generation to install the recovered state")
             return
         done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}
         seconds = time.monotonic() - rec.started

@@ -71,6 +71,7 @@ from spotpipe.ft.policy import (
     swap_schedule_on,
 )
 from spotpipe.runtime.inprocess.player import PipelineTrainer
+from spotpipe.runtime.state.optim import NonfiniteStep
 from spotpipe.runtime.state.rules import RecoveryError
 
 
@@ -391,7 +392,11 @@ def run_inprocess(
                 run.emit(ev.STEP_REPLAYED, step=tr.step, generation=run.generation)
                 continue
             t0 = time.perf_counter()
-            result = tr.train_step()
+            try:
+                result = tr.train_step()
+            except NonfiniteStep as exc:  # train.nonfinite = "stop": the update was not applied
+                res.status, res.reason = "failed", str(exc)
+                break
             measured = time.perf_counter() - t0
             if run.step_time_s is None:
                 run.step_time_s = measured

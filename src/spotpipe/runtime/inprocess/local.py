@@ -37,7 +37,7 @@ from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
-from spotpipe.runtime.state.optim import clip_coefficient, grad_sq_norm, lr_at
+from spotpipe.runtime.state.optim import clip_coefficient, grad_sq_norm, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.schedule.generators import model_chunks
@@ -54,6 +54,8 @@ class StepResult:
         grad_norm: Global L2 norm of the gradient over all chunks, before clipping.
         lr: Base learning rate of the step (chunks may scale it, see ``lr_scale``).
         sampler_state: Sampler state AFTER the step: restoring it continues with the next step.
+        skipped: Why the step's update was not applied (a non-finite gradient norm or loss with
+            ``train.nonfinite = "skip"``), or "".
     """
 
     step: int
@@ -62,6 +64,7 @@ class StepResult:
     grad_norm: float
     lr: float
     sampler_state: dict[str, int]
+    skipped: str = ""
 
 
 def default_num_chunks(cfg: JobConfig) -> int:
@@ -125,6 +128,7 @@ class LocalTrainer:
         self.val_sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
         self.step = 0  # steps completed
         self._grad_norms: list[float] = [0.0] * self.num_chunks
+        self.last_skipped = ""  # why the last step's update was not applied (non-finite), or ""
 
     def build_chunk(self, index: int) -> StageModule:
         """Chunk ``index`` as the pipeline worker that holds it builds it (subclasses may build it
@@ -210,22 +214,34 @@ class LocalTrainer:
             losses.append(float(loss.detach()))
         return losses
 
-    def clip_and_step(self) -> tuple[float, float]:
-        """Global-norm clip over all chunks, then one step of the stage state at the scheduled lr.
+    def clip_and_step(self, loss: float = 0.0) -> tuple[float, float]:
+        """Global-norm clip over all chunks, then one step of the stage state at the scheduled lr; a
+        step whose gradient norm or ``loss`` is not finite is never applied (``train.nonfinite``, as
+        on the pipeline workers: :func:`~spotpipe.runtime.state.optim.nonfinite_reason`).
 
         Returns:
             ``(grad_norm before clipping, base lr)``.
+
+        Raises:
+            NonfiniteStep: The step is not finite and ``train.nonfinite = "stop"``.
         """
         sq = [grad_sq_norm(c.parameters()) for c in self.chunks]
         self._grad_norms = [math.sqrt(s) for s in sq]
         total_norm = math.sqrt(sum(sq))
+        lr = lr_at(self.step, self.cfg.train)
+        self.last_skipped = nonfinite_reason(total_norm, loss)
+        if self.last_skipped:
+            for q in self._params():
+                q.grad = None
+            if self.cfg.train.nonfinite == "stop":
+                raise nonfinite_step_error(self.step, self.cfg.train.steps, self.last_skipped)
+            return total_norm, lr
         coef = clip_coefficient(total_norm, self.cfg.train.grad_clip)
         if coef < 1.0:
             with torch.no_grad():
                 for q in self._params():
                     if q.grad is not None:
                         q.grad.mul_(coef)
-        lr = lr_at(self.step, self.cfg.train)
         self.state.step(lr)
         for q in self._params():
             q.grad = None
@@ -235,14 +251,16 @@ class LocalTrainer:
         """Take one optimiser step on the next ``train.batch_size`` samples."""
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
         losses = self.compute_gradients(step_ids)
-        grad_norm, lr = self.clip_and_step()
+        loss = sum(losses) / len(losses)
+        grad_norm, lr = self.clip_and_step(loss)
         result = StepResult(
             step=self.step,
-            loss=sum(losses) / len(losses),
+            loss=loss,
             tokens=self.cfg.train.batch_size * self.cfg.model.context,
             grad_norm=grad_norm,
             lr=lr,
             sampler_state=self.sampler.state_dict(),
+            skipped=self.last_skipped,
         )
         self.step += 1
         return result

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from spotpipe.config import TrainConfig
+from spotpipe.errors import SpotpipeError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
@@ -108,6 +109,33 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
     if max_norm <= 0 or not math.isfinite(total_norm):
         return 1.0
     return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def nonfinite_reason(grad_norm: float, loss: float) -> str:
+    """Why a step's update must not be applied: ``"the gradient norm is nan"``, or ``""`` if both the
+    global gradient norm and the loss are finite.
+
+    Every worker knows both after the step's world all-reduce, so every worker decides the same.
+    ``torch.nn.utils.clip_grad_norm_`` would scale a non-finite gradient by 1.0 and let it through
+    (it has ``error_if_nonfinite`` for this); a NaN update poisons every later step.
+    """
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    return ""
+
+
+class NonfiniteStep(SpotpipeError):
+    """A step's gradient norm or loss was not finite and ``train.nonfinite = "stop"``."""
+
+
+def nonfinite_step_error(step: int, steps: int, reason: str) -> NonfiniteStep:
+    """The one line that stops a job at a non-finite step (``step`` 0-based, shown as the progress
+    line counts it)."""
+    return NonfiniteStep(f"step {step + 1}/{steps}: {reason}; its update was not applied and the job stops "
+                         f"(train.nonfinite = stop; \"skip\" would skip such steps; lower train.lr or raise "
+                         f"train.warmup_steps)")
 
 
 def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:

@@ -21,6 +21,7 @@ from spotpipe.cliargs import float_in
 from spotpipe.config import MAX_WAIT_S
 from spotpipe.errors import SpotpipeError
 from spotpipe.runtime import protocol
+from spotpipe.runtime.worker.heartbeat import ControllerLost
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
     """A warm standby: load torch and build a throwaway stage (the first model build of a process
-    is slow), then wait for the controller to hand over a lost role. None: the job ended."""
+    is slow), then wait for the controller to hand over a lost role. None: the job ended.
+
+    Raises:
+        Exception: The store's own error when the controller is gone (the caller says so).
+    """
     import tomllib
 
     import torch
@@ -65,23 +70,55 @@ def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
         time.sleep(0.02)
 
 
+CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+
+
 def run_worker(args: argparse.Namespace) -> int:
-    """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input."""
+    """Join the job at ``args.join`` and work until it ends. Raises SpotpipeError on bad input.
+
+    The worker says every store or connection failure in one line of its own (a lost controller:
+    :class:`~spotpipe.runtime.worker.heartbeat.ControllerLost`), so c10d's C++ warnings, which
+    come with C++ stack traces, are off unless ``$TORCH_CPP_LOG_LEVEL`` asks for them.
+    """
+    os.environ.setdefault(CPP_LOG_LEVEL, "ERROR")  # read once, when torch is first imported (below)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
     host, port = protocol.parse_address(args.join)
     token = protocol.read_token(args.token_file)
-    store = protocol.connect_store(host, port, args.timeout)
+    address = f"{host}:{port}"
+    local = os.environ.get(protocol.LOCAL_INDEX_ENV)
+    parent = os.environ.get(protocol.CONTROLLER_PID_ENV, "")
+
+    def controller_ended() -> str:
+        """A local worker's parent is the controller: once it is not, the controller ended."""
+        if parent.isdigit() and os.getppid() != int(parent):
+            return "its process ended before this worker connected"
+        return ""
+
+    try:
+        store = protocol.connect_store(host, port, args.timeout, give_up=controller_ended)
+    except protocol.ControllerGone as exc:
+        ControllerLost(f"local worker {local}", address)(str(exc))
     listen_host = args.listen_host or protocol.local_address_towards(host, port)
-    grant = protocol.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
+    try:
+        grant = protocol.request_join(store, token, listen_host=listen_host, timeout_s=args.timeout)
+    except SpotpipeError:
+        raise
+    except Exception:  # the store failed under the join: the controller is gone
+        ControllerLost("this worker", address).check(store)
+        raise
     try:
         if grant.info.get("spare"):
-            assigned = wait_as_spare(store, grant)
+            try:
+                assigned = wait_as_spare(store, grant)
+            except Exception:
+                ControllerLost(f"spare worker {grant.worker}", address).check(store)
+                raise
             if assigned is None:
                 os._exit(0)
             grant = assigned
         from spotpipe.runtime.worker.worker import Worker
 
-        code = Worker(store, grant, listen_host).run()
+        code = Worker(store, grant, listen_host, address).run()
     except BaseException:  # a bug: the controller already has the one-line report; log the rest
         import traceback
 

@@ -1,13 +1,56 @@
-"""The worker's heartbeat thread: beats, and watches the store for stop and abort requests."""
+"""The worker's link to its controller: the heartbeat thread, and what happens when the controller is gone.
+
+:class:`Heartbeat` beats every ``run.heartbeat_s`` and watches the store for stop and abort
+requests. :class:`ControllerLost` ends the process when the controller is unreachable (its
+process was killed, its machine is gone): whichever thread meets the dead store first (the
+heartbeat, the step loop, a recovery wait, a spare waiting for a role) prints one line naming the
+controller's address and exits with :data:`EXIT_ORPHANED`; no traceback, no second line
+(issue 10, section 2). The run directory keeps the last checkpoint: ``spotpipe train --resume``.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from spotpipe.runtime import protocol
+
+EXIT_ORPHANED = 4
+"""Exit code of a worker that lost its controller."""
+
+
+class ControllerLost:
+    """Ends this worker process when its controller is gone (see the module docstring).
+
+    Args:
+        who: How the worker names itself, e.g. ``worker 2 (stage 2, replica 0)``.
+        address: The controller's ``HOST:PORT``.
+    """
+
+    def __init__(self, who: str, address: str) -> None:
+        self.who = who
+        self.address = address
+        self._once = threading.Lock()
+
+    def __call__(self, why: str) -> NoReturn:
+        """Print the one line and exit; a second thread that gets here waits for the exit."""
+        self._once.acquire()  # never released: the process ends below
+        sys.stdout.flush()
+        print(f"spotpipe worker: error: {self.who}: lost the controller at {self.address} ({why}); exiting",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_ORPHANED)
+
+    def check(self, store: Any) -> None:
+        """Exit as above if ``store`` (a client of the controller's store) no longer answers;
+        return if it does (the caller's error has another cause)."""
+        try:
+            store.check([protocol.JOB_ID])
+        except Exception as exc:
+            self(protocol.describe_store_error(exc))
 
 
 
@@ -24,8 +67,8 @@ class Heartbeat(threading.Thread):
         interval_s: ``run.heartbeat_s``.
         on_stop: Called once when ``ctl/stop`` appears.
         on_abort: Called with (generation, reason) when the current generation's abort key appears.
-        on_orphaned: Called when the controller is gone.
-        give_up_s: How long store failures are tolerated.
+        on_orphaned: Called with a reason when the controller is gone (:class:`ControllerLost`).
+        give_up_s: How long store failures are tolerated (seconds).
     """
 
     def __init__(
@@ -69,7 +112,7 @@ class Heartbeat(threading.Thread):
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since >= self._give_up_s:
-                    self._on_orphaned(" ".join(str(exc).split())[:120])
+                    self._on_orphaned(protocol.describe_store_error(exc))
                     return
             self._halt.wait(self._interval)
 

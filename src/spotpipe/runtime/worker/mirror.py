@@ -36,7 +36,7 @@ import torch
 from spotpipe.runtime import protocol
 from spotpipe.runtime.state.stage_state import StageState
 
-HEADER = struct.Struct("<qdd")  # step, clip coefficient, base learning rate
+HEADER = struct.Struct("<qdd?")  # step, clip coefficient, base learning rate, apply (False: a skipped step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,10 +62,11 @@ def publish_mirror(store: Any, stage: int, replica: int, step: int, flat: torch.
 
 
 def publish_gradient(store: Any, generation: int, stage: int, replica: int, step: int, grad: torch.Tensor,
-                     coef: float, lr: float) -> int:
-    """Publish ``step``'s gradient, clip coefficient and base lr for the replaying holder.
+                     coef: float, lr: float, apply: bool = True) -> int:
+    """Publish ``step``'s gradient, clip coefficient and base lr for the replaying holder (``apply``
+    False: the owner skips the step's update, a non-finite step, and so does the holder).
     Returns the bytes published."""
-    blob = HEADER.pack(step, coef, lr) + grad.detach().float().cpu().numpy().tobytes()
+    blob = HEADER.pack(step, coef, lr, apply) + grad.detach().float().cpu().numpy().tobytes()
     store.set(protocol.mirror_grad_key(generation, stage, replica, step), blob)
     return len(blob)
 
@@ -266,11 +267,12 @@ class MirrorReplayer(threading.Thread):
             raise RuntimeError(f"mirror of stage {self.stage} holds step {self.step}, cannot replay step {step}")
         key = protocol.mirror_grad_key(generation, self.stage, self.replica, step)
         blob = self._wait(key)
-        at, coef, lr = HEADER.unpack_from(blob)
+        at, coef, lr, apply = HEADER.unpack_from(blob)
         grad = np.frombuffer(blob, dtype=np.float32, offset=HEADER.size)
         with self._lock:
-            self.flat_grad.copy_(torch.from_numpy(grad.copy()))
-            self.state.apply_update(self.flat_grad, coef, lr)
+            if apply:
+                self.flat_grad.copy_(torch.from_numpy(grad.copy()))
+                self.state.apply_update(self.flat_grad, coef, lr)
             self.step = step
         self.bytes_received += len(blob)
         try:

@@ -79,10 +79,11 @@ class MirrorLink:
         publish_mirror(self.store, self.stage, self.replica, step - 1, self.state.flat(), generation)
         self._published_generation = generation
 
-    def gradient(self, generation: int, step: int, flat_grad: torch.Tensor, coef: float, lr: float) -> None:
-        """Owner, ``replay``: publish the step's gradient before voting on its commit."""
+    def gradient(self, generation: int, step: int, flat_grad: torch.Tensor, coef: float, lr: float, apply: bool = True) -> None:
+        """Owner, ``replay``: publish the step's gradient before voting on its commit (``apply``
+        False: the step is skipped, ``train.nonfinite = "skip"``, and the holder skips it too)."""
         if self.mode == "replay" and generation:
-            publish_gradient(self.store, generation, self.stage, self.replica, step, flat_grad, coef, lr)
+            publish_gradient(self.store, generation, self.stage, self.replica, step, flat_grad, coef, lr, apply)
 
     def committed(self, generation: int, step: int) -> None:
         """After committed ``step``: the holder replays it (``replay``) or the owner publishes its

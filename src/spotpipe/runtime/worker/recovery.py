@@ -4,6 +4,8 @@
 there) and reaches it only through :class:`RecoveryHost`. The controller decides
 (:mod:`spotpipe.runtime.control.recovery`); this is each worker's part.
 
+- :meth:`enter_first_generation` takes a new worker into its first generation (a replacement
+  then receives its state; a generation lost before its groups were built is survived like any).
 - :meth:`abort_step` discards a failed step (activations, gradients, the data position).
 - :meth:`on_failure` posts where this survivor stands, waits for the next generation, rebuilds
   the groups and calls :meth:`recover`; the loop then replays the step with the same data.
@@ -29,7 +31,7 @@ from spotpipe.config import JobConfig
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.runtime import protocol
-from spotpipe.runtime.comm.groups import Generation
+from spotpipe.runtime.comm.groups import Generation, GenerationCancelled
 from spotpipe.runtime.comm.transfer import TAG_BASE, p2p, wait_key
 from spotpipe.runtime.comm.transport import CommError, GenerationAborted
 from spotpipe.runtime.state.stage_state import StageState
@@ -52,6 +54,7 @@ class RecoveryHost(Protocol):
     start_step: int
     stop_requested: bool
     fault: Any
+    grant: Any  # the role the controller granted (``info["replacement"]``: a new worker of a lost role)
 
     def enter_generation(self, after: int = 0) -> Generation | None:
         """Wait for a generation newer than ``after`` and build its groups (None: the job stops)."""
@@ -86,6 +89,35 @@ class RecoveryAgent:
         self.recoverable = recovery_enabled(worker.cfg.ft)
         self.resume_step = 0  # the step the recovery under way resumes at
 
+    def enter_first_generation(self) -> bool:
+        """Enter this worker's first generation; a replacement then receives its state. Returns
+        False when the job stops first. Sets the worker's ``start_step``.
+
+        Raises:
+            SpotpipeError: A replacement's generation was aborted before it received its state
+                (the controller counts it lost and gives its role to another worker).
+        """
+        w = self.w
+        t0 = time.perf_counter()
+        try:
+            gen = w.enter_generation()
+        except GenerationCancelled as exc:  # a member was lost before the groups were built
+            if w.grant.info.get("replacement"):
+                raise SpotpipeError(f"generation {exc.generation} was aborted before this replacement received its state "
+                                    f"({exc.detail}); its role goes to another worker") from None
+            w.start_step = self.on_failure(exc, w.start_step)
+            return True
+        if gen is None:
+            return False
+        w.log(f"entered generation {gen.number} in {time.perf_counter() - t0:.2f} s")
+        if w.grant.info.get("replacement"):
+            try:
+                w.start_step = self.recover(gen)
+            except CommError as exc:  # lost a peer while installing: the controller decides again
+                gen.abort(str(exc))
+                w.start_step = self.on_failure(exc, self.resume_step)
+        return True
+
     def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:
         """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""
         if self.w.generation is not None:
@@ -99,19 +131,36 @@ class RecoveryAgent:
         The survivor tells the controller where it stands (``gen/<g>/survivor/<id>``: the
         step it aborted, its sampler position, its mirror), waits for the next generation,
         rebuilds the groups, does its part of the recovery the controller published, and
-        returns: the loop replays the step with the same data. With ``ft.strategy = none`` the
-        error ends the worker.
+        returns: the loop replays the step with the same data. A generation that is lost in turn
+        (a member lost while its groups are built or its state installed) is survived the same
+        way, again and again. With ``ft.strategy = none`` the error ends the worker.
+
+        Args:
+            exc: What stopped the step; a :class:`GenerationCancelled` names the generation this
+                worker never finished entering.
+            step: The step this worker resumes at with its current state.
 
         Raises:
             CommError: ``exc`` itself when recovery is off or there is no generation.
         """
         gen = self.w.generation
-        if not self.recoverable or gen is None:
+        if isinstance(exc, GenerationCancelled):
+            number = exc.generation
+        elif gen is not None:
+            number = gen.number
+        else:
+            raise exc
+        if not self.recoverable:
             raise exc
         while True:
-            self._post_survivor_status(gen, exc, step)
+            self._post_survivor_status(number, exc, step)
             self.w.log(f"step {step} aborted ({' '.join(str(exc).split())[:160]}); waiting for the next generation")
-            new = self.w.enter_generation(after=gen.number)
+            try:
+                new = self.w.enter_generation(after=number)
+            except GenerationCancelled as again:  # lost a member before its groups were built
+                step = self._local_part(again.generation, step)
+                number, exc = again.generation, again
+                continue
             if new is None:  # the job stops (time limit, Ctrl-C) while it waits: leave cleanly
                 self.w.log(f"the job stops during a recovery; step {step} is not run")
                 return self.w.cfg.train.steps
@@ -120,9 +169,26 @@ class RecoveryAgent:
             except CommError as again:  # another worker was lost during this recovery: start over
                 new.abort(str(again))
                 self.w.zero_gradients()
-                gen, exc, step = new, again, self.resume_step
+                number, exc, step = new.number, again, self.resume_step
 
-    def _post_survivor_status(self, gen: Generation, exc: CommError, step: int) -> None:
+    def _local_part(self, number: int, step: int) -> int:
+        """The part of generation ``number``'s recovery that needs no peer, for a worker that
+        never built its groups: a rollback reloads the checkpoint, so that every survivor of
+        ``number`` stands at the same step when the controller plans again. Returns the step
+        this worker resumes at."""
+        key = protocol.recovery_key(number)
+        if not self.w.store.check([key]):
+            return step
+        record = json.loads(self.w.store.get(key))
+        if record.get("outcome") != "rollback":
+            return step
+        self.w.load_checkpoint(record["checkpoint"])
+        if self.w.mirror is not None:  # the mirror is of a step that no longer exists
+            self.w.mirror.reset(number)
+        self.resume_step = self.w.start_step
+        return self.resume_step
+
+    def _post_survivor_status(self, number: int, exc: CommError, step: int) -> None:
         """``gen/<g>/survivor/<id>``: the step this survivor resumes at, its data position, the step
         of the mirror it holds, and the error that stopped it."""
         mirror = self.w.mirror
@@ -138,7 +204,7 @@ class RecoveryAgent:
             "mirror_bytes": 0 if mirror is None else mirror.nbytes,
             "error": str(exc)[:300],
         }
-        self.w.store.set(protocol.survivor_key(gen.number, self.w.id), json.dumps(status))
+        self.w.store.set(protocol.survivor_key(number, self.w.id), json.dumps(status))
 
     def recover(self, gen: Generation) -> int:
         """Carry out the controller's recovery decision for ``gen`` (this worker's part); returns the

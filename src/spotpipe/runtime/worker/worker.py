@@ -56,12 +56,12 @@ from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
-from spotpipe.runtime.comm.groups import Generation, GenerationPlan, resolve_backend
+from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, GenerationPlan, release_retired, resolve_backend
 from spotpipe.runtime.control.job import checkpoint_due, eval_due
-from spotpipe.runtime.state.optim import clip_coefficient, lr_at
+from spotpipe.runtime.state.optim import clip_coefficient, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
-from spotpipe.runtime.worker.heartbeat import Heartbeat
+from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
@@ -71,7 +71,6 @@ from spotpipe.runtime.worker.recovery import RecoveryAgent
 from spotpipe.schedule.build import job_schedule
 
 EXIT_ERROR = 3
-EXIT_ORPHANED = 4
 
 
 class Worker:
@@ -81,9 +80,10 @@ class Worker:
         store: Client of the controller's store.
         grant: The role the controller granted.
         listen_host: Address peers reach this worker on.
+        controller: The controller's ``HOST:PORT`` (named when it is lost).
     """
 
-    def __init__(self, store: Any, grant: protocol.Grant, listen_host: str) -> None:
+    def __init__(self, store: Any, grant: protocol.Grant, listen_host: str, controller: str = "") -> None:
         self.store = store
         self.grant = grant
         self.id = grant.worker
@@ -93,6 +93,7 @@ class Worker:
         self.cfg: JobConfig = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
         self.run_dir = Path(grant.info["run_dir"])
         self.name = f"worker {self.id} (stage {self.stage}, replica {self.replica})"
+        self.lost_controller = ControllerLost(self.name, controller or "an unknown address")
         self.stop_requested = False
         self.generation: Generation | None = None
         self.heartbeat: Heartbeat | None = None
@@ -126,7 +127,7 @@ class Worker:
             problems = check_message_order(self.schedule)
             if problems:
                 raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
-            env = os.environ.get("SPOTPIPE_LOCAL_INDEX") or os.environ.get("LOCAL_RANK")
+            env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
             index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
             self.device = torch.device("cuda", index % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
@@ -243,7 +244,13 @@ class Worker:
         """Wait for a generation newer than ``after`` and build its groups (None: the job stops).
 
         The first call takes the first generation; a recovery handler passes the number of the
-        generation it aborted, so it joins the one the controller publishes next.
+        generation it aborted, so it joins the one the controller publishes next. Once in, the
+        groups of the generations this worker left are released and the old executor's
+        transport is closed, so recoveries leave no descriptors or threads behind.
+
+        Raises:
+            GenerationCancelled: The controller aborted the generation before its groups were
+                built (a member was lost meanwhile): this worker is a survivor of it.
         """
         number = 0
         after = max(after, int(self.grant.info.get("generation", 1)) - 1)
@@ -257,11 +264,30 @@ class Worker:
             return None
         plan = GenerationPlan.from_json(self.store.get(protocol.plan_key(number)))
         rank = plan.rank_of_worker(self.id)
-        gen = Generation(self.store, plan, rank, self.backend, self.cfg.run.timeout_s, self.listen_host, self.device)
+        abort_key = protocol.abort_key(number)
+
+        def cancelled() -> str:
+            if self.stop_requested:
+                return "the job stops"
+            if self.store.check([abort_key]):
+                return self.store.get(abort_key).decode() or "aborted by the controller"
+            return ""
+
+        try:
+            gen = Generation(self.store, plan, rank, self.backend, self.cfg.run.timeout_s, self.listen_host, self.device,
+                             cancelled=cancelled)
+        except GenerationCancelled:
+            if self.stop_requested:
+                return None
+            raise
+        old = getattr(self, "executor", None)
         self.generation = gen
         if self.heartbeat is not None:
             self.heartbeat.generation = number
         self._build_executor(gen)
+        if old is not None:
+            old.transport.close()
+        release_retired(keep=gen)
         return gen
 
     def _build_executor(self, gen: Generation) -> None:
@@ -328,11 +354,13 @@ class Worker:
         self.fault.hit("allreduce")
         gen.all_reduce(vec, "world", f"the step barrier (world all-reduce) of step {step}")
         sq_total, loss_total, n_total, stop = (float(v) for v in vec.cpu())
-        grad_norm = math.sqrt(max(sq_total, 0.0))
+        grad_norm = math.sqrt(sq_total) if not sq_total < 0 else 0.0  # NaN stays NaN
+        loss = loss_total / max(n_total, 1.0)
         return {
             "step": step,
-            "loss": loss_total / max(n_total, 1.0),
+            "loss": loss,
             "grad_norm": grad_norm,
+            "nonfinite": nonfinite_reason(grad_norm, loss),
             "coef": clip_coefficient(grad_norm, self.cfg.train.grad_clip),
             "lr": lr_at(step, self.cfg.train),
             "stop": stop > 0,
@@ -441,13 +469,20 @@ class Worker:
             self.mirror_link.generation_started(gen_number, step)
             try:
                 outcome = self.compute_step(step)
-                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"])
+                nonfinite = outcome["nonfinite"]
+                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"], apply=not nonfinite)
                 self.decide(step)
             except CommError as exc:
                 self.recovery.abort_step(snapshot, str(exc))
                 step = self.recovery.on_failure(exc, step)
                 continue
-            lr = self.apply_step(outcome)
+            if nonfinite and t.nonfinite == "stop":  # every worker decides the same: the all-reduced values
+                raise nonfinite_step_error(step, t.steps, nonfinite)
+            if nonfinite:
+                self.log(f"step {step + 1}: {nonfinite}: update skipped (train.nonfinite = skip)")
+                lr = float(outcome["lr"])
+            else:
+                lr = self.apply_step(outcome)
             self.mirror_link.committed(gen_number, step)
             stop = outcome["stop"]
             report: dict[str, Any] = {
@@ -461,6 +496,7 @@ class Worker:
                 "pipe_s": outcome["pipe_s"],
                 "reduced": outcome["reduced"],
                 "stop": stop,
+                "skipped": nonfinite,
             }
             if checkpoint_due(step, t, stop) and self.replica == 0:
                 report["checkpoint"] = self.save_checkpoint(step)
@@ -487,10 +523,6 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Lifecycle
 
-    def _orphaned(self, why: str) -> None:
-        print(f"spotpipe worker: error: {self.name}: the controller is gone ({why}); exiting", file=sys.stderr, flush=True)
-        os._exit(EXIT_ORPHANED)
-
     def _abort_generation(self, number: int, reason: str) -> None:
         gen = self.generation
         if gen is not None and gen.number == number:
@@ -502,7 +534,7 @@ class Worker:
     def run(self) -> int:
         """Set up, train, report. Returns the process exit code."""
         self.heartbeat = Heartbeat(
-            self.store, self.id, self.cfg.run.heartbeat_s, self._request_stop, self._abort_generation, self._orphaned
+            self.store, self.id, self.cfg.run.heartbeat_s, self._request_stop, self._abort_generation, self.lost_controller
         )
         self.heartbeat.start()
         try:
@@ -510,26 +542,21 @@ class Worker:
             self.setup()
             self._start_mirror()
             self.log(f"set up in {time.perf_counter() - t0:.2f} s (stages {list(self.my_stages)}, backend {self.backend})")
-            t0 = time.perf_counter()
-            if self.enter_generation() is not None:
-                self.log(f"entered generation {self.generation.number if self.generation else '?'} in {time.perf_counter() - t0:.2f} s")
-                if self.grant.info.get("replacement") and self.generation is not None:
-                    try:
-                        self.start_step = self.recovery.recover(self.generation)
-                    except CommError as exc:  # lost a peer while installing: the controller decides again
-                        self.generation.abort(str(exc))
-                        self.start_step = self.recovery.on_failure(exc, self.recovery.resume_step)
+            if self.recovery.enter_first_generation():
                 self.train()
             self.store.set(protocol.bye_key(self.id), "1")
             self.log("finished")
             return 0
         except CommError as exc:
+            self.lost_controller.check(self.store)  # a dead controller explains every other error
             self.report_error(str(exc), exc)
             return EXIT_ERROR
         except SpotpipeError as exc:
+            self.lost_controller.check(self.store)
             self.report_error(str(exc))
             return EXIT_ERROR
         except Exception as exc:  # a bug: still tell the controller, with the type
+            self.lost_controller.check(self.store)
             self.report_error(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             raise
         finally:
@@ -559,7 +586,3 @@ class Worker:
             self.store.set(protocol.error_key(self.id), json.dumps(body))
         except Exception:
             pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
