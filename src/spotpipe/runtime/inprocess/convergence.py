@@ -69,6 +69,7 @@ from spotpipe.ft.policy import (
     mirror_holder,
     plan_recovery,
     swap_schedule_on,
+    uses_mirrors,
 )
 from spotpipe.runtime.inprocess.player import PipelineTrainer
 from spotpipe.runtime.state.optim import NonfiniteStep
@@ -169,7 +170,7 @@ class _Run:
         self.generation = 0
         self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_step: int | None = None
-        self.use_mirrors = self.strategy in ("auto", MIRROR)
+        self.use_mirrors = uses_mirrors(self.strategy)
         self.mirrors: dict[int, HostCopy] = {}  # stage -> its mirror
         self.copies: dict[int, torch.Tensor] = {}  # edge chunk -> tied_flat of its in-sync copy (CheckFree+)
         self.last_strategies: list[str] = []
