@@ -146,3 +146,35 @@ def test_replaying_mirror_skips_a_step_its_owner_skipped(store: Any) -> None:
         assert torch.isfinite(copy).all() and torch.equal(copy, owner.flat())
     finally:
         mirror.halt()
+
+
+@pytest.mark.parametrize("sets", [[], ["pipeline.stages=2"], ["ft.strategy=checkfree+"]])
+def test_mirror_size_estimate_covers_the_real_flat_state(sets: list[str]) -> None:
+    """The store-limit check reads mirror_state_bytes: it must not underestimate the flat state
+    a rank really publishes (weights + 2 moments + tail), nor overshoot it by more than 64 KiB."""
+    from spotpipe.ft.policy import swap_schedule_on
+    from spotpipe.ft.strategies.mirror import mirror_state_bytes
+
+    cfg = load_config(None, sets)
+    swap = swap_schedule_on(cfg.ft)
+    real = 0
+    for rank in range(cfg.pipeline.stages):
+        chunks = {rank: build_stage(cfg.model, 0, rank, cfg.pipeline.stages, edge_copies=swap)}
+        real = max(real, 4 * StageState(chunks, ChunkAdamW(chunks, cfg.train)).numel())
+    est = mirror_state_bytes(cfg)
+    assert real <= est <= real + 64 * 2**10
+
+
+def test_stages_too_big_for_the_store_keep_no_mirror() -> None:
+    """Mirrors still travel through the controller's store (8 MiB a value): ft.strategy = mirror is
+    refused up front with one line, auto runs without mirrors and says so."""
+    from spotpipe.errors import SpotpipeError
+    from spotpipe.runtime.control.job import check_mirror_size
+    from spotpipe.runtime.worker.mirror_link import mirror_mode
+
+    small = load_config(None, [])
+    assert check_mirror_size(small) == "" and mirror_mode(small) == "replay"
+    big = load_config(None, ["pipeline.stages=2"])
+    assert mirror_mode(big) == "" and "no mirrors" in check_mirror_size(big)
+    with pytest.raises(SpotpipeError, match="ft.strategy = mirror cannot run this model: .* 8 MiB"):
+        check_mirror_size(load_config(None, ["pipeline.stages=2", "ft.strategy=mirror"]))

@@ -57,6 +57,8 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.fsutil import read_text
 
 TOKEN_ENV = "SPOTPIPE_TOKEN"
+STORE_VALUE_LIMIT = 8 * 2**20
+"""The largest value the controller's TCPStore accepts in one message (c10d's payload limit, bytes)."""
 LOCAL_INDEX_ENV = "SPOTPIPE_LOCAL_INDEX"  # set for the workers the controller starts: their index
 CONTROLLER_PID_ENV = "SPOTPIPE_CONTROLLER_PID"  # ... and the pid of the controller, their parent
 TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")

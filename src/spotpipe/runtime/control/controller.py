@@ -49,7 +49,7 @@ from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_ma
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, RunResult
-from spotpipe.runtime.control.job import eval_due
+from spotpipe.runtime.control.job import check_mirror_size, eval_due
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
 from spotpipe.runtime.control.context import ControlContext
@@ -181,6 +181,9 @@ class Controller:
             + (f" (resuming after step {self.resume.step})" if self.resume else "")
             + f"; run dir {self.run_dir}"
         )
+        note = check_mirror_size(cfg)
+        if note:
+            self._progress.message(note)
         if remote > 0:
             shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
             token_path = self.run_dir / "job.token"

@@ -20,6 +20,7 @@ import torch
 
 from spotpipe.config import JobConfig
 from spotpipe.ft.policy import uses_mirrors
+from spotpipe.runtime.control.job import mirror_fits_store
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
 
@@ -28,9 +29,13 @@ MirrorMode = Literal["replay", "periodic", ""]
 
 def mirror_mode(cfg: JobConfig) -> MirrorMode:
     """``replay`` (``ft.mirror_every = 1``), ``periodic`` (every N steps) or ``""`` (no mirrors:
-    another strategy, ``mirror_every = 0``, or a single stage)."""
+    another strategy, ``mirror_every = 0``, a single stage, or a stage whose state does not fit in
+    one store value, :func:`~spotpipe.runtime.control.job.mirror_fits_store`: mirrors still travel
+    through the controller's store)."""
     ft = cfg.ft
     if not uses_mirrors(ft) or ft.mirror_every <= 0 or cfg.pipeline.stages < 2:
+        return ""
+    if not mirror_fits_store(cfg):
         return ""
     return "replay" if ft.mirror_every == 1 else "periodic"
 
