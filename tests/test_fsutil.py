@@ -100,3 +100,34 @@ def test_events_written_and_read_back(tmp_path: Path) -> None:
     with EventLog(tmp_path / "e" / "events.jsonl", clock=lambda: 1.0) as log:
         log.write("step", step=3)
     assert read_events(tmp_path / "e" / "events.jsonl") == [{"event": "step", "t": 1.0, "step": 3}]
+
+
+def test_outputs_follow_links_and_never_replace_devices(tmp_path: Path) -> None:
+    """A symlinked output is written at its target (the link stays); a device or FIFO is written
+    into, never replaced by a regular file (``--out /dev/null`` must leave /dev/null a device)."""
+    import os
+    import stat
+
+    from spotpipe.fsutil import write_output
+
+    target = tmp_path / "target.txt"
+    target.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    write_output(link, "new", "--out")
+    assert link.is_symlink() and target.read_text() == "new"
+    write_output("/dev/null", "discarded", "--out")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_simulate_events_to_a_device_keeps_the_device() -> None:
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "spotpipe.cli", "simulate", "--config", str(root / "configs" / "sim-local.toml"),
+                           "--events", "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -108,12 +108,26 @@ def check_output(path: str | Path, what: str, kind: Literal["file", "dir"] = "fi
 def write_atomic(path: Path, data: bytes, what: str | None = None) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename.
 
+    A symbolic link is followed (its target is replaced, the link stays); an existing path that is
+    not a regular file (a device such as ``/dev/stdout``, a FIFO) is written into directly.
+
     Args:
         path: Destination; missing parent directories are created.
         data: The bytes to write.
         what: When given, an :class:`OSError` (full disk, read-only file system, ...) becomes one
             :class:`SpotpipeError` line naming ``what`` and the path; when ``None`` it propagates.
     """
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path  # write the link's target, keep the link
+    if path.exists() and not path.is_file():  # a device, FIFO or socket: write into it, never replace it
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+        except OSError as exc:
+            if what is None:
+                raise
+            raise output_error(path, what, _reason(exc)) from None
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,8 +122,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     base_dir = args.config.resolve().parent if args.config is not None else None
     start = time.perf_counter()
     setup = prepare(cfg, base_dir)
-    if args.events is not None and args.events.exists():
-        args.events.unlink()  # a fresh log per simulation
+    if args.events is not None and args.events.is_file():
+        args.events.write_bytes(b"")  # a fresh log per simulation (a link's target; a device is left as it is)
     watch = _StepWatch(EventLog(args.events) if args.events is not None else None, steps, args.max_steps)
     try:
         result = simulate_job(setup, log=cast(EventLog, watch), record=args.trace is not None)
