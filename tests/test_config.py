@@ -81,8 +81,9 @@ def test_closed_choices_are_literal_types_and_checked_against_them(key, choice):
     section, name = key.split(".")
     assert typing.get_type_hints(type(getattr(JobConfig(), section)))[name] == choice  # the field is typed by it
     allowed = typing.get_args(choice)
-    for value in allowed:  # every value of the type is accepted ...
-        assert getattr(getattr(load_config(None, [f"{key}={value}"]), section), name) == value
+    for value in allowed:  # every value of the type is accepted (replica where replicas exist) ...
+        extra = ["pipeline.replicas=2"] if (key, value) == ("ft.strategy", "replica") else []
+        assert getattr(getattr(load_config(None, [f"{key}={value}", *extra]), section), name) == value
     with pytest.raises(ConfigError) as info:  # ... and the message lists exactly those
         load_config(None, [f"{key}=bogus"])
     message = str(info.value)
@@ -98,3 +99,25 @@ def test_closed_choice_messages_and_derived_tuples():
     with pytest.raises(ConfigError, match="ft.strategy must be one of auto, replica, mirror, checkfree, checkfree\\+, checkpoint, none"):
         load_config(None, ["ft.strategy=magic"])
     assert FT_STRATEGIES == typing.get_args(StrategyName) and SIM_RECOVERY == typing.get_args(SimRecoveryName)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", "."])
+def test_run_name_stays_under_runs(name: str) -> None:
+    with pytest.raises(ConfigError, match="run.name must be a plain folder name"):
+        load_config(None, [f"run.name={name}"])
+
+
+def test_run_host_that_is_not_this_machine_is_refused_at_once() -> None:
+    from spotpipe.errors import SpotpipeError
+    from spotpipe.runtime.control.job import check_listen_host
+
+    check_listen_host("127.0.0.1")
+    with pytest.raises(SpotpipeError, match="does not resolve"):
+        check_listen_host("no.such.host.invalid")
+    with pytest.raises(SpotpipeError, match="not an address of this machine"):
+        check_listen_host("10.255.255.1")
+
+
+def test_replica_strategy_needs_replicas():
+    with pytest.raises(ConfigError, match="ft.strategy = replica .* needs pipeline.replicas >= 2, got 1"):
+        load_config(None, ["ft.strategy=replica"])

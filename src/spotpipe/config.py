@@ -407,6 +407,9 @@ def validate(cfg: JobConfig) -> None:
     _check(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
     _check_choice("train.nonfinite", t.nonfinite, NonfiniteName, listed=False)
     _check(0 < cfg.data.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
+    _check(r.name == "" or (r.name not in (".", "..") and "/" not in r.name and "\\" not in r.name and "\0" not in r.name),
+           f"run.name must be a plain folder name under runs/ (no '/', not '.' or '..'), got {r.name!r}; "
+           "use run.dir for another place")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
     _check_choice("run.backend", r.backend, BackendName, listed=False)
     _check(0 < r.timeout_s <= MAX_WAIT_S, f"run.timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.timeout_s}")
@@ -418,6 +421,9 @@ def validate(cfg: JobConfig) -> None:
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
     _check(0 <= f.spares <= 64, f"ft.spares must be in 0..64, got {f.spares}")
     _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")
+    _check(f.strategy != "replica" or p.replicas >= 2,
+           f"ft.strategy = replica copies a live data-parallel replica and needs pipeline.replicas >= 2, got {p.replicas}; "
+           "use ft.strategy = auto, mirror or checkfree")
     if f.swap_edges or f.strategy == "checkfree+":
         _check(chunks >= 4, f"ft.swap_edges / ft.strategy = checkfree+ needs >= 4 pipeline stages (model chunks), got {chunks}")
     if f.faults:

@@ -80,6 +80,36 @@ def check_mirror_size(cfg: JobConfig) -> str:
     return f"note: no mirrors ({why}); ft.strategy = auto recovers by replica, CheckFree or the checkpoint instead"
 
 
+def check_listen_host(host: str) -> None:
+    """Refuse a ``run.host`` the controller cannot listen on, at once and in one line (the store
+    would otherwise retry for ``run.timeout_s`` and print C++ warnings).
+
+    Args:
+        host: ``run.host`` (a name or an address of this machine; ``0.0.0.0`` = every interface).
+
+    Raises:
+        SpotpipeError: The name does not resolve, or no address of it belongs to this machine.
+    """
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SpotpipeError(f"run.host = {host!r} does not resolve ({exc}); use an address of this machine, "
+                            "or 0.0.0.0 for every interface") from None
+    reason = ""
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((addr[0], 0))
+                return
+            except OSError as exc:
+                reason = "it is not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL else (exc.strerror or str(exc))
+    raise SpotpipeError(f"run.host = {host!r}: cannot listen there ({reason}); use an address of this machine, "
+                        "or 0.0.0.0 for every interface")
+
+
 def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
     """What a checkpoint must agree on with the job that resumes it."""
     m = cfg.model
@@ -169,6 +199,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     check_swap_layout(cfg)
     check_mirror_size(cfg)
+    check_listen_host(cfg.run.host)
     schedule = job_schedule(cfg)
     from spotpipe.model.partition import partition_layers
 
