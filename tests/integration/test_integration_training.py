@@ -158,3 +158,17 @@ def test_nonfinite_steps_can_be_skipped(tmp_path: Path, train: Callable[..., Any
     assert all(e["loss"] == e["loss"] for e in steps)  # the weights stayed finite
     assert "4 steps skipped (non-finite, train.nonfinite = skip)" in proc.stdout, proc.stdout[-2000:]
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"
+
+
+@pytest.mark.timeout(240)
+def test_skipping_stops_once_the_model_has_diverged(tmp_path: Path, train: Callable[..., Any], helpers: Any) -> None:
+    """Skipping a non-finite step cannot help once every step is non-finite (the first, finite
+    update of lr 1e8 already ruined the weights): after 5 skipped steps in a row the job stops with
+    one line, never "finished"."""
+    run_dir = tmp_path / "diverged"
+    sets = [s if not s.startswith("train.steps=") else "train.steps=9" for s in NONFINITE]
+    proc = train(run_dir, *sets, "train.nonfinite=skip")
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "5 steps in a row were not finite" in proc.stderr and "Traceback" not in proc.stderr
+    events = helpers.read_events(run_dir)
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "failed"

@@ -58,6 +58,8 @@ from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.recovery import RecoverySupervisor
 
 POLL_S = 0.05
+NONFINITE_SKIP_LIMIT = 5
+"""Consecutive skipped (non-finite) steps after which ``train.nonfinite = skip`` stops the job."""
 
 
 class Controller:
@@ -113,6 +115,7 @@ class Controller:
         self._last_commit = time.monotonic()
         self._gen_started = time.monotonic()
         self._first_loss: float | None = None
+        self._skipped_in_a_row = 0
         self._first_step_of_gen = -1
         self._old_handlers: dict[int, Any] = {}
         spare_count = cfg.ft.spares if recovery_enabled(cfg.ft) and self.local_count > 0 else 0
@@ -308,7 +311,14 @@ class Controller:
         )
         if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated
             self.result.skipped += 1
+            self._skipped_in_a_row += 1
             self._progress.message(f"step {step + 1}: {head['skipped']}: update skipped (train.nonfinite = skip)")
+            if self._skipped_in_a_row >= NONFINITE_SKIP_LIMIT:  # skipping cannot help a model that diverged
+                self.fail(Failure(None, f"step {step + 1}/{t.steps}: {NONFINITE_SKIP_LIMIT} steps in a row were not finite "
+                                        "(train.nonfinite = skip): the model diverged; lower train.lr or resume from an "
+                                        "earlier checkpoint", FailureKind.WORKER_ERROR, time.time()))
+        else:
+            self._skipped_in_a_row = 0
         if self._first_loss is None:
             self._first_loss = loss
         self.result.last_step = step
