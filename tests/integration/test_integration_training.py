@@ -158,6 +158,9 @@ def test_nonfinite_steps_can_be_skipped(tmp_path: Path, train: Callable[..., Any
     assert all(e["loss"] == e["loss"] for e in steps)  # the weights stayed finite
     assert "4 steps skipped (non-finite, train.nonfinite = skip)" in proc.stdout, proc.stdout[-2000:]
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"
+    starts = [e for e in events if e["event"] == "worker_start"]
+    for e in starts:  # each worker_start names the log file of its worker (files go by start order)
+        assert f"worker {e['worker']} (stage {e['stage']}" in (run_dir / e["log"]).read_text(), e
 
 
 @pytest.mark.timeout(240)

@@ -60,6 +60,12 @@ class WorkerState:
         return self.member().name()
 
 
+def _log_field(local: LocalProcess | None) -> dict[str, str]:
+    """``{"log": "logs/worker-<i>.log"}`` for a local process (its log is named by start order, not
+    by worker id), else nothing."""
+    return {} if local is None else {"log": f"{local.log_path.parent.name}/{local.log_path.name}"}
+
+
 class MembershipHost(Protocol):
     """What :class:`Membership` needs from its owner."""
 
@@ -176,7 +182,7 @@ class Membership:
         grant = self.host.make_grant(wid, stage, replica, local)
         self.ctx.store.set(protocol.join_response_key(nonce), json.dumps(grant))
         self.ctx.event(ev.WORKER_START, worker=wid, stage=stage, replica=replica, pid=pid, host=host,
-                        generation=self.host.generation + 1, local=local is not None)
+                        generation=self.host.generation + 1, local=local is not None, **_log_field(local))
 
     def _accept_spare(self, req: dict[str, Any], nonce: str, host: str, pid: int) -> None:
         """A worker joined while every role is held: keep it warm as a spare."""
@@ -200,7 +206,7 @@ class Membership:
             self.role_of[(stage, replica)] = w.worker
             self.ctx.store.set(protocol.spare_key(w.worker), json.dumps(self.host.make_grant(w.worker, stage, replica, w.local)))
             self.ctx.event(ev.WORKER_START, worker=w.worker, stage=stage, replica=replica, pid=w.pid, host=w.host,
-                            generation=self.host.generation + 1, local=w.local is not None, spare=True)
+                            generation=self.host.generation + 1, local=w.local is not None, spare=True, **_log_field(w.local))
             return True
         return False
 
