@@ -121,3 +121,22 @@ def test_run_host_that_is_not_this_machine_is_refused_at_once() -> None:
 def test_replica_strategy_needs_replicas():
     with pytest.raises(ConfigError, match="ft.strategy = replica .* needs pipeline.replicas >= 2, got 1"):
         load_config(None, ["ft.strategy=replica"])
+
+
+def test_fault_steps_must_run():
+    with pytest.raises(ConfigError, match="'stage=2@step=40' is at step 40, but train.steps = 5"):
+        load_config(None, ["train.steps=5", 'ft.faults=["stage=2@step=40"]'])
+
+
+def test_fail_option_gets_the_configs_checks(tmp_path):
+    """--fail specs are checked with the config (stage, replica, step) before anything starts."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "spotpipe.cli", "train", "--fail", "stage=2@step=40", "--set", "train.steps=5",
+                           "--set", f"run.dir={run_dir}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "spotpipe: error: ft.faults: 'stage=2@step=40' is at step 40, but train.steps = 5 runs steps 0..4 "
+        "(fault specs count steps from 0)"]
+    assert not run_dir.exists()

@@ -434,6 +434,9 @@ def validate(cfg: JobConfig) -> None:
         for spec in specs:
             for s in spec.stages or ():
                 _check(s < chunks, f"ft.faults: {spec.text!r} names stage {s}, but stages are 0..{chunks - 1}")
+            if spec.step is not None:
+                _check(spec.step < t.steps, f"ft.faults: {spec.text!r} is at step {spec.step}, but train.steps = {t.steps} "
+                                            f"runs steps 0..{t.steps - 1} (fault specs count steps from 0)")
             if spec.replica is not None:
                 _check(spec.replica < p.replicas, f"ft.faults: {spec.text!r} names replica {spec.replica}, but replicas are 0..{p.replicas - 1}")
     n = cfg.network

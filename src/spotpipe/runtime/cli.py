@@ -60,15 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spotpipe.errors import SpotpipeError
     from spotpipe.runtime.control.job import prepare_run
 
-    prep = prepare_run(args.config, list(args.set), args.resume)  # bad input fails here, before torch loads
-    extra = tuple(args.fail) + tuple(args.fail_rate)
-    if extra:
-        from dataclasses import replace
-
-        from spotpipe.faultspec import parse_fault_specs
-
-        parse_fault_specs(extra)  # a bad spec is one line, before anything starts
-        prep = replace(prep, cfg=replace(prep.cfg, ft=replace(prep.cfg.ft, faults=prep.cfg.ft.faults + extra)))
+    # Bad input (the --fail specs included, with the config's range checks) fails here, before torch loads.
+    prep = prepare_run(args.config, list(args.set), args.resume, faults=tuple(args.fail) + tuple(args.fail_rate))
     from spotpipe.runtime.control.controller import Controller
     from spotpipe.runtime.control.progress import format_result
 

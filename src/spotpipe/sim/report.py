@@ -121,7 +121,7 @@ def format_summary(data: dict[str, Any]) -> str:
     """The summary as a table for the terminal."""
     c = data["config"]
     lines = [
-        f"schedule {c['schedule']}: {c['stages']} stages x {c['replicas']} replicas"
+        f"schedule {c['schedule']}: {c['stages']} stages x {c['replicas']} replica{'s' if c['replicas'] != 1 else ''}"
         + (f" x {c['virtual_stages']} virtual" if c["virtual_stages"] > 1 else "")
         + f", {c['microbatches']} microbatches, {c['workers']} workers + {c['spares']} spares",
         f"network {c['network']}; cost {c['cost']}",

@@ -162,9 +162,21 @@ class PreparedRun:
     resume: Any  # checkpoint.Manifest | None
 
 
-def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None) -> PreparedRun:
+def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None,
+                faults: tuple[str, ...] = ()) -> PreparedRun:
     """Resolve config, run directory, data, schedule and checkpoint; raise one clear error if any
-    of them is wrong."""
+    of them is wrong.
+
+    Args:
+        config_path: ``--config`` (None: the built-in default job).
+        overrides: ``--set section.key=value`` strings.
+        resume_dir: ``--resume`` run directory, or None.
+        faults: ``--fail`` / ``--fail-rate`` specs, appended to ``ft.faults`` before the config is
+            checked, so they get the same range checks (stage, replica, step).
+
+    Raises:
+        SpotpipeError: One line naming the key, file or option that is wrong.
+    """
     from spotpipe.data.sampler import SequenceSampler
     from spotpipe.data.tokens import default_cache_dir, resolve_dataset
     from spotpipe.runtime.state.checkpoint import check_layout, latest_checkpoint
@@ -178,10 +190,11 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
         if config_path is not None:
             raise SpotpipeError("--resume continues with the run's own config.toml; change values with --set, not --config")
         cfg = load_config(run_dir / "config.toml", overrides)
-        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)), ft=replace(cfg.ft, faults=cfg.ft.faults + faults)).validate()
         check_output(run_dir, "--resume", "dir")
     else:
         cfg = load_config(config_path, overrides)
+        cfg = replace(cfg, ft=replace(cfg.ft, faults=cfg.ft.faults + faults)).validate()
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / name
         if (run_dir / "events.jsonl").exists():
