@@ -17,7 +17,7 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
 3. **Replace.** The lost roles become free; the controller starts one local worker process per
    lost role (a remote worker that joins may take it instead). When every role is held it
    writes ``gen/<g+1>/recovery`` and then publishes generation ``g + 1``.
-4. **Install.** Every member of ``g + 1`` does its part (:meth:`Worker.recover`: sources send,
+4. **Install.** Every member of ``g + 1`` does its part (:meth:`RecoveryAgent.recover`: sources send,
    replacements receive, or all load the checkpoint) and posts ``gen/<g+1>/recovered/<w>``;
    then ``recovery_finished`` (bytes, seconds since the failure was confirmed) and
    ``step_replayed`` are written, one line is printed, and training replays step ``r`` with the
