@@ -69,12 +69,7 @@ def _state(stage: int, seed: int, scale: float = 1.0) -> StageState:
 
 def _owner(stage: int) -> tuple[StageState, torch.Tensor]:
     state = _state(stage, CFG.train.seed, 1.25)  # lr factors travel as float32 (install_checkfree rounds)
-    params = list(state.chunks[stage].parameters())
-    flat = torch.zeros(sum(p.numel() for p in params))
-    off = 0
-    for p in params:
-        p.grad = flat[off : off + p.numel()].view_as(p)
-        off += p.numel()
+    flat, _ = state.attach_flat_gradient()
     return state, flat
 
 

@@ -51,6 +51,12 @@ def check_swap_layout(cfg: JobConfig) -> None:
                 "of pipeline.stages")
 
 
+def mirrors_wanted(cfg: JobConfig) -> bool:
+    """Whether the job keeps mirrors at all: ``ft.strategy`` uses them (``auto``, ``mirror``),
+    ``ft.mirror_every > 0`` and there are at least two stages (a stage's holder is another stage)."""
+    return uses_mirrors(cfg.ft) and cfg.ft.mirror_every > 0 and cfg.pipeline.stages >= 2
+
+
 def mirror_fits_store(cfg: JobConfig) -> bool:
     """Whether the largest rank's mirror state fits in one value of the controller's store
     (:func:`spotpipe.ft.strategies.mirror.mirror_state_bytes` <= :data:`STORE_VALUE_LIMIT`)."""
@@ -66,15 +72,14 @@ def check_mirror_size(cfg: JobConfig) -> str:
     Raises:
         SpotpipeError: ``ft.strategy = mirror`` and a stage's mirror state exceeds the store's limit.
     """
-    ft = cfg.ft
-    if not uses_mirrors(ft) or ft.mirror_every <= 0 or cfg.pipeline.stages < 2:
+    if not mirrors_wanted(cfg):
         return ""
     need = mirror_state_bytes(cfg)
     if need <= STORE_VALUE_LIMIT:
         return ""
     why = (f"a stage's mirror state is {need / 2**20:.1f} MiB (weights + 2 AdamW moments, 12 bytes per parameter), "
            f"more than the {STORE_VALUE_LIMIT // 2**20} MiB the controller's store takes in one value")
-    if ft.strategy == "mirror":
+    if cfg.ft.strategy == "mirror":
         raise SpotpipeError(f"ft.strategy = mirror cannot run this model: {why}; use ft.strategy = auto, replica "
                             "(pipeline.replicas >= 2) or checkfree, or a smaller model / more pipeline.stages")
     return f"note: no mirrors ({why}); ft.strategy = auto recovers by replica, CheckFree or the checkpoint instead"

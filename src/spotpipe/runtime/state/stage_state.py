@@ -98,6 +98,27 @@ class StageState:
         out.lr_scale = self.lr_scale  # the same dict: a view's load_flat sets this state's scales
         return out
 
+    def attach_flat_gradient(self, device: torch.device | None = None) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
+        """One contiguous gradient buffer whose views are every trainable parameter's ``.grad``, so
+        autograd accumulates in place, an all-reduce is one collective without copies, and a
+        mirror replays the owner's update from the same layout.
+
+        Args:
+            device: Where the buffer lives (default: CPU).
+
+        Returns:
+            ``(flat_grad, params)``: the buffer (length = trainable elements, the parameters'
+            dtype) and the parameters in its order (chunks ascending, module order within).
+        """
+        params = [q for s in sorted(self.chunks) for q in self.chunks[s].parameters() if q.requires_grad]
+        dtype = params[0].dtype if params else torch.float32
+        flat = torch.zeros(sum(q.numel() for q in params), dtype=dtype, device=device)
+        offset = 0
+        for q in params:
+            q.grad = flat[offset : offset + q.numel()].view_as(q)
+            offset += q.numel()
+        return flat, params
+
     def tied_parameters(self) -> list[torch.nn.Parameter]:
         """The CheckFree+ in-sync copies this state holds (embedding or norm + head), in order."""
         return [q for s in sorted(self.chunks) for q in self.chunks[s].tied_parameters()]

@@ -167,12 +167,7 @@ class MirrorReplayer(threading.Thread):
         self.replica = replica
         self.state = state
         self.timeout_s = timeout_s
-        params = [q for s in sorted(state.chunks) for q in state.chunks[s].parameters() if q.requires_grad]
-        self.flat_grad = torch.zeros(sum(q.numel() for q in params), dtype=params[0].dtype if params else torch.float32)
-        offset = 0
-        for q in params:
-            q.grad = self.flat_grad[offset : offset + q.numel()].view_as(q)
-            offset += q.numel()
+        self.flat_grad, _ = state.attach_flat_gradient()  # the owner's layout: its published gradient fits
         self._todo: queue.Queue[tuple[int, int]] = queue.Queue()
         self._idle = threading.Condition()
         self._busy = 0

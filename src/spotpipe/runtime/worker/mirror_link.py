@@ -19,8 +19,7 @@ from typing import Any, Literal
 import torch
 
 from spotpipe.config import JobConfig
-from spotpipe.ft.policy import uses_mirrors
-from spotpipe.runtime.control.job import mirror_fits_store
+from spotpipe.runtime.control.job import mirror_fits_store, mirrors_wanted
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
 
@@ -32,12 +31,9 @@ def mirror_mode(cfg: JobConfig) -> MirrorMode:
     another strategy, ``mirror_every = 0``, a single stage, or a stage whose state does not fit in
     one store value, :func:`~spotpipe.runtime.control.job.mirror_fits_store`: mirrors still travel
     through the controller's store)."""
-    ft = cfg.ft
-    if not uses_mirrors(ft) or ft.mirror_every <= 0 or cfg.pipeline.stages < 2:
+    if not mirrors_wanted(cfg) or not mirror_fits_store(cfg):
         return ""
-    if not mirror_fits_store(cfg):
-        return ""
-    return "replay" if ft.mirror_every == 1 else "periodic"
+    return "replay" if cfg.ft.mirror_every == 1 else "periodic"
 
 
 class MirrorLink:

@@ -157,17 +157,9 @@ class Worker:
             self.load_checkpoint(resume)
 
     def _make_flat_grads(self) -> None:
-        """One contiguous gradient buffer; every ``param.grad`` is a view into it, so autograd
-        accumulates in place and the replica all-reduce is a single collective with no copies."""
-        params = [q for s in self.my_stages for q in self.chunks[s].parameters() if q.requires_grad]
-        total = sum(q.numel() for q in params)
-        dtype = params[0].dtype if params else torch.float32
-        self.flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
-        offset = 0
-        for q in params:
-            n = q.numel()
-            q.grad = self.flat_grad[offset : offset + n].view_as(q)
-            offset += n
+        """The flat gradient buffer (:meth:`StageState.attach_flat_gradient`) and its ranges: the
+        parameters counted in the gradient norm (a CheckFree+ copy counts once) and the tied copies."""
+        self.flat_grad, params = self.state.attach_flat_gradient(self.device)
         self.params = params
         copies = {id(q) for c in self.chunks.values() for q in c.copy_parameters()}
         self.counted = flat_ranges(params, {id(q) for q in params} - copies)  # in the gradient norm (copies count once)
