@@ -430,12 +430,14 @@ def test_a_source_lost_while_the_new_generation_installs_is_recovered_in_turn(
 ) -> None:
     """Stage 1 is killed; stage 0, which holds its mirror, dies while sending it (``phase=recovery``).
     The half-installed generation is aborted and recovered in turn: stage 0 from the mirror the
-    last stage keeps, stage 1 (its mirror is gone) by CheckFree from stage 0 and stage 2."""
+    last stage keeps, stage 1 (its mirror is gone) by CheckFree from stage 0 and stage 2.
+    Stage 1 dies in its forward pass of step 5 (a phase fault, not a timed signal that could land
+    after step 5 committed), so the recovery surely resumes at step 5, where stage 0's fault waits."""
     run_dir = tmp_path / "install"
-    _run(train, run_dir, "ft.strategy=auto", "ft.mirror_every=1", 'ft.faults=["stage=1@step=5", "stage=0@step=5,phase=recovery"]')
+    _run(train, run_dir, "ft.strategy=auto", "ft.mirror_every=1", 'ft.faults=["stage=1@step=5,phase=forward", "stage=0@step=5,phase=recovery"]')
     events = helpers.read_events(run_dir)
     phases = [e.get("phase") for e in events if e["event"] == "fault_injected"]
-    assert phases == [None, "recovery"], phases
+    assert phases == ["forward", "recovery"], phases
     fins = [(e["stage"], e["strategy"]) for e in events if e["event"] == "recovery_finished"]
     assert fins == [(0, "mirror"), (1, "checkfree")], fins
     gens = [e for e in events if e["event"] == "generation"]
