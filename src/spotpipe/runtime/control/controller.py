@@ -49,7 +49,7 @@ from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_ma
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, RunResult
-from spotpipe.runtime.control.job import check_mirror_size, eval_due
+from spotpipe.runtime.control.job import eval_due
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
 from spotpipe.runtime.control.context import ControlContext
@@ -152,7 +152,9 @@ class Controller:
         cfg = self.cfg
         host = cfg.run.host
         try:
-            self.ctx.store = TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
+            self.ctx.store = protocol.GuardedStore(
+                TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
+            )
         except Exception as exc:
             text = str(exc)
             why = "address already in use" if "EADDRINUSE" in text or "already in use" in text else " ".join(text.split())[:120]
@@ -184,9 +186,6 @@ class Controller:
             + (f" (resuming after step {self.resume.step})" if self.resume else "")
             + f"; run dir {self.run_dir}"
         )
-        note = check_mirror_size(cfg)
-        if note:
-            self._progress.message(note)
         if remote > 0:
             shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
             token_path = self.run_dir / "job.token"
@@ -307,6 +306,8 @@ class Controller:
             generation=self.generation,
             grad_norm=float(head["grad_norm"]),
             compute_s=max(float(r.get("compute_s", 0.0)) for r in reports),
+            store_bytes=sum(int(r.get("store_bytes", 0)) for r in reports),
+            mirror_bytes=sum(int(r.get("mirror_bytes", 0)) for r in reports),
             **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
         )
         if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated

@@ -20,8 +20,6 @@ from typing import Any
 from spotpipe.config import JobConfig, TrainConfig, load_config
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
-from spotpipe.ft.strategies.mirror import mirror_state_bytes
-from spotpipe.runtime.protocol import STORE_VALUE_LIMIT
 from spotpipe.fsutil import check_output
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
@@ -55,34 +53,6 @@ def mirrors_wanted(cfg: JobConfig) -> bool:
     """Whether the job keeps mirrors at all: ``ft.strategy`` uses them (``auto``, ``mirror``),
     ``ft.mirror_every > 0`` and there are at least two stages (a stage's holder is another stage)."""
     return uses_mirrors(cfg.ft) and cfg.ft.mirror_every > 0 and cfg.pipeline.stages >= 2
-
-
-def mirror_fits_store(cfg: JobConfig) -> bool:
-    """Whether the largest rank's mirror state fits in one value of the controller's store
-    (:func:`spotpipe.ft.strategies.mirror.mirror_state_bytes` <= :data:`STORE_VALUE_LIMIT`)."""
-    return mirror_state_bytes(cfg) <= STORE_VALUE_LIMIT
-
-
-def check_mirror_size(cfg: JobConfig) -> str:
-    """Refuse ``ft.strategy = mirror`` for stages too big for the store; say what ``auto`` does.
-
-    Returns:
-        A note for the user when ``auto`` runs without mirrors for this reason, else "".
-
-    Raises:
-        SpotpipeError: ``ft.strategy = mirror`` and a stage's mirror state exceeds the store's limit.
-    """
-    if not mirrors_wanted(cfg):
-        return ""
-    need = mirror_state_bytes(cfg)
-    if need <= STORE_VALUE_LIMIT:
-        return ""
-    why = (f"a stage's mirror state is {need / 2**20:.1f} MiB (weights + 2 AdamW moments, 12 bytes per parameter), "
-           f"more than the {STORE_VALUE_LIMIT // 2**20} MiB the controller's store takes in one value")
-    if cfg.ft.strategy == "mirror":
-        raise SpotpipeError(f"ft.strategy = mirror cannot run this model: {why}; use ft.strategy = auto, replica "
-                            "(pipeline.replicas >= 2) or checkfree, or a smaller model / more pipeline.stages")
-    return f"note: no mirrors ({why}); ft.strategy = auto recovers by replica, CheckFree or the checkpoint instead"
 
 
 def check_listen_host(host: str) -> None:
@@ -216,7 +186,6 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     check_swap_layout(cfg)
-    check_mirror_size(cfg)
     check_listen_host(cfg.run.host)
     schedule = job_schedule(cfg)
     from spotpipe.model.partition import partition_layers
