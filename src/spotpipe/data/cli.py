@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     )
     bpe.add_argument("inputs", nargs="*", metavar="INPUT", help="text files or directories of text (default: the built-in corpus)")
     bpe.add_argument("--vocab-size", type=int_in(257, 1 << 20), default=16384, metavar="N",
-                     help="vocabulary size, 257 to 1048576 (default 16384)")
+                     help="largest vocabulary, 257 to 1048576 (default 16384; fewer when the text has fewer pairs to merge)")
     bpe.add_argument("--out", required=True, metavar="FILE", help="the tokenizer.json to write")
     bpe.set_defaults(func=_tokenizer)
 
