@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per run (default 10)")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {', '.join(SIZES)}")
     parser.add_argument("--no-recovery", action="store_true", help="skip the kill-and-recover runs")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="another config override for every run (e.g. run.device=cuda)")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the spotpipe sources to run (default: this checkout)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mirror_scaling.json")
     args = parser.parse_args()
@@ -146,7 +148,7 @@ def main() -> None:
     results: dict[str, Any] = {"sizes": {}}
     with tempfile.TemporaryDirectory(prefix="spotpipe-mirror-scaling-") as tmp:
         for size in sizes:
-            sets = [*COMMON, *SIZES[size], f"train.steps={steps}"]
+            sets = [*COMMON, *SIZES[size], f"train.steps={steps}", *args.extra]
             params = param_count(sets)
             runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
             for k in range(rounds):
@@ -176,7 +178,7 @@ def main() -> None:
     results["store_bytes_per_step_by_params"] = {str(e["params"]): e["store_bytes_per_step"].get("mirror")
                                                  for e in results["sizes"].values()}
     results["meta"] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "src": str(args.src), "quick": args.quick, "rounds": rounds, "steps": steps, "common": COMMON,
+                       "src": str(args.src), "quick": args.quick, "extra": args.extra, "rounds": rounds, "steps": steps, "common": COMMON,
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ DtypeName = Literal["float32", "bfloat16", "float16"]
 """``model.dtype``: the floating-point type of weights, activations and optimizer state."""
 BackendName = Literal["auto", "gloo", "nccl"]
 """``run.backend``: the collective backend (``auto``: NCCL when CUDA is available, else gloo)."""
+DeviceName = Literal["auto", "cpu", "cuda"]
+"""``run.device``: where workers compute (``auto``: CUDA when available, else the CPU)."""
 StrategyName = Literal["auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none"]
 """``ft.strategy``: the policy modes ``auto`` and ``none``, and the name of every recovery strategy
 in :data:`spotpipe.ft.strategies.REGISTRY` (a test checks that the two lists agree)."""
@@ -111,6 +113,7 @@ class RunConfig:
     host: str = "127.0.0.1"  # controller listen address
     port: int = 0  # 0 = any free port
     backend: BackendName = "auto"
+    device: DeviceName = "auto"  # where workers compute: auto = CUDA when available (one GPU per local worker, shared with gloo)
     timeout_s: float = 60.0  # every wait on a peer or the store gives up after this
     heartbeat_s: float = 0.5
     progress: bool = True
@@ -412,6 +415,9 @@ def validate(cfg: JobConfig) -> None:
            "use run.dir for another place")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
     _check_choice("run.backend", r.backend, BackendName, listed=False)
+    _check_choice("run.device", r.device, DeviceName, listed=False)
+    if r.backend == "nccl" and r.device == "cpu":
+        raise ConfigError("run.backend = nccl needs run.device = cuda (or auto); NCCL moves device tensors only")
     _check(0 < r.timeout_s <= MAX_WAIT_S, f"run.timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.timeout_s}")
     _check(0 < r.heartbeat_s <= MAX_WAIT_S, f"run.heartbeat_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.heartbeat_s}")
     _check(-1 <= r.local_workers <= p.stages * p.replicas,

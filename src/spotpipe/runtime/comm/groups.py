@@ -307,7 +307,8 @@ class Generation:
         after = _socket_inodes()
         self._sockets = _connected_only({fd: ino for fd, ino in after.items() if before.get(fd) != ino})
         names = {rank: m.name() for rank, m in enumerate(plan.members)}
-        self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl")
+        self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl",
+                                               stage_through_host=backend == "gloo" and self.device.type == "cuda")
 
     def _check_cancelled(self, start: float) -> None:
         why = self._cancelled()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from spotpipe.config import DataConfig, JobConfig, TrainConfig, load_config
+from spotpipe.runtime.devices import resolve_hardware
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
 from spotpipe.fsutil import check_output
@@ -200,6 +201,8 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     check_swap_layout(cfg)
     check_listen_host(cfg.run.host)
+    world = cfg.pipeline.stages * cfg.pipeline.replicas
+    cfg = resolve_hardware(cfg, world if cfg.run.local_workers < 0 else min(world, cfg.run.local_workers))
     schedule = job_schedule(cfg)
     from spotpipe.model.partition import partition_layers
 

@@ -105,13 +105,12 @@ class MirrorLink:
             self.sender.drain()
 
     def committed(self, generation: int, step: int) -> None:
-        """After committed ``step`` (applied here, not yet reported): the holder may replay it; the
-        owner makes sure its gradient has left (``replay``) or sends its full state if due (``periodic``)."""
+        """After committed ``step``: the holder may replay it; the owner sends its full state if due
+        (``periodic``). The owner does not wait for its gradient to arrive here: the transfer runs
+        on while the next step computes, and the next send waits for it (one in flight)."""
         if self.holder is not None:
             self.holder.committed(generation, step)
-        if self.mode == "replay":
-            self.flush()
-        elif self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0 and self.sender is not None:
+        if self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0 and self.sender is not None:
             self.sender.send(KIND_STATE, step, self.state.flat())
 
     def halt(self) -> None:
