@@ -8,6 +8,8 @@ and the simulator (:mod:`spotpipe.schedule.build`), and its ``--schedule`` choic
 registered generators (:data:`spotpipe.schedule.generators.REGISTRY`).
 ``spotpipe schedule validate FILE.csv`` checks a schedule (compute-only or lowered) for missing
 actions, broken dependencies, unmatched send/recv and deadlocks.
+``spotpipe schedule plan --config FILE`` plans SkipPipe node placement and paths
+(:mod:`spotpipe.sim.skipcli`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from spotpipe.schedule.ir import Schedule
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.render import FORMATS, render
 from spotpipe.schedule.validate import check_message_order, describe, validate_schedule
+from spotpipe.sim.skipcli import register_plan
 
 
 MAX_ACTIONS = 100_000  # default --max-actions: at most ~10 s and ~100 MB on one core
@@ -48,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``schedule`` command group to the top-level ``spotpipe`` parser."""
     group = subparsers.add_parser(
         "schedule",
-        help="show, export and validate pipeline schedules",
-        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B).",
+        help="show, export, validate and plan pipeline schedules",
+        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B); "
+        "plan SkipPipe paths over nodes.",
     )
     sub = group.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
 
@@ -104,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="also require the same send and receive order per rank pair "
                        "(needed by order-matching transports such as NCCL)")
     check.set_defaults(func=_cmd_validate)
+    register_plan(sub)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
