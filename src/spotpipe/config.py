@@ -79,7 +79,7 @@ class PipelineConfig:
     schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
     microbatches: int = 4  # per pipeline; with stage_nodes: per stage-0 node
-    stage_nodes: tuple[int, ...] = ()  # SkipPipe planning: nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = one node per rank and replica
+    stage_nodes: tuple[int, ...] = ()  # SkipPipe planning (`schedule plan` only, for now): nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = none
     skip_ratio: float = 0.0  # SkipPipe: share of stages a microbatch skips; k = stages - round(skip_ratio x stages) visited
     max_swaps: int = 0  # SkipPipe: adjacent stage swaps allowed per microbatch path
     node_memory: int = 3  # SkipPipe: most microbatches' activations one node holds at once

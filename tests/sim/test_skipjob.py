@@ -81,9 +81,19 @@ def test_cli_json_and_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert report["variants"]["skippipe"]["pipeline_s"] > 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("ph") == "X" for e in events)
-    assert main(["schedule", "plan", "--config", str(cfg), "--no-progress"]) == 0
+    csv = tmp_path / "plan.csv"
+    assert main(["schedule", "plan", "--config", str(cfg), "--no-progress", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
     assert "skippipe: paths of origin node" in out and "vs full" in out
+    assert main(["schedule", "validate", str(csv), "--node-memory", "2"]) == 0
+    assert "valid" in capsys.readouterr().out
+    # the same file with one receive dropped is rejected with the marked grid
+    lines = csv.read_text().splitlines()
+    recv = next(i for i, line in enumerate(lines) if "RECV_F" in line)
+    csv.write_text("\n".join(lines[:recv] + lines[recv + 1:]) + "\n")
+    assert main(["schedule", "validate", str(csv), "--node-memory", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spotpipe: error:") and "has no matching" in err and "SEND_F" in err
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Prints the placement (nodes and locations per stage, DT-FM objective against a r
 placement), the predicted iteration time of every variant (``full``, ``random``,
 ``skippipe-nca``, ``skippipe``) with its ratio to ``full`` and ``random``, the visits per stage,
 and the paths of the chosen variant as one table per origin node. ``--json`` prints the same as
-JSON; ``--trace OUT.json`` writes the Chrome trace of the chosen variant's played iteration.
+JSON; ``--trace OUT.json`` writes the Chrome trace of the chosen variant's played iteration,
+``--csv OUT.csv`` its lowered node schedule (``schedule validate`` checks it).
 A progress bar shows the searches on stderr. Pure Python: never imports torch.
 """
 
@@ -45,14 +46,18 @@ def register_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--trace", type=Path, default=None, metavar="OUT.json",
                       help="write a Chrome trace of the chosen variant's iteration (open in ui.perfetto.dev)")
+    plan.add_argument("--csv", type=Path, default=None, metavar="OUT.csv",
+                      help="write the chosen variant's lowered node schedule as CSV (check it with `schedule validate "
+                      "OUT.csv --node-memory N`)")
     plan.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     plan.set_defaults(func=_cmd_plan)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.trace is not None:
-        check_output(args.trace, "--trace")
+    for path, flag in ((args.trace, "--trace"), (args.csv, "--csv")):
+        if path is not None:
+            check_output(path, flag)
     bar = ProgressLine("plan", len(VARIANTS) + 1, "phases", enabled=not args.no_progress)
     phases: dict[str, int] = {v: i + 1 for i, v in enumerate(VARIANTS)}
     phases["placement"] = 0
@@ -69,13 +74,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         chosen = job.variants[args.variant]
         trace = chrome_trace(chosen.schedule, timeline=chosen.played.timeline)
         write_output(args.trace, json.dumps(trace), "--trace")
+    if args.csv is not None:
+        write_output(args.csv, job.variants[args.variant].schedule.to_csv(), "--csv")
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(format_plan(job, report, args.variant))
-    if args.trace is not None and not args.json:
-        print(f"wrote {args.trace}")
+    if not args.json:
+        for path in (args.trace, args.csv):
+            if path is not None:
+                print(f"wrote {path}")
     return 0
 
 
