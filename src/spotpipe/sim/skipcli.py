@@ -58,12 +58,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for path, flag in ((args.trace, "--trace"), (args.csv, "--csv")):
         if path is not None:
             check_output(path, flag)
-    bar = ProgressLine("plan", len(VARIANTS) + 1, "phases", enabled=not args.no_progress)
+    bar = ProgressLine("plan", 100, "%", enabled=not args.no_progress)
     phases: dict[str, int] = {v: i + 1 for i, v in enumerate(VARIANTS)}
     phases["placement"] = 0
 
-    def progress(what: str, share: float) -> None:
-        bar.update(phases.get(what, 0) + min(1.0, share))
+    def progress(what: str, share: float) -> None:  # placement and every variant: equal shares of 100%
+        bar.update(round(100 * (phases.get(what, 0) + min(1.0, share)) / len(phases)))
 
     try:
         job = plan_job(cfg, args.config.parent, budget=args.budget, progress=progress)
