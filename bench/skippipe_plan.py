@@ -6,7 +6,10 @@ reference simulator's cost constants). All four variants are planned on the same
 played in one run; the JSON reports their simulated times (``sim.*_s``: until the last
 backward, the quantity SkipPipe's simulator reports; ``iteration_s`` adds the per-stage
 all-reduce), their ratios, and, next to them, the values SkipPipe's code reports for its
-committed schedule. Then the planner's run time on the same setting and on 64 nodes / 8 stages.
+committed schedule. ``full`` lets every stage-0 node feed its microbatches through full paths
+(network-aware, the best of its coarsenings by simulation); ``full_dtfm_pipelines_s`` is the
+baseline as DT-FM and SkipPipe's code run it (min-group-size fixed chains, extra stage-0 nodes
+idle), reported next to it. Then the planner's run time on the same setting and on 64 nodes / 8 stages.
 The load average is written next to every timed figure.
 
     python bench/skippipe_plan.py           # full search budgets (a few minutes on 2 cores)
@@ -34,7 +37,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from spotpipe import __version__  # noqa: E402
 from spotpipe.config import JobConfig, load_config  # noqa: E402
 from spotpipe.schedule.placement import PlacementProblem, held_karp, place_nodes, random_placement  # noqa: E402
-from spotpipe.sim.skipjob import PLACEMENT_EVALUATIONS, plan_job, skip_setting  # noqa: E402
+from spotpipe.schedule.pathtime import play_paths  # noqa: E402
+from spotpipe.sim.skipjob import PLACEMENT_EVALUATIONS, JobPlan, plan_job, skip_setting  # noqa: E402
 
 CONFIG = ROOT / "configs" / "skippipe-geo.toml"
 OUT = ROOT / "bench" / "results" / "skippipe_plan.json"
@@ -78,6 +82,28 @@ def scaled_config(nodes_per_stage: int, stages: int, microbatches: int) -> JobCo
     ).validate()
 
 
+def dtfm_pipelines_s(job: JobPlan, cfg: JobConfig) -> float:
+    """The full-pipeline baseline as DT-FM and SkipPipe's code run it: ``P = min group size``
+    fixed chains of one node per stage (greedy: each chain takes the next stage's node nearest to
+    its tail; origins are the ``P`` stage-0 nodes nearest to stage 1), the other stage-0 nodes
+    idle, and the same microbatches in all spread evenly over the chains."""
+    groups = job.placement.groups
+    costs = job.setting.costs
+    p = min(len(g) for g in groups)
+    origins = sorted(groups[0], key=lambda o: min(costs.message_s[o][x] for x in groups[1]))[:p]
+    chains: list[list[int]] = [[o] for o in origins]
+    for g in groups[1:]:
+        free = list(g)
+        for chain in chains:
+            best = min(free, key=lambda x, tail=chain[-1]: costs.message_s[tail][x])
+            free.remove(best)
+            chain.append(best)
+    total = len(groups[0]) * cfg.pipeline.microbatches
+    mine = [q % p for q in range(total)]
+    timing = play_paths([chains[i][0] for i in mine], [chains[i][1:] for i in mine], costs, cfg.pipeline.node_memory)
+    return timing.makespan_s
+
+
 def variants_figures(cfg: JobConfig, budget: int) -> dict[str, Any]:
     before = load()
     job = plan_job(cfg, CONFIG.parent, budget=budget)
@@ -87,6 +113,8 @@ def variants_figures(cfg: JobConfig, budget: int) -> dict[str, Any]:
     sim["ratio_vs_full"] = v["skippipe"].played.pipeline_s / v["full"].played.pipeline_s
     sim["ratio_vs_random"] = v["skippipe"].played.pipeline_s / v["random"].played.pipeline_s
     sim["iteration_with_allreduce_s"] = {name: r.played.iteration_s for name, r in v.items()}
+    sim["full_dtfm_pipelines_s"] = dtfm_pipelines_s(job, cfg)
+    sim["ratio_vs_full_dtfm_pipelines"] = v["skippipe"].played.pipeline_s / sim["full_dtfm_pipelines_s"]
     pl = job.placement
     return {
         "sim": sim,
@@ -169,7 +197,9 @@ def main() -> int:
     for key in ("full_s", "random_s", "skippipe_nca_s", "skippipe_s"):
         print(f"{key[:-2]:14s} {geo['sim'][key]:8.2f} {rep[key]:12.2f} "
               f"{REFERENCE['replayed_with_committed_constants'][key]:12.2f}")
-    print(f"skippipe / full {geo['sim']['ratio_vs_full']:.3f}, / random {geo['sim']['ratio_vs_random']:.3f}; "
+    print(f"{'full (DT-FM: 3 fixed pipelines)':14s} {geo['sim']['full_dtfm_pipelines_s']:8.2f}")
+    print(f"skippipe / full {geo['sim']['ratio_vs_full']:.3f}, / DT-FM pipelines "
+          f"{geo['sim']['ratio_vs_full_dtfm_pipelines']:.3f}, / random {geo['sim']['ratio_vs_random']:.3f}; "
           f"planner {geo['planner_seconds']:.1f} s (load {geo['loadavg_after'][0]}); 64 nodes / 8 stages: planner "
           f"{out['nodes64_stages8']['planner_seconds']:.1f} s, skippipe / full "
           f"{out['nodes64_stages8']['sim']['ratio_vs_full']:.3f} (load {out['nodes64_stages8']['loadavg_after'][0]})")
