@@ -166,7 +166,6 @@ def play_paths(
         seq += 1
     done: list[list[Task]] = [[] for _ in range(n)]
     finish = [math.inf] * m
-    busy_until = [0.0] * n  # end of the running task (memory frees then)
     pending_free: list[tuple[float, int]] = []
     while wake:
         t, _, node = heapq.heappop(wake)
@@ -193,7 +192,6 @@ def play_paths(
             held[nd] += 1
         elif kind == BACKWARD:
             heapq.heappush(pending_free, (end, nd))
-        busy_until[nd] = end
         free_at[nd] = end + costs.gap_s
         done[nd].append(Task(j, kind, nd, pos, t, end))
         heapq.heappush(wake, (free_at[nd], seq, nd))

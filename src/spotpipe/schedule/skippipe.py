@@ -9,7 +9,8 @@ on nodes chosen with every link in view. The rules a plan obeys (checked by :fun
   exactly ``k`` stages counting stage 0, each at most once, and no other stage-0 node;
 * its stage order has at most ``max_swaps`` inversions (= adjacent swaps away from ascending);
 * every non-first stage gets the same number of visits per iteration (equal training signal,
-  the paper's TC1), and the visits of a stage spread over its nodes as evenly as possible;
+  the paper's TC1); the visits of a stage spread over its nodes round-robin by path, and every
+  search move keeps each node's count;
 * no node holds more than ``node_memory`` activations at once (the players enforce it by
   waiting; the search prefers plans that do not wait).
 
@@ -175,7 +176,6 @@ class _Search:
     """Balance-preserving random moves over a plan (see the module docstring)."""
 
     def __init__(self, groups: Sequence[Sequence[int]], max_swaps: int, rng: random.Random) -> None:
-        self.stage_of = {n: st for st, g in enumerate(groups) for n in g}
         self.max_swaps = max_swaps
         self.rng = rng
 

@@ -25,12 +25,12 @@ from spotpipe.config import JobConfig
 from spotpipe.cost import analytic_cost, sequences_per_microbatch
 from spotpipe.errors import ConfigError
 from spotpipe.network import Network, build_network
-from spotpipe.schedule.ir import Schedule
+from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.nodepaths import plan_schedule, validate_node_schedule
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.pathtime import PathCosts
 from spotpipe.schedule.placement import NodePlacement, PlacementProblem, place_nodes, random_placement
-from spotpipe.schedule.skippipe import VARIANTS, SkipPlan, path_stages, plan_paths
+from spotpipe.schedule.skippipe import VARIANTS, SkipPlan, check_paths, path_stages, plan_paths
 from spotpipe.sim.skipplay import SkipPlayResult, play_node_schedule, ring_allreduce_s
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -160,6 +160,9 @@ def plan_job(
         plan = plan_paths(v, groups, costs, microbatches=p.microbatches, k=setting.k, max_swaps=p.max_swaps,
                           node_memory=p.node_memory, seed=cfg.train.seed, budget=budget or p.plan_budget,
                           progress=variant_progress)
+        broken = check_paths(plan, 0 if v == "full" else p.max_swaps)
+        if broken:  # the planner builds valid plans only: this is a bug, said plainly
+            raise ScheduleError(f"planner bug: the {v} plan breaks a path rule: {broken[0]}")
         schedule = validate_node_schedule(lower(plan_schedule(plan, problem.n)), p.node_memory)
         results[v] = VariantResult(plan, schedule, play_node_schedule(schedule, costs, groups, ar))
     return JobPlan(setting, placement, baseline, results, time.perf_counter() - t0)
