@@ -17,6 +17,7 @@ from spotpipe.schedule.skippipe import (
     inversions,
     path_stages,
     plan_paths,
+    uniform_costs,
 )
 
 LINKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "gcp-12-locations" / "links.csv"
@@ -147,3 +148,20 @@ def test_a_node_computes_one_microbatch_at_a_time() -> None:
         for a, b in zip(ordered, ordered[1:]):
             assert b.start >= a.end + 0.05 - 1e-9
     assert timing.makespan_s > costs.isolated_s(0, (2, 3))  # they collided
+
+
+def test_random_plans_depend_on_the_seed_and_ignore_the_network() -> None:
+    groups = ((0, 1, 2), (3, 4), (5, 6), (7, 8), (9, 10))
+    costs = PathCosts(tuple(1.0 + 0.1 * i for i in range(11)),
+                      tuple(tuple(0.0 if a == b else 0.2 + ((a * 7 + b * 3) % 5) * 0.3 for b in range(11)) for a in range(11)))
+    plans = [plan_paths("random", groups, costs, microbatches=4, k=3, max_swaps=1, node_memory=2, seed=s, budget=100).paths
+             for s in range(4)]
+    assert len(set(plans)) > 1  # the seed picks among the many network-blind plans
+    flat = uniform_costs(costs)
+    assert set(flat.forward_s) == {sum(costs.forward_s) / 11}
+    assert len({x for a, row in enumerate(flat.message_s) for b, x in enumerate(row) if a != b}) == 1
+    # a network-blind plan is the same for any cluster with the same mean node and link
+    same_mean = PathCosts(tuple(reversed(costs.forward_s)), costs.message_s)
+    a = plan_paths("random", groups, costs, microbatches=4, k=3, max_swaps=1, node_memory=2, seed=1, budget=100)
+    b = plan_paths("random", groups, same_mean, microbatches=4, k=3, max_swaps=1, node_memory=2, seed=1, budget=100)
+    assert a.paths == b.paths  # same mean compute and links: the planner cannot tell them apart

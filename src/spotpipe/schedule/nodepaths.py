@@ -10,7 +10,7 @@ the origin included, and the existing validator and player check matching and de
 ``Schedule.chunk_stage`` says which model stage each schedule stage holds (``S`` = the head).
 
 :func:`check_node_schedule` adds the rules of SkipPipe (Blagoev, Chen, Ersoy 2025, arXiv
-2502.19913, s. 4): a path visits a model stage at most once and returns to its origin; every
+2502.19913): a path visits a model stage at most once and returns to its origin; every
 non-first stage gets the same number of visits; no node holds more than ``node_memory``
 activations (walking its action list: a chunk forward adds one, its backward frees one). Each
 problem marks its actions on the rank x step grid (:func:`spotpipe.schedule.validate.format_problem`).

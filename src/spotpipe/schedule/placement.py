@@ -4,8 +4,8 @@ N nodes are split into S stage groups of given sizes (SkipPipe's example: 20 nod
 ``[5, 3, 3, 3, 3, 3]``); the nodes of one group hold the same layers and all-reduce their
 gradients, and group 0 holds the data, the embedding and the head. The objective is the one of
 DT-FM (Yuan et al., "Decentralized Training of Foundation Models in Heterogeneous Environments",
-NeurIPS 2022, s. 3), as SkipPipe's scheduler evaluates it (Blagoev, Chen, Ersoy 2025, arXiv
-2502.19913, s. 4.1)::
+NeurIPS 2022), as SkipPipe's scheduler evaluates it (Blagoev, Chen, Ersoy 2025, arXiv
+2502.19913)::
 
     cost = DP + 2 x PP
     DP   = max over groups of the slowest message between two nodes of the group

@@ -1,7 +1,7 @@
 """SkipPipe paths: partial, reordered, collision-aware microbatch paths over nodes.
 
 SkipPipe (Blagoev, Chen, Ersoy 2025, "SkipPipe: Partial and Reordered Pipelining Framework for
-Training LLMs in Heterogeneous Networks", arXiv 2502.19913, s. 4) lets each microbatch visit only
+Training LLMs in Heterogeneous Networks", arXiv 2502.19913) lets each microbatch visit only
 ``k`` of the ``S`` stages (skip ratio ``1 - k/S``), sometimes with two adjacent stages swapped,
 on nodes chosen with every link in view. The rules a plan obeys (checked by :func:`check_paths`):
 
@@ -15,7 +15,8 @@ on nodes chosen with every link in view. The rules a plan obeys (checked by :fun
   waiting; the search prefers plans that do not wait).
 
 Variants, on the same placement: ``full`` (DT-FM full pipelines: every stage in order, nodes
-chosen network-aware), ``random`` (the same constraints, network-oblivious), ``skippipe-nca``
+chosen network-aware), ``random`` (the same constraints and search, blind to the network: every
+node and link looks alike), ``skippipe-nca``
 (network-aware: least sum of each microbatch's round trip alone, collisions ignored) and
 ``skippipe`` (the nca plan improved by a local search whose objective is the simulated iteration
 time of :func:`spotpipe.schedule.pathtime.play_paths`, collisions included; the paper uses
@@ -294,10 +295,12 @@ def plan_paths(
     """Paths of one variant (see the module docstring).
 
     The searches work on *agents*, paths shared by ``microbatches / c`` microbatches of one
-    origin (SkipPipe's coarsening, s. 4.3), for every admissible ``c`` (:func:`agent_counts`), and
+    origin (as SkipPipe's code coarsens its agents), for every admissible ``c`` (:func:`agent_counts`), and
     keep the best: ``full`` and ``skippipe`` by simulated iteration time, ``skippipe-nca`` by the
-    sum of isolated round trips (collisions ignored). ``random`` uses one random path per
-    microbatch.
+    sum of isolated round trips (collisions ignored). ``random`` runs the ``skippipe`` search on
+    :func:`uniform_costs` (half the budget): balanced and collision-aware as far as a network-blind
+    planner can be, like SkipPipe's own random baseline (its conflict-based search on a unit-cost
+    graph); among the many plans equal to it, the seed picks one.
 
     Args:
         variant: ``full``, ``random``, ``skippipe-nca`` or ``skippipe``.
@@ -327,19 +330,19 @@ def plan_paths(
     rng = random.Random(seed)
     search = _Search(groups, max_swaps, rng)
     origins = list(groups[0])
-    sim = _sim_score(costs, node_memory)
+    # random: the same search, blind to the network (every node and link the mean one)
+    seen = uniform_costs(costs) if variant == "random" else costs
+    sim = _sim_score(seen, node_memory)
+    sim_budget = budget // 2 if variant == "random" else budget
 
     def shuffle(p: list[MicrobatchPath]) -> list[MicrobatchPath]:
-        out, _, _ = _improve(p, lambda _p: 0.0, search, 20 * len(p))
-        return out
+        """A random walk of balance-keeping moves (every move accepted; ``p`` is changed in place)."""
+        _improve(p, lambda _p: 0.0, search, 20 * len(p))
+        return p
 
     def isolated(p: list[MicrobatchPath]) -> float:
-        return sum(costs.isolated_s(x.origin, x.nodes) for x in p)
+        return sum(seen.isolated_s(x.origin, x.nodes) for x in p)
 
-    if variant == "random":
-        plan = expand(shuffle(_initial(groups, microbatches, k)), origins, microbatches)
-        timing = _play(plan, costs, node_memory)
-        return SkipPlan(variant, tuple(tuple(g) for g in groups), tuple(plan), k, timing, 0, time.perf_counter() - t0)
     counts = agent_counts(groups, microbatches, k)
     evals = 0
     best: tuple[float, list[MicrobatchPath]] | None = None
@@ -348,15 +351,15 @@ def plan_paths(
         agents = shuffle(_initial(groups, c, k))
         agents, static, more = _improve(agents, isolated, search, 10 * budget // len(counts))
         evals += more
-        if variant == "skippipe":
+        if variant in ("skippipe", "random"):
             def expanded(a: list[MicrobatchPath]) -> float:
                 return sim(expand(a, origins, microbatches))
-            base = done
+            base, share = done, sim_budget // len(counts)
             agents, _, more = _improve(
-                agents, expanded, search, budget // len(counts), temperature=ANNEAL_FRACTION * expanded(agents),
-                progress=None if progress is None else (lambda i: progress(base + i, budget)))
+                agents, expanded, search, share, temperature=ANNEAL_FRACTION * expanded(agents),
+                progress=None if progress is None else (lambda i: progress(base + i, sim_budget)))
             evals += more
-            done += budget // len(counts)
+            done += share
         plan = expand(agents, origins, microbatches)
         key = static / len(agents) if variant == "skippipe-nca" else sim(plan)
         if best is None or key < best[0] - 1e-9 or (variant == "skippipe-nca" and key <= best[0] + 1e-9):
@@ -365,6 +368,17 @@ def plan_paths(
     plan = best[1]
     timing = _play(plan, costs, node_memory)
     return SkipPlan(variant, tuple(tuple(g) for g in groups), tuple(plan), k, timing, evals, time.perf_counter() - t0)
+
+
+def uniform_costs(costs: PathCosts) -> PathCosts:
+    """The same cluster seen without its network: every node the mean compute time, every link
+    the mean message time (what a network-oblivious planner assumes)."""
+    n = costs.num_nodes
+    fwd = sum(costs.forward_s) / n
+    pairs = [costs.message_s[a][b] for a in range(n) for b in range(n) if a != b]
+    hop = sum(pairs) / len(pairs) if pairs else 0.0
+    return PathCosts(tuple([fwd] * n), tuple(tuple(0.0 if a == b else hop for b in range(n)) for a in range(n)),
+                     costs.backward_ratio, costs.head_ratio, costs.gap_s)
 
 
 def check_paths(plan: SkipPlan, max_swaps: int) -> list[str]:
