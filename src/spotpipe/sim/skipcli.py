@@ -40,7 +40,7 @@ def register_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a config value, e.g. --set pipeline.max_swaps=0 (repeatable)")
     plan.add_argument("--variant", choices=VARIANTS, default="skippipe",
-                      help="variant whose paths and trace are shown (default: %(default)s)")
+                      help="variant whose paths, trace and CSV are shown (default: %(default)s)")
     plan.add_argument("--budget", type=int_in(1, 10_000_000), default=None, metavar="N",
                       help="simulated plans the collision-aware search scores (default: pipeline.plan_budget)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
