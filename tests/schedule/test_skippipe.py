@@ -165,3 +165,26 @@ def test_random_plans_depend_on_the_seed_and_ignore_the_network() -> None:
     a = plan_paths("random", groups, costs, microbatches=4, k=3, max_swaps=1, node_memory=2, seed=1, budget=100)
     b = plan_paths("random", groups, same_mean, microbatches=4, k=3, max_swaps=1, node_memory=2, seed=1, budget=100)
     assert a.paths == b.paths  # same mean compute and links: the planner cannot tell them apart
+
+
+def test_crossing_paths_with_one_slot_deadlock_and_the_planner_says_so() -> None:
+    # two origins whose microbatches cross 2 -> 3 and 3 -> 2: with one activation slot per node
+    # each holds what the other needs next
+    costs = _uniform(4, hop=0.1)
+    timing = play_paths([0, 1], [(2, 3), (3, 2)], costs, node_memory=1)
+    assert math.isinf(timing.makespan_s) and "waits forever" in timing.stuck
+    assert not math.isinf(play_paths([0, 1], [(2, 3), (3, 2)], costs, node_memory=2).makespan_s)
+    # the planner never hands out a plan that deadlocks: it finishes, or says why none does
+    outcomes = set()
+    for variant in VARIANTS:
+        for seed in range(4):
+            try:
+                plan = plan_paths(variant, ((0, 1, 2, 3), (4,), (5,)), _uniform(6, hop=0.1), microbatches=1, k=3,
+                                  max_swaps=1, node_memory=1, seed=seed, budget=30)
+            except ConfigError as exc:
+                assert "every candidate deadlocks" in str(exc) and "pipeline.node_memory = 1" in str(exc)
+                outcomes.add("refused")
+            else:
+                assert not math.isinf(plan.timing.makespan_s)
+                outcomes.add("planned")
+    assert "planned" in outcomes

@@ -319,7 +319,8 @@ def plan_paths(
         The :class:`SkipPlan`, played with :func:`~spotpipe.schedule.pathtime.play_paths`.
 
     Raises:
-        ConfigError: an unknown variant, or settings no plan can meet (:func:`check_sizes`).
+        ConfigError: an unknown variant, settings no plan can meet (:func:`check_sizes`), or no
+            candidate that finishes within ``node_memory`` (all deadlock).
     """
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -346,6 +347,7 @@ def plan_paths(
     counts = agent_counts(groups, microbatches, k)
     evals = 0
     best: tuple[float, list[MicrobatchPath]] | None = None
+    stuck = ""
     done = 0
     for c in counts:
         agents = shuffle(_initial(groups, c, k))
@@ -361,10 +363,18 @@ def plan_paths(
             evals += more
             done += share
         plan = expand(agents, origins, microbatches)
+        played = _play(plan, costs, node_memory)
+        if math.isinf(played.makespan_s):  # nodes would wait on each other's memory forever
+            stuck = played.stuck
+            continue
         key = static / len(agents) if variant == "skippipe-nca" else sim(plan)
         if best is None or key < best[0] - 1e-9 or (variant == "skippipe-nca" and key <= best[0] + 1e-9):
             best = (key, plan)
-    assert best is not None
+    if best is None:
+        raise ConfigError(
+            f"no {variant} plan fits pipeline.node_memory = {node_memory}: every candidate deadlocks ({stuck}); "
+            "raise pipeline.node_memory or lower pipeline.max_swaps"
+        )
     plan = best[1]
     timing = _play(plan, costs, node_memory)
     return SkipPlan(variant, tuple(tuple(g) for g in groups), tuple(plan), k, timing, evals, time.perf_counter() - t0)
