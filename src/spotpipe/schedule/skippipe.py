@@ -364,6 +364,15 @@ def plan_paths(
             done += share
         plan = expand(agents, origins, microbatches)
         played = _play(plan, costs, node_memory)
+        if math.isinf(played.makespan_s) and variant == "skippipe-nca":
+            # collisions are ignored, but a plan that deadlocks is no plan: walk until one finishes
+            def finishes(a: list[MicrobatchPath]) -> float:
+                return 0.0 if not math.isinf(_play(expand(a, origins, microbatches), costs, node_memory).makespan_s) else 1.0
+            agents, _, more = _improve(agents, finishes, search, max(1, budget // len(counts)))
+            evals += more
+            plan = expand(agents, origins, microbatches)
+            played = _play(plan, costs, node_memory)
+            static = isolated(agents)
         if math.isinf(played.makespan_s):  # nodes would wait on each other's memory forever
             stuck = played.stuck
             continue
