@@ -80,7 +80,12 @@ class PipelineConfig:
     replicas: int = 1  # data-parallel replicas of every stage
     schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
-    microbatches: int = 4
+    microbatches: int = 4  # per pipeline; with stage_nodes: per stage-0 node
+    stage_nodes: tuple[int, ...] = ()  # SkipPipe planning (`schedule plan` only, for now): nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = none
+    skip_ratio: float = 0.0  # SkipPipe: share of stages a microbatch skips; k = stages - round(skip_ratio x stages) visited
+    max_swaps: int = 0  # SkipPipe: adjacent stage swaps allowed per microbatch path
+    node_memory: int = 3  # SkipPipe: most microbatches' activations one node holds at once
+    plan_budget: int = 6000  # SkipPipe planner: simulated plans the collision-aware search scores
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,10 @@ class SimConfig:
     replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
     regroup_s: float = 1.0  # recovery = "policy", no rollback: rebuild communicators and install the state (plus the transfer)
     delay_collectives: bool = True  # false: all-reduces cost nothing on the links (as under link-delay emulation)
+    layer_forward_s: float = 0.0  # forward seconds per layer per sequence (SkipPipe's measured 0.055); 0 = analytic from device_tflops
+    head_ratio: float = 0.25  # SkipPipe plans: head (norm, LM head, loss, their backward) / stage forward
+    message_overhead_s: float = 0.0  # SkipPipe plans: fixed seconds added to every activation or gradient message (0.35 in SkipPipe's simulator)
+    compute_gap_s: float = 0.0  # SkipPipe plans: a node stays busy this long after every compute (0.13 in SkipPipe's simulator)
 
 
 @dataclass(frozen=True)
@@ -379,6 +388,7 @@ def validate(cfg: JobConfig) -> None:
     _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
     _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
     _check(p.virtual_stages >= 1, f"pipeline.virtual_stages must be >= 1, got {p.virtual_stages}")
+    validate_skippipe(cfg)
     chunks = model_chunks(p.schedule, p.stages, p.virtual_stages)
     _check(
         chunks <= m.layers,
@@ -452,6 +462,26 @@ def validate(cfg: JobConfig) -> None:
 
 
 
+def validate_skippipe(cfg: JobConfig) -> None:
+    """Range checks of the SkipPipe planning keys of ``[pipeline]``."""
+    p = cfg.pipeline
+    _check(0 <= p.skip_ratio < 1, f"pipeline.skip_ratio must be in [0, 1), got {p.skip_ratio}")
+    _check(0 <= p.max_swaps <= 64, f"pipeline.max_swaps must be in 0..64, got {p.max_swaps}")
+    _check(1 <= p.node_memory <= 1_000_000, f"pipeline.node_memory must be in 1..1000000, got {p.node_memory}")
+    _check(1 <= p.plan_budget <= 10_000_000, f"pipeline.plan_budget must be in 1..10000000, got {p.plan_budget}")
+    if not p.stage_nodes:
+        return
+    _check(len(p.stage_nodes) == p.stages,
+           f"pipeline.stage_nodes lists {len(p.stage_nodes)} stage groups, but pipeline.stages = {p.stages}: "
+           "give one node count per stage")
+    for i, n in enumerate(p.stage_nodes):
+        _check(1 <= n <= 4096, f"pipeline.stage_nodes[{i}] must be in 1..4096, got {n}")
+    seqs = p.stage_nodes[0] * p.microbatches
+    _check(cfg.train.batch_size % seqs == 0,
+           f"train.batch_size ({cfg.train.batch_size}) must be a multiple of pipeline.stage_nodes[0] x "
+           f"pipeline.microbatches ({seqs}): every stage-0 node feeds pipeline.microbatches equal microbatches")
+
+
 def validate_sim(cfg: JobConfig) -> None:
     """Range checks of the [sim] section (owned by the simulator)."""
     s = cfg.sim
@@ -464,4 +494,7 @@ def validate_sim(cfg: JobConfig) -> None:
         _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")
     _check(s.host_cores >= 0, f"sim.host_cores must be >= 0 (0 = a device per worker), got {s.host_cores}")
+    for name in ("layer_forward_s", "head_ratio", "message_overhead_s", "compute_gap_s"):
+        value = getattr(s, name)
+        _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check_choice("sim.recovery", s.recovery, SimRecoveryName)
