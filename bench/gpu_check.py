@@ -5,9 +5,10 @@ Run by ``bench/gpu_check.sh`` (under 8 minutes on one GPU). Three parts, one tab
 1. **Exactness**: the default small model, 4 pipeline stages on the GPU(s), 20 steps, against the
    same job on 1 stage (the whole model in one worker, the single-process reference); per-step
    losses must agree within 1e-4 relative (GPU kernels may reduce in another order).
-2. **Recovery per strategy**: the same job with stage 1 killed (SIGKILL) at step 5, for replica
-   (2 stages x 2 replicas), mirror, checkfree, checkpoint and checkfree+; the run must finish
-   with every step committed once, and replica and mirror must reproduce the failure-free losses.
+2. **Recovery per strategy** (``bench/strategy_kills.py`` at the 6 M size, on the GPU): stage 1
+   killed (SIGKILL) at step 4 under replica, mirror, checkfree, checkpoint and checkfree+; every
+   step committed once, survivors keep their processes, replica and mirror reproduce the
+   failure-free losses.
 3. **Throughput**: ``bench/mirror_scaling.py --quick --sizes 6M,25M`` on the GPU (mirror / none).
 
 Backend: ``run.backend = auto`` picks NCCL with one GPU per worker, else gloo with the workers
@@ -27,17 +28,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mirror_scaling import events, train  # noqa: E402
+from mirror_scaling import COMMON, SIZES, events, train  # noqa: E402
+from strategy_kills import run_all  # noqa: E402
 
 BASE = ["run.device=cuda", "train.steps=20", "train.eval_every=0", "run.plot=false", "run.progress=false", "model.context=64",
         "train.batch_size=8"]
-STRATEGIES = {
-    "replica": ["ft.strategy=replica", "pipeline.stages=2", "pipeline.replicas=2"],
-    "mirror": ["ft.strategy=mirror"],
-    "checkfree": ["ft.strategy=checkfree"],
-    "checkpoint": ["ft.strategy=checkpoint", "train.checkpoint_every=3"],
-    "checkfree+": ["ft.strategy=checkfree+"],
-}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -65,20 +60,13 @@ def main() -> int:
         good = rc4 == 0 and rc1 == 0 and close(losses(base / "s4"), losses(base / "s1"), 1e-4)
         ok &= good
         rows.append(("exactness: 4 stages vs 1", "ok" if good else "FAILED", err4 or err1 or f"{len(losses(base / 's4'))} steps"))
-        for name, sets in STRATEGIES.items():
-            ref_dir, run_dir = base / f"{name}-ref", base / f"{name}-kill"
-            train(src, ref_dir, [*BASE, *sets])
-            rc, err = train(src, run_dir, [*BASE, *sets], ("--fail", "stage=1@step=5"))
-            evs = events(run_dir)
-            steps = [e["step"] for e in evs if e["event"] == "step"]
-            fin = [e for e in evs if e["event"] == "recovery_finished"]
-            good = rc == 0 and sorted(set(steps)) == list(range(20)) and bool(fin)
-            if name in ("replica", "mirror"):
-                good &= close(losses(run_dir), losses(ref_dir), 1e-5)
-            ok &= good
-            detail = err or (f"recovered by {fin[0]['strategy']} in {fin[0]['seconds']:.2f} s, {fin[0]['bytes'] / 1e6:.1f} MB"
-                             if fin else "no recovery")
-            rows.append((f"kill and recover: {name}", "ok" if good else "FAILED", detail))
+        kills = run_all(src, [*COMMON, *SIZES["6M"], "run.device=cuda"], 10, 4, base / "kills")
+        for row in kills:
+            ok &= row["ok"]
+            detail = row["error"] or (f"recovered by {row['recovered_by']}, {(row['bytes_moved'] or 0) / 1e6:.1f} MB, "
+                                      f"kill to next commit {row['kill_to_next_commit_s'] or float('nan'):.2f} s, "
+                                      f"exact {row['losses_equal_failure_free']}")
+            rows.append((f"kill and recover: {row['strategy']}", "ok" if row["ok"] else "FAILED", detail))
         out = base / "scaling.json"
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mirror_scaling.py"), "--quick", "--sizes", "6M,25M",
                                "--no-recovery", "--set", "run.device=cuda", "--out", str(out)],
