@@ -116,7 +116,7 @@ class Controller:
         self._progress = Progress(cfg.train.steps, self.out, enabled=cfg.run.progress)
         self.ctx = ControlContext(cfg, self._progress)
         self._t0 = time.time()
-        self._last_commit = time.monotonic()
+        self._last_commit = time.time()  # wall clock: step times come from the workers' report times
         self._gen_started = time.monotonic()
         self._first_loss: float | None = None
         self._skipped_in_a_row = 0
@@ -274,7 +274,7 @@ class Controller:
         self.ctx.store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan
         self._gen_started = time.monotonic()
-        self._last_commit = self._gen_started
+        self._last_commit = time.time()
         self._first_step_of_gen = self.next_step
         self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
@@ -296,8 +296,11 @@ class Controller:
         reports = [json.loads(raw) for raw in self.ctx.store.multi_get(keys)]
         head = reports[0]
         now = time.monotonic()
-        step_time = now - self._last_commit
-        self._last_commit = now
+        # The step committed when its last worker reported (its own clock: the controller only
+        # notices every POLL_S, which would quantise short steps).
+        committed_at = max([float(r["t"]) for r in reports if "t" in r] or [time.time()])
+        step_time = max(0.0, committed_at - self._last_commit)
+        self._last_commit = committed_at
         t = self.cfg.train
         loss = float(head["loss"])
         self.ctx.log.write(
@@ -457,7 +460,7 @@ class Controller:
 
     def restart_step_clock(self) -> None:
         """The next committed step's time is measured from now."""
-        self._last_commit = time.monotonic()
+        self._last_commit = time.time()
 
     # ------------------------------------------------------------------------------------------
     # Shutdown

@@ -72,6 +72,11 @@ from spotpipe.runtime.worker.mirror_link import MirrorLink
 from spotpipe.runtime.worker.recovery import RecoveryAgent
 from spotpipe.schedule.build import job_schedule
 
+DECIDE_POLL_MIN_S = 0.0002
+DECIDE_POLL_MAX_S = 0.004
+"""How often a worker waiting for a step's commit decision looks again (doubling from the first to
+the second): a worker that arrives last decides at once, one that waits costs the store and the
+busy workers on its cores little."""
 EXIT_ERROR = 3
 
 
@@ -390,6 +395,7 @@ class Worker:
         abort = protocol.abort_key(gen.number)
         if self.store.add(protocol.step_ready_key(gen.number, step), 1) >= gen.plan.world_size:
             self.store.compare_set(key, "", "commit")
+        delay = DECIDE_POLL_MIN_S
         while True:
             if self.store.check([key]):
                 value = self.store.get(key)
@@ -397,7 +403,8 @@ class Worker:
             if gen.aborted or self.store.check([abort]):
                 value = self.store.compare_set(key, "", "abort")
                 break
-            time.sleep(0.0005)
+            time.sleep(delay)  # backing off: the waiting workers must not keep the store busy
+            delay = min(2 * delay, DECIDE_POLL_MAX_S)
         if value != b"commit":
             raise GenerationAborted(peer=None, peer_name=f"the world group of generation {gen.number}",
                                     action=f"the commit decision of step {step}", detail="step aborted after a failure")
@@ -501,6 +508,7 @@ class Worker:
             }
             if checkpoint_due(step, t, stop) and self.replica == 0:
                 report["checkpoint"] = self.save_checkpoint(step)
+            report["t"] = time.time()  # when this worker finished the step (the last one commits it)
             self.report_step(step, report)
             if eval_due(step, t, stop, self._stop_reason() if stop else ""):
                 try:
