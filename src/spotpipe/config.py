@@ -76,8 +76,8 @@ class PipelineConfig:
 
     stages: int = 4  # pipeline ranks
     replicas: int = 1  # data-parallel replicas of every stage
-    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved
-    virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
+    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos
+    virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule (and chronos, which needs 2)
     microbatches: int = 4
 
 
@@ -387,6 +387,8 @@ def validate(cfg: JobConfig) -> None:
            f"model.tie_embeddings = true needs the embedding and the LM head in one model chunk, but pipeline.stages = "
            f"{p.stages} cuts the model into {chunks} chunks on different workers; set model.tie_embeddings = false "
            "(or pipeline.stages = 1)")
+    if p.schedule == "chronos":
+        _check(p.virtual_stages == 2, f"pipeline.virtual_stages must be 2 for the chronos schedule (two chunks per rank in a V), got {p.virtual_stages}")
     if p.schedule == "interleaved":
         _check(p.microbatches % p.stages == 0, f"pipeline.microbatches ({p.microbatches}) must be a multiple of pipeline.stages ({p.stages}) for the interleaved schedule")
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")

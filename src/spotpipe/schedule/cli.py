@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     group = subparsers.add_parser(
         "schedule",
         help="show, export and validate pipeline schedules",
-        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B).",
+        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B, chronos).",
     )
     sub = group.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("--microbatches", type=_COUNT, default=8,
                       help="microbatches per step (default: %(default)s)")
     show.add_argument("--virtual-stages", type=_COUNT, default=2,
-                      help="model chunks per rank, used by the interleaved schedule only, as pipeline.virtual_stages (default: %(default)s)")
+                      help="model chunks per rank, used by the interleaved schedule (chronos needs 2), as pipeline.virtual_stages (default: %(default)s)")
     show.add_argument("--swap", action="store_true",
                       help="CheckFree+ swapped paths for odd microbatches (stages 0<->1 and S-2<->S-1), "
                       "as ft.strategy = checkfree+ runs them; needs >= 4 stages")
