@@ -21,6 +21,7 @@ from spotpipe.fsutil import read_text
 from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
+from spotpipe.schedule.recompute import RecomputeName
 
 # Closed choices: each is one Literal type, the only list of its values; the checks in
 # :func:`validate` and their messages take the allowed values from it (``typing.get_args``).
@@ -79,6 +80,8 @@ class PipelineConfig:
     schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule (and chronos, which needs 2)
     microbatches: int = 4
+    recompute: RecomputeName = "none"  # chunks that drop activations after F and recompute them before B: none | all | longest (per rank, its longest-lived chunk)
+    recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,10 @@ def validate(cfg: JobConfig) -> None:
            f"model.tie_embeddings = true needs the embedding and the LM head in one model chunk, but pipeline.stages = "
            f"{p.stages} cuts the model into {chunks} chunks on different workers; set model.tie_embeddings = false "
            "(or pipeline.stages = 1)")
+    _check_choice("pipeline.recompute", p.recompute, RecomputeName)
+    _check(all(0 <= c < chunks for c in p.recompute_chunks),
+           f"pipeline.recompute_chunks must name chunks in 0..{chunks - 1} (the model is cut into {chunks} chunks), "
+           f"got {list(p.recompute_chunks)}")
     if p.schedule == "chronos":
         _check(p.virtual_stages == 2, f"pipeline.virtual_stages must be 2 for the chronos schedule (two chunks per rank in a V), got {p.virtual_stages}")
     if p.schedule == "interleaved":

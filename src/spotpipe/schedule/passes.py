@@ -4,7 +4,9 @@ The lowering contract (what every player of a lowered schedule, the runtime exec
 simulator's player and :func:`~spotpipe.schedule.validate.simulate_schedule`, agrees on):
 
 * **Actions.** Each rank walks its action list in order. ``F`` / ``B`` compute one microbatch of
-  one stage (chunk). ``SEND_F`` / ``SEND_B`` post a message and never block. ``RECV_F`` /
+  one stage (chunk). Where the rank's list also holds ``R`` for that stage and microbatch, the
+  ``F`` keeps only its input and the ``R`` (before the ``B``) runs the forward again with
+  autograd on (:func:`add_recompute`). ``SEND_F`` / ``SEND_B`` post a message and never block. ``RECV_F`` /
   ``RECV_B`` only post a receive; the compute action that consumes the data waits for it, so a
   RECV may sit anywhere before its consumer. Every message's identity (stage, microbatch,
   direction) comes from its action; a transport invents no tags.
@@ -34,6 +36,8 @@ executor and the simulator play (add_communication; early receives only on reque
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
 
@@ -78,6 +82,9 @@ def add_communication(schedule: Schedule) -> Schedule:
         for a in acts:
             if a.op.is_comm:
                 raise ScheduleError(f"add_communication: rank {r} already has communication action {a}; pass a compute-only schedule")
+            if a.op is Op.R:  # a recompute reads what its rank kept: no message
+                out.append(a)
+                continue
             if a.stage >= schedule.num_stages or a.microbatch >= schedule.num_microbatches:
                 raise ScheduleError(f"cannot lower {a} on rank {r}: stage or microbatch out of range")
             pred, succ = _path_neighbours(schedule, a.stage, a.microbatch, a)
@@ -143,6 +150,52 @@ def post_receives_early(schedule: Schedule, lookahead: int = 1) -> Schedule:
         out.extend(trailing)
         ranks.append(out)
     return schedule.with_ranks(ranks)
+
+
+def add_recompute(schedule: Schedule, chunks: Iterable[int]) -> Schedule:
+    """Recompute the activations of ``chunks``: an ``R`` right before every backward of those chunks.
+
+    Under the lowering contract an ``F`` of a stage whose rank list holds the matching ``R`` keeps
+    only its input (the boundary activation it received, or the token ids); the ``R`` re-runs the
+    forward with autograd on, and the ``B`` after it frees everything (activation
+    recomputation, Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"; per chunk as
+    Chronos-Recomp, Lin et al. 2025). Placed right before the ``B`` (after a ``RECV_B``, which only
+    posts), the recompute overlaps the gradient's transfer. The executor, the simulator (which
+    prices it as one more forward) and :mod:`spotpipe.schedule.memory` all read it from the list.
+
+    Args:
+        schedule: compute-only or lowered, without ``R`` actions.
+        chunks: stage indices to recompute (any order, duplicates ignored).
+
+    Returns:
+        The schedule with the ``R`` actions (same metadata); unchanged for no chunks.
+
+    Raises:
+        ScheduleError: a chunk the schedule does not have (the message gives the range), or a
+            schedule that already recomputes.
+    """
+    wanted = set(chunks)
+    bad = sorted(c for c in wanted if not 0 <= c < schedule.num_stages)
+    if bad:
+        raise ScheduleError(
+            f"recompute of chunk(s) {bad}: the {schedule.name} schedule has chunks 0..{schedule.num_stages - 1}"
+        )
+    ranks: list[list[Action]] = []
+    for r, acts in enumerate(schedule.ranks):
+        out: list[Action] = []
+        for a in acts:
+            if a.op is Op.R:
+                raise ScheduleError(f"add_recompute: rank {r} already has recompute action {a}")
+            if a.op is Op.B and a.stage in wanted:
+                out.append(Action(a.stage, Op.R, a.microbatch))
+            out.append(a)
+        ranks.append(out)
+    return schedule.with_ranks(ranks)
+
+
+def recomputed(schedule: Schedule) -> frozenset[tuple[int, int]]:
+    """``(stage, microbatch)`` pairs whose forward keeps only its input (an ``R`` follows it)."""
+    return frozenset((a.stage, a.microbatch) for acts in schedule.ranks for a in acts if a.op is Op.R)
 
 
 def lower(schedule: Schedule, *, early_receives: int = 0) -> Schedule:

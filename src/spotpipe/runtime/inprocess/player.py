@@ -33,7 +33,8 @@ deploys and the one the workers' forward-only evaluation schedule takes.
 
 Record. After every replica's step :attr:`PipelineTrainer.last_trace` holds, per rank, what its
 executor did as seen from outside: compute actions as ``(op, stage, microbatch)`` and messages as
-``("SEND" | "RECV", peer rank, tag)``, in the order they happened. It equals the lowered schedule's
+``("SEND" | "RECV", peer rank, tag)`` (recomputes as ``("R", stage, microbatch)``), in the order
+they happened. It equals the lowered schedule's
 action list of that rank (the tests check it), so a hand-written loop cannot creep back in.
 """
 
@@ -58,7 +59,7 @@ from spotpipe.runtime.pipeline.executor import Executor, Instruction, compile_ra
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.schedule.ir import Schedule
 
-TraceEntry = tuple[str, int, int]  # ("F" | "B", stage, microbatch) or ("SEND" | "RECV", peer rank, tag)
+TraceEntry = tuple[str, int, int]  # ("F" | "B" | "R", stage, microbatch) or ("SEND" | "RECV", peer rank, tag)
 
 
 class _RankLog:
@@ -143,10 +144,16 @@ class _TracedRunner(StageRunner):
         super().__init__(chunks, loss_scale, device)
         self.log = log
 
-    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None) -> torch.Tensor | None:
+    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None,
+                keep: bool = True) -> torch.Tensor | None:
         self.log.actions.append(("F", stage, microbatch))
         self.log.microbatch = microbatch
-        return super().forward(stage, microbatch, x, ends_path)
+        return super().forward(stage, microbatch, x, ends_path, keep)
+
+    def recompute(self, stage: int, microbatch: int, ends_path: bool | None = None) -> None:
+        self.log.actions.append(("R", stage, microbatch))
+        self.log.microbatch = microbatch  # a recomputed loss is recorded again, for the same microbatch
+        super().recompute(stage, microbatch, ends_path)
 
     def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         self.log.actions.append(("B", stage, microbatch))
