@@ -56,6 +56,7 @@ from spotpipe.runtime.comm.transport import Handle, Transport
 from spotpipe.schedule.build import job_schedule  # the job's lowered schedule (the one builder)
 from spotpipe.runtime.inprocess.local import LocalTrainer, default_num_chunks
 from spotpipe.runtime.pipeline.executor import Executor, Instruction, compile_rank
+from spotpipe.runtime.pipeline.meter import MeasuredMemory, SavedTensorMeter, moment_tensors, state_bytes
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.schedule.ir import Schedule
 
@@ -191,6 +192,9 @@ class PipelineTrainer(LocalTrainer):
         token_file: The :class:`~spotpipe.data.tokens.TokenFile` to train on.
         device: Where the chunks live (default CPU).
         schedule: The lowered schedule to play (default: the job's, ``job_schedule(cfg)``).
+        measure_memory: Count, per rank, the bytes autograd saves for backward and the state its
+            chunks hold (:mod:`spotpipe.runtime.pipeline.meter`); after each replica's step
+            :attr:`last_memory` holds one :class:`MeasuredMemory` per rank.
 
     Raises:
         SpotpipeError: the schedule's stages are not the trainer's chunks, or (as LocalTrainer)
@@ -198,7 +202,7 @@ class PipelineTrainer(LocalTrainer):
     """
 
     def __init__(self, cfg: JobConfig, token_file: Any, device: torch.device | str | None = None,
-                 schedule: Schedule | None = None) -> None:
+                 schedule: Schedule | None = None, measure_memory: bool = False) -> None:
         self.schedule: Schedule = job_schedule(cfg) if schedule is None else schedule
         chunks = default_num_chunks(cfg)
         if self.schedule.num_stages != chunks:
@@ -217,6 +221,10 @@ class PipelineTrainer(LocalTrainer):
         self._views: dict[int, _ChunkView] = {}
         self._viewed: tuple[int, ...] = ()  # ids of the chunks the views were made for
         self._hub: InProcessHub | None = None
+        self.measure_memory = measure_memory
+        self._meters: list[SavedTensorMeter] = []
+        self._metered: tuple[int, ...] = ()  # ids of the chunks the meters were made for
+        self.last_memory: list[MeasuredMemory] = []
 
     def build_chunk(self, index: int) -> StageModule:
         """Chunk ``index``; where the first or the last chunk sits inside a microbatch's path
@@ -255,6 +263,23 @@ class PipelineTrainer(LocalTrainer):
                                                        for r in range(sched.num_ranks)})
         return self._hub
 
+    def _ready_meters(self) -> list[SavedTensorMeter]:
+        """One meter per rank when measuring (made again after a chunk was replaced), else none."""
+        if not self.measure_memory:
+            return []
+        ids = tuple(id(c) for c in self.chunks)
+        if ids != self._metered:
+            params = [q for c in self.chunks for q in c.parameters()]
+            self._meters = [SavedTensorMeter(params) for _ in range(self.num_ranks)]
+            self._metered = ids
+        return self._meters
+
+    def _measured(self, rank: int, activations_peak: int) -> MeasuredMemory:
+        """What ``rank`` holds: its chunks' state (gradients as they stand now) and the peak."""
+        own = {s: self.chunks[s] for s in self.schedule.stages_of_rank(rank)}
+        state = state_bytes(own.values(), moment_tensors(self.state.optimizer, own), self.device)
+        return MeasuredMemory(rank, activations_peak, state)
+
     def replica_losses(self, step_ids: Sequence[int], replica: int) -> list[float]:
         """Play one replica's step: every rank's executor, taking turns over an in-process hub.
 
@@ -283,16 +308,23 @@ class PipelineTrainer(LocalTrainer):
         dtype = next(self.chunks[0].parameters()).dtype
         label = f"step {self.step}" + (f" of replica {replica}" if p.replicas > 1 else "")
 
+        meters = self._ready_meters()
+
         def rank_body(rank: int) -> tuple[float, int]:
             log = logs[rank]
             runner = _TracedRunner({s: views[s] for s in sched.stages_of_rank(rank)}, 1.0 / (p.replicas * p.microbatches),
                                    self.device, log)
+            if meters:
+                meters[rank].reset_peak()
+                runner.meter = meters[rank]
             executor = Executor(self.programs[rank], runner, _TracedTransport(hub.transport(rank), log), shape, dtype,
                                 cfg.run.timeout_s, device=self.device)
             return executor.run(inputs, targets, label=label)
 
         hub.play([functools.partial(rank_body, rank) for rank in range(self.num_ranks)])
         self.last_trace = [list(log.actions) for log in logs]
+        if meters:
+            self.last_memory = [self._measured(rank, meters[rank].peak) for rank in range(self.num_ranks)]
         extra = hub.undelivered()
         if extra:
             raise SpotpipeError(f"{label}: the {sched.name} schedule sent messages no rank received "

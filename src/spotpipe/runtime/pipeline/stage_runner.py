@@ -11,12 +11,14 @@ Megatron-LM's pipeline, Narayanan et al. 2021).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.runtime.pipeline.meter import SavedTensorMeter
 
 
 class RunnerError(SpotpipeError):
@@ -46,6 +48,7 @@ class StageRunner:
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.hook: Callable[[str], None] | None = None  # called with "forward" / "backward" (phase faults)
+        self.meter: SavedTensorMeter | None = None  # counts what autograd saves (measured memory)
 
     # -- step boundaries ---------------------------------------------------------------------
 
@@ -111,7 +114,8 @@ class StageRunner:
             x.requires_grad_(True)
         if getattr(chunk, "is_last", False) if ends_path is None else ends_path:
             if self._train:
-                out = chunk(x, self._targets[microbatch], finish=True)
+                with self._saving():
+                    out = chunk(x, self._targets[microbatch], finish=True)
                 self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             else:
                 with torch.no_grad():
@@ -121,7 +125,8 @@ class StageRunner:
             self._loss_count += 1
             return None
         if self._train:
-            out = chunk(x, finish=False)
+            with self._saving():
+                out = chunk(x, finish=False)
             self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             return out
         with torch.no_grad():
@@ -160,9 +165,14 @@ class StageRunner:
             raise RunnerError(f"recompute {stage}R{microbatch} without a forward that kept its input") from None
         if x.is_floating_point():
             x.requires_grad_(True)
-        out = self._run(self.chunks[stage], stage, microbatch, x, ends_path, count_loss=False)
+        with self._saving():
+            out = self._run(self.chunks[stage], stage, microbatch, x, ends_path, count_loss=False)
         assert out is not None
         self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
+
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
+        """The meter's counting context, or nothing without a meter."""
+        return contextlib.nullcontext() if self.meter is None else self.meter.saving()
 
     def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of ``stage`` for ``microbatch``.
