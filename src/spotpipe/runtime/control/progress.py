@@ -138,6 +138,8 @@ class RunResult:
             (``train.nonfinite = "skip"``).
         suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
             ``failure_suspected`` events that were no failure.
+        peak_bytes: Per pipeline rank, the most memory measured in any step (state on the device
+            plus the bytes autograd held for backward; the ``step`` events' ``peak_bytes``).
     """
 
     status: str
@@ -154,6 +156,7 @@ class RunResult:
     lost_s: float = 0.0
     skipped: int = 0
     suspicions_cleared: int = 0
+    peak_bytes: list[int] | None = None
 
 
 def format_result(result: RunResult) -> str:
@@ -169,6 +172,8 @@ def format_result(result: RunResult) -> str:
         n = result.suspicions_cleared
         parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
                      "no failure; see failure_suspected in events.jsonl)")
+    if result.peak_bytes:
+        parts.append("peak memory per rank " + "/".join(f"{b / 2**20:.1f}" for b in result.peak_bytes) + " MiB")
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")

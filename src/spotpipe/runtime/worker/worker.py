@@ -64,6 +64,7 @@ from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
+from spotpipe.runtime.pipeline.meter import SavedTensorMeter, moment_tensors, state_bytes
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
@@ -142,6 +143,8 @@ class Worker:
         self.mirror_link = MirrorLink(self.store, cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
         self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.meter = SavedTensorMeter()
+        self.runner.meter = self.meter
         if self.fault.planned:
             self.runner.hook = self.fault.hit
             self.state.optimizer.add_step_hook(lambda: self.fault.hit("optimizer"))
@@ -330,8 +333,13 @@ class Worker:
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
         inputs, targets = self._microbatches(self.sampler, step_ids)
         self.flat_grad.zero_()
+        self.meter.exclude(q for c in self.runner.chunks.values() for q in c.parameters())  # chunks may be new
+        self.meter.reset_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}")
         t_pipe = time.perf_counter()
+        memory = self.measured_memory()
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
         if self.tied:
@@ -359,7 +367,22 @@ class Worker:
             "pipe_s": t_pipe - t0,
             "compute_s": time.perf_counter() - t0,
             "reduced": [sq_total, loss_total, n_total, stop],
+            "memory": memory,
         }
+
+    def measured_memory(self) -> dict[str, Any]:
+        """What this worker held in the step just played (:mod:`spotpipe.runtime.pipeline.meter`):
+        the peak of the bytes autograd saved for backward, and the parameters, the flat gradient
+        buffer and the optimizer moments on the device; on CUDA also the allocator's peak."""
+        chunks = self.runner.chunks
+        state = state_bytes(chunks.values(), moment_tensors(self.state.optimizer, chunks), self.device,
+                            grads=[self.flat_grad])
+        out: dict[str, Any] = {"rank": self.stage, "activations": self.meter.peak, "weights": state.weights,
+                               "grads": state.grads, "optimizer": state.optimizer,
+                               "peak": state.total + self.meter.peak}
+        if self.device.type == "cuda":
+            out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
 
     def decide(self, step: int) -> None:
         """Phase 2b: agree that ``step`` commits before anyone applies it.
@@ -489,6 +512,7 @@ class Worker:
                 "reduced": outcome["reduced"],
                 "stop": stop,
                 "skipped": nonfinite,
+                "memory": outcome["memory"],
             }
             if checkpoint_due(step, t, stop) and self.replica == 0:
                 report["checkpoint"] = self.save_checkpoint(step)
