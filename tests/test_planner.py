@@ -43,3 +43,80 @@ def test_predicted_peaks_follow_the_schedule() -> None:
     assert max(r.peak for r in chronos) < max(r.peak for r in plain)
     assert max(r.peak for r in recomputed) < max(r.peak for r in chronos)
     assert all(r.peak_activations < c.peak_activations for r, c in zip(recomputed, chronos))
+
+
+# -- plans, the budget, auto and the CLI ----------------------------------------------------------
+
+import argparse  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from spotpipe.errors import ConfigError  # noqa: E402
+from spotpipe.planner import GB, PLANS, evaluate_plan, evaluate_plans, parse_bytes, plan_config  # noqa: E402
+from spotpipe.schedule import cli as schedule_cli  # noqa: E402
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("4GB") == 4e9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2.5") == 2.5e9
+    for bad in ("", "0GB", "-1GB", "4XB", "GB"):
+        with pytest.raises(ConfigError, match="--budget: expected a positive size like 4GB"):
+            parse_bytes(bad)
+
+
+def test_plans_fit_and_the_largest_model_is_the_edge() -> None:
+    cfg = load_config(None, list(BASE))
+    budget = 0.03 * GB
+    results = evaluate_plans(cfg, budget)
+    assert [r.plan for r in results] == list(PLANS)
+    for r in results:
+        assert not r.error
+        assert r.fits == (max(r.peaks) <= budget)
+        pcfg = plan_config(cfg, r.plan)
+        if r.max_layers:  # the largest fits, one more layer does not
+            assert evaluate_plan(replace(pcfg, model=replace(pcfg.model, layers=r.max_layers)), r.plan, budget,
+                                 sizes=False, timing=False).fits
+            assert not evaluate_plan(replace(pcfg, model=replace(pcfg.model, layers=r.max_layers + 1)), r.plan, budget,
+                                     sizes=False, timing=False).fits
+    by = {r.plan.name: r for r in results}
+    # memory order: recompute < plain, chronos < 1f1b, offload < no offload
+    assert by["1f1b+recompute"].peak < by["1f1b"].peak and by["chronos"].peak < by["1f1b"].peak
+    assert by["chronos+recompute"].peak < by["chronos"].peak
+    assert by["chronos+recompute+offload"].peak < by["chronos+recompute"].peak
+    assert by["chronos+recompute+offload"].max_layers > by["1f1b"].max_layers
+    # recomputing every chunk of 1F1B costs time the chronos plans do not pay as much
+    assert by["1f1b+recompute"].step_s > by["1f1b"].step_s
+
+
+def test_auto_picks_the_fastest_plan_that_fits_and_names_the_smallest_budget() -> None:
+    roomy = load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=10"])
+    fastest = min((r for r in evaluate_plans(load_config(None, list(BASE)), 10 * GB, sizes=False)
+                   if r.plan.runnable and not r.error), key=lambda r: r.step_s)
+    assert roomy.pipeline.schedule == fastest.plan.schedule and roomy.pipeline.recompute == fastest.plan.recompute
+    # a budget below every plan without recompute but above the best with it: auto must recompute
+    peaks = {r.plan.name: r.peak for r in evaluate_plans(load_config(None, list(BASE)), 1.0, sizes=False, timing=False)}
+    plain = min(peaks[n] for n in ("1f1b", "interleaved", "chronos"))
+    least = min(peaks[n] for n in ("1f1b+recompute", "chronos+recompute"))
+    assert least < plain
+    tight_gb = (least + plain) / 2 / GB
+    tight = load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={tight_gb}"])
+    assert tight.pipeline.recompute != "none"
+    assert max(r.peak for r in predict_memory(tight)) <= tight_gb * GB
+    with pytest.raises(ConfigError, match=r"pipeline.memory_budget_gb = 0.001: no plan fits; the smallest peak is .* "
+                                          r"set pipeline.memory_budget_gb >= (\S+), or") as info:
+        load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=0.001"])
+    smallest = str(info.value).split(">= ")[1].split(",")[0]
+    load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={smallest}"])  # that one fits
+    with pytest.raises(ConfigError, match="set pipeline.memory_budget_gb > 0"):
+        load_config(None, [*BASE, "pipeline.schedule=auto"])
+    with pytest.raises(ConfigError, match="pipeline.memory_budget_gb must be >= 0"):
+        load_config(None, [*BASE, "pipeline.memory_budget_gb=-1"])
+
+
+def test_cli_prints_every_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="spotpipe")
+    schedule_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["schedule", "memory", "--budget", "30MB", *[x for o in BASE for x in ("--set", o)]])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    for plan in PLANS:
+        assert f"\n{plan.name} " in out
+    assert "auto picks " in out and "budget 0.03 GB per rank" in out

@@ -40,6 +40,10 @@ SimRecoveryName = Literal["checkpoint", "policy"]
 """``sim.recovery``: how the simulator handles a failure (restart from the checkpoint, or the shipped
 recovery policy)."""
 
+AUTO_SCHEDULE = "auto"
+"""``pipeline.schedule = "auto"``: the fastest plan that fits ``pipeline.memory_budget_gb``
+(:func:`spotpipe.planner.resolve_auto`)."""
+
 FT_STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 SIM_RECOVERY: tuple[SimRecoveryName, ...] = get_args(SimRecoveryName)
 MAX_WAIT_S = 1e6  # the longest timeout or heartbeat period (about 11 days); more overflows the store's timedelta
@@ -77,11 +81,12 @@ class PipelineConfig:
 
     stages: int = 4  # pipeline ranks
     replicas: int = 1  # data-parallel replicas of every stage
-    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos
+    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos; or "auto"
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule (and chronos, which needs 2)
     microbatches: int = 4
     recompute: RecomputeName = "none"  # chunks that drop activations after F and recompute them before B: none | all | longest (per rank, its longest-lived chunk)
     recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
+    memory_budget_gb: float = 0.0  # per-rank device memory budget (1 GB = 1e9 bytes) for schedule = "auto"; 0 = none
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,18 @@ class JobConfig:
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> JobConfig:
-        """Check ranges and cross-section rules; return self or raise ConfigError."""
+        """Check ranges and cross-section rules; return self or raise ConfigError.
+
+        With ``pipeline.schedule = "auto"`` the result is the job with the plan
+        :func:`spotpipe.planner.resolve_auto` picks (a named schedule and its recompute keys).
+        """
+        if self.pipeline.schedule == AUTO_SCHEDULE:
+            from spotpipe.planner import resolve_auto  # the planner reads this module: import when used
+
+            p = self.pipeline
+            _check(math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0,
+                   f"pipeline.memory_budget_gb must be >= 0 (0 = none), got {p.memory_budget_gb}")
+            return resolve_auto(self)
         validate(self)
         return self
 
@@ -374,7 +390,10 @@ def validate(cfg: JobConfig) -> None:
     _check(m.rope_theta > 1, f"model.rope_theta must be > 1, got {m.rope_theta}")
     _check(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
     _check(p.schedule in SCHEDULE_REGISTRY,
-           f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r}")
+           f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r} "
+           f"(or {AUTO_SCHEDULE}, with pipeline.memory_budget_gb)")
+    _check(math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0,
+           f"pipeline.memory_budget_gb must be >= 0 (0 = none), got {p.memory_budget_gb}")
     _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
     _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
     _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
