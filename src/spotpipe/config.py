@@ -36,6 +36,9 @@ NonfiniteName = Literal["stop", "skip"]
 """``train.nonfinite``: what a step whose global gradient norm or loss is not finite does; its
 update is never applied: ``stop`` ends the job with one line naming the step, ``skip`` counts the
 step (same data order) without updating anything."""
+OffloadName = Literal["none", "optimizer"]
+"""``pipeline.offload``: what lives in host memory and comes to the device when used (``optimizer``:
+the AdamW moments, fetched one chunk at a time for the update)."""
 SimRecoveryName = Literal["checkpoint", "policy"]
 """``sim.recovery``: how the simulator handles a failure (restart from the checkpoint, or the shipped
 recovery policy)."""
@@ -86,6 +89,7 @@ class PipelineConfig:
     microbatches: int = 4
     recompute: RecomputeName = "none"  # chunks that drop activations after F and recompute them before B: none | all | longest (per rank, its longest-lived chunk)
     recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
+    offload: OffloadName = "none"  # "optimizer": AdamW moments in host memory between updates (ChronosPipe's offload)
     memory_budget_gb: float = 0.0  # per-rank device memory budget (1 GB = 1e9 bytes) for schedule = "auto"; 0 = none
 
 
@@ -410,6 +414,7 @@ def validate(cfg: JobConfig) -> None:
            f"{p.stages} cuts the model into {chunks} chunks on different workers; set model.tie_embeddings = false "
            "(or pipeline.stages = 1)")
     _check_choice("pipeline.recompute", p.recompute, RecomputeName)
+    _check_choice("pipeline.offload", p.offload, OffloadName)
     _check(all(0 <= c < chunks for c in p.recompute_chunks),
            f"pipeline.recompute_chunks must name chunks in 0..{chunks - 1} (the model is cut into {chunks} chunks), "
            f"got {list(p.recompute_chunks)}")

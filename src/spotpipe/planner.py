@@ -69,12 +69,13 @@ def chunk_bytes(cfg: JobConfig) -> list[ChunkBytes]:
     return out
 
 
-def predict_memory(cfg: JobConfig, offload: Iterable[int] = ()) -> tuple[RankMemory, ...]:
+def predict_memory(cfg: JobConfig, offload: Iterable[int] | None = None) -> tuple[RankMemory, ...]:
     """Bytes per rank over one step of the job, as :func:`~spotpipe.schedule.memory.memory_profile` models them.
 
     Args:
-        cfg: The job (its schedule, recompute keys and model).
-        offload: chunks whose optimizer state lives in host memory.
+        cfg: The job (its schedule, recompute and offload keys, and model).
+        offload: chunks whose optimizer state lives in host memory (default: the job's
+            ``pipeline.offload``).
 
     Returns:
         One :class:`~spotpipe.schedule.memory.RankMemory` per pipeline rank.
@@ -82,7 +83,7 @@ def predict_memory(cfg: JobConfig, offload: Iterable[int] = ()) -> tuple[RankMem
     Raises:
         ScheduleError: a bad schedule, recompute or offload choice.
     """
-    return memory_profile(job_schedule(cfg), chunk_bytes(cfg), offload=offload)
+    return memory_profile(job_schedule(cfg), chunk_bytes(cfg), offload=offloaded_chunks(cfg) if offload is None else offload)
 
 
 # -- plans ----------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ PLANS: tuple[Plan, ...] = (
     Plan("interleaved", "interleaved"),
     Plan("chronos", "chronos"),
     Plan("chronos+recompute", "chronos", "longest"),
-    Plan("chronos+recompute+offload", "chronos", "longest", offload=True, runnable=False),
+    Plan("chronos+recompute+offload", "chronos", "longest", offload=True),
 )
 
 
@@ -131,12 +132,14 @@ def plan_config(cfg: JobConfig, plan: Plan) -> JobConfig:
     """
     p = cfg.pipeline
     virtual = 2 if plan.schedule == "chronos" else (max(2, p.virtual_stages) if plan.schedule == "interleaved" else p.virtual_stages)
-    pipeline = replace(p, schedule=plan.schedule, recompute=plan.recompute, recompute_chunks=(), virtual_stages=virtual)
+    pipeline = replace(p, schedule=plan.schedule, recompute=plan.recompute, recompute_chunks=(), virtual_stages=virtual,
+                       offload="optimizer" if plan.offload else "none")
     return replace(cfg, pipeline=pipeline).validate()
 
 
-def _offload(plan: Plan, cfg: JobConfig) -> tuple[int, ...]:
-    return tuple(range(num_chunks(cfg))) if plan.offload else ()
+def offloaded_chunks(cfg: JobConfig) -> tuple[int, ...]:
+    """Chunks whose optimizer state lives in host memory: all with ``pipeline.offload = "optimizer"``."""
+    return tuple(range(num_chunks(cfg))) if cfg.pipeline.offload == "optimizer" else ()
 
 
 def step_time(cfg: JobConfig, plan: Plan | None = None) -> float:
@@ -237,7 +240,7 @@ def evaluate_plan(cfg: JobConfig, plan: Plan, budget: float, *, sizes: bool = Tr
         schedule = job_schedule(pcfg)
     except SpotpipeError as exc:
         return PlanResult(plan, error=str(exc))
-    offload = _offload(plan, pcfg)
+    offload = offloaded_chunks(pcfg)
     ranks = memory_profile(schedule, chunk_bytes(pcfg), offload=offload)
     peaks = tuple(r.peak for r in ranks)
     top = max(range(len(ranks)), key=lambda i: peaks[i])
@@ -325,7 +328,7 @@ def format_plans(results: Sequence[PlanResult], budget: float, cfg: JobConfig) -
             continue
         peaks = "/".join(f"{p / GB:.3g}" for p in r.peaks)
         where = f"rank {r.peak_rank} {r.peak_action}"
-        note = "" if r.plan.runnable else "  (predicted only: offload is not in the runtime yet)"
+        note = "" if r.plan.runnable else "  (predicted only: the runtime cannot run it)"
         lines.append(f"{r.plan.name:<26} {peaks:<28} {where:<18} {'yes' if r.fits else 'no':<5} {r.step_s:>9.4g} "
                      f"{r.max_layers:>10} {r.max_width:>11}{note}")
     fitting = [r for r in results if not r.error and r.fits and r.plan.runnable]

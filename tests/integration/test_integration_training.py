@@ -1,7 +1,7 @@
 """Pipeline training on real worker processes reproduces single-process training.
 
 Same seed, 30 steps, 4 stages, fp32, a tiny model: the per-step losses of GPipe, 1F1B,
-interleaved 1F1B and chronos with recompute (and 1F1B with 2 replicas per stage) equal
+interleaved 1F1B and chronos with recompute and optimizer offload (and 1F1B with 2 replicas per stage) equal
 LocalTrainer's within 1e-5 relative, and the
 CheckFree+ swap schedule (odd microbatches through stages 1, 0, 2, 3 ... with the embedding and head
 copies kept in sync across workers) equals the in-process PipelineTrainer's (the same lowered swap
@@ -27,7 +27,8 @@ CASES = {
     "interleaved": ["pipeline.schedule=interleaved", "pipeline.virtual_stages=2"],
     "1f1b-2replicas": ["pipeline.schedule=1f1b", "pipeline.replicas=2"],
     "checkfree+": ["pipeline.schedule=1f1b", "ft.strategy=checkfree+"],  # the CheckFree+ swap schedule
-    "chronos-recompute": ["pipeline.schedule=chronos", "pipeline.recompute=longest"],  # V placement, R actions
+    # V placement, R actions, AdamW moments in host memory
+    "chronos-recompute-offload": ["pipeline.schedule=chronos", "pipeline.recompute=longest", "pipeline.offload=optimizer"],
 }
 
 

@@ -1,4 +1,4 @@
-"""chronos and recompute on the real executor reproduce 1F1B's training exactly (fp32, CPU).
+"""chronos, recompute and optimizer offload on the real executor reproduce 1F1B's training exactly (fp32, CPU).
 
 Every rank's executor plays the job's lowered schedule in this process
 (:class:`~spotpipe.runtime.inprocess.player.PipelineTrainer`), so the check covers the schedule,
@@ -56,6 +56,7 @@ def reference(corpus: TokenFile) -> list[float]:
     ("pipeline.schedule=chronos", "pipeline.recompute=longest"),
     ("pipeline.schedule=chronos", "pipeline.recompute=all"),
     ("pipeline.schedule=1f1b", "pipeline.recompute=all"),
+    ("pipeline.schedule=chronos", "pipeline.recompute=longest", "pipeline.offload=optimizer"),
 ])
 def test_30_steps_equal_1f1b(corpus: TokenFile, reference: list[float], extra: tuple[str, ...]) -> None:
     cfg = load_config(None, [*TINY, *extra])

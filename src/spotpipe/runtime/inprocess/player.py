@@ -278,7 +278,10 @@ class PipelineTrainer(LocalTrainer):
         """What ``rank`` holds: its chunks' state (gradients as they stand now) and the peak."""
         own = {s: self.chunks[s] for s in self.schedule.stages_of_rank(rank)}
         state = state_bytes(own.values(), moment_tensors(self.state.optimizer, own), self.device)
-        return MeasuredMemory(rank, activations_peak, state)
+        opt = self.state.optimizer
+        by_chunk = getattr(opt, "streamed_by_chunk", {})  # offloaded moments on the device for their update
+        streamed = max((int(by_chunk.get(s, 0)) for s in own), default=0)
+        return MeasuredMemory(rank, activations_peak, state, streamed)
 
     def replica_losses(self, step_ids: Sequence[int], replica: int) -> list[float]:
         """Play one replica's step: every rank's executor, taking turns over an in-process hub.

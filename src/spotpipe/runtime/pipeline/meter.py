@@ -160,14 +160,18 @@ def state_bytes(modules: Iterable[torch.nn.Module], optimizer_state: Iterable[to
 
 
 def moment_tensors(optimizer: Any, chunks: Mapping[int, torch.nn.Module]) -> list[torch.Tensor]:
-    """The AdamW moments of every parameter of ``chunks`` (none before a parameter's first update).
+    """The AdamW moments of every parameter of ``chunks`` on the device (none before a parameter's
+    first update, none of a chunk the optimizer offloads to host memory).
 
     Args:
         optimizer: A :class:`~spotpipe.runtime.state.optimizer.StageOptimizer` (its ``moments``).
         chunks: Chunk index -> module.
     """
     out: list[torch.Tensor] = []
+    resident = getattr(optimizer, "device_resident", None)
     for index, chunk in chunks.items():
+        if resident is not None and not resident(index):
+            continue  # offloaded: in host memory between updates (on CPU too, where host = device)
         for param in chunk.parameters():
             found = optimizer.moments(index, param)
             if found is not None:
@@ -184,13 +188,17 @@ class MeasuredMemory:
         activations_peak: Most bytes autograd held for backward at once during the step.
         state: Parameters, gradients and optimizer state on the device (taken after the
             backwards, when every gradient exists; the workers keep them for the whole step).
+        streamed: Offloaded optimizer state brought to the device at once for the update
+            (:class:`~spotpipe.runtime.state.offload.OffloadedAdamW`; 0 without offload).
     """
 
     rank: int
     activations_peak: int
     state: StateBytes
+    streamed: int = 0
 
     @property
     def peak(self) -> int:
-        """State plus the activation peak: the quantity :mod:`spotpipe.schedule.memory` predicts."""
-        return self.state.total + self.activations_peak
+        """State plus the larger of the activation peak and the optimizer update's streamed state:
+        the quantity :mod:`spotpipe.schedule.memory` predicts."""
+        return self.state.total + max(self.activations_peak, self.streamed)

@@ -138,7 +138,7 @@ class Worker:
         self.num_chunks = self.schedule.num_stages
         chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
                   for s in self.my_stages}
-        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train))
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
         self.chunks = self.state.chunks
         self.mirror_link = MirrorLink(self.store, cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
@@ -373,13 +373,15 @@ class Worker:
     def measured_memory(self) -> dict[str, Any]:
         """What this worker held in the step just played (:mod:`spotpipe.runtime.pipeline.meter`):
         the peak of the bytes autograd saved for backward, and the parameters, the flat gradient
-        buffer and the optimizer moments on the device; on CUDA also the allocator's peak."""
+        buffer and the optimizer moments on the device (offloaded moments: what the last update
+        brought to the device at once); on CUDA also the allocator's peak."""
         chunks = self.runner.chunks
+        streamed = int(getattr(self.state.optimizer, "streamed_peak", 0))  # offloaded moments during the last update
         state = state_bytes(chunks.values(), moment_tensors(self.state.optimizer, chunks), self.device,
                             grads=[self.flat_grad])
         out: dict[str, Any] = {"rank": self.stage, "activations": self.meter.peak, "weights": state.weights,
                                "grads": state.grads, "optimizer": state.optimizer,
-                               "peak": state.total + self.meter.peak}
+                               "streamed": streamed, "peak": state.total + max(self.meter.peak, streamed)}
         if self.device.type == "cuda":
             out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
