@@ -64,7 +64,8 @@ def test_parse_bytes() -> None:
 
 def test_plans_fit_and_the_largest_model_is_the_edge() -> None:
     cfg = load_config(None, list(BASE))
-    budget = 0.03 * GB
+    roomy = {r.plan.name: r for r in evaluate_plans(cfg, 1.0 * GB, sizes=False, timing=False)}
+    budget = 0.9 * roomy["chronos"].peak  # chronos alone does not fit: the fit plans must recompute
     results = evaluate_plans(cfg, budget)
     assert [r.plan for r in results] == list(PLANS)
     for r in results:
@@ -79,7 +80,9 @@ def test_plans_fit_and_the_largest_model_is_the_edge() -> None:
     by = {r.plan.name: r for r in results}
     # memory order: recompute < plain, chronos < 1f1b, offload < no offload
     assert by["1f1b+recompute"].peak < by["1f1b"].peak and by["chronos"].peak < by["1f1b"].peak
+    assert not by["chronos"].fits and by["chronos+recompute"].fits
     assert by["chronos+recompute"].peak < by["chronos"].peak
+    assert by["chronos+recompute"].max_layers > by["chronos"].max_layers
     assert by["chronos+recompute+offload"].peak < by["chronos+recompute"].peak
     assert by["chronos+recompute+offload"].max_layers > by["1f1b"].max_layers
     # recomputing every chunk of 1F1B costs time the chronos plans do not pay as much
@@ -98,7 +101,7 @@ def test_auto_picks_the_fastest_plan_that_fits_and_names_the_smallest_budget() -
     assert least < plain
     tight_gb = (least + plain) / 2 / GB
     tight = load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={tight_gb}"])
-    assert tight.pipeline.recompute != "none"
+    assert tight.pipeline.recompute != "none" or tight.pipeline.recompute_chunks
     assert max(r.peak for r in predict_memory(tight)) <= tight_gb * GB
     with pytest.raises(ConfigError, match=r"pipeline.memory_budget_gb = 0.001: no plan fits; the smallest peak is .* "
                                           r"set pipeline.memory_budget_gb >= (\S+), or") as info:
@@ -120,3 +123,23 @@ def test_cli_prints_every_plan(capsys: pytest.CaptureFixture[str]) -> None:
     for plan in PLANS:
         assert f"\n{plan.name} " in out
     assert "auto picks " in out and "budget 0.03 GB per rank" in out
+
+
+def test_fit_recompute_takes_the_longest_lived_chunks_of_the_ranks_over_budget() -> None:
+    from spotpipe.planner import fit_recompute
+    from spotpipe.schedule.build import job_schedule
+    from spotpipe.schedule.memory import memory_profile
+    from spotpipe.schedule.recompute import chunk_lifetimes
+
+    cfg = load_config(None, [*BASE, "pipeline.schedule=chronos"])
+    sched, sizes = job_schedule(cfg), chunk_bytes(cfg)
+    plain = memory_profile(sched, sizes)
+    budget = 0.95 * max(r.peak for r in plain)
+    over = {r.rank for r in plain if r.peak > budget}
+    chunks, peak = fit_recompute(sched, sizes, (), budget)
+    assert peak <= budget and chunks
+    life = chunk_lifetimes(sched)
+    first = max((c for c in range(8) if sched.stage_to_rank[c] in over), key=lambda c: life[c])
+    assert first in chunks  # the worst locality first
+    assert all(sched.stage_to_rank[c] in over for c in chunks)  # nothing on ranks that already fit
+    assert fit_recompute(sched, sizes, (), 1e12) == ((), max(r.peak for r in plain))  # fits: recompute nothing

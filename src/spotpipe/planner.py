@@ -1,8 +1,8 @@
 """Memory planning: bytes per model chunk from the config, and the plans a per-rank budget allows.
 
 A *plan* is a schedule with its memory decisions: 1F1B, 1F1B with full recompute, interleaved
-1F1B, chronos, chronos with Chronos-Recomp (each rank's longest-lived chunk recomputed), and
-chronos with recompute and the optimizer state offloaded to host memory (Lin et al. 2025,
+1F1B, chronos, chronos with Chronos-Recomp (as few chunks recomputed as the budget needs, the
+longest-lived first), and chronos with that recompute and the optimizer state offloaded to host memory (Lin et al. 2025,
 arXiv 2503.03182). :func:`evaluate_plans` gives, for each plan and a per-rank budget, the
 predicted peak per rank (:mod:`spotpipe.schedule.memory`), whether it fits, the largest model that
 fits (layers at the job's width, and width at the job's layers), and the predicted step time (the
@@ -37,7 +37,8 @@ from spotpipe.network import build_network
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Placement, Schedule
 from spotpipe.schedule.memory import ChunkBytes, RankMemory, memory_profile
-from spotpipe.schedule.recompute import RecomputeName
+from spotpipe.schedule.passes import add_recompute
+from spotpipe.schedule.recompute import RecomputeName, chunks_by_lifetime
 from spotpipe.sim.player import play_iteration
 
 #: AdamW state per parameter, in parameter elements: the first and second moments.
@@ -103,6 +104,8 @@ class Plan:
         schedule: ``pipeline.schedule``.
         recompute: ``pipeline.recompute``.
         offload: The optimizer state of every chunk lives in host memory.
+        fit: Recompute as few chunks as the budget needs, the longest-lived first
+            (:func:`fit_recompute`; Chronos-Recomp), instead of ``recompute``.
         runnable: The runtime can run it (``pipeline.schedule = "auto"`` picks only these).
     """
 
@@ -110,6 +113,7 @@ class Plan:
     schedule: str
     recompute: RecomputeName = "none"
     offload: bool = False
+    fit: bool = False
     runnable: bool = True
 
 
@@ -118,23 +122,65 @@ PLANS: tuple[Plan, ...] = (
     Plan("1f1b+recompute", "1f1b", "all"),
     Plan("interleaved", "interleaved"),
     Plan("chronos", "chronos"),
-    Plan("chronos+recompute", "chronos", "longest"),
-    Plan("chronos+recompute+offload", "chronos", "longest", offload=True),
+    Plan("chronos+recompute", "chronos", "longest", fit=True),
+    Plan("chronos+recompute+offload", "chronos", "longest", offload=True, fit=True),
 )
 
 
-def plan_config(cfg: JobConfig, plan: Plan) -> JobConfig:
-    """The job with ``plan``'s schedule and recompute (``virtual_stages`` 2 for chronos, the job's
-    own, at least 2, for interleaved), validated.
+def plan_config(cfg: JobConfig, plan: Plan, budget: float | None = None) -> JobConfig:
+    """The job with ``plan``'s schedule, recompute and offload (``virtual_stages`` 2 for chronos, the
+    job's own, at least 2, for interleaved), validated.
+
+    Args:
+        cfg: The job.
+        plan: The plan.
+        budget: Bytes per rank, for a ``fit`` plan: its recomputed chunks are those
+            :func:`fit_recompute` picks (``pipeline.recompute_chunks``); without a budget it
+            recomputes ``plan.recompute``.
 
     Raises:
-        ConfigError: the plan does not fit the job (e.g. fewer layers than chunks).
+        ConfigError, ScheduleError: the plan does not fit the job (e.g. fewer layers than chunks).
     """
     p = cfg.pipeline
     virtual = 2 if plan.schedule == "chronos" else (max(2, p.virtual_stages) if plan.schedule == "interleaved" else p.virtual_stages)
     pipeline = replace(p, schedule=plan.schedule, recompute=plan.recompute, recompute_chunks=(), virtual_stages=virtual,
                        offload="optimizer" if plan.offload else "none")
-    return replace(cfg, pipeline=pipeline).validate()
+    out = replace(cfg, pipeline=pipeline).validate()
+    if plan.fit and budget is not None:
+        bare = replace(out, pipeline=replace(out.pipeline, recompute="none"))
+        chunks, _ = fit_recompute(job_schedule(bare), chunk_bytes(bare), offloaded_chunks(bare), budget)
+        out = replace(bare, pipeline=replace(bare.pipeline, recompute_chunks=chunks)).validate()
+    return out
+
+
+def fit_recompute(schedule: Schedule, sizes: Sequence[ChunkBytes], offload: Sequence[int],
+                  budget: float) -> tuple[tuple[int, ...], float]:
+    """The fewest chunks to recompute for every rank to fit ``budget``, longest-lived first.
+
+    While some rank is over the budget, the longest-lived chunk (:func:`chunks_by_lifetime`, the
+    Chronos-Recomp order: the worst temporal locality first) among the over-budget ranks' chunks
+    not yet recomputed is added.
+
+    Args:
+        schedule: The lowered schedule without ``R`` actions.
+        sizes: Bytes per chunk.
+        offload: Chunks whose optimizer state is in host memory.
+        budget: Bytes per rank.
+
+    Returns:
+        (the chunks, sorted; the highest peak over ranks with them). When even recomputing every
+        chunk is over the budget, all chunks and that peak.
+    """
+    order = chunks_by_lifetime(schedule)
+    chosen: list[int] = []
+    while True:
+        ranks = memory_profile(add_recompute(schedule, chosen) if chosen else schedule, sizes, offload=offload)
+        over = {r.rank for r in ranks if r.peak > budget}
+        peak = max(r.peak for r in ranks)
+        left = [c for c in order if c not in chosen and schedule.stage_to_rank[c] in over]
+        if not over or not left:
+            return tuple(sorted(chosen)), peak
+        chosen.append(left[0])
 
 
 def offloaded_chunks(cfg: JobConfig) -> tuple[int, ...]:
@@ -236,11 +282,18 @@ def evaluate_plan(cfg: JobConfig, plan: Plan, budget: float, *, sizes: bool = Tr
         A :class:`PlanResult` (``error`` set when the plan does not apply).
     """
     try:
-        pcfg = plan_config(cfg, plan)
+        pcfg = plan_config(cfg, plan, budget)
         schedule = job_schedule(pcfg)
+        bare = job_schedule(replace(pcfg, pipeline=replace(pcfg.pipeline, recompute="none", recompute_chunks=())))
     except SpotpipeError as exc:
         return PlanResult(plan, error=str(exc))
     offload = offloaded_chunks(pcfg)
+
+    def peak_at(c: JobConfig) -> float:
+        if plan.fit:  # the recomputed chunks follow the size
+            return fit_recompute(bare, chunk_bytes(c), offload, budget)[1]
+        return _peak_of(schedule, c, offload)
+
     ranks = memory_profile(schedule, chunk_bytes(pcfg), offload=offload)
     peaks = tuple(r.peak for r in ranks)
     top = max(range(len(ranks)), key=lambda i: peaks[i])
@@ -251,14 +304,14 @@ def evaluate_plan(cfg: JobConfig, plan: Plan, budget: float, *, sizes: bool = Tr
 
         def layers_fit(layers: int) -> bool:
             c = _with_model(pcfg, layers=layers)
-            return c is not None and _peak_of(schedule, c, offload) <= budget
+            return c is not None and peak_at(c) <= budget
 
         heads = pcfg.model.heads
         width_step = 2 * heads  # d_model / heads must be even (rotary embeddings)
 
         def width_fits(width: int) -> bool:
             c = _with_model(pcfg, d_model=width)
-            return c is not None and _peak_of(schedule, c, offload) <= budget
+            return c is not None and peak_at(c) <= budget
 
         max_layers = _largest(layers_fit, chunks, 1, 1 << 20)
         max_width = _largest(width_fits, width_step * max(1, -(-8 // width_step)), width_step, 1 << 20)
@@ -293,8 +346,8 @@ def resolve_auto(cfg: JobConfig) -> JobConfig:
             f"pipeline.memory_budget_gb = {gb:g}: no plan fits; the smallest peak is {best.peak / GB:.3g} GB per rank "
             f"({best.plan.name}); set pipeline.memory_budget_gb >= {math.ceil(best.peak / GB * 1000) / 1000:g}, or "
             "make the model smaller")
-    chosen = min(fitting, key=lambda r: (step_time(plan_config(cfg, r.plan), r.plan), PLANS.index(r.plan)))
-    return plan_config(cfg, chosen.plan)
+    chosen = min(fitting, key=lambda r: (step_time(plan_config(cfg, r.plan, gb * GB), r.plan), PLANS.index(r.plan)))
+    return plan_config(cfg, chosen.plan, gb * GB)
 
 
 _UNITS = {"": GB, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2.0**10, "mib": 2.0**20,
