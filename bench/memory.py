@@ -73,16 +73,19 @@ def measured_peak(cfg: JobConfig, corpus: TokenFile, steps: int = 2) -> tuple[in
 
 def largest_depth(base: JobConfig, plan: Plan, budget: float, corpus: TokenFile, log: list[dict]) -> dict:
     """The most layers ``plan`` trains within ``budget`` bytes per rank, measured."""
-    cfg = plan_config(base, plan)
+    cfg = plan_config(base, plan, budget)
     predicted = evaluate_plan(cfg, plan, budget, timing=False).max_layers
     chunks = cfg.pipeline.stages * (2 if plan.schedule == "chronos" else 1)
 
     def at(layers: int) -> JobConfig:
-        return plan_config(replace(base, model=replace(base.model, layers=layers)), plan)
+        return plan_config(replace(base, model=replace(base.model, layers=layers)), plan, budget)
 
     def fits(layers: int) -> tuple[bool, int]:
         peak, per_rank = measured_peak(at(layers), corpus)
-        log.append({"plan": plan.name, "layers": layers, "measured_peak_bytes": per_rank, "fits": peak <= budget})
+        cfg = at(layers)
+        log.append({"plan": plan.name, "layers": layers, "recompute": cfg.pipeline.recompute,
+                    "recompute_chunks": list(cfg.pipeline.recompute_chunks), "measured_peak_bytes": per_rank,
+                    "fits": peak <= budget})
         print(f"  {plan.name:<26} {layers:>4} layers: measured peak {peak / 1e6:8.2f} MB "
               f"({'fits' if peak <= budget else 'over'})", flush=True)
         return peak <= budget, peak
@@ -105,12 +108,14 @@ def largest_depth(base: JobConfig, plan: Plan, budget: float, corpus: TokenFile,
             "measured_peak_bytes": best_peak}
 
 
-def throughput(base: JobConfig, plans: list[Plan], corpus: TokenFile, rounds: int, steps: int) -> dict[str, list[float]]:
-    """tokens/s of each plan at ``base``'s size, the plans taking turns round by round."""
+def throughput(base: JobConfig, plans: list[Plan], corpus: TokenFile, rounds: int, steps: int,
+               budget: float) -> dict[str, list[float]]:
+    """tokens/s of each plan at ``base``'s size (recomputing what ``budget`` needs there), the plans
+    taking turns round by round."""
     out: dict[str, list[float]] = {p.name: [] for p in plans}
     for r in range(rounds):
         for plan in plans if r % 2 == 0 else list(reversed(plans)):  # alternate the order too
-            cfg = plan_config(base, plan)
+            cfg = plan_config(base, plan, budget)
             trainer = PipelineTrainer(cfg, corpus)
             trainer.train_step()  # warm-up (allocations, AdamW state)
             t0 = time.perf_counter()
@@ -148,7 +153,7 @@ def main() -> int:
         sizes = {p.name: largest_depth(base, p, budget, corpus, log) for p in plans}
         at_1f1b = replace(base, model=replace(base.model, layers=max(sizes["1f1b"]["layers"], 4)))
         print(f"throughput at {at_1f1b.model.layers} layers (the depth 1F1B fits):", flush=True)
-        rates = throughput(at_1f1b, plans, corpus, rounds, 2 if args.quick else 3)
+        rates = throughput(at_1f1b, plans, corpus, rounds, 2 if args.quick else 4, budget)
     median = {name: statistics.median(r) for name, r in rates.items()}
 
     def ratio(a: str, b: str) -> float | None:
