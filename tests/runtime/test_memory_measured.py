@@ -73,3 +73,13 @@ def test_prediction_within_10_percent_of_measurement(corpus: TokenFile, size: tu
                 assert got.state.optimizer == 0 and want.optimizer == 0 and want.streamed > 0
             else:
                 assert got.state.optimizer == want.optimizer  # AdamW's two moments, exactly
+
+
+def test_the_final_line_gives_the_peak_per_rank() -> None:
+    from pathlib import Path
+
+    from spotpipe.runtime.control.progress import RunResult, format_result
+
+    line = format_result(RunResult("finished", Path("runs/x"), last_step=4, wall_s=3.0, peak_bytes=[2**20, 3 * 2**19]))
+    assert "peak memory per rank 1.0/1.5 MiB" in line
+    assert "peak memory" not in format_result(RunResult("finished", Path("runs/x"), last_step=4, wall_s=3.0))

@@ -202,3 +202,31 @@ class MeasuredMemory:
         """State plus the larger of the activation peak and the optimizer update's streamed state:
         the quantity :mod:`spotpipe.schedule.memory` predicts."""
         return self.state.total + max(self.activations_peak, self.streamed)
+
+
+def step_memory_report(rank: int, meter: SavedTensorMeter, chunks: Mapping[int, torch.nn.Module], optimizer: Any,
+                       device: torch.device, flat_grad: torch.Tensor) -> dict[str, Any]:
+    """What a worker held in the step just played, as its step report carries it.
+
+    Args:
+        rank: The worker's pipeline rank.
+        meter: Its saved-tensor meter (peak since the step began).
+        chunks: Its chunks.
+        optimizer: Its :class:`~spotpipe.runtime.state.optimizer.StageOptimizer`.
+        device: The compute device.
+        flat_grad: The flat gradient buffer every ``.grad`` views.
+
+    Returns:
+        ``rank``; ``activations`` (the saved-tensor peak), ``weights``, ``grads``, ``optimizer``
+        (device-resident bytes), ``streamed`` (offloaded moments on the device during the last
+        update) and ``peak`` = weights + grads + optimizer + max(activations, streamed), in bytes;
+        on CUDA also ``cuda_max_allocated`` (``torch.cuda.max_memory_allocated``).
+    """
+    streamed = int(getattr(optimizer, "streamed_peak", 0))
+    state = state_bytes(chunks.values(), moment_tensors(optimizer, chunks), device, grads=[flat_grad])
+    out: dict[str, Any] = {"rank": rank, "activations": meter.peak, "weights": state.weights, "grads": state.grads,
+                           "optimizer": state.optimizer, "streamed": streamed,
+                           "peak": state.total + max(meter.peak, streamed)}
+    if device.type == "cuda":
+        out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(device))
+    return out

@@ -64,7 +64,7 @@ from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
-from spotpipe.runtime.pipeline.meter import SavedTensorMeter, moment_tensors, state_bytes
+from spotpipe.runtime.pipeline.meter import SavedTensorMeter, step_memory_report
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
@@ -339,7 +339,8 @@ class Worker:
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}")
         t_pipe = time.perf_counter()
-        memory = self.measured_memory()
+        memory = step_memory_report(self.stage, self.meter, self.runner.chunks, self.state.optimizer, self.device,
+                                    self.flat_grad)
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
         if self.tied:
@@ -369,22 +370,6 @@ class Worker:
             "reduced": [sq_total, loss_total, n_total, stop],
             "memory": memory,
         }
-
-    def measured_memory(self) -> dict[str, Any]:
-        """What this worker held in the step just played (:mod:`spotpipe.runtime.pipeline.meter`):
-        the peak of the bytes autograd saved for backward, and the parameters, the flat gradient
-        buffer and the optimizer moments on the device (offloaded moments: what the last update
-        brought to the device at once); on CUDA also the allocator's peak."""
-        chunks = self.runner.chunks
-        streamed = int(getattr(self.state.optimizer, "streamed_peak", 0))  # offloaded moments during the last update
-        state = state_bytes(chunks.values(), moment_tensors(self.state.optimizer, chunks), self.device,
-                            grads=[self.flat_grad])
-        out: dict[str, Any] = {"rank": self.stage, "activations": self.meter.peak, "weights": state.weights,
-                               "grads": state.grads, "optimizer": state.optimizer,
-                               "streamed": streamed, "peak": state.total + max(self.meter.peak, streamed)}
-        if self.device.type == "cuda":
-            out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
-        return out
 
     def decide(self, step: int) -> None:
         """Phase 2b: agree that ``step`` commits before anyone applies it.
