@@ -19,7 +19,7 @@ Writes ``bench/results/memory.json`` with ``size_ratio_vs_1f1b``, ``size_ratio_v
 and ``throughput_ratio_vs_1f1b``, the per-plan figures, the machine and the load average at the
 start and the end. ``--quick`` uses a smaller budget and model (under 3 minutes on 2 idle cores).
 
-    python bench/memory.py [--quick] [--budget-mb N] [--rounds N] [--out FILE]
+    python bench/memory.py [--quick] [--budget-mb N] [--rounds N] [--device cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -61,13 +61,24 @@ def params_of(cfg: JobConfig) -> int:
     return sum(s.params for s in model_shapes(cfg.model, 1))
 
 
+DEVICE = "cpu"  # --device
+
+
 def measured_peak(cfg: JobConfig, corpus: TokenFile, steps: int = 2) -> tuple[int, list[int]]:
     """Train ``steps`` steps (the optimizer state exists from the first update on) and return the
-    largest measured peak over ranks of the last step, and every rank's."""
-    trainer = PipelineTrainer(cfg, corpus, measure_memory=True)
-    for _ in range(steps):
-        trainer.train_step()
+    largest measured peak over ranks of the last step, and every rank's. On CUDA, running out of
+    the capped memory counts as an infinite peak."""
+    try:
+        trainer = PipelineTrainer(cfg, corpus, device=DEVICE, measure_memory=True)
+        for _ in range(steps):
+            trainer.train_step()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return 1 << 62, []
     peaks = [m.peak for m in trainer.last_memory]
+    del trainer
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return max(peaks), peaks
 
 
@@ -116,11 +127,13 @@ def throughput(base: JobConfig, plans: list[Plan], corpus: TokenFile, rounds: in
     for r in range(rounds):
         for plan in plans if r % 2 == 0 else list(reversed(plans)):  # alternate the order too
             cfg = plan_config(base, plan, budget)
-            trainer = PipelineTrainer(cfg, corpus)
+            trainer = PipelineTrainer(cfg, corpus, device=DEVICE)
             trainer.train_step()  # warm-up (allocations, AdamW state)
             t0 = time.perf_counter()
             for _ in range(steps):
                 trainer.train_step()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             rate = steps * cfg.train.batch_size * cfg.model.context / (time.perf_counter() - t0)
             out[plan.name].append(rate)
             print(f"  round {r + 1} {plan.name:<26} {rate:9.0f} tokens/s (load {os.getloadavg()[0]:.2f})", flush=True)
@@ -133,7 +146,12 @@ def main() -> int:
     ap.add_argument("--budget-mb", type=float, default=None, help="per-rank budget in MB (1e6 bytes); default 60, --quick 24")
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3, --quick 2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json", help="result JSON")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model trains; on cuda the process is capped at ranks x budget "
+                    "(torch.cuda.set_per_process_memory_fraction), so the budget is real")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(1)
     budget_mb = args.budget_mb if args.budget_mb is not None else (24.0 if args.quick else 60.0)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
@@ -142,6 +160,9 @@ def main() -> int:
                               "pipeline.stages=4", "pipeline.microbatches=8", "train.batch_size=16",
                               "train.warmup_steps=2"])
     budget = budget_mb * 1e6
+    if DEVICE == "cuda":  # every rank plays in this process: the cap is the ranks' budgets together
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, base.pipeline.stages * budget / total))
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     plans = [p for p in PLANS if p.name in BENCH_PLANS]
@@ -171,6 +192,7 @@ def main() -> int:
                 "in one process counts compute per token, not pipeline overlap across machines",
         "runs": log,
         "quick": args.quick,
+        "device": DEVICE,
         "wall_s": time.perf_counter() - t_start,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "spotpipe": __version__, "load_start": load_start,

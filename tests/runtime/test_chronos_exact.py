@@ -7,7 +7,7 @@ the lowering, the ``R`` action and the stage runner's recompute, without spawnin
 
 from __future__ import annotations
 
-import time
+import os
 
 import pytest
 import torch
@@ -40,8 +40,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> TokenFile:
     return prepare_tokens([d / "t.txt"], d / "tok")
 
 
+#: ``SPOTPIPE_TEST_DEVICE=cuda`` plays the same steps on the GPU (bench/gpu_check.sh); default CPU.
+DEVICE = os.environ.get("SPOTPIPE_TEST_DEVICE", "cpu")
+
+
 def _losses(corpus: TokenFile, *extra: str, steps: int = 30) -> list[float]:
-    trainer = PipelineTrainer(load_config(None, [*TINY, *extra]), corpus)
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("SPOTPIPE_TEST_DEVICE=cuda but no CUDA device")
+    trainer = PipelineTrainer(load_config(None, [*TINY, *extra]), corpus, device=DEVICE)
     return [trainer.train_step().loss for _ in range(steps)]
 
 
@@ -74,7 +80,7 @@ def test_30_steps_equal_1f1b(corpus: TokenFile, reference: list[float], extra: t
 @pytest.mark.timeout(60)
 def test_executor_plays_the_recomputes(corpus: TokenFile) -> None:
     cfg = load_config(None, [*TINY, "pipeline.schedule=chronos", "pipeline.recompute=longest"])
-    trainer = PipelineTrainer(cfg, corpus)
+    trainer = PipelineTrainer(cfg, corpus, device=DEVICE if torch.cuda.is_available() else "cpu")
     trainer.train_step()
     want = trainer.schedule
     for rank in range(want.num_ranks):
