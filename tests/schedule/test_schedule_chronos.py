@@ -122,3 +122,30 @@ def test_config_names_the_key() -> None:
         load_config(None, ["pipeline.schedule=chronos", "pipeline.virtual_stages=3", "model.layers=12"])
     cfg = load_config(None, ["pipeline.schedule=chronos"])
     assert cfg.pipeline.virtual_stages == 2
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 4), (4, 4), (4, 8), (8, 16)])
+def test_lowered_chronos_sends_in_the_receivers_order(stages: int, microbatches: int) -> None:
+    # The V makes each rank both feed and be fed by a neighbour; lowering delays sends so that an
+    # order-matching transport (NCCL) sees one message order per rank pair.
+    from spotpipe.schedule.passes import add_communication, order_sends_by_receives
+    from spotpipe.schedule.validate import check_message_order
+
+    compute = chronos_schedule(stages, microbatches)
+    assert check_message_order(add_communication(compute))  # the V's raw lowering mixes them up
+    lowered = lower(compute)
+    assert check_message_order(lowered) == []
+    assert check_schedule(lowered, blocking_recv=True) == []
+    assert order_sends_by_receives(lowered) == lowered  # idempotent
+    for name in ("gpipe", "1f1b", "interleaved"):  # the others already agree: nothing moves
+        other = build_schedule(name, 4, 8, 2)
+        assert lower(other) == add_communication(other)
+
+
+def test_order_sends_names_a_send_nobody_receives() -> None:
+    from spotpipe.schedule.ir import Schedule
+    from spotpipe.schedule.passes import order_sends_by_receives
+
+    s = Schedule.from_rank_texts(["0F0 0SEND_F0", "1F0 1B0"], num_microbatches=1)
+    with pytest.raises(ScheduleError, match="rank 0 has 0SEND_F0 but rank 1 never receives it"):
+        order_sends_by_receives(s)

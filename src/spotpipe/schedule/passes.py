@@ -198,14 +198,73 @@ def recomputed(schedule: Schedule) -> frozenset[tuple[int, int]]:
     return frozenset((a.stage, a.microbatch) for acts in schedule.ranks for a in acts if a.op is Op.R)
 
 
+def order_sends_by_receives(schedule: Schedule) -> Schedule:
+    """Delay SENDs so that every rank pair sends in the order the receiving rank posts its RECVs.
+
+    Transports that match messages by issue order and ignore tags (NCCL) need one order per rank
+    pair on both ends (:func:`~spotpipe.schedule.validate.check_message_order`). A receiver's
+    RECVs follow its compute order, which is fixed; a SEND may go later without harm (it never
+    blocks its rank, and the receiver consumes the messages in its RECV order anyway), so each
+    SEND whose predecessors in the receiver's order are not sent yet waits right after the last of
+    them. A schedule whose orders already agree (GPipe, 1F1B, interleaved) comes back unchanged;
+    the V placement of chronos needs it, because a rank both feeds and is fed by each neighbour.
+
+    Args:
+        schedule: a lowered schedule.
+
+    Returns:
+        The schedule with SENDs moved later where needed (same metadata).
+
+    Raises:
+        ScheduleError: a SEND with no matching RECV on the peer's rank.
+    """
+    s2r = schedule.stage_to_rank
+
+    def key(a: Action) -> tuple[bool, int, int, int]:  # (gradient?, sending stage, receiving stage, microbatch)
+        assert a.peer is not None
+        backward = a.op in (Op.SEND_B, Op.RECV_B)
+        return (backward, a.stage, a.peer, a.microbatch) if a.op.is_send else (backward, a.peer, a.stage, a.microbatch)
+
+    wanted: dict[tuple[int, int], list[tuple[bool, int, int, int]]] = {}  # (src rank, dst rank) -> RECV order
+    for r, acts in enumerate(schedule.ranks):
+        for a in acts:
+            if a.op.is_recv:
+                assert a.peer is not None
+                wanted.setdefault((s2r[a.peer], r), []).append(key(a))
+    ranks: list[list[Action]] = []
+    for r, acts in enumerate(schedule.ranks):
+        out: list[Action] = []
+        held: dict[tuple[bool, int, int, int], Action] = {}
+        nxt: dict[int, int] = {}  # destination rank -> index of the next message it expects
+        for a in acts:
+            if not a.op.is_send:
+                out.append(a)
+                continue
+            assert a.peer is not None
+            dst = s2r[a.peer]
+            order = wanted.get((r, dst), [])
+            if key(a) not in order:
+                raise ScheduleError(f"order_sends_by_receives: rank {r} has {a} but rank {dst} never receives it")
+            held[key(a)] = a
+            i = nxt.get(dst, 0)
+            while i < len(order) and order[i] in held:
+                out.append(held.pop(order[i]))
+                i += 1
+            nxt[dst] = i
+        if held:  # cannot happen when every message is received: the last send releases the rest
+            raise ScheduleError(f"order_sends_by_receives: rank {r} could not order {sorted(map(str, held.values()))}")
+        ranks.append(out)
+    return schedule.with_ranks(ranks)
+
+
 def lower(schedule: Schedule, *, early_receives: int = 0) -> Schedule:
     """The full lowering the runtime executor and the simulator play.
 
-    :func:`add_communication`, then :func:`post_receives_early` with ``lookahead=early_receives``
+    :func:`add_communication` and :func:`order_sends_by_receives`, then :func:`post_receives_early` with ``lookahead=early_receives``
     when that is above 0. Early receives are off by default: they are valid under the
     lowering contract (the consumer waits, not the RECV), but a transport whose receive
     blocks (a posted NCCL receive holds its stream) would deadlock on them, e.g. a rank that
     posts the gradient receive of microbatch 0 before sending that microbatch's activation.
     """
-    lowered = add_communication(schedule)
+    lowered = order_sends_by_receives(add_communication(schedule))
     return post_receives_early(lowered, early_receives) if early_receives else lowered
