@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from spotpipe.config import JobConfig
 from spotpipe.cost import analytic_cost, num_chunks, sequences_per_microbatch
 from spotpipe.errors import ConfigError, SpotpipeError
+from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.model.partition import model_shapes
 from spotpipe.network import build_network
 from spotpipe.schedule.build import job_schedule
@@ -50,16 +51,24 @@ def chunk_bytes(cfg: JobConfig) -> list[ChunkBytes]:
 
     Args:
         cfg: The job; ``[model]`` gives the shapes and dtype, ``[pipeline]`` how many chunks and
-            the microbatch size (``train.batch_size / (replicas x microbatches)`` sequences).
+            the microbatch size (``train.batch_size / (replicas x microbatches)`` sequences);
+            under the CheckFree+ swap schedule chunk 1 also holds a copy of the embedding and
+            chunk S-2 of the final norm and head (Blagoev, Ersoy, Chen 2025), with their
+            gradients and moments.
 
     Returns:
         One :class:`~spotpipe.schedule.memory.ChunkBytes` per chunk, in bytes.
     """
     shapes = model_shapes(cfg.model, num_chunks(cfg))
     seqs = sequences_per_microbatch(cfg)
+    m = cfg.model
+    copies = [0] * len(shapes)  # CheckFree+ in-sync copies: the embedding on chunk 1, norm and head on chunk S-2
+    if swap_schedule_on(cfg.ft) and len(shapes) >= 4:
+        copies[1] += m.vocab_size * m.d_model
+        copies[-2] += m.vocab_size * m.d_model + m.d_model
     out: list[ChunkBytes] = []
     for i, s in enumerate(shapes):
-        param_bytes = float(s.params * s.dtype_bytes)
+        param_bytes = float((s.params + copies[i]) * s.dtype_bytes)
         out.append(ChunkBytes(
             weights=param_bytes,
             grads=param_bytes,
