@@ -80,6 +80,6 @@ def test_the_final_line_gives_the_peak_per_rank() -> None:
 
     from spotpipe.runtime.control.progress import RunResult, format_result
 
-    line = format_result(RunResult("finished", Path("runs/x"), last_step=4, wall_s=3.0, peak_bytes=[2**20, 3 * 2**19]))
-    assert "peak memory per rank 1.0/1.5 MiB" in line
+    line = format_result(RunResult("finished", Path("runs/x"), last_step=4, wall_s=3.0, peak_bytes=[1_000_000, 1_520_000]))
+    assert "peak memory per rank 1/1.52 MB" in line
     assert "peak memory" not in format_result(RunResult("finished", Path("runs/x"), last_step=4, wall_s=3.0))

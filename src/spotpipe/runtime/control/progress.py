@@ -173,7 +173,8 @@ def format_result(result: RunResult) -> str:
         parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
                      "no failure; see failure_suspected in events.jsonl)")
     if result.peak_bytes:
-        parts.append("peak memory per rank " + "/".join(f"{b / 2**20:.1f}" for b in result.peak_bytes) + " MiB")
+        # MB = 1e6 bytes, the unit of pipeline.memory_budget_gb and `schedule memory --budget`
+        parts.append("peak memory per rank " + "/".join(f"{b / 1e6:.3g}" for b in result.peak_bytes) + " MB")
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")
