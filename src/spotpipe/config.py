@@ -29,6 +29,8 @@ DtypeName = Literal["float32", "bfloat16", "float16"]
 """``model.dtype``: the floating-point type of weights, activations and optimizer state."""
 BackendName = Literal["auto", "gloo", "nccl"]
 """``run.backend``: the collective backend (``auto``: NCCL when CUDA is available, else gloo)."""
+DeviceName = Literal["auto", "cpu", "cuda"]
+"""``run.device``: where workers compute (``auto``: CUDA when available, else the CPU)."""
 StrategyName = Literal["auto", "replica", "mirror", "checkfree", "checkfree+", "checkpoint", "none"]
 """``ft.strategy``: the policy modes ``auto`` and ``none``, and the name of every recovery strategy
 in :data:`spotpipe.ft.strategies.REGISTRY` (a test checks that the two lists agree)."""
@@ -86,11 +88,16 @@ class PipelineConfig:
     replicas: int = 1  # data-parallel replicas of every stage
     schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos; or "auto"
     virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule (and chronos, which needs 2)
-    microbatches: int = 4
+    microbatches: int = 4  # per pipeline; with stage_nodes: per stage-0 node
     recompute: RecomputeName = "none"  # chunks that drop activations after F and recompute them before B: none | all | longest (per rank, its longest-lived chunk)
     recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
     offload: OffloadName = "none"  # "optimizer": AdamW moments in host memory between updates (ChronosPipe's offload)
     memory_budget_gb: float = 0.0  # per-rank device memory budget (1 GB = 1e9 bytes) for schedule = "auto"; 0 = none
+    stage_nodes: tuple[int, ...] = ()  # SkipPipe planning (`schedule plan` only, for now): nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = none
+    skip_ratio: float = 0.0  # SkipPipe: share of stages a microbatch skips; k = stages - round(skip_ratio x stages) visited
+    max_swaps: int = 0  # SkipPipe: adjacent stage swaps allowed per microbatch path
+    node_memory: int = 3  # SkipPipe: most microbatches' activations one node holds at once
+    plan_budget: int = 6000  # SkipPipe planner: simulated plans the collision-aware search scores
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class RunConfig:
     host: str = "127.0.0.1"  # controller listen address
     port: int = 0  # 0 = any free port
     backend: BackendName = "auto"
+    device: DeviceName = "auto"  # where workers compute: auto = CUDA when available (one GPU per local worker, shared with gloo)
     timeout_s: float = 60.0  # every wait on a peer or the store gives up after this
     heartbeat_s: float = 0.5
     progress: bool = True
@@ -174,6 +182,10 @@ class SimConfig:
     replace_s: float = 300.0  # time to obtain a replacement node when no spare is free
     regroup_s: float = 1.0  # recovery = "policy", no rollback: rebuild communicators and install the state (plus the transfer)
     delay_collectives: bool = True  # false: all-reduces cost nothing on the links (as under link-delay emulation)
+    layer_forward_s: float = 0.0  # forward seconds per layer per sequence (SkipPipe's measured 0.055); 0 = analytic from device_tflops
+    head_ratio: float = 0.25  # SkipPipe plans: head (norm, LM head, loss, their backward) / stage forward
+    message_overhead_s: float = 0.0  # SkipPipe plans: fixed seconds added to every activation or gradient message (0.35 in SkipPipe's simulator)
+    compute_gap_s: float = 0.0  # SkipPipe plans: a node stays busy this long after every compute (0.13 in SkipPipe's simulator)
 
 
 @dataclass(frozen=True)
@@ -402,6 +414,7 @@ def validate(cfg: JobConfig) -> None:
     _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
     _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
     _check(p.virtual_stages >= 1, f"pipeline.virtual_stages must be >= 1, got {p.virtual_stages}")
+    validate_skippipe(cfg)
     chunks = model_chunks(p.schedule, p.stages, p.virtual_stages)
     _check(
         chunks <= m.layers,
@@ -445,6 +458,9 @@ def validate(cfg: JobConfig) -> None:
            "use run.dir for another place")
     _check(0 <= r.port <= 65535, f"run.port must be in [0, 65535], got {r.port}")
     _check_choice("run.backend", r.backend, BackendName, listed=False)
+    _check_choice("run.device", r.device, DeviceName, listed=False)
+    if r.backend == "nccl" and r.device == "cpu":
+        raise ConfigError("run.backend = nccl needs run.device = cuda (or auto); NCCL moves device tensors only")
     _check(0 < r.timeout_s <= MAX_WAIT_S, f"run.timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.timeout_s}")
     _check(0 < r.heartbeat_s <= MAX_WAIT_S, f"run.heartbeat_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.heartbeat_s}")
     _check(-1 <= r.local_workers <= p.stages * p.replicas,
@@ -479,6 +495,26 @@ def validate(cfg: JobConfig) -> None:
 
 
 
+def validate_skippipe(cfg: JobConfig) -> None:
+    """Range checks of the SkipPipe planning keys of ``[pipeline]``."""
+    p = cfg.pipeline
+    _check(0 <= p.skip_ratio < 1, f"pipeline.skip_ratio must be in [0, 1), got {p.skip_ratio}")
+    _check(0 <= p.max_swaps <= 64, f"pipeline.max_swaps must be in 0..64, got {p.max_swaps}")
+    _check(1 <= p.node_memory <= 1_000_000, f"pipeline.node_memory must be in 1..1000000, got {p.node_memory}")
+    _check(1 <= p.plan_budget <= 10_000_000, f"pipeline.plan_budget must be in 1..10000000, got {p.plan_budget}")
+    if not p.stage_nodes:
+        return
+    _check(len(p.stage_nodes) == p.stages,
+           f"pipeline.stage_nodes lists {len(p.stage_nodes)} stage groups, but pipeline.stages = {p.stages}: "
+           "give one node count per stage")
+    for i, n in enumerate(p.stage_nodes):
+        _check(1 <= n <= 4096, f"pipeline.stage_nodes[{i}] must be in 1..4096, got {n}")
+    seqs = p.stage_nodes[0] * p.microbatches
+    _check(cfg.train.batch_size % seqs == 0,
+           f"train.batch_size ({cfg.train.batch_size}) must be a multiple of pipeline.stage_nodes[0] x "
+           f"pipeline.microbatches ({seqs}): every stage-0 node feeds pipeline.microbatches equal microbatches")
+
+
 def validate_sim(cfg: JobConfig) -> None:
     """Range checks of the [sim] section (owned by the simulator)."""
     s = cfg.sim
@@ -491,4 +527,7 @@ def validate_sim(cfg: JobConfig) -> None:
         _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check(s.spares >= 0, f"sim.spares must be >= 0, got {s.spares}")
     _check(s.host_cores >= 0, f"sim.host_cores must be >= 0 (0 = a device per worker), got {s.host_cores}")
+    for name in ("layer_forward_s", "head_ratio", "message_overhead_s", "compute_gap_s"):
+        value = getattr(s, name)
+        _check(value >= 0, f"sim.{name} must be >= 0, got {value}")
     _check_choice("sim.recovery", s.recovery, SimRecoveryName)

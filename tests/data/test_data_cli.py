@@ -44,3 +44,29 @@ def test_every_option_has_help() -> None:
         for action in command._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"data {name}: {action.dest} has no help"
+
+
+def test_data_tokenizer_trains_a_byte_level_bpe_that_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`spotpipe data tokenizer`: the vocabulary has the asked size, frequent words become single
+    tokens, and any text (bytes the corpus never had) decodes back exactly."""
+    pytest.importorskip("tokenizers")
+    from spotpipe.cli import main
+    from spotpipe.data.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the pipeline stage sends the activation to the next stage\n" * 200)
+    out = tmp_path / "tok" / "bpe.json"
+    assert main(["data", "tokenizer", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = load_tokenizer(str(out))
+    assert 256 < tok.vocab_size <= 300  # at most the asked size: this small text has fewer pairs to merge
+    assert f"vocabulary {tok.vocab_size}" in capsys.readouterr().out
+    assert len(tok.encode("the pipeline stage")) < len("the pipeline stage") / 2
+    odd = "naïve — 日本 \x00 tabs\tand\nnewlines"
+    assert tok.decode(tok.encode(odd)) == odd
+
+
+def test_data_tokenizer_refuses_a_vocabulary_below_the_byte_alphabet(capsys: pytest.CaptureFixture[str]) -> None:
+    from spotpipe.cli import main
+
+    assert main(["data", "tokenizer", "--vocab-size", "100", "--out", "x.json"]) == 2
+    assert "--vocab-size" in capsys.readouterr().err

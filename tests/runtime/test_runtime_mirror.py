@@ -1,9 +1,11 @@
-"""Peer mirrors (runtime/mirror.py): the periodic keeper and the replaying mirror, over a real TCPStore."""
+"""Peer mirrors (runtime/worker/mirror.py): owner and holder over a real two-rank gloo group."""
 
 from __future__ import annotations
 
 import datetime
+import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,9 +13,9 @@ import torch
 
 from spotpipe.config import load_config
 from spotpipe.model.stages import build_stage
-from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
 from spotpipe.runtime.state.optimizer import ChunkAdamW
 from spotpipe.runtime.state.stage_state import StageState
+from spotpipe.runtime.worker.mirror import KIND_GRADIENT, KIND_SKIPPED, KIND_STATE, MirrorHolder, MirrorSender
 
 CFG = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4",
                          "train.grad_clip=1.0"])
@@ -26,40 +28,25 @@ def store() -> Any:
     return TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=10), wait_for_workers=False)
 
 
-def test_mirror_keeper_holds_the_newest_published_state(store: Any) -> None:
-    keeper = MirrorKeeper(store, 2, 0, poll_s=0.01)
-    keeper.fetch()
-    assert keeper.step is None
-    for step in (4, 5):
-        publish_mirror(store, 2, 0, step, torch.full((10,), float(step)))
-    keeper.settle(1.0)  # fetches at once (no wait on the background thread)
-    assert keeper.step == 5 and torch.equal(keeper.tensor(), torch.full((10,), 5.0)) and keeper.nbytes == 40
-    # A rollback to an earlier checkpoint voids the held state and anything published before it.
-    keeper.reset(min_generation=2)
-    keeper.fetch()
-    assert keeper.step is None and keeper.nbytes == 0
-    publish_mirror(store, 2, 0, 3, torch.full((10,), 3.0), generation=2)
-    keeper.fetch()
-    assert keeper.step == 3 and torch.equal(keeper.tensor(), torch.full((10,), 3.0))
+def _generation(store: Any, number: int) -> tuple[Any, Any]:
+    """Generation ``number`` as the holder (rank 0) and the owner (rank 1) see it: a real gloo
+    host group of two ranks (both built in this process, so each in its own thread)."""
+    from torch.distributed import PrefixStore, ProcessGroupGloo
 
+    groups: dict[int, Any] = {}
 
-@pytest.mark.timeout(120)
-def test_mirror_keeper_thread_picks_up_the_newest_state(store: Any) -> None:
-    """The background thread, not a call: wait for the event (the newest step held), with a
-    generous deadline, never a fixed sleep."""
-    keeper = MirrorKeeper(store, 1, 0, poll_s=0.01)
-    keeper.start()
-    try:
-        for step in (7, 8):
-            publish_mirror(store, 1, 0, step, torch.full((4,), float(step)))
-        deadline = time.monotonic() + 60
-        while keeper.step != 8 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert keeper.step == 8 and torch.equal(keeper.tensor(), torch.full((4,), 8.0))
-    finally:
-        keeper.halt()
-    keeper.join(60)
-    assert not keeper.is_alive()
+    def build(rank: int) -> None:
+        opts = ProcessGroupGloo._Options()
+        opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        opts._timeout = datetime.timedelta(seconds=10)
+        groups[rank] = ProcessGroupGloo(PrefixStore(f"gen/{number}/host/", store.clone()), rank, 2, opts)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return SimpleNamespace(number=number, host=groups[0]), SimpleNamespace(number=number, host=groups[1])
 
 
 def _state(stage: int, seed: int, scale: float = 1.0) -> StageState:
@@ -73,44 +60,56 @@ def _owner(stage: int) -> tuple[StageState, torch.Tensor]:
     return state, flat
 
 
-@pytest.mark.timeout(180)
+def _holder(stage: int, replay: bool = True) -> MirrorHolder:
+    holder = MirrorHolder(stage, 0, _state(stage, 7), replay=replay)
+    holder.start()
+    return holder
+
+
+@pytest.mark.timeout(120)
 def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
-    """The holder replays the owner's published gradients with the owner's update rule: after
-    every committed step its copy (weights, moments, step, lr factor) is the owner's exactly;
-    steps that were never committed are never applied."""
+    """The holder replays the owner's gradients, sent peer to peer, with the owner's update rule:
+    after every committed step its copy (weights, moments, step, lr factor) is the owner's exactly;
+    a step that was sent but never committed is never applied."""
     owner, flat = _owner(2)
     owner.chunks[2].blocks[0].attn_norm.weight.data.mul_(1.5)  # the owner's state is not a fresh build
-    mirror = MirrorReplayer(store, 2, 0, _state(2, 7), timeout_s=10)
-    mirror.start()
+    holder_gen, owner_gen = _generation(store, 1)
+    mirror = _holder(2)
     try:
-        publish_mirror(store, 2, 0, 9, owner.flat(), generation=1)  # state after step 9
+        mirror.generation_started(holder_gen, owner_rank=1)
+        sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=10)
+        sender.send(KIND_STATE, 9, owner.flat())  # the state after step 9
         gen = torch.Generator().manual_seed(0)
         for step in range(10, 14):
             flat.copy_(torch.randn(flat.shape, generator=gen) * (3.0 if step == 11 else 0.1))
             coef, lr = (0.25 if step == 11 else 1.0), 1e-3 * step
-            publish_gradient(store, 1, 2, 0, step, flat, coef, lr)
-            owner.apply_update(flat, coef, lr)
+            sender.send(KIND_GRADIENT, step, flat, coef, lr)
+            owner.apply_update(flat, coef, lr)  # scales flat in place: the sender sent a copy
             mirror.committed(1, step)
-        publish_gradient(store, 1, 2, 0, 14, torch.ones_like(flat), 1.0, 1.0)  # published, never committed
-        mirror.settle(120.0)  # returns as soon as every committed step is replayed
+        sender.send(KIND_GRADIENT, 14, torch.ones_like(flat), 1.0, 1.0)  # sent, never committed
+        assert sender.drain() == ""
+        mirror.settle(60.0)  # the generation is over: returns once every committed step is replayed
         assert mirror.error == "" and mirror.step == 13
         assert torch.equal(mirror.tensor(), owner.flat())
-        assert mirror.nbytes == 3 * 4 * flat.numel()
+        assert mirror.nbytes == 3 * 4 * flat.numel() + 4 * (mirror.state_numel - 3 * flat.numel())
     finally:
         mirror.halt()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
     """A copy that would skip a step is marked unusable (step None), never silently wrong."""
     owner, flat = _owner(1)
-    mirror = MirrorReplayer(store, 1, 0, _state(1, 7), timeout_s=5)
-    mirror.start()
+    holder_gen, owner_gen = _generation(store, 3)
+    mirror = _holder(1)
     try:
-        publish_mirror(store, 1, 0, 4, owner.flat(), generation=3)
-        publish_gradient(store, 3, 1, 0, 6, flat, 1.0, 1e-3)
+        mirror.generation_started(holder_gen, owner_rank=1)
+        sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=10)
+        sender.send(KIND_STATE, 4, owner.flat())
+        sender.send(KIND_GRADIENT, 6, flat, 1.0, 1e-3)
         mirror.committed(3, 6)
-        mirror.settle(120.0)  # returns as soon as the replayer is idle
+        sender.drain()
+        mirror.settle(60.0)
         assert mirror.step is None and "cannot replay step 6" in mirror.error
     finally:
         mirror.halt()
@@ -118,24 +117,27 @@ def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
 
 @pytest.mark.timeout(60)
 def test_replaying_mirror_skips_a_step_its_owner_skipped(store: Any) -> None:
-    """Issue 10, section 6: a non-finite step skipped with train.nonfinite = "skip" is published
-    with apply=False; the holder counts it without touching its copy, so it still equals the owner."""
+    """Issue 10, section 6: a non-finite step skipped with train.nonfinite = "skip" is sent as a
+    skipped step (no payload); the holder counts it without touching its copy."""
     owner, flat = _owner(2)
-    mirror = MirrorReplayer(store, 2, 0, _state(2, 7), timeout_s=10)
-    mirror.start()
+    holder_gen, owner_gen = _generation(store, 1)
+    mirror = _holder(2)
     try:
-        publish_mirror(store, 2, 0, 4, owner.flat(), generation=1)
+        mirror.generation_started(holder_gen, owner_rank=1)
+        sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=10)
+        sender.send(KIND_STATE, 4, owner.flat())
         flat.fill_(0.1)
-        publish_gradient(store, 1, 2, 0, 5, flat, 1.0, 1e-3)
+        sender.send(KIND_GRADIENT, 5, flat, 1.0, 1e-3)
         owner.apply_update(flat, 1.0, 1e-3)
         mirror.committed(1, 5)
-        publish_gradient(store, 1, 2, 0, 6, torch.full_like(flat, float("nan")), 1.0, 1e-3, apply=False)
+        sender.send(KIND_SKIPPED, 6, None)
         mirror.committed(1, 6)  # the owner skipped step 6: no update
         flat.fill_(-0.2)
-        publish_gradient(store, 1, 2, 0, 7, flat, 1.0, 1e-3)
+        sender.send(KIND_GRADIENT, 7, flat, 1.0, 1e-3)
         owner.apply_update(flat, 1.0, 1e-3)
         mirror.committed(1, 7)
-        mirror.settle(10.0)
+        sender.drain()
+        mirror.settle(30.0)
         assert mirror.error == "" and mirror.step == 7
         copy = mirror.tensor()
         assert torch.isfinite(copy).all() and torch.equal(copy, owner.flat())
@@ -143,10 +145,51 @@ def test_replaying_mirror_skips_a_step_its_owner_skipped(store: Any) -> None:
         mirror.halt()
 
 
+@pytest.mark.timeout(120)
+def test_periodic_mirror_follows_full_states_across_generations_and_a_rollback(store: Any) -> None:
+    """``mirror_every > 1``: each full state the owner sends replaces the copy; a new generation
+    (new groups) is followed; a rollback voids the copy until a state of a later generation comes."""
+    owner, _ = _owner(3)
+    mirror = _holder(3, replay=False)
+    try:
+        for number, steps in ((1, (4, 9)), (2, (12,))):
+            holder_gen, owner_gen = _generation(store, number)
+            mirror.generation_started(holder_gen, owner_rank=1)
+            sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=10)
+            for step in steps:
+                owner.chunks[3].blocks[0].attn_norm.weight.data.add_(0.5)
+                sender.send(KIND_STATE, step, owner.flat())
+            assert sender.drain() == ""
+            deadline = time.monotonic() + 30
+            while mirror.step != steps[-1] and time.monotonic() < deadline:  # the last state is in flight
+                time.sleep(0.01)
+            assert mirror.step == steps[-1] and torch.equal(mirror.tensor(), owner.flat())
+        mirror.reset(min_generation=4)
+        assert mirror.step is None and mirror.nbytes == 0
+    finally:
+        mirror.halt()
+
+
+@pytest.mark.timeout(60)
+def test_a_holder_gone_mid_generation_does_not_stop_its_owner(store: Any) -> None:
+    """The holder's group fails (its process died): the owner's sends report the error once and
+    every later send returns at once, so the owner trains on and the recovery handles the loss."""
+    owner, flat = _owner(1)
+    holder_gen, owner_gen = _generation(store, 1)
+    sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=5)
+    sender.send(KIND_GRADIENT, 1, flat, 1.0, 1e-3)  # nobody will receive it
+    del holder_gen  # the holder's end of the group goes away
+    import gc
+
+    gc.collect()
+    assert sender.drain() != ""
+    assert sender.send(KIND_GRADIENT, 2, flat, 1.0, 1e-3) == 0
+
+
 @pytest.mark.parametrize("sets", [[], ["pipeline.stages=2"], ["ft.strategy=checkfree+"]])
 def test_mirror_size_estimate_covers_the_real_flat_state(sets: list[str]) -> None:
-    """The store-limit check reads mirror_state_bytes: it must not underestimate the flat state
-    a rank really publishes (weights + 2 moments + tail), nor overshoot it by more than 64 KiB."""
+    """The run summary's mirror memory per stage reads mirror_state_bytes: it must not underestimate
+    the flat state a rank really sends (weights + 2 moments + tail), nor overshoot it by more than 64 KiB."""
     from spotpipe.ft.policy import swap_schedule_on
     from spotpipe.ft.strategies.mirror import mirror_state_bytes
 
@@ -158,18 +201,3 @@ def test_mirror_size_estimate_covers_the_real_flat_state(sets: list[str]) -> Non
         real = max(real, 4 * StageState(chunks, ChunkAdamW(chunks, cfg.train)).numel())
     est = mirror_state_bytes(cfg)
     assert real <= est <= real + 64 * 2**10
-
-
-def test_stages_too_big_for_the_store_keep_no_mirror() -> None:
-    """Mirrors still travel through the controller's store (8 MiB a value): ft.strategy = mirror is
-    refused up front with one line, auto runs without mirrors and says so."""
-    from spotpipe.errors import SpotpipeError
-    from spotpipe.runtime.control.job import check_mirror_size
-    from spotpipe.runtime.worker.mirror_link import mirror_mode
-
-    small = load_config(None, [])
-    assert check_mirror_size(small) == "" and mirror_mode(small) == "replay"
-    big = load_config(None, ["pipeline.stages=2"])
-    assert mirror_mode(big) == "" and "no mirrors" in check_mirror_size(big)
-    with pytest.raises(SpotpipeError, match="ft.strategy = mirror cannot run this model: .* 8 MiB"):
-        check_mirror_size(load_config(None, ["pipeline.stages=2", "ft.strategy=mirror"]))

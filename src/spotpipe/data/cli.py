@@ -1,4 +1,4 @@
-"""`spotpipe data prepare | info`: make and inspect token directories (no torch import)."""
+"""`spotpipe data prepare | tokenizer | info`: make and inspect token directories, train a tokenizer (no torch import)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spotpipe.cliargs import float_in
+from spotpipe.cliargs import float_in, int_in
 
 
 def register(subparsers: Any) -> None:
@@ -38,6 +38,18 @@ def register(subparsers: Any) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress (default: only for inputs over 16 MiB)")
     prepare.set_defaults(func=_prepare)
 
+    bpe = sub.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer.json",
+        description="Train a byte-level BPE tokenizer (any text round-trips) on text files, or on the built-in corpus "
+                    "when no INPUT is given, and write a Hugging Face tokenizer.json for data.tokenizer.",
+    )
+    bpe.add_argument("inputs", nargs="*", metavar="INPUT", help="text files or directories of text (default: the built-in corpus)")
+    bpe.add_argument("--vocab-size", type=int_in(257, 1 << 20), default=16384, metavar="N",
+                     help="largest vocabulary, 257 to 1048576 (default 16384; fewer when the text has fewer pairs to merge)")
+    bpe.add_argument("--out", required=True, metavar="FILE", help="the tokenizer.json to write")
+    bpe.set_defaults(func=_tokenizer)
+
     info = sub.add_parser("info", help="describe a token dir", description="Print a token dir's header, a sample and its unigram baseline.")
     info.add_argument("dir", metavar="DIR", help="token directory from `spotpipe data prepare`")
     info.add_argument("--verify", action="store_true", help="also check the SHA-256 of tokens.bin and that every id is in the vocabulary")
@@ -50,6 +62,17 @@ def register(subparsers: Any) -> None:
 def _no_subcommand(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from spotpipe.data.tokenizer import train_bpe
+    from spotpipe.data.tokens import collect_inputs, stdlib_corpus_files
+
+    files = collect_inputs([Path(p) for p in args.inputs]) if args.inputs else stdlib_corpus_files()
+    tok = train_bpe(files, args.vocab_size, Path(args.out))
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {tok.path}: byte-level BPE, vocabulary {tok.vocab_size}, trained on {len(files)} files ({size / 2**20:.1f} MiB)")
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:

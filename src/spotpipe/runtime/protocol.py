@@ -24,7 +24,6 @@ server; every worker is a client. Everything the two sides say goes through thes
 ``gen/<g>/survivor/<worker>``  a survivor of g aborted its step and waits for g+1
 ``gen/<g>/recovery``           the recovery decision that generation g starts with
 ``gen/<g>/recovered/<worker>`` a worker finished its part of that recovery
-``mirror/<s>/<r>[/step]``      stage s's published state for its mirror holder
 ``spare/<worker>``             the role handed to a waiting spare; ``ctl/end``: the job is over
 =============================  ==========================================================
 
@@ -57,8 +56,11 @@ from spotpipe.errors import SpotpipeError
 from spotpipe.fsutil import read_text
 
 TOKEN_ENV = "SPOTPIPE_TOKEN"
-STORE_VALUE_LIMIT = 8 * 2**20
-"""The largest value the controller's TCPStore accepts in one message (c10d's payload limit, bytes)."""
+STORE_VALUE_LIMIT = 64 * 2**10
+"""The largest value spotpipe writes to the controller's store (bytes). The store is the control
+plane: small records only (DESIGN.md, "Control plane and data plane"); tensors go peer to peer.
+:class:`GuardedStore` enforces it, so a change that puts bulk data on the control plane fails
+every test that runs a job."""
 LOCAL_INDEX_ENV = "SPOTPIPE_LOCAL_INDEX"  # set for the workers the controller starts: their index
 CONTROLLER_PID_ENV = "SPOTPIPE_CONTROLLER_PID"  # ... and the pid of the controller, their parent
 TOKEN_RE = re.compile(r"^[0-9a-f]{32,128}$")
@@ -146,17 +148,82 @@ def fault_key(worker: int) -> str:
     return f"fault/{worker}"
 
 
-def mirror_key(stage: int, replica: int) -> str:
-    return f"mirror/{stage}/{replica}"
+# ----------------------------------------------------------------------------------------------
+# The value limit
 
 
-def mirror_grad_key(generation: int, stage: int, replica: int, step: int) -> str:
-    """The gradient of ``step`` a worker publishes for the holder that replays it on its mirror."""
-    return f"gen/{generation}/mirror/{stage}/{replica}/grad/{step}"
+class StoreValueTooLarge(SpotpipeError):
+    """Something tried to write more than :data:`STORE_VALUE_LIMIT` bytes under one store key."""
 
 
-def mirror_seq_key(stage: int, replica: int) -> str:
-    return f"mirror/{stage}/{replica}/step"
+class StoreBytes:
+    """Bytes this process wrote to the store (keys and values), shared by a client and its clones."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+def _size(value: str | bytes) -> int:
+    return len(value.encode() if isinstance(value, str) else value)
+
+
+class GuardedStore:
+    """A store client that refuses values over ``limit`` bytes and counts the bytes written.
+
+    Wraps a ``torch.distributed.TCPStore`` (server or client); every other method passes through.
+    Process-group rendezvous (gloo, NCCL) needs the c10d object itself: :attr:`raw` (it writes a
+    few hundred bytes of addresses per member).
+
+    Args:
+        raw: The c10d store.
+        limit: Largest value, bytes.
+        written: The counter to add to (a clone shares its parent's).
+
+    Raises (from the writing methods):
+        StoreValueTooLarge: naming the key, the value's size and the limit.
+    """
+
+    def __init__(self, raw: Any, limit: int = STORE_VALUE_LIMIT, written: StoreBytes | None = None) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.written = written if written is not None else StoreBytes()
+
+    def _guard(self, key: str, value: str | bytes) -> None:
+        n = _size(value)
+        if n > self.limit:
+            raise StoreValueTooLarge(
+                f"refusing to write {n} bytes under store key {key!r}: the controller's store carries control "
+                f"records of at most {self.limit} bytes (tensors go peer to peer over the process groups)"
+            )
+        self.written.add(n + len(key))
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self._guard(key, value)
+        self.raw.set(key, value)
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        self._guard(key, desired)
+        return bytes(self.raw.compare_set(key, expected, desired))
+
+    def queue_push(self, key: str, value: str | bytes) -> None:
+        self._guard(key, value)
+        self.raw.queue_push(key, value)
+
+    def add(self, key: str, amount: int) -> int:
+        self.written.add(len(key) + 8)
+        return int(self.raw.add(key, amount))
+
+    def clone(self) -> GuardedStore:
+        """A new connection to the same store, counting into the same total."""
+        return GuardedStore(self.raw.clone(), self.limit, self.written)
+
+    def __getattr__(self, name: str) -> Any:  # get, check, multi_get, delete_key, port, ...
+        return getattr(self.raw, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +288,7 @@ CONNECT_POLL_S = 0.2
 
 
 def connect_store(host: str, port: int, timeout_s: float, give_up: Callable[[], str] | None = None) -> Any:
-    """A TCPStore client of the controller at ``host:port``, within ``timeout_s`` seconds.
+    """A TCPStore client of the controller at ``host:port`` (a :class:`GuardedStore`), within ``timeout_s`` seconds.
 
     Tries for up to ``timeout_s`` seconds (the controller may start after a remote worker). Each
     try is a plain TCP connection first, so a controller that is not listening costs no store
@@ -262,7 +329,7 @@ def connect_store(host: str, port: int, timeout_s: float, give_up: Callable[[], 
 
     def connect() -> None:
         try:
-            result["store"] = TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
+            result["store"] = GuardedStore(TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s)))
         except Exception as exc:  # c10d raises its own error types
             result["error"] = exc
 

@@ -7,8 +7,12 @@
 and the simulator (:mod:`spotpipe.schedule.build`), and its ``--schedule`` choices are the
 registered generators (:data:`spotpipe.schedule.generators.REGISTRY`).
 ``spotpipe schedule validate FILE.csv`` checks a schedule (compute-only or lowered) for missing
-actions, broken dependencies, unmatched send/recv and deadlocks. ``spotpipe schedule memory
---config F --budget 4GB`` prints the memory plans of a job (:mod:`spotpipe.planner`).
+actions, broken dependencies, unmatched send/recv and deadlocks, and a SkipPipe node schedule
+also for paths that revisit a stage or do not return, unbalanced visits and (``--node-memory``)
+nodes over their memory.
+``spotpipe schedule plan --config FILE`` plans SkipPipe node placement and paths
+(:mod:`spotpipe.sim.skipcli`). ``spotpipe schedule memory --config F --budget 4GB`` prints the
+memory plans of a job (:mod:`spotpipe.planner`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from spotpipe.fsutil import check_output, read_text, write_output
 from spotpipe.schedule.build import compute_schedule
 from spotpipe.schedule.generators import REGISTRY, model_chunks
 from spotpipe.schedule.ir import Schedule
+from spotpipe.schedule.nodepaths import validate_node_schedule
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.render import FORMATS, render
 from spotpipe.schedule.validate import check_message_order, describe, validate_schedule
+from spotpipe.sim.skipcli import register_plan
 
 
 MAX_ACTIONS = 100_000  # default --max-actions: at most ~10 s and ~100 MB on one core
@@ -49,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``schedule`` command group to the top-level ``spotpipe`` parser."""
     group = subparsers.add_parser(
         "schedule",
-        help="show, export and validate pipeline schedules; plan their memory",
-        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B, chronos).",
+        help="show, export, validate and plan pipeline schedules; plan their memory",
+        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B, chronos); "
+        "plan SkipPipe paths over nodes; plan memory under a per-rank budget.",
     )
     sub = group.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
 
@@ -101,10 +108,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     check.add_argument("--blocking-recv", action="store_true",
                        help="play each RECV as blocking its rank until the data arrived "
                        "(stricter than the default, where the consumer waits)")
+    check.add_argument("--node-memory", type=int_in(1, 10**9), default=None, metavar="N",
+                       help="for a SkipPipe node schedule (schedule plan --csv): also reject a node that holds "
+                       "more than N activations, as pipeline.node_memory (default: no memory check)")
     check.add_argument("--message-order", action="store_true",
                        help="also require the same send and receive order per rank pair "
                        "(needed by order-matching transports such as NCCL)")
     check.set_defaults(func=_cmd_validate)
+    register_plan(sub)
 
     memory = sub.add_parser(
         "memory",
@@ -156,6 +167,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     path: Path = args.file
     text = read_text(path, "schedule")
     schedule: Schedule = Schedule.from_csv(text, where=str(path))
+    if schedule.chunk_stage is not None:  # a SkipPipe node schedule: its path, balance and memory rules too
+        validate_node_schedule(schedule, args.node_memory or 10**9)
     validate_schedule(schedule, blocking_recv=args.blocking_recv, message_order=args.message_order)
     note = ""
     if not args.message_order and schedule.is_lowered() and check_message_order(schedule):

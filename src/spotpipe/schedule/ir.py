@@ -19,7 +19,7 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from spotpipe.errors import SpotpipeError
@@ -166,6 +166,9 @@ class Schedule:
         stage_to_rank: which rank runs each stage.
         paths: per microbatch, the stages it visits in order; ``None`` means every stage in order.
         name: the generator that made it, for display.
+        chunk_stage: for a schedule over nodes (SkipPipe, :mod:`spotpipe.schedule.nodepaths`),
+            the model stage that each schedule stage is a copy of (``num_model_stages`` marks the
+            head: final norm, LM head and loss); ``None`` for a schedule over stages.
     """
 
     ranks: tuple[tuple[Action, ...], ...]
@@ -174,6 +177,7 @@ class Schedule:
     stage_to_rank: tuple[int, ...]
     paths: tuple[tuple[int, ...], ...] | None = None
     name: str = "custom"
+    chunk_stage: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.stage_to_rank) != self.num_stages:
@@ -183,6 +187,10 @@ class Schedule:
         if self.paths is not None and len(self.paths) != self.num_microbatches:
             raise ScheduleError(
                 f"schedule {self.name}: {len(self.paths)} paths for {self.num_microbatches} microbatches"
+            )
+        if self.chunk_stage is not None and len(self.chunk_stage) != self.num_stages:
+            raise ScheduleError(
+                f"schedule {self.name}: chunk_stage has {len(self.chunk_stage)} entries for {self.num_stages} stages"
             )
 
     @property
@@ -208,6 +216,7 @@ class Schedule:
             stage_to_rank=self.stage_to_rank,
             paths=self.paths,
             name=self.name if name is None else name,
+            chunk_stage=self.chunk_stage,
         )
 
     def is_lowered(self) -> bool:
@@ -247,6 +256,8 @@ class Schedule:
         out.write("# stage_to_rank=" + " ".join(map(str, self.stage_to_rank)) + "\n")
         if self.paths is not None:
             out.write("# paths=" + ";".join(" ".join(map(str, p)) for p in self.paths) + "\n")
+        if self.chunk_stage is not None:
+            out.write("# chunk_stage=" + " ".join(map(str, self.chunk_stage)) + "\n")
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["rank", "index", "action"])
         for r, acts in enumerate(self.ranks):
@@ -288,9 +299,16 @@ class Schedule:
             paths = (
                 [[int(x) for x in p.split()] for p in meta["paths"].split(";")] if meta.get("paths") else None
             )
+            chunks = tuple(int(x) for x in meta["chunk_stage"].split()) if meta.get("chunk_stage") else None
         except ValueError as exc:
             raise ScheduleError(f"{where}: bad metadata line: {exc}") from None
-        return _with_derived_metadata(ranks, mbs, s2r, paths, meta.get("name", "custom"))
+        out = _with_derived_metadata(ranks, mbs, s2r, paths, meta.get("name", "custom"))
+        if chunks is None:
+            return out
+        try:
+            return replace(out, chunk_stage=chunks)
+        except ScheduleError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
 
 
 def _with_derived_metadata(

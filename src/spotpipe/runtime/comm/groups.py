@@ -13,7 +13,13 @@ Groups of one generation:
 
 * the world group (all workers; world rank = ``replica * stages + stage``), used for pipeline P2P
   and for the step's world all-reduce (gradient norm, loss, stop flag);
-* one replica group per stage (its ``replicas`` workers), for the gradient all-reduce.
+* one replica group per stage (its ``replicas`` workers), for the gradient all-reduce;
+* the host group (all workers, always gloo, host-memory tensors): the data plane beside the
+  device group (DESIGN.md, "Control plane and data plane"). Mirror updates
+  (:mod:`spotpipe.runtime.worker.mirror`) and recovery state transfers
+  (:mod:`spotpipe.runtime.comm.transfer`) go over it, owner to holder and source to target, from
+  background threads too, without touching the pipeline's group or its tags. On CUDA the world
+  group is NCCL, which takes device tensors only; this one takes host tensors.
 
 Building. Every member first says it arrived (``gen/<g>/arrived/<rank>``) and waits until all
 have, then builds the groups in a helper thread over its own store connection. Both waits watch
@@ -297,10 +303,12 @@ class Generation:
         groups = self._build(listen_host, start)
         self.world: Any = groups[0]
         self.replica_group: Any | None = groups[1]
+        self.host: Any = groups[2]
         after = _socket_inodes()
         self._sockets = _connected_only({fd: ino for fd, ino in after.items() if before.get(fd) != ino})
         names = {rank: m.name() for rank, m in enumerate(plan.members)}
-        self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl")
+        self.transport = ProcessGroupTransport(self.world, names, on_abort=self.abort, poll_completion=backend == "nccl",
+                                               stage_through_host=backend == "gloo" and self.device.type == "cuda")
 
     def _check_cancelled(self, start: float) -> None:
         why = self._cancelled()
@@ -322,8 +330,8 @@ class Generation:
                 )
             time.sleep(POLL_S)
 
-    def _build(self, listen_host: str, start: float) -> tuple[Any, Any | None]:
-        """Build the world group (and the replica group) in a helper thread; return them.
+    def _build(self, listen_host: str, start: float) -> tuple[Any, Any | None, Any]:
+        """Build the world group (the replica group) and the host group in a helper thread; return them.
 
         A gloo rendezvous blocks on the store until every peer has connected; the helper thread
         lets this one stop at once when the generation is cancelled. An abandoned helper drops
@@ -331,6 +339,7 @@ class Generation:
         """
         from torch.distributed import PrefixStore
 
+        raw = getattr(self._store, "raw", self._store)  # the c10d object (a GuardedStore wraps it)
         timeout = datetime.timedelta(seconds=self.timeout_s)
         prefix = f"gen/{self.number}/"
         box: dict[str, Any] = {}
@@ -338,13 +347,15 @@ class Generation:
 
         def build() -> None:
             try:
-                world = self._make_group(PrefixStore(prefix + "world/", self._store), self.world_rank,
+                world = self._make_group(PrefixStore(prefix + "world/", raw), self.world_rank,
                                          self.plan.world_size, timeout, listen_host)
                 replica = None
                 if self.plan.replicas > 1:
-                    replica = self._make_group(PrefixStore(prefix + f"replica{self.member.stage}/", self._store),
+                    replica = self._make_group(PrefixStore(prefix + f"replica{self.member.stage}/", raw),
                                                self.member.replica, self.plan.replicas, timeout, listen_host)
-                result: Any = (world, replica)
+                host = self._make_group(PrefixStore(prefix + "host/", raw), self.world_rank, self.plan.world_size,
+                                        timeout, listen_host, backend="gloo")
+                result: Any = (world, replica, host)
             except Exception as exc:  # rendezvous timeout or a peer that vanished while connecting
                 result = exc
             with lock:
@@ -369,8 +380,9 @@ class Generation:
             ) from None
         return result  # type: ignore[no-any-return]
 
-    def _make_group(self, store: Any, rank: int, size: int, timeout: datetime.timedelta, listen_host: str) -> Any:
-        if self.backend == "nccl":
+    def _make_group(self, store: Any, rank: int, size: int, timeout: datetime.timedelta, listen_host: str,
+                    backend: str = "") -> Any:
+        if (backend or self.backend) == "nccl":
             from torch.distributed import ProcessGroupNCCL  # type: ignore[attr-defined]
 
             opts = ProcessGroupNCCL.Options()
@@ -431,15 +443,14 @@ class Generation:
         with _RETIRED_LOCK:
             _RETIRED.append(self)
         self.transport.aborted = True
-        for pg in (self.world, self.replica_group):
+        for pg in (self.world, self.replica_group, self.host):
             if pg is None:
                 continue
             try:
                 pg.abort()
             except Exception:
                 pass
-        if self.backend != "nccl":
-            _shutdown_sockets(self._sockets)
+        _shutdown_sockets(self._sockets)  # the gloo groups' (NCCL's abort above ends its own)
 
     def detach(self) -> list[Any]:
         """Hand over this (aborted) generation's groups and store connection, and forget them.
@@ -452,8 +463,8 @@ class Generation:
         """
         if not self.aborted:
             raise RuntimeError(f"generation {self.number} cannot be released before it is aborted")
-        handles = [h for h in (self.world, self.replica_group, self._store) if h is not None]
-        self.world = self.replica_group = self._store = None
+        handles = [h for h in (self.world, self.replica_group, self.host, self._store) if h is not None]
+        self.world = self.replica_group = self.host = self._store = None
         self.transport.detach()
         self._sockets = {}
         return handles

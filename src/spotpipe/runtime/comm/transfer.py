@@ -2,7 +2,10 @@
 
 Recovery moves stage state worker to worker (:mod:`spotpipe.runtime.worker.recovery`), never
 through the controller's store: each source posts its sends and each target its receives on the
-new generation's world group (gloo / NCCL point-to-point), and all are waited on with one timeout.
+new generation's host group (gloo point-to-point of host tensors, the data plane beside the
+device group, :mod:`spotpipe.runtime.comm.groups`), and all are waited on with one timeout. A
+device tensor is copied to the host first (NCCL would need one GPU per peer and device buffers on
+both sides; state is installed from host memory anyway).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterabl
     """Post every send and receive, then wait for all of them.
 
     Args:
-        gen: The generation (its ``world`` process group).
-        sends: ``(tensor, destination world rank, tag)``.
-        recvs: ``(buffer, source world rank, tag)``; filled in place.
+        gen: The generation (its ``host`` process group; ranks are world ranks).
+        sends: ``(tensor, destination world rank, tag)``; any device (copied to the host).
+        recvs: ``(host buffer, source world rank, tag)``; filled in place.
         timeout_s: Limit of each wait, seconds.
 
     Raises:
@@ -34,8 +37,9 @@ def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterabl
     """
     if gen.aborted:
         raise RuntimeError(f"generation {gen.number} was aborted ({gen.abort_reason or 'no reason given'})")
-    works = [gen.world.send([t], dst, tag) for t, dst, tag in sends]
-    works += [gen.world.recv([t], src, tag) for t, src, tag in recvs]
+    staged = [(t.detach().cpu().contiguous(), dst, tag) for t, dst, tag in sends]
+    works = [gen.host.send([t], dst, tag) for t, dst, tag in staged]
+    works += [gen.host.recv([t], src, tag) for t, src, tag in recvs]
     for w in works:
         w.wait(datetime.timedelta(seconds=timeout_s))
 

@@ -165,13 +165,16 @@ def classify_comm_error(
 class _WorkHandle:
     """A torch.distributed ``Work`` with a deadline on its wait."""
 
-    __slots__ = ("_work", "_peer", "_owner", "_done")
+    __slots__ = ("_work", "_peer", "_owner", "_done", "_host", "_device")
 
-    def __init__(self, work: Any, peer: int, owner: ProcessGroupTransport) -> None:
+    def __init__(self, work: Any, peer: int, owner: ProcessGroupTransport, host: torch.Tensor | None = None,
+                 device: torch.Tensor | None = None) -> None:
         self._work = work
         self._peer = peer
         self._owner = owner
         self._done = False
+        self._host = host  # a host copy staged for gloo (kept alive until the wait)
+        self._device = device  # a received host copy goes here once complete
 
     def wait(self, timeout_s: float) -> None:
         if self._done:
@@ -200,6 +203,9 @@ class _WorkHandle:
                 aborted=owner.aborted,
                 timeout_s=timeout_s,
             ) from None
+        if self._device is not None and self._host is not None:
+            self._device.copy_(self._host)
+        self._host = self._device = None
         self._done = True
 
 
@@ -212,6 +218,8 @@ class ProcessGroupTransport:
         on_abort: Called once by :meth:`abort`; it aborts the generation's groups (see
             :class:`spotpipe.runtime.comm.groups.Generation`).
         poll_completion: Wait by polling ``is_completed`` (NCCL) instead of a timed ``wait`` (gloo).
+        stage_through_host: Send and receive device tensors through host copies (gloo with CUDA
+            compute, :mod:`spotpipe.runtime.devices`: gloo's point-to-point takes host tensors).
     """
 
     def __init__(
@@ -220,6 +228,7 @@ class ProcessGroupTransport:
         peer_names: Mapping[int, str],
         on_abort: Callable[[], None] | None = None,
         poll_completion: bool = False,
+        stage_through_host: bool = False,
     ) -> None:
         self._group = group
         self._names = dict(peer_names)
@@ -227,6 +236,7 @@ class ProcessGroupTransport:
         self._abort_lock = threading.Lock()
         self.aborted = False
         self.poll_completion = poll_completion
+        self.stage_through_host = stage_through_host
 
     def peer_name(self, peer: int) -> str:
         return self._names.get(peer, f"world rank {peer}")
@@ -234,24 +244,27 @@ class ProcessGroupTransport:
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         if self.aborted:
             raise GenerationAborted(peer=peer, peer_name=self.peer_name(peer), detail="generation aborted")
+        host = tensor.detach().cpu() if self.stage_through_host and tensor.device.type != "cpu" else None
         try:
-            work = self._group.send([tensor], peer, tag)
+            work = self._group.send([tensor if host is None else host], peer, tag)
         except Exception as exc:
             raise classify_comm_error(
                 exc, peer=peer, peer_name=self.peer_name(peer), waited_s=0.0, aborted=self.aborted, timeout_s=0.0
             ) from None
-        return _WorkHandle(work, peer, self)
+        return _WorkHandle(work, peer, self, host=host)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         if self.aborted:
             raise GenerationAborted(peer=peer, peer_name=self.peer_name(peer), detail="generation aborted")
+        staged = self.stage_through_host and tensor.device.type != "cpu"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype) if staged else None
         try:
-            work = self._group.recv([tensor], peer, tag)
+            work = self._group.recv([tensor if host is None else host], peer, tag)
         except Exception as exc:
             raise classify_comm_error(
                 exc, peer=peer, peer_name=self.peer_name(peer), waited_s=0.0, aborted=self.aborted, timeout_s=0.0
             ) from None
-        return _WorkHandle(work, peer, self)
+        return _WorkHandle(work, peer, self, host=host, device=tensor if staged else None)
 
     def abort(self) -> None:
         with self._abort_lock:

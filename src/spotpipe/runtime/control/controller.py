@@ -36,10 +36,13 @@ import math
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+import torch
 
 from spotpipe import events as ev
 from spotpipe.config import JobConfig, config_to_toml
@@ -49,7 +52,8 @@ from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_ma
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, RunResult
-from spotpipe.runtime.control.job import check_mirror_size, eval_due
+from spotpipe.runtime.control.job import eval_due, mirrors_wanted
+from spotpipe.runtime.control.sizes import format_sizes, job_sizes, mfu
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
 from spotpipe.runtime.control.context import ControlContext
@@ -152,7 +156,9 @@ class Controller:
         cfg = self.cfg
         host = cfg.run.host
         try:
-            self.ctx.store = TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
+            self.ctx.store = protocol.GuardedStore(
+                TCPStore(host, cfg.run.port, None, True, datetime.timedelta(seconds=cfg.run.timeout_s), wait_for_workers=False)
+            )
         except Exception as exc:
             text = str(exc)
             why = "address already in use" if "EADDRINUSE" in text or "already in use" in text else " ".join(text.split())[:120]
@@ -184,9 +190,8 @@ class Controller:
             + (f" (resuming after step {self.resume.step})" if self.resume else "")
             + f"; run dir {self.run_dir}"
         )
-        note = check_mirror_size(cfg)
-        if note:
-            self._progress.message(note)
+        self.sizes = job_sizes(cfg, mirrors_wanted(cfg))
+        self._progress.message(format_sizes(self.sizes))
         if remote > 0:
             shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
             token_path = self.run_dir / "job.token"
@@ -307,6 +312,8 @@ class Controller:
             generation=self.generation,
             grad_norm=float(head["grad_norm"]),
             compute_s=max(float(r.get("compute_s", 0.0)) for r in reports),
+            store_bytes=sum(int(r.get("store_bytes", 0)) for r in reports),
+            mirror_bytes=sum(int(r.get("mirror_bytes", 0)) for r in reports),
             **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
             **self._step_memory(reports),
         )
@@ -456,6 +463,15 @@ class Controller:
     # ------------------------------------------------------------------------------------------
     # Shutdown
 
+    def _mfu(self) -> float | None:
+        """Model FLOPs utilisation over the steady steps, where the device's peak is known (all
+        workers on this machine's GPUs; :func:`~spotpipe.runtime.control.sizes.mfu`)."""
+        steps = self._injector.step_times
+        if not steps or self.local_count < self.world_size or not torch.cuda.is_available():
+            return None
+        devices = min(self.world_size, torch.cuda.device_count())
+        return mfu(self.sizes, statistics.median(steps), torch.cuda.get_device_name(0), self.cfg.model.dtype, devices)
+
     def _finish(self, status: str) -> None:
         """Stop every local worker, close the log, write run_end and the plot."""
         if self.interrupts >= 2:
@@ -488,6 +504,7 @@ class Controller:
         self.result.checkpoint = self.last_checkpoint
         self.result.first_loss = self._first_loss
         self.result.suspicions_cleared = self.members.suspicions_cleared
+        self.result.mfu = self._mfu()
         if status == "failed":
             self.result.message = self._failure_message()
         if self.ctx.log is not None:

@@ -17,11 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from spotpipe.config import JobConfig, TrainConfig, load_config
+from spotpipe.config import DataConfig, JobConfig, TrainConfig, load_config
+from spotpipe.runtime.devices import resolve_hardware
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
-from spotpipe.ft.strategies.mirror import mirror_state_bytes
-from spotpipe.runtime.protocol import STORE_VALUE_LIMIT
 from spotpipe.fsutil import check_output
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
@@ -56,34 +55,6 @@ def mirrors_wanted(cfg: JobConfig) -> bool:
     """Whether the job keeps mirrors at all: ``ft.strategy`` uses them (``auto``, ``mirror``),
     ``ft.mirror_every > 0`` and there are at least two stages (a stage's holder is another stage)."""
     return uses_mirrors(cfg.ft) and cfg.ft.mirror_every > 0 and cfg.pipeline.stages >= 2
-
-
-def mirror_fits_store(cfg: JobConfig) -> bool:
-    """Whether the largest rank's mirror state fits in one value of the controller's store
-    (:func:`spotpipe.ft.strategies.mirror.mirror_state_bytes` <= :data:`STORE_VALUE_LIMIT`)."""
-    return mirror_state_bytes(cfg) <= STORE_VALUE_LIMIT
-
-
-def check_mirror_size(cfg: JobConfig) -> str:
-    """Refuse ``ft.strategy = mirror`` for stages too big for the store; say what ``auto`` does.
-
-    Returns:
-        A note for the user when ``auto`` runs without mirrors for this reason, else "".
-
-    Raises:
-        SpotpipeError: ``ft.strategy = mirror`` and a stage's mirror state exceeds the store's limit.
-    """
-    if not mirrors_wanted(cfg):
-        return ""
-    need = mirror_state_bytes(cfg)
-    if need <= STORE_VALUE_LIMIT:
-        return ""
-    why = (f"a stage's mirror state is {need / 2**20:.1f} MiB (weights + 2 AdamW moments, 12 bytes per parameter), "
-           f"more than the {STORE_VALUE_LIMIT // 2**20} MiB the controller's store takes in one value")
-    if cfg.ft.strategy == "mirror":
-        raise SpotpipeError(f"ft.strategy = mirror cannot run this model: {why}; use ft.strategy = auto, replica "
-                            "(pipeline.replicas >= 2) or checkfree, or a smaller model / more pipeline.stages")
-    return f"note: no mirrors ({why}); ft.strategy = auto recovers by replica, CheckFree or the checkpoint instead"
 
 
 def check_listen_host(host: str) -> None:
@@ -168,6 +139,17 @@ class PreparedRun:
     resume: Any  # checkpoint.Manifest | None
 
 
+def resolve_data_paths(data: DataConfig, base_dir: Path) -> DataConfig:
+    """``data.path`` and a ``data.tokenizer`` file, relative to the working directory if they exist
+    there, else to the config file's folder (as ``network.matrix``,
+    :func:`spotpipe.network.resolve_path`); made absolute, so every worker reads the same file."""
+    from spotpipe.network import resolve_path
+
+    path = str(resolve_path(data.path, base_dir).resolve()) if data.path else ""
+    tokenizer = data.tokenizer if data.tokenizer in ("", "byte") else str(resolve_path(data.tokenizer, base_dir).resolve())
+    return replace(data, path=path, tokenizer=tokenizer)
+
+
 def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None,
                 faults: tuple[str, ...] = ()) -> PreparedRun:
     """Resolve config, run directory, data, schedule and checkpoint; raise one clear error if any
@@ -201,6 +183,8 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     else:
         cfg = load_config(config_path, overrides)
         cfg = replace(cfg, ft=replace(cfg.ft, faults=cfg.ft.faults + faults)).validate()
+        if config_path is not None:
+            cfg = replace(cfg, data=resolve_data_paths(cfg.data, Path(config_path).resolve().parent))
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / name
         if (run_dir / "events.jsonl").exists():
@@ -217,8 +201,9 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     check_swap_layout(cfg)
-    check_mirror_size(cfg)
     check_listen_host(cfg.run.host)
+    world = cfg.pipeline.stages * cfg.pipeline.replicas
+    cfg = resolve_hardware(cfg, world if cfg.run.local_workers < 0 else min(world, cfg.run.local_workers))
     schedule = job_schedule(cfg)
     from spotpipe.model.partition import partition_layers
 

@@ -136,6 +136,7 @@ class RunResult:
         checkpoint: The last complete checkpoint's step, or None.
         skipped: Steps whose update was skipped for a non-finite gradient norm or loss
             (``train.nonfinite = "skip"``).
+        mfu: Model FLOPs utilisation of the steady steps, where the device's peak is known.
         suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
             ``failure_suspected`` events that were no failure.
         peak_bytes: Per pipeline rank, the most memory measured in any step (state on the device
@@ -155,6 +156,7 @@ class RunResult:
     ettr: float | None = None
     lost_s: float = 0.0
     skipped: int = 0
+    mfu: float | None = None
     suspicions_cleared: int = 0
     peak_bytes: list[int] | None = None
 
@@ -166,6 +168,8 @@ def format_result(result: RunResult) -> str:
         parts.append(f"train loss {result.train_loss:.4f}")
     if result.val_loss is not None:
         parts.append(f"val loss {result.val_loss:.4f}")
+    if result.mfu is not None:
+        parts.append(f"MFU {100 * result.mfu:.1f}%")
     if result.skipped:
         parts.append(f"{result.skipped} step{'s' if result.skipped > 1 else ''} skipped (non-finite, train.nonfinite = skip)")
     if result.suspicions_cleared:

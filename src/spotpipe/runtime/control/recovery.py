@@ -329,8 +329,9 @@ class RecoverySupervisor:
         for p in rec.plans:
             target = rec.new_workers.get(p.worker)
             got = int(done.get(target, {}).get("bytes", 0)) if target is not None else 0
+            transfer_s = float(done.get(target, {}).get("transfer_s", 0.0)) if target is not None else 0.0
             self.ctx.event(ev.RECOVERY_FINISHED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why, bytes=got,
-                         seconds=seconds, worker=target, generation=rec.new_generation, exact=p.exact)
+                         seconds=seconds, transfer_s=transfer_s, worker=target, generation=rec.new_generation, exact=p.exact)
         replayed = list(range(rec.resume_step, rec.record["resume_step"] + 1))
         for step in replayed:
             if step < self.ctx.cfg.train.steps:

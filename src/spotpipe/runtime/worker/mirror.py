@@ -1,203 +1,273 @@
-"""Peer mirrors: the previous stage's worker keeps this stage's state in its host memory.
+"""Peer mirrors over the data plane: the previous stage's worker keeps this stage's state in its host memory.
 
 Checkpointless training keeps a copy of every worker's state on a peer (SageMaker HyperPod,
 2025); spotpipe puts the copy of stage ``s`` on the worker of stage ``s - 1`` (stage 0's on the
 last stage, :func:`spotpipe.ft.policy.mirror_holder`), so the copy is lost only with the holder.
-Two ways to keep it current, chosen by ``ft.mirror_every``:
 
-- ``mirror_every = 1``: :class:`MirrorReplayer`. At the start of every generation the owner
-  publishes its full state once (weights, AdamW moments, per-chunk step and lr factor); then, in
-  every step, it publishes only its gradient (after the replica all-reduce) with the clip
-  coefficient and the learning rate, *before* it votes on the commit decision. The holder's
-  background thread replays the owner's update on its copy with the same function the owner uses
-  (:meth:`spotpipe.runtime.state.stage_state.StageState.apply_update`), once the holder itself saw the step commit. So the
-  copy is bit for bit the owner's state after every committed step, even when the owner dies
-  inside its own optimizer step (the step was decided ``commit``, the gradient is already out),
-  and a refresh moves a third of the bytes of a full state. The price is the holder's CPU time
-  for one more optimizer step per step.
-- ``mirror_every = N > 1``: :class:`MirrorKeeper`. The owner publishes its full state after every
-  N-th committed step; the holder's thread fetches the newest. The copy is up to N - 1 steps
-  behind (the policy then calls it inexact).
+Everything travels peer to peer, owner to holder, over the generation's host group (gloo, host
+tensors; :mod:`spotpipe.runtime.comm.groups`), never through the controller's store (DESIGN.md,
+"Control plane and data plane"). A message is a float64 header ``[kind, step, clip coefficient,
+base lr]`` and, except for a skipped step, a float32 payload; the n-th message of a generation
+has tags ``MIRROR_TAG_BASE + 2n`` and ``+ 2n + 1``, so owner and holder agree without asking.
 
-Both travel through the controller's store, off the training critical path of the holder.
+- At the start of every generation the owner sends its full state once (weights, AdamW moments,
+  per-chunk step and lr factor; 12 bytes per parameter): a rebuilt owner, a rebuilt holder and a
+  rollback all start from it.
+- ``ft.mirror_every = 1`` (replay): in every step the owner sends its gradient (after the replica
+  all-reduce, 4 bytes per parameter) with the clip coefficient and the learning rate, *before* it
+  votes on the commit. The holder replays the owner's update on its copy with the same function
+  the owner uses (:meth:`~spotpipe.runtime.state.stage_state.StageState.apply_update`) once the
+  holder itself saw the step commit, so the copy is bit for bit the owner's state after every
+  committed step. The price is the holder's CPU time for one more optimizer step per step, in
+  a background thread, off its critical path.
+- ``ft.mirror_every = N > 1`` (periodic): the owner sends its full state after every N-th
+  committed step; the copy is up to N - 1 steps behind (the policy then calls it inexact).
+
+The owner (:class:`MirrorSender`) posts each message without waiting and waits for it only
+before its next message or before it reports the step (:meth:`MirrorSender.drain`), so the
+transfer overlaps its commit vote and optimizer step. The holder (:class:`MirrorHolder`) keeps a
+receive posted in a background thread and applies in another. A copy whose owner died before a
+committed step's gradient arrived stays at the step before; the holder reports that step, and
+the recovery policy treats the copy as lagging (inexact), never as current.
 """
 
 from __future__ import annotations
 
+import datetime
 import queue
-import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from spotpipe.runtime import protocol
 from spotpipe.runtime.state.stage_state import StageState
 
-HEADER = struct.Struct("<qdd?")  # step, clip coefficient, base learning rate, apply (False: a skipped step)
+MIRROR_TAG_BASE = 1_000_000_000
+"""Tags of mirror messages start here (pipeline tags are far below, recovery tags at 900 000+)."""
+_TAG_SPAN = 500_000_000  # messages per generation before the tags wrap (gloo tags are 32-bit ints)
+
+KIND_STATE, KIND_GRADIENT, KIND_SKIPPED = 1, 2, 3
+HEADER_LEN = 4  # float64: kind, step, clip coefficient, base learning rate
+RECEIVE_WAIT = datetime.timedelta(days=7)
+
+
+def mirror_tags(seq: int) -> tuple[int, int]:
+    """The header and payload tags of the ``seq``-th message of a generation."""
+    n = MIRROR_TAG_BASE + 2 * (seq % _TAG_SPAN)
+    return n, n + 1
 
 
 # ----------------------------------------------------------------------------------------------
 # Owner side
 
 
-def _pack(step: int, flat: torch.Tensor) -> bytes:
-    return struct.pack("<q", step) + flat.numpy().tobytes()
+class MirrorSender:
+    """Sends one owner's messages to its holder within one generation.
 
+    Args:
+        gen: The generation (its ``host`` group).
+        holder_rank: The holder's world rank in ``gen``.
+        timeout_s: Limit of a wait for a posted message (``run.timeout_s``).
+    """
 
-def _unpack(blob: bytes) -> tuple[int, np.ndarray]:
-    (step,) = struct.unpack("<q", blob[:8])
-    return step, np.frombuffer(blob[8:], dtype=np.float32).copy()
+    def __init__(self, gen: Any, holder_rank: int, timeout_s: float) -> None:
+        self.gen = gen
+        self.holder_rank = holder_rank
+        self.timeout_s = timeout_s
+        self.seq = 0
+        self.error = ""
+        self._pending: list[tuple[list[Any], list[torch.Tensor]]] = []
+        self.bytes_sent = 0
 
+    def send(self, kind: int, step: int, payload: torch.Tensor | None, coef: float = 1.0, lr: float = 0.0) -> int:
+        """Post one message after the previous ones completed; returns its bytes (0 once broken).
 
-def publish_mirror(store: Any, stage: int, replica: int, step: int, flat: torch.Tensor, generation: int = 0) -> int:
-    """Publish the full state after committed ``step`` (in ``generation``) for the holder.
-    Returns the bytes published."""
-    blob = _pack(step, flat)
-    store.set(protocol.mirror_key(stage, replica), blob)
-    store.set(protocol.mirror_seq_key(stage, replica), f"{generation}:{step}")
-    return len(blob)
+        Args:
+            kind: ``KIND_STATE``, ``KIND_GRADIENT`` or ``KIND_SKIPPED`` (no payload).
+            step: The step the message belongs to (a state: the last step applied to it).
+            payload: 1-D float32 tensor, any device (copied to the host; the copy is kept until sent).
+            coef: Clip coefficient of the step (gradients).
+            lr: Base learning rate of the step (gradients).
+        """
+        self.drain()
+        if self.error:
+            return 0
+        header = torch.tensor([float(kind), float(step), float(coef), float(lr)], dtype=torch.float64)
+        tensors = [header] + ([] if payload is None else [payload.detach().to("cpu", torch.float32, copy=True)])
+        h_tag, p_tag = mirror_tags(self.seq)
+        self.seq += 1
+        try:
+            works = [self.gen.host.send([tensors[0]], self.holder_rank, h_tag)]
+            if len(tensors) > 1:
+                works.append(self.gen.host.send([tensors[1]], self.holder_rank, p_tag))
+        except Exception as exc:  # the generation is aborted or the holder is gone
+            self.error = " ".join(str(exc).split())[:200]
+            return 0
+        self._pending.append((works, tensors))
+        n = sum(t.numel() * t.element_size() for t in tensors)
+        self.bytes_sent += n
+        return n
 
-
-def publish_gradient(store: Any, generation: int, stage: int, replica: int, step: int, grad: torch.Tensor,
-                     coef: float, lr: float, apply: bool = True) -> int:
-    """Publish ``step``'s gradient, clip coefficient and base lr for the replaying holder (``apply``
-    False: the owner skips the step's update, a non-finite step, and so does the holder).
-    Returns the bytes published."""
-    blob = HEADER.pack(step, coef, lr, apply) + grad.detach().float().cpu().numpy().tobytes()
-    store.set(protocol.mirror_grad_key(generation, stage, replica, step), blob)
-    return len(blob)
+    def drain(self) -> str:
+        """Wait until every posted message has left; returns "" or why it could not (the holder
+        or the generation is gone: the recovery machinery handles that, the owner goes on)."""
+        pending, self._pending = self._pending, []
+        for works, _ in pending:
+            for work in works:
+                try:
+                    if not self.error:
+                        work.wait(datetime.timedelta(seconds=self.timeout_s))
+                except Exception as exc:
+                    self.error = " ".join(str(exc).split())[:200]
+        return self.error
 
 
 # ----------------------------------------------------------------------------------------------
 # Holder side
 
 
-class MirrorKeeper(threading.Thread):
-    """``mirror_every > 1``: a background thread that fetches the owner's newest published state.
+@dataclass
+class _Message:
+    generation: int
+    kind: int
+    step: int
+    coef: float
+    lr: float
+    payload: torch.Tensor | None
 
-    Args:
-        store: A store client (cloned here).
-        stage: The mirrored stage (the next pipeline rank, wrapping around).
-        replica: Its replica.
-        poll_s: How often to look for a new refresh.
-    """
 
-    def __init__(self, store: Any, stage: int, replica: int, poll_s: float = 0.05) -> None:
-        super().__init__(name=f"spotpipe-mirror-{stage}", daemon=True)
-        self._store = store.clone()
-        self.stage = stage
-        self.replica = replica
-        self.poll_s = poll_s
-        self._halt = threading.Event()
-        self._lock = threading.Lock()
-        self.step: int | None = None
-        self.data: np.ndarray | None = None
-        self.seq = ""
-        self.min_generation = 0  # after a rollback: ignore states published before it
-        self.bytes_received = 0
+class _Receiver(threading.Thread):
+    """Receives one generation's messages from the owner, in order, until the group fails or halts."""
+
+    def __init__(self, holder: MirrorHolder, gen: Any, owner_rank: int) -> None:
+        super().__init__(name=f"spotpipe-mirror-recv-g{gen.number}", daemon=True)
+        self.holder = holder
+        self.gen = gen
+        self.owner_rank = owner_rank
+        self.halted = threading.Event()
+        self.finished = threading.Event()
+
+    def _recv(self, buf: torch.Tensor, tag: int) -> bool:
+        """Receive one tensor; False when halted meanwhile. Gloo tells a receive's completion only
+        through ``wait``, so this blocks until the message comes or the group fails (an aborted
+        generation's sockets are shut down, :meth:`~spotpipe.runtime.comm.groups.Generation.abort`);
+        messages may be a long time apart (periodic mirrors, slow steps), hence no short timeout."""
+        work = self.gen.host.recv([buf], self.owner_rank, tag)
+        work.wait(RECEIVE_WAIT)
+        return not self.halted.is_set()
 
     def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.fetch()
-            except Exception:
-                pass
-            self._halt.wait(self.poll_s)
-
-    def fetch(self) -> None:
-        """Take the newest published state if it is newer than the one held."""
-        key = protocol.mirror_seq_key(self.stage, self.replica)
-        with self._lock:
-            if not self._store.check([key]):
-                return
-            seq = bytes(self._store.get(key)).decode()
-            if seq == self.seq or int(seq.split(":")[0]) < self.min_generation:
-                return
-            step, data = _unpack(self._store.get(protocol.mirror_key(self.stage, self.replica)))
-            self.step, self.data, self.seq = step, data, seq
-            self.bytes_received += data.nbytes + 8
-
-    def settle(self, timeout_s: float) -> None:
-        """Make the copy as current as it can be (before a recovery reads it)."""
-        self.fetch()
-
-    def committed(self, generation: int, step: int) -> None:
-        """The holder committed ``step`` (nothing to do: the owner publishes after its update)."""
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.data is None else int(self.data.nbytes)
-
-    def tensor(self) -> torch.Tensor:
-        with self._lock:
-            assert self.data is not None
-            return torch.from_numpy(self.data.copy())
-
-    def reset(self, min_generation: int) -> None:
-        """Forget the held state (a rollback made its step void)."""
-        with self._lock:
-            self.step, self.data, self.seq, self.min_generation = None, None, "", min_generation
-
-    def halt(self) -> None:
-        """Stop the thread and wait for it (so its store client is not torn down under it)."""
-        self._halt.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=2.0)
+        seq = 0
+        try:
+            while not self.halted.is_set():
+                h_tag, p_tag = mirror_tags(seq)
+                header = torch.zeros(HEADER_LEN, dtype=torch.float64)
+                if not self._recv(header, h_tag):
+                    return
+                kind, step, coef, lr = int(header[0]), int(header[1]), float(header[2]), float(header[3])
+                payload = None
+                size = self.holder.payload_numel(kind)
+                if size:
+                    payload = torch.empty(size, dtype=torch.float32)
+                    if not self._recv(payload, p_tag):
+                        return
+                seq += 1
+                self.holder.deliver(_Message(self.gen.number, kind, step, coef, lr, payload))
+        except Exception:  # the owner or the generation is gone: nothing more comes in this generation
+            return
+        finally:
+            self.finished.set()
+            self.holder.wake()
 
 
-class MirrorReplayer(threading.Thread):
-    """``mirror_every = 1``: a copy of the owner's chunks and optimizers that replays its updates.
+class MirrorHolder(threading.Thread):
+    """The copy of the next stage's state that this worker keeps, kept current from the owner's messages.
 
     Args:
-        store: A store client (cloned here).
-        stage: The mirrored pipeline rank.
+        stage: The mirrored stage.
         replica: Its replica.
         state: A fresh :class:`~spotpipe.runtime.state.stage_state.StageState` of the owner's chunks
-            (same shapes and order as the owner's, optimizer built the same way).
-        timeout_s: Limit of every wait for a published state or gradient.
+            (same shapes and order, optimizer built the same way).
+        replay: True for ``ft.mirror_every = 1`` (replay gradients), False for periodic full states.
+
+    Attributes:
+        step: The last step the copy holds (None: no copy yet, or it was reset).
+        bytes_received: Bytes received from the owner.
+        error: Why the copy stopped following the owner (empty while it follows).
     """
 
-    def __init__(self, store: Any, stage: int, replica: int, state: StageState, timeout_s: float) -> None:
+    def __init__(self, stage: int, replica: int, state: StageState, replay: bool) -> None:
         super().__init__(name=f"spotpipe-mirror-{stage}", daemon=True)
-        self._store = store.clone()
         self.stage = stage
         self.replica = replica
         self.state = state
-        self.timeout_s = timeout_s
-        self.flat_grad, _ = state.attach_flat_gradient()  # the owner's layout: its published gradient fits
-        self._todo: queue.Queue[tuple[int, int]] = queue.Queue()
-        self._idle = threading.Condition()
-        self._busy = 0
+        self.replay = replay
+        self.flat_grad, _ = state.attach_flat_gradient()  # the owner's layout: its gradient fits
+        self.state_numel = state.numel()
+        self._inbox: queue.Queue[_Message] = queue.Queue()
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # guards the copy (state, step)
         self._halt = threading.Event()
-        self._lock = threading.Lock()
-        self.state_generation = 0
+        self._receiver: _Receiver | None = None
+        self._generation = 0  # the holder's current generation
+        self._committed: dict[int, int] = {}  # generation -> last step the holder committed in it
+        self._closed: set[int] = set()  # generations in which no more steps will commit here
+        self._busy = False
         self.min_generation = 0
         self.step: int | None = None
         self.bytes_received = 0
         self.error = ""
 
+    def payload_numel(self, kind: int) -> int:
+        return {KIND_STATE: self.state_numel, KIND_GRADIENT: self.flat_grad.numel()}.get(kind, 0)
+
     # -- main thread ---------------------------------------------------------------------------
 
+    def generation_started(self, gen: Any, owner_rank: int) -> None:
+        """Follow the owner in ``gen`` (world rank ``owner_rank``); the previous generation is over."""
+        with self._cond:
+            if self._receiver is not None:
+                self._receiver.halted.set()
+                self._closed.add(self._receiver.gen.number)
+            self._generation = gen.number
+            self._receiver = _Receiver(self, gen, owner_rank)
+            self._cond.notify_all()
+        self._receiver.start()
+
     def committed(self, generation: int, step: int) -> None:
-        """The holder committed ``step`` in ``generation``: replay the owner's update of it."""
-        with self._idle:
-            self._busy += 1
-        self._todo.put((generation, step))
+        """The holder committed ``step`` in ``generation``: the owner's update of it may be replayed."""
+        with self._cond:
+            self._committed[generation] = step
+            self._cond.notify_all()
 
     def settle(self, timeout_s: float) -> None:
-        """Wait until every committed step is replayed (before a recovery reads the copy)."""
+        """The current generation is over (aborted): apply what arrived for committed steps, drop
+        the rest, and return when nothing more can change the copy (or after ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._busy and time.monotonic() < deadline and self.is_alive():
-                self._idle.wait(0.05)
+        with self._cond:
+            self._closed.add(self._generation)
+            self._cond.notify_all()
+            while time.monotonic() < deadline and self.is_alive():
+                if self._inbox.empty() and not self._busy and (self._caught_up() or self._receiver_done()):
+                    return
+                self._cond.wait(0.05)
+
+    def _caught_up(self) -> bool:
+        """Nothing the holder committed is missing (periodic copies lag by design: always true)."""
+        if not self.replay or self.error:
+            return True
+        last = self._committed.get(self._generation)
+        return last is None or (self.step is not None and self.step >= last)
+
+    def _receiver_done(self) -> bool:
+        return self._receiver is None or self._receiver.finished.is_set()
 
     @property
     def nbytes(self) -> int:
         """Host bytes of the copy (weights and both AdamW moments)."""
-        return 0 if self.step is None else 4 * 3 * self.flat_grad.numel()
+        return 0 if self.step is None else 4 * self.state_numel
 
     def tensor(self) -> torch.Tensor:
         with self._lock:
@@ -209,68 +279,79 @@ class MirrorReplayer(threading.Thread):
             self.step, self.min_generation = None, min_generation
 
     def halt(self) -> None:
-        """Stop the thread and wait for it (so its store client is not torn down under it)."""
+        """Stop applying and wait for the applier thread. The receiver thread (a daemon, blocked in
+        a receive that will not come) is told to stop and left to end with the group or the process."""
         self._halt.set()
+        if self._receiver is not None:
+            self._receiver.halted.set()
+        self.wake()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=2.0)
 
-    # -- background thread ----------------------------------------------------------------------
+    # -- receiver thread -----------------------------------------------------------------------
+
+    def deliver(self, message: _Message) -> None:
+        self.bytes_received += HEADER_LEN * 8 + (0 if message.payload is None else message.payload.numel() * 4)
+        self._inbox.put(message)
+        self.wake()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- applier thread ------------------------------------------------------------------------
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                generation, step = self._todo.get(timeout=0.1)
+                message = self._inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
+            with self._cond:
+                self._busy = True
             try:
-                self._replay(generation, step)
+                self._apply(message)
             except Exception as exc:  # the copy is unusable: say so, the policy then skips it
                 self.error = f"{type(exc).__name__}: {exc}"
                 with self._lock:
                     self.step = None
             finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
-    def _wait(self, key: str) -> bytes:
-        deadline = time.monotonic() + self.timeout_s
-        while not self._store.check([key]):
-            if self._halt.is_set() or time.monotonic() > deadline:
-                raise TimeoutError(f"mirror of stage {self.stage}: {key} did not appear within {self.timeout_s:g} s")
-            time.sleep(0.002)
-        return bytes(self._store.get(key))
+    def _commit_known(self, message: _Message) -> bool | None:
+        """True: the holder committed the message's step; False: it never will; None: not yet."""
+        g = message.generation
+        if self._committed.get(g, -1) >= message.step:
+            return True
+        if g in self._closed or self._generation > g or self._halt.is_set():
+            return False
+        return None
 
-    def _replay(self, generation: int, step: int) -> None:
-        if generation > self.state_generation and generation >= self.min_generation:
-            # The owner publishes its full state at the start of every generation, before its
-            # first step there; take it (a rebuilt owner, a rollback, or the first step).
-            seq_key = protocol.mirror_seq_key(self.stage, self.replica)
-            while True:
-                seq = self._wait(seq_key).decode()
-                if int(seq.split(":")[0]) >= generation:
-                    break
-                time.sleep(0.002)
-            base, data = _unpack(self._store.get(protocol.mirror_key(self.stage, self.replica)))
+    def _apply(self, message: _Message) -> None:
+        if message.generation < self.min_generation:
+            return  # sent before a rollback made it void
+        if message.kind == KIND_STATE:
+            assert message.payload is not None
             with self._lock:
-                self.state.load_flat(torch.from_numpy(data))
-                self.step, self.state_generation = base, generation
-            self.bytes_received += data.nbytes
-        if self.step is None or step <= self.step:
+                self.state.load_flat(message.payload)
+                self.step = message.step
             return
-        if step != self.step + 1:
-            raise RuntimeError(f"mirror of stage {self.stage} holds step {self.step}, cannot replay step {step}")
-        key = protocol.mirror_grad_key(generation, self.stage, self.replica, step)
-        blob = self._wait(key)
-        at, coef, lr, apply = HEADER.unpack_from(blob)
-        grad = np.frombuffer(blob, dtype=np.float32, offset=HEADER.size)
+        with self._cond:  # a gradient is sent before the vote: replay it only once the step commits here
+            while (known := self._commit_known(message)) is None:
+                self._cond.wait(0.1)
+        if not known:
+            return
         with self._lock:
-            if apply:
-                self.flat_grad.copy_(torch.from_numpy(grad.copy()))
-                self.state.apply_update(self.flat_grad, coef, lr)
-            self.step = step
-        self.bytes_received += len(blob)
-        try:
-            self._store.delete_key(key)
-        except Exception:
-            pass
+            if self.step is None:
+                return
+            if message.step <= self.step:
+                return
+            if message.step != self.step + 1:
+                raise RuntimeError(f"mirror of stage {self.stage} holds step {self.step}, cannot replay step {message.step}")
+            if message.kind == KIND_GRADIENT:
+                assert message.payload is not None
+                self.flat_grad.copy_(message.payload)
+                self.state.apply_update(self.flat_grad, message.coef, message.lr)
+            self.step = message.step

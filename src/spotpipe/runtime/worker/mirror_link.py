@@ -2,14 +2,15 @@
 
 With ``ft.strategy`` ``auto`` or ``mirror`` every stage's state has a copy in the host memory of the
 previous stage's worker (:func:`spotpipe.ft.policy.mirror_holder`; checkpointless peer replication,
-SageMaker HyperPod 2025). :class:`MirrorLink` keeps both sides:
+SageMaker HyperPod 2025). :class:`MirrorLink` keeps both sides, peer to peer over each
+generation's host group (:mod:`spotpipe.runtime.worker.mirror`):
 
-- **owner**: with ``ft.mirror_every = 1`` (``replay``) it publishes its full state once per
-  generation and its gradient, clip coefficient and learning rate every step, before it votes on
-  the commit; with ``mirror_every = N > 1`` (``periodic``) its full state every N committed steps;
-- **holder**: a background thread (:class:`~spotpipe.runtime.worker.mirror.MirrorReplayer` or
-  :class:`~spotpipe.runtime.worker.mirror.MirrorKeeper`) keeps the copy of the next stage current;
-  a recovery by ``mirror`` sends it (:mod:`spotpipe.runtime.worker.strategies.copy`).
+- **owner**: sends its full state once per generation; with ``ft.mirror_every = 1`` (``replay``)
+  its gradient, clip coefficient and learning rate every step, before it votes on the commit;
+  with ``mirror_every = N > 1`` (``periodic``) its full state every N committed steps;
+- **holder**: :class:`~spotpipe.runtime.worker.mirror.MirrorHolder` keeps the copy of the next
+  stage current in background threads; a recovery by ``mirror`` sends it
+  (:mod:`spotpipe.runtime.worker.strategies.copy`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ from typing import Any, Literal
 import torch
 
 from spotpipe.config import JobConfig
-from spotpipe.runtime.control.job import mirror_fits_store, mirrors_wanted
+from spotpipe.ft.policy import mirror_holder
+from spotpipe.runtime.control.job import mirrors_wanted
 from spotpipe.runtime.state.stage_state import StageState
-from spotpipe.runtime.worker.mirror import MirrorKeeper, MirrorReplayer, publish_gradient, publish_mirror
+from spotpipe.runtime.worker.mirror import KIND_GRADIENT, KIND_SKIPPED, KIND_STATE, MirrorHolder, MirrorSender
 
 MirrorMode = Literal["replay", "periodic", ""]
 
 
 def mirror_mode(cfg: JobConfig) -> MirrorMode:
     """``replay`` (``ft.mirror_every = 1``), ``periodic`` (every N steps) or ``""`` (no mirrors:
-    another strategy, ``mirror_every = 0``, a single stage, or a stage whose state does not fit in
-    one store value, :func:`~spotpipe.runtime.control.job.mirror_fits_store`: mirrors still travel
-    through the controller's store)."""
-    if not mirrors_wanted(cfg) or not mirror_fits_store(cfg):
+    another strategy, ``mirror_every = 0``, or a single stage)."""
+    if not mirrors_wanted(cfg):
         return ""
     return "replay" if cfg.ft.mirror_every == 1 else "periodic"
 
@@ -40,61 +40,80 @@ class MirrorLink:
     """Owner and holder side of one worker's mirrors.
 
     Args:
-        store: The worker's store client.
         cfg: The job config.
         stage: This worker's pipeline stage.
         replica: Its replica.
-        state: This worker's stage state (what the owner side publishes).
+        state: This worker's stage state (what the owner side sends).
     """
 
-    def __init__(self, store: Any, cfg: JobConfig, stage: int, replica: int, state: StageState) -> None:
-        self.store = store
+    def __init__(self, cfg: JobConfig, stage: int, replica: int, state: StageState) -> None:
         self.cfg = cfg
         self.stage = stage
         self.replica = replica
         self.state = state
         self.mode = mirror_mode(cfg)
-        self.holder: MirrorKeeper | MirrorReplayer | None = None  # the copy of the next stage this worker keeps
-        self._published_generation = 0
+        self.holder: MirrorHolder | None = None  # the copy of the next stage this worker keeps
+        self.sender: MirrorSender | None = None  # to the holder of this stage's copy, this generation
+        self._generation = 0
+        self._sent_before = 0  # bytes the senders of earlier generations sent
 
-    def start_holder(self, owner_state: StageState | None) -> None:
-        """Start the background keeper of the next stage's copy.
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this worker sent to its mirror holder so far (peer to peer)."""
+        return self._sent_before + (0 if self.sender is None else self.sender.bytes_sent)
+
+    def start_holder(self, owner_state: StageState) -> None:
+        """Start keeping the next stage's copy.
 
         Args:
-            owner_state: A fresh state shaped like the next stage's (``replay`` mode needs it).
+            owner_state: A fresh state shaped like the next stage's.
         """
-        owner = (self.stage + 1) % self.cfg.pipeline.stages
-        if self.mode == "replay":
-            assert owner_state is not None
-            self.holder = MirrorReplayer(self.store, owner, self.replica, owner_state, self.cfg.run.timeout_s)
-        elif self.mode == "periodic":
-            self.holder = MirrorKeeper(self.store, owner, self.replica)
-        if self.holder is not None:
-            self.holder.start()
-
-    def generation_started(self, generation: int, step: int) -> None:
-        """Owner, ``replay``: publish the full state once per generation, before its first step
-        ``step`` (the holder's copy starts from it)."""
-        if self.mode != "replay" or not generation or self._published_generation == generation:
+        if not self.mode:
             return
-        publish_mirror(self.store, self.stage, self.replica, step - 1, self.state.flat(), generation)
-        self._published_generation = generation
+        owner = (self.stage + 1) % self.cfg.pipeline.stages
+        self.holder = MirrorHolder(owner, self.replica, owner_state, replay=self.mode == "replay")
+        self.holder.start()
 
-    def gradient(self, generation: int, step: int, flat_grad: torch.Tensor, coef: float, lr: float, apply: bool = True) -> None:
-        """Owner, ``replay``: publish the step's gradient before voting on its commit (``apply``
+    def generation_started(self, gen: Any, step: int) -> None:
+        """Before step ``step`` in ``gen``: once per generation, start following the owner of the
+        next stage and send this stage's full state to its holder (the copy starts from it)."""
+        if not self.mode or gen is None or self._generation == gen.number:
+            return
+        self._generation = gen.number
+        plan = gen.plan
+        S = self.cfg.pipeline.stages
+        if self.holder is not None:
+            self.holder.generation_started(gen, plan.world_rank((self.stage + 1) % S, self.replica))
+        if self.sender is not None:
+            self.sender.drain()
+            self._sent_before += self.sender.bytes_sent
+        self.sender = MirrorSender(gen, plan.world_rank(*mirror_holder(self.stage, self.replica, S)), self.cfg.run.timeout_s)
+        self.sender.send(KIND_STATE, step - 1, self.state.flat())
+
+    def gradient(self, step: int, flat_grad: torch.Tensor, coef: float, lr: float, apply: bool = True) -> None:
+        """Owner, ``replay``: send the step's gradient before voting on its commit (``apply``
         False: the step is skipped, ``train.nonfinite = "skip"``, and the holder skips it too)."""
-        if self.mode == "replay" and generation:
-            publish_gradient(self.store, generation, self.stage, self.replica, step, flat_grad, coef, lr, apply)
+        if self.mode == "replay" and self.sender is not None:
+            if apply:
+                self.sender.send(KIND_GRADIENT, step, flat_grad, coef, lr)
+            else:
+                self.sender.send(KIND_SKIPPED, step, None)
+
+    def flush(self) -> None:
+        """Owner: wait until what was sent has left (the holder has the step's gradient)."""
+        if self.sender is not None:
+            self.sender.drain()
 
     def committed(self, generation: int, step: int) -> None:
-        """After committed ``step``: the holder replays it (``replay``) or the owner publishes its
-        full state if due (``periodic``)."""
+        """After committed ``step``: the holder may replay it; the owner sends its full state if due
+        (``periodic``). The owner does not wait for its gradient to arrive here: the transfer runs
+        on while the next step computes, and the next send waits for it (one in flight)."""
         if self.holder is not None:
             self.holder.committed(generation, step)
-        if self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0:
-            publish_mirror(self.store, self.stage, self.replica, step, self.state.flat(), generation)
+        if self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0 and self.sender is not None:
+            self.sender.send(KIND_STATE, step, self.state.flat())
 
     def halt(self) -> None:
-        """Stop the holder's thread."""
+        """Stop the holder's threads."""
         if self.holder is not None:
             self.holder.halt()

@@ -88,6 +88,7 @@ class RecoveryAgent:
         self.w = worker
         self.recoverable = recovery_enabled(worker.cfg.ft)
         self.resume_step = 0  # the step the recovery under way resumes at
+        self.transfer_s = 0.0  # seconds the last recovery spent in its peer-to-peer state transfers
 
     def enter_first_generation(self) -> bool:
         """Enter this worker's first generation; a replacement then receives its state. Returns
@@ -218,6 +219,7 @@ class RecoveryAgent:
         t0 = time.perf_counter()
         record = json.loads(wait_key(w.store, protocol.recovery_key(gen.number), w.cfg.run.timeout_s, lambda: w.stop_requested))
         moved = 0
+        self.transfer_s = 0.0  # seconds in the peer-to-peer state transfers alone
         if record["outcome"] == "rollback":
             w.load_checkpoint(record["checkpoint"])
             step = self.resume_step = w.start_step
@@ -245,7 +247,8 @@ class RecoveryAgent:
                 w.sampler.load_state_dict(record["sampler"])
         w.zero_gradients()
         seconds = time.perf_counter() - t0
-        w.store.set(protocol.recovered_key(gen.number, w.id), json.dumps({"bytes": moved, "seconds": seconds}))
+        w.store.set(protocol.recovered_key(gen.number, w.id),
+                    json.dumps({"bytes": moved, "seconds": seconds, "transfer_s": self.transfer_s}))
         w.log(f"generation {gen.number}: recovery part done in {seconds:.3f} s ({moved} bytes), resuming at step {step}")
         return step
 
@@ -272,7 +275,9 @@ class RecoveryAgent:
                 installs.append((plan, bufs))
         if sends:
             w.fault.hit("recovery", self.resume_step)
+        t0 = time.perf_counter()
         p2p(gen, sends, recvs, w.cfg.run.timeout_s)
+        self.transfer_s += time.perf_counter() - t0
         for plan, bufs in installs:
             transfer_for(plan.strategy).install(w, plan, bufs)
             moved += sum(b.numel() * 4 for b in bufs)

@@ -14,7 +14,8 @@ One step is atomic (DESIGN.md, "Atomic steps"):
    norm and head (S-2, S-1) add each other's gradient of them (:mod:`spotpipe.runtime.worker.tied`);
    the world group all-reduces ``[squared grad norm, loss sum, microbatches, stop flag]``. That
    world all-reduce is the barrier: when it returns, every worker has finished its forward and
-   backward of the step. With a replaying mirror the worker then publishes its gradient.
+   backward of the step. With a replaying mirror the worker then sends its gradient to the
+   mirror holder (peer to peer, :mod:`spotpipe.runtime.worker.mirror`).
 3. **Decide** (:meth:`Worker.decide`): an all-reduce is not atomic across ranks (with a dead
    member some ranks may complete it while others fail), so before anyone touches its weights
    the workers agree through the store: the last of the world to count itself ready sets
@@ -57,6 +58,7 @@ from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
 from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, GenerationPlan, release_retired, resolve_backend
+from spotpipe.runtime.devices import worker_device
 from spotpipe.runtime.control.job import checkpoint_due, eval_due
 from spotpipe.runtime.state.optim import clip_coefficient, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
@@ -128,26 +130,25 @@ class Worker:
             problems = check_message_order(self.schedule)
             if problems:
                 raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
-            env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
-            index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
-            self.device = torch.device("cuda", index % torch.cuda.device_count())
+        env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
+        index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
+        self.device = worker_device(cfg, index) if self.backend == "gloo" else torch.device("cuda", index % torch.cuda.device_count())
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
         chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
                   for s in self.my_stages}
         self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
         self.chunks = self.state.chunks
-        self.mirror_link = MirrorLink(self.store, cfg, self.stage, self.replica, self.state)
+        self.mirror_link = MirrorLink(cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
         self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
         self.meter = SavedTensorMeter()
         self.runner.meter = self.meter
         if self.fault.planned:
             self.runner.hook = self.fault.hit
-            self.state.optimizer.add_step_hook(lambda: self.fault.hit("optimizer"))
+            self.state.optimizer.add_step_hook(self._optimizer_fault)
         self.holds_first = any(c.embed is not None for c in self.chunks.values())  # reads token ids
         self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
         self.token_file = self._open_data()
@@ -220,17 +221,23 @@ class Worker:
         self.flat_grad.zero_()
 
     def _start_mirror(self) -> None:
-        """Start holding the next stage's copy (a fresh state shaped like it for ``replay``)."""
+        """Start holding the next stage's copy (in a fresh state shaped like it)."""
         from spotpipe.model.stages import build_stage
 
         assert self.mirror_link is not None
-        owner_state = None
-        if self.mirror_link.mode == "replay":
-            m, seed = self.cfg.model, self.cfg.train.seed
-            owner = (self.stage + 1) % self.cfg.pipeline.stages
-            chunks = {s: build_stage(m, seed, s, self.num_chunks, edge_copies=self.swap) for s in self.schedule.stages_of_rank(owner)}
-            owner_state = StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train))
-        self.mirror_link.start_holder(owner_state)
+        if not self.mirror_link.mode:
+            return
+        m, seed = self.cfg.model, self.cfg.train.seed
+        owner = (self.stage + 1) % self.cfg.pipeline.stages
+        chunks = {s: build_stage(m, seed, s, self.num_chunks, edge_copies=self.swap) for s in self.schedule.stages_of_rank(owner)}
+        self.mirror_link.start_holder(StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train)))
+
+    def _optimizer_fault(self) -> None:
+        """The ``optimizer`` phase fault: the step was decided ``commit`` and its gradient sent to
+        the mirror holder (let it leave first: the fault models a loss after the data is out)."""
+        if self.mirror_link is not None:
+            self.mirror_link.flush()
+        self.fault.hit("optimizer")
 
     # ------------------------------------------------------------------------------------------
     # Generations
@@ -468,11 +475,11 @@ class Worker:
         while step < t.steps:
             snapshot = self.sampler.state_dict()
             gen_number = self.generation.number if self.generation is not None else 0
-            self.mirror_link.generation_started(gen_number, step)
+            self.mirror_link.generation_started(self.generation, step)
             try:
                 outcome = self.compute_step(step)
                 nonfinite = outcome["nonfinite"]
-                self.mirror_link.gradient(gen_number, step, self.flat_grad, outcome["coef"], outcome["lr"], apply=not nonfinite)
+                self.mirror_link.gradient(step, self.flat_grad, outcome["coef"], outcome["lr"], apply=not nonfinite)
                 self.decide(step)
             except CommError as exc:
                 self.recovery.abort_step(snapshot, str(exc))
@@ -500,6 +507,8 @@ class Worker:
                 "stop": stop,
                 "skipped": nonfinite,
                 "memory": outcome["memory"],
+                "store_bytes": self.store.written.total if hasattr(self.store, "written") else 0,
+                "mirror_bytes": self.mirror_link.bytes_sent,
             }
             if checkpoint_due(step, t, stop) and self.replica == 0:
                 report["checkpoint"] = self.save_checkpoint(step)

@@ -1,0 +1,154 @@
+"""Per-microbatch node paths in the schedule IR, and the SkipPipe invariants the validator adds.
+
+A SkipPipe plan (:mod:`spotpipe.schedule.skippipe`) names nodes, not a (stage, replica) grid. In
+the IR every node is one rank, and every node's copy of its model stage is one schedule stage:
+schedule stage ``n`` is node ``n``'s chunk, and schedule stage ``N + i`` is the head (final
+norm, LM head and loss) of the ``i``-th stage-0 node, on that node's rank. A microbatch's path is
+``origin, n1, ..., n_{k-1}, head(origin)``, so the existing lowering
+(:func:`spotpipe.schedule.passes.lower`) adds the sends and receives of every hop, the return to
+the origin included, and the existing validator and player check matching and deadlocks.
+``Schedule.chunk_stage`` says which model stage each schedule stage holds (``S`` = the head).
+
+:func:`check_node_schedule` adds the rules of SkipPipe (Blagoev, Chen, Ersoy 2025, arXiv
+2502.19913): a path visits a model stage at most once and returns to its origin; every
+non-first stage gets the same number of visits; no node holds more than ``node_memory``
+activations (walking its action list: a chunk forward adds one, its backward frees one). Each
+problem marks its actions on the rank x step grid (:func:`spotpipe.schedule.validate.format_problem`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
+from spotpipe.schedule.pathtime import FORWARD, HEAD
+from spotpipe.schedule.skippipe import SkipPlan
+from spotpipe.schedule.validate import Position, Problem, check_schedule, format_problem
+
+
+def head_stage(num_nodes: int, groups: Sequence[Sequence[int]], origin: int) -> int:
+    """Schedule stage of the head that ``origin`` (a stage-0 node) runs."""
+    return num_nodes + list(groups[0]).index(origin)
+
+
+def plan_schedule(plan: SkipPlan, num_nodes: int | None = None) -> Schedule:
+    """The compute-only IR schedule of a plan, in the order its played timing ran the tasks.
+
+    Args:
+        plan: A played :class:`~spotpipe.schedule.skippipe.SkipPlan`.
+        num_nodes: Ranks (default: every node of ``plan.groups``).
+
+    Returns:
+        A :class:`Schedule` with one rank per node, ``paths`` over schedule stages and
+        ``chunk_stage`` set; lower it with :func:`spotpipe.schedule.passes.lower`.
+    """
+    groups = plan.groups
+    n = num_nodes if num_nodes is not None else 1 + max(x for g in groups for x in g)
+    s = len(groups)
+    stage_of = {x: st for st, g in enumerate(groups) for x in g}
+    chunk_stage = tuple(stage_of.get(x, 0) for x in range(n)) + (s,) * len(groups[0])
+    stage_to_rank = tuple(range(n)) + tuple(groups[0])
+    paths = tuple((p.origin, *p.nodes, head_stage(n, groups, p.origin)) for p in plan.paths)
+    ranks: list[list[Action]] = [[] for _ in range(n)]
+    for node, tasks in enumerate(plan.timing.node_tasks):
+        for t in tasks:
+            if t.kind == HEAD:
+                h = head_stage(n, groups, node)
+                ranks[node] += [Action(h, Op.F, t.microbatch), Action(h, Op.B, t.microbatch)]
+            else:
+                ranks[node].append(Action(node, Op.F if t.kind == FORWARD else Op.B, t.microbatch))
+    return Schedule(
+        ranks=tuple(tuple(r) for r in ranks),
+        num_stages=len(stage_to_rank),
+        num_microbatches=len(plan.paths),
+        stage_to_rank=stage_to_rank,
+        paths=paths,
+        name=f"skippipe:{plan.variant}",
+        chunk_stage=chunk_stage,
+    )
+
+
+def _path_problems(schedule: Schedule, where: dict[Action, Position]) -> list[Problem]:
+    assert schedule.chunk_stage is not None
+    chunks = schedule.chunk_stage
+    head = max(chunks)
+    out: list[Problem] = []
+    for m in range(schedule.num_microbatches):
+        path = schedule.path(m)
+        marks = tuple(where[a] for a in (Action(path[0], Op.F, m),) if a in where)
+        body = [chunks[x] for x in path if chunks[x] != head]
+        if len(set(body)) != len(body):
+            out.append(Problem(f"the path of microbatch {m} visits model stage "
+                               f"{next(s for s in body if body.count(s) > 1)} twice: model stages {body}", marks))
+        last = path[-1]
+        if chunks[last] != head or schedule.stage_to_rank[last] != schedule.stage_to_rank[path[0]]:
+            out.append(Problem(f"the path of microbatch {m} does not return to its origin rank "
+                               f"{schedule.stage_to_rank[path[0]]}: it ends at stage {last} on rank "
+                               f"{schedule.stage_to_rank[last]}", marks))
+    return out
+
+
+def _balance_problems(schedule: Schedule, where: dict[Action, Position]) -> list[Problem]:
+    assert schedule.chunk_stage is not None
+    chunks = schedule.chunk_stage
+    head = max(chunks)
+    visits: dict[int, list[tuple[int, int]]] = {s: [] for s in set(chunks) if s not in (0, head)}
+    for m in range(schedule.num_microbatches):
+        for x in schedule.path(m):
+            if chunks[x] in visits:
+                visits[chunks[x]].append((x, m))
+    counts = {s: len(v) for s, v in visits.items()}
+    if len(set(counts.values())) <= 1:
+        return []
+    low, high = min(counts.values()), max(counts, key=lambda s: counts[s])
+    extra = visits[high][low:]
+    marks = tuple(where[a] for x, m in extra for a in (Action(x, Op.F, m),) if a in where)
+    listed = ", ".join(f"stage {s}: {counts[s]}" for s in sorted(counts))
+    return [Problem(f"unbalanced visits per non-first model stage ({listed}); every stage needs the same count", marks)]
+
+
+def _memory_problems(schedule: Schedule, node_memory: int) -> list[Problem]:
+    assert schedule.chunk_stage is not None
+    head = max(schedule.chunk_stage)
+    out: list[Problem] = []
+    for r, acts in enumerate(schedule.ranks):
+        held = 0
+        for i, a in enumerate(acts):
+            if a.op.is_comm or schedule.chunk_stage[a.stage] == head:
+                continue
+            held += 1 if a.op is Op.F else -1
+            if held > node_memory:
+                out.append(Problem(f"rank {r} step {i}: {a} holds {held} activations, over pipeline.node_memory = "
+                                   f"{node_memory}", ((r, i),)))
+                break
+    return out
+
+
+def check_node_schedule(schedule: Schedule, node_memory: int) -> list[Problem]:
+    """Every problem of a node schedule: the SkipPipe rules, then :func:`check_schedule`
+    (missing actions, order, unmatched send/recv, deadlocks). Empty when valid.
+
+    Raises:
+        ScheduleError: when ``schedule.chunk_stage`` is not set (not a node schedule).
+    """
+    if schedule.chunk_stage is None:
+        raise ScheduleError(f"schedule {schedule.name}: not a node schedule (chunk_stage is not set)")
+    where: dict[Action, Position] = {}
+    for r, acts in enumerate(schedule.ranks):
+        for i, a in enumerate(acts):
+            where.setdefault(a, (r, i))
+    problems = _path_problems(schedule, where) + _balance_problems(schedule, where)
+    problems += _memory_problems(schedule, node_memory)
+    return problems + check_schedule(schedule)
+
+
+def validate_node_schedule(schedule: Schedule, node_memory: int) -> Schedule:
+    """Raise :class:`ScheduleError` for the first problem (one line, then the marked grid).
+
+    Returns:
+        ``schedule``, so calls chain.
+    """
+    problems = check_node_schedule(schedule, node_memory)
+    if problems:
+        raise ScheduleError(format_problem(schedule, problems[0], len(problems) - 1))
+    return schedule
