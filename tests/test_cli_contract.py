@@ -29,8 +29,8 @@ COMMANDS = dict(_commands(build_parser()))
 def test_the_walk_finds_every_command() -> None:
     expected = {
         "spotpipe", "spotpipe train", "spotpipe worker", "spotpipe schedule", "spotpipe schedule show",
-        "spotpipe schedule validate", "spotpipe schedule plan", "spotpipe data", "spotpipe data prepare",
-        "spotpipe data tokenizer", "spotpipe data info",
+        "spotpipe schedule validate", "spotpipe schedule plan", "spotpipe schedule memory", "spotpipe data",
+        "spotpipe data prepare", "spotpipe data tokenizer", "spotpipe data info",
         "spotpipe simulate", "spotpipe reliability", "spotpipe reliability analyze", "spotpipe reliability plan",
         "spotpipe reliability simulate", "spotpipe reliability validate", "spotpipe reliability report",
     }

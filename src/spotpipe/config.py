@@ -21,6 +21,7 @@ from spotpipe.fsutil import read_text
 from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
+from spotpipe.schedule.recompute import RecomputeName
 
 # Closed choices: each is one Literal type, the only list of its values; the checks in
 # :func:`validate` and their messages take the allowed values from it (``typing.get_args``).
@@ -37,9 +38,16 @@ NonfiniteName = Literal["stop", "skip"]
 """``train.nonfinite``: what a step whose global gradient norm or loss is not finite does; its
 update is never applied: ``stop`` ends the job with one line naming the step, ``skip`` counts the
 step (same data order) without updating anything."""
+OffloadName = Literal["none", "optimizer"]
+"""``pipeline.offload``: what lives in host memory and comes to the device when used (``optimizer``:
+the AdamW moments, fetched one chunk at a time for the update)."""
 SimRecoveryName = Literal["checkpoint", "policy"]
 """``sim.recovery``: how the simulator handles a failure (restart from the checkpoint, or the shipped
 recovery policy)."""
+
+AUTO_SCHEDULE = "auto"
+"""``pipeline.schedule = "auto"``: the fastest plan that fits ``pipeline.memory_budget_gb``
+(:func:`spotpipe.planner.resolve_auto`)."""
 
 FT_STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 SIM_RECOVERY: tuple[SimRecoveryName, ...] = get_args(SimRecoveryName)
@@ -78,9 +86,13 @@ class PipelineConfig:
 
     stages: int = 4  # pipeline ranks
     replicas: int = 1  # data-parallel replicas of every stage
-    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved
-    virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule only
+    schedule: str = "1f1b"  # a name in spotpipe.schedule.generators.REGISTRY: gpipe | 1f1b | interleaved | chronos; or "auto"
+    virtual_stages: int = 2  # model chunks per rank, used by the interleaved schedule (and chronos, which needs 2)
     microbatches: int = 4  # per pipeline; with stage_nodes: per stage-0 node
+    recompute: RecomputeName = "none"  # chunks that drop activations after F and recompute them before B: none | all | longest (per rank, its longest-lived chunk)
+    recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
+    offload: OffloadName = "none"  # "optimizer": AdamW moments in host memory between updates (ChronosPipe's offload)
+    memory_budget_gb: float = 0.0  # per-rank device memory budget (1 GB = 1e9 bytes) for schedule = "auto"; 0 = none
     stage_nodes: tuple[int, ...] = ()  # SkipPipe planning (`schedule plan` only, for now): nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = none
     skip_ratio: float = 0.0  # SkipPipe: share of stages a microbatch skips; k = stages - round(skip_ratio x stages) visited
     max_swaps: int = 0  # SkipPipe: adjacent stage swaps allowed per microbatch path
@@ -190,7 +202,18 @@ class JobConfig:
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> JobConfig:
-        """Check ranges and cross-section rules; return self or raise ConfigError."""
+        """Check ranges and cross-section rules; return self or raise ConfigError.
+
+        With ``pipeline.schedule = "auto"`` the result is the job with the plan
+        :func:`spotpipe.planner.resolve_auto` picks (a named schedule and its recompute keys).
+        """
+        if self.pipeline.schedule == AUTO_SCHEDULE:
+            from spotpipe.planner import resolve_auto  # the planner reads this module: import when used
+
+            p = self.pipeline
+            _check(math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0,
+                   f"pipeline.memory_budget_gb must be >= 0 (0 = none), got {p.memory_budget_gb}")
+            return resolve_auto(self)
         validate(self)
         return self
 
@@ -383,7 +406,10 @@ def validate(cfg: JobConfig) -> None:
     _check(m.rope_theta > 1, f"model.rope_theta must be > 1, got {m.rope_theta}")
     _check(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
     _check(p.schedule in SCHEDULE_REGISTRY,
-           f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r}")
+           f"pipeline.schedule must be one of {', '.join(SCHEDULE_REGISTRY)}, got {p.schedule!r} "
+           f"(or {AUTO_SCHEDULE}, with pipeline.memory_budget_gb)")
+    _check(math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0,
+           f"pipeline.memory_budget_gb must be >= 0 (0 = none), got {p.memory_budget_gb}")
     _check(p.stages >= 1, f"pipeline.stages must be >= 1, got {p.stages}")
     _check(p.replicas >= 1, f"pipeline.replicas must be >= 1, got {p.replicas}")
     _check(p.microbatches >= 1, f"pipeline.microbatches must be >= 1, got {p.microbatches}")
@@ -400,6 +426,13 @@ def validate(cfg: JobConfig) -> None:
            f"model.tie_embeddings = true needs the embedding and the LM head in one model chunk, but pipeline.stages = "
            f"{p.stages} cuts the model into {chunks} chunks on different workers; set model.tie_embeddings = false "
            "(or pipeline.stages = 1)")
+    _check_choice("pipeline.recompute", p.recompute, RecomputeName)
+    _check_choice("pipeline.offload", p.offload, OffloadName)
+    _check(all(0 <= c < chunks for c in p.recompute_chunks),
+           f"pipeline.recompute_chunks must name chunks in 0..{chunks - 1} (the model is cut into {chunks} chunks), "
+           f"got {list(p.recompute_chunks)}")
+    if p.schedule == "chronos":
+        _check(p.virtual_stages == 2, f"pipeline.virtual_stages must be 2 for the chronos schedule (two chunks per rank in a V), got {p.virtual_stages}")
     if p.schedule == "interleaved":
         _check(p.microbatches % p.stages == 0, f"pipeline.microbatches ({p.microbatches}) must be a multiple of pipeline.stages ({p.stages}) for the interleaved schedule")
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")

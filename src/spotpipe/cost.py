@@ -85,7 +85,7 @@ class CostModel:
 
     def duration(self, action: Action, speed: float = 1.0) -> float:
         """Seconds of a compute action on a node of relative ``speed`` (communication: 0)."""
-        if action.op is Op.F:
+        if action.op is Op.F or action.op is Op.R:  # a recompute is the forward once more
             return self.forward_s[action.stage] / speed
         if action.op is Op.B:
             return self.backward_s[action.stage] / speed

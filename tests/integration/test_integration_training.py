@@ -1,7 +1,8 @@
 """Pipeline training on real worker processes reproduces single-process training.
 
-Same seed, 30 steps, 4 stages, fp32, a tiny model: the per-step losses of GPipe, 1F1B and
-interleaved 1F1B (and 1F1B with 2 replicas per stage) equal LocalTrainer's within 1e-5 relative, and the
+Same seed, 30 steps, 4 stages, fp32, a tiny model: the per-step losses of GPipe, 1F1B,
+interleaved 1F1B and chronos with recompute and optimizer offload (and 1F1B with 2 replicas per stage) equal
+LocalTrainer's within 1e-5 relative, and the
 CheckFree+ swap schedule (odd microbatches through stages 1, 0, 2, 3 ... with the embedding and head
 copies kept in sync across workers) equals the in-process PipelineTrainer's (the same lowered swap
 schedule played by the executor, every rank in one process);
@@ -26,6 +27,8 @@ CASES = {
     "interleaved": ["pipeline.schedule=interleaved", "pipeline.virtual_stages=2"],
     "1f1b-2replicas": ["pipeline.schedule=1f1b", "pipeline.replicas=2"],
     "checkfree+": ["pipeline.schedule=1f1b", "ft.strategy=checkfree+"],  # the CheckFree+ swap schedule
+    # V placement, R actions, AdamW moments in host memory
+    "chronos-recompute-offload": ["pipeline.schedule=chronos", "pipeline.recompute=longest", "pipeline.offload=optimizer"],
 }
 
 
@@ -93,6 +96,16 @@ def test_pipeline_losses_equal_single_process(case: str, runs: Callable[[str], P
     assert all(r["tokens"] == 8 * 16 and r["step_time"] > 0 and r["lr"] > 0 for r in steps)
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"
     assert (run_dir / "config.toml").is_file()
+    # Measured memory per rank in every step, within 10% of the memory model's prediction once the
+    # optimizer state exists (after the first update).
+    from spotpipe.config import load_config
+    from spotpipe.planner import predict_memory
+
+    predicted = [r.peak for r in predict_memory(load_config(run_dir / "config.toml"))]
+    for r in steps[1:]:
+        assert len(r["peak_bytes"]) == 4 and all(b > 0 for b in r["activation_bytes"])
+        for rank, (got, want) in enumerate(zip(r["peak_bytes"], predicted)):
+            assert got == pytest.approx(want, rel=0.10), f"step {r['step']} rank {rank}"
 
 
 @pytest.mark.timeout(300)

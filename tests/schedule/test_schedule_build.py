@@ -70,7 +70,7 @@ def test_every_registered_schedule_builds_for_a_job(name: str) -> None:
 
 
 def test_registry_is_the_only_list_of_names() -> None:
-    assert tuple(REGISTRY) == ("gpipe", "1f1b", "interleaved")
+    assert tuple(REGISTRY) == ("gpipe", "1f1b", "interleaved", "chronos")
     allowed = ", ".join(REGISTRY)
     with pytest.raises(ConfigError, match=f"pipeline.schedule must be one of {allowed}, got 'zb'"):
         load_config(None, ["pipeline.schedule=zb"])

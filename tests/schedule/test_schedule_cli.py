@@ -88,7 +88,7 @@ def test_every_option_has_help() -> None:
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     group = sub.choices["schedule"]
     inner = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(inner.choices) == {"show", "validate", "plan"}
+    assert set(inner.choices) == {"show", "validate", "plan", "memory"}
     for name, command in inner.choices.items():
         for action in command._actions:
             if isinstance(action, argparse._HelpAction):

@@ -170,3 +170,18 @@ def test_failure_at_time_zero_and_a_second_failure_during_restart() -> None:
     r2 = simulate_job(prepare(job("sim.failures=['0@0', '1@4.0']", "sim.spares=2", "sim.restart_s=5")))
     assert r2.failures == 2 and r2.restarts == 1 and r2.generations == 2
     assert r2.wall_s == pytest.approx(last_heartbeat(4.0, 0.5) + 2.0 + 5 + 10 * t)
+
+
+def test_peak_memory_follows_recompute_and_offload() -> None:
+    # The simulator's peak memory is the memory model's (spotpipe.planner predicts the same).
+    from spotpipe.config import load_config
+    from spotpipe.planner import predict_memory
+    from spotpipe.sim.report import peak_memory
+
+    base = ["pipeline.schedule=chronos", "pipeline.microbatches=8"]
+    plain = peak_memory(prepare(load_config(None, base)))
+    again = peak_memory(prepare(load_config(None, [*base, "pipeline.recompute=all"])))
+    away = peak_memory(prepare(load_config(None, [*base, "pipeline.recompute=all", "pipeline.offload=optimizer"])))
+    assert all(a < p for a, p in zip(again, plain)) and all(b < a for b, a in zip(away, again))
+    cfg = load_config(None, [*base, "pipeline.recompute=all", "pipeline.offload=optimizer"])
+    assert away == pytest.approx([r.peak for r in predict_memory(cfg)])

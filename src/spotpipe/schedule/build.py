@@ -9,7 +9,10 @@ A job's schedule is made in three steps, always the same:
    ``ft.strategy = "checkfree+"``; :func:`spotpipe.ft.policy.swap_schedule_on`) odd microbatches
    take the swapped path, stages 0<->1 and S-2<->S-1 exchanged
    (:func:`spotpipe.schedule.swap.swap_edges`; Blagoev, Ersoy, Chen 2025, section 3.2);
-3. :func:`spotpipe.schedule.passes.lower` adds the point-to-point messages.
+3. :func:`spotpipe.schedule.passes.lower` adds the point-to-point messages;
+4. with ``pipeline.recompute`` / ``pipeline.recompute_chunks`` set,
+   :func:`spotpipe.schedule.passes.add_recompute` adds an ``R`` before every backward of the
+   chunks :func:`spotpipe.schedule.recompute.recompute_plan` picks.
 
 The runtime workers play what :func:`job_schedule` returns and the simulator times the same
 schedule, so a simulated job runs exactly the actions, paths and messages of the real one (see
@@ -23,7 +26,8 @@ from typing import Any, Protocol
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.generators import build_schedule
 from spotpipe.schedule.ir import Schedule
-from spotpipe.schedule.passes import lower
+from spotpipe.schedule.passes import add_recompute, lower
+from spotpipe.schedule.recompute import recompute_plan
 from spotpipe.schedule.swap import swap_edges
 
 
@@ -42,6 +46,11 @@ class PipelineShape(Protocol):
 
     @property
     def virtual_stages(self) -> int: ...
+
+
+def _recompute_keys(pipeline: PipelineShape) -> tuple[str, tuple[int, ...]]:
+    """``pipeline.recompute`` and ``pipeline.recompute_chunks`` (a shape without them: none)."""
+    return str(getattr(pipeline, "recompute", "none")), tuple(getattr(pipeline, "recompute_chunks", ()))
 
 
 class JobShape(Protocol):
@@ -76,17 +85,22 @@ def job_schedule(cfg: JobShape, swap: bool | None = None) -> Schedule:
     """The lowered schedule a job runs: what every runtime worker plays and the simulator times.
 
     Args:
-        cfg: The job; ``[pipeline]`` picks the generator and sizes, ``[ft]`` whether the
-            CheckFree+ swap schedule is on.
+        cfg: The job; ``[pipeline]`` picks the generator, sizes and recomputed chunks, ``[ft]``
+            whether the CheckFree+ swap schedule is on.
         swap: ``None`` (default) follows the config (:func:`spotpipe.ft.policy.swap_schedule_on`);
             ``False`` gives the model's own stage order for every microbatch (evaluation passes
             use it), ``True`` forces the swapped paths.
 
     Returns:
-        The lowered schedule (compute plus SEND/RECV actions).
+        The lowered schedule (compute plus SEND/RECV actions, and ``R`` where recomputed).
 
     Raises:
-        ScheduleError: for an unknown schedule name, bad sizes, or a swap over < 4 stages.
+        ScheduleError: for an unknown schedule name, bad sizes, a swap over < 4 stages, or a
+            recomputed chunk the schedule does not have.
     """
     on = swap_schedule_on(cfg.ft) if swap is None else swap
-    return lower(compute_schedule(cfg.pipeline, on))
+    compute = compute_schedule(cfg.pipeline, on)
+    mode, chunks = _recompute_keys(cfg.pipeline)
+    plan = recompute_plan(compute, mode, chunks) if (mode != "none" or chunks) else ()
+    lowered = lower(compute)
+    return add_recompute(lowered, plan) if plan else lowered

@@ -11,7 +11,8 @@ actions, broken dependencies, unmatched send/recv and deadlocks, and a SkipPipe 
 also for paths that revisit a stage or do not return, unbalanced visits and (``--node-memory``)
 nodes over their memory.
 ``spotpipe schedule plan --config FILE`` plans SkipPipe node placement and paths
-(:mod:`spotpipe.sim.skipcli`).
+(:mod:`spotpipe.sim.skipcli`). ``spotpipe schedule memory --config F --budget 4GB`` prints the
+memory plans of a job (:mod:`spotpipe.planner`).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``schedule`` command group to the top-level ``spotpipe`` parser."""
     group = subparsers.add_parser(
         "schedule",
-        help="show, export, validate and plan pipeline schedules",
-        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B); "
-        "plan SkipPipe paths over nodes.",
+        help="show, export, validate and plan pipeline schedules; plan their memory",
+        description="Show, export and validate pipeline schedules (GPipe, 1F1B, interleaved 1F1B, chronos); "
+        "plan SkipPipe paths over nodes; plan memory under a per-rank budget.",
     )
     sub = group.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
 
@@ -79,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("--microbatches", type=_COUNT, default=8,
                       help="microbatches per step (default: %(default)s)")
     show.add_argument("--virtual-stages", type=_COUNT, default=2,
-                      help="model chunks per rank, used by the interleaved schedule only, as pipeline.virtual_stages (default: %(default)s)")
+                      help="model chunks per rank, used by the interleaved schedule (chronos needs 2), as pipeline.virtual_stages (default: %(default)s)")
     show.add_argument("--swap", action="store_true",
                       help="CheckFree+ swapped paths for odd microbatches (stages 0<->1 and S-2<->S-1), "
                       "as ft.strategy = checkfree+ runs them; needs >= 4 stages")
@@ -115,6 +116,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        "(needed by order-matching transports such as NCCL)")
     check.set_defaults(func=_cmd_validate)
     register_plan(sub)
+
+    memory = sub.add_parser(
+        "memory",
+        help="peak memory per rank of each plan under a budget, the largest model that fits, the step time",
+        description="For 1F1B, 1F1B + full recompute, interleaved 1F1B and chronos (+ recompute, + optimizer "
+        "offload), print the predicted peak bytes per rank (weights, gradients, optimizer state and "
+        "activations, from the schedule), the action that hits the peak, whether it fits the per-rank "
+        "budget, the largest model that fits (layers at the job's d_model, d_model at its layers) and the "
+        "predicted step time; then the plan pipeline.schedule = auto would pick.",
+    )
+    memory.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="job config TOML (default: built-in job)")
+    memory.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set model.layers=32 (repeatable)")
+    memory.add_argument("--budget", default=None, metavar="SIZE",
+                        help="device memory per rank, e.g. 4GB, 512MiB or 2.5 (GB) (default: the config's "
+                        "pipeline.memory_budget_gb)")
+    memory.set_defaults(func=_cmd_memory)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -155,4 +174,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.message_order and schedule.is_lowered() and check_message_order(schedule):
         note = " (send/recv order differs per rank pair: fine for gloo, not for NCCL)"
     print(f"{path}: valid {describe(schedule)}{note}")
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from spotpipe.config import AUTO_SCHEDULE, load_config
+    from spotpipe.planner import GB, evaluate_plans, format_plans, parse_bytes
+
+    # every plan is evaluated anyway: a --set pipeline.schedule=auto changes nothing here
+    cfg = load_config(args.config, [o for o in args.overrides if o.replace(" ", "") != f"pipeline.schedule={AUTO_SCHEDULE}"])
+    if args.budget is not None:
+        budget = parse_bytes(args.budget)
+    elif cfg.pipeline.memory_budget_gb > 0:
+        budget = cfg.pipeline.memory_budget_gb * GB
+    else:
+        raise SpotpipeError("schedule memory: give --budget SIZE (e.g. --budget 4GB) or set pipeline.memory_budget_gb")
+    print(format_plans(evaluate_plans(cfg, budget), budget, cfg))
     return 0

@@ -1,4 +1,4 @@
-"""Compute-only pipeline schedules: GPipe, 1F1B and interleaved 1F1B.
+"""Compute-only pipeline schedules: GPipe, 1F1B and interleaved 1F1B here, chronos in its own module.
 
 Every generator takes integers only and returns a :class:`~spotpipe.schedule.ir.Schedule` whose
 per-rank lists hold ``F`` and ``B`` actions and nothing else; :mod:`spotpipe.schedule.passes`
@@ -16,6 +16,8 @@ lowers them (adds send/recv) for the runtime executor and the simulator.
   (stage) ``s`` lives on rank ``s % P``. Microbatches advance in groups of ``P`` through the
   chunks, which shrinks the bubble by a factor ``V``. The warm-up length and the chunk order follow
   Megatron-LM's ``forward_backward_pipelining_with_interleaving``.
+* chronos (:mod:`spotpipe.schedule.chronos`; after ChronosPipe, Lin et al. 2025): two chunks per
+  rank in a V, one repeating pattern per microbatch, shorter activation lifetimes than 1F1B.
 
 :data:`REGISTRY` maps each schedule name to its generator and is the only list of names: the
 config check of ``pipeline.schedule``, :func:`build_schedule`, the job builder
@@ -37,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from spotpipe.schedule.chronos import chronos_schedule
 from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
 
 
@@ -199,6 +202,7 @@ REGISTRY: Mapping[str, Generator] = MappingProxyType({
     "gpipe": Generator(lambda stages, microbatches, _virtual: gpipe_schedule(stages, microbatches)),
     "1f1b": Generator(lambda stages, microbatches, _virtual: one_f_one_b_schedule(stages, microbatches)),
     "interleaved": Generator(lambda stages, microbatches, virtual: interleaved_schedule(stages, virtual, microbatches), chunked=True),
+    "chronos": Generator(lambda stages, microbatches, virtual: chronos_schedule(stages, microbatches, virtual), chunked=True),
 })
 
 
@@ -230,10 +234,10 @@ def build_schedule(name: str, stages: int, microbatches: int, virtual_stages: in
     """The compute-only schedule called ``name`` (the value of ``pipeline.schedule``).
 
     Args:
-        name: A key of :data:`REGISTRY` (``"gpipe"``, ``"1f1b"``, ``"interleaved"``).
+        name: A key of :data:`REGISTRY` (``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"chronos"``).
         stages: pipeline ranks.
         microbatches: microbatches per step.
-        virtual_stages: model chunks per rank; used by chunked schedules (interleaved) only and
+        virtual_stages: model chunks per rank; used by chunked schedules (interleaved; chronos needs 2) only and
             ignored by the others (the config keeps ``pipeline.virtual_stages`` set for every
             schedule).
 

@@ -1,8 +1,9 @@
 """The schedule IR: actions, per-rank action lists, placements, and their text and CSV forms.
 
 An :class:`Action` is one thing one pipeline rank does for one model chunk ("stage") and one
-microbatch: compute forward ``F`` or backward ``B``, or move an activation (``SEND_F``/``RECV_F``)
-or a gradient (``SEND_B``/``RECV_B``) to or from another stage. Actions print as ``1F0`` (stage 1,
+microbatch: compute forward ``F`` or backward ``B`` (or ``R``: re-run a forward whose saved
+activations were dropped, before its backward; selective recompute), or move an activation
+(``SEND_F``/``RECV_F``) or a gradient (``SEND_B``/``RECV_B``) to or from another stage. Actions print as ``1F0`` (stage 1,
 forward, microbatch 0) and ``0SEND_F1`` (stage 0 sends the forward activation of microbatch 1).
 A communication action names its peer stage; the text form shows it (``0SEND_F1>2``) only when
 it is not the pipeline neighbour (stage + 1 for activations, stage - 1 for gradients).
@@ -29,6 +30,7 @@ class Op(str, Enum):
 
     F = "F"  # forward of one chunk for one microbatch
     B = "B"  # backward (input and weight gradients)
+    R = "R"  # recompute: re-run the forward of a chunk whose F kept only its input (added by a pass)
     SEND_F = "SEND_F"  # send forward activation to the next stage of the path
     RECV_F = "RECV_F"  # receive forward activation from the previous stage of the path
     SEND_B = "SEND_B"  # send input gradient to the previous stage of the path
@@ -36,7 +38,7 @@ class Op(str, Enum):
 
     @property
     def is_compute(self) -> bool:
-        return self in (Op.F, Op.B)
+        return self in (Op.F, Op.B, Op.R)
 
     @property
     def is_comm(self) -> bool:
@@ -108,11 +110,11 @@ class Action:
         return ((sender * 2 + int(backward)) * num_microbatches) + self.microbatch
 
 
-_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)(?:>(\d+))?$")
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|R)(\d+)(?:>(\d+))?$")
 
 
 def parse_action(text: str) -> Action:
-    """Parse ``1F0``, ``2B3``, ``0SEND_F1`` or ``3RECV_F1>1`` into an :class:`Action`."""
+    """Parse ``1F0``, ``2B3``, ``1R2``, ``0SEND_F1`` or ``3RECV_F1>1`` into an :class:`Action`."""
     m = _ACTION_RE.match(text.strip())
     if not m:
         raise ScheduleError(

@@ -13,7 +13,8 @@ blocks its rank until the message has arrived (the stricter model of transports 
 receive). In a compute-only schedule a cross-rank dependency blocks like a zero-cost message.
 Dependencies are those of pipeline training (GPipe, Huang et al. 2019; 1F1B, Narayanan et al.
 2021): ``F`` of stage ``n`` for microbatch ``m`` needs ``F`` of ``n``'s predecessor on
-``schedule.path(m)``; ``B`` of ``n`` needs ``F`` of ``n`` and ``B`` of its successor. The same
+``schedule.path(m)``; ``B`` of ``n`` needs ``F`` of ``n`` and ``B`` of its successor; a recompute
+``R`` sits on ``n``'s rank between ``F`` and ``B`` of ``n`` and waits for nothing else. The same
 player gives the unit-time grid and the bubble (:mod:`spotpipe.schedule.render`).
 """
 
@@ -250,6 +251,13 @@ def _compute_problems(schedule: Schedule, where: dict[Action, Position]) -> list
         if a.stage not in schedule.path(m):
             out.append(Problem(f"{a} on rank {r}: the path of microbatch {m} {list(schedule.path(m))} does not visit stage {a.stage}", ((r, i),)))
             continue
+        if a.op is Op.R:  # a recompute sits between its forward and its backward, on their rank
+            fwd, bwd = where.get(Action(a.stage, Op.F, m)), where.get(Action(a.stage, Op.B, m))
+            if fwd is None or fwd[0] != r or fwd[1] > i:
+                out.append(Problem(f"{a} on rank {r} does not follow its forward {Action(a.stage, Op.F, m)} on that rank", ((r, i),)))
+            if bwd is None or bwd[0] != r or bwd[1] < i:
+                out.append(Problem(f"{a} on rank {r} does not precede its backward {Action(a.stage, Op.B, m)} on that rank", ((r, i),)))
+            continue
         if a.op is Op.B:
             fwd = where.get(Action(a.stage, Op.F, m))
             if fwd is not None and fwd[1] > i:
@@ -363,7 +371,7 @@ def _play(schedule: Schedule, duration: Duration, blocking_recv: bool) -> tuple[
         m = a.microbatch
         if a.op.is_recv:
             return message_key(a) if blocking_recv else None
-        if a.op.is_send:
+        if a.op.is_send or a.op is Op.R:  # a recompute follows its forward on the same rank
             return None
         dep = preds[m].get(a.stage) if a.op is Op.F else succs[m].get(a.stage)
         if dep is None:

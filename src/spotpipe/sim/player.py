@@ -3,7 +3,8 @@
 Every worker (pipeline rank ``r`` of replica ``p``, one node of the cluster) walks its rank's
 action list in order, exactly as the runtime executor does (the lowering contract of :mod:`spotpipe.schedule.passes`):
 
-* ``F`` / ``B`` occupy the worker for :meth:`CostModel.duration` divided by the node's speed
+* ``F`` / ``B`` / ``R`` (recompute, priced as one more forward) occupy the worker for
+  :meth:`CostModel.duration` divided by the node's speed
   factor. A compute action that consumes a message (a ``RECV`` of the same stage and microbatch
   was posted before it on this rank) starts no earlier than that message's arrival.
 * ``SEND`` is non-blocking: the worker goes on at once. The message occupies the directed link
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 
 from spotpipe.cost import CostModel
 from spotpipe.schedule.ir import Action, Op, Placement, Schedule, ScheduleError
+from spotpipe.schedule.passes import recomputed
 from spotpipe.sim.engine import Engine, SimulationError
 from spotpipe.network import Network
 
@@ -82,7 +84,8 @@ class IterationResult:
         busy_s: ``busy_s[rank][replica]``: compute time of that worker.
         bubble: ``bubble[rank][replica]``: ``1 - busy / pipeline_s``.
         peak_activations: ``[rank][replica]``: most (stage, microbatch) activations held at once.
-        peak_activation_bytes: ``[rank][replica]``: the bytes of those activations at the peak.
+        peak_activation_bytes: ``[rank][replica]``: most activation bytes held at once (a
+            recomputed forward holds only its input until its ``R``).
         allreduce_s: Per rank, the gradient all-reduce time across replicas (0 with 1 replica).
         barrier_s: The step barrier (world all-reduce of scalars) after the all-reduces.
         links: Traffic per directed link that carried data, pipeline messages and all-reduce.
@@ -114,13 +117,22 @@ class IterationResult:
 def _compile(schedule: Schedule, cost: CostModel) -> list[list[tuple[object, ...]]]:
     """Per rank, the actions as tuples the hot loop reads; checks every input has a RECV.
 
-    Compute: ``(_COMPUTE, need_tag, duration, +1/-1 activation, activation bytes, action, index)``.
+    Compute: ``(_COMPUTE, need_tag, duration, +1/-1 activation, activation bytes, action, index)``;
+    a forward whose chunk is recomputed (``R`` later on the rank) holds only its input's bytes, and
+    the ``R`` costs one more forward and brings back the rest (0 in the count).
     Send: ``(_SEND, tag, bytes, destination rank, action, index)``. RECVs are dropped after
     matching. ``index`` is the action's position in the rank's list.
     """
     m_count = schedule.num_microbatches
     s2r = schedule.stage_to_rank
     programs: list[list[tuple[object, ...]]] = []
+    dropped = recomputed(schedule)
+
+    def boundary(stage: int) -> int:
+        """Bytes a recomputed forward keeps: its input (token ids count as nothing)."""
+        path_first = stage == 0
+        return 0 if path_first else min(cost.boundary_bytes[stage - 1], cost.activation_bytes[stage])
+
     for rank, acts in enumerate(schedule.ranks):
         posted: dict[tuple[int, Op, int], int] = {}
         prog: list[tuple[object, ...]] = []
@@ -136,8 +148,8 @@ def _compile(schedule: Schedule, cost: CostModel) -> list[list[tuple[object, ...
                     raise ScheduleError(f"rank {rank}: action {a} sends to stage {a.peer}, which does not exist")
                 prog.append((_SEND, a.tag(m_count), cost.message_bytes(a), s2r[a.peer], a, index))
             else:
-                need = posted.pop((a.stage, a.op, a.microbatch), -1)
-                if need < 0:
+                need = -1 if a.op is Op.R else posted.pop((a.stage, a.op, a.microbatch), -1)
+                if need < 0 and a.op is not Op.R:
                     path = schedule.path(a.microbatch)
                     i = path.index(a.stage) if a.stage in path else -1
                     other = (path[i - 1] if i > 0 else None) if a.op is Op.F else (path[i + 1] if 0 <= i < len(path) - 1 else None)
@@ -147,8 +159,13 @@ def _compile(schedule: Schedule, cost: CostModel) -> list[list[tuple[object, ...
                             f"rank {rank}: {a} needs data from stage {other} on rank {s2r[other]} but no {recv} "
                             "precedes it; play a lowered schedule (spotpipe.schedule.passes.lower)"
                         )
-                if a.op is Op.F:
+                if a.op is Op.F and (a.stage, a.microbatch) in dropped:  # keeps its input only
+                    prog.append((_COMPUTE, need, cost.forward_s[a.stage], 1, boundary(a.stage), a, index))
+                elif a.op is Op.F:
                     prog.append((_COMPUTE, need, cost.forward_s[a.stage], 1, cost.activation_bytes[a.stage], a, index))
+                elif a.op is Op.R:  # the forward again, and the rest of its activations come back
+                    extra = cost.activation_bytes[a.stage] - boundary(a.stage)
+                    prog.append((_COMPUTE, -1, cost.forward_s[a.stage], 0, extra, a, index))
                 else:
                     prog.append((_COMPUTE, need, cost.backward_s[a.stage], -1, -cost.activation_bytes[a.stage], a, index))
         programs.append(prog)
@@ -255,17 +272,7 @@ class _Play:
                 end = t + d
                 self.busy[w] += d
                 self.last_compute[w] = end
-                if ins[3] > 0:  # type: ignore[operator]
-                    live = self.live[w] + 1
-                    self.live[w] = live
-                    lb = self.live_bytes[w] + ins[4]  # type: ignore[operator]
-                    self.live_bytes[w] = lb
-                    if live > self.peak[w]:
-                        self.peak[w] = live
-                        self.peak_bytes[w] = lb
-                else:
-                    self.live[w] -= 1
-                    self.live_bytes[w] += ins[4]  # type: ignore[operator]
+                self._hold(w, ins)
                 if self.record:
                     self.timed.append(TimedAction(rank, w // ranks, self.node[w], ins[6], ins[5], t, end))  # type: ignore[arg-type]
                 i += 1
@@ -350,17 +357,21 @@ class _Play:
             due = t + max(0.0, self._ps_heap[0][0] - self._ps_work) / self._ps_rate()
             self.engine.at(due, self._ps_complete, self._ps_version)
 
+    def _hold(self, w: int, ins: tuple[object, ...]) -> None:
+        """Count the activations (``ins[3]``: +1, -1 or 0) and bytes (``ins[4]``) a compute action
+        leaves resident on worker slot ``w``, and the peaks of both."""
+        live = self.live[w] + ins[3]  # type: ignore[operator]
+        self.live[w] = live
+        if live > self.peak[w]:
+            self.peak[w] = live
+        held = self.live_bytes[w] + ins[4]  # type: ignore[operator]
+        self.live_bytes[w] = held
+        if held > self.peak_bytes[w]:
+            self.peak_bytes[w] = held
+
     def _shared_start(self, w: int, ins: tuple[object, ...], work: float, t: float) -> None:
         """Start a compute action of ``work`` seconds (at full speed) on the shared host."""
-        if ins[3] > 0:  # type: ignore[operator]
-            self.live[w] += 1
-            self.live_bytes[w] += ins[4]  # type: ignore[operator]
-            if self.live[w] > self.peak[w]:
-                self.peak[w] = self.live[w]
-                self.peak_bytes[w] = self.live_bytes[w]
-        else:
-            self.live[w] -= 1
-            self.live_bytes[w] += ins[4]  # type: ignore[operator]
+        self._hold(w, ins)
         self._ps_advance(t)
         heapq.heappush(self._ps_heap, (self._ps_work + work, w, w, t, ins))
         self._ps_reschedule(t)

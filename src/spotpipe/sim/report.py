@@ -1,8 +1,8 @@
 """What `spotpipe simulate` prints and writes: a summary (dict / table) and a Chrome trace.
 
 The summary holds the iteration time, per-rank bubble fraction, busy time, resident activations
-and peak memory (weights + gradients + AdamW moments + peak activations, from
-:func:`spotpipe.schedule.memory.peak_memory_bytes`), the busiest links, and the job outcome
+and peak memory (weights + gradients + AdamW moments + activations, from
+:func:`spotpipe.schedule.memory.memory_profile`), the busiest links, and the job outcome
 (failures, restarts, ETTR). The Chrome trace draws the simulated timings of the first iteration
 with the schedule renderer's writer (:func:`spotpipe.schedule.render.chrome_trace`), one process
 per (replica, rank), so it opens in Perfetto like the schedule traces do.
@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from spotpipe.schedule.generators import model_chunks
-from spotpipe.schedule.memory import peak_memory_bytes
+from spotpipe.schedule.memory import ChunkBytes, memory_profile
 from spotpipe.schedule.render import chrome_trace
 from spotpipe.schedule.validate import ActionTiming, Timeline
 from spotpipe.sim.job import JobResult, SimSetup
@@ -25,16 +25,16 @@ MAX_LINKS = 20
 
 
 def peak_memory(setup: SimSetup) -> list[float]:
-    """Peak bytes per rank: weights and gradients (2 x param bytes), AdamW moments (2 x param
-    bytes, same dtype), and the schedule's peak resident activations."""
+    """Peak bytes per rank (:func:`spotpipe.schedule.memory.memory_profile`): weights, gradients,
+    AdamW moments (2 x param bytes, same dtype; in host memory with ``pipeline.offload =
+    "optimizer"``) and the schedule's activations (a recomputed chunk keeps its input only)."""
     cost = setup.cost
-    param_bytes = [g for g in cost.grad_bytes]
-    return peak_memory_bytes(
-        setup.schedule,
-        activation_bytes=list(cost.activation_bytes),
-        weight_bytes=[2 * b for b in param_bytes],
-        optimizer_bytes=[2 * b for b in param_bytes],
-    )
+    chunks = [
+        ChunkBytes(weights=g, grads=g, optimizer=2 * g, activations=a, input=cost.boundary_bytes[s - 1] if s else 0)
+        for s, (g, a) in enumerate(zip(cost.grad_bytes, cost.activation_bytes))
+    ]
+    offload = range(len(chunks)) if setup.config.pipeline.offload == "optimizer" else ()
+    return [r.peak for r in memory_profile(setup.schedule, chunks, offload=offload)]
 
 
 def _location(setup: SimSetup, node: int) -> str:

@@ -318,6 +318,7 @@ class Controller:
             store_bytes=sum(int(r.get("store_bytes", 0)) for r in reports),
             mirror_bytes=sum(int(r.get("mirror_bytes", 0)) for r in reports),
             **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
+            **self._step_memory(reports),
         )
         if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated
             self.result.skipped += 1
@@ -539,6 +540,31 @@ class Controller:
                         kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction)
         self._progress.message(f"fault injected: {fault.kind} worker {worker} (stage {fault.stage}, replica {fault.replica}, "
                                f"pid {pid}) during step {fault.step + 1} ({fault.spec})")
+
+    def _step_memory(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``step`` event's measured memory from the workers' reports: per pipeline rank (the
+        most over its replicas), ``peak_bytes`` = parameters + gradients + optimizer state on the
+        device + the peak of the bytes autograd held for backward, and ``activation_bytes`` that
+        peak alone; on CUDA ``cuda_max_allocated`` too. The run keeps the most per rank."""
+        ranks = self.cfg.pipeline.stages
+        peak, acts, cuda = [0] * ranks, [0] * ranks, [0] * ranks
+        seen = False
+        for r in reports:
+            mem = r.get("memory")
+            if not mem or not 0 <= int(mem.get("rank", -1)) < ranks:
+                continue
+            seen = True
+            k = int(mem["rank"])
+            peak[k] = max(peak[k], int(mem["peak"]))
+            acts[k] = max(acts[k], int(mem["activations"]))
+            cuda[k] = max(cuda[k], int(mem.get("cuda_max_allocated", 0)))
+        if not seen:
+            return {}
+        self.result.peak_bytes = [max(a, b) for a, b in zip(self.result.peak_bytes or [0] * ranks, peak)]
+        out: dict[str, Any] = {"peak_bytes": peak, "activation_bytes": acts}
+        if any(cuda):
+            out["cuda_max_allocated"] = cuda
+        return out
 
     def _summarise(self) -> None:
         """ETTR and time lost to failures, from the event log (spotpipe.reliability.runs)."""

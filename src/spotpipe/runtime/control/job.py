@@ -33,13 +33,14 @@ def check_swap_layout(cfg: JobConfig) -> None:
     must hold the same number of blocks, and each worker must hold one chunk.
     """
     from spotpipe.model.partition import partition_layers
+    from spotpipe.schedule.generators import model_chunks
 
     p = cfg.pipeline
     if not swap_schedule_on(cfg.ft):
         return
     what = "ft.swap_edges = true" if cfg.ft.swap_edges else f"ft.strategy = {cfg.ft.strategy}"
-    if p.schedule == "interleaved" and p.virtual_stages != 1:
-        raise SpotpipeError(f"{what} needs one chunk per worker: pipeline.schedule = interleaved with "
+    if model_chunks(p.schedule, p.stages, p.virtual_stages) != p.stages:
+        raise SpotpipeError(f"{what} needs one chunk per worker: pipeline.schedule = {p.schedule} with "
                             f"pipeline.virtual_stages = {p.virtual_stages} cannot run it (use 1f1b or gpipe)")
     sizes = [end - start for start, end in partition_layers(cfg.model.layers, p.stages)]
     for a, b in ((0, 1), (p.stages - 2, p.stages - 1)):

@@ -139,6 +139,8 @@ class RunResult:
         mfu: Model FLOPs utilisation of the steady steps, where the device's peak is known.
         suspicions_cleared: Workers suspected of a failure (late heartbeats) that beat again:
             ``failure_suspected`` events that were no failure.
+        peak_bytes: Per pipeline rank, the most memory measured in any step (state on the device
+            plus the bytes autograd held for backward; the ``step`` events' ``peak_bytes``).
     """
 
     status: str
@@ -156,6 +158,7 @@ class RunResult:
     skipped: int = 0
     mfu: float | None = None
     suspicions_cleared: int = 0
+    peak_bytes: list[int] | None = None
 
 
 def format_result(result: RunResult) -> str:
@@ -173,6 +176,9 @@ def format_result(result: RunResult) -> str:
         n = result.suspicions_cleared
         parts.append(f"{n} suspected failure{'s' if n > 1 else ''} cleared (late heartbeat{'s' if n > 1 else ''}, "
                      "no failure; see failure_suspected in events.jsonl)")
+    if result.peak_bytes:
+        # MB = 1e6 bytes, the unit of pipeline.memory_budget_gb and `schedule memory --budget`
+        parts.append("peak memory per rank " + "/".join(f"{b / 1e6:.3g}" for b in result.peak_bytes) + " MB")
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")

@@ -122,7 +122,7 @@ class LocalTrainer:
         self.num_chunks = default_num_chunks(cfg) if num_chunks is None else num_chunks
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         chunks = {i: self.build_chunk(i) for i in range(self.num_chunks)}
-        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train))
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
         name = str(getattr(token_file, "dir", "the token file"))
         self.sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
         self.val_sampler = SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
@@ -318,7 +318,8 @@ class LocalTrainer:
         kept = {s: self.chunk_state(s) for s in range(self.num_chunks) if s != i}
         scales = dict(self.state.lr_scale)
         chunks = {**self.state.chunks, i: module}
-        self.state = StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train), scales)
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, self.cfg.train, self.cfg.pipeline.offload == "optimizer"),
+                                scales)
         for s, flat in kept.items():
             self.load_chunk_state(s, flat)
         self.state.lr_scale.update(scales)  # exactly as they were

@@ -33,7 +33,8 @@ deploys and the one the workers' forward-only evaluation schedule takes.
 
 Record. After every replica's step :attr:`PipelineTrainer.last_trace` holds, per rank, what its
 executor did as seen from outside: compute actions as ``(op, stage, microbatch)`` and messages as
-``("SEND" | "RECV", peer rank, tag)``, in the order they happened. It equals the lowered schedule's
+``("SEND" | "RECV", peer rank, tag)`` (recomputes as ``("R", stage, microbatch)``), in the order
+they happened. It equals the lowered schedule's
 action list of that rank (the tests check it), so a hand-written loop cannot creep back in.
 """
 
@@ -55,10 +56,11 @@ from spotpipe.runtime.comm.transport import Handle, Transport
 from spotpipe.schedule.build import job_schedule  # the job's lowered schedule (the one builder)
 from spotpipe.runtime.inprocess.local import LocalTrainer, default_num_chunks
 from spotpipe.runtime.pipeline.executor import Executor, Instruction, compile_rank
+from spotpipe.runtime.pipeline.meter import MeasuredMemory, SavedTensorMeter, moment_tensors, state_bytes
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.schedule.ir import Schedule
 
-TraceEntry = tuple[str, int, int]  # ("F" | "B", stage, microbatch) or ("SEND" | "RECV", peer rank, tag)
+TraceEntry = tuple[str, int, int]  # ("F" | "B" | "R", stage, microbatch) or ("SEND" | "RECV", peer rank, tag)
 
 
 class _RankLog:
@@ -143,10 +145,16 @@ class _TracedRunner(StageRunner):
         super().__init__(chunks, loss_scale, device)
         self.log = log
 
-    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None) -> torch.Tensor | None:
+    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None,
+                keep: bool = True) -> torch.Tensor | None:
         self.log.actions.append(("F", stage, microbatch))
         self.log.microbatch = microbatch
-        return super().forward(stage, microbatch, x, ends_path)
+        return super().forward(stage, microbatch, x, ends_path, keep)
+
+    def recompute(self, stage: int, microbatch: int, ends_path: bool | None = None) -> None:
+        self.log.actions.append(("R", stage, microbatch))
+        self.log.microbatch = microbatch  # a recomputed loss is recorded again, for the same microbatch
+        super().recompute(stage, microbatch, ends_path)
 
     def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         self.log.actions.append(("B", stage, microbatch))
@@ -184,6 +192,9 @@ class PipelineTrainer(LocalTrainer):
         token_file: The :class:`~spotpipe.data.tokens.TokenFile` to train on.
         device: Where the chunks live (default CPU).
         schedule: The lowered schedule to play (default: the job's, ``job_schedule(cfg)``).
+        measure_memory: Count, per rank, the bytes autograd saves for backward and the state its
+            chunks hold (:mod:`spotpipe.runtime.pipeline.meter`); after each replica's step
+            :attr:`last_memory` holds one :class:`MeasuredMemory` per rank.
 
     Raises:
         SpotpipeError: the schedule's stages are not the trainer's chunks, or (as LocalTrainer)
@@ -191,7 +202,7 @@ class PipelineTrainer(LocalTrainer):
     """
 
     def __init__(self, cfg: JobConfig, token_file: Any, device: torch.device | str | None = None,
-                 schedule: Schedule | None = None) -> None:
+                 schedule: Schedule | None = None, measure_memory: bool = False) -> None:
         self.schedule: Schedule = job_schedule(cfg) if schedule is None else schedule
         chunks = default_num_chunks(cfg)
         if self.schedule.num_stages != chunks:
@@ -210,6 +221,10 @@ class PipelineTrainer(LocalTrainer):
         self._views: dict[int, _ChunkView] = {}
         self._viewed: tuple[int, ...] = ()  # ids of the chunks the views were made for
         self._hub: InProcessHub | None = None
+        self.measure_memory = measure_memory
+        self._meters: list[SavedTensorMeter] = []
+        self._metered: tuple[int, ...] = ()  # ids of the chunks the meters were made for
+        self.last_memory: list[MeasuredMemory] = []
 
     def build_chunk(self, index: int) -> StageModule:
         """Chunk ``index``; where the first or the last chunk sits inside a microbatch's path
@@ -248,6 +263,26 @@ class PipelineTrainer(LocalTrainer):
                                                        for r in range(sched.num_ranks)})
         return self._hub
 
+    def _ready_meters(self) -> list[SavedTensorMeter]:
+        """One meter per rank when measuring (made again after a chunk was replaced), else none."""
+        if not self.measure_memory:
+            return []
+        ids = tuple(id(c) for c in self.chunks)
+        if ids != self._metered:
+            params = [q for c in self.chunks for q in c.parameters()]
+            self._meters = [SavedTensorMeter(params) for _ in range(self.num_ranks)]
+            self._metered = ids
+        return self._meters
+
+    def _measured(self, rank: int, activations_peak: int) -> MeasuredMemory:
+        """What ``rank`` holds: its chunks' state (gradients as they stand now) and the peak."""
+        own = {s: self.chunks[s] for s in self.schedule.stages_of_rank(rank)}
+        state = state_bytes(own.values(), moment_tensors(self.state.optimizer, own), self.device)
+        opt = self.state.optimizer
+        by_chunk = getattr(opt, "streamed_by_chunk", {})  # offloaded moments on the device for their update
+        streamed = max((int(by_chunk.get(s, 0)) for s in own), default=0)
+        return MeasuredMemory(rank, activations_peak, state, streamed)
+
     def replica_losses(self, step_ids: Sequence[int], replica: int) -> list[float]:
         """Play one replica's step: every rank's executor, taking turns over an in-process hub.
 
@@ -276,16 +311,23 @@ class PipelineTrainer(LocalTrainer):
         dtype = next(self.chunks[0].parameters()).dtype
         label = f"step {self.step}" + (f" of replica {replica}" if p.replicas > 1 else "")
 
+        meters = self._ready_meters()
+
         def rank_body(rank: int) -> tuple[float, int]:
             log = logs[rank]
             runner = _TracedRunner({s: views[s] for s in sched.stages_of_rank(rank)}, 1.0 / (p.replicas * p.microbatches),
                                    self.device, log)
+            if meters:
+                meters[rank].reset_peak()
+                runner.meter = meters[rank]
             executor = Executor(self.programs[rank], runner, _TracedTransport(hub.transport(rank), log), shape, dtype,
                                 cfg.run.timeout_s, device=self.device)
             return executor.run(inputs, targets, label=label)
 
         hub.play([functools.partial(rank_body, rank) for rank in range(self.num_ranks)])
         self.last_trace = [list(log.actions) for log in logs]
+        if meters:
+            self.last_memory = [self._measured(rank, meters[rank].peak) for rank in range(self.num_ranks)]
         extra = hub.undelivered()
         if extra:
             raise SpotpipeError(f"{label}: the {sched.name} schedule sent messages no rank received "

@@ -6,7 +6,9 @@ messages exist and their tags all come from the lowered :class:`~spotpipe.schedu
 
 * ``RECV_F`` / ``RECV_B``: allocate the buffer and post the receive (non-blocking).
 * ``F``: input = the microbatch's tokens (first stage of its path), a locally handed-over output
-  (previous stage on this rank), or the posted receive, waited for here with a timeout.
+  (previous stage on this rank), or the posted receive, waited for here with a timeout. Where an
+  ``R`` of the same stage and microbatch follows on this rank, the forward keeps only its input.
+* ``R``: run that forward again with autograd on (selective recompute), right before its ``B``.
 * ``B``: output gradient = nothing (last stage: the loss), a local hand-over, or a posted receive.
 * ``SEND_F`` / ``SEND_B``: post the send of the output / input gradient and go on at once; all
   sends are waited for at the end of the step, before it can commit.
@@ -32,8 +34,8 @@ from spotpipe.runtime.comm.transport import CommError, Handle, Transport
 from spotpipe.schedule.ir import Action, Op, Schedule
 
 # Compiled opcodes.
-_F, _B, _SEND_F, _SEND_B, _RECV_F, _RECV_B = range(6)
-_OPCODES = {Op.F: _F, Op.B: _B, Op.SEND_F: _SEND_F, Op.SEND_B: _SEND_B, Op.RECV_F: _RECV_F, Op.RECV_B: _RECV_B}
+_F, _B, _SEND_F, _SEND_B, _RECV_F, _RECV_B, _R = range(7)
+_OPCODES = {Op.F: _F, Op.B: _B, Op.SEND_F: _SEND_F, Op.SEND_B: _SEND_B, Op.RECV_F: _RECV_F, Op.RECV_B: _RECV_B, Op.R: _R}
 # Where a compute action gets its input: from the batch / nothing, a local hand-over, a receive.
 _SRC_NONE, _SRC_LOCAL, _SRC_RECV = range(3)
 
@@ -51,8 +53,10 @@ class Instruction:
         source: For compute: where the input comes from (none / local / receive).
         local_next: For compute: the stage on THIS rank that consumes the result locally, or -1.
         action: The original action, for error messages.
-        ends_path: For a forward: the stage is the last of the microbatch's path (it computes
-            the loss; under CheckFree+ that is chunk S-2 for a swapped microbatch).
+        ends_path: For a forward or a recompute: the stage is the last of the microbatch's path
+            (it computes the loss; under CheckFree+ that is chunk S-2 for a swapped microbatch).
+        keeps_input_only: For a forward: an ``R`` of the same stage and microbatch follows on this
+            rank, so the forward runs without autograd and keeps only its input.
     """
 
     op: int
@@ -64,6 +68,7 @@ class Instruction:
     local_next: int
     action: Action
     ends_path: bool = False
+    keeps_input_only: bool = False
 
 
 def compile_rank(
@@ -86,8 +91,9 @@ def compile_rank(
     s2r = schedule.stage_to_rank
     out: list[Instruction] = []
     n_mb = schedule.num_microbatches
+    again = set() if forward_only else {(a.stage, a.microbatch) for a in schedule.ranks[rank] if a.op is Op.R}
     for a in schedule.ranks[rank]:
-        if forward_only and a.op in (Op.B, Op.SEND_B, Op.RECV_B):
+        if forward_only and a.op in (Op.B, Op.SEND_B, Op.RECV_B, Op.R):
             continue
         path = schedule.path(a.microbatch)
         i = path.index(a.stage)
@@ -102,7 +108,11 @@ def compile_rank(
         if a.op is Op.F:
             source = _SRC_NONE if pred is None else (_SRC_LOCAL if s2r[pred] == rank else _SRC_RECV)
             local_next = succ if succ is not None and s2r[succ] == rank else -1
-            out.append(Instruction(_F, a.stage, a.microbatch, -1, -1, source, local_next, a, succ is None))
+            out.append(Instruction(_F, a.stage, a.microbatch, -1, -1, source, local_next, a, succ is None,
+                                   (a.stage, a.microbatch) in again))
+            continue
+        if a.op is Op.R:
+            out.append(Instruction(_R, a.stage, a.microbatch, -1, -1, _SRC_NONE, -1, a, succ is None))
             continue
         source = _SRC_NONE if succ is None else (_SRC_LOCAL if s2r[succ] == rank else _SRC_RECV)
         local_next = pred if pred is not None and s2r[pred] == rank else -1
@@ -181,12 +191,14 @@ class Executor:
                     x = local.pop(key).detach()
                 else:
                     x = self._wait_recv((_RECV_F, ins.stage, ins.microbatch), ins)
-                out = runner.forward(ins.stage, ins.microbatch, x, ins.ends_path)
+                out = runner.forward(ins.stage, ins.microbatch, x, ins.ends_path, keep=not ins.keeps_input_only)
                 if out is not None:
                     if ins.local_next >= 0:
                         local[(_F, ins.local_next, ins.microbatch)] = out
                     else:
                         outputs[(_SEND_F, ins.stage, ins.microbatch)] = out.detach()
+            elif op == _R:
+                runner.recompute(ins.stage, ins.microbatch, ins.ends_path)
             elif op == _B:
                 if ins.source == _SRC_NONE:
                     grad = None

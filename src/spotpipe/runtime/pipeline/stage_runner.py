@@ -11,12 +11,14 @@ Megatron-LM's pipeline, Narayanan et al. 2021).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from spotpipe.errors import SpotpipeError
+from spotpipe.runtime.pipeline.meter import SavedTensorMeter
 
 
 class RunnerError(SpotpipeError):
@@ -41,10 +43,12 @@ class StageRunner:
         self._inputs: Sequence[torch.Tensor] = ()
         self._targets: Sequence[torch.Tensor] = ()
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._dropped: dict[tuple[int, int], torch.Tensor] = {}  # inputs kept for a recompute
         self._train = True
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.hook: Callable[[str], None] | None = None  # called with "forward" / "backward" (phase faults)
+        self.meter: SavedTensorMeter | None = None  # counts what autograd saves (measured memory)
 
     # -- step boundaries ---------------------------------------------------------------------
 
@@ -57,6 +61,7 @@ class StageRunner:
         self._targets = targets
         self._train = train
         self._saved.clear()
+        self._dropped.clear()
         self._loss_sum = None
         self._loss_count = 0
         for chunk in self.chunks.values():
@@ -70,17 +75,19 @@ class StageRunner:
     def discard(self) -> None:
         """Drop every saved activation (an aborted step)."""
         self._saved.clear()
+        self._dropped.clear()
         self._loss_sum = None
         self._loss_count = 0
 
     @property
     def pending(self) -> int:
-        """How many (stage, microbatch) activations are held for a backward."""
-        return len(self._saved)
+        """How many (stage, microbatch) activations (or inputs kept for a recompute) are held for a backward."""
+        return len(self._saved) + len(self._dropped)
 
     # -- actions -----------------------------------------------------------------------------
 
-    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None) -> torch.Tensor | None:
+    def forward(self, stage: int, microbatch: int, x: torch.Tensor | None, ends_path: bool | None = None,
+                keep: bool = True) -> torch.Tensor | None:
         """Forward of ``stage`` for ``microbatch``.
 
         Args:
@@ -88,6 +95,8 @@ class StageRunner:
                 of the path, which reads the microbatch's token ids.
             ends_path: The stage is the last of the microbatch's path (it computes the loss).
                 Default: the chunk is the model's last one (``is_last``).
+            keep: Keep what the backward needs. ``False`` (a recompute follows): run without
+                autograd and keep only the input, for :meth:`recompute`.
 
         Returns:
             The output activation, or ``None`` where the path ends (its loss is accumulated).
@@ -97,11 +106,16 @@ class StageRunner:
         chunk = self.chunks[stage]
         if x is None:
             x = self._inputs[microbatch]
-        elif self._train and x.is_floating_point():
+        if self._train and not keep:
+            self._dropped[(stage, microbatch)] = x
+            with torch.no_grad():
+                return self._run(chunk, stage, microbatch, x, ends_path, count_loss=True)
+        if self._train and x.is_floating_point():
             x.requires_grad_(True)
         if getattr(chunk, "is_last", False) if ends_path is None else ends_path:
             if self._train:
-                out = chunk(x, self._targets[microbatch], finish=True)
+                with self._saving():
+                    out = chunk(x, self._targets[microbatch], finish=True)
                 self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             else:
                 with torch.no_grad():
@@ -111,11 +125,54 @@ class StageRunner:
             self._loss_count += 1
             return None
         if self._train:
-            out = chunk(x, finish=False)
+            with self._saving():
+                out = chunk(x, finish=False)
             self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
             return out
         with torch.no_grad():
             return chunk(x, finish=False)
+
+    def _run(self, chunk: nn.Module, stage: int, microbatch: int, x: torch.Tensor, ends_path: bool | None,
+             count_loss: bool) -> torch.Tensor | None:
+        """The chunk on ``x`` in the current autograd mode; the loss where the path ends (added
+        to the step's losses when ``count_loss``), else the output activation."""
+        if getattr(chunk, "is_last", False) if ends_path is None else ends_path:
+            out: torch.Tensor = chunk(x, self._targets[microbatch], finish=True)
+            if count_loss:
+                detached = out.detach()
+                self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+                self._loss_count += 1
+                return None
+            return out
+        hidden: torch.Tensor = chunk(x, finish=False)
+        return hidden
+
+    def recompute(self, stage: int, microbatch: int, ends_path: bool | None = None) -> None:
+        """Run the forward of ``stage`` for ``microbatch`` again, with autograd, from the input
+        its forward kept (``keep=False``), and keep what the backward needs.
+
+        Same inputs, same weights (they change only at the optimizer step) and no randomness in
+        the model, so the recomputed activations equal the dropped ones and the gradients are
+        exactly those without recompute (Chen et al. 2016, "Training Deep Nets with Sublinear
+        Memory Cost").
+
+        Raises:
+            RunnerError: no forward of that stage and microbatch kept its input.
+        """
+        try:
+            x = self._dropped.pop((stage, microbatch))
+        except KeyError:
+            raise RunnerError(f"recompute {stage}R{microbatch} without a forward that kept its input") from None
+        if x.is_floating_point():
+            x.requires_grad_(True)
+        with self._saving():
+            out = self._run(self.chunks[stage], stage, microbatch, x, ends_path, count_loss=False)
+        assert out is not None
+        self._saved[(stage, microbatch)] = (x if x.is_floating_point() else None, out)
+
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
+        """The meter's counting context, or nothing without a meter."""
+        return contextlib.nullcontext() if self.meter is None else self.meter.saving()
 
     def backward(self, stage: int, microbatch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of ``stage`` for ``microbatch``.

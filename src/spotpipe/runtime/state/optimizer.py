@@ -4,8 +4,8 @@
 steps it, reads and writes the moments of one parameter, clears a chunk's state and saves or loads
 it, through :class:`StageOptimizer`. :class:`ChunkAdamW` is the one implementation today (one
 ``torch.optim.AdamW`` per chunk, built by :func:`spotpipe.runtime.state.optim.build_stage_optimizer`);
-an optimizer that keeps its moments in host memory and brings them to the device ahead of use
-(ChronosPipe's offload; Lin et al. 2025) is one more class with these methods and a config key that
+:class:`~spotpipe.runtime.state.offload.OffloadedAdamW` keeps the moments in host memory and brings
+them to the device for the update (ChronosPipe's offload; Lin et al. 2025); ``pipeline.offload``
 picks it in :func:`build_chunk_optimizer`.
 """
 
@@ -111,14 +111,20 @@ class ChunkAdamW:
         self.by_chunk[first].register_step_post_hook(lambda *_: hook())
 
 
-def build_chunk_optimizer(chunks: Mapping[int, torch.nn.Module], train: TrainConfig) -> StageOptimizer:
+def build_chunk_optimizer(chunks: Mapping[int, torch.nn.Module], train: TrainConfig, offload: bool = False) -> StageOptimizer:
     """The optimizer of a worker's (or a mirror's) chunks: the one place that picks its class.
 
     Args:
         chunks: Chunk index -> module.
         train: The ``[train]`` section.
+        offload: Keep the moments in host memory between updates (``pipeline.offload =
+            "optimizer"``; :class:`~spotpipe.runtime.state.offload.OffloadedAdamW`).
 
     Returns:
-        A :class:`StageOptimizer` (today always :class:`ChunkAdamW`).
+        A :class:`StageOptimizer`: :class:`ChunkAdamW`, or OffloadedAdamW with ``offload``.
     """
+    if offload:
+        from spotpipe.runtime.state.offload import OffloadedAdamW  # it builds on this module
+
+        return OffloadedAdamW(chunks, train)
     return ChunkAdamW(chunks, train)

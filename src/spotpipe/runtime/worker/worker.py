@@ -66,6 +66,7 @@ from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
+from spotpipe.runtime.pipeline.meter import SavedTensorMeter, step_memory_report
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
@@ -143,11 +144,13 @@ class Worker:
         self.num_chunks = self.schedule.num_stages
         chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
                   for s in self.my_stages}
-        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train))
+        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
         self.chunks = self.state.chunks
         self.mirror_link = MirrorLink(cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
         self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.meter = SavedTensorMeter()
+        self.runner.meter = self.meter
         if self.fault.planned:
             self.runner.hook = self.fault.hit
             self.state.optimizer.add_step_hook(self._optimizer_fault)
@@ -342,8 +345,14 @@ class Worker:
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
         inputs, targets = self._microbatches(self.sampler, step_ids)
         self.flat_grad.zero_()
+        self.meter.exclude(q for c in self.runner.chunks.values() for q in c.parameters())  # chunks may be new
+        self.meter.reset_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}")
         t_pipe = time.perf_counter()
+        memory = step_memory_report(self.stage, self.meter, self.runner.chunks, self.state.optimizer, self.device,
+                                    self.flat_grad)
         if self.cfg.pipeline.replicas > 1:
             gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
         if self.tied:
@@ -371,6 +380,7 @@ class Worker:
             "pipe_s": t_pipe - t0,
             "compute_s": time.perf_counter() - t0,
             "reduced": [sq_total, loss_total, n_total, stop],
+            "memory": memory,
         }
 
     def decide(self, step: int) -> None:
@@ -503,6 +513,7 @@ class Worker:
                 "reduced": outcome["reduced"],
                 "stop": stop,
                 "skipped": nonfinite,
+                "memory": outcome["memory"],
                 "store_bytes": self.store.written.total if hasattr(self.store, "written") else 0,
                 "mirror_bytes": self.mirror_link.bytes_sent,
             }
