@@ -74,7 +74,7 @@ def main() -> int:
         if proc.returncode == 0:
             res: dict[str, Any] = json.loads(out.read_text())
             for size, e in res["sizes"].items():
-                none = e["runs"]["none"][0].get("median_step_s")
+                none = e["runs"]["none"][0].get("step_s")
                 rows.append((f"throughput {size} ({e['params']} params)", "ok",
                              f"mirror/none {e['ratio']:.3f}, step {none:.3f} s without mirrors" if e["ratio"] and none else "no ratio"))
         else:

@@ -6,7 +6,8 @@ process per stage on this machine, gloo on CPU), failure-free runs of ``ft.strat
 update) and ``ft.strategy = none`` are alternated, ``--rounds`` times each. Per run, from its own
 ``events.jsonl``:
 
-- the steady-state step time: the median commit-to-commit time of the steps after the first two;
+- the steady-state step time: the wall time from the commit of step 2 to the last commit, divided
+  by the steps in between (``step_s``; the median of the per-step times is kept beside it);
 - the bytes the workers wrote to the controller's store per step (``store_bytes``, cumulative
   in each step event; the slope over the steady steps) and the bytes sent peer to peer to the
   mirror holders per step (``mirror_bytes``).
@@ -73,10 +74,13 @@ def param_count(sets: list[str]) -> int:
 def steady(evs: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [e for e in evs if e["event"] == "step" and e["step"] >= 2]
     if len(steps) < 2:
-        return {"median_step_s": None}
+        return {"step_s": None}
     span = steps[-1]["step"] - steps[0]["step"]
     return {
-        "median_step_s": statistics.median(e["step_time"] for e in steps),
+        # Wall time over the steady steps, from the controller's commit times: exact over the span
+        # whatever the controller's polling period (older versions timed each step by it).
+        "step_s": (steps[-1]["t"] - steps[0]["t"]) / span,
+        "median_of_step_times_s": statistics.median(e["step_time"] for e in steps),
         "store_bytes_per_step": (steps[-1].get("store_bytes", 0) - steps[0].get("store_bytes", 0)) / span,
         "mirror_bytes_per_step": (steps[-1].get("mirror_bytes", 0) - steps[0].get("mirror_bytes", 0)) / span,
     }
@@ -158,15 +162,15 @@ def main() -> None:
                     rc, err = train(args.src, run_dir, [*sets, *SIDES[side]])
                     row = {"rc": rc, "error": err if rc else "", "wall_s": time.perf_counter() - t0, **steady(events(run_dir))}
                     runs[side].append(row)
-                    print(f"{size:>5} {side:>6} round {k}: rc {rc}, median step {row.get('median_step_s')}", flush=True)
-            ratios = [m["median_step_s"] / n["median_step_s"] for m, n in zip(runs["mirror"], runs["none"])
-                      if m.get("median_step_s") and n.get("median_step_s")]
+                    print(f"{size:>5} {side:>6} round {k}: rc {rc}, step {row.get('step_s')}", flush=True)
+            ratios = [m["step_s"] / n["step_s"] for m, n in zip(runs["mirror"], runs["none"])
+                      if m.get("step_s") and n.get("step_s")]
             entry: dict[str, Any] = {"params": params, "runs": runs,
                                      "ratio": statistics.median(ratios) if ratios else None,
-                                     "store_bytes_per_step": {side: statistics.median(r["store_bytes_per_step"] for r in rows if r.get("median_step_s"))
-                                                              for side, rows in runs.items() if any(r.get("median_step_s") for r in rows)},
-                                     "mirror_bytes_per_step": statistics.median(r["mirror_bytes_per_step"] for r in runs["mirror"] if r.get("median_step_s"))
-                                     if any(r.get("median_step_s") for r in runs["mirror"]) else None}
+                                     "store_bytes_per_step": {side: statistics.median(r["store_bytes_per_step"] for r in rows if r.get("step_s"))
+                                                              for side, rows in runs.items() if any(r.get("step_s") for r in rows)},
+                                     "mirror_bytes_per_step": statistics.median(r["mirror_bytes_per_step"] for r in runs["mirror"] if r.get("step_s"))
+                                     if any(r.get("step_s") for r in runs["mirror"]) else None}
             if not args.no_recovery:
                 run_dir = Path(tmp) / f"{size}-kill"
                 rc, err = train(args.src, run_dir, [*sets, *SIDES["mirror"], f"train.steps={max(steps, 6)}"], ("--fail", "stage=2@step=3"))
