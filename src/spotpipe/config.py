@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from spotpipe.errors import ConfigError
-from spotpipe.fsutil import read_text
+from spotpipe.fsutil import read_text, resolve_path
 from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
@@ -333,7 +333,26 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
         cfg = config_from_mapping(data, where=str(p))
-    return apply_overrides(cfg, overrides).validate()
+    cfg = apply_overrides(cfg, overrides)
+    if path is not None:
+        cfg = _paths_from(cfg, Path(path).resolve().parent)
+    return cfg.validate()
+
+
+def _paths_from(cfg: JobConfig, base_dir: Path) -> JobConfig:
+    """``data.path``, a ``data.tokenizer`` file and ``network.matrix``: looked up in the working
+    directory first, then in the config file's folder (:func:`spotpipe.fsutil.resolve_path`); one
+    found there is made absolute, so every process and every command reads the same file."""
+    from dataclasses import replace
+
+    def where(value: str) -> str:
+        if not value or value == "byte":
+            return value
+        found = resolve_path(value, base_dir)
+        return value if found == Path(value).expanduser() else str(found.resolve())
+
+    return replace(cfg, data=replace(cfg.data, path=where(cfg.data.path), tokenizer=where(cfg.data.tokenizer)),
+                   network=replace(cfg.network, matrix=where(cfg.network.matrix)))
 
 
 def _toml_value(value: Any) -> str:

@@ -228,3 +228,21 @@ def read_text(path: str | Path, what: str = "") -> str:
     except OSError as exc:
         raise SpotpipeError(f"cannot read {label}: {_reason(exc)}") from None
     return decode_utf8(data, p, what)
+
+
+def resolve_path(value: str, base_dir: str | Path | None = None) -> Path:
+    """A path from a config value: absolute, else relative to the working directory if it exists
+    there, else relative to ``base_dir`` (the config file's folder) if it exists there.
+
+    Args:
+        value: The configured path.
+        base_dir: The folder of the config file that named it (None: no such file).
+
+    Returns:
+        The path to open (``value`` itself when it exists nowhere: the caller names it in its error).
+    """
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or base_dir is None:
+        return p
+    alt = Path(base_dir) / p
+    return alt if alt.exists() else p

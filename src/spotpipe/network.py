@@ -24,7 +24,7 @@ from pathlib import Path
 
 from spotpipe.config import NetworkConfig
 from spotpipe.errors import ConfigError
-from spotpipe.fsutil import read_text
+from spotpipe.fsutil import read_text, resolve_path
 
 GIB = float(2**30)
 HEADER = ("location_a", "location_b", "latency_ms", "bandwidth_GiB_per_s")
@@ -149,20 +149,12 @@ def parse_matrix(text: str, source: str = "matrix") -> LinkMatrix:
 def read_matrix(path: str | Path) -> LinkMatrix:
     """Read a links.csv-format file (see the module docstring)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"network.matrix: {p} is a directory, not a links.csv file")
     if not p.is_file():
         raise ConfigError(f"network.matrix: file {p} does not exist")
     text = read_text(p, "network.matrix:")
     return parse_matrix(text, source=str(p))
-
-
-def resolve_path(value: str, base_dir: str | Path | None = None) -> Path:
-    """A path from a config value: absolute, else relative to the working directory if it exists
-    there, else relative to ``base_dir`` (the config file's folder)."""
-    p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or base_dir is None:
-        return p
-    alt = Path(base_dir) / p
-    return alt if alt.exists() else p
 
 
 @dataclass(frozen=True)

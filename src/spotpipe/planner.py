@@ -363,6 +363,11 @@ _UNITS = {"": GB, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 
           "gib": 2.0**30, "tib": 2.0**40}
 
 
+MIN_BUDGET = 1e6
+MAX_BUDGET = 1e15
+"""Budgets per rank that ``parse_bytes`` takes (bytes): 1 MB to 1000 TB."""
+
+
 def parse_bytes(text: str, what: str = "--budget") -> float:
     """``"4GB"``, ``"512MiB"``, ``"2.5"`` (GB) -> bytes.
 
@@ -374,7 +379,10 @@ def parse_bytes(text: str, what: str = "--budget") -> float:
     if m is None or unit not in _UNITS or not float(m.group(1)) > 0:
         raise ConfigError(f"{what}: expected a positive size like 4GB, 512MiB or 2.5 (GB), got {text!r}; "
                           "units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
-    return float(m.group(1)) * _UNITS[unit]
+    size = float(m.group(1)) * _UNITS[unit]
+    if not MIN_BUDGET <= size <= MAX_BUDGET:
+        raise ConfigError(f"{what}: {text!r} is out of range; a budget per rank is 1 MB to 1000 TB")
+    return size
 
 
 def format_plans(results: Sequence[PlanResult], budget: float, cfg: JobConfig) -> str:

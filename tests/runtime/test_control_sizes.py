@@ -53,16 +53,18 @@ def test_the_sizes_line_names_parameters_tokens_and_memory() -> None:
     assert "mirror of the next stage" in line and "checkpoint" in line
 
 
-def test_data_paths_resolve_against_the_config_folder_when_not_in_the_working_directory(
+def test_file_paths_resolve_against_the_config_folder_when_not_in_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotpipe.runtime.control.job import resolve_data_paths
-
+    """Every command reads a config the same way (train, schedule memory, simulate, plan)."""
     (tmp_path / "cfg" / "tok").mkdir(parents=True)
     (tmp_path / "cfg" / "tok" / "t.json").write_text("{}")
+    (tmp_path / "cfg" / "links.csv").write_text("x")
     (tmp_path / "here.txt").write_text("x")
+    (tmp_path / "cfg" / "job.toml").write_text(
+        '[data]\ntokenizer = "tok/t.json"\npath = "here.txt"\n[network]\nmatrix = "links.csv"\n')
     monkeypatch.chdir(tmp_path)
-    data = load_config(None, ["data.tokenizer=tok/t.json", "data.path=here.txt"]).data
-    got = resolve_data_paths(data, tmp_path / "cfg")
-    assert got.tokenizer == str(tmp_path / "cfg" / "tok" / "t.json")  # not in the working directory: the config's folder
-    assert got.path == str(tmp_path / "here.txt")  # in the working directory: that one
-    assert resolve_data_paths(load_config(None, []).data, tmp_path).tokenizer == "byte"
+    cfg = load_config(tmp_path / "cfg" / "job.toml")
+    assert cfg.data.tokenizer == str(tmp_path / "cfg" / "tok" / "t.json")  # not in the working directory: the config's folder
+    assert cfg.network.matrix == str(tmp_path / "cfg" / "links.csv")
+    assert cfg.data.path == "here.txt"  # in the working directory: that one, as given
+    assert load_config(None, ["data.tokenizer=tok/t.json"]).data.tokenizer == "tok/t.json"  # no config file: as given

@@ -114,6 +114,10 @@ def test_bad_settings_name_the_keys() -> None:
         check_sizes(((0,), (1,), (2,)), 1, 2, 1)  # 1 visit over 2 stages: not
     with pytest.raises(ConfigError, match="pipeline.node_memory must be >= 1"):
         check_sizes(groups, 2, 2, 0)
+    with pytest.raises(ConfigError, match=r"k = 1 stage per path \(stage 0 alone\).*skip_ratio <= 0.333"):
+        check_sizes(groups, 2, 1, 1)
+    with pytest.raises(ConfigError, match=r"stage 1 has 3 nodes \(pipeline.stage_nodes\[1\]\) but gets only 1 microbatch visit per"):
+        check_sizes(((0, 1), (2, 3, 4), (5, 6, 7)), 1, 2, 1)  # 1 visit per stage cannot reach 3 nodes
     with pytest.raises(ConfigError, match="variant must be one of full, random, skippipe-nca, skippipe"):
         plan_paths("fastest", groups, _uniform(4), microbatches=2, k=2, max_swaps=0, node_memory=1)
 

@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
         "tokenizer",
         help="train a byte-level BPE tokenizer.json",
         description="Train a byte-level BPE tokenizer (any text round-trips) on text files, or on the built-in corpus "
-                    "when no INPUT is given, and write a Hugging Face tokenizer.json for data.tokenizer.",
+                    "when no INPUT is given, and write a Hugging Face tokenizer.json for data.tokenizer. Input bytes that "
+                    "are not UTF-8 are read as U+FFFD, as `data prepare` does with a Hugging Face tokenizer.",
     )
     bpe.add_argument("inputs", nargs="*", metavar="INPUT", help="text files or directories of text (default: the built-in corpus)")
     bpe.add_argument("--vocab-size", type=int_in(257, 1 << 20), default=16384, metavar="N",
@@ -67,11 +68,17 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 def _tokenizer(args: argparse.Namespace) -> int:
     from spotpipe.data.tokenizer import train_bpe
     from spotpipe.data.tokens import collect_inputs, stdlib_corpus_files
+    from spotpipe.errors import SpotpipeError
+    from spotpipe.fsutil import check_output
 
+    out = check_output(args.out, "--out")  # before the training, not after it
     files = collect_inputs([Path(p) for p in args.inputs]) if args.inputs else stdlib_corpus_files()
-    tok = train_bpe(files, args.vocab_size, Path(args.out))
     size = sum(f.stat().st_size for f in files)
-    print(f"wrote {tok.path}: byte-level BPE, vocabulary {tok.vocab_size}, trained on {len(files)} files ({size / 2**20:.1f} MiB)")
+    if size == 0:
+        raise SpotpipeError(f"data tokenizer: the input{'s hold' if len(files) > 1 else ' holds'} no text to learn merges from")
+    tok = train_bpe(files, args.vocab_size, out)
+    print(f"wrote {tok.path}: byte-level BPE, vocabulary {tok.vocab_size}, trained on {len(files)} "
+          f"file{'s' if len(files) != 1 else ''} ({size / 2**20:.1f} MiB)")
     return 0
 
 

@@ -122,6 +122,11 @@ def check_sizes(groups: Sequence[Sequence[int]], microbatches: int, k: int, node
         raise ConfigError(f"pipeline.microbatches must be >= 1, got {microbatches}")
     if node_memory < 1:
         raise ConfigError(f"pipeline.node_memory must be >= 1, got {node_memory}")
+    if s > 1 and k < 2:
+        raise ConfigError(
+            f"pipeline.skip_ratio leaves k = {k} stage per path (stage 0 alone): no other stage would train; "
+            f"with {s} stages use pipeline.skip_ratio <= {(s - 2) / s:.3f} (k >= 2)"
+        )
     total = len(groups[0]) * microbatches
     if s > 1 and (total * (k - 1)) % (s - 1) != 0:
         raise ConfigError(
@@ -129,6 +134,14 @@ def check_sizes(groups: Sequence[Sequence[int]], microbatches: int, k: int, node
             f"{total * (k - 1)} visits cannot split evenly over the {s - 1} non-first stages; choose "
             "pipeline.microbatches or pipeline.skip_ratio so that it divides"
         )
+    per_stage = total * (k - 1) // (s - 1) if s > 1 else total
+    for i, group in enumerate(groups[1:], start=1):
+        if per_stage < len(group):
+            raise ConfigError(
+                f"stage {i} has {len(group)} nodes (pipeline.stage_nodes[{i}]) but gets only {per_stage} microbatch "
+                f"visit{'s' if per_stage != 1 else ''} per iteration, so a node would hold nothing; raise pipeline.microbatches or lower "
+                "pipeline.skip_ratio, or give the stage fewer nodes"
+            )
 
 
 def _initial(groups: Sequence[Sequence[int]], agents: int, k: int) -> list[MicrobatchPath]:

@@ -34,7 +34,8 @@ from spotpipe.cost import speeds_per_node
 from spotpipe.errors import ConfigError
 from spotpipe.fsutil import read_text
 from spotpipe.schedule.ir import Placement
-from spotpipe.network import Network, build_network, resolve_path
+from spotpipe.fsutil import resolve_path
+from spotpipe.network import Network, build_network
 
 FAIL = "fail"
 JOIN = "join"

@@ -37,7 +37,8 @@ from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Placement, Schedule
 from spotpipe.sim.cluster import JOIN, Cluster, NodeEvent, PoissonFailures, build_cluster, parse_failures, read_preemption_trace
 from spotpipe.sim.engine import Engine, Timer
-from spotpipe.network import Network, build_network, resolve_path
+from spotpipe.fsutil import resolve_path
+from spotpipe.network import Network, build_network
 from spotpipe.sim.player import IterationResult, play_iteration
 from spotpipe.sim.recovery import Detector, FailureContext, RecoveryDecision, RecoveryPolicy, build_policy, detection_time
 

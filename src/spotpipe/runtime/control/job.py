@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from spotpipe.config import DataConfig, JobConfig, TrainConfig, load_config
+from spotpipe.config import JobConfig, TrainConfig, load_config
 from spotpipe.runtime.devices import resolve_hardware
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
@@ -139,17 +139,6 @@ class PreparedRun:
     resume: Any  # checkpoint.Manifest | None
 
 
-def resolve_data_paths(data: DataConfig, base_dir: Path) -> DataConfig:
-    """``data.path`` and a ``data.tokenizer`` file, relative to the working directory if they exist
-    there, else to the config file's folder (as ``network.matrix``,
-    :func:`spotpipe.network.resolve_path`); made absolute, so every worker reads the same file."""
-    from spotpipe.network import resolve_path
-
-    path = str(resolve_path(data.path, base_dir).resolve()) if data.path else ""
-    tokenizer = data.tokenizer if data.tokenizer in ("", "byte") else str(resolve_path(data.tokenizer, base_dir).resolve())
-    return replace(data, path=path, tokenizer=tokenizer)
-
-
 def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None,
                 faults: tuple[str, ...] = ()) -> PreparedRun:
     """Resolve config, run directory, data, schedule and checkpoint; raise one clear error if any
@@ -183,8 +172,6 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     else:
         cfg = load_config(config_path, overrides)
         cfg = replace(cfg, ft=replace(cfg.ft, faults=cfg.ft.faults + faults)).validate()
-        if config_path is not None:
-            cfg = replace(cfg, data=resolve_data_paths(cfg.data, Path(config_path).resolve().parent))
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / name
         if (run_dir / "events.jsonl").exists():
@@ -200,6 +187,9 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     cfg = cfg.validate()
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
+    if cfg.pipeline.stage_nodes:
+        raise SpotpipeError("pipeline.stage_nodes: SkipPipe plans run in `spotpipe schedule plan` and the simulator; "
+                            "`spotpipe train` does not run them yet (set pipeline.stage_nodes = [] to train full pipelines)")
     check_swap_layout(cfg)
     check_listen_host(cfg.run.host)
     world = cfg.pipeline.stages * cfg.pipeline.replicas
