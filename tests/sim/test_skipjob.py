@@ -134,3 +134,13 @@ def test_bad_network_inputs_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{matrix}:2: bandwidth_GiB_per_s must be > 0, got -0.5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_too_many_nodes_are_refused_before_any_work() -> None:
+    """A 3,000-node plan would spend minutes building its link table before showing anything."""
+    from spotpipe.errors import ConfigError
+
+    cfg = load_config(None, ["pipeline.stages=6", "pipeline.stage_nodes=[500, 500, 500, 500, 500, 500]",
+                             "train.batch_size=2000", "pipeline.microbatches=4"])
+    with pytest.raises(ConfigError, match="pipeline.stage_nodes: 3000 nodes; the planner takes at most 1024"):
+        plan_job(cfg)

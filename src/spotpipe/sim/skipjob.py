@@ -113,6 +113,10 @@ def skip_setting(cfg: JobConfig, base_dir: str | Path | None = None) -> SkipSett
     return SkipSetting(network, sizes, costs, nbytes, tuple(analytic.grad_bytes), path_stages(p.stages, p.skip_ratio))
 
 
+MAX_PLAN_NODES = 1024
+"""The most nodes ``schedule plan`` takes (beyond, the link table alone takes minutes to build)."""
+
+
 def plan_job(
     cfg: JobConfig,
     base_dir: str | Path | None = None,
@@ -140,6 +144,12 @@ def plan_job(
     """
     t0 = time.perf_counter()
     p = cfg.pipeline
+    nodes = sum(p.stage_nodes)
+    if nodes > MAX_PLAN_NODES:
+        raise ConfigError(
+            f"pipeline.stage_nodes: {nodes} nodes; the planner takes at most {MAX_PLAN_NODES} (its link table grows "
+            "with the square of the nodes and its search with their number: 600 nodes take about 11 minutes on 2 cores)"
+        )
     setting = skip_setting(cfg, base_dir)
     costs = setting.costs
     problem = PlacementProblem(costs.message_s, costs.forward_s, setting.sizes)
