@@ -7,13 +7,15 @@ the lowering, the ``R`` action and the stage runner's recompute, without spawnin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 
 import pytest
 import torch
 
 from spotpipe.config import load_config
-from spotpipe.data.tokens import TokenFile, prepare_tokens
+from spotpipe.data.tokens import TokenFile
 from spotpipe.runtime.inprocess.player import PipelineTrainer
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Op
@@ -23,21 +25,12 @@ TINY = ("model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16
         "train.warmup_steps=3", "train.eval_every=0", "run.progress=false")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> TokenFile:
-    d = tmp_path_factory.mktemp("chronos")
-    gen = torch.Generator().manual_seed(3)
-    words = ["spot", "stage", "loss", "chronos", "recompute", "pipe", "line", "memory"]
-    (d / "t.txt").write_text(" ".join(words[int(i)] for i in torch.randint(0, 8, (6000,), generator=gen)))
-    return prepare_tokens([d / "t.txt"], d / "tok")
+def corpus(tmp_path_factory: pytest.TempPathFactory, word_corpus: Callable[..., TokenFile]) -> TokenFile:
+    return word_corpus(tmp_path_factory.mktemp("chronos"), ["spot", "stage", "loss", "chronos", "recompute", "pipe", "line", "memory"], seed=3)
 
 
 #: ``SPOTPIPE_TEST_DEVICE=cuda`` plays the same steps on the GPU (bench/gpu_check.sh); default CPU.

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from spotpipe.config import load_config
-from spotpipe.data.tokens import TokenFile, prepare_tokens
+from spotpipe.data.tokens import TokenFile
 from spotpipe.planner import predict_memory
 from spotpipe.runtime.inprocess.player import PipelineTrainer
 from spotpipe.runtime.pipeline.meter import SavedTensorMeter, state_bytes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> TokenFile:
-    d = tmp_path_factory.mktemp("meter")
-    gen = torch.Generator().manual_seed(5)
-    words = ["bytes", "held", "for", "backward", "peak", "rank", "saved", "tensor"]
-    (d / "t.txt").write_text(" ".join(words[int(i)] for i in torch.randint(0, 8, (6000,), generator=gen)))
-    return prepare_tokens([d / "t.txt"], d / "tok")
+def corpus(tmp_path_factory: pytest.TempPathFactory, word_corpus: Callable[..., TokenFile]) -> TokenFile:
+    return word_corpus(tmp_path_factory.mktemp("meter"), ["bytes", "held", "for", "backward", "peak", "rank", "saved", "tensor"], seed=5)
 
 
 @pytest.mark.timeout(30)

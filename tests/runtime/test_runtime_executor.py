@@ -26,13 +26,7 @@ from spotpipe.schedule.ir import Action, Op, Schedule
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Ranks run as threads: one intra-op thread each keeps 2 cores from thrashing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # ranks run as threads
 
 
 @pytest.fixture(scope="module")
