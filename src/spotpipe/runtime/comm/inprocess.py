@@ -32,8 +32,10 @@ and the turn; :meth:`InProcessHub.play` runs one body per rank and returns their
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -45,6 +47,13 @@ from spotpipe.runtime.comm.transport import GenerationAborted, Handle, PeerTimeo
 T = TypeVar("T")
 Key = tuple[int, int, int]  # (source rank, destination rank, tag)
 IDLE_EXIT_S = 10.0  # a rank thread with nothing to play for this long ends
+_HUBS: weakref.WeakSet[InProcessHub] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_rank_threads() -> None:
+    for hub in list(_HUBS):
+        hub.end_idle_threads()
 
 
 class Deadlock(PeerTimeout):
@@ -168,8 +177,26 @@ class InProcessHub:
         self._results: list[Any] = []
         self._errors: list[BaseException] = []
         self._mode = (True, 1)  # grad mode and intra-op threads of the play under way
+        self._closing = False
         self.aborted = False
         self.abort_reason = ""
+        _HUBS.add(self)
+
+    def end_idle_threads(self, timeout_s: float = 2.0) -> None:
+        """End the rank threads now instead of after :data:`IDLE_EXIT_S` (at interpreter exit, so
+        no thread that ran torch code outlives the interpreter: that can abort the process)."""
+        with self._lock:
+            if self._playing:
+                return
+            self._closing = True
+            threads = [t for t in self._threads if t is not None]
+            for wake in self._wake:
+                wake.notify_all()
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout_s)
+        with self._lock:
+            self._closing = False
 
     def transport(self, rank: int) -> InProcessTransport:
         """The transport of ``rank``."""
@@ -261,7 +288,8 @@ class InProcessHub:
         with self._lock:
             while True:
                 while not (self._round > seen and self._turn == rank):
-                    if not self._wake[rank].wait(IDLE_EXIT_S) and not self._playing:
+                    woken = self._wake[rank].wait(IDLE_EXIT_S)
+                    if (self._closing or not woken) and not self._playing:
                         self._threads[rank] = None  # idle: end; the next play starts a new thread
                         return
                 seen = self._round
