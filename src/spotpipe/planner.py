@@ -388,18 +388,20 @@ def parse_bytes(text: str, what: str = "--budget") -> float:
 def format_plans(results: Sequence[PlanResult], budget: float, cfg: JobConfig) -> str:
     """The planner's table: one line per plan, then the plan ``auto`` would pick."""
     m = cfg.model
+    peaks_all = [p for r in results if not r.error for p in r.peaks]
+    unit, scale = ("GB", GB) if max(peaks_all, default=GB) >= GB else ("MB", GB / 1000)  # short numbers
     lines = [f"budget {budget / GB:.3g} GB per rank; model {m.layers} layers x d_model {m.d_model}, "
              f"{cfg.pipeline.stages} ranks, {cfg.pipeline.microbatches} microbatches",
-             f"{'plan':<26} {'peak GB per rank':<28} {'max at':<18} {'fits':<5} {'step s':>9} "
+             f"{'plan':<26} {f'peak {unit} per rank':<28} {'max at':<18} {'fits':<5} {'step ms':>9} "
              f"{'max layers':>10} {'max d_model':>11}"]
     for r in results:
         if r.error:
             lines.append(f"{r.plan.name:<26} n/a: {r.error}")
             continue
-        peaks = "/".join(f"{p / GB:.3g}" for p in r.peaks)
+        peaks = "/".join(f"{p / scale:.3g}" for p in r.peaks)
         where = f"rank {r.peak_rank} {r.peak_action}"
         note = "" if r.plan.runnable else "  (predicted only: the runtime cannot run it)"
-        lines.append(f"{r.plan.name:<26} {peaks:<28} {where:<18} {'yes' if r.fits else 'no':<5} {r.step_s:>9.4g} "
+        lines.append(f"{r.plan.name:<26} {peaks:<28} {where:<18} {'yes' if r.fits else 'no':<5} {1e3 * r.step_s:>9.4g} "
                      f"{r.max_layers:>10} {r.max_width:>11}{note}")
     fitting = [r for r in results if not r.error and r.fits and r.plan.runnable]
     if fitting:

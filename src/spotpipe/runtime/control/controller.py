@@ -460,8 +460,10 @@ class Controller:
         }
 
     def restart_step_clock(self) -> None:
-        """The next committed step's time is measured from now."""
+        """The next committed step's time is measured from now (after a recovery: the groups are
+        built, so the replayed step's time is a real step time, shown as a rate)."""
         self._last_commit = time.time()
+        self._first_step_of_gen = -1
 
     # ------------------------------------------------------------------------------------------
     # Shutdown

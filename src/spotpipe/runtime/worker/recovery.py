@@ -89,6 +89,7 @@ class RecoveryAgent:
         self.recoverable = recovery_enabled(worker.cfg.ft)
         self.resume_step = 0  # the step the recovery under way resumes at
         self.transfer_s = 0.0  # seconds the last recovery spent in its peer-to-peer state transfers
+        self.round_bytes = 0  # bytes this worker sends and receives in the transfer round under way
 
     def enter_first_generation(self) -> bool:
         """Enter this worker's first generation; a replacement then receives its state. Returns
@@ -240,8 +241,9 @@ class RecoveryAgent:
                 try:
                     moved += self._recovery_round(gen, ready, rank_of)
                 except (RuntimeError, TimeoutError) as err:  # a peer of the transfer is gone
-                    raise GenerationAborted(peer=None, peer_name=f"the world group of generation {gen.number}",
-                                            action=f"the state transfer of the recovery to step {step}",
+                    raise GenerationAborted(peer=None, peer_name=f"the host group of generation {gen.number}",
+                                            action=f"the state transfer of the recovery to step {step} "
+                                                   f"({self.round_bytes / 1e6:.1f} MB, run.timeout_s={w.cfg.run.timeout_s:g})",
                                             detail=" ".join(str(err).split())[:200]) from None
             if w.id in record.get("new_workers", []):
                 w.sampler.load_state_dict(record["sampler"])
@@ -273,6 +275,7 @@ class RecoveryAgent:
                 bufs = [torch.zeros(n) for n in transfer.receive_sizes(w, plan)]
                 recvs += [(buf, rank_of[src], tag + j) for j, (buf, src) in enumerate(zip(bufs, plan.sources))]
                 installs.append((plan, bufs))
+        self.round_bytes = sum(t.numel() * t.element_size() for t, _, _ in sends) + sum(b.numel() * 4 for b, _, _ in recvs)
         if sends:
             w.fault.hit("recovery", self.resume_step)
         t0 = time.perf_counter()
