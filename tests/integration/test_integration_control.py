@@ -243,6 +243,11 @@ def test_workers_that_lose_the_controller_exit_with_one_line(
         while not (run_dir / "job.token").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         address = next(r["address"] for r in helpers.read_events(run_dir) if r["event"] == "run_start")
+        # The remote worker joins once the local ones hold their roles, so it gets the last stage
+        # and is never the fault's victim (stage 2): it must meet the controller's loss.
+        while sum(1 for e in helpers.read_events(run_dir) if e["event"] == "worker_start") < 3:
+            assert time.monotonic() < deadline and proc.poll() is None, "the local workers did not start"
+            time.sleep(0.05)
         remote = subprocess.Popen(
             helpers.spotpipe_cmd("worker", "--join", address, "--token-file", str(run_dir / "job.token")),
             env=spotpipe_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

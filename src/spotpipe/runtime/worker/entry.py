@@ -9,6 +9,7 @@ This module imports torch only inside :func:`run_worker`, so ``spotpipe --help``
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -82,6 +83,7 @@ def run_worker(args: argparse.Namespace) -> int:
     """
     os.environ.setdefault(CPP_LOG_LEVEL, "ERROR")  # read once, when torch is first imported (below)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     host, port = protocol.parse_address(args.join)
     token = protocol.read_token(args.token_file)
     address = f"{host}:{port}"

@@ -57,8 +57,9 @@ class ControllerLost:
 class Heartbeat(threading.Thread):
     """Worker thread: beat every ``interval_s``, watch for stop and abort requests.
 
-    It uses its own store connection (``store.clone()``), so it never contends with the main
-    thread's. When the controller becomes unreachable the worker has no job any more: after
+    It uses its own store connection (``store.clone()``, made in the thread: when the controller
+    died a moment ago, connecting blocks, and the main thread must not wait on it), so it never
+    contends with the main thread's. When the controller becomes unreachable the worker has no job any more: after
     ``give_up_s`` of failures it calls ``on_orphaned`` (which exits the process).
 
     Args:
@@ -82,7 +83,8 @@ class Heartbeat(threading.Thread):
         give_up_s: float = 5.0,
     ) -> None:
         super().__init__(name=f"spotpipe-heartbeat-{worker}", daemon=True)
-        self._store = store.clone()
+        self._parent_store = store
+        self._store: Any = None  # cloned in the thread: a clone of a dead controller's store blocks for run.timeout_s
         self._worker = worker
         self._interval = interval_s
         self._on_stop = on_stop
@@ -99,6 +101,8 @@ class Heartbeat(threading.Thread):
         failing_since: float | None = None
         while not self._halt.is_set():
             try:
+                if self._store is None:
+                    self._store = self._parent_store.clone()
                 self._store.add(key, 1)
                 if not self._stopped and self._store.check([protocol.STOP]):
                     self._stopped = True
