@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mirror_scaling import COMMON, SIZES, events, train  # noqa: E402
-from strategy_kills import run_all  # noqa: E402
+from strategy_kills import losses as step_losses, run_all  # noqa: E402
 
 BASE = ["run.device=cuda", "train.steps=20", "train.eval_every=0", "run.plot=false", "run.progress=false", "model.context=64",
         "train.batch_size=8"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in events(run_dir) if e["event"] == "step"}
+    return step_losses(events(run_dir))
 
 
 def close(a: dict[int, float], b: dict[int, float], rel: float) -> bool:

@@ -63,12 +63,12 @@ def train(src: Path, run_dir: Path, sets: list[str], extra: tuple[str, ...] = ()
 
 
 def param_count(sets: list[str]) -> int:
+    """Parameters of the model, from its shapes (nothing is built; older checkouts have this too)."""
     from spotpipe.config import load_config
-    from spotpipe.model.stages import build_stage
+    from spotpipe.model.partition import model_shapes
 
     cfg = load_config(None, sets)
-    S = cfg.pipeline.stages
-    return sum(p.numel() for s in range(S) for p in build_stage(cfg.model, 0, s, S).parameters())
+    return sum(s.params for s in model_shapes(cfg.model, cfg.pipeline.stages))
 
 
 def steady(evs: list[dict[str, Any]]) -> dict[str, Any]:

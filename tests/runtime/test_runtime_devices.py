@@ -87,3 +87,13 @@ def test_host_tensors_are_not_copied_when_staging_is_on() -> None:
     y = torch.zeros(4)
     transport.irecv(y, 1, 3).wait(1.0)
     assert group.sent[0] is x and group.recv_buffers[0] is y and torch.equal(y, torch.full((4,), 7.0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_worker_without_cuda_computes_on_the_cpu_over_gloo_and_refuses_cuda() -> None:
+    from spotpipe.runtime.devices import worker_hardware
+
+    assert worker_hardware(load_config(None, []), 3) == ("gloo", torch.device("cpu"))
+    for sets in (["run.device=cuda"], ["run.backend=nccl"]):
+        with pytest.raises(ConfigError, match="this machine has no CUDA device"):
+            worker_hardware(load_config(None, sets), 0)

@@ -64,12 +64,22 @@ def resolve_hardware(cfg: JobConfig, local_workers: int, gpus: int | None = None
     return replace(cfg, run=replace(r, device=device, backend=backend))
 
 
-def worker_device(cfg: JobConfig, local_index: int) -> torch.device:
-    """The device of the worker with ``local_index`` on its machine (``run.device`` resolved:
-    ``cuda:local_index mod n`` or the CPU; a remote worker resolves ``auto`` on its own machine)."""
-    wants = cfg.run.device
-    if wants == "cuda" or (wants == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device = cuda, but this machine has no CUDA device; use run.device = cpu or auto")
-        return torch.device("cuda", local_index % torch.cuda.device_count())
-    return torch.device("cpu")
+def worker_hardware(cfg: JobConfig, local_index: int) -> tuple[str, torch.device]:
+    """The backend and device of the worker with ``local_index`` on its machine.
+
+    ``run.device`` and ``run.backend`` come resolved from the controller (:func:`resolve_hardware`)
+    for its own machine; a worker that joined from another machine resolves an ``auto`` left in
+    them on its own: ``cuda:local_index mod n`` or the CPU, NCCL when it computes on CUDA.
+
+    Raises:
+        ConfigError: CUDA (or NCCL) asked for on a machine without it.
+    """
+    cuda = torch.cuda.is_available()
+    r = cfg.run
+    if (r.device == "cuda" or r.backend == "nccl") and not cuda:
+        raise ConfigError("run.device = cuda / run.backend = nccl, but this machine has no CUDA device; "
+                          "use run.device = cpu (or auto) and run.backend = gloo (or auto)")
+    on_cuda = r.device == "cuda" or r.backend == "nccl" or (r.device == "auto" and cuda)
+    device = torch.device("cuda", local_index % torch.cuda.device_count()) if on_cuda else torch.device("cpu")
+    backend = r.backend if r.backend != "auto" else ("nccl" if on_cuda else "gloo")
+    return backend, device

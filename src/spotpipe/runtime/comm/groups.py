@@ -242,15 +242,6 @@ def retired_count() -> int:
         return len(_RETIRED)
 
 
-def resolve_backend(backend: str) -> str:
-    """``run.backend``: ``auto`` is NCCL when CUDA is available, else gloo."""
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise SpotpipeError("run.backend=nccl needs CUDA, which this machine does not have; use run.backend=gloo or auto")
-    return backend
-
-
 class Generation:
     """This worker's process groups and transport for one generation.
 

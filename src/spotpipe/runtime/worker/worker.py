@@ -57,8 +57,8 @@ from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.runtime import protocol
 from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name, save_state
 from spotpipe.runtime.pipeline.executor import Executor, compile_rank, stage_peers
-from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, GenerationPlan, release_retired, resolve_backend
-from spotpipe.runtime.devices import worker_device
+from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, GenerationPlan, release_retired
+from spotpipe.runtime.devices import worker_hardware
 from spotpipe.runtime.control.job import checkpoint_due, eval_due
 from spotpipe.runtime.state.optim import clip_coefficient, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.optimizer import build_chunk_optimizer
@@ -124,7 +124,11 @@ class Worker:
         threads = int(self.grant.info.get("threads", 0))
         if threads > 0:
             torch.set_num_threads(threads)
-        self.backend = resolve_backend(cfg.run.backend)
+        env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
+        index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
+        self.backend, self.device = worker_hardware(cfg, index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.swap = swap_schedule_on(cfg.ft)
         self.schedule = job_schedule(cfg)
         self.eval_schedule = job_schedule(cfg, swap=False) if self.swap else self.schedule
@@ -135,11 +139,6 @@ class Worker:
             problems = check_message_order(self.schedule)
             if problems:
                 raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
-        env = os.environ.get(protocol.LOCAL_INDEX_ENV) or os.environ.get("LOCAL_RANK")
-        index = int(env) if env and env.isdigit() else int(self.grant.info.get("local_index", 0))
-        self.device = worker_device(cfg, index) if self.backend == "gloo" else torch.device("cuda", index % torch.cuda.device_count())
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
         chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
