@@ -27,6 +27,13 @@ def test_chunk_bytes_from_the_shapes() -> None:
         assert c.input == (0 if i == 0 else 2 * 32 * 64 * 4)  # the hidden state it receives
 
 
+def test_a_bfloat16_model_keeps_float32_masters_and_moments() -> None:
+    cfg = load_config(None, [*BASE, "model.dtype=bfloat16"])
+    for c, s in zip(chunk_bytes(cfg), model_shapes(cfg.model, 4)):
+        assert c.weights == c.grads == 2 * s.params
+        assert c.optimizer == 12 * s.params  # float32 master + two float32 moments
+
+
 def test_the_same_model_cut_in_twice_as_many_chunks_has_the_same_bytes() -> None:
     ref = chunk_bytes(load_config(None, list(BASE)))
     v = chunk_bytes(load_config(None, [*BASE, "pipeline.schedule=chronos"]))

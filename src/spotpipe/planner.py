@@ -33,7 +33,7 @@ from spotpipe.config import JobConfig
 from spotpipe.cost import analytic_cost, num_chunks, sequences_per_microbatch
 from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.ft.policy import swap_schedule_on
-from spotpipe.model.partition import model_shapes
+from spotpipe.model.partition import model_shapes, optimizer_bytes_per_param
 from spotpipe.network import build_network
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Placement, Schedule
@@ -41,10 +41,6 @@ from spotpipe.schedule.memory import ChunkBytes, RankMemory, memory_profile
 from spotpipe.schedule.passes import add_recompute
 from spotpipe.schedule.recompute import RecomputeName, chunks_by_lifetime
 from spotpipe.sim.player import play_iteration
-
-#: AdamW state per parameter, in parameter elements: the first and second moments.
-ADAMW_MOMENTS = 2
-
 
 def chunk_bytes(cfg: JobConfig) -> list[ChunkBytes]:
     """Bytes of every model chunk of the job (one entry per schedule stage).
@@ -68,11 +64,12 @@ def chunk_bytes(cfg: JobConfig) -> list[ChunkBytes]:
         copies[-2] += m.vocab_size * m.d_model + m.d_model
     out: list[ChunkBytes] = []
     for i, s in enumerate(shapes):
-        param_bytes = float((s.params + copies[i]) * s.dtype_bytes)
+        params = s.params + copies[i]
+        param_bytes = float(params * s.dtype_bytes)
         out.append(ChunkBytes(
             weights=param_bytes,
             grads=param_bytes,
-            optimizer=ADAMW_MOMENTS * param_bytes,
+            optimizer=float(params * optimizer_bytes_per_param(s.dtype_bytes)),
             activations=float(s.activation_bytes_per_sequence * seqs),
             input=float(shapes[i - 1].boundary_bytes_per_sequence * seqs) if i > 0 else 0.0,
         ))

@@ -176,6 +176,28 @@ def test_mirror_recovery_after_kills_in_every_phase_equals_the_failure_free_run(
     assert_final_weights_equal(run_dir, reference(1))
 
 
+@pytest.mark.timeout(300)
+def test_a_bfloat16_model_recovers_its_float32_masters_from_the_mirror_exactly(
+    tmp_path: Path, train: Callable[..., Any], helpers: Any
+) -> None:
+    """model.dtype = bfloat16 trains with float32 master weights; the mirror holds the masters, so a
+    stage lost in its forward pass and one lost in its optimizer step come back bit for bit."""
+    import torch
+
+    ref_dir, run_dir = tmp_path / "ref-bf16", tmp_path / "mirror-bf16"
+    _run(train, ref_dir, "model.dtype=bfloat16", "ft.strategy=none")
+    faults = '"stage=1@step=4,phase=forward", "stage=2@step=9,phase=optimizer"'
+    _run(train, run_dir, "model.dtype=bfloat16", "ft.strategy=mirror", f"ft.faults=[{faults}]")
+    events = check_survival(run_dir, ref_dir, helpers, world=4, lost=2)
+    assert all(e["exact"] for e in events if e["event"] == "recovery_finished")
+    ref, got = helpers.step_losses(ref_dir), helpers.step_losses(run_dir)
+    assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-6 * max(1.0, max(abs(v) for v in ref.values()))
+    assert_final_weights_equal(run_dir, ref_dir)
+    # the checkpoint holds float32 masters, not the bf16 weights the forward uses
+    flat = final_state(run_dir)[1]["state"]["flat"]
+    assert flat.dtype == torch.float32 and not torch.equal(flat, flat.to(torch.bfloat16).float())
+
+
 @pytest.mark.timeout(240)
 def test_checkfree_rebuilds_a_middle_stage_and_training_goes_on(
     tmp_path: Path, train: Callable[..., Any], reference: Callable[[int], Path], helpers: Any

@@ -27,6 +27,15 @@ from spotpipe.errors import ConfigError
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq per parameter (AdamW; Loshchilov and Hutter 2019)
+
+
+def optimizer_bytes_per_param(dtype_bytes: int) -> int:
+    """Optimizer-state bytes per parameter of a model whose weights take ``dtype_bytes`` each:
+    AdamW's two moments in float32 (8), plus 4 for the float32 master weight when the weights are
+    16-bit (mixed precision: Micikevicius et al. 2018; :mod:`spotpipe.runtime.state.master`)."""
+    return 4 * ADAMW_MOMENTS + (4 if dtype_bytes < 4 else 0)
+
 
 def partition_layers(num_layers: int, num_chunks: int) -> list[tuple[int, int]]:
     """Cut ``num_layers`` blocks into ``num_chunks`` contiguous, balanced ``[start, end)`` ranges.

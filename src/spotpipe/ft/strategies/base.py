@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from spotpipe.config import StrategyName
+from spotpipe.model.partition import ADAMW_MOMENTS
 
 Worker = tuple[int, int]  # (stage, replica)
 
-ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq per parameter (AdamW; Loshchilov and Hutter 2019)
 
 Payload = Literal["full_state", "mirror", "blocks", "none"]
 """What each source of a plan sends to the rebuilt worker:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from spotpipe.config import JobConfig, StrategyName
-from spotpipe.ft.strategies.base import ADAMW_MOMENTS, Payload, RecoveryPlan, StageBytes, Survivors, Worker
+from spotpipe.ft.strategies.base import Payload, RecoveryPlan, StageBytes, Survivors, Worker
+from spotpipe.model.partition import ADAMW_MOMENTS
 
 NAME: Final = "mirror"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from spotpipe.config import JobConfig
 from spotpipe.ft.strategies.mirror import mirror_state_bytes
-from spotpipe.model.partition import model_shapes
+from spotpipe.model.partition import DTYPE_BYTES, model_shapes, optimizer_bytes_per_param
 from spotpipe.schedule.generators import model_chunks
 
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -35,8 +35,9 @@ class JobSizes:
         largest_stage_params: Parameters of the largest pipeline rank (all its chunks).
         tokens_per_step: Tokens of one optimizer step (all replicas).
         flops_per_step: Model FLOPs of one step: 3 x forward (forward + backward), no recompute.
-        state_bytes: Bytes of the largest rank's state on its device: weights, gradients and
-            AdamW's two moments, float32 (16 bytes per parameter).
+        state_bytes: Bytes of the largest rank's state on its device: weights and gradients in
+            ``model.dtype``, and the optimizer state (AdamW's moments in float32, plus float32
+            master weights for a 16-bit model): 16 bytes per parameter either way.
         mirror_bytes: Host bytes of the mirror a worker keeps of the next stage (0 without mirrors).
         checkpoint_bytes: Bytes of the largest rank's checkpoint file (weights + moments).
     """
@@ -63,7 +64,7 @@ def job_sizes(cfg: JobConfig, mirrors: bool) -> JobSizes:
         largest_stage_params=largest,
         tokens_per_step=tokens,
         flops_per_step=3.0 * tokens * sum(s.forward_flops_per_token for s in shapes),
-        state_bytes=16 * largest,
+        state_bytes=(2 * DTYPE_BYTES[m.dtype] + optimizer_bytes_per_param(DTYPE_BYTES[m.dtype])) * largest,
         mirror_bytes=mirror_state_bytes(cfg) if mirrors else 0,
         checkpoint_bytes=12 * largest,
     )

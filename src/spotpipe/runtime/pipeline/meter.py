@@ -161,7 +161,8 @@ def state_bytes(modules: Iterable[torch.nn.Module], optimizer_state: Iterable[to
 
 def moment_tensors(optimizer: Any, chunks: Mapping[int, torch.nn.Module]) -> list[torch.Tensor]:
     """The AdamW moments of every parameter of ``chunks`` on the device (none before a parameter's
-    first update, none of a chunk the optimizer offloads to host memory).
+    first update, none of a chunk the optimizer offloads to host memory), and the float32 master
+    weights of a 16-bit model (:mod:`spotpipe.runtime.state.master`).
 
     Args:
         optimizer: A :class:`~spotpipe.runtime.state.optimizer.StageOptimizer` (its ``moments``).
@@ -170,12 +171,15 @@ def moment_tensors(optimizer: Any, chunks: Mapping[int, torch.nn.Module]) -> lis
     out: list[torch.Tensor] = []
     resident = getattr(optimizer, "device_resident", None)
     for index, chunk in chunks.items():
-        if resident is not None and not resident(index):
-            continue  # offloaded: in host memory between updates (on CPU too, where host = device)
+        # offloaded moments are in host memory between updates (on CPU too, where host = device)
+        away = resident is not None and not resident(index)
         for param in chunk.parameters():
-            found = optimizer.moments(index, param)
+            found = None if away else optimizer.moments(index, param)
             if found is not None:
                 out.extend(found[:2])
+            master = optimizer.master(index, param)
+            if master is not None:
+                out.append(master)
     return out
 
 

@@ -140,3 +140,6 @@ class OffloadedAdamW:
 
     def add_step_hook(self, hook: Callable[[], None]) -> None:
         self.inner.add_step_hook(hook)
+
+    def master(self, chunk: int, param: torch.Tensor) -> torch.Tensor | None:
+        return None

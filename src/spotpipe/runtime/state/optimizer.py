@@ -6,7 +6,8 @@ it, through :class:`StageOptimizer`. :class:`ChunkAdamW` is the one implementati
 ``torch.optim.AdamW`` per chunk, built by :func:`spotpipe.runtime.state.optim.build_stage_optimizer`);
 :class:`~spotpipe.runtime.state.offload.OffloadedAdamW` keeps the moments in host memory and brings
 them to the device for the update (ChronosPipe's offload; Lin et al. 2025); ``pipeline.offload``
-picks it in :func:`build_chunk_optimizer`.
+picks it in :func:`build_chunk_optimizer`. A 16-bit model gets either one over float32 master
+weights (:class:`~spotpipe.runtime.state.master.MasterWeightOptimizer`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class StageOptimizer(Protocol):
         """Call ``hook`` right after each update (fault injection in the optimizer phase)."""
         ...
 
+    def master(self, chunk: int, param: torch.Tensor) -> torch.Tensor | None:
+        """The float32 master copy of ``param`` that the update applies to, or None when the
+        parameter is its own master (float32 models; see :mod:`spotpipe.runtime.state.master`)."""
+        ...
+
 
 class ChunkAdamW:
     """One ``torch.optim.AdamW`` per chunk (decoupled weight decay on matrices; the embedding, final
@@ -110,6 +116,9 @@ class ChunkAdamW:
         first = min(self.by_chunk)
         self.by_chunk[first].register_step_post_hook(lambda *_: hook())
 
+    def master(self, chunk: int, param: torch.Tensor) -> torch.Tensor | None:
+        return None
+
 
 def build_chunk_optimizer(chunks: Mapping[int, torch.nn.Module], train: TrainConfig, offload: bool = False) -> StageOptimizer:
     """The optimizer of a worker's (or a mirror's) chunks: the one place that picks its class.
@@ -121,10 +130,22 @@ def build_chunk_optimizer(chunks: Mapping[int, torch.nn.Module], train: TrainCon
             "optimizer"``; :class:`~spotpipe.runtime.state.offload.OffloadedAdamW`).
 
     Returns:
-        A :class:`StageOptimizer`: :class:`ChunkAdamW`, or OffloadedAdamW with ``offload``.
+        A :class:`StageOptimizer`: :class:`ChunkAdamW`, or OffloadedAdamW with ``offload``; for
+        chunks whose parameters are not float32 (``model.dtype = "bfloat16"`` or ``"float16"``),
+        that optimizer over float32 master copies
+        (:class:`~spotpipe.runtime.state.master.MasterWeightOptimizer`; Micikevicius et al. 2018).
     """
-    if offload:
-        from spotpipe.runtime.state.offload import OffloadedAdamW  # it builds on this module
 
-        return OffloadedAdamW(chunks, train)
-    return ChunkAdamW(chunks, train)
+    def build(over: Mapping[int, torch.nn.Module]) -> StageOptimizer:
+        if offload:
+            from spotpipe.runtime.state.offload import OffloadedAdamW  # it builds on this module
+
+            return OffloadedAdamW(over, train)
+        return ChunkAdamW(over, train)
+
+    dtypes = {p.dtype for c in chunks.values() for p in c.parameters()}
+    if dtypes and dtypes != {torch.float32}:
+        from spotpipe.runtime.state.master import MasterWeightOptimizer  # it builds on this module
+
+        return MasterWeightOptimizer(chunks, build)
+    return build(chunks)

@@ -16,7 +16,9 @@ single-process trainer and the in-process convergence mode (:mod:`spotpipe.runti
 which hold every chunk in one state and move one chunk's part through :meth:`StageState.view`.
 Both ends build the layout from their own chunks, which have identical shapes, so nothing but the
 numbers moves (the path checkpointless training takes: SageMaker HyperPod, 2025). float32 holds
-fp32, bf16 and fp16 values exactly, and AdamW's step count exactly up to 2**24 steps.
+fp32, bf16 and fp16 values exactly, and AdamW's step count exactly up to 2**24 steps. A 16-bit
+model's weights travel as their float32 masters (:mod:`spotpipe.runtime.state.master`), read and
+written through the optimizer's ``master``, so a rebuilt stage continues bit for bit.
 
 The CheckFree rebuild (Blagoev, Ersoy, Chen 2025, section 3.1) reads the neighbours' *blocks*
 only (:meth:`StageState.blocks_flat`, with the gradient norm omega appended) and installs their
@@ -123,6 +125,27 @@ class StageState:
         """The CheckFree+ in-sync copies this state holds (embedding or norm + head), in order."""
         return [q for s in sorted(self.chunks) for q in self.chunks[s].tied_parameters()]
 
+    # -- weights, through their float32 masters where the model has them ----------------------
+
+    def _tensors(self, s: int) -> dict[str, torch.Tensor]:
+        """Chunk ``s``'s state dict, parameters as themselves (not detached copies)."""
+        return self.chunks[s].state_dict(keep_vars=True)
+
+    def _read(self, s: int, v: torch.Tensor) -> torch.Tensor:
+        """The values of weight or buffer ``v`` of chunk ``s`` as float32 CPU numbers: its float32
+        master where the optimizer keeps one (:mod:`spotpipe.runtime.state.master`)."""
+        m = self.optimizer.master(s, v)
+        return _f32(v if m is None else m)
+
+    def _write(self, s: int, v: torch.Tensor, values: torch.Tensor) -> None:
+        """Set weight or buffer ``v`` of chunk ``s`` (and its float32 master) to ``values`` (same
+        number of elements, float32)."""
+        m = self.optimizer.master(s, v)
+        with torch.no_grad():
+            v.copy_(values.view_as(v).to(v.dtype))
+            if m is not None:
+                m.copy_(values.view_as(m))
+
     # -- the flat form ---------------------------------------------------------------------------
 
     def numel(self, blocks_only: bool = False) -> int:
@@ -143,7 +166,7 @@ class StageState:
         parts: list[torch.Tensor] = []
         tail: list[float] = []
         for s in sorted(self.chunks):
-            parts += [_f32(v) for v in self.chunks[s].state_dict().values()]
+            parts += [self._read(s, v) for v in self._tensors(s).values()]
             tail.append(float(self.lr_scale.get(s, 1.0)))
             for p in self.chunks[s].parameters():
                 m = self.optimizer.moments(s, p)
@@ -166,18 +189,17 @@ class StageState:
             raise ValueError(f"flat stage state has {flat.numel()} numbers, the chunks need {self.numel()}")
         off = 0
         pending: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
-        with torch.no_grad():
-            for s in sorted(self.chunks):
-                for v in self.chunks[s].state_dict().values():
-                    n = v.numel()
-                    v.copy_(flat[off : off + n].view_as(v).to(v.dtype))
-                    off += n
-                moments = []
-                for p in self.chunks[s].parameters():
-                    n = p.numel()
-                    moments.append((p, flat[off : off + n].view_as(p), flat[off + n : off + 2 * n].view_as(p)))
-                    off += 2 * n
-                pending.append((s, moments))
+        for s in sorted(self.chunks):
+            for v in self._tensors(s).values():
+                n = v.numel()
+                self._write(s, v, flat[off : off + n])
+                off += n
+            moments = []
+            for p in self.chunks[s].parameters():
+                n = p.numel()
+                moments.append((p, flat[off : off + n].view_as(p), flat[off + n : off + 2 * n].view_as(p)))
+                off += 2 * n
+            pending.append((s, moments))
         tail = [float(x) for x in flat[off:]]
         t = 0
         for s, moments in pending:
@@ -194,7 +216,7 @@ class StageState:
 
     def blocks_flat(self, omega: float) -> torch.Tensor:
         """The block tensors of every chunk, then the gradient norm ``omega`` (CheckFree's weight)."""
-        parts = [_f32(v) for s in sorted(self.chunks) for k, v in self.chunks[s].state_dict().items() if k.startswith(BLOCK_PREFIX)]
+        parts = [self._read(s, v) for s in sorted(self.chunks) for k, v in self._tensors(s).items() if k.startswith(BLOCK_PREFIX)]
         parts.append(torch.tensor([omega], dtype=torch.float32))
         return torch.cat(parts)
 
@@ -214,7 +236,7 @@ class StageState:
         w_prev, w_next = float(prev[-1]), float(nxt[-1])
         off = 0
         for s in sorted(self.chunks):
-            sd = self.chunks[s].state_dict()
+            sd = self._tensors(s)
             pa: dict[str, torch.Tensor] = {}
             pb: dict[str, torch.Tensor] = {}
             for k, v in sd.items():
@@ -226,9 +248,8 @@ class StageState:
             rebuilt = checkfree_rebuild({"model": pa}, {"model": pb}, w_prev, w_next)
             model = {k: (rebuilt[k] if k in rebuilt else v) for k, v in sd.items()}
             complete_state({"model": sd}, {"model": model})
-            with torch.no_grad():
-                for k, v in rebuilt.items():
-                    sd[k].copy_(v.to(sd[k].dtype))
+            for k, v in rebuilt.items():
+                self._write(s, sd[k], v.reshape(-1).float())
             self.optimizer.clear(s)
             self.lr_scale[s] = float(torch.tensor(lr_factor, dtype=torch.float32))  # what the flat state carries, exactly
         return w_prev, w_next
@@ -246,7 +267,7 @@ class StageState:
         step, has = 0.0, 0.0
         for q in self.tied_parameters():
             m = self.optimizer.moments(chunk, q)
-            parts.append(_f32(q))
+            parts.append(self._read(chunk, q))
             if m is None:
                 parts += [torch.zeros(q.numel()), torch.zeros(q.numel())]
             else:
@@ -267,15 +288,14 @@ class StageState:
         chunk = min(self.chunks)
         step, has = (float(x) for x in flat[-2:])
         off = 0
-        with torch.no_grad():
-            for q in self.tied_parameters():
-                n = q.numel()
-                q.copy_(flat[off : off + n].view_as(q).to(q.dtype))
-                a, b = flat[off + n : off + 2 * n].view_as(q), flat[off + 2 * n : off + 3 * n].view_as(q)
-                off += 3 * n
-                self.optimizer.clear(chunk, q)
-                if has > 0:
-                    self.optimizer.set_moments(chunk, q, a, b, step)
+        for q in self.tied_parameters():
+            n = q.numel()
+            self._write(chunk, q, flat[off : off + n])
+            a, b = flat[off + n : off + 2 * n].view_as(q), flat[off + 2 * n : off + 3 * n].view_as(q)
+            off += 3 * n
+            self.optimizer.clear(chunk, q)
+            if has > 0:
+                self.optimizer.set_moments(chunk, q, a, b, step)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
