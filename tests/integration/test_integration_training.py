@@ -29,6 +29,7 @@ CASES = {
     "checkfree+": ["pipeline.schedule=1f1b", "ft.strategy=checkfree+"],  # the CheckFree+ swap schedule
     # V placement, R actions, AdamW moments in host memory
     "chronos-recompute-offload": ["pipeline.schedule=chronos", "pipeline.recompute=longest", "pipeline.offload=optimizer"],
+    "bf16-masters": ["pipeline.schedule=1f1b", "model.dtype=bfloat16"],  # float32 master weights
 }
 
 
