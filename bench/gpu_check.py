@@ -4,7 +4,9 @@ Run by ``bench/gpu_check.sh`` (under 8 minutes on one GPU). Three parts, one tab
 
 1. **Exactness**: the default small model, 4 pipeline stages on the GPU(s), 20 steps, against the
    same job on 1 stage (the whole model in one worker, the single-process reference); per-step
-   losses must agree within 1e-4 relative (GPU kernels may reduce in another order).
+   losses must agree within 1e-4 relative (GPU kernels may reduce in another order). The same in
+   ``model.dtype = bfloat16`` (float32 master weights) within 2e-2, and a bf16 mirror kill against
+   the failure-free bf16 run within 1e-3.
 2. **Recovery per strategy** (``bench/strategy_kills.py`` at the 6 M size, on the GPU): stage 1
    killed (SIGKILL) at step 4 under replica, mirror, checkfree, checkpoint and checkfree+; every
    step committed once, survivors keep their processes, replica and mirror reproduce the
@@ -60,6 +62,19 @@ def main() -> int:
         good = rc4 == 0 and rc1 == 0 and close(losses(base / "s4"), losses(base / "s1"), 1e-4)
         ok &= good
         rows.append(("exactness: 4 stages vs 1", "ok" if good else "FAILED", err4 or err1 or f"{len(losses(base / 's4'))} steps"))
+        # bfloat16 with float32 master weights: the pipeline against one stage, and a mirror kill
+        # against the failure-free run (bf16 rounds differently per reduction order: looser bounds)
+        half = [*BASE, "model.dtype=bfloat16"]
+        rcb4, errb4 = train(src, base / "b4", half)
+        rcb1, errb1 = train(src, base / "b1", [*half, "pipeline.stages=1", "ft.strategy=none"])
+        good = rcb4 == 0 and rcb1 == 0 and close(losses(base / "b4"), losses(base / "b1"), 2e-2)
+        ok &= good
+        rows.append(("bf16 + fp32 masters: 4 stages vs 1", "ok" if good else "FAILED", errb4 or errb1 or f"{len(losses(base / 'b4'))} steps"))
+        rck, errk = train(src, base / "bk", [*half, "ft.strategy=mirror"], ("--fail", "stage=1@step=4"))
+        rcn, errn = train(src, base / "bn", [*half, "ft.strategy=none"])
+        good = rck == 0 and rcn == 0 and close(losses(base / "bk"), losses(base / "bn"), 1e-3)
+        ok &= good
+        rows.append(("bf16 mirror kill vs failure-free", "ok" if good else "FAILED", errk or errn or "losses within 1e-3"))
         kills = run_all(src, [*COMMON, *SIZES["6M"], "run.device=cuda"], 10, 4, base / "kills")
         for row in kills:
             ok &= row["ok"]
