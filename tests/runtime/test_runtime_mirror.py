@@ -97,6 +97,57 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_bf16_gradient_travels_in_bf16_into_reused_buffers_and_replays_exactly(store: Any) -> None:
+    """A 16-bit model's gradient is sent in its dtype (half the bytes), received into a few reused
+    buffers (no allocation per step), and applied from there onto the float32 masters."""
+    from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+
+    model = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16",
+                               "model.dtype=bfloat16"]).model
+
+    def state(seed: int) -> StageState:
+        chunks = {1: build_stage(model, seed, 1, 4)}
+        return StageState(chunks, build_chunk_optimizer(chunks, CFG.train))
+
+    owner = state(CFG.train.seed)
+    flat, _ = owner.attach_flat_gradient()
+    assert flat.dtype == torch.bfloat16
+    holder_gen, owner_gen = _generation(store, 1)
+    mirror = MirrorHolder(1, 0, state(7), replay=True)
+    mirror.start()
+    buffers: list[torch.Tensor] = []  # kept alive, so a new allocation cannot reuse an address
+    received = mirror.receive_buffer
+    mirror.receive_buffer = lambda kind: _seen(received(kind), buffers, kind)  # type: ignore[method-assign]
+    try:
+        mirror.generation_started(holder_gen, owner_rank=1)
+        sender = MirrorSender(owner_gen, holder_rank=0, timeout_s=10)
+        sender.send(KIND_STATE, -1, owner.flat(), owned=True)
+        gen = torch.Generator().manual_seed(1)
+        sent = []
+        for step in range(12):
+            flat.copy_(torch.randn(flat.shape, generator=gen) * 0.1)
+            sent.append(sender.send(KIND_GRADIENT, step, flat, 1.0, 1e-3))
+            owner.apply_update(flat, 1.0, 1e-3)
+            mirror.committed(1, step)
+            deadline = time.monotonic() + 30
+            while mirror.step != step and time.monotonic() < deadline:  # applied: its buffer is free again
+                time.sleep(0.005)
+        assert sender.drain() == "" and mirror.error == "" and mirror.step == 11
+        assert set(sent) == {4 * 8 + 2 * flat.numel()}  # header + bf16 payload
+        assert torch.equal(mirror.tensor(), owner.flat())
+        distinct = {b.data_ptr() for b in buffers}
+        assert len(buffers) == 12 and len(distinct) <= 2, len(distinct)  # the holder's buffer and at most one more
+    finally:
+        mirror.halt()
+
+
+def _seen(buf: torch.Tensor | None, seen: list[torch.Tensor], kind: int) -> torch.Tensor | None:
+    if buf is not None and kind == KIND_GRADIENT:
+        seen.append(buf)
+    return buf
+
+
+@pytest.mark.timeout(120)
 def test_replaying_mirror_refuses_a_gap(store: Any) -> None:
     """A copy that would skip a step is marked unusable (step None), never silently wrong."""
     owner, flat = _owner(1)

@@ -22,6 +22,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
     ``unscaled`` parameters go into their own groups, which :func:`set_lr` never scales: a
     chunk's learning-rate factor (CheckFree's x1.1) is for its rebuilt *blocks*, while an
     embedding or LM head that CheckFree+ keeps in two places must train at the same rate in both.
+
+    The update is torch's fused AdamW kernel (one pass over each parameter's weights, gradient
+    and moments, on CPU and CUDA): on this project's CPU benchmarks it is about 4.5 times faster
+    than the per-tensor loop at 6 M parameters per stage, which matters twice with mirrors, where
+    the holder replays every update (``bench/mirror_scaling.py``). Every worker, mirror and the
+    single-process reference build their optimizer here, so their updates stay bit for bit equal.
     """
     fixed = {id(p) for p in unscaled}
     params = [p for p in params if p.requires_grad]
@@ -34,7 +40,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
             groups.append({"params": decay, "weight_decay": train.weight_decay, "lr_scaled": scaled})
         if scaled or no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scaled": scaled})
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, foreach=False)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, fused=True)
 
 
 def build_stage_optimizer(chunk: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:

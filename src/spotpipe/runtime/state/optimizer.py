@@ -94,7 +94,7 @@ class ChunkAdamW:
 
     def set_moments(self, chunk: int, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float) -> None:
         self.by_chunk[chunk].state[param] = {
-            "step": torch.tensor(step, dtype=torch.float32),
+            "step": torch.tensor(step, dtype=torch.float32, device=param.device),  # fused AdamW: on the device
             "exp_avg": exp_avg.to(param.device, param.dtype).clone(),
             "exp_avg_sq": exp_avg_sq.to(param.device, param.dtype).clone(),
         }

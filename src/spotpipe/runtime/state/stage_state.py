@@ -112,14 +112,34 @@ class StageState:
             ``(flat_grad, params)``: the buffer (length = trainable elements, the parameters'
             dtype) and the parameters in its order (chunks ascending, module order within).
         """
-        params = [q for s in sorted(self.chunks) for q in self.chunks[s].parameters() if q.requires_grad]
+        params = self._trainable()
         dtype = params[0].dtype if params else torch.float32
         flat = torch.zeros(sum(q.numel() for q in params), dtype=dtype, device=device)
+        self.use_gradient(flat)
+        return flat, params
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters in the flat gradient's order (chunks ascending, module order within)."""
+        return [q for s in sorted(self.chunks) for q in self.chunks[s].parameters() if q.requires_grad]
+
+    def use_gradient(self, flat: torch.Tensor) -> None:
+        """Make every trainable parameter's ``.grad`` a view of ``flat`` (the layout of
+        :meth:`attach_flat_gradient`), so the next update reads it without a copy: a mirror holder
+        applies an owner's gradient straight from the buffer it was received into.
+
+        Args:
+            flat: 1-D tensor of the trainable elements, in the parameters' dtype and device.
+
+        Raises:
+            ValueError: If ``flat`` has another length.
+        """
+        params = self._trainable()
+        if flat.numel() != sum(q.numel() for q in params):
+            raise ValueError(f"flat gradient has {flat.numel()} numbers, the chunks need {sum(q.numel() for q in params)}")
         offset = 0
         for q in params:
             q.grad = flat[offset : offset + q.numel()].view_as(q)
             offset += q.numel()
-        return flat, params
 
     def tied_parameters(self) -> list[torch.nn.Parameter]:
         """The CheckFree+ in-sync copies this state holds (embedding or norm + head), in order."""

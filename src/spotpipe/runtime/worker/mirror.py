@@ -9,6 +9,10 @@ tensors; :mod:`spotpipe.runtime.comm.groups`), never through the controller's st
 "Control plane and data plane"). A message is a float64 header ``[kind, step, clip coefficient,
 base lr]`` and, except for a skipped step, a float32 payload; the n-th message of a generation
 has tags ``MIRROR_TAG_BASE + 2n`` and ``+ 2n + 1``, so owner and holder agree without asking.
+A gradient travels in the model's dtype (bf16 halves it); the owner stages it in one reused host
+buffer, and the holder receives it into a small pool of buffers and applies it from there
+(:meth:`~spotpipe.runtime.state.stage_state.StageState.use_gradient`), so a step allocates and
+copies nothing on either side but that staging copy.
 
 - At the start of every generation the owner sends its full state once (weights, AdamW moments,
   per-chunk step and lr factor; 12 bytes per parameter): a rebuilt owner, a rebuilt holder and a
@@ -79,23 +83,36 @@ class MirrorSender:
         self.seq = 0
         self.error = ""
         self._pending: list[tuple[list[Any], list[torch.Tensor]]] = []
+        self._staging: torch.Tensor | None = None  # the host copy of the last gradient sent
         self.bytes_sent = 0
 
-    def send(self, kind: int, step: int, payload: torch.Tensor | None, coef: float = 1.0, lr: float = 0.0) -> int:
+    def _stage(self, payload: torch.Tensor) -> torch.Tensor:
+        """``payload``'s values in the reused host staging buffer (free: the previous send is drained)."""
+        if self._staging is None or self._staging.shape != payload.shape or self._staging.dtype != payload.dtype:
+            self._staging = torch.empty(payload.shape, dtype=payload.dtype)
+        self._staging.copy_(payload.detach())
+        return self._staging
+
+    def send(self, kind: int, step: int, payload: torch.Tensor | None, coef: float = 1.0, lr: float = 0.0,
+             owned: bool = False) -> int:
         """Post one message after the previous ones completed; returns its bytes (0 once broken).
 
         Args:
             kind: ``KIND_STATE``, ``KIND_GRADIENT`` or ``KIND_SKIPPED`` (no payload).
             step: The step the message belongs to (a state: the last step applied to it).
-            payload: 1-D float32 tensor, any device (copied to the host; the copy is kept until sent).
+            payload: 1-D tensor, any device: a state in float32, a gradient in the model's dtype.
+                It is copied to a host staging buffer kept until sent, unless ``owned``.
             coef: Clip coefficient of the step (gradients).
             lr: Base learning rate of the step (gradients).
+            owned: ``payload`` is a host tensor nobody else writes (a fresh ``StageState.flat()``):
+                it is sent as it is.
         """
         self.drain()
         if self.error:
             return 0
         header = torch.tensor([float(kind), float(step), float(coef), float(lr)], dtype=torch.float64)
-        tensors = [header] + ([] if payload is None else [payload.detach().to("cpu", torch.float32, copy=True)])
+        body = [] if payload is None else [payload if owned and payload.device.type == "cpu" else self._stage(payload)]
+        tensors = [header, *body]
         h_tag, p_tag = mirror_tags(self.seq)
         self.seq += 1
         try:
@@ -167,12 +184,9 @@ class _Receiver(threading.Thread):
                 if not self._recv(header, h_tag):
                     return
                 kind, step, coef, lr = int(header[0]), int(header[1]), float(header[2]), float(header[3])
-                payload = None
-                size = self.holder.payload_numel(kind)
-                if size:
-                    payload = torch.empty(size, dtype=torch.float32)
-                    if not self._recv(payload, p_tag):
-                        return
+                payload = self.holder.receive_buffer(kind)
+                if payload is not None and not self._recv(payload, p_tag):
+                    return
                 seq += 1
                 self.holder.deliver(_Message(self.gen.number, kind, step, coef, lr, payload))
         except Exception:  # the owner or the generation is gone: nothing more comes in this generation
@@ -204,7 +218,10 @@ class MirrorHolder(threading.Thread):
         self.replica = replica
         self.state = state
         self.replay = replay
-        self.flat_grad, _ = state.attach_flat_gradient()  # the owner's layout: its gradient fits
+        flat_grad, _ = state.attach_flat_gradient()  # the owner's layout: its gradient fits
+        self._free_gradients: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # receive buffers
+        self._free_gradients.put(flat_grad)
+        self.gradient_numel, self.gradient_dtype = flat_grad.numel(), flat_grad.dtype
         self.state_numel = state.numel()
         self._inbox: queue.Queue[_Message] = queue.Queue()
         self._cond = threading.Condition()
@@ -220,8 +237,18 @@ class MirrorHolder(threading.Thread):
         self.bytes_received = 0
         self.error = ""
 
-    def payload_numel(self, kind: int) -> int:
-        return {KIND_STATE: self.state_numel, KIND_GRADIENT: self.flat_grad.numel()}.get(kind, 0)
+    def receive_buffer(self, kind: int) -> torch.Tensor | None:
+        """Where the payload of a ``kind`` message is received (None: it has none). Gradients reuse
+        the buffers the applier gave back (two or three are in use at most: one applied, one
+        waiting for its commit, one arriving); a state gets a new one (the copy loads it)."""
+        if kind == KIND_STATE:
+            return torch.empty(self.state_numel, dtype=torch.float32)
+        if kind != KIND_GRADIENT:
+            return None
+        try:
+            return self._free_gradients.get_nowait()
+        except queue.Empty:
+            return torch.empty(self.gradient_numel, dtype=self.gradient_dtype)
 
     # -- main thread ---------------------------------------------------------------------------
 
@@ -291,7 +318,7 @@ class MirrorHolder(threading.Thread):
     # -- receiver thread -----------------------------------------------------------------------
 
     def deliver(self, message: _Message) -> None:
-        self.bytes_received += HEADER_LEN * 8 + (0 if message.payload is None else message.payload.numel() * 4)
+        self.bytes_received += HEADER_LEN * 8 + (0 if message.payload is None else message.payload.numel() * message.payload.element_size())
         self._inbox.put(message)
         self.wake()
 
@@ -311,6 +338,8 @@ class MirrorHolder(threading.Thread):
                 self._busy = True
             try:
                 self._apply(message)
+                if message.kind == KIND_GRADIENT and message.payload is not None:
+                    self._free_gradients.put(message.payload)
             except Exception as exc:  # the copy is unusable: say so, the policy then skips it
                 self.error = f"{type(exc).__name__}: {exc}"
                 with self._lock:
@@ -352,6 +381,6 @@ class MirrorHolder(threading.Thread):
                 raise RuntimeError(f"mirror of stage {self.stage} holds step {self.step}, cannot replay step {message.step}")
             if message.kind == KIND_GRADIENT:
                 assert message.payload is not None
-                self.flat_grad.copy_(message.payload)
-                self.state.apply_update(self.flat_grad, message.coef, message.lr)
+                self.state.use_gradient(message.payload)
+                self.state.apply_update(message.payload, message.coef, message.lr)
             self.step = message.step

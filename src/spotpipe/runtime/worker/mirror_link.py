@@ -88,7 +88,7 @@ class MirrorLink:
             self.sender.drain()
             self._sent_before += self.sender.bytes_sent
         self.sender = MirrorSender(gen, plan.world_rank(*mirror_holder(self.stage, self.replica, S)), self.cfg.run.timeout_s)
-        self.sender.send(KIND_STATE, step - 1, self.state.flat())
+        self.sender.send(KIND_STATE, step - 1, self.state.flat(), owned=True)
 
     def gradient(self, step: int, flat_grad: torch.Tensor, coef: float, lr: float, apply: bool = True) -> None:
         """Owner, ``replay``: send the step's gradient before voting on its commit (``apply``
@@ -111,7 +111,7 @@ class MirrorLink:
         if self.holder is not None:
             self.holder.committed(generation, step)
         if self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0 and self.sender is not None:
-            self.sender.send(KIND_STATE, step, self.state.flat())
+            self.sender.send(KIND_STATE, step, self.state.flat(), owned=True)
 
     def halt(self) -> None:
         """Stop the holder's threads."""
