@@ -203,7 +203,7 @@ def test_eval_and_generate_read_the_workers_checkpoint(runs: Callable[[str], Pat
     assert main(["eval", str(run_dir), "--skip-stages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 29 and out["full"]["loss"] == pytest.approx(vals[29], rel=1e-5)
-    assert out["skipped"]["skipped"] == [2] and out["skipped"]["loss"] != pytest.approx(vals[29], rel=1e-3)
+    assert out["skipped"]["skipped"] == [2] and out["skipped"]["loss"] != out["full"]["loss"]
     assert main(["generate", str(run_dir), "--prompt", "KING", "--tokens", "8", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("KING") and len(text.rstrip("\n")) > 4

@@ -203,7 +203,7 @@ def test_skip_fraction_is_seeded_and_reports_the_spread(run6: tuple[Path, LocalT
     assert first == _json(argv, capsys)
     frac = first["skip_fraction"]
     sets = [tuple(s["skipped"]) for s in frac["sets"]]
-    assert frac["skipped_per_set"] == 3 and len(sets) == 3 and len(set(sets)) == 3  # 3 of stages 1..4: 4 sets exist
+    assert frac["skipped_per_set"] == 3 and frac["possible_sets"] == 4 and len(sets) == 3 and len(set(sets)) == 3  # 3 of stages 1..4: 4 sets exist
     assert all(len(s) == 3 and 0 not in s and 5 not in s for s in sets)
     ppl = [s["perplexity"] for s in frac["sets"]]
     assert frac["mean_perplexity"] == pytest.approx(statistics.fmean(ppl))
@@ -221,7 +221,7 @@ def test_eval_text_output(run6: tuple[Path, LocalTrainer], capsys: pytest.Captur
     run_dir, trainer = run6
     assert main(["eval", str(run_dir), "--skip-stages", "2,3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{run_dir}: checkpoint of step {STEPS}, 6 stages") and "24 validation windows x 16 tokens" in out[0]
+    assert out[0].startswith(f"{run_dir}: checkpoint after {STEPS} steps, 6 stages") and "24 validation windows x 16 tokens" in out[0]
     assert out[2].split()[:5] == ["none", "(full", "model)", f"{trainer.evaluate():.4f}", f"{math.exp(trainer.evaluate()):.3f}"]
     assert out[3].split()[0] == "2,3" and out[3].endswith("%")
 
@@ -243,6 +243,24 @@ def test_generate_is_reproducible_and_emits_n_tokens(run6: tuple[Path, LocalTrai
     assert sample_tokens(trainer.chunks, prompt, 20, top_k=5, seed=4) != new
     long_prompt = list(b"gamma delta " * 4)  # longer than model.context: a sliding window
     assert len(sample_tokens(trainer.chunks, long_prompt, 5, skip=(2, 3))) == 5
+
+
+def test_generate_decodes_with_the_runs_bpe_tokenizer(tmp_path: Path, corpus: TokenFile, one_thread: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tokenizers")
+    from spotpipe.data.tokenizer import train_bpe
+    from spotpipe.data.tokens import prepare_tokens
+
+    text = Path(corpus.dir).parent / "t.txt"
+    bpe = train_bpe([text], 300, tmp_path / "bpe.json")
+    tokens = prepare_tokens([text], tmp_path / "bpe-tok", str(tmp_path / "bpe.json"))
+    run_dir, _ = _trained(tmp_path, tokens, "model.layers=3", "pipeline.stages=3", f"model.vocab_size={tokens.vocab_size}")
+    argv = ["generate", str(run_dir), "--prompt", "gamma", "--tokens", "6", "--temperature", "0", "--skip-stages", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    prompt = [int(t) for t in bpe.encode("gamma")]
+    new = sample_tokens(load_trained_run(run_dir).chunks, prompt, 6, temperature=0, skip=(1,))
+    assert len(new) == 6 and out == bpe.decode(prompt + new) and out.startswith("gamma")
 
 
 def test_greedy_is_top_1_and_top_k_keeps_k_tokens() -> None:

@@ -46,4 +46,5 @@ def forward_skipping(
     for chunk in chunks[:-1]:
         if chunk.index not in skip:
             x = chunk(x)
-    return chunks[-1](x, targets)
+    out: torch.Tensor = chunks[-1](x, targets)
+    return out

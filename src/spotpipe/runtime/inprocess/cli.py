@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from typing import Any
 
 from spotpipe.cliargs import float_in, int_in
@@ -106,11 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run, skip = _load(args)
     from spotpipe.progressline import ProgressLine
     from spotpipe.runtime.inprocess.evaluate import eval_samples, evaluate_fraction, evaluate_skipping, fraction_sets
+    from spotpipe.runtime.inprocess.skipsets import skippable_stages
 
     n = eval_samples(run, args.samples)
     sets = fraction_sets(run, args.skip_fraction, args.subsets, args.seed)[1] if args.skip_fraction is not None else []
-    runs = 1 + len(sets) if args.skip_fraction is not None else 1 + bool(skip)
-    bar = ProgressLine("eval", n * runs, "samples", enabled=not args.json or sys.stderr.isatty())
+    runs = 1 + sum(1 for s in sets if s) + bool(skip)
+    bar = ProgressLine("eval", n * runs, "samples")
     try:
         if args.skip_fraction is not None:
             result = evaluate_fraction(run, args.skip_fraction, args.subsets, args.seed, n, bar.update)
@@ -122,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar.close()
     cfg = run.cfg
     head = {
-        "run_dir": str(run.run_dir), "step": run.step, "stages": run.num_stages, "chunks": len(run.chunks),
+        "run_dir": str(run.run_dir), "step": run.step, "steps_trained": run.step + 1, "stages": run.num_stages, "chunks": len(run.chunks),
         "layers": cfg.model.layers, "samples": full.samples, "tokens": full.tokens, "context": cfg.model.context,
         "val_fraction": cfg.data.val_fraction,
     }
@@ -131,11 +132,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return {"skipped": list(r.skipped), "loss": r.loss, "perplexity": r.perplexity,
                 "perplexity_increase": r.perplexity / full.perplexity - 1.0}
 
+    possible = 0
+    if args.skip_fraction is not None:
+        possible = math.comb(len(skippable_stages(run.stage_chunks, len(run.chunks))), result.count)
     if args.json:
         out: dict[str, Any] = {**head, "full": entry(full)}
         if args.skip_fraction is not None:
             out["skip_fraction"] = {
-                "fraction": result.fraction, "skipped_per_set": result.count, "seed": args.seed,
+                "fraction": result.fraction, "skipped_per_set": result.count, "possible_sets": possible, "seed": args.seed,
                 "sets": [entry(r) for r in rows], "mean_loss": result.mean_loss,
                 "mean_perplexity": result.mean_perplexity, "std_perplexity": result.std_perplexity,
                 "min_perplexity": result.min_perplexity, "max_perplexity": result.max_perplexity,
@@ -145,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out["skipped"] = entry(rows[0])
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{run.run_dir}: checkpoint of step {run.step + 1}, {run.num_stages} stages ({len(run.chunks)} chunks, "
+    print(f"{run.run_dir}: checkpoint after {run.step + 1} steps, {run.num_stages} stages ({len(run.chunks)} chunks, "
           f"{cfg.model.layers} blocks); {full.samples} validation windows x {cfg.model.context} tokens "
           f"(the last {cfg.data.val_fraction:g} of the tokens)")
     width = max([len(_stages_text(r.skipped)) for r in rows] + [4])
@@ -155,9 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {_stages_text(r.skipped):<{width + 16}} {r.loss:8.4f} {r.perplexity:11.3f}  "
               f"{100 * (r.perplexity / full.perplexity - 1):+.1f}%")
     if args.skip_fraction is not None:
-        kind = "every" if len(rows) < args.subsets else "random"
-        print(f"skip fraction {result.fraction:g}: {result.count} of {run.num_stages} stages left out, {len(rows)} {kind} "
-              f"set{'s' if len(rows) != 1 else ''} (seed {args.seed}): perplexity mean {result.mean_perplexity:.3f} "
+        drawn = f"all {possible}" if len(rows) == possible else f"{len(rows)} random sets of {possible} (seed {args.seed})"
+        print(f"skip fraction {result.fraction:g}: {result.count} of {run.num_stages} stages left out in {drawn}: perplexity mean {result.mean_perplexity:.3f} "
               f"({100 * (result.mean_perplexity / full.perplexity - 1):+.1f}%), std {result.std_perplexity:.3f}, "
               f"min {result.min_perplexity:.3f}, max {result.max_perplexity:.3f}")
     return 0

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from spotpipe.config import JobConfig, load_config
+from spotpipe.config import DeviceName, JobConfig, load_config
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
 from spotpipe.runtime.inprocess.local import LocalTrainer
@@ -118,9 +118,9 @@ def pick_device(cfg: JobConfig, device: str | None) -> torch.device:
     """
     from spotpipe.runtime.devices import worker_hardware
 
-    want = device or cfg.run.device
+    want = cfg.run.device if device is None else cast(DeviceName, device)
     if want == "cuda" and not torch.cuda.is_available():
-        told = "--device cuda" if device else f"the run's run.device = cuda"
+        told = "--device cuda" if device else "the run's run.device = cuda"
         raise SpotpipeError(f"{told}, but this machine has no CUDA device; use --device cpu")
     return worker_hardware(replace(cfg, run=replace(cfg.run, device=want, backend="gloo")), 0)[1]
 
