@@ -217,6 +217,12 @@ def test_skip_fraction_is_seeded_and_reports_the_spread(run6: tuple[Path, LocalT
     assert [r.skipped for r in direct.sets] == sets and direct.mean_perplexity == pytest.approx(frac["mean_perplexity"])
 
 
+def test_a_moved_run_reads_its_data_from_data(bad_dirs: dict[str, Path], run6: tuple[Path, LocalTrainer],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(["eval", str(bad_dirs["moved"]), "--data", str(run6[1].token_file.dir), "--json"], capsys)
+    assert out["full"]["loss"] == run6[1].evaluate()
+
+
 def test_eval_text_output(run6: tuple[Path, LocalTrainer], capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, trainer = run6
     assert main(["eval", str(run_dir), "--skip-stages", "2,3"]) == 0
@@ -309,7 +315,8 @@ BAD = [
     (["eval", "{nockpt}"], "no complete checkpoint under"),
     (["generate", "{nockpt}", "--prompt", "a"], "train.checkpoint_every"),
     (["eval", "{corrupt}"], "rank3.pt is corrupt"),
-    (["eval", "{moved}"], "data.path gone/tokens does not exist here"),
+    (["eval", "{moved}"], "data.path gone/tokens does not exist here (a relative path is read from this directory); give the data with --data PATH"),
+    (["eval", "{moved}", "--data", "{missing}"], "--data {missing} does not exist"),
     (["eval", "{run}", "--skip-stages", "0"], "stage 0 holds the embedding and cannot be skipped"),
     (["eval", "{run}", "--skip-stages", "2,5"], "stage 5 holds the head and cannot be skipped"),
     (["eval", "{run}", "--skip-stages", "7"], "stage 7 is out of range: the run has 6 stages"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from spotpipe.cliargs import float_in, int_in
@@ -99,70 +98,82 @@ def _stages_text(stages: tuple[int, ...]) -> str:
     return ",".join(map(str, stages)) if stages else "none"
 
 
+def _evaluate(args: argparse.Namespace, run: Any, skip: tuple[int, ...]) -> tuple[Any, list[Any], Any]:
+    """``(full, rows, fraction result or None)``, with a progress line over every evaluation."""
+    from spotpipe.progressline import ProgressLine
+    from spotpipe.runtime.inprocess.evaluate import eval_samples, evaluate_fraction, evaluate_skipping, fraction_sets
+
+    n = eval_samples(run, args.samples)
+    sets = fraction_sets(run, args.skip_fraction, args.subsets, args.seed)[1] if args.skip_fraction is not None else []
+    bar = ProgressLine("eval", n * (1 + sum(1 for s in sets if s) + bool(skip)), "samples")
+    try:
+        if args.skip_fraction is not None:
+            result = evaluate_fraction(run, args.skip_fraction, args.subsets, args.seed, n, bar.update)
+            return result.full, list(result.sets), result
+        full = evaluate_skipping(run, (), n, bar.update)
+        return full, [evaluate_skipping(run, skip, n, lambda k: bar.update(n + k))] if skip else [], None
+    finally:
+        bar.close()
+
+
+def _entry(r: Any, full: Any) -> dict[str, Any]:
+    return {"skipped": list(r.skipped), "loss": r.loss, "perplexity": r.perplexity,
+            "perplexity_increase": r.perplexity / full.perplexity - 1.0}
+
+
+def _eval_json(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], result: Any) -> dict[str, Any]:
+    cfg = run.cfg
+    out: dict[str, Any] = {
+        "run_dir": str(run.run_dir), "step": run.step, "steps_trained": run.step + 1, "stages": run.num_stages,
+        "chunks": len(run.chunks), "layers": cfg.model.layers, "samples": full.samples, "tokens": full.tokens,
+        "context": cfg.model.context, "val_fraction": cfg.data.val_fraction, "full": _entry(full, full),
+    }
+    if result is not None:
+        out["skip_fraction"] = {
+            "fraction": result.fraction, "skipped_per_set": result.count, "possible_sets": result.possible,
+            "seed": args.seed, "sets": [_entry(r, full) for r in rows], "mean_loss": result.mean_loss,
+            "mean_perplexity": result.mean_perplexity, "std_perplexity": result.std_perplexity,
+            "min_perplexity": result.min_perplexity, "max_perplexity": result.max_perplexity,
+            "mean_perplexity_increase": result.mean_perplexity / full.perplexity - 1.0,
+        }
+    elif rows:
+        out["skipped"] = _entry(rows[0], full)
+    return out
+
+
+def _eval_text(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], result: Any) -> list[str]:
+    cfg = run.cfg
+    lines = [f"{run.run_dir}: checkpoint after {run.step + 1} steps, {run.num_stages} stages ({len(run.chunks)} chunks, "
+             f"{cfg.model.layers} blocks); {full.samples} validation windows x {cfg.model.context} tokens "
+             f"(the last {cfg.data.val_fraction:g} of the tokens)"]
+    width = max([len(_stages_text(r.skipped)) for r in rows] + [4]) + 16
+    lines.append(f"  {'skipped stages':<{width}} {'loss':>8} {'perplexity':>11}")
+    lines.append(f"  {'none (full model)':<{width}} {full.loss:8.4f} {full.perplexity:11.3f}")
+    for r in rows:
+        lines.append(f"  {_stages_text(r.skipped):<{width}} {r.loss:8.4f} {r.perplexity:11.3f}  "
+                     f"{100 * (r.perplexity / full.perplexity - 1):+.1f}%")
+    if result is not None:
+        if len(rows) == result.possible:
+            drawn = "the only set" if result.possible == 1 else f"all {result.possible} sets"
+        else:
+            drawn = f"{len(rows)} random sets of {result.possible} (seed {args.seed})"
+        lines.append(
+            f"skip fraction {result.fraction:g}: {result.count} of {run.num_stages} stages left out, {drawn}: "
+            f"perplexity mean {result.mean_perplexity:.3f} ({100 * (result.mean_perplexity / full.perplexity - 1):+.1f}%), "
+            f"std {result.std_perplexity:.3f}, min {result.min_perplexity:.3f}, max {result.max_perplexity:.3f}")
+    return lines
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``spotpipe eval``: print the validation loss and perplexity (text or JSON)."""
     if args.skip_stages is not None and args.skip_fraction is not None:
         raise SpotpipeError("give --skip-stages or --skip-fraction, not both")
     run, skip = _load(args)
-    from spotpipe.progressline import ProgressLine
-    from spotpipe.runtime.inprocess.evaluate import eval_samples, evaluate_fraction, evaluate_skipping, fraction_sets
-    from spotpipe.runtime.inprocess.skipsets import skippable_stages
-
-    n = eval_samples(run, args.samples)
-    sets = fraction_sets(run, args.skip_fraction, args.subsets, args.seed)[1] if args.skip_fraction is not None else []
-    runs = 1 + sum(1 for s in sets if s) + bool(skip)
-    bar = ProgressLine("eval", n * runs, "samples")
-    try:
-        if args.skip_fraction is not None:
-            result = evaluate_fraction(run, args.skip_fraction, args.subsets, args.seed, n, bar.update)
-            full, rows = result.full, list(result.sets)
-        else:
-            full = evaluate_skipping(run, (), n, bar.update)
-            rows = [evaluate_skipping(run, skip, n, lambda k: bar.update(n + k))] if skip else []
-    finally:
-        bar.close()
-    cfg = run.cfg
-    head = {
-        "run_dir": str(run.run_dir), "step": run.step, "steps_trained": run.step + 1, "stages": run.num_stages, "chunks": len(run.chunks),
-        "layers": cfg.model.layers, "samples": full.samples, "tokens": full.tokens, "context": cfg.model.context,
-        "val_fraction": cfg.data.val_fraction,
-    }
-
-    def entry(r: Any) -> dict[str, Any]:
-        return {"skipped": list(r.skipped), "loss": r.loss, "perplexity": r.perplexity,
-                "perplexity_increase": r.perplexity / full.perplexity - 1.0}
-
-    possible = 0
-    if args.skip_fraction is not None:
-        possible = math.comb(len(skippable_stages(run.stage_chunks, len(run.chunks))), result.count)
+    full, rows, result = _evaluate(args, run, skip)
     if args.json:
-        out: dict[str, Any] = {**head, "full": entry(full)}
-        if args.skip_fraction is not None:
-            out["skip_fraction"] = {
-                "fraction": result.fraction, "skipped_per_set": result.count, "possible_sets": possible, "seed": args.seed,
-                "sets": [entry(r) for r in rows], "mean_loss": result.mean_loss,
-                "mean_perplexity": result.mean_perplexity, "std_perplexity": result.std_perplexity,
-                "min_perplexity": result.min_perplexity, "max_perplexity": result.max_perplexity,
-                "mean_perplexity_increase": result.mean_perplexity / full.perplexity - 1.0,
-            }
-        elif skip:
-            out["skipped"] = entry(rows[0])
-        print(json.dumps(out, indent=1))
-        return 0
-    print(f"{run.run_dir}: checkpoint after {run.step + 1} steps, {run.num_stages} stages ({len(run.chunks)} chunks, "
-          f"{cfg.model.layers} blocks); {full.samples} validation windows x {cfg.model.context} tokens "
-          f"(the last {cfg.data.val_fraction:g} of the tokens)")
-    width = max([len(_stages_text(r.skipped)) for r in rows] + [4])
-    print(f"  {'skipped stages':<{width + 16}} {'loss':>8} {'perplexity':>11}")
-    print(f"  {'none (full model)':<{width + 16}} {full.loss:8.4f} {full.perplexity:11.3f}")
-    for r in rows:
-        print(f"  {_stages_text(r.skipped):<{width + 16}} {r.loss:8.4f} {r.perplexity:11.3f}  "
-              f"{100 * (r.perplexity / full.perplexity - 1):+.1f}%")
-    if args.skip_fraction is not None:
-        drawn = f"all {possible}" if len(rows) == possible else f"{len(rows)} random sets of {possible} (seed {args.seed})"
-        print(f"skip fraction {result.fraction:g}: {result.count} of {run.num_stages} stages left out in {drawn}: perplexity mean {result.mean_perplexity:.3f} "
-              f"({100 * (result.mean_perplexity / full.perplexity - 1):+.1f}%), std {result.std_perplexity:.3f}, "
-              f"min {result.min_perplexity:.3f}, max {result.max_perplexity:.3f}")
+        print(json.dumps(_eval_json(args, run, full, rows, result), indent=1))
+    else:
+        print("\n".join(_eval_text(args, run, full, rows, result)))
     return 0
 
 

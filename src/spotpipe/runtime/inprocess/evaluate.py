@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from spotpipe.model.skipping import forward_skipping
-from spotpipe.runtime.inprocess.local import _to_tensor
 from spotpipe.runtime.inprocess.restore import TrainedRun
 from spotpipe.runtime.inprocess.skipsets import draw_skip_sets, skip_count, skippable_stages
 
@@ -57,12 +56,14 @@ class FractionEval:
     Attributes:
         fraction: The skip fraction asked for.
         count: Stages skipped in each set (``round(fraction x S)``).
+        possible: How many such sets exist (``C(skippable stages, count)``).
         full: The full model's result on the same windows.
         sets: One result per distinct set of skipped stages.
     """
 
     fraction: float
     count: int
+    possible: int
     full: SkipEval
     sets: tuple[SkipEval, ...]
 
@@ -125,7 +126,8 @@ def evaluate_skipping(run: TrainedRun, skip_stages: tuple[int, ...] = (), sample
     weighted, rows = 0.0, 0
     for start in range(0, n, size):
         ids = list(range(start, min(start + size, n)))
-        tokens, targets = _to_tensor(tr.val_sampler.batch(tr.token_file, ids), tr.device)
+        batch = torch.from_numpy(tr.val_sampler.batch(tr.token_file, ids)).to(tr.device)
+        tokens, targets = batch[:, :-1], batch[:, 1:]
         weighted += float(forward_skipping(tr.chunks, tokens, skip, targets)) * len(ids)
         rows += len(ids)
         if progress is not None:
@@ -143,6 +145,11 @@ def fraction_sets(run: TrainedRun, fraction: float, subsets: int, seed: int) -> 
     num_chunks = len(run.chunks)
     count = skip_count(fraction, run.stage_chunks, num_chunks)
     return count, draw_skip_sets(skippable_stages(run.stage_chunks, num_chunks), count, subsets, seed)
+
+
+def possible_sets(run: TrainedRun, count: int) -> int:
+    """How many distinct sets of ``count`` skippable stages ``run`` has."""
+    return math.comb(len(skippable_stages(run.stage_chunks, len(run.chunks))), count)
 
 
 def evaluate_fraction(run: TrainedRun, fraction: float, subsets: int, seed: int, samples: int | None = None,
@@ -177,4 +184,4 @@ def evaluate_fraction(run: TrainedRun, fraction: float, subsets: int, seed: int,
     for s in sets:
         results.append(full if not s else evaluate_skipping(run, s, n, step))
         done += n
-    return FractionEval(fraction, count, full, tuple(results))
+    return FractionEval(fraction, count, possible_sets(run, count), full, tuple(results))

@@ -155,6 +155,8 @@ def load_trained_run(run_dir: str | Path, data: str | None = None, device: str |
     placement = stage_chunks(cfg)
     num_chunks = sum(len(c) for c in placement)
     check_layout(manifest, checkpoint_layout(cfg, num_chunks))
+    if data is not None and not Path(data).expanduser().exists():
+        raise SpotpipeError(f"--data {data} does not exist (give the token dir or text the run trained on)")
     if cfg.data.path and data is None and not Path(cfg.data.path).expanduser().exists():
         raise SpotpipeError(f"{d}: the run's data.path {cfg.data.path} does not exist here (a relative path is read "
                             "from this directory); give the data with --data PATH")
