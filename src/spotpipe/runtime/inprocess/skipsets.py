@@ -6,8 +6,8 @@ unchanged (:func:`spotpipe.model.skipping.forward_skipping`). A *stage* here is 
 the run (a worker rank, ``0 .. pipeline.stages - 1``) with every model chunk it holds (one chunk for
 GPipe and 1F1B, two for interleaved 1F1B and chronos). The stage that holds chunk 0 (the token
 embedding) and the one that holds the last chunk (final norm and LM head) can never be skipped:
-without them there is no hidden state to start from and no logits at the end (SkipPipe keeps them
-on every path too, section 3).
+without them there is no hidden state to start from and no logits at the end (every SkipPipe path
+starts and ends at stage 0, which holds both there).
 
 A skip fraction ``f`` leaves out ``round(f x S)`` of the ``S`` stages: SkipPipe's rule for the
 stages a path skips (:func:`spotpipe.schedule.skippipe.path_stages`), applied at inference. Pure
