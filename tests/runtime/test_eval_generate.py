@@ -311,6 +311,7 @@ def bad_dirs(tmp_path_factory: pytest.TempPathFactory, run6: tuple[Path, LocalTr
 BAD = [
     (["eval", "{missing}"], "run directory {missing} does not exist"),
     (["generate", "{missing}", "--prompt", "a"], "does not exist"),
+    (["eval", "{run}/config.toml"], "run directory {run}/config.toml is not a directory"),
     (["eval", "{empty}"], "is not a spotpipe run directory: it has no config.toml"),
     (["eval", "{nockpt}"], "no complete checkpoint under"),
     (["generate", "{nockpt}", "--prompt", "a"], "train.checkpoint_every"),

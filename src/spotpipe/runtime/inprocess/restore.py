@@ -88,7 +88,7 @@ def run_config(run_dir: str | Path, data: str | None = None) -> JobConfig:
     """
     d = Path(run_dir)
     if not d.is_dir():
-        raise SpotpipeError(f"run directory {d} does not exist")
+        raise SpotpipeError(f"run directory {d} {'is not a directory' if d.exists() else 'does not exist'}")
     if not (d / "config.toml").is_file():
         raise SpotpipeError(f"{d} is not a spotpipe run directory: it has no config.toml")
     cfg = load_config(d / "config.toml")
