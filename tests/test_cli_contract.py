@@ -28,7 +28,7 @@ COMMANDS = dict(_commands(build_parser()))
 
 def test_the_walk_finds_every_command() -> None:
     expected = {
-        "spotpipe", "spotpipe train", "spotpipe worker", "spotpipe schedule", "spotpipe schedule show",
+        "spotpipe", "spotpipe train", "spotpipe worker", "spotpipe eval", "spotpipe generate", "spotpipe schedule", "spotpipe schedule show",
         "spotpipe schedule validate", "spotpipe schedule plan", "spotpipe schedule memory", "spotpipe data",
         "spotpipe data prepare", "spotpipe data tokenizer", "spotpipe data info",
         "spotpipe simulate", "spotpipe reliability", "spotpipe reliability analyze", "spotpipe reliability plan",

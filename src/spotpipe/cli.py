@@ -20,6 +20,7 @@ from spotpipe.errors import SpotpipeError
 # Modules that each define `register(subparsers)`; order is the order in `--help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "spotpipe.runtime.cli",  # train, worker
+    "spotpipe.runtime.inprocess.cli",  # eval, generate
     "spotpipe.schedule.cli",  # schedule
     "spotpipe.data.cli",  # data
     "spotpipe.sim.cli",  # simulate

@@ -6,7 +6,8 @@ LocalTrainer's within 1e-5 relative, and the
 CheckFree+ swap schedule (odd microbatches through stages 1, 0, 2, 3 ... with the embedding and head
 copies kept in sync across workers) equals the in-process PipelineTrainer's (the same lowered swap
 schedule played by the executor, every rank in one process);
-a run resumed from a checkpoint reproduces the uninterrupted run's losses exactly.
+a run resumed from a checkpoint reproduces the uninterrupted run's losses exactly; `spotpipe eval`
+and `spotpipe generate` read the workers' checkpoint.
 """
 
 from __future__ import annotations
@@ -189,3 +190,21 @@ def test_skipping_stops_once_the_model_has_diverged(tmp_path: Path, train: Calla
     assert "5 steps in a row were not finite" in proc.stderr and "Traceback" not in proc.stderr
     events = helpers.read_events(run_dir)
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "failed"
+
+
+@pytest.mark.timeout(300)
+def test_eval_and_generate_read_the_workers_checkpoint(runs: Callable[[str], Path], helpers: Any,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With nothing skipped `spotpipe eval` gives the workers' own validation loss after the last
+    step (the same windows); a skipped stage changes it; `generate` continues the prompt."""
+    from spotpipe.cli import main
+
+    run_dir = runs("1f1b")
+    vals = {r["step"]: r["val_loss"] for r in helpers.read_events(run_dir) if r["event"] == "eval"}
+    assert main(["eval", str(run_dir), "--skip-stages", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 29 and out["full"]["loss"] == pytest.approx(vals[29], rel=1e-5)
+    assert out["skipped"]["skipped"] == [2] and out["skipped"]["loss"] != out["full"]["loss"]
+    assert main(["generate", str(run_dir), "--prompt", "KING", "--tokens", "8", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("KING") and len(text.rstrip("\n")) > 4
