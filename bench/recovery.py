@@ -163,7 +163,8 @@ def run_ettr(duration_s: float, kill_every_s: float, tmp: Path, seed: int) -> di
                     "recovery_event_s": None if fin is None else fin["seconds"]})
     return {"rc": proc.returncode, "kills": len(kills), "ettr": s.ettr, "wall_s": s.wall_s, "productive_s": s.productive_s,
             "failures": s.failures, "recovery_s": s.recovery_s, "steps": s.steps, "recoveries": rec,
-            "summary_line": out.strip().splitlines()[-1] if out.strip() else err.strip()[-300:]}
+            "summary_line": out.strip().splitlines()[-1] if out.strip() else err.strip()[-300:],
+            "error": err.strip().splitlines()[-1] if proc.returncode and err.strip() else None}
 
 
 def main() -> int:
@@ -233,6 +234,8 @@ def main() -> int:
     e = "-" if ettr["ettr"] is None else f"{ettr['ettr']:.3f}"
     print(f"\nETTR with one worker killed every {kill_every:g} s over {ettr['wall_s']:.0f} s: {e} "
           f"({ettr['kills']} kills, {ettr['failures']} failures, {ettr['steps']} steps)")
+    if ettr.get("rc"):
+        print(f"  the ETTR run exited with code {ettr['rc']}: {ettr.get('error')}")
     import torch
 
     record = {

@@ -77,16 +77,44 @@ def test_issue_examples_of_unwritable_outputs(blocker: Path, tmp_path: Path) -> 
     assert time.monotonic() - t0 < 30  # before any worker starts (it took 45 s and a traceback)
 
 
-@pytest.mark.parametrize(
-    "argv, option",
-    [
-        (["schedule", "show", "--out", "{bad}"], "--out"),
-        (["simulate", "--set", "train.steps=3", "--trace", "{bad}"], "--trace"),
-        (["simulate", "--set", "train.steps=3", "--events", "{bad}"], "--events"),
-        (["reliability", "report", "--gpus", "64", "--rf", "6.5", "--trials", "2", "-o", "{bad}"], "--output"),
-        (["data", "prepare", "{text}", "--out", "{bad}"], "--out"),
-    ],
-)
+OUTPUT_CASES = [
+    (["schedule", "show", "--out", "{bad}"], "--out"),
+    (["schedule", "plan", "--config", "{geo}", "--trace", "{bad}"], "--trace"),
+    (["schedule", "plan", "--config", "{geo}", "--csv", "{bad}"], "--csv"),
+    (["simulate", "--set", "train.steps=3", "--trace", "{bad}"], "--trace"),
+    (["simulate", "--set", "train.steps=3", "--events", "{bad}"], "--events"),
+    (["reliability", "report", "--gpus", "64", "--rf", "6.5", "--trials", "2", "-o", "{bad}"], "--output"),
+    (["data", "prepare", "{text}", "--out", "{bad}"], "--out"),
+    (["data", "tokenizer", "{text}", "--vocab-size", "300", "--out", "{bad}"], "--out"),
+]
+"""One command line per option that names a file or folder to write."""
+
+INPUT_FILE_OPTIONS = {("reliability simulate", "--trace")}
+"""Options whose names look like outputs but that name a file to read."""
+
+
+def test_every_output_option_of_every_command_is_checked_below() -> None:
+    """A new option that writes a file must join :data:`OUTPUT_CASES` (and so be checked first)."""
+    import argparse
+
+    from spotpipe.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, str]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    found += walk(sub, f"{name} {sub_name}".strip())
+            elif action.dest in ("out", "output", "trace", "events", "csv") and action.option_strings:
+                found.append((name, max(action.option_strings, key=len)))
+        return found
+
+    written = {cmd_opt for cmd_opt in walk(build_parser(), "") if cmd_opt not in INPUT_FILE_OPTIONS}
+    cases = {(" ".join(a for a in argv[:2] if not a.startswith("-") and "{" not in a), option) for argv, option in OUTPUT_CASES}
+    assert written == cases
+
+
+@pytest.mark.parametrize("argv, option", OUTPUT_CASES)
 @pytest.mark.parametrize("where", ["under a file", "read-only"])
 def test_every_output_option_is_checked_before_the_work(
     argv: list[str], option: str, where: str, blocker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -95,7 +123,8 @@ def test_every_output_option_is_checked_before_the_work(
     reason = f"{blocker} is not a directory" if where == "under a file" else "cannot create anything in /proc"
     text = tmp_path / "in.txt"
     text.write_text("text\n")
-    args = [a.replace("{bad}", str(bad)).replace("{text}", str(text)) for a in argv]
+    geo = ROOT / "configs" / "skippipe-geo.toml"
+    args = [a.replace("{bad}", str(bad)).replace("{text}", str(text)).replace("{geo}", str(geo)) for a in argv]
     one_line_main(capsys, args, f"cannot write {option} {bad}: {reason}")
 
 

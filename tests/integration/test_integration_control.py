@@ -42,6 +42,31 @@ def wait_for_steps(run_dir: Path, proc: subprocess.Popen[str], helpers: Any, n: 
     raise AssertionError(f"no {n} steps within {timeout} s")
 
 
+def wait_for_warm_spare(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 120) -> Path:
+    """Wait until a local spare says in its log that it is warm and waiting for a role.
+
+    Args:
+        run_dir: The job's run directory (local workers log to ``logs/worker-<i>.log``).
+        proc: The ``spotpipe train`` process, which must stay alive meanwhile.
+        timeout: Seconds to wait (generous: a spare imports torch and builds a stage first).
+
+    Returns:
+        The spare's log file.
+
+    Raises:
+        AssertionError: If the job exits or no spare is warm within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"train exited early ({proc.returncode})"
+        for log in sorted((run_dir / "logs").glob("worker-*.log")):
+            text = log.read_text(errors="replace")
+            if "spare worker" in text and "warm, waiting for a role" in text:
+                return log
+        time.sleep(0.05)
+    raise AssertionError(f"no spare was warm within {timeout} s")
+
+
 def worker_pids(events: list[dict[str, Any]]) -> dict[int, int]:
     return {r["worker"]: r["pid"] for r in events if r["event"] == "worker_start"}
 
@@ -259,7 +284,7 @@ def test_workers_that_lose_the_controller_exit_with_one_line(
                 assert time.monotonic() < deadline and proc.poll() is None, "no recovery started"
                 time.sleep(0.005)
         else:
-            time.sleep(1.0)  # the warm spare has joined
+            wait_for_warm_spare(run_dir, proc)  # the spare is in its role wait, not still starting
         before = joined_processes(address)
         os.kill(proc.pid, signal.SIGKILL)
         killed = time.monotonic()

@@ -444,3 +444,39 @@ def test_a_loss_that_extends_a_recovery_gives_its_waits_the_whole_timeout(tmp_pa
     job.drive()
     [failure] = job.host.failures
     assert "timed out" in failure.reason and "replacement workers to join" in failure.reason
+
+
+class _RefusedLocal:
+    """A local replacement process that exited before it joined (the controller refused it)."""
+
+    pid = 4242
+    index = 5
+
+    def returncode(self) -> int | None:
+        return 2
+
+    def last_log_line(self) -> str:
+        return "spotpipe worker: error: the controller refused this worker: the job is stopping"
+
+
+def test_a_replacement_refused_because_the_job_is_stopping_is_no_failure(tmp_path: Path) -> None:
+    """A replacement process started for a recovery can join after the job began to stop
+    (train.max_minutes, Ctrl-C, the last step): it is refused, naming the stop, and exits. That
+    exit must not fail a job that finishes (a quick recovery bench run exited 2 this way); the same
+    exit while the job runs is still a failure, named."""
+    job = Job(tmp_path)
+    for w in job.members.workers.values():
+        w.last_beat = 100.0
+        job.store.add(protocol.heartbeat_key(w.worker), 1)
+    job.host.stop_reason = "time"
+    job.members._answer_join({"host": "h", "pid": 4242, "proof": protocol.join_proof("token", "job", "n1")}, "n1")
+    [refused] = job.events("join_refused")
+    assert refused["reason"] == "the job is stopping"
+    job.locals.procs.append(_RefusedLocal())
+    job.members.check_health(100.5)
+    assert job.host.failures == []
+    job.host.stop_reason = ""
+    job.members.check_health(100.6)
+    [failure] = job.host.failures
+    assert failure.reason == ("local worker 5 (pid 4242) exited before it joined (exit code 2): spotpipe worker: error: "
+                              "the controller refused this worker: the job is stopping")

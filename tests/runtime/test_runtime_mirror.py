@@ -242,7 +242,7 @@ def test_mirror_size_estimate_covers_the_real_flat_state(sets: list[str]) -> Non
     """The run summary's mirror memory per stage reads mirror_state_bytes: it must not underestimate
     the flat state a rank really sends (weights + 2 moments + tail), nor overshoot it by more than 64 KiB."""
     from spotpipe.ft.policy import swap_schedule_on
-    from spotpipe.ft.strategies.mirror import mirror_state_bytes
+    from spotpipe.runtime.control.sizes import mirror_state_bytes
 
     cfg = load_config(None, sets)
     swap = swap_schedule_on(cfg.ft)

@@ -1,4 +1,5 @@
-"""Lowering passes: send/recv placement per notes/LOWERING.md, for default, reordered and partial paths."""
+"""Lowering passes: send/recv placement per the contract in schedule/passes.py, for default,
+reordered and partial paths."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def test_post_receives_early() -> None:
     assert post_receives_early(add_communication(one_f_one_b_schedule(2, 2)), 0) == add_communication(
         one_f_one_b_schedule(2, 2)
     )
-    # valid when the consumer waits (the LOWERING.md contract) ...
+    # valid when the consumer waits (the lowering contract in schedule/passes.py) ...
     assert check_schedule(early) == []
     # ... but a transport whose receive blocks would deadlock: this is why lower() leaves it off
     problems = check_schedule(early, blocking_recv=True)

@@ -37,7 +37,7 @@ def test_sweep_every_generated_schedule_is_valid_lowered_and_not() -> None:
         assert check_schedule(lowered) == [], where
         # the plain lowering also survives receives that block, and keeps per-pair FIFO order
         assert check_schedule(lowered, blocking_recv=True, message_order=True) == [], where
-        # receives posted early stay valid under the LOWERING.md semantics (the consumer waits)
+        # receives posted early stay valid under schedule/passes.py's contract (the consumer waits)
         assert check_schedule(lower(s, early_receives=2)) == [], where
 
 

@@ -25,8 +25,9 @@ Building. Every member first says it arrived (``gen/<g>/arrived/<rank>``) and wa
 have, then builds the groups in a helper thread over its own store connection. Both waits watch
 ``cancelled`` (the worker passes "the controller aborted generation g, or the job stops"), so a
 member lost before or while the groups are built never holds the others for ``run.timeout_s``:
-they raise :class:`GenerationCancelled` at once and take part in the next recovery
-(issue 10, section 1). A member that never arrives is named when the wait runs out.
+they raise :class:`GenerationCancelled` at once and take part in the next recovery (a second
+loss during a recovery is recovered, never waited out). A member that never arrives is named
+when the wait runs out.
 
 Abort: :meth:`Generation.abort` makes every pending wait of the generation fail at once, here and
 on the peers. NCCL has a real ``abort``. Gloo's ``abort`` does not wake a blocked wait, so for
@@ -39,8 +40,9 @@ Release: an aborted generation is *retired*. Once the worker has entered the nex
 no longer waits on the old one), :func:`release_retired` drops the retired groups in a short-lived
 thread: their listening and connected sockets, their gloo threads and their store connection are
 freed, so a survivor of hundreds of recoveries holds the descriptors and threads of one
-generation (issue 10, section 6). The groups are dropped, not destroyed in place, because a gloo
-group's destructor joins its threads (0.1-0.5 s), which must not delay the recovery.
+generation and never reaches ``ulimit -n``. The groups are dropped, not destroyed in place,
+because a gloo group's destructor joins its threads (0.1-0.5 s), which must not delay the
+recovery.
 """
 
 from __future__ import annotations

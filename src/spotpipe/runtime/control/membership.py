@@ -166,7 +166,7 @@ class Membership:
             self._accept_spare(req, nonce, host, pid)
             return
         if not reason and (not free or self.host.stop_reason):
-            reason = "the job has no free role" if not free else "the job is stopping"
+            reason = "the job is stopping" if self.host.stop_reason else "the job has no free role"
         if reason:
             self.ctx.event(ev.JOIN_REFUSED, host=host, pid=pid, reason=reason)
             self.ctx.progress.message(f"refused a worker from {host} (pid {pid}): {reason}")
@@ -250,8 +250,9 @@ class Membership:
                 continue
             if not w.bye:
                 alive[w.worker] = w.last_beat
-        # Local processes that exited before they joined.
-        if self.ctx.locals is not None:
+        # Local processes that exited before they joined fail the job, unless it is stopping: a
+        # replacement started for a recovery can arrive after the stop, and is refused then.
+        if self.ctx.locals is not None and not self.host.stop_reason:
             joined = {w.pid for w in self.workers.values()} | {w.pid for w in self.spares}
             for p in self.ctx.locals.procs:
                 code = p.returncode()

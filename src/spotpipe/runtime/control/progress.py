@@ -3,9 +3,9 @@
 On a TTY the line ``step 120/600  loss 2.314  12.3k tok/s  ETA 2m41s`` is redrawn in place after
 every committed step; messages (evaluations, checkpoints) are printed above it. The final step's
 line ends the live line, so later messages (the last evaluation) come below it and it is written
-once, never redrawn (issue 10: ``step 500/500`` appeared twice). Anywhere else (a pipe, a log
-file, CI) a plain line is printed at most every ``every_s`` seconds, plus the final step's and
-every message, so logs stay short.
+once, never redrawn (a redraw would print the final ``step 500/500`` line twice). Anywhere else
+(a pipe, a log file, CI) a plain line is printed at most every ``every_s`` seconds, plus the
+final step's and every message, so logs stay short.
 
 The run ends with one summary line (:func:`format_result` of a :class:`RunResult`): status,
 steps, losses, time, and what the user should know of failures, skipped non-finite steps and

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spotpipe.config import JobConfig
-from spotpipe.ft.strategies.mirror import mirror_state_bytes
-from spotpipe.model.partition import DTYPE_BYTES, model_shapes, optimizer_bytes_per_param
+from spotpipe.ft.policy import swap_schedule_on
+from spotpipe.model.partition import ADAMW_MOMENTS, DTYPE_BYTES, model_shapes, optimizer_bytes_per_param
 from spotpipe.schedule.generators import model_chunks
 
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -49,6 +49,30 @@ class JobSizes:
     state_bytes: int
     mirror_bytes: int
     checkpoint_bytes: int
+
+
+_TAIL_MARGIN = 64 * 2**10  # the flat form's per-chunk / per-parameter tail and a message header
+
+
+def mirror_state_bytes(cfg: JobConfig) -> int:
+    """Bytes of the largest rank's full mirror state: weights plus AdamW's two moments in float32
+    (12 bytes per parameter, the runtime's flat stage state), with the CheckFree+ embedding and
+    head copies where the swap schedule keeps them, plus a margin for the flat form's tail.
+
+    Args:
+        cfg: The job (model sizes, stages, schedule, ``ft``).
+
+    Returns:
+        Bytes, an upper estimate within a 64 KiB margin.
+    """
+    p, m = cfg.pipeline, cfg.model
+    chunks = model_chunks(p.schedule, p.stages, p.virtual_stages)
+    params = [s.params for s in model_shapes(m, chunks)]
+    if swap_schedule_on(cfg.ft) and chunks >= 4:
+        params[1] += m.vocab_size * m.d_model  # the embedding copy
+        params[chunks - 2] += m.vocab_size * m.d_model + m.d_model  # the final norm and head copy
+    per_rank = [sum(params[c] for c in range(rank, chunks, p.stages)) for rank in range(p.stages)]
+    return 4 * (1 + ADAMW_MOMENTS) * max(per_rank) + _TAIL_MARGIN
 
 
 def job_sizes(cfg: JobConfig, mirrors: bool) -> JobSizes:

@@ -4,8 +4,9 @@
 requests. :class:`ControllerLost` ends the process when the controller is unreachable (its
 process was killed, its machine is gone): whichever thread meets the dead store first (the
 heartbeat, the step loop, a recovery wait, a spare waiting for a role) prints one line naming the
-controller's address and exits with :data:`EXIT_ORPHANED`; no traceback, no second line
-(issue 10, section 2). The run directory keeps the last checkpoint: ``spotpipe train --resume``.
+controller's address and exits with :data:`EXIT_ORPHANED`; no traceback, no second line, so
+nothing is left running and the user knows what happened. The run directory keeps the last
+checkpoint: ``spotpipe train --resume``.
 """
 
 from __future__ import annotations
