@@ -23,8 +23,6 @@ PACKAGE = ROOT / "src" / "spotpipe"
 KNOWN: dict[tuple[str, str], str] = {
     ("spotpipe.config", "spotpipe.planner"):
         "JobConfig.validate resolves pipeline.schedule = auto with the planner, which reads the config",
-    ("spotpipe.runtime.state.optimizer", "spotpipe.runtime.state.offload"):
-        "build_chunk_optimizer picks OffloadedAdamW, a subclass of ChunkAdamW defined beside it",
 }
 """Deferred imports ``(importer, imported)`` that close a circle today, and why."""
 

@@ -18,7 +18,7 @@ from spotpipe.schedule.build import job_schedule
 from spotpipe.runtime.inprocess.convergence import _Run, omega_preclip, run_inprocess
 from spotpipe.runtime.inprocess.local import LocalTrainer
 from spotpipe.runtime.inprocess.player import PipelineTrainer
-from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.pick import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.state.rules import checkfree_weights
 from spotpipe.schedule.ir import Schedule

@@ -10,7 +10,8 @@ from spotpipe.config import ModelConfig, TrainConfig
 from spotpipe.model.stages import build_stage
 from spotpipe.runtime.pipeline.meter import moment_tensors
 from spotpipe.runtime.state.master import MasterWeightOptimizer
-from spotpipe.runtime.state.optimizer import ChunkAdamW, build_chunk_optimizer
+from spotpipe.runtime.state.optimizer import ChunkAdamW
+from spotpipe.runtime.state.pick import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 
 pytestmark = pytest.mark.timeout(60)

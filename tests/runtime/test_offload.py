@@ -8,7 +8,8 @@ import torch
 from spotpipe.config import TrainConfig
 from spotpipe.runtime.pipeline.meter import moment_tensors
 from spotpipe.runtime.state.offload import OffloadedAdamW
-from spotpipe.runtime.state.optimizer import ChunkAdamW, build_chunk_optimizer
+from spotpipe.runtime.state.optimizer import ChunkAdamW
+from spotpipe.runtime.state.pick import build_chunk_optimizer
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -100,7 +100,7 @@ def test_replaying_mirror_equals_its_owner_bit_for_bit(store: Any) -> None:
 def test_a_bf16_gradient_travels_in_bf16_into_reused_buffers_and_replays_exactly(store: Any) -> None:
     """A 16-bit model's gradient is sent in its dtype (half the bytes), received into a few reused
     buffers (no allocation per step), and applied from there onto the float32 masters."""
-    from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+    from spotpipe.runtime.state.pick import build_chunk_optimizer
 
     model = load_config(None, ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16",
                                "model.dtype=bfloat16"]).model

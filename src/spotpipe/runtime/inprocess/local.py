@@ -3,7 +3,7 @@
 :class:`LocalTrainer` trains the same chunks the pipeline workers hold (built by
 :func:`~spotpipe.model.stages.build_stage`), in the same
 :class:`~spotpipe.runtime.state.stage_state.StageState` a worker holds (here over every chunk: the
-optimizer of :func:`~spotpipe.runtime.state.optimizer.build_chunk_optimizer`, one AdamW per
+optimizer of :func:`~spotpipe.runtime.state.pick.build_chunk_optimizer`, one AdamW per
 chunk, and per-chunk learning-rate scales), with the same learning-rate schedule, global-norm
 clipping over all chunks, the same sampler and the same data slicing and loss scaling (the
 lowering contract of :mod:`spotpipe.schedule.passes`, "Loss" and "Data per step"), but runs every
@@ -38,7 +38,7 @@ from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
 from spotpipe.model.stages import StageModule, build_stage
 from spotpipe.runtime.state.optim import clip_coefficient, grad_sq_norm, lr_at, nonfinite_reason, nonfinite_step_error
-from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.pick import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.schedule.generators import model_chunks
 

@@ -5,9 +5,9 @@ steps it, reads and writes the moments of one parameter, clears a chunk's state 
 it, through :class:`StageOptimizer`. :class:`ChunkAdamW` is the one implementation today (one
 ``torch.optim.AdamW`` per chunk, built by :func:`spotpipe.runtime.state.optim.build_stage_optimizer`);
 :class:`~spotpipe.runtime.state.offload.OffloadedAdamW` keeps the moments in host memory and brings
-them to the device for the update (ChronosPipe's offload; Lin et al. 2025); ``pipeline.offload``
-picks it in :func:`build_chunk_optimizer`. A 16-bit model gets either one over float32 master
-weights (:class:`~spotpipe.runtime.state.master.MasterWeightOptimizer`).
+them to the device for the update (ChronosPipe's offload; Lin et al. 2025), and
+:class:`~spotpipe.runtime.state.master.MasterWeightOptimizer` runs either over float32 master
+weights of a 16-bit model; :func:`spotpipe.runtime.state.pick.build_chunk_optimizer` picks.
 """
 
 from __future__ import annotations
@@ -118,34 +118,3 @@ class ChunkAdamW:
 
     def master(self, chunk: int, param: torch.Tensor) -> torch.Tensor | None:
         return None
-
-
-def build_chunk_optimizer(chunks: Mapping[int, torch.nn.Module], train: TrainConfig, offload: bool = False) -> StageOptimizer:
-    """The optimizer of a worker's (or a mirror's) chunks: the one place that picks its class.
-
-    Args:
-        chunks: Chunk index -> module.
-        train: The ``[train]`` section.
-        offload: Keep the moments in host memory between updates (``pipeline.offload =
-            "optimizer"``; :class:`~spotpipe.runtime.state.offload.OffloadedAdamW`).
-
-    Returns:
-        A :class:`StageOptimizer`: :class:`ChunkAdamW`, or OffloadedAdamW with ``offload``; for
-        chunks whose parameters are not float32 (``model.dtype = "bfloat16"`` or ``"float16"``),
-        that optimizer over float32 master copies
-        (:class:`~spotpipe.runtime.state.master.MasterWeightOptimizer`; Micikevicius et al. 2018).
-    """
-
-    def build(over: Mapping[int, torch.nn.Module]) -> StageOptimizer:
-        if offload:
-            from spotpipe.runtime.state.offload import OffloadedAdamW  # it builds on this module
-
-            return OffloadedAdamW(over, train)
-        return ChunkAdamW(over, train)
-
-    dtypes = {p.dtype for c in chunks.values() for p in c.parameters()}
-    if dtypes and dtypes != {torch.float32}:
-        from spotpipe.runtime.state.master import MasterWeightOptimizer  # it builds on this module
-
-        return MasterWeightOptimizer(chunks, build)
-    return build(chunks)

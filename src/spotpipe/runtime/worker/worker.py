@@ -61,7 +61,7 @@ from spotpipe.runtime.comm.groups import Generation, GenerationCancelled, Genera
 from spotpipe.runtime.devices import worker_hardware
 from spotpipe.runtime.control.job import checkpoint_due, eval_due
 from spotpipe.runtime.state.optim import clip_coefficient, lr_at, nonfinite_reason, nonfinite_step_error
-from spotpipe.runtime.state.optimizer import build_chunk_optimizer
+from spotpipe.runtime.state.pick import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
 from spotpipe.runtime.worker.heartbeat import ControllerLost, Heartbeat
 from spotpipe.runtime.worker.phase_fault import PhaseFault
