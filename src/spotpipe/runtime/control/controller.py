@@ -207,7 +207,11 @@ class Controller:
         threads = max(1, cpus // max(1, self.local_count)) if self.local_count else 0
         self.ctx.locals = LocalWorkers(address, self.token, self.run_dir / "logs", threads=threads)
         self._threads = threads
-        self.ctx.locals.start(self.local_count)
+        # An all-local job starts its warm spares with its workers, so their start-up (importing
+        # torch, building a stage) overlaps the workers' and never the training steps; where remote
+        # workers are awaited they start once every role is held, so none takes a remote's role.
+        early_spares = self.spare_count if self.local_count == self.world_size else 0
+        self.ctx.locals.start(self.local_count + early_spares)
 
     # ------------------------------------------------------------------------------------------
     # Main loop
@@ -278,7 +282,7 @@ class Controller:
         self._first_step_of_gen = self.next_step
         self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
-        if self.generation == 1 and self.spare_count and self.ctx.locals is not None:
+        if self.generation == 1 and self.spare_count and self.local_count < self.world_size and self.ctx.locals is not None:
             self.ctx.locals.start(self.spare_count)  # warm standbys, once every role is held
 
     # -- steps -----------------------------------------------------------------------------------

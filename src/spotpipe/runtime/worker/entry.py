@@ -9,6 +9,7 @@ This module imports torch only inside :func:`run_worker`, so ``spotpipe --help``
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import json
 import os
@@ -50,6 +51,7 @@ def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
     import tomllib
 
     import torch
+    from torch.distributed import DistStoreError
 
     from spotpipe.config import config_from_mapping
     from spotpipe.model.stages import build_stage
@@ -62,16 +64,20 @@ def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
     print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: warm, waiting for a role", flush=True)
     key = protocol.spare_key(grant.worker)
     while True:
-        if store.check([key]):
-            info = json.loads(store.get(key))
-            print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
-            return protocol.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
-        if store.check([protocol.END]) or store.check([protocol.STOP]):
-            return None
-        time.sleep(0.02)
+        try:  # the store wakes the wait when the role is granted: no polling while the job trains
+            store.wait([key], SPARE_CHECK)
+        except DistStoreError:  # not granted within SPARE_CHECK: has the job ended meanwhile?
+            if store.check([protocol.END]) or store.check([protocol.STOP]):
+                return None
+            continue
+        info = json.loads(store.get(key))
+        print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
+        return protocol.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
 
 
 CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+SPARE_CHECK = datetime.timedelta(seconds=0.25)
+"""How often a waiting spare checks whether the job has ended (a granted role wakes it at once)."""
 
 
 def run_worker(args: argparse.Namespace) -> int:
