@@ -1,6 +1,8 @@
-"""Public functions of the pure packages document their arguments and results (DESIGN.md,
-conventions: every public function's docstring gives argument shapes and units, what it returns,
-the errors it raises, and the paper or source behind each rule or formula).
+"""Public functions of the pure packages document their arguments and results.
+
+DESIGN.md's conventions ask for Google-style docstrings; the project's rule is that every public
+function's docstring gives argument shapes and units, what it returns, the errors it raises, and
+the paper or source behind each rule or formula.
 
 Only the part a parser can check is checked, by reading the source with :mod:`ast` (nothing is
 imported). The rule, for every module under ``src/spotpipe/{ft,schedule,sim,reliability}``:
