@@ -51,7 +51,17 @@ class DetectorConfig:
 
     @staticmethod
     def from_ft(ft: FTConfig) -> DetectorConfig:
-        """The detector settings of a job's ``[ft]`` section."""
+        """The detector settings of a job's ``[ft]`` section.
+
+        Args:
+            ft: The job's ``[ft]`` section (reads ``detect_timeout_s``, seconds).
+
+        Returns:
+            A :class:`DetectorConfig` with ``timeout_s = ft.detect_timeout_s``.
+
+        Raises:
+            ConfigError: if ``ft.detect_timeout_s`` is not > 0.
+        """
         return DetectorConfig(timeout_s=ft.detect_timeout_s)
 
 
@@ -149,6 +159,13 @@ def next_deadline(last_heartbeat: Mapping[int, float], config: FTConfig | Detect
 
     A discrete-event simulator schedules its next check here; the runtime may sleep until then
     (or until a heartbeat arrives, which moves the deadline).
+
+    Args:
+        last_heartbeat: Last heartbeat time (seconds, on the caller's clock) of every live member.
+        config: The ``[ft]`` section or a :class:`DetectorConfig` (its timeout, seconds).
+
+    Returns:
+        The oldest heartbeat plus the timeout, in seconds on the same clock; ``None`` without workers.
     """
     if not last_heartbeat:
         return None

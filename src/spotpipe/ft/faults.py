@@ -82,11 +82,33 @@ class FaultPlan:
         texts: Sequence[str], num_stages: int, replicas: int = 1, total_steps: int = 1,
         seed: int = 0, step_time_s: float | None = None,
     ) -> FaultPlan:
-        """Parse ``texts`` and build the plan."""
+        """Parse ``texts`` and build the plan.
+
+        Args:
+            texts: Fault specs in the :mod:`spotpipe.faultspec` grammar (``stage=2@step=40``, ``10%/h``).
+            num_stages: Pipeline stages of the job.
+            replicas: Replicas per stage.
+            total_steps: Steps of the run.
+            seed: Seed of every draw.
+            step_time_s: Step time in seconds that converts per-hour rates; ``None`` until measured.
+
+        Returns:
+            The plan.
+
+        Raises:
+            FaultSpecError: for a text that does not parse, or a stage or replica the job does not have.
+        """
         return FaultPlan(parse_fault_specs(texts), num_stages, replicas, total_steps, seed, step_time_s)
 
     def with_step_time(self, step_time_s: float) -> FaultPlan:
-        """The same plan with the measured step time (for per-hour rates)."""
+        """The same plan with the measured step time (for per-hour rates).
+
+        Args:
+            step_time_s: Measured seconds per training step.
+
+        Returns:
+            A copy of this plan with ``step_time_s`` set.
+        """
         return replace(self, step_time_s=step_time_s)
 
     @property
@@ -103,7 +125,17 @@ class FaultPlan:
 
     def faults_at(self, step: int) -> tuple[Fault, ...]:
         """Faults that happen during ``step``, ordered by moment then worker; a worker appears at
-        most once (a kill wins over a stall)."""
+        most once (a kill wins over a stall).
+
+        Args:
+            step: Training step, ``0 <= step < total_steps`` for the plan to mean anything.
+
+        Returns:
+            The faults of ``step``, sorted by ``at_fraction`` (fraction of the step, in [0, 1)), stage, replica.
+
+        Raises:
+            FaultSpecError: for a per-hour rate while ``step_time_s`` is still ``None``.
+        """
         found: dict[tuple[int, int], Fault] = {}
 
         def add(f: Fault) -> None:
@@ -153,7 +185,14 @@ class FaultPlan:
         return [f for step in sorted(steps) for f in self.faults_at(step) if f.phase]
 
     def all_faults(self, steps: Iterable[int] | None = None) -> list[Fault]:
-        """Every fault over ``steps`` (default ``range(total_steps)``), for logs and tests."""
+        """Every fault over ``steps`` (default ``range(total_steps)``), for logs and tests.
+
+        Args:
+            steps: Steps to ask about; ``None``: every step of the run.
+
+        Returns:
+            The faults of every step in ``steps``, step by step.
+        """
         return [f for step in (range(self.total_steps) if steps is None else steps) for f in self.faults_at(step)]
 
 
@@ -166,6 +205,11 @@ class Delivery:
     _timer: threading.Timer | None = None
 
     def wait(self, timeout: float | None = None) -> None:
+        """Block until a stall's SIGCONT has been sent (at once for a kill).
+
+        Args:
+            timeout: Longest wait in seconds; ``None``: no limit.
+        """
         if self._timer is not None:
             self._timer.join(timeout)
 
@@ -190,6 +234,14 @@ def deliver(pid: int, fault: Fault, *, wait: bool = False) -> Delivery:
     A kill is SIGKILL (the process cannot catch it, as when a spot instance disappears). A stall
     is SIGSTOP, then SIGCONT ``fault.stall_s`` seconds later from a timer thread (or inline when
     ``wait``); a process that died meanwhile is ignored.
+
+    Args:
+        pid: Target process id (> 0).
+        fault: What to send: a kill, or a stall of ``fault.stall_s`` seconds.
+        wait: Block until a stall ends (SIGCONT sent inline) instead of returning at once.
+
+    Returns:
+        The :class:`Delivery`, whose :meth:`Delivery.wait` or :meth:`Delivery.cancel` ends a stall.
 
     Raises:
         FaultSpecError: if ``pid`` does not exist, or the fault kind is unknown.

@@ -122,6 +122,12 @@ def recovery_enabled(strategy: str | FTConfig) -> bool:
     """Whether a lost worker is recovered at all (False only for ``ft.strategy = none``, where a
     loss ends the job).
 
+    Args:
+        strategy: ``ft.strategy`` or the ``[ft]`` section.
+
+    Returns:
+        False for ``none``, True otherwise.
+
     Raises:
         PolicyError: for a value that is not an ``ft.strategy``.
     """
@@ -132,6 +138,12 @@ def uses_mirrors(strategy: str | FTConfig) -> bool:
     """Whether workers keep host-memory mirrors under ``ft.strategy`` (some strategy tried needs
     them: ``auto`` and ``mirror``). ``ft.mirror_every`` and the stage count are the caller's.
 
+    Args:
+        strategy: ``ft.strategy`` or the ``[ft]`` section.
+
+    Returns:
+        True if a strategy :func:`tried_strategies` returns needs mirrors.
+
     Raises:
         PolicyError: for a value that is not an ``ft.strategy``.
     """
@@ -140,14 +152,28 @@ def uses_mirrors(strategy: str | FTConfig) -> bool:
 
 def swap_schedule_on(ft: FTConfig) -> bool:
     """Whether the job runs the CheckFree+ swap schedule: ``ft.swap_edges``, or a strategy chosen
-    by name that needs it (``ft.strategy = "checkfree+"``)."""
+    by name that needs it (``ft.strategy = "checkfree+"``).
+
+    Args:
+        ft: The job's ``[ft]`` section (``swap_edges`` and ``strategy``).
+
+    Returns:
+        True if the swap schedule runs (CheckFree+: Blagoev, Ersoy, Chen 2025).
+    """
     chosen = REGISTRY.get(ft.strategy)
     return ft.swap_edges or (chosen is not None and chosen.needs_swap_schedule)
 
 
 def rebuilds(plan: RecoveryPlan) -> bool:
     """Whether ``plan`` rebuilds its worker from peers (state moves between workers), as opposed
-    to a rollback to the checkpoint or a stop."""
+    to a rollback to the checkpoint or a stop.
+
+    Args:
+        plan: A plan of :func:`plan_recovery`.
+
+    Returns:
+        True if its strategy is registered and rebuilds from peers; False for rollback and stop.
+    """
     found = REGISTRY.get(plan.strategy)
     return found is not None and found.rebuilds
 

@@ -44,7 +44,23 @@ def analyze_path(
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     min_intervals: int = MIN_INTERVALS,
 ) -> TraceAnalysis:
-    """Read and measure one trace; ``fmt`` is one of :data:`FORMATS` or ``auto``."""
+    """Read and measure one trace; ``fmt`` is one of :data:`FORMATS` or ``auto``.
+
+    Args:
+        path: The trace file.
+        fmt: Its format, or ``auto`` to tell it from name and first line.
+        taxonomy: Rules that give each record a category and the categories that count toward ``r_f``.; ``None``: the default.
+        gpus_per_node: GPUs of a node, for traces that count nodes only (sacct).
+        buckets: Lower bounds of the job-size buckets, in GPUs.
+        min_intervals: Fewest positive intervals between failures to fit (fewer: no fit).
+
+    Returns:
+        The :class:`TraceAnalysis`: ingest report, and job metrics, failure-trace metrics or run
+        summaries by format.
+
+    Raises:
+        SpotpipeError: for a missing file, an unknown format, or a trace that cannot be read.
+    """
     with no_gc():
         return _analyze(path, fmt, taxonomy, gpus_per_node, buckets, min_intervals)
 
@@ -98,7 +114,16 @@ def _clean(value: Any) -> Any:
 
 
 def fits_to_json(fits: IntervalFits | None, unit: str = "hours") -> dict[str, Any] | None:
-    """Fit parameters with the time unit of the intervals (hours for traces)."""
+    """Fit parameters with the time unit of the intervals (hours for traces).
+
+    Args:
+        fits: Fits of intervals in seconds, or ``None``.
+        unit: Name of the unit written; scales and means are converted from seconds to hours.
+
+    Returns:
+        Count, zero gaps dropped, Weibull shape/scale/mean, exponential mean, KS distances and the
+        preferred fit; ``None`` without fits.
+    """
     if fits is None:
         return None
     return {
@@ -195,7 +220,14 @@ def _run_json(r: RunSummary) -> dict[str, Any]:
 
 
 def analysis_to_json(a: TraceAnalysis) -> dict[str, Any]:
-    """A JSON-ready dict (no NaN or infinity anywhere)."""
+    """A JSON-ready dict (no NaN or infinity anywhere).
+
+    Args:
+        a: One file's analysis.
+
+    Returns:
+        Ingest report fields, then the job, trace or run measurements.
+    """
     rep = a.report
     out: dict[str, Any] = {
         "path": rep.path,
@@ -238,7 +270,14 @@ def _fits_line(fits: IntervalFits | None, what: str) -> str:
 
 
 def render_analysis(a: TraceAnalysis) -> str:
-    """The text ``spotpipe reliability analyze`` prints for one file."""
+    """The text ``spotpipe reliability analyze`` prints for one file.
+
+    Args:
+        a: One file's analysis.
+
+    Returns:
+        The text, lines joined by newlines.
+    """
     lines = a.report.summary_lines()
     if a.jobs is not None:
         m = a.jobs

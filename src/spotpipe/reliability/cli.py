@@ -32,7 +32,11 @@ _MAX_FAILURES_HELP = ("refuse work of more than N simulated failures (all trials
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``reliability`` command group to the top-level parser."""
+    """Add the ``reliability`` command group to the top-level parser.
+
+    Args:
+        subparsers: The top-level parser's sub-command action (``add_subparsers()``).
+    """
     group = subparsers.add_parser(
         "reliability",
         help="failure rates, MTTF, ETTR and checkpoint planning from traces and event logs",

@@ -46,6 +46,15 @@ def parse_time(text: str) -> float:
     Returns NaN for the placeholders Slurm and pandas write for "no time" (``Unknown``,
     ``None``, empty); raises ``ValueError`` for anything else that is not a time. Naive times are
     read as UTC (only differences matter).
+
+    Args:
+        text: One cell.
+
+    Returns:
+        Seconds since the epoch, or NaN for a placeholder.
+
+    Raises:
+        ValueError: for text that is neither a time, a number nor a placeholder.
     """
     s = text.strip()
     if s.lower() in MISSING_TIMES:
@@ -143,6 +152,12 @@ def time_column(values: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.
     parsed in chunks; a chunk that fails again has its placeholders (``Unknown``, ``None``)
     mapped to NaT, and if it still fails it is parsed cell by cell with :func:`parse_time`, so a
     few bad rows cost little. Columns of plain numbers are seconds since the epoch.
+
+    Args:
+        values: The cells of one column.
+
+    Returns:
+        ``(seconds since the epoch, NaN where missing or bad; True where a cell is bad)``.
     """
     n = len(values)
     out = np.full(n, np.nan)
@@ -173,7 +188,14 @@ def time_column(values: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.
 
 
 def factorize(values: Sequence[Any]) -> tuple[list[Any], NDArray[np.int64]]:
-    """Distinct values in first-seen order and each cell's index into them (C-speed loops)."""
+    """Distinct values in first-seen order and each cell's index into them (C-speed loops).
+
+    Args:
+        values: Hashable cells.
+
+    Returns:
+        ``(uniques, codes)`` with ``uniques[codes[i]] == values[i]``.
+    """
     uniques = list(dict.fromkeys(values))
     position = {v: i for i, v in enumerate(uniques)}
     codes = np.fromiter(map(position.__getitem__, values), dtype=np.int64, count=len(values))
@@ -181,7 +203,16 @@ def factorize(values: Sequence[Any]) -> tuple[list[Any], NDArray[np.int64]]:
 
 
 def map_column(values: Sequence[str], convert: Callable[[str], Any]) -> Iterator[Any]:
-    """``convert(v) for v in values``, calling ``convert`` once per distinct value."""
+    """``convert(v) for v in values``, calling ``convert`` once per distinct value.
+
+    Args:
+        values: The cells.
+        convert: Conversion of one cell.
+
+    Returns:
+        An iterator of the converted cells, in order (every distinct value is converted at
+        once, so ``convert``'s errors come from this call).
+    """
     table = {v: convert(v) for v in dict.fromkeys(values)}
     return map(table.__getitem__, values)
 
@@ -205,6 +236,12 @@ def int_column(values: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.boo
     """Parse a column of integers (``8``, `` 8 `` or ``8.0``); returns (values, bad mask).
 
     Each distinct text is converted once, which suits counts of nodes and GPUs.
+
+    Args:
+        values: The cells of one column.
+
+    Returns:
+        ``(values, 0 where bad; True where a cell is not an integer)``.
     """
     out = np.fromiter(map_column(values, _to_int), dtype=np.int64, count=len(values))
     bad = out == _BAD_INT
@@ -213,7 +250,14 @@ def int_column(values: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.boo
 
 
 def strip_column(values: Sequence[str]) -> list[str]:
-    """The cells without surrounding whitespace (a copy only when some cell has any)."""
+    """The cells without surrounding whitespace (a copy only when some cell has any).
+
+    Args:
+        values: The cells of one column.
+
+    Returns:
+        The stripped cells, as a new list.
+    """
     joined = "".join(values)
     if joined == joined.strip() and not any(c in joined for c in " \t\r\n\x0b\x0c"):
         return list(values)

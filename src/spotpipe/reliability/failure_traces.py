@@ -76,7 +76,17 @@ def _lanl_time(text: str) -> float:
 
 
 def read_lanl(path: str | Path) -> tuple[list[FailureTrace], IngestReport]:
-    """Read the LANL failure CSV; one :class:`FailureTrace` per system, in system order."""
+    """Read the LANL failure CSV; one :class:`FailureTrace` per system, in system order.
+
+    Args:
+        path: The LANL failure data CSV.
+
+    Returns:
+        The traces (times in seconds) and the ingest report.
+
+    Raises:
+        SpotpipeError: for a missing or empty file, or a header without the required columns.
+    """
     p = Path(path)
     log = ProblemLog(str(p), "lanl")
     rows: dict[str, list[tuple[float, str, str, float, int, str]]] = defaultdict(list)
@@ -164,7 +174,17 @@ def read_lanl(path: str | Path) -> tuple[list[FailureTrace], IngestReport]:
 
 
 def read_bamboo(path: str | Path) -> tuple[FailureTrace, IngestReport]:
-    """Read a Bamboo AWS spot trace (``<ms>,<add|remove>,<node>``, no header)."""
+    """Read a Bamboo AWS spot trace (``<ms>,<add|remove>,<node>``, no header).
+
+    Args:
+        path: The trace (times in milliseconds).
+
+    Returns:
+        The trace (removals as events, times in seconds) and the ingest report.
+
+    Raises:
+        SpotpipeError: for a missing file or one with no usable events.
+    """
     p = Path(path)
     log = ProblemLog(str(p), "bamboo")
     live: set[str] = set()

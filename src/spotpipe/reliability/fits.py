@@ -37,7 +37,14 @@ class ExponentialFit:
     n: int
 
     def cdf(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
-        """``1 - exp(-rate x)``."""
+        """``1 - exp(-rate x)``.
+
+        Args:
+            x: Intervals, in the unit of the fit (seconds for traces); negatives count as 0.
+
+        Returns:
+            The CDF at each ``x``, same shape.
+        """
         return -np.expm1(-self.rate * np.clip(x, 0.0, None))
 
 
@@ -54,7 +61,14 @@ class WeibullFit:
     iterations: int
 
     def cdf(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
-        """``1 - exp(-(x/scale)^shape)``."""
+        """``1 - exp(-(x/scale)^shape)``.
+
+        Args:
+            x: Intervals, in the unit of the fit (seconds for traces); negatives count as 0.
+
+        Returns:
+            The CDF at each ``x``, same shape.
+        """
         return -np.expm1(-np.power(np.clip(x, 0.0, None) / self.scale, self.shape))
 
 
@@ -87,7 +101,15 @@ def _clean(values: ArrayLike) -> NDArray[np.float64]:
 
 
 def ks_distance(sorted_x: NDArray[np.float64], cdf_values: NDArray[np.float64]) -> float:
-    """Kolmogorov-Smirnov distance between the empirical CDF of ``sorted_x`` and a model CDF."""
+    """Kolmogorov-Smirnov distance between the empirical CDF of ``sorted_x`` and a model CDF.
+
+    Args:
+        sorted_x: Samples, ascending, shape ``(n,)``.
+        cdf_values: The model CDF at each of ``sorted_x``, shape ``(n,)``.
+
+    Returns:
+        The largest gap between the two CDFs, in [0, 1].
+    """
     n = sorted_x.size
     upper = np.arange(1, n + 1, dtype=np.float64) / n
     lower = np.arange(0, n, dtype=np.float64) / n
@@ -95,7 +117,17 @@ def ks_distance(sorted_x: NDArray[np.float64], cdf_values: NDArray[np.float64]) 
 
 
 def fit_exponential(values: ArrayLike) -> ExponentialFit:
-    """Exponential MLE of positive intervals."""
+    """Exponential MLE of positive intervals.
+
+    Args:
+        values: Intervals, any shape (flattened), all > 0 and finite.
+
+    Returns:
+        Rate (1 / unit), mean, log-likelihood, KS distance and count.
+
+    Raises:
+        SpotpipeError: for fewer than 2 intervals, or one that is <= 0 or not finite.
+    """
     x = _clean(values)
     mean = float(x.mean())
     rate = 1.0 / mean
@@ -118,6 +150,14 @@ def _shape_equation(k: float, z: NDArray[np.float64], mean_z: float) -> tuple[fl
 
 def fit_weibull(values: ArrayLike, tol: float = 1e-10, max_iter: int = 200) -> WeibullFit:
     """Weibull MLE of positive intervals (safeguarded Newton on the shape equation).
+
+    Args:
+        values: Intervals, any shape (flattened), all > 0 and finite.
+        tol: Tolerance of the shape's root.
+        max_iter: Most Newton steps.
+
+    Returns:
+        Shape, scale (unit of ``values``), mean, log-likelihood, KS distance and count.
 
     Raises:
         SpotpipeError: fewer than 2 intervals, or all equal (the shape is unbounded).
@@ -173,6 +213,12 @@ def intervals_from_times(times: ArrayLike) -> tuple[NDArray[np.float64], int]:
 
     Records with the same timestamp (several nodes in one incident, or a clock of one-minute
     resolution) give zero gaps; they are merged into one event rather than fitted.
+
+    Args:
+        times: Event times, any shape (flattened), e.g. seconds.
+
+    Returns:
+        ``(positive gaps in the unit of times, zero gaps dropped)``.
     """
     t = np.sort(np.asarray(times, dtype=np.float64).ravel())
     gaps = np.diff(t)
@@ -181,7 +227,16 @@ def intervals_from_times(times: ArrayLike) -> tuple[NDArray[np.float64], int]:
 
 
 def fit_intervals(times: ArrayLike, min_intervals: int = MIN_INTERVALS) -> IntervalFits | None:
-    """Fit the time between events given their times; ``None`` with too few intervals."""
+    """Fit the time between events given their times; ``None`` with too few intervals.
+
+    Args:
+        times: Event times (seconds for traces).
+        min_intervals: Fewest positive gaps to fit (at least 2 are always needed).
+
+    Returns:
+        Both fits and the preferred one (see the module docstring); ``None`` with too few gaps or all
+        gaps equal.
+    """
     gaps, dropped = intervals_from_times(times)
     if gaps.size < max(2, min_intervals) or float(np.ptp(np.log(gaps))) < 1e-12:
         return None

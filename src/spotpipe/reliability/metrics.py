@@ -149,7 +149,18 @@ def job_metrics(
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     min_intervals: int = MIN_INTERVALS,
 ) -> JobMetrics:
-    """Measure a job table (see the module docstring); vectorised over rows."""
+    """Measure a job table (see the module docstring); vectorised over rows.
+
+    Args:
+        table: The jobs (one column per field).
+        taxonomy: Rules that give each record a category and the categories that count toward ``r_f``.
+        buckets: Lower bounds of the job-size buckets, in GPUs.
+        min_intervals: Fewest positive intervals between failures to fit (fewer: no fit).
+
+    Returns:
+        Exposure (node-days, GPU-hours, job-hours), interruptions, ``r_f``, size buckets, shares by
+        state and category, ETTR upper bounds and interval fits.
+    """
     categories = taxonomy.classify_arrays(table.state, table.exit_code, table.signal, table.reason)
     cat_str = categories.astype(str)
     counted = np.isin(cat_str, sorted(taxonomy.failure_categories))
@@ -231,7 +242,17 @@ class TraceMetrics:
 
 def trace_metrics(trace: FailureTrace, taxonomy: Taxonomy, min_intervals: int = MIN_INTERVALS) -> TraceMetrics:
     """Measure a failure trace: every event counts (LANL records and spot removals are all
-    interruptions); categories are shown for the taxonomy."""
+    interruptions); categories are shown for the taxonomy.
+
+    Args:
+        trace: The failure trace.
+        taxonomy: Rules that give each record a category and the categories that count toward ``r_f``.
+        min_intervals: Fewest positive intervals between failures to fit (fewer: no fit).
+
+    Returns:
+        Events, exposure (hours), rates per unit-hour and ``r_f``, MTTF of the system and of one unit
+        (hours), mean repair (hours), causes, categories and interval fits.
+    """
     unit_hours = trace.unit_seconds / SECONDS_PER_HOUR
     n = trace.events
     empty = np.zeros(n, dtype=np.int64)

@@ -64,6 +64,16 @@ def mttf_hours(nodes: float, rf: float) -> float:
     """MTTF of a job on ``nodes`` nodes: ``1000 days / (N * r_f)``, in hours (Kokolis et al. 2025).
 
     Example: 16,384 GPUs at 8 per node are 2,048 nodes; at ``r_f = 6.5`` the MTTF is 1.80 h.
+
+    Args:
+        nodes: Nodes N of the job (> 0; may be fractional: GPUs / GPUs per node).
+        rf: Failures per 1000 node-days (``r_f``).
+
+    Returns:
+        The MTTF in hours.
+
+    Raises:
+        SpotpipeError: if ``nodes`` or ``rf`` is not > 0.
     """
     _positive(nodes, "nodes")
     _positive(rf, "r_f (failures per 1000 node-days)")
@@ -75,6 +85,15 @@ def model_load(nodes: float, rf: float, interval_s: float, restart_s: float) -> 
 
     The first-order ETTR model (Kokolis et al. 2025) drops terms of order ``load**2``; it is
     accurate to about ``load**2 / 2`` and meaningless once ``load`` nears 1.
+
+    Args:
+        nodes: Nodes N.
+        rf: Failures per 1000 node-days (``r_f``).
+        interval_s: Checkpoint interval ``dt``, seconds.
+        restart_s: Restart overhead ``u0``, seconds.
+
+    Returns:
+        The dimensionless load ``N r_f (u0 + dt/2)``.
     """
     return rate_per_second(nodes, rf) * (restart_s + interval_s / 2.0)
 
@@ -87,6 +106,19 @@ def ettr_checkpoint(
     ``E[ETTR] ~= (1 - N r_f (u0 + dt/2)) / (1 + w/dt)``, clipped at 0 where the first-order
     form would go negative (there the job makes almost no progress; use
     :func:`ettr_checkpoint_exact` or the Monte Carlo instead).
+
+    Args:
+        interval_s: Checkpoint interval ``dt``, seconds (> 0).
+        write_s: Checkpoint write time ``w``, seconds (>= 0).
+        restart_s: Restart overhead ``u0``, seconds (>= 0).
+        nodes: Nodes N.
+        rf: Failures per 1000 node-days (``r_f``).
+
+    Returns:
+        Expected ETTR in [0, 1].
+
+    Raises:
+        SpotpipeError: for a non-positive interval or a negative write or restart time.
     """
     _positive(interval_s, "checkpoint interval")
     _non_negative(write_s, "checkpoint write time")
@@ -103,6 +135,18 @@ def ettr_checkpoint_exact(
     Each inter-failure gap starts with a restart of ``u0`` (a failure during it starts it again),
     then cycles of ``dt`` compute and ``w`` write; a failure loses the unfinished cycle. Renewal
     reward: ``ETTR = lam dt e^{-lam u0} / (e^{lam (dt + w)} - 1)``.
+
+    Args:
+        interval_s: Checkpoint interval ``dt``, seconds (> 0).
+        write_s: Checkpoint write time ``w``, seconds.
+        restart_s: Restart overhead ``u0``, seconds.
+        rate_per_s: Failure rate ``lam`` of the job, per second (<= 0: no failures).
+
+    Returns:
+        Long-run ETTR in [0, 1] (``dt / (dt + w)`` without failures).
+
+    Raises:
+        SpotpipeError: for a non-positive interval.
     """
     _positive(interval_s, "checkpoint interval")
     if rate_per_s <= 0:
@@ -112,7 +156,18 @@ def ettr_checkpoint_exact(
 
 
 def young_interval(write_s: float, mttf_s: float) -> float:
-    """Young's first-order optimal checkpoint interval ``sqrt(2 w M)`` (Young 1974)."""
+    """Young's first-order optimal checkpoint interval ``sqrt(2 w M)`` (Young 1974).
+
+    Args:
+        write_s: Checkpoint write time ``w``, seconds (>= 0).
+        mttf_s: MTTF ``M``, seconds (> 0).
+
+    Returns:
+        The interval in seconds.
+
+    Raises:
+        SpotpipeError: for a negative ``write_s`` or a non-positive ``mttf_s``.
+    """
     return math.sqrt(2.0 * _non_negative(write_s, "checkpoint write time") * _positive(mttf_s, "MTTF"))
 
 
@@ -120,6 +175,16 @@ def daly_interval(write_s: float, mttf_s: float) -> float:
     """Daly's higher-order optimal interval (Daly 2006, eq. 37).
 
     ``sqrt(2 w M) [1 + sqrt(w/(2M))/3 + (w/(2M))/9] - w`` for ``w < 2M``, else ``M``.
+
+    Args:
+        write_s: Checkpoint write time ``w``, seconds (>= 0).
+        mttf_s: MTTF ``M``, seconds (> 0).
+
+    Returns:
+        The interval in seconds.
+
+    Raises:
+        SpotpipeError: for a negative ``write_s`` or a non-positive ``mttf_s``.
     """
     _non_negative(write_s, "checkpoint write time")
     _positive(mttf_s, "MTTF")
@@ -137,6 +202,18 @@ def optimal_interval(write_s: float, restart_s: float, nodes: float, rf: float) 
     ``dt* = -w + sqrt(w^2 + 2 (1 - lam u0) w / lam)``; for small ``w`` this is Young's
     ``sqrt(2 w M)``. Returns ``None`` when ``lam u0 >= 1`` (the restart alone outlasts the MTTF)
     or ``w == 0`` (checkpoints are free: any interval down to one step is best).
+
+    Args:
+        write_s: Checkpoint write time ``w``, seconds (>= 0).
+        restart_s: Restart overhead ``u0``, seconds (>= 0).
+        nodes: Nodes N (> 0).
+        rf: Failures per 1000 node-days (``r_f``) (> 0).
+
+    Returns:
+        ``dt*`` in seconds, or ``None`` (see above).
+
+    Raises:
+        SpotpipeError: for non-positive ``nodes`` or ``rf``, or a negative time.
     """
     lam = rate_per_second(_positive(nodes, "nodes"), _positive(rf, "r_f"))
     a = 1.0 - lam * _non_negative(restart_s, "restart time")
@@ -150,6 +227,17 @@ def optimal_interval_exact(write_s: float, restart_s: float, rate_per_s: float) 
 
     The exact renewal ETTR (Daly 2006) is unimodal in ``dt``; it is searched on a log scale
     between a millisecond and a hundred MTTFs. ``None`` when ``w == 0`` (no interior optimum).
+
+    Args:
+        write_s: Checkpoint write time ``w``, seconds (>= 0).
+        restart_s: Restart overhead ``u0``, seconds.
+        rate_per_s: Failure rate ``lam`` of the job, per second (<= 0: ``None``).
+
+    Returns:
+        ``dt*`` in seconds, or ``None``.
+
+    Raises:
+        SpotpipeError: for a negative ``write_s``.
     """
     if _non_negative(write_s, "checkpoint write time") == 0 or rate_per_s <= 0:
         return None
@@ -184,6 +272,19 @@ def ettr_checkpoint_free(
     time ``r``, on average half a step (the step in flight is discarded and replayed), and
     ``penalty_s`` of progress-equivalent (e.g. extra steps to recover quality after a stage is
     rebuilt from its neighbours). ``E[ETTR] ~= 1 - lam (r + s/2 + p)``, clipped at 0.
+
+    Args:
+        recovery_s: Recovery time ``r`` of one failure, seconds (>= 0).
+        nodes: Nodes N.
+        rf: Failures per 1000 node-days (``r_f``).
+        step_s: Step time ``s``, seconds (>= 0).
+        penalty_s: Progress lost per failure beyond the step, seconds (>= 0).
+
+    Returns:
+        Expected ETTR in [0, 1].
+
+    Raises:
+        SpotpipeError: for a negative time.
     """
     lam = rate_per_second(nodes, rf)
     cost = _non_negative(recovery_s, "recovery time") + _non_negative(step_s, "step time") / 2.0
@@ -198,6 +299,15 @@ def ettr_checkpoint_free_exact(
     Renewal reward with gaps ``g ~ Exp(lam)``: progress ``s * floor((g - r)/s)`` for ``g > r``,
     so ``ETTR = lam s e^{-lam r} / (e^{lam s} - 1) - lam p`` (``e^{-lam r} - lam p`` as
     ``s -> 0``).
+
+    Args:
+        recovery_s: Recovery time ``r`` of one failure, seconds.
+        rate_per_s: Failure rate ``lam`` of the job, per second (<= 0: ETTR 1).
+        step_s: Step time ``s``, seconds (0: continuous progress).
+        penalty_s: Progress lost per failure beyond the step, seconds.
+
+    Returns:
+        Long-run ETTR in [0, 1].
     """
     if rate_per_s <= 0:
         return 1.0
@@ -252,7 +362,26 @@ def make_plan(
     step_s: float = 0.0,
     penalty_s: float = 0.0,
 ) -> Plan:
-    """Evaluate every closed form for one job; see the module docstring for the sources."""
+    """Evaluate every closed form for one job; see the module docstring for the sources.
+
+    Args:
+        gpus: GPUs of the job (> 0).
+        gpus_per_node: GPUs per node (> 0); nodes N = gpus / gpus_per_node.
+        rf: Failures per 1000 node-days (``r_f``) (> 0).
+        write_s: Checkpoint write time ``w``, seconds.
+        restart_s: Restart overhead ``u0``, seconds.
+        interval_s: Checkpoint interval ``dt`` to evaluate, seconds.
+        recovery_s: Checkpoint-free recovery time ``r``, seconds.
+        step_s: Step time ``s``, seconds.
+        penalty_s: Checkpoint-free progress lost per failure, seconds.
+
+    Returns:
+        The :class:`Plan`: MTTF, ETTR at ``interval_s`` (first order and exact), the Young, Daly and
+        best intervals, and checkpoint-free ETTR.
+
+    Raises:
+        SpotpipeError: for non-positive ``gpus``, ``gpus_per_node``, ``rf`` or interval, or a negative time.
+    """
     if gpus <= 0:
         raise SpotpipeError(f"--gpus must be > 0, got {gpus}")
     if gpus_per_node <= 0:
@@ -290,14 +419,28 @@ def make_plan(
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
-    """The ``--json`` form of a plan (stable keys; ``mttf_hours`` among them)."""
+    """The ``--json`` form of a plan (stable keys; ``mttf_hours`` among them).
+
+    Args:
+        plan: From :func:`make_plan`.
+
+    Returns:
+        The plan's fields (seconds and hours as named) plus ``first_order_valid``.
+    """
     out = dict(plan.__dict__)
     out["first_order_valid"] = plan.first_order_valid
     return out
 
 
 def render_plan(plan: Plan) -> str:
-    """Text form of a plan, as ``spotpipe reliability plan`` prints it and the HTML report shows it."""
+    """Text form of a plan, as ``spotpipe reliability plan`` prints it and the HTML report shows it.
+
+    Args:
+        plan: From :func:`make_plan`.
+
+    Returns:
+        The text, lines joined by newlines.
+    """
     fd = format_duration
     lines = [
         f"job: {plan.gpus} GPUs = {plan.nodes:g} nodes x {plan.gpus_per_node} GPUs; "

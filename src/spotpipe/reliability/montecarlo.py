@@ -266,6 +266,13 @@ def expected_failures(failures: FailureModel, wall_s: float) -> float:
     Renewal models: ``wall / MTTF``. Trace replay: the expected hits of one pass of the trace
     (each event hits with probability ``min(1, nodes / units in service)``), times the passes
     ``wall / trace duration``.
+
+    Args:
+        failures: The failure model (renewal, or trace replay).
+        wall_s: Wall time of the job, seconds.
+
+    Returns:
+        The expected count (``inf`` for an MTTF of 0).
     """
     if isinstance(failures, TraceReplay):
         trace = failures.trace
@@ -293,7 +300,17 @@ class Cost:
 
 
 def estimate_cost(failures: FailureModel, wall_s: float, trials: int, runs: int = 1) -> Cost:
-    """Cost of ``runs`` calls of :func:`simulate` with these arguments."""
+    """Cost of ``runs`` calls of :func:`simulate` with these arguments.
+
+    Args:
+        failures: The failure model.
+        wall_s: Wall time of each job, seconds.
+        trials: Jobs per run.
+        runs: Calls of :func:`simulate`.
+
+    Returns:
+        Gaps drawn in all, and the most held in memory at once (its ``seconds`` estimates the run time).
+    """
     per_trial = expected_failures(failures, wall_s) + 1.0
     chunk = max(float(_MAX_CELLS), per_trial) if not isinstance(failures, TraceReplay) else per_trial * trials
     return Cost(failures=per_trial * trials * runs, largest_chunk=min(chunk, per_trial * trials))
@@ -340,6 +357,9 @@ def simulate(
         seed: Random seed.
         gpus: GPUs of the job, for goodput in GPU-hours.
         progress: Called with the number of trials done after each chunk of trials.
+
+    Returns:
+        The :class:`MonteCarloResult` (ETTR per trial and its summary).
 
     Raises:
         SpotpipeError: a non-positive wall time, MTTF, shape or trial count.

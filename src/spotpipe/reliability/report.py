@@ -52,7 +52,15 @@ def _png(fig: Any) -> str:
 
 
 def plot_mttf(plan: Plan, analyses: list[TraceAnalysis]) -> str:
-    """MTTF (hours) vs GPUs on log-log axes; returns the PNG as base64."""
+    """MTTF (hours) vs GPUs on log-log axes; returns the PNG as base64.
+
+    Args:
+        plan: The job (``gpus_per_node``, ``rf``, ``gpus``).
+        analyses: Analysed traces; their ``r_f`` and measured MTTF per bucket are drawn too.
+
+    Returns:
+        The PNG, base64 text.
+    """
     fig, ax = _figure()
     gpus = np.logspace(np.log10(plan.gpus_per_node), np.log10(max(131072, plan.gpus * 2)), 60)
     nodes = gpus / plan.gpus_per_node
@@ -79,12 +87,29 @@ ETTR_POINTS = 6  # Monte Carlo points on the ETTR plot
 
 def ettr_plot_wall(mttf_s: float) -> float:
     """Wall time of each simulated job on the ETTR plot: 30 days, at least 200 MTTFs (60 days
-    when the MTTF is a day or more)."""
+    when the MTTF is a day or more).
+
+    Args:
+        mttf_s: MTTF of the job, seconds.
+
+    Returns:
+        Wall time in seconds.
+    """
     return max(30 * SECONDS_PER_DAY, 200 * mttf_s) if mttf_s < SECONDS_PER_DAY else 60 * SECONDS_PER_DAY
 
 
 def plot_ettr(plan: Plan, trials: int, seed: int = 0) -> tuple[str, list[dict[str, float]]]:
-    """ETTR vs checkpoint interval with Monte Carlo points; PNG and the simulated points."""
+    """ETTR vs checkpoint interval with Monte Carlo points; PNG and the simulated points.
+
+    Args:
+        plan: The job.
+        trials: Monte Carlo jobs per point.
+        seed: Seed of the first point (each point adds its index).
+
+    Returns:
+        The PNG (base64 text) and one dict per simulated point: ``interval_s``, ``ettr`` and its 95%
+        interval ``ci_lo``, ``ci_hi``.
+    """
     fig, ax = _figure()
     lam = rate_per_second(plan.nodes, plan.rf)
     mttf_s = 1.0 / lam
@@ -139,7 +164,14 @@ def _series(analyses: list[TraceAnalysis]) -> list[tuple[str, NDArray[np.float64
 
 
 def plot_cdf(analyses: list[TraceAnalysis]) -> str | None:
-    """Empirical CDF of time between failures with both fits; ``None`` if nothing to plot."""
+    """Empirical CDF of time between failures with both fits; ``None`` if nothing to plot.
+
+    Args:
+        analyses: Analysed traces; those with interval fits are drawn.
+
+    Returns:
+        The PNG as base64 text, or ``None``.
+    """
     series = _series(analyses)
     if not series:
         return None
@@ -164,7 +196,17 @@ def _img(data: str, alt: str) -> str:
 
 
 def write_report(path: Path, analyses: list[TraceAnalysis], plan: Plan, trials: int = 64) -> Path:
-    """Write the HTML report; returns its path."""
+    """Write the HTML report; returns its path.
+
+    Args:
+        path: The HTML file to write.
+        analyses: Analysed traces.
+        plan: The job's plan.
+        trials: Monte Carlo jobs per ETTR point.
+
+    Returns:
+        ``path``.
+    """
     mttf_png = plot_mttf(plan, analyses)
     ettr_png, points = plot_ettr(plan, trials)
     cdf_png = plot_cdf(analyses)

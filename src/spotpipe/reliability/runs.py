@@ -154,6 +154,15 @@ def read_runs(path: str | Path) -> tuple[list[RunSummary], IngestReport]:
     Lines that are not JSON raise a one-line error naming the file and line (from
     :func:`spotpipe.events.iter_events`); records with missing or bad fields are counted as
     malformed with their line numbers.
+
+    Args:
+        path: An ``events.jsonl`` of the runtime or the simulator.
+
+    Returns:
+        One :class:`RunSummary` per run, and the ingest report.
+
+    Raises:
+        SpotpipeError: for a missing file or a line that is not JSON.
     """
     p = Path(path)
     log = ProblemLog(str(p), "events")

@@ -81,7 +81,17 @@ class Rule:
             raise SpotpipeError(f"taxonomy rule for {self.category!r}: bad regular expression: {exc}") from None
 
     def matches(self, state: str, exit_code: int, signal: int, reason: str) -> bool:
-        """Whether the record matches every field this rule sets."""
+        """Whether the record matches every field this rule sets.
+
+        Args:
+            state: Job state (``FAILED``, ``NODE_FAIL``...).
+            exit_code: Exit code.
+            signal: Signal number (0: none).
+            reason: Free-text reason.
+
+        Returns:
+            True if every set field matches (regexes on state and reason).
+        """
         if self._state_re is not None and self._state_re.fullmatch(state) is None:
             return False
         if self._reason_re is not None and self._reason_re.search(reason) is None:
@@ -131,7 +141,17 @@ class Taxonomy:
     failure_categories: frozenset[str] = DEFAULT_FAILURE_CATEGORIES
 
     def classify(self, state: str, exit_code: int = 0, signal: int = 0, reason: str = "") -> str:
-        """Category of one record; ``unknown`` when no rule matches."""
+        """Category of one record; ``unknown`` when no rule matches.
+
+        Args:
+            state: Job state.
+            exit_code: Exit code.
+            signal: Signal number (0: none).
+            reason: Free-text reason.
+
+        Returns:
+            The category of the first matching rule, or ``unknown``.
+        """
         for rule in self.rules:
             if rule.matches(state, exit_code, signal, reason):
                 return rule.category
@@ -144,7 +164,17 @@ class Taxonomy:
         signal: NDArray[np.int64],
         reason: NDArray[Any],
     ) -> NDArray[Any]:
-        """Vectorised :meth:`classify`: rules run once per distinct combination of fields."""
+        """Vectorised :meth:`classify`: rules run once per distinct combination of fields.
+
+        Args:
+            state: Job states, shape ``(n,)``.
+            exit_code: Exit codes, shape ``(n,)``.
+            signal: Signal numbers, shape ``(n,)``.
+            reason: Reasons, shape ``(n,)``.
+
+        Returns:
+            Categories, object array of shape ``(n,)``.
+        """
         n = len(state)
         if n == 0:
             return np.empty(0, dtype=object)
@@ -171,7 +201,17 @@ def _int_tuple(value: Any, where: str) -> tuple[int, ...] | None:
 
 
 def load_taxonomy(path: str | Path | None) -> Taxonomy:
-    """Read a rules file (see the module docstring); ``None`` gives the default taxonomy."""
+    """Read a rules file (see the module docstring); ``None`` gives the default taxonomy.
+
+    Args:
+        path: A TOML rules file, or ``None``.
+
+    Returns:
+        The taxonomy.
+
+    Raises:
+        SpotpipeError: for a file that is missing, not TOML, or has unknown keys or bad rules.
+    """
     if path is None:
         return Taxonomy()
     p = Path(path)
@@ -210,7 +250,18 @@ def load_taxonomy(path: str | Path | None) -> Taxonomy:
 
 
 def with_failure_categories(taxonomy: Taxonomy, categories: str) -> Taxonomy:
-    """The same rules counting a comma-separated list of categories toward ``r_f``."""
+    """The same rules counting a comma-separated list of categories toward ``r_f``.
+
+    Args:
+        taxonomy: The rules.
+        categories: Comma-separated names from :data:`CATEGORIES`.
+
+    Returns:
+        A taxonomy with the same rules and those categories counted.
+
+    Raises:
+        SpotpipeError: for an empty list or an unknown category.
+    """
     chosen = [c.strip() for c in categories.split(",") if c.strip()]
     bad = [c for c in chosen if c not in CATEGORIES]
     if bad or not chosen:

@@ -106,7 +106,12 @@ class ProblemLog:
     notes: list[str] = field(default_factory=list)
 
     def bad(self, line: int, message: str) -> None:
-        """Count a malformed row (and keep its message if fewer than the limit are kept)."""
+        """Count a malformed row (and keep its message if fewer than the limit are kept).
+
+        Args:
+            line: 1-based line number in the file.
+            message: What is wrong with it.
+        """
         self.malformed_count += 1
         if len(self.malformed) < MAX_LISTED_PROBLEMS:
             self.malformed.append(RowProblem(line, message))
@@ -267,7 +272,17 @@ def _finish(
 
 
 def parse_elapsed(text: str) -> float:
-    """Slurm elapsed ``[D-]HH:MM:SS``, ``MM:SS`` (fractions allowed) or raw seconds."""
+    """Slurm elapsed ``[D-]HH:MM:SS``, ``MM:SS`` (fractions allowed) or raw seconds.
+
+    Args:
+        text: One ``Elapsed`` cell.
+
+    Returns:
+        Seconds.
+
+    Raises:
+        ValueError: for text that is not such a duration.
+    """
     s = text.strip()
     days = 0
     if "-" in s:
@@ -358,7 +373,18 @@ def _named(job_id: list[str], column: str, values: Sequence[str]) -> Callable[[i
 
 
 def read_sacct(path: str | Path, gpus_per_node: int = 8) -> tuple[JobTable, IngestReport]:
-    """Read ``sacct --parsable2`` output (see the module docstring); vectorised by column."""
+    """Read ``sacct --parsable2`` output (see the module docstring); vectorised by column.
+
+    Args:
+        path: The ``sacct -P`` output.
+        gpus_per_node: GPUs per node, for rows that give nodes but no GPU count.
+
+    Returns:
+        The job table (times in seconds) and the ingest report.
+
+    Raises:
+        SpotpipeError: for a missing or empty file, or a header without the required columns.
+    """
     with no_gc():
         return _read_sacct(path, gpus_per_node)
 
@@ -459,7 +485,17 @@ _ACME_REQUIRED = ("job_id", "node_num", "gpu_num", "state", "start_time", "end_t
 
 
 def read_acme(path: str | Path) -> tuple[JobTable, IngestReport]:
-    """Read an AcmeTrace job CSV (``trace_seren.csv`` / ``trace_kalos.csv`` schema)."""
+    """Read an AcmeTrace job CSV (``trace_seren.csv`` / ``trace_kalos.csv`` schema).
+
+    Args:
+        path: The AcmeTrace CSV.
+
+    Returns:
+        The job table (times in seconds) and the ingest report.
+
+    Raises:
+        SpotpipeError: for a missing or empty file, or a header without the required columns.
+    """
     with no_gc():
         return _read_acme(path)
 
@@ -531,7 +567,17 @@ _BAMBOO_LINE = re.compile(r"^\s*\d+\s*,\s*(add|remove)\s*,", re.IGNORECASE)
 
 
 def detect_format(path: str | Path) -> str:
-    """Tell a trace's format from its name and first line; one line of error if unknown."""
+    """Tell a trace's format from its name and first line; one line of error if unknown.
+
+    Args:
+        path: The trace file.
+
+    Returns:
+        One of :data:`FORMATS`.
+
+    Raises:
+        SpotpipeError: for a missing or empty file, or a format it cannot tell.
+    """
     p = Path(path)
     if not p.is_file():
         raise SpotpipeError(f"trace {p} does not exist")

@@ -50,7 +50,14 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Short human form: ``45 s``, ``12.0 min``, ``1.80 h``, ``3.2 d``."""
+    """Short human form: ``45 s``, ``12.0 min``, ``1.80 h``, ``3.2 d``.
+
+    Args:
+        seconds: A duration.
+
+    Returns:
+        The text (``inf`` for a non-finite duration).
+    """
     if not math.isfinite(seconds):
         return "inf"
     if seconds < 120:
@@ -63,12 +70,28 @@ def format_duration(seconds: float) -> str:
 
 
 def rate_per_second(nodes: float, rf: float) -> float:
-    """Failures per second of a job on ``nodes`` nodes at ``rf`` failures per 1000 node-days."""
+    """Failures per second of a job on ``nodes`` nodes at ``rf`` failures per 1000 node-days.
+
+    Args:
+        nodes: Nodes N.
+        rf: Failures per 1000 node-days (``r_f``).
+
+    Returns:
+        ``N r_f / (1000 x 86400)`` (Kokolis et al. 2025).
+    """
     return nodes * rf / NODE_DAYS_PER_RF_UNIT / SECONDS_PER_DAY
 
 
 def rf_from_counts(failures: int, node_seconds: float) -> float | None:
-    """Observed ``r_f`` (failures per 1000 node-days); ``None`` when there is no exposure."""
+    """Observed ``r_f`` (failures per 1000 node-days); ``None`` when there is no exposure.
+
+    Args:
+        failures: Interruptions counted.
+        node_seconds: Exposure: node-seconds of runtime.
+
+    Returns:
+        ``r_f``, or ``None`` for no exposure.
+    """
     if node_seconds <= 0:
         return None
     return failures / (node_seconds / SECONDS_PER_DAY) * NODE_DAYS_PER_RF_UNIT
@@ -79,6 +102,13 @@ def mttf_text(mttf_hours: float | None, exposure_hours: float) -> str:
 
     A trace without failures has no finite MTTF estimate; it is never printed as ``inf`` or a
     division by zero but as ``no failures observed (> X h of exposure)``.
+
+    Args:
+        mttf_hours: Measured MTTF in hours, or ``None``/``inf`` when nothing failed.
+        exposure_hours: Hours of exposure behind it.
+
+    Returns:
+        ``"1.8 h"`` or ``"no failures observed (> X h of exposure)"``.
     """
     if mttf_hours is None or not math.isfinite(mttf_hours):
         return f"no failures observed (> {exposure_hours:.3g} h of exposure)"

@@ -74,6 +74,18 @@ def compare_grid(
     """Simulate each (nodes, interval, write, restart) point with exponential failures.
 
     ``progress``, if given, is called with the number of points done after each point.
+
+    Args:
+        points: ``(nodes, interval_s, write_s, restart_s)`` tuples, times in seconds.
+        rf: Failures per 1000 node-days (``r_f``).
+        wall_s: Wall time of each simulated job, seconds.
+        trials: Jobs per point.
+        step_s: Step time, seconds.
+        seed: Seed of the first point (point ``k`` uses ``seed + k``).
+        progress: Called with the number of points done.
+
+    Returns:
+        One :class:`GridPoint` per point: Monte Carlo ETTR next to the first-order and exact forms.
     """
     out: list[GridPoint] = []
     for k, (nodes, interval, write, restart) in enumerate(points):
@@ -118,7 +130,15 @@ class GridSummary:
 
 
 def summarize(points: list[GridPoint], limit: float = FIRST_ORDER_LIMIT) -> GridSummary:
-    """Max first-order error where ``load <= limit``; the smallest load where it exceeds 3%."""
+    """Max first-order error where ``load <= limit``; the smallest load where it exceeds 3%.
+
+    Args:
+        points: From :func:`compare_grid`.
+        limit: Largest load ``N r_f (u0 + dt/2)`` counted as inside the first-order form's range.
+
+    Returns:
+        The :class:`GridSummary`.
+    """
     valid = [p for p in points if p.load <= limit]
     over = [p.load for p in points if p.error_first_order > 0.03]
     return GridSummary(

@@ -45,14 +45,32 @@ _COUNT = int_in(1, 1_000_000)
 
 def count_actions(schedule: str, stages: int, microbatches: int, virtual_stages: int, lowered: bool) -> int:
     """Actions ``schedule show`` would generate: a forward and a backward per microbatch and
-    model chunk, plus, lowered, a SEND and a RECV each way per microbatch and chunk boundary."""
+    model chunk, plus, lowered, a SEND and a RECV each way per microbatch and chunk boundary.
+
+    Args:
+        schedule: Registered schedule name.
+        stages: Pipeline ranks.
+        microbatches: Microbatches per step.
+        virtual_stages: Model chunks per rank (chunked schedules).
+        lowered: Count the SEND/RECV actions too.
+
+    Returns:
+        The number of actions, without building the schedule.
+
+    Raises:
+        ScheduleError: for an unknown schedule name.
+    """
     chunks = model_chunks(schedule, stages, virtual_stages)
     compute = 2 * chunks * microbatches
     return compute + (4 * (chunks - 1) * microbatches if lowered else 0)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``schedule`` command group to the top-level ``spotpipe`` parser."""
+    """Add the ``schedule`` command group to the top-level ``spotpipe`` parser.
+
+    Args:
+        subparsers: The top-level parser's sub-command action (``add_subparsers()``).
+    """
     group = subparsers.add_parser(
         "schedule",
         help="show, export, validate and plan pipeline schedules; plan their memory",

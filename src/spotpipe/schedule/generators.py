@@ -241,6 +241,9 @@ def build_schedule(name: str, stages: int, microbatches: int, virtual_stages: in
             ignored by the others (the config keeps ``pipeline.virtual_stages`` set for every
             schedule).
 
+    Returns:
+        A compute-only :class:`Schedule` of ``F`` and ``B`` actions.
+
     Raises:
         ScheduleError: for an unknown name (the message lists the allowed ones) or bad sizes.
     """

@@ -101,6 +101,15 @@ class Action:
         """Message identity for the transport, the same on sender and receiver.
 
         Unique per (direction, sending stage, microbatch) within one step.
+
+        Args:
+            num_microbatches: Microbatches per step of the schedule.
+
+        Returns:
+            ``(2 x sending stage + backward) x num_microbatches + microbatch``, a non-negative int.
+
+        Raises:
+            ScheduleError: for a compute action (it carries no message).
         """
         if not self.op.is_comm:
             raise ScheduleError(f"action {self}: compute actions carry no message")
@@ -114,7 +123,18 @@ _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|R)(\d+)(?:>(\d+
 
 
 def parse_action(text: str) -> Action:
-    """Parse ``1F0``, ``2B3``, ``1R2``, ``0SEND_F1`` or ``3RECV_F1>1`` into an :class:`Action`."""
+    """Parse ``1F0``, ``2B3``, ``1R2``, ``0SEND_F1`` or ``3RECV_F1>1`` into an :class:`Action`.
+
+    Args:
+        text: One action: stage, op (``F``, ``B``, ``R``, ``SEND_F``...), microbatch, and for
+            communication an optional ``>PEER`` stage.
+
+    Returns:
+        The action (a communication action without a peer gets the adjacent stage).
+
+    Raises:
+        ScheduleError: for text that does not parse, a peer on a compute action, or a negative index.
+    """
     m = _ACTION_RE.match(text.strip())
     if not m:
         raise ScheduleError(
@@ -128,7 +148,17 @@ def parse_action(text: str) -> Action:
 
 
 def parse_actions(text: str) -> list[Action]:
-    """Parse whitespace-separated actions."""
+    """Parse whitespace-separated actions.
+
+    Args:
+        text: Actions as :func:`parse_action` reads them, separated by whitespace.
+
+    Returns:
+        The actions, in order.
+
+    Raises:
+        ScheduleError: for the first action that does not parse.
+    """
     return [parse_action(tok) for tok in text.split()]
 
 
@@ -140,7 +170,15 @@ class Placement:
 
     @staticmethod
     def dense(ranks: int, replicas: int) -> Placement:
-        """Worker ``replica * ranks + rank`` holds ``rank`` of replica ``replica``."""
+        """Worker ``replica * ranks + rank`` holds ``rank`` of replica ``replica``.
+
+        Args:
+            ranks: Pipeline ranks.
+            replicas: Data-parallel replicas.
+
+        Returns:
+            The placement, ``workers[rank][replica]`` = worker id.
+        """
         return Placement(tuple(tuple(r * ranks + k for r in range(replicas)) for k in range(ranks)))
 
     @property
@@ -148,7 +186,17 @@ class Placement:
         return len(self.workers)
 
     def rank_of(self, worker: int) -> tuple[int, int]:
-        """(pipeline rank, replica) of a worker id."""
+        """(pipeline rank, replica) of a worker id.
+
+        Args:
+            worker: Worker id.
+
+        Returns:
+            ``(pipeline rank, replica)`` of ``worker``.
+
+        Raises:
+            ScheduleError: if ``worker`` is not in the placement.
+        """
         for rank, ws in enumerate(self.workers):
             if worker in ws:
                 return rank, ws.index(worker)
@@ -198,17 +246,39 @@ class Schedule:
         return len(self.ranks)
 
     def path(self, microbatch: int) -> tuple[int, ...]:
-        """Stages that ``microbatch`` visits, in order."""
+        """Stages that ``microbatch`` visits, in order.
+
+        Args:
+            microbatch: Microbatch index, ``0 <= microbatch < num_microbatches``.
+
+        Returns:
+            Its stages; every stage in order when the schedule has no ``paths``.
+        """
         if self.paths is None:
             return tuple(range(self.num_stages))
         return self.paths[microbatch]
 
     def stages_of_rank(self, rank: int) -> tuple[int, ...]:
-        """Stages (model chunks) that ``rank`` owns, in increasing order."""
+        """Stages (model chunks) that ``rank`` owns, in increasing order.
+
+        Args:
+            rank: Pipeline rank.
+
+        Returns:
+            Stage indices mapped to ``rank`` by ``stage_to_rank``.
+        """
         return tuple(s for s, r in enumerate(self.stage_to_rank) if r == rank)
 
     def with_ranks(self, ranks: Sequence[Sequence[Action]], name: str | None = None) -> Schedule:
-        """Same metadata, new action lists (what a pass returns)."""
+        """Same metadata, new action lists (what a pass returns).
+
+        Args:
+            ranks: One action list per rank.
+            name: New name; ``None`` keeps this one.
+
+        Returns:
+            A new :class:`Schedule` (nothing is checked: validate it).
+        """
         return Schedule(
             ranks=tuple(tuple(r) for r in ranks),
             num_stages=self.num_stages,
@@ -241,6 +311,19 @@ class Schedule:
 
         Missing metadata is derived: stages from the compute actions each rank holds, microbatches
         from the largest index.
+
+        Args:
+            texts: One action string per rank.
+            num_microbatches: Microbatches per step; ``None``: largest index + 1.
+            stage_to_rank: Rank of each stage; ``None``: derived from the compute actions.
+            paths: Per-microbatch stage paths; ``None``: every stage in order.
+            name: Name of the schedule.
+
+        Returns:
+            The schedule.
+
+        Raises:
+            ScheduleError: for an action that does not parse, or metadata that cannot be derived.
         """
         ranks = [parse_actions(t) for t in texts]
         return _with_derived_metadata(ranks, num_microbatches, stage_to_rank, paths, name)
@@ -267,7 +350,19 @@ class Schedule:
 
     @staticmethod
     def from_csv(text: str, where: str = "schedule CSV") -> Schedule:
-        """Inverse of :meth:`to_csv`; errors name the line."""
+        """Inverse of :meth:`to_csv`; errors name the line.
+
+        Args:
+            text: CSV as :meth:`to_csv` writes it (``# key = value`` metadata lines, then
+                ``rank,index,action`` rows).
+            where: Name of the source in error messages.
+
+        Returns:
+            The schedule.
+
+        Raises:
+            ScheduleError: for a bad header, row, action or metadata, naming the line.
+        """
         meta: dict[str, str] = {}
         rows: list[str] = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -341,5 +436,12 @@ def _with_derived_metadata(
 
 
 def actions_text(actions: Iterable[Action]) -> str:
-    """Space-separated text of actions (the inverse of :func:`parse_actions`)."""
+    """Space-separated text of actions (the inverse of :func:`parse_actions`).
+
+    Args:
+        actions: Actions in order.
+
+    Returns:
+        Their texts joined by single spaces.
+    """
     return " ".join(str(a) for a in actions)

@@ -47,6 +47,12 @@ class ActivationProfile:
 def activation_profile(schedule: Schedule) -> ActivationProfile:
     """Count resident activations over each rank's action sequence (lowered or not).
 
+    Args:
+        schedule: Compute-only or lowered, possibly with ``R`` actions.
+
+    Returns:
+        The :class:`ActivationProfile`: resident microbatch activations per rank after each action.
+
     Raises:
         ScheduleError: for a ``B`` whose forward has not run yet on that rank, or an ``F`` that
             runs twice while its activation is still resident.
@@ -71,7 +77,17 @@ def activation_profile(schedule: Schedule) -> ActivationProfile:
 
 
 def peak_activations(schedule: Schedule) -> list[int]:
-    """Most microbatch activations resident at once on each rank."""
+    """Most microbatch activations resident at once on each rank.
+
+    Args:
+        schedule: Compute-only or lowered.
+
+    Returns:
+        One count per rank (activations, not bytes).
+
+    Raises:
+        ScheduleError: as :func:`activation_profile`.
+    """
     return list(activation_profile(schedule).peaks)
 
 
@@ -99,6 +115,9 @@ def resident_bytes(
             every stage); they include the stage's input.
         input_bytes: bytes of one microbatch's input, per stage: what a recomputed forward keeps
             (0 for token ids).
+
+    Returns:
+        Per rank, the resident activation bytes after each action of its list.
 
     Raises:
         ScheduleError: an unpaired ``F``/``B``, or per-stage lists of the wrong length.
@@ -137,6 +156,12 @@ def peak_memory_bytes(
         weight_bytes: per stage, parameter bytes (gradients included if the caller counts them).
         optimizer_bytes: per stage, optimizer-state bytes (AdamW: two moments).
         Each may be one number meaning the same for every stage.
+
+    Returns:
+        Peak bytes of each rank, rank order.
+
+    Raises:
+        ScheduleError: as :func:`resident_bytes`.
     """
     n = schedule.num_stages
     weights = _per_stage("weight_bytes", weight_bytes, n)

@@ -27,7 +27,19 @@ from spotpipe.schedule.validate import Position, Problem, check_schedule, format
 
 
 def head_stage(num_nodes: int, groups: Sequence[Sequence[int]], origin: int) -> int:
-    """Schedule stage of the head that ``origin`` (a stage-0 node) runs."""
+    """Schedule stage of the head that ``origin`` (a stage-0 node) runs.
+
+    Args:
+        num_nodes: Nodes N (schedule stages ``0..N-1`` are the nodes' stages).
+        groups: Node ids per stage group; ``groups[0]`` are the stage-0 nodes.
+        origin: A node of ``groups[0]``.
+
+    Returns:
+        ``N + position of origin in groups[0]``.
+
+    Raises:
+        ValueError: if ``origin`` is not in ``groups[0]``.
+    """
     return num_nodes + list(groups[0]).index(origin)
 
 
@@ -128,6 +140,13 @@ def check_node_schedule(schedule: Schedule, node_memory: int) -> list[Problem]:
     """Every problem of a node schedule: the SkipPipe rules, then :func:`check_schedule`
     (missing actions, order, unmatched send/recv, deadlocks). Empty when valid.
 
+    Args:
+        schedule: A lowered node schedule (one rank per node, ``chunk_stage`` set).
+        node_memory: Most microbatch activations a node may hold at once.
+
+    Returns:
+        Every :class:`Problem`, SkipPipe rules first (Blagoev, Chen, Ersoy 2025).
+
     Raises:
         ScheduleError: when ``schedule.chunk_stage`` is not set (not a node schedule).
     """
@@ -145,8 +164,15 @@ def check_node_schedule(schedule: Schedule, node_memory: int) -> list[Problem]:
 def validate_node_schedule(schedule: Schedule, node_memory: int) -> Schedule:
     """Raise :class:`ScheduleError` for the first problem (one line, then the marked grid).
 
+    Args:
+        schedule: A lowered node schedule.
+        node_memory: Most microbatch activations a node may hold at once.
+
     Returns:
         ``schedule``, so calls chain.
+
+    Raises:
+        ScheduleError: for the first problem of :func:`check_node_schedule`.
     """
     problems = check_node_schedule(schedule, node_memory)
     if problems:

@@ -117,6 +117,12 @@ def post_receives_early(schedule: Schedule, lookahead: int = 1) -> Schedule:
     Args:
         schedule: a lowered schedule (a compute-only one comes back unchanged).
         lookahead: how many compute actions earlier; 0 leaves the schedule as it is.
+
+    Returns:
+        The schedule with its RECVs moved.
+
+    Raises:
+        ScheduleError: for a negative ``lookahead``.
     """
     if lookahead < 0:
         raise ScheduleError(f"post_receives_early: lookahead must be >= 0, got {lookahead}")
@@ -194,7 +200,14 @@ def add_recompute(schedule: Schedule, chunks: Iterable[int]) -> Schedule:
 
 
 def recomputed(schedule: Schedule) -> frozenset[tuple[int, int]]:
-    """``(stage, microbatch)`` pairs whose forward keeps only its input (an ``R`` follows it)."""
+    """``(stage, microbatch)`` pairs whose forward keeps only its input (an ``R`` follows it).
+
+    Args:
+        schedule: Any schedule.
+
+    Returns:
+        The ``(stage, microbatch)`` of every ``R`` action.
+    """
     return frozenset((a.stage, a.microbatch) for acts in schedule.ranks for a in acts if a.op is Op.R)
 
 
@@ -265,6 +278,16 @@ def lower(schedule: Schedule, *, early_receives: int = 0) -> Schedule:
     lowering contract (the consumer waits, not the RECV), but a transport whose receive
     blocks (a posted NCCL receive holds its stream) would deadlock on them, e.g. a rank that
     posts the gradient receive of microbatch 0 before sending that microbatch's activation.
+
+    Args:
+        schedule: A compute-only schedule.
+        early_receives: ``lookahead`` of :func:`post_receives_early`; 0 skips that pass.
+
+    Returns:
+        The lowered schedule (SEND/RECV pairs between ranks, sends ordered by the peer's receives).
+
+    Raises:
+        ScheduleError: for a negative ``early_receives``.
     """
     lowered = order_sends_by_receives(add_communication(schedule))
     return post_receives_early(lowered, early_receives) if early_receives else lowered

@@ -69,7 +69,15 @@ class PathCosts:
         return len(self.forward_s)
 
     def duration(self, kind: str, node: int) -> float:
-        """Seconds of one task of ``kind`` (F, H or B) on ``node``."""
+        """Seconds of one task of ``kind`` (F, H or B) on ``node``.
+
+        Args:
+            kind: ``F`` (forward), ``H`` (head) or ``B`` (backward).
+            node: Node id.
+
+        Returns:
+            Seconds: forward, ``backward_ratio`` x forward, or ``head_ratio`` x forward.
+        """
         f = self.forward_s[node]
         if kind == FORWARD:
             return f
@@ -78,11 +86,27 @@ class PathCosts:
         return self.head_ratio * f
 
     def hop(self, a: int, b: int) -> float:
-        """Hand-off time from node ``a`` to node ``b`` (0 on one node)."""
+        """Hand-off time from node ``a`` to node ``b`` (0 on one node).
+
+        Args:
+            a: Sending node.
+            b: Receiving node.
+
+        Returns:
+            ``message_s[a][b]`` seconds; 0.0 when ``a == b``.
+        """
         return 0.0 if a == b else self.message_s[a][b]
 
     def isolated_s(self, origin: int, nodes: Sequence[int]) -> float:
-        """Round trip of one microbatch alone on the cluster (no collisions, no gaps)."""
+        """Round trip of one microbatch alone on the cluster (no collisions, no gaps).
+
+        Args:
+            origin: Stage-0 node the microbatch starts and ends on.
+            nodes: Nodes it visits after the origin, in order.
+
+        Returns:
+            Seconds of the forwards, head, backwards and the hops both ways.
+        """
         chain = [origin, *nodes]
         t = sum(self.duration(FORWARD, n) for n in chain) + self.duration(HEAD, origin)
         t += sum(self.duration(BACKWARD, n) for n in chain)
@@ -121,7 +145,16 @@ class PathTiming:
 
 
 def task_chain(origin: int, nodes: Sequence[int]) -> list[tuple[str, int, int]]:
-    """The tasks of one microbatch in order: (kind, node, position)."""
+    """The tasks of one microbatch in order: (kind, node, position).
+
+    Args:
+        origin: Stage-0 node.
+        nodes: Nodes visited after the origin, in order.
+
+    Returns:
+        Forwards from the origin out, the head on the origin, backwards back; position 0 is the
+        origin, ``i + 1`` the ``i``-th node of ``nodes``.
+    """
     chain = [(FORWARD, origin, 0)] + [(FORWARD, n, i + 1) for i, n in enumerate(nodes)]
     chain.append((HEAD, origin, len(nodes) + 1))
     chain += [(BACKWARD, n, i + 1) for i, n in reversed(list(enumerate(nodes)))]

@@ -97,13 +97,28 @@ class PlacementProblem:
         self._cache: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
 
     def dp_cost(self, group: Sequence[int]) -> float:
-        """Slowest message between two nodes of one group (0 for a group of one)."""
+        """Slowest message between two nodes of one group (0 for a group of one).
+
+        Args:
+            group: Node ids of one stage group.
+
+        Returns:
+            Seconds (DT-FM's data-parallel cost of the group).
+        """
         m = self.message_s
         return max((m[a][b] for a in group for b in group if a != b), default=0.0)
 
     def bottleneck(self, src: Sequence[int], dst: Sequence[int]) -> float:
         """Least possible largest ``compute_s[a] + message_s[a][b]`` over matchings that pair each
-        node of the smaller group with a distinct node of the larger one (DT-FM's edge cost)."""
+        node of the smaller group with a distinct node of the larger one (DT-FM's edge cost).
+
+        Args:
+            src: Node ids of one group.
+            dst: Node ids of the next group on the tour.
+
+        Returns:
+            Seconds (cached per pair of sorted groups).
+        """
         key = (tuple(sorted(src)), tuple(sorted(dst)))
         hit = self._cache.get(key)
         if hit is None:
@@ -125,13 +140,27 @@ class PlacementProblem:
 
     def tour(self, groups: Sequence[Sequence[int]]) -> tuple[float, tuple[int, ...]]:
         """Shortest closed tour from group 0 through all groups and back (Held-Karp), with
-        bottleneck edges; returns (cost, group order starting with 0)."""
+        bottleneck edges; returns (cost, group order starting with 0).
+
+        Args:
+            groups: Node ids per stage group.
+
+        Returns:
+            ``(cost in seconds, group order starting with 0)``.
+        """
         s = len(groups)
         edge = [[0.0 if i == j else self.bottleneck(groups[i], groups[j]) for j in range(s)] for i in range(s)]
         return held_karp(edge)
 
     def score(self, groups: Sequence[Sequence[int]]) -> tuple[float, float, float, tuple[int, ...]]:
-        """(objective, dp, pp, stage order) of a partition (``groups[0]`` is the stage-0 group)."""
+        """(objective, dp, pp, stage order) of a partition (``groups[0]`` is the stage-0 group).
+
+        Args:
+            groups: Node ids per stage group.
+
+        Returns:
+            ``(dp + PP_WEIGHT x pp, dp, pp, stage order)``, times in seconds (DT-FM objective).
+        """
         dp = max(self.dp_cost(g) for g in groups)
         pp, order = self.tour(groups)
         return dp + PP_WEIGHT * pp, dp, pp, order
@@ -194,7 +223,14 @@ def held_karp(edge: Sequence[Sequence[float]]) -> tuple[float, tuple[int, ...]]:
 
 def count_partitions(sizes: Sequence[int]) -> int:
     """Distinct partitions the exact search scores: the multinomial over the group sizes, divided
-    by the orderings of equal-sized non-first groups (their order is the tour's job)."""
+    by the orderings of equal-sized non-first groups (their order is the tour's job).
+
+    Args:
+        sizes: Nodes per stage group.
+
+    Returns:
+        The count, an exact int.
+    """
     total = math.factorial(sum(sizes))
     for g in sizes:
         total //= math.factorial(g)
@@ -231,7 +267,15 @@ def _result(problem: PlacementProblem, groups: Sequence[Sequence[int]], method: 
 
 
 def random_placement(problem: PlacementProblem, seed: int = 0) -> NodePlacement:
-    """A random partition in random stage order (the baseline the search is compared with)."""
+    """A random partition in random stage order (the baseline the search is compared with).
+
+    Args:
+        problem: The placement's costs and group sizes.
+        seed: Seed of the shuffle.
+
+    Returns:
+        A :class:`NodePlacement` (method ``random``) scored on the random ring order.
+    """
     t0 = time.perf_counter()
     rng = random.Random(seed)
     nodes = list(range(problem.n))

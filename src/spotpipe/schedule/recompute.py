@@ -67,7 +67,14 @@ def chunk_lifetimes(schedule: Schedule) -> tuple[float, ...]:
 
 
 def chunks_by_lifetime(schedule: Schedule) -> list[int]:
-    """Every chunk, the longest-lived activations first (ties: lower index first)."""
+    """Every chunk, the longest-lived activations first (ties: lower index first).
+
+    Args:
+        schedule: A compute-only or lowered schedule.
+
+    Returns:
+        Chunk (stage) indices, by decreasing activation lifetime.
+    """
     life = chunk_lifetimes(schedule)
     return sorted(range(schedule.num_stages), key=lambda s: (-life[s], s))
 

@@ -28,12 +28,32 @@ _TID_COMPUTE, _TID_SEND, _TID_RECV = 0, 1, 2
 
 
 def unit_timeline(schedule: Schedule) -> Timeline:
-    """Start/end of every action with compute = 1 step and communication = 0."""
+    """Start/end of every action with compute = 1 step and communication = 0.
+
+    Args:
+        schedule: Compute-only or lowered.
+
+    Returns:
+        The :class:`Timeline` in unit steps.
+
+    Raises:
+        ScheduleError: when the schedule is invalid or deadlocks.
+    """
     return simulate_schedule(schedule)
 
 
 def bubble_fraction(schedule: Schedule) -> float:
-    """Idle share of the ideal-time grid: ``1 - busy / (ranks x makespan)``."""
+    """Idle share of the ideal-time grid: ``1 - busy / (ranks x makespan)``.
+
+    Args:
+        schedule: Compute-only or lowered.
+
+    Returns:
+        A fraction in [0, 1].
+
+    Raises:
+        ScheduleError: when the schedule is invalid or deadlocks.
+    """
     return unit_timeline(schedule).bubble_fraction()
 
 
@@ -42,6 +62,12 @@ def render_grid(schedule: Schedule) -> str:
 
     Communication actions of a lowered schedule take no time and are not drawn; they still
     decide when data is there. A footer gives the makespan and the bubble fraction.
+
+    Args:
+        schedule: Compute-only or lowered.
+
+    Returns:
+        The grid text, one line per rank, then the footer.
 
     Raises:
         ScheduleError: when the schedule is invalid or deadlocks.
@@ -66,12 +92,26 @@ def render_grid(schedule: Schedule) -> str:
 
 
 def render_text(schedule: Schedule) -> str:
-    """One line per rank: ``rank 0: 0F0 0F1 0B0 ...``."""
+    """One line per rank: ``rank 0: 0F0 0F1 0B0 ...``.
+
+    Args:
+        schedule: Any schedule.
+
+    Returns:
+        The text, one line per rank.
+    """
     return schedule.to_text()
 
 
 def render_csv(schedule: Schedule) -> str:
-    """The schedule as CSV (:meth:`Schedule.to_csv`)."""
+    """The schedule as CSV (:meth:`Schedule.to_csv`).
+
+    Args:
+        schedule: Any schedule.
+
+    Returns:
+        CSV text with ``rank,index,action`` rows.
+    """
     return schedule.to_csv()
 
 
@@ -135,12 +175,35 @@ def chrome_trace(
 
 
 def chrome_trace_json(schedule: Schedule, duration: Duration | None = None, *, us_per_unit: float = 1e6) -> str:
-    """:func:`chrome_trace` as JSON text (write it to a ``.json`` file and open it in Perfetto)."""
+    """:func:`chrome_trace` as JSON text (write it to a ``.json`` file and open it in Perfetto).
+
+    Args:
+        schedule: Compute-only or lowered.
+        duration: Seconds (or units) of each action; ``None``: unit time.
+        us_per_unit: Trace microseconds per unit of ``duration``.
+
+    Returns:
+        The trace as indented JSON text.
+
+    Raises:
+        ScheduleError: when the schedule is invalid or deadlocks.
+    """
     return json.dumps(chrome_trace(schedule, duration, us_per_unit=us_per_unit), indent=1)
 
 
 def render(schedule: Schedule, fmt: str = "grid") -> str:
-    """``schedule`` in one of :data:`FORMATS`."""
+    """``schedule`` in one of :data:`FORMATS`.
+
+    Args:
+        schedule: Any schedule (``grid`` and ``chrome`` play it).
+        fmt: One of :data:`FORMATS`: ``grid``, ``text``, ``csv``, ``chrome``.
+
+    Returns:
+        The text.
+
+    Raises:
+        ScheduleError: for an unknown format, or a schedule that is invalid or deadlocks.
+    """
     if fmt == "grid":
         return render_grid(schedule)
     if fmt == "text":

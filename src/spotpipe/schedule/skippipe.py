@@ -95,6 +95,13 @@ class SkipPlan:
 def path_stages(num_stages: int, skip_ratio: float) -> int:
     """``k``, the stages each path visits: ``S - round(skip_ratio x S)``, at least 1.
 
+    Args:
+        num_stages: Stages S.
+        skip_ratio: ``pipeline.skip_ratio``, in [0, 1).
+
+    Returns:
+        ``k``, in ``[1, S]``.
+
     Raises:
         ConfigError: naming ``pipeline.skip_ratio`` when it is outside [0, 1).
     """
@@ -104,12 +111,25 @@ def path_stages(num_stages: int, skip_ratio: float) -> int:
 
 
 def inversions(stages: Sequence[int]) -> int:
-    """Adjacent swaps between ``stages`` and their ascending order (its inversion count)."""
+    """Adjacent swaps between ``stages`` and their ascending order (its inversion count).
+
+    Args:
+        stages: Stage indices in path order.
+
+    Returns:
+        Pairs ``i < j`` with ``stages[i] > stages[j]``.
+    """
     return sum(1 for i in range(len(stages)) for j in range(i + 1, len(stages)) if stages[i] > stages[j])
 
 
 def check_sizes(groups: Sequence[Sequence[int]], microbatches: int, k: int, node_memory: int) -> None:
     """Reject settings no plan can meet, naming the keys.
+
+    Args:
+        groups: Node ids per stage group.
+        microbatches: Microbatches per stage-0 node.
+        k: Stages per path, stage 0 included.
+        node_memory: Most microbatch activations a node may hold.
 
     Raises:
         ConfigError: ``k > S``, fewer than 1 microbatch or memory slot, or visit counts that cannot
@@ -168,14 +188,35 @@ def _initial(groups: Sequence[Sequence[int]], agents: int, k: int) -> list[Micro
 def agent_counts(groups: Sequence[Sequence[int]], microbatches: int, k: int) -> list[int]:
     """Paths per origin the search may use (SkipPipe's coarsening: the microbatches of an origin
     share ``c`` distinct paths, taken in turn): the divisors ``c`` of ``microbatches`` for which
-    ``stage-0 nodes x c x (k - 1)`` visits split evenly over the non-first stages."""
+    ``stage-0 nodes x c x (k - 1)`` visits split evenly over the non-first stages.
+
+    Args:
+        groups: Node ids per stage group.
+        microbatches: Microbatches per origin.
+        k: Stages per path, stage 0 included.
+
+    Returns:
+        The allowed ``c``, increasing (SkipPipe: Blagoev, Chen, Ersoy 2025).
+    """
     s = len(groups)
     return [c for c in range(1, microbatches + 1)
             if microbatches % c == 0 and (s == 1 or (len(groups[0]) * c * (k - 1)) % (s - 1) == 0)]
 
 
 def expand(agents: Sequence[MicrobatchPath], origins: Sequence[int], microbatches: int) -> list[MicrobatchPath]:
-    """Microbatch paths from agent paths: microbatch ``q`` of an origin takes its agent ``q mod c``."""
+    """Microbatch paths from agent paths: microbatch ``q`` of an origin takes its agent ``q mod c``.
+
+    Args:
+        agents: Agent paths; an origin's agents are in turn order.
+        origins: Stage-0 nodes, in microbatch order.
+        microbatches: Microbatches per origin.
+
+    Returns:
+        ``len(origins) x microbatches`` paths, origin by origin.
+
+    Raises:
+        KeyError: for an origin without an agent path.
+    """
     per_origin: dict[int, list[MicrobatchPath]] = {}
     for a in agents:
         per_origin.setdefault(a.origin, []).append(a)
@@ -404,7 +445,14 @@ def plan_paths(
 
 def uniform_costs(costs: PathCosts) -> PathCosts:
     """The same cluster seen without its network: every node the mean compute time, every link
-    the mean message time (what a network-oblivious planner assumes)."""
+    the mean message time (what a network-oblivious planner assumes).
+
+    Args:
+        costs: The real per-node and per-link seconds.
+
+    Returns:
+        A :class:`PathCosts` with the same ratios and gap, all nodes and links equal.
+    """
     n = costs.num_nodes
     fwd = sum(costs.forward_s) / n
     pairs = [costs.message_s[a][b] for a in range(n) for b in range(n) if a != b]
@@ -414,7 +462,15 @@ def uniform_costs(costs: PathCosts) -> PathCosts:
 
 
 def check_paths(plan: SkipPlan, max_swaps: int) -> list[str]:
-    """Every broken path rule of ``plan`` (empty when it is valid), one line each."""
+    """Every broken path rule of ``plan`` (empty when it is valid), one line each.
+
+    Args:
+        plan: The plan.
+        max_swaps: Most inversions a path's stage order may have (``pipeline.max_swaps``).
+
+    Returns:
+        One message per broken rule, naming the microbatch and its origin.
+    """
     out: list[str] = []
     stage_of = {n: s for s, g in enumerate(plan.groups) for n in g}
     for j, p in enumerate(plan.paths):

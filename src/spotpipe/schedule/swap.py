@@ -46,6 +46,12 @@ UNIT_COST: dict[Op, float] = {Op.F: 1.0, Op.B: 2.0}
 def swap_permutation(num_stages: int) -> tuple[int, ...]:
     """Stage at each path position of a swapped microbatch: 0<->1 and S-2<->S-1 exchanged.
 
+    Args:
+        num_stages: Stages S (>= 4).
+
+    Returns:
+        ``(1, 0, 2, ..., S-3, S-1, S-2)``.
+
     Raises:
         ScheduleError: for fewer than 4 stages (the two swaps would overlap).
     """
@@ -60,20 +66,51 @@ def swap_permutation(num_stages: int) -> tuple[int, ...]:
 
 
 def swapped_paths(num_stages: int, num_microbatches: int) -> tuple[tuple[int, ...], ...]:
-    """Per-microbatch paths: even microbatches in order, odd ones swapped."""
+    """Per-microbatch paths: even microbatches in order, odd ones swapped.
+
+    Args:
+        num_stages: Stages S (>= 4).
+        num_microbatches: Microbatches per step.
+
+    Returns:
+        One stage path per microbatch.
+
+    Raises:
+        ScheduleError: for fewer than 4 stages.
+    """
     normal = tuple(range(num_stages))
     swapped = swap_permutation(num_stages)
     return tuple(normal if m % 2 == 0 else swapped for m in range(num_microbatches))
 
 
 def embedding_stages(num_stages: int) -> tuple[int, int]:
-    """Stages that hold a copy of the token embedding under the swap schedule."""
+    """Stages that hold a copy of the token embedding under the swap schedule.
+
+    Args:
+        num_stages: Stages S (>= 4).
+
+    Returns:
+        ``(0, 1)``.
+
+    Raises:
+        ScheduleError: for fewer than 4 stages.
+    """
     swap_permutation(num_stages)
     return (0, 1)
 
 
 def head_stages(num_stages: int) -> tuple[int, int]:
-    """Stages that hold a copy of the final norm and LM head under the swap schedule."""
+    """Stages that hold a copy of the final norm and LM head under the swap schedule.
+
+    Args:
+        num_stages: Stages S (>= 4).
+
+    Returns:
+        ``(S - 2, S - 1)``.
+
+    Raises:
+        ScheduleError: for fewer than 4 stages.
+    """
     swap_permutation(num_stages)
     return (num_stages - 2, num_stages - 1)
 
@@ -84,6 +121,13 @@ def start_times(schedule: Schedule, cost: Mapping[Op, float] = UNIT_COST) -> dic
     Each rank runs its list in order; an action starts when its rank is free and its inputs
     exist (the forward of the previous stage on the microbatch's path; for a backward, its own
     forward and the backward of the next stage on the path).
+
+    Args:
+        schedule: A compute-only schedule (``paths`` honoured).
+        cost: Time units per op (``F``, ``B``).
+
+    Returns:
+        Start time of each compute action, in the units of ``cost``.
 
     Raises:
         ScheduleError: if the schedule is lowered, or deadlocks (naming the stuck actions).
@@ -129,7 +173,14 @@ def _dependencies(schedule: Schedule, a: Action) -> list[tuple[int, Op, int]]:
 
 
 def peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
-    """Most forward activations each rank holds at once (forwards minus backwards so far)."""
+    """Most forward activations each rank holds at once (forwards minus backwards so far).
+
+    Args:
+        schedule: Any schedule (only ``F`` and ``B`` count).
+
+    Returns:
+        One count per rank.
+    """
     peaks = []
     for acts in schedule.ranks:
         live = peak = 0
@@ -141,7 +192,18 @@ def peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
 
 
 def makespan(schedule: Schedule, cost: Mapping[Op, float] = UNIT_COST) -> float:
-    """Length of one step of a compute-only schedule under ``cost``."""
+    """Length of one step of a compute-only schedule under ``cost``.
+
+    Args:
+        schedule: A compute-only schedule.
+        cost: Time units per op.
+
+    Returns:
+        The last compute's end, in the units of ``cost`` (0.0 for no actions).
+
+    Raises:
+        ScheduleError: as :func:`start_times`.
+    """
     times = start_times(schedule, cost)
     return max((t + cost[a.op] for a, t in times.items()), default=0.0)
 

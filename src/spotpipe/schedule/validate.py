@@ -37,12 +37,29 @@ _GRID_CONTEXT = 6
 
 
 def unit_duration(action: Action) -> float:
-    """The ideal-time model: every compute action takes 1 unit, communication takes 0."""
+    """The ideal-time model: every compute action takes 1 unit, communication takes 0.
+
+    Args:
+        action: Any action.
+
+    Returns:
+        1.0 for compute, 0.0 for communication.
+    """
     return 1.0 if action.op.is_compute else 0.0
 
 
 def message_key(action: Action) -> MessageKey:
-    """Identity of the message a SEND or RECV moves; equal on both ends."""
+    """Identity of the message a SEND or RECV moves; equal on both ends.
+
+    Args:
+        action: A SEND or RECV.
+
+    Returns:
+        ``(direction F or B, sending stage, receiving stage, microbatch)``.
+
+    Raises:
+        ScheduleError: for a compute action.
+    """
     if action.op.is_compute:
         raise ScheduleError(f"action {action}: compute actions carry no message")
     peer = action.peer
@@ -88,7 +105,14 @@ class Timeline:
         return max((t.end for row in self.timings for t in row if t.action.op.is_compute), default=0.0)
 
     def busy(self, rank: int) -> float:
-        """Time ``rank`` spends computing."""
+        """Time ``rank`` spends computing.
+
+        Args:
+            rank: Pipeline rank.
+
+        Returns:
+            Summed compute duration, in the timeline's units.
+        """
         return sum(t.end - t.start for t in self.timings[rank] if t.action.op.is_compute)
 
     def bubble_fraction(self) -> float:
@@ -115,6 +139,16 @@ def format_grid(
 
     Tables wider than ``max_columns`` keep only the columns near marked cells (``...`` stands for
     the rest); ``None`` keeps every column.
+
+    Args:
+        header: Column titles.
+        rows: Cell texts per rank.
+        marks: ``(rank, column)`` cells to mark.
+        label: Name printed left of the column titles (the header row's first cell).
+        max_columns: Widest table printed in full; ``None``: no limit.
+
+    Returns:
+        The table, lines joined by newlines.
     """
     marked = set(marks)
     ncols = max([len(header)] + [len(r) for r in rows])
@@ -150,14 +184,29 @@ def format_grid(
 
 
 def step_grid(schedule: Schedule, marks: Iterable[Position] = ()) -> str:
-    """The rank x step grid of a schedule (step = index in the rank's action list)."""
+    """The rank x step grid of a schedule (step = index in the rank's action list).
+
+    Args:
+        schedule: Any schedule.
+        marks: ``(rank, index)`` cells to mark.
+
+    Returns:
+        The grid text (see :func:`format_grid`).
+    """
     ncols = max((len(acts) for acts in schedule.ranks), default=0)
     rows = [[str(a) for a in acts] for acts in schedule.ranks]
     return format_grid([str(i) for i in range(ncols)], rows, marks)
 
 
 def describe(schedule: Schedule) -> str:
-    """``schedule 1f1b: 4 ranks, 4 stages, 8 microbatches, compute-only``."""
+    """``schedule 1f1b: 4 ranks, 4 stages, 8 microbatches, compute-only``.
+
+    Args:
+        schedule: Any schedule.
+
+    Returns:
+        One line: name, ranks, stages, microbatches, lowered or not.
+    """
     kind = "lowered" if schedule.is_lowered() else "compute-only"
     return (
         f"schedule {schedule.name}: {schedule.num_ranks} ranks, {schedule.num_stages} stages, "
@@ -166,7 +215,16 @@ def describe(schedule: Schedule) -> str:
 
 
 def format_problem(schedule: Schedule, problem: Problem, more: int = 0) -> str:
-    """One line saying what is wrong, then the grid with the faulty actions marked."""
+    """One line saying what is wrong, then the grid with the faulty actions marked.
+
+    Args:
+        schedule: The schedule the problem is in.
+        problem: The problem to show.
+        more: How many further problems there are (said in the first line).
+
+    Returns:
+        The message, then :func:`describe` and the marked grid (just the message for an empty schedule).
+    """
     head = problem.message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
     if not any(schedule.ranks):
         return head  # no grid to show
@@ -328,6 +386,12 @@ def check_message_order(schedule: Schedule) -> list[Problem]:
     Transports that match point-to-point messages by issue order and ignore tags (NCCL) need
     the same order on both ends; tag-matching transports (gloo) do not. Not part of
     :func:`check_schedule` unless asked for.
+
+    Args:
+        schedule: A lowered schedule.
+
+    Returns:
+        One :class:`Problem` per rank pair whose orders differ (empty when they agree).
     """
     s2r = schedule.stage_to_rank
     sends: dict[tuple[int, int], list[tuple[MessageKey, Position]]] = {}
@@ -436,6 +500,9 @@ def check_schedule(schedule: Schedule, *, blocking_recv: bool = False, message_o
         blocking_recv: play RECV as blocking its rank until the message arrived.
         message_order: also require per rank pair the same SEND and RECV order
             (:func:`check_message_order`).
+
+    Returns:
+        Every :class:`Problem` found.
     """
     problems = _metadata_problems(schedule)
     if problems:
@@ -458,8 +525,16 @@ def check_schedule(schedule: Schedule, *, blocking_recv: bool = False, message_o
 def validate_schedule(schedule: Schedule, *, blocking_recv: bool = False, message_order: bool = False) -> Schedule:
     """Raise :class:`ScheduleError` for the first problem (message: one line, then the grid).
 
+    Args:
+        schedule: Compute-only or lowered.
+        blocking_recv: Play RECV as blocking (see :func:`check_schedule`).
+        message_order: Also check SEND/RECV order per rank pair.
+
     Returns:
         ``schedule`` itself, so calls chain: ``validate_schedule(lower(s))``.
+
+    Raises:
+        ScheduleError: for the first problem of :func:`check_schedule`.
     """
     problems = check_schedule(schedule, blocking_recv=blocking_recv, message_order=message_order)
     if problems:
@@ -469,6 +544,14 @@ def validate_schedule(schedule: Schedule, *, blocking_recv: bool = False, messag
 
 def simulate_schedule(schedule: Schedule, duration: Duration | None = None, *, blocking_recv: bool = False) -> Timeline:
     """Start and end of every action when each takes ``duration(action)`` (default: unit time).
+
+    Args:
+        schedule: Compute-only or lowered.
+        duration: Time of each action (seconds, or units); ``None``: :func:`unit_duration`.
+        blocking_recv: Play RECV as blocking its rank until the message arrived.
+
+    Returns:
+        The :class:`Timeline`: start and end of every action, per rank, in ``duration``'s units.
 
     Raises:
         ScheduleError: when the schedule is invalid or deadlocks (with the marked grid).

@@ -35,7 +35,11 @@ BYTES_PER_ACTION = 500
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``simulate`` command to the top-level ``spotpipe`` parser."""
+    """Add the ``simulate`` command to the top-level ``spotpipe`` parser.
+
+    Args:
+        subparsers: The top-level parser's sub-command action (``add_subparsers()``).
+    """
     cmd = subparsers.add_parser(
         "simulate",
         help="simulate a job's schedule on a modelled cluster and network, with failures",

@@ -84,7 +84,19 @@ class Cluster:
 
 
 def build_cluster(cfg: JobConfig, base_dir: str | Path | None = None) -> Cluster:
-    """The cluster of a job config: stages x replicas workers plus ``sim.spares``."""
+    """The cluster of a job config: stages x replicas workers plus ``sim.spares``.
+
+    Args:
+        cfg: A validated job config (``pipeline.stages``, ``pipeline.replicas``, ``sim.spares``,
+            ``sim.speed_factors``, ``[network]``).
+        base_dir: Folder that relative paths of ``[network]`` are read from; ``None``: the current one.
+
+    Returns:
+        The :class:`Cluster`: its network, one speed factor per node, and the spare node ids.
+
+    Raises:
+        ConfigError: for a network or speed-factor setting that does not fit the node count.
+    """
     ranks, replicas = cfg.pipeline.stages, cfg.pipeline.replicas
     nodes = ranks * replicas + cfg.sim.spares
     network = build_network(cfg.network, ranks, nodes, base_dir)
@@ -97,7 +109,18 @@ def build_cluster(cfg: JobConfig, base_dir: str | Path | None = None) -> Cluster
 
 
 def parse_failures(specs: Sequence[str], num_nodes: int) -> list[NodeEvent]:
-    """``sim.failures`` entries ``"NODE@SECONDS"`` as fail events, sorted by time."""
+    """``sim.failures`` entries ``"NODE@SECONDS"`` as fail events, sorted by time.
+
+    Args:
+        specs: ``sim.failures`` entries, ``"NODE@SECONDS"`` (node id, virtual seconds >= 0).
+        num_nodes: Nodes of the cluster; a node id must be below it.
+
+    Returns:
+        One ``fail`` :class:`NodeEvent` per entry, sorted by time then node.
+
+    Raises:
+        ConfigError: for an entry that does not parse, a node out of range or a negative time.
+    """
     out: list[NodeEvent] = []
     for i, spec in enumerate(specs):
         node_text, sep, time_text = spec.partition("@")
@@ -119,13 +142,29 @@ class PoissonFailures:
     """Independent exponential times between failures per node, at ``rate`` per node-day."""
 
     def __init__(self, rate_per_node_day: float, seed: int = 0) -> None:
+        """
+
+        Args:
+            rate_per_node_day: Expected failures per node per day (>= 0; 0: never).
+            seed: Seed of the exponential draws.
+
+        Raises:
+            ConfigError: for a negative rate.
+        """
         if rate_per_node_day < 0:
             raise ConfigError(f"sim.failure_rate must be >= 0, got {rate_per_node_day}")
         self.rate_per_s = rate_per_node_day / SECONDS_PER_DAY
         self._rng = random.Random(seed)
 
     def next_failure(self, now: float) -> float:
-        """Time of the next failure of a node alive at ``now`` (``inf`` at rate 0)."""
+        """Time of the next failure of a node alive at ``now`` (``inf`` at rate 0).
+
+        Args:
+            now: Virtual time in seconds.
+
+        Returns:
+            ``now`` plus an exponential draw of mean ``1 / rate_per_s`` seconds; ``inf`` at rate 0.
+        """
         if self.rate_per_s == 0:
             return math.inf
         return now + self._rng.expovariate(self.rate_per_s)
@@ -133,6 +172,14 @@ class PoissonFailures:
 
 def parse_preemption_trace(text: str, initial_nodes: int, source: str = "trace") -> list[NodeEvent]:
     """Bamboo-format preemption trace -> node events (see the module docstring).
+
+    Args:
+        text: The trace: one ``<ms>,<add|remove>,<name>`` line per event (times in milliseconds).
+        initial_nodes: Nodes up at time 0 (ids ``0 .. initial_nodes - 1``); added names get new ids.
+        source: Name of the trace in error messages.
+
+    Returns:
+        Node events in virtual seconds, in trace order.
 
     Raises:
         ConfigError: a line that is not ``<ms>,<add|remove>,<name>`` (names the line), a time
@@ -179,7 +226,19 @@ def parse_preemption_trace(text: str, initial_nodes: int, source: str = "trace")
 
 
 def read_preemption_trace(path: str | Path, initial_nodes: int, base_dir: str | Path | None = None) -> list[NodeEvent]:
-    """Read ``sim.failure_trace`` (Bamboo format)."""
+    """Read ``sim.failure_trace`` (Bamboo format).
+
+    Args:
+        path: The trace file (``sim.failure_trace``).
+        initial_nodes: Nodes up at time 0.
+        base_dir: Folder a relative ``path`` is read from; ``None``: the current one.
+
+    Returns:
+        Node events as :func:`parse_preemption_trace` gives them.
+
+    Raises:
+        ConfigError: for a missing file or a bad line (see :func:`parse_preemption_trace`).
+    """
     p = resolve_path(str(path), base_dir)
     if not p.is_file():
         raise ConfigError(f"sim.failure_trace: file {p} does not exist")

@@ -107,5 +107,13 @@ class RecoveryPolicy(Protocol):
         ...
 
     def decide(self, ctx: FailureContext) -> RecoveryDecision:
-        """The decision for one detected failure."""
+        """The decision for one detected failure.
+
+        Args:
+            ctx: Who was lost, the committed step, the newest checkpoint and the free nodes.
+
+        Returns:
+            Which step training resumes from, the restart time in seconds, whether replacements are
+            needed, and one :class:`WorkerRecovery` per lost worker.
+        """
         ...

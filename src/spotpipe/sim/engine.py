@@ -26,6 +26,11 @@ class Timer:
     __slots__ = ("time", "cancelled")
 
     def __init__(self, time: float) -> None:
+        """
+
+        Args:
+            time: Virtual time of the event, in seconds.
+        """
         self.time = time
         self.cancelled = False
 
@@ -43,6 +48,11 @@ class Engine:
     """
 
     def __init__(self, start: float = 0.0) -> None:
+        """
+
+        Args:
+            start: Virtual time of the clock at the start, in seconds.
+        """
         self.now = start
         self.processed = 0
         self._queue: list[tuple[float, int, Callable[..., Any], tuple[Any, ...], Timer | None]] = []
@@ -52,8 +62,17 @@ class Engine:
     def at(self, time: float, callback: Callable[..., Any], *args: Any, cancellable: bool = False) -> Timer | None:
         """Run ``callback(*args)`` at virtual ``time`` (>= now).
 
+        Args:
+            time: Virtual time in seconds, ``>= now``.
+            callback: Called with ``*args`` at ``time``.
+            *args: Positional arguments of ``callback``.
+            cancellable: Return a :class:`Timer` that can cancel the event.
+
         Returns:
             A :class:`Timer` when ``cancellable`` (slightly slower), else None.
+
+        Raises:
+            SimulationError: for a time in the past or NaN.
         """
         if time < self.now:
             raise SimulationError(f"event at t={time:.9g} s scheduled in the past (now {self.now:.9g} s)")
@@ -65,7 +84,20 @@ class Engine:
         return timer
 
     def after(self, delay: float, callback: Callable[..., Any], *args: Any, cancellable: bool = False) -> Timer | None:
-        """Run ``callback(*args)`` ``delay`` seconds from now."""
+        """Run ``callback(*args)`` ``delay`` seconds from now.
+
+        Args:
+            delay: Seconds from now (>= 0).
+            callback: Called with ``*args`` then.
+            *args: Positional arguments of ``callback``.
+            cancellable: Return a :class:`Timer` that can cancel the event.
+
+        Returns:
+            A :class:`Timer` when ``cancellable``, else None.
+
+        Raises:
+            SimulationError: for a negative or NaN delay.
+        """
         return self.at(self.now + delay, callback, *args, cancellable=cancellable)
 
     def next_time(self) -> float:
@@ -82,6 +114,9 @@ class Engine:
 
     def run(self, until: float = math.inf) -> float:
         """Run events in time order until the queue is empty, :meth:`stop`, or ``until``.
+
+        Args:
+            until: Last virtual time to run to, in seconds (events after it stay queued).
 
         Returns:
             The virtual time reached.

@@ -116,7 +116,14 @@ class PlannedRecovery:
     name: str = "policy"
 
     def plans(self, ctx: FailureContext) -> tuple[RecoveryPlan, ...]:
-        """The shipped policy's plan for every lost worker of ``ctx``."""
+        """The shipped policy's plan for every lost worker of ``ctx``.
+
+        Args:
+            ctx: The failure (lost workers, step, newest checkpoint step, config).
+
+        Returns:
+            One :class:`RecoveryPlan` per lost worker, from :func:`spotpipe.ft.policy.plan_recovery`.
+        """
         cfg = ctx.config
         ft, ranks = cfg.ft, cfg.pipeline.stages
         mirrors: dict[Worker, Worker] = {}
@@ -134,7 +141,17 @@ class PlannedRecovery:
         )
 
     def transfer(self, plan: RecoveryPlan, ctx: FailureContext, sizes: StageBytes) -> tuple[int, float]:
-        """``(bytes, seconds)`` of one rebuilt worker's state transfer."""
+        """``(bytes, seconds)`` of one rebuilt worker's state transfer.
+
+        Args:
+            plan: The worker's plan (its ``sources`` send state).
+            ctx: The failure (locations of the workers, config).
+            sizes: State bytes per rank of the job.
+
+        Returns:
+            Total bytes sent to the rebuilt worker, and the seconds until the slowest source's send
+            ends (sources send in parallel); ``(0, 0.0)`` when nothing moves.
+        """
         cfg = ctx.config
         network = self.network or Network(0, uniform_link(cfg.network.latency_ms, cfg.network.bandwidth_gbps))
         amounts = plan_bytes(plan, sizes)

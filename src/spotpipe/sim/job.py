@@ -62,6 +62,17 @@ def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostMod
 
     Each profiled run's own config (from its ``run_start`` event) is simulated with this job's
     ``[sim]`` section (device, ``host_cores``, ``delay_collectives``) and its own ``[network]``.
+
+    Args:
+        cfg: The job to simulate (its ``[sim]`` section is applied to each profiled run).
+        events_paths: ``events.jsonl`` files of ``spotpipe train`` runs (``sim.profile``).
+
+    Returns:
+        The analytic cost model of ``cfg`` with its compute times scaled and the per-step
+        overhead (seconds) set.
+
+    Raises:
+        SpotpipeError: for a missing events file, or one without a config or steps.
     """
     profiles = [read_profile(p) for p in events_paths]
     runs = []
@@ -88,7 +99,19 @@ def profiled_cost(cfg: JobConfig, events_paths: Sequence[str | Path]) -> CostMod
 
 
 def prepare(cfg: JobConfig, base_dir: str | Path | None = None) -> SimSetup:
-    """Schedule, cost model and cluster of a job config (errors are one-line ConfigErrors)."""
+    """Schedule, cost model and cluster of a job config (errors are one-line ConfigErrors).
+
+    Args:
+        cfg: A validated job config.
+        base_dir: Folder that relative paths (``sim.profile``, traces, matrices) are read from;
+            ``None``: the current one.
+
+    Returns:
+        A :class:`SimSetup` for :func:`simulate_job`.
+
+    Raises:
+        ConfigError: for a setting the schedule builder, the cost model or the cluster refuses.
+    """
     schedule = job_schedule(cfg)
     if cfg.sim.profile:
         cost = profiled_cost(cfg, [resolve_path(p, base_dir) for p in cfg.sim.profile])
@@ -443,6 +466,9 @@ def simulate_job(
         record: Keep every action of the first iteration (for a Chrome trace).
         horizon_s: Give up (status ``interrupted``) at this virtual time; default 1000 x the
             failure-free job time plus a day.
+
+    Returns:
+        The :class:`JobResult` (status, times in virtual seconds, failures, restarts, ETTR).
     """
     job = _Job(setup, log, policy or build_policy(setup.config, setup.cluster.network), detector, record)
     if horizon_s is None:

@@ -470,6 +470,9 @@ def play_iteration(
             host with N cores: running compute actions share them equally (processor sharing),
             as when one machine emulates the cluster.
 
+    Returns:
+        The :class:`IterationResult` (seconds of virtual time from the iteration's start).
+
     Raises:
         ScheduleError: an input of a compute action has no RECV before it.
         SimulationError: a deadlock, or placement / cluster sizes that do not fit.

@@ -79,6 +79,12 @@ def build_policy(cfg: JobConfig, network: Network | None = None) -> RecoveryPoli
         cfg: The job.
         network: The cluster's links, to price state transfers (``policy``); ``None``: the
             uniform link of ``[network]``.
+
+    Returns:
+        A :class:`CheckpointRestart` (``checkpoint``) or a :class:`PlannedRecovery` (``policy``).
+
+    Raises:
+        ConfigError: for another ``sim.recovery`` value.
     """
     if cfg.sim.recovery == "checkpoint":
         return CheckpointRestart(cfg.sim.restart_s)
@@ -88,7 +94,15 @@ def build_policy(cfg: JobConfig, network: Network | None = None) -> RecoveryPoli
 
 
 def last_heartbeat(t: float, heartbeat_s: float) -> float:
-    """Time of the last heartbeat sent at or before ``t`` (heartbeats at 0, h, 2h, ...)."""
+    """Time of the last heartbeat sent at or before ``t`` (heartbeats at 0, h, 2h, ...).
+
+    Args:
+        t: Virtual time in seconds (>= 0).
+        heartbeat_s: Heartbeat period in seconds (> 0).
+
+    Returns:
+        The largest multiple of ``heartbeat_s`` that is <= ``t`` (up to rounding).
+    """
     return math.floor(t / heartbeat_s + 1e-9) * heartbeat_s
 
 

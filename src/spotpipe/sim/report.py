@@ -27,7 +27,14 @@ MAX_LINKS = 20
 def peak_memory(setup: SimSetup) -> list[float]:
     """Peak bytes per rank (:func:`spotpipe.schedule.memory.memory_profile`): weights, gradients,
     AdamW moments (2 x param bytes, same dtype; in host memory with ``pipeline.offload =
-    "optimizer"``) and the schedule's activations (a recomputed chunk keeps its input only)."""
+    "optimizer"``) and the schedule's activations (a recomputed chunk keeps its input only).
+
+    Args:
+        setup: From :func:`spotpipe.sim.job.prepare` (its cost model gives the bytes per chunk).
+
+    Returns:
+        Peak device bytes of each rank, rank order.
+    """
     cost = setup.cost
     chunks = [
         ChunkBytes(weights=g, grads=g, optimizer=2 * g, activations=a, input=cost.boundary_bytes[s - 1] if s else 0)
@@ -43,7 +50,16 @@ def _location(setup: SimSetup, node: int) -> str:
 
 
 def summary(setup: SimSetup, result: JobResult, sim_seconds: float) -> dict[str, Any]:
-    """Everything `spotpipe simulate --json` prints."""
+    """Everything `spotpipe simulate --json` prints.
+
+    Args:
+        setup: From :func:`spotpipe.sim.job.prepare`.
+        result: From :func:`spotpipe.sim.job.simulate_job`.
+        sim_seconds: Wall-clock seconds the simulation took.
+
+    Returns:
+        JSON-ready dict: ``config``, times in seconds, per-rank rows, links, job outcome, ``sim``.
+    """
     cfg, it = setup.config, result.iteration
     p = cfg.pipeline
     memory = peak_memory(setup)
@@ -118,7 +134,14 @@ def _ms(x: float) -> str:
 
 
 def format_summary(data: dict[str, Any]) -> str:
-    """The summary as a table for the terminal."""
+    """The summary as a table for the terminal.
+
+    Args:
+        data: A :func:`summary` dict.
+
+    Returns:
+        The table, lines joined by newlines (times in ms, memory in MiB).
+    """
     c = data["config"]
     lines = [
         f"schedule {c['schedule']}: {c['stages']} stages x {c['replicas']} replica{'s' if c['replicas'] != 1 else ''}"
@@ -162,6 +185,14 @@ def iteration_trace(setup: SimSetup, iteration: IterationResult, max_workers: in
     """Chrome trace of a recorded iteration (``play_iteration(..., record=True)``).
 
     One trace process per (replica, rank), at most ``max_workers`` of them (whole replicas).
+
+    Args:
+        setup: From :func:`spotpipe.sim.job.prepare`.
+        iteration: A recorded iteration (its ``actions`` filled).
+        max_workers: Most trace processes (whole replicas shown, at least one).
+
+    Returns:
+        A Chrome trace dict (``traceEvents``, ``otherData``), pid ``replica * ranks + rank``.
     """
     schedule = setup.schedule
     ranks = schedule.num_ranks

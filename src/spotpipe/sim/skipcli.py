@@ -27,7 +27,11 @@ from spotpipe.sim.skipjob import JobPlan, plan_job, plan_report
 
 
 def register_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``plan`` to the ``schedule`` command group."""
+    """Add ``plan`` to the ``schedule`` command group.
+
+    Args:
+        sub: The ``schedule`` group's sub-command action.
+    """
     plan = sub.add_parser(
         "plan",
         help="plan SkipPipe paths (placement, partial and reordered paths) and compare variants",
@@ -96,7 +100,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_plan(job: JobPlan, report: dict[str, Any], variant: str) -> str:
-    """The human-readable plan: placement, variants, visits, and the paths of ``variant``."""
+    """The human-readable plan: placement, variants, visits, and the paths of ``variant``.
+
+    Args:
+        job: The plan (its variants' paths are shown).
+        report: :func:`spotpipe.sim.skipjob.plan_report` of ``job``.
+        variant: Variant whose paths are shown (``full``, ``random``, ``skippipe-nca``, ``skippipe``).
+
+    Returns:
+        The text to print (times in seconds).
+    """
     pl = report["placement"]
     out = [f"placement ({pl['method']}, {pl['evaluations']} partitions scored, {pl['seconds']:.1f} s): DT-FM "
            f"objective {pl['objective_s']:.2f} s (data-parallel {pl['dp_s']:.2f} + 2 x pipeline {pl['pp_s']:.2f}); "

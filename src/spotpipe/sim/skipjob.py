@@ -82,6 +82,14 @@ class JobPlan:
 def skip_setting(cfg: JobConfig, base_dir: str | Path | None = None) -> SkipSetting:
     """The planner's inputs from a validated config (see the module docstring).
 
+    Args:
+        cfg: A validated job config with ``pipeline.stage_nodes``.
+        base_dir: Folder that relative paths of ``[network]`` are read from; ``None``: the current one.
+
+    Returns:
+        The :class:`SkipSetting` (network, nodes per stage group, costs in seconds, message and
+        gradient bytes, ``k``).
+
     Raises:
         ConfigError: ``pipeline.stage_nodes`` not set, a ``sim.speed_factors`` list of the wrong
             length, or a matrix or location problem (:func:`spotpipe.network.build_network`).
@@ -179,7 +187,15 @@ def plan_job(
 
 
 def plan_report(job: JobPlan) -> dict[str, Any]:
-    """The plan as plain data (``schedule plan --json``, the bench)."""
+    """The plan as plain data (``schedule plan --json``, the bench).
+
+    Args:
+        job: A planned job.
+
+    Returns:
+        JSON-ready dict: ``placement`` (objective in seconds), ``k``, ``message_bytes``,
+        ``planner_seconds`` and per variant its times in seconds and visits.
+    """
     pl = job.placement
     out: dict[str, Any] = {
         "placement": {

@@ -51,7 +51,16 @@ class SkipPlayResult:
 
 
 def node_duration(schedule: Schedule, costs: PathCosts) -> Duration:
-    """Seconds of every action of a lowered node schedule under ``costs`` (see the module docstring)."""
+    """Seconds of every action of a lowered node schedule under ``costs`` (see the module docstring).
+
+    Args:
+        schedule: A lowered node schedule (``chunk_stage`` set, one rank per node).
+        costs: SkipPipe's cost constants (seconds per forward per node, hop seconds, ratios).
+
+    Returns:
+        A function from an action to its seconds: a forward, a backward (0 on the head chunk),
+        or a send's hop time less the gap; 0 for a receive.
+    """
     assert schedule.chunk_stage is not None
     chunks = schedule.chunk_stage
     head = max(chunks)
@@ -75,7 +84,16 @@ def node_duration(schedule: Schedule, costs: PathCosts) -> Duration:
 def ring_allreduce_s(network: Network, group: Sequence[int], nbytes: int) -> float:
     """Ring all-reduce of ``nbytes`` over ``group`` (nodes in ring order): ``2 (g-1)`` steps,
     each ``nbytes / g`` over the slowest ring link plus that link's latency (Patarasuk and Yuan
-    2009). 0 for one node."""
+    2009). 0 for one node.
+
+    Args:
+        network: Links between the nodes.
+        group: Node ids, in ring order.
+        nbytes: Bytes each node reduces.
+
+    Returns:
+        Seconds of the all-reduce; 0.0 for fewer than two nodes.
+    """
     g = len(group)
     if g < 2:
         return 0.0

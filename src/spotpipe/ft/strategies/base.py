@@ -95,6 +95,9 @@ class StageBytes:
         Args:
             rank: Pipeline rank, ``0 <= rank < len(weights)``.
 
+        Returns:
+            Bytes of weights and optimizer state of ``rank``.
+
         Raises:
             IndexError: if ``rank`` is out of range.
         """
@@ -125,12 +128,27 @@ class Survivors:
     swap_edges: bool
 
     def with_source(self, worker: Worker) -> Survivors:
-        """The same survivors with ``worker`` (just rebuilt exactly) added to the sources."""
+        """The same survivors with ``worker`` (just rebuilt exactly) added to the sources.
+
+        Args:
+            worker: The rebuilt ``(stage, replica)``.
+
+        Returns:
+            A copy whose ``sources`` include ``worker``.
+        """
         return replace(self, sources=self.sources | {worker})
 
     def source_of(self, stage: int, replica: int) -> Worker | None:
         """A source worker of ``stage``, preferring ``replica``, then the lowest other replica;
-        ``None`` when no replica of that stage can serve."""
+        ``None`` when no replica of that stage can serve.
+
+        Args:
+            stage: Pipeline stage wanted.
+            replica: Preferred replica (the lost worker's).
+
+        Returns:
+            A ``(stage, replica)`` in ``sources``, or ``None``.
+        """
         for other in sorted(range(self.replicas), key=lambda x: (x != replica, x)):
             if (stage, other) in self.sources:
                 return (stage, other)
@@ -138,7 +156,15 @@ class Survivors:
 
 
 def is_edge(stage: int, num_stages: int) -> bool:
-    """Whether ``stage`` is the first or the last of ``num_stages`` pipeline stages."""
+    """Whether ``stage`` is the first or the last of ``num_stages`` pipeline stages.
+
+    Args:
+        stage: Pipeline stage, ``0 <= stage < num_stages``.
+        num_stages: Pipeline stages S.
+
+    Returns:
+        True for stage 0 and stage S - 1.
+    """
     return stage == 0 or stage == num_stages - 1
 
 
@@ -190,11 +216,22 @@ class Strategy(Protocol):
         Args:
             stage: Lost worker's stage, ``0 <= stage < num_stages``.
             num_stages: Pipeline stages S.
+
+        Returns:
+            True if the strategy's rule applies to ``stage`` (maybe not now: see :meth:`plan`).
         """
         ...
 
     def scope_reason(self, stage: int, num_stages: int) -> str:
-        """Why it can never rebuild ``stage`` (asked when no strategy tried covers ``stage``)."""
+        """Why it can never rebuild ``stage`` (asked when no strategy tried covers ``stage``).
+
+        Args:
+            stage: Lost worker's stage, ``0 <= stage < num_stages``.
+            num_stages: Pipeline stages S.
+
+        Returns:
+            One sentence for the rollback's reason, e.g. ``"stage 2 has no mirror"``.
+        """
         ...
 
     def plan(self, worker: Worker, survivors: Survivors) -> RecoveryPlan | None:
@@ -211,7 +248,15 @@ class Strategy(Protocol):
 
     def why_not(self, worker: Worker, survivors: Survivors) -> str:
         """Why :meth:`plan` returned ``None`` for a covered ``worker`` (a short clause, e.g.
-        ``"no live replica"``), for the rollback's reason."""
+        ``"no live replica"``), for the rollback's reason.
+
+        Args:
+            worker: The lost ``(stage, replica)``.
+            survivors: What is left to read from.
+
+        Returns:
+            A short clause, e.g. ``"no live replica"``.
+        """
         ...
 
     def source_bytes(self, plan: RecoveryPlan, sizes: StageBytes) -> tuple[int, ...]:
