@@ -330,7 +330,13 @@ class _Job:
 
     def detected(self, node: int, failed_at: float, reason: str) -> None:
         """The loss of ``node`` is confirmed: it starts a recovery or joins the one in progress
-        (:func:`spotpipe.ft.confirm.loss_action`), as the controller's supervisor does."""
+        (:func:`spotpipe.ft.confirm.loss_action`), as the controller's supervisor does.
+
+        Args:
+            node: The dead node, still in its slot.
+            failed_at: When it died (virtual seconds).
+            reason: The detector's reason, for the events.
+        """
         if self.phase == "done":
             return
         now = self.engine.now
@@ -364,7 +370,13 @@ class _Job:
             self.plan(replanned=False)
 
     def plan(self, replanned: bool) -> None:
-        """Ask the policy about every lost position, then give them nodes (or stop)."""
+        """Ask the policy about every lost position (one ``recovery_started`` each, as the
+        controller writes one per plan), then give them nodes, or stop the job.
+
+        Args:
+            replanned: A loss arrived while the positions waited for nodes (the controller's
+                ``replace`` phase): the decision is taken again with it.
+        """
         first_failed = min(t for _, t in self.lost.values())
         ctx = FailureContext(
             now=self.engine.now,
@@ -392,7 +404,11 @@ class _Job:
 
     def stop(self, failure: Failure) -> None:
         """End the job as failed; of the failures seen the best explanation is its reason
-        (:func:`spotpipe.ft.confirm.better_explanation`, as the controller reports it)."""
+        (:func:`spotpipe.ft.confirm.better_explanation`, as the controller reports it).
+
+        Args:
+            failure: Why, e.g. the policy's reason that nothing can be rebuilt.
+        """
         self.failure = better_explanation(self.failure, failure)
         self.finish("failed")
 

@@ -305,21 +305,35 @@ class _RunView:
 
     @property
     def state(self) -> StageState:
+        """The trainer's stage state over every chunk."""
         return self._run.trainer.state
 
     def live_copy(self, stage: int) -> torch.Tensor:
+        """Chunk ``stage``'s flat state before the wipe (a chunk that was not wiped: as it is now)."""
         return self._before[stage] if stage in self._before else self._run.trainer.chunk_state(stage)
 
     def mirror(self, stage: int) -> torch.Tensor:
+        """The mirror of ``stage`` (refreshed every ``ft.mirror_every`` committed steps).
+
+        Raises:
+            KeyError: If the run keeps no mirror of ``stage``.
+        """
         return self._run.mirrors[stage].flat
 
     def tied_copy(self, stage: int) -> torch.Tensor:
+        """The snapshot of edge chunk ``stage``'s in-sync copy (refreshed after every committed step).
+
+        Raises:
+            KeyError: If ``stage`` is not an edge chunk or the swap schedule is off.
+        """
         return self._run.copies[stage]
 
     def omega(self, stage: int) -> float:
+        """CheckFree's omega of chunk ``stage`` from the last step's gradient norms."""
         return self._omega(self._norms, stage)
 
     def set_lr_scale(self, stage: int, scale: float) -> None:
+        """Chunk ``stage``'s blocks train with ``scale`` x the learning rate from now on."""
         self._run.trainer.set_lr_scale(stage, scale)
 
 
