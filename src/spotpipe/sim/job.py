@@ -326,15 +326,14 @@ class _Job:
         alive = {n: 0.0 for n in self.slots if n not in self.dead}
         when, reason = detection_time(node, now, alive, self.cfg.run.heartbeat_s, self.cfg.ft, self.detector,
                                       run_timeout_s=self.cfg.run.timeout_s)
-        self.engine.at(when, self.detected, node, now, reason)
+        self.engine.at(when, self.detected, node, reason)
 
-    def detected(self, node: int, failed_at: float, reason: str) -> None:
+    def detected(self, node: int, reason: str) -> None:
         """The loss of ``node`` is confirmed: it starts a recovery or joins the one in progress
         (:func:`spotpipe.ft.confirm.loss_action`), as the controller's supervisor does.
 
         Args:
             node: The dead node, still in its slot.
-            failed_at: When it died (virtual seconds).
             reason: The detector's reason, for the events.
         """
         if self.phase == "done":
