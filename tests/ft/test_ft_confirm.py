@@ -9,11 +9,18 @@ import pytest
 from spotpipe.config import load_config
 from spotpipe.ft.confirm import (
     GROUPING_WINDOW_S,
+    RECOVERY_PHASES,
+    CollectStep,
     Failure,
     FailureKind,
+    LossAction,
+    RecoveryPhase,
     better_explanation,
     classify_report,
+    collect_step,
     confirm_silence,
+    loss_action,
+    plan_at,
     same_failure,
     starts_recovery,
 )
@@ -68,6 +75,61 @@ def test_only_dead_processes_and_silence_start_a_recovery() -> None:
 def test_grouping_window() -> None:
     assert same_failure(10.0, 10.0 + GROUPING_WINDOW_S / 2)
     assert not same_failure(10.0, 10.0 + GROUPING_WINDOW_S)
+
+
+@pytest.mark.parametrize("last", [0.0, 0.1, 1.05, 2.2, 1234.5678, 1e6 + 0.1])
+def test_the_window_closes_exactly_at_plan_at(last: float) -> None:
+    """A caller that wakes at plan_at() plans then, whatever the rounding of ``last + window``."""
+    closes = plan_at(last)
+    assert closes == last + GROUPING_WINDOW_S
+    assert not same_failure(last, closes)
+    assert same_failure(last, closes - 1e-9 * max(1.0, closes))
+    assert collect_step(last, closes, outstanding=False) is CollectStep.PLAN
+
+
+def test_plan_at_and_collect_step_refuse_a_negative_window() -> None:
+    with pytest.raises(ValueError, match="window_s"):
+        plan_at(1.0, -0.1)
+    with pytest.raises(ValueError, match="window_s"):
+        collect_step(1.0, 2.0, False, window_s=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("since_last_loss", "outstanding", "want"),
+    [
+        (0.0, False, CollectStep.WINDOW),
+        (GROUPING_WINDOW_S / 2, True, CollectStep.WINDOW),  # the window first: no timeout runs yet
+        (GROUPING_WINDOW_S, True, CollectStep.MEMBERS),
+        (GROUPING_WINDOW_S, False, CollectStep.PLAN),
+        (5.0, True, CollectStep.MEMBERS),
+        (5.0, False, CollectStep.PLAN),
+    ],
+)
+def test_collect_plans_after_the_window_once_no_member_is_outstanding(
+        since_last_loss: float, outstanding: bool, want: CollectStep) -> None:
+    assert collect_step(10.0, 10.0 + since_last_loss, outstanding) is want
+
+
+@pytest.mark.parametrize(
+    ("phase", "already_lost", "want"),
+    [
+        (None, False, LossAction.START),
+        ("collect", False, LossAction.JOIN),
+        ("collect", True, LossAction.IGNORE),
+        ("replace", False, LossAction.REPLAN),
+        ("replace", True, LossAction.IGNORE),
+        ("install", False, LossAction.RESTART),
+        ("install", True, LossAction.IGNORE),
+    ],
+)
+def test_a_loss_joins_the_recovery_by_its_phase(phase: RecoveryPhase | None, already_lost: bool, want: LossAction) -> None:
+    assert loss_action(phase, already_lost) is want
+
+
+def test_loss_action_names_the_phases() -> None:
+    assert RECOVERY_PHASES == ("collect", "replace", "install")
+    with pytest.raises(ValueError, match="collect, replace, install"):
+        loss_action("planning", False)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -13,13 +13,15 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spotpipe import events as ev
-from spotpipe.config import load_config
+from spotpipe.config import JobConfig, apply_overrides, load_config
+from spotpipe.events import EventLog
 from spotpipe.ft.confirm import GROUPING_WINDOW_S, Failure
 from spotpipe.runtime import protocol
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
@@ -28,6 +30,7 @@ from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.progress import Progress
 from spotpipe.runtime.control.recovery import RecoverySupervisor
 from spotpipe.runtime.state.checkpoint import Manifest
+from spotpipe.sim.job import prepare, simulate_job
 
 
 class DictStore:
@@ -115,17 +118,18 @@ class Job:
     """A 4-stage job in generation 1 with workers 0-3 (stage s = worker s), mid-step ``step``."""
 
     def __init__(self, tmp_path: Path, strategy: str = "mirror", stages: int = 4, replicas: int = 1, step: int = 7,
-                 timeout_s: float = 60.0, checkpoint: int | None = None) -> None:
+                 timeout_s: float = 60.0, checkpoint: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         cfg = load_config(None, [f"pipeline.stages={stages}", f"pipeline.replicas={replicas}", f"ft.strategy={strategy}",
                                  f"run.timeout_s={timeout_s}", "model.layers=8"])
         self.store = DictStore()
         self.locals = FakeLocals()
+        log = ev.EventLog(tmp_path / "events.jsonl") if clock is time.monotonic else ev.EventLog(tmp_path / "events.jsonl", clock=clock)
         self.ctx = ControlContext(cfg, Progress(10, io.StringIO(), enabled=False), self.store,
-                                  ev.EventLog(tmp_path / "events.jsonl"), self.locals)  # type: ignore[arg-type]
+                                  log, self.locals)  # type: ignore[arg-type]
         self.host = Host()
         self.members = Membership(self.ctx, self.host, "token", "job", spare_count=0)
         self.host.members = self.members
-        self.sup = RecoverySupervisor(self.ctx, self.members, self.host)
+        self.sup = RecoverySupervisor(self.ctx, self.members, self.host, clock=clock)
         self.tmp = tmp_path
         for replica in range(replicas):
             for stage in range(stages):
@@ -480,3 +484,114 @@ def test_a_replacement_refused_because_the_job_is_stopping_is_no_failure(tmp_pat
     [failure] = job.host.failures
     assert failure.reason == ("local worker 5 (pid 4242) exited before it joined (exit code 2): spotpipe worker: error: "
                               "the controller refused this worker: the job is stopping")
+
+
+# -- the controller and the simulator group losses alike ---------------------------------------------
+
+
+class Clock:
+    """A clock the test moves: the supervisor's ``clock`` and its event log's."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sim_config(deaths: dict[int, float], *overrides: str) -> JobConfig:
+    """A 4-stage simulated job whose nodes ``deaths`` die at the given times; losses are confirmed
+    0.05 s after a death (heartbeats every 0.05 s), restarts take 0.02 s on a spare."""
+    failures = [f"{node}@{at!r}" for node, at in sorted(deaths.items())]
+    base = ["pipeline.stages=4", "pipeline.microbatches=4", "train.batch_size=8", "model.layers=4", "train.steps=40",
+            "sim.device_tflops=0.01", "network.latency_ms=2", "run.heartbeat_s=0.05", "ft.detect_timeout_s=0.05",
+            "sim.spares=3", "sim.restart_s=0.02", f"sim.failures={failures!r}"]
+    return apply_overrides(JobConfig(), base + list(overrides)).validate()
+
+
+def started_records(records: list[dict[str, Any]]) -> list[tuple[float, int, bool]]:
+    """``(t, stage, replanned)`` of every ``recovery_started`` record."""
+    return [(round(r["t"], 9), r["stage"], bool(r["replanned"])) for r in records if r["event"] == ev.RECOVERY_STARTED]
+
+
+def controller_on_sim_timeline(tmp_path: Path, deaths: dict[int, float], sim: list[dict[str, Any]], cfg: JobConfig,
+                               ) -> list[tuple[float, int, bool]]:
+    """Play the simulated run's losses into the controller's supervisor on a virtual clock.
+
+    Every loss is confirmed when the simulator confirmed it; surviving workers (those not dead by
+    then) post their status at once; lost roles are taken by replacements at once when the
+    simulated job has a spare for each, else when the simulator's restart began (its generation's
+    time less ``sim.restart_s``); the new generation has installed its state when the simulator's
+    restart ended. The supervisor is polled every 10 ms and at each
+    of those instants, and at the times the simulator planned (so an exact plan time can match).
+
+    Returns:
+        The supervisor's ``recovery_started`` records as ``(t, stage, replanned)``.
+    """
+    clock = Clock()
+    job = Job(tmp_path, strategy="checkpoint", checkpoint=4, clock=clock)
+    restart_s, spares = cfg.sim.restart_s, cfg.sim.spares >= len(deaths)
+    confirms = [(r["t"], r["stage"], r["replica"]) for r in sim if r["event"] == ev.FAILURE_CONFIRMED]
+    restarts = [r["t"] for r in sim if r["event"] == ev.GENERATION and r["generation"] > 0]
+    plans = [r["t"] for r in sim if r["event"] == ev.RECOVERY_STARTED]
+    end = max(restarts + plans + [c[0] for c in confirms]) + 1.0
+    ticks = sorted({round(0.01 * k, 9) for k in range(int(end / 0.01) + 1)} | {c[0] for c in confirms}
+                   | set(restarts) | {t - restart_s for t in restarts} | set(plans))
+    for now in ticks:
+        clock.now = now
+        for at, stage, replica in confirms:
+            if at == now:
+                job.lose(job.members.role_of[(stage, replica)])
+        rec = job.sup.recovering
+        if rec is None:
+            continue
+        if rec.phase == "collect":
+            dead = tuple(w for w, at in deaths.items() if at <= now)
+            job.survivors_post(rec.generation, skip=dead)
+        job.sup.drive()
+        rec = job.sup.recovering
+        if rec is not None and rec.phase == "replace" and (spares or any(t - restart_s <= now + 1e-9 for t in restarts)):
+            job.join_replacements()
+            job.sup.drive()
+        rec = job.sup.recovering
+        if rec is not None and rec.phase == "install" and restarts and restarts[0] <= now + 1e-9:
+            restarts.pop(0)
+            job.install_all(job.host.generation)
+            job.sup.drive()
+    assert not job.host.failures, job.host.failures
+    return started_records(job.events(ev.RECOVERY_STARTED))
+
+
+GROUPING_CASES: dict[str, tuple[dict[int, float], tuple[str, ...], list[list[int]]]] = {
+    # name: (node -> death time, simulator overrides, stages of each planning in order)
+    "0.1 s apart: one recovery": ({0: 1.0, 1: 1.1}, (), [[0, 1]]),
+    "5 s apart: two recoveries": ({0: 1.0, 1: 6.0}, (), [[0], [1]]),
+    "just past the window: two": ({0: 1.0, 1: 1.4}, (), [[0], [1]]),
+    "a chain, each within the window": ({0: 1.0, 1: 1.2, 2: 1.4}, (), [[0, 1, 2]]),
+    "lost while replacements join: replanned": ({0: 1.0, 1: 1.6}, ("sim.spares=0", "sim.replace_s=1.0"), [[0], [0, 1]]),
+    "lost while installing: recovered again": ({0: 1.0, 1: 1.6}, ("sim.restart_s=1.0",), [[0], [0, 1]]),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPING_CASES))
+def test_controller_and_simulator_group_losses_alike(tmp_path: Path, case: str) -> None:
+    """The same losses at the same times give the same recoveries, planned at the same instants,
+    in the controller's supervisor and in the simulator: both follow ft.confirm (loss_action,
+    collect_step), so neither can drift from the other. The window itself is asserted by the
+    simulator's tests (tests/sim/test_sim_grouping.py)."""
+    deaths, overrides, want = GROUPING_CASES[case]
+    cfg = sim_config(deaths, *overrides)
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "ctl").mkdir()
+    with EventLog(tmp_path / "sim" / "e.jsonl") as log:
+        simulate_job(prepare(cfg), log=log)
+    sim = ev.read_events(tmp_path / "sim" / "e.jsonl")
+    sim_started = started_records(sim)
+    grouped: list[list[int]] = []
+    for i, (t, stage, _) in enumerate(sim_started):
+        if i and t == sim_started[i - 1][0]:
+            grouped[-1].append(stage)
+        else:
+            grouped.append([stage])
+    assert grouped == want
+    assert controller_on_sim_timeline(tmp_path / "ctl", deaths, sim, cfg) == sim_started

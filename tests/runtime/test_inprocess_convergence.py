@@ -3,8 +3,10 @@ every step is the job's lowered schedule played by the pipeline executor."""
 
 from __future__ import annotations
 
+import ast
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +195,53 @@ def test_checkfree_plus_copies_the_partner_and_restores_edges_exactly(corpus):
             assert torch.equal(p, q)
             assert torch.equal(opt.moments(a, p)[0], opt.moments(b, q)[0]) and torch.equal(opt.moments(a, p)[1], opt.moments(b, q)[1])
     assert tr.lr_scale[0] == tr.lr_scale[3] == 1.0
+
+
+def test_the_convergence_mode_names_no_strategy():
+    """Every plan is carried out by its strategy's runtime half, looked up by name; adding a
+    strategy adds no branch to the convergence mode."""
+    from spotpipe.ft.strategies import REGISTRY as PURE
+    from spotpipe.runtime.inprocess import convergence
+    from spotpipe.runtime.worker.strategies import REGISTRY as RUNTIME
+
+    for name, transfer in RUNTIME.items():
+        assert callable(getattr(transfer, "install_in_process", None)), name
+    tree = ast.parse(Path(convergence.__file__).read_text(encoding="utf-8"))
+    compares = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Compare)]
+    assert not [c for c in compares if "strategy" in c], "a comparison of a strategy name"
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not imported & {"REPLICA", "MIRROR", "CHECKFREE", "CHECKFREE_PLUS"}
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docstrings}
+    assert not names & set(PURE), "a strategy named in code"
+
+
+@pytest.mark.timeout(60)
+def test_a_registered_strategy_is_applied_without_a_branch(corpus, monkeypatch):
+    """A strategy the convergence mode has never heard of, registered by name (only for this test),
+    is applied through the registry: its in-process install runs and its bytes are returned."""
+    from spotpipe.ft.policy import RecoveryPlan
+    from spotpipe.runtime.inprocess.convergence import _RunView
+    from spotpipe.runtime.worker import strategies
+
+    class CopyNextStage:
+        name = "toy"
+
+        def install_in_process(self, run, plan):
+            flat = run.state.view([plan.sources[0][0]], part="blocks").flat()
+            run.state.view([plan.stage], part="blocks").load_flat(flat)
+            return 7
+
+    monkeypatch.setitem(strategies.REGISTRY, "toy", CopyNextStage())
+    run = _Run(_cfg("ft.strategy=checkfree"), corpus, None, 1.0)
+    run.trainer.train_step()
+    plan = RecoveryPlan(stage=1, replica=0, strategy="toy", why="test", sources=((2, 0),))
+    view = _RunView(run, run.trainer.last_grad_norms(), {}, omega_preclip)
+    assert run.apply(plan, view) == 7
+    for p, q in zip(run.trainer.chunks[1].blocks.parameters(), run.trainer.chunks[2].blocks.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,7 @@ from spotpipe import events as ev
 from spotpipe.config import JobConfig, apply_overrides
 from spotpipe.errors import ConfigError
 from spotpipe.events import EventLog, read_events
+from spotpipe.ft.confirm import GROUPING_WINDOW_S
 from spotpipe.sim.cluster import FAIL, JOIN, NodeEvent, parse_failures, parse_preemption_trace
 from spotpipe.sim.job import prepare, simulate_job
 from spotpipe.sim.recovery import CheckpointRestart, FailureContext, RecoveryDecision, detection_time, last_heartbeat
@@ -60,7 +61,8 @@ def test_failure_restarts_from_checkpoint_on_a_spare(tmp_path: Path) -> None:
         result = simulate_job(prepare(cfg), log=log)
     detect = last_heartbeat(fail_at, 0.5) + 2.0
     assert result.failures == 1 and result.restarts == 1 and result.replayed_steps == 1
-    assert result.wall_s == pytest.approx(detect + 7 + 6 * t + 0.5)
+    # planned once the grouping window after the loss has closed, as the controller plans
+    assert result.wall_s == pytest.approx(detect + GROUPING_WINDOW_S + 7 + 6 * t + 0.5)
     assert result.ettr == pytest.approx(10 * t / result.wall_s)
     records = read_events(tmp_path / "e.jsonl")
     suspected = [r for r in records if r["event"] == ev.FAILURE_SUSPECTED]
@@ -123,7 +125,8 @@ class StopPolicy:
 def test_policy_and_detector_hooks() -> None:
     cfg = job("sim.failures=['2@0.3']")
     result = simulate_job(prepare(cfg), policy=StopPolicy())
-    assert result.status == "failed" and result.wall_s == pytest.approx(2.0)  # heartbeat at 0, timeout 2
+    # heartbeat at 0, timeout 2, then the grouping window before the policy is asked
+    assert result.status == "failed" and result.wall_s == pytest.approx(2.0 + GROUPING_WINDOW_S)
 
     class Now:
         def __init__(self, suspects: tuple[int, ...]) -> None:
@@ -165,11 +168,12 @@ def test_bamboo_trace_replay() -> None:
 def test_failure_at_time_zero_and_a_second_failure_during_restart() -> None:
     t = simulate_job(prepare(job("train.steps=1"))).step_time_s
     r0 = simulate_job(prepare(job("sim.failures=['0@0']", "sim.spares=1", "sim.restart_s=5")))
-    assert r0.failures == 1 and r0.wall_s == pytest.approx(2.0 + 5 + 10 * t)  # detected at 0 + timeout
+    # detected at 0 + timeout, planned after the grouping window
+    assert r0.failures == 1 and r0.wall_s == pytest.approx(2.0 + GROUPING_WINDOW_S + 5 + 10 * t)
     # Node 1 dies while the job restarts after node 0's failure: the restart begins again.
     r2 = simulate_job(prepare(job("sim.failures=['0@0', '1@4.0']", "sim.spares=2", "sim.restart_s=5")))
     assert r2.failures == 2 and r2.restarts == 1 and r2.generations == 2
-    assert r2.wall_s == pytest.approx(last_heartbeat(4.0, 0.5) + 2.0 + 5 + 10 * t)
+    assert r2.wall_s == pytest.approx(last_heartbeat(4.0, 0.5) + 2.0 + GROUPING_WINDOW_S + 5 + 10 * t)
 
 
 def test_peak_memory_follows_recompute_and_offload() -> None:

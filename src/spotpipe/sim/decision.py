@@ -28,8 +28,8 @@ class FailureContext:
     """What a policy knows when it decides.
 
     Attributes:
-        now: Virtual time of the detection.
-        failed_at: Virtual time the node died.
+        now: Virtual time of the decision (the grouping window after the last confirmed loss).
+        failed_at: Virtual time the first of the lost nodes died.
         lost: Lost worker positions ``(rank, replica)``.
         lost_nodes: Their node ids.
         step: Steps committed so far.

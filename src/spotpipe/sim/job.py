@@ -13,6 +13,16 @@ runs ``train.steps`` steps on the discrete-event :class:`~spotpipe.sim.engine.En
   nodes (spares, replacements arriving ``sim.replace_s`` after a failure, or trace ``add``
   nodes), the job restarts and replays from the step the policy chose.
 
+Losses are grouped into recoveries by the controller's own rules of :mod:`spotpipe.ft.confirm`,
+so the simulator measures the confirmation that ships, not an idealised one: a confirmed loss
+starts a recovery or joins the one in progress by its phase (:func:`~spotpipe.ft.confirm.loss_action`;
+``collect`` until planned, ``replace`` while lost positions wait for nodes, ``install`` while the
+job restarts), and a collecting recovery is planned only once the grouping window
+(:data:`~spotpipe.ft.confirm.GROUPING_WINDOW_S`) after its last loss has closed and no dead member
+is still unconfirmed (:func:`~spotpipe.ft.confirm.collect_step`). So two losses confirmed 0.1 s
+apart are one recovery, as in the runtime, and every recovery starts at least the window after
+its last loss. Survivors are taken to report the step they aborted at once.
+
 It writes the same events as the runtime (:mod:`spotpipe.events`) with ``t`` in virtual seconds
 since the start, and reports the effective training time ratio (ETTR: time spent in steps that
 count / wall time; Kokolis et al. 2025).
@@ -32,6 +42,18 @@ from spotpipe import events as ev
 from spotpipe.config import JobConfig
 from spotpipe.cost import CostModel, analytic_cost, fit_scale_and_overhead, read_profile
 from spotpipe.events import EventLog
+from spotpipe.ft.confirm import (
+    CollectStep,
+    Failure,
+    FailureKind,
+    LossAction,
+    RecoveryPhase,
+    better_explanation,
+    collect_step,
+    loss_action,
+    plan_at,
+    starts_recovery,
+)
 from spotpipe.ft.detector import detect as ft_detect
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.ir import Placement, Schedule
@@ -187,6 +209,9 @@ class _Job:
         self.lost: dict[int, tuple[int, float]] = {}  # slot -> (dead node, failed_at)
         self.undetected: set[int] = set()
         self.decision: RecoveryDecision | None = None
+        self.recovery: RecoveryPhase | None = None  # the phase of the recovery in progress, as the controller's
+        self.last_loss_at = 0.0  # when the recovery's last loss was confirmed
+        self.failure: Failure | None = None  # why the job stopped, if it did (the best explanation)
         self.cache: dict[tuple[Any, ...], IterationResult] = {}
         self.step = 0
         self.checkpoint_step: int | None = None
@@ -288,7 +313,8 @@ class _Job:
     def finish(self, status: str) -> None:
         self.status = status
         self.phase = "done"
-        self.emit(ev.RUN_END, steps=self.step, wall=self.engine.now, status=status)
+        reason = self.failure.reason if status == "failed" and self.failure is not None else None
+        self.emit(ev.RUN_END, steps=self.step, wall=self.engine.now, status=status, reason=reason)
         self.engine.stop()
 
     # -- failures and recovery ---------------------------------------------------------------
@@ -323,19 +349,60 @@ class _Job:
         alive = {n: 0.0 for n in self.slots if n not in self.dead}
         when, reason = detection_time(node, now, alive, self.cfg.run.heartbeat_s, self.cfg.ft, self.detector,
                                       run_timeout_s=self.cfg.run.timeout_s)
-        self.engine.at(when, self.detected, node, now, reason)
+        self.engine.at(when, self.detected, node, reason)
 
-    def detected(self, node: int, failed_at: float, reason: str) -> None:
+    def detected(self, node: int, reason: str) -> None:
+        """The loss of ``node`` is confirmed: it starts a recovery or joins the one in progress
+        (:func:`spotpipe.ft.confirm.loss_action`), as the controller's supervisor does.
+
+        Args:
+            node: The dead node, still in its slot.
+            reason: The detector's reason, for the events.
+        """
         if self.phase == "done":
             return
+        now = self.engine.now
         self.undetected.discard(node)
         rank, replica = self.position(self.slot_of[node])
         self.counts["failures"] += 1
         self.emit(ev.FAILURE_SUSPECTED, worker=node, stage=rank, replica=replica, reason=reason)
         self.emit(ev.FAILURE_CONFIRMED, worker=node, stage=rank, replica=replica, reason=reason)
+        failure = Failure(node, reason, FailureKind.SILENCE, now)  # a dead node falls silent
+        if not starts_recovery(failure):  # pragma: no cover - silence always starts one
+            self.stop(failure)
+            return
+        action = loss_action(self.recovery, already_lost=False)
+        if action is LossAction.IGNORE:  # pragma: no cover - every node is confirmed once
+            return
+        self.last_loss_at = now
+        if action is LossAction.REPLAN:  # lost positions were waiting for nodes: plan again at once
+            self.plan(replanned=True)
+            return
+        # START, JOIN, or RESTART (the restart was cancelled when the node died): collect until
+        # the grouping window after this loss has closed.
+        self.recovery = "collect"
+        self.engine.at(plan_at(now), self.collect)
+
+    def collect(self) -> None:
+        """Plan the collecting recovery if :func:`spotpipe.ft.confirm.collect_step` says so; a
+        later loss or a pending confirmation schedules its own check."""
+        if self.phase == "done" or self.recovery != "collect":
+            return
+        if collect_step(self.last_loss_at, self.engine.now, outstanding=bool(self.undetected)) is CollectStep.PLAN:
+            self.plan(replanned=False)
+
+    def plan(self, replanned: bool) -> None:
+        """Ask the policy about every lost position (one ``recovery_started`` each, as the
+        controller writes one per plan), then give them nodes, or stop the job.
+
+        Args:
+            replanned: A loss arrived while the positions waited for nodes (the controller's
+                ``replace`` phase): the decision is taken again with it.
+        """
+        first_failed = min(t for _, t in self.lost.values())
         ctx = FailureContext(
             now=self.engine.now,
-            failed_at=failed_at,
+            failed_at=first_failed,
             lost=tuple(self.position(s) for s in sorted(self.lost)),
             lost_nodes=tuple(n for n, _ in (self.lost[s] for s in sorted(self.lost))),
             step=self.step,
@@ -348,12 +415,24 @@ class _Job:
         if self.decision is not None:  # an earlier failure of the same outage: the deeper rollback wins
             decision = replace(decision, resume_step=min(decision.resume_step, self.decision.resume_step))
         self.decision = decision
-        self.emit(ev.RECOVERY_STARTED, stage=rank, replica=replica, strategy=decision.strategy, why=decision.why,
-                  resume_step=decision.resume_step)
+        for rank, replica in ctx.lost:
+            self.emit(ev.RECOVERY_STARTED, stage=rank, replica=replica, strategy=decision.strategy, why=decision.why,
+                      resume_step=decision.resume_step, replanned=replanned)
         if decision.stop:
-            self.finish("failed")
+            self.stop(Failure(None, f"cannot recover: {decision.why}", FailureKind.WORKER_ERROR, self.engine.now))
             return
+        self.recovery = "replace"
         self.try_restart()
+
+    def stop(self, failure: Failure) -> None:
+        """End the job as failed; of the failures seen the best explanation is its reason
+        (:func:`spotpipe.ft.confirm.better_explanation`, as the controller reports it).
+
+        Args:
+            failure: Why, e.g. the policy's reason that nothing can be rebuilt.
+        """
+        self.failure = better_explanation(self.failure, failure)
+        self.finish("failed")
 
     def replacement_arrives(self) -> None:
         node = self.new_node()
@@ -366,7 +445,8 @@ class _Job:
             self.try_restart()
 
     def try_restart(self) -> None:
-        if self.phase == "done" or self.undetected or self.decision is None:
+        """Give every lost position a node and restart, or wait for nodes (``replace``)."""
+        if self.phase == "done" or self.undetected or self.decision is None or self.recovery != "replace":
             return
         if self.timer is not None:
             self.timer.cancel()
@@ -386,6 +466,7 @@ class _Job:
             self.slots[s] = node
             self.slot_of[node] = s
         self.phase = "restarting"
+        self.recovery = "install"
         self.timer = self.engine.after(self.decision.restart_s, self.restarted, cancellable=True)
 
     def restarted(self) -> None:
@@ -414,6 +495,7 @@ class _Job:
         del self.kept[resume:]
         self.lost.clear()
         self.decision = None
+        self.recovery = None
         self.begin_step()
 
     def run(self, horizon_s: float) -> JobResult:

@@ -8,6 +8,9 @@ Two seams, both pure functions of the virtual clock:
   stops, and the detector is evaluated at :func:`spotpipe.ft.detector.next_deadline` (the same
   rule the controller ships, so the simulator measures it; DESIGN.md "failure detection and
   policy are pure functions"). The detector is a parameter, so another rule can be plugged in.
+  The job (:mod:`spotpipe.sim.job`) then groups confirmed losses into recoveries by the
+  controller's rules too (:func:`spotpipe.ft.confirm.loss_action`,
+  :func:`spotpipe.ft.confirm.collect_step`: the 0.3 s grouping window).
 * **Policy.** A :class:`~spotpipe.sim.decision.RecoveryPolicy` turns a
   :class:`~spotpipe.sim.decision.FailureContext` (who was lost, the committed step, the newest
   checkpoint, free nodes) into a :class:`~spotpipe.sim.decision.RecoveryDecision`: which step

@@ -7,7 +7,9 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
 1. **Collect.** It aborts the generation (``gen/<g>/abort``) and waits until every surviving
    member has posted ``gen/<g>/survivor/<worker>`` (the step it aborted, its sampler position,
    the step of the mirror it holds). Workers lost within :data:`~spotpipe.ft.confirm.GROUPING_WINDOW_S` of each other are one failure
-   (two adjacent stages killed together). Survivors agree on the step to resume at, ``r``: the
+   (two adjacent stages killed together): the plan waits until the window after the last loss has
+   closed and every survivor has reported (:func:`spotpipe.ft.confirm.collect_step`, the rule the
+   simulator plays too). Survivors agree on the step to resume at, ``r``: the
    commit protocol (``gen/<g>/step/<k>/decide``, see :meth:`Worker.decide`) lets either every
    survivor apply a step or none. A step decided ``commit`` whose lost worker never reported is
    committed now from the survivors' reports.
@@ -23,7 +25,8 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
    ``step_replayed`` are written, one line is printed, and training replays step ``r`` with the
    same data. Survivors keep their processes throughout.
 
-Another loss during a recovery. While replacements join (step 3) the lost worker is added and
+Another loss during a recovery (:func:`spotpipe.ft.confirm.loss_action` says which case applies).
+While the recovery collects, the loss joins it and the grouping window starts again. While replacements join (step 3) the lost worker is added and
 the decision is taken again with the survivors that are left (``recovery_started`` with
 ``replanned``); a mirror or a CheckFree neighbour that was lost is no longer a source. While the
 new generation installs its state (step 4) that generation is aborted and recovered in turn,
@@ -37,11 +40,12 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spotpipe import events as ev
-from spotpipe.ft.confirm import Failure, FailureKind, same_failure
+from spotpipe.ft.confirm import CollectStep, Failure, FailureKind, LossAction, RecoveryPhase, collect_step, loss_action
 from spotpipe.ft.policy import rebuilds, recovery_enabled, uses_mirrors
 from spotpipe.runtime import protocol
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
@@ -55,11 +59,11 @@ class Recovery:
     """One recovery in progress."""
 
     generation: int  # the aborted generation
-    started: float  # time.monotonic() of the first confirmation
+    started: float  # the supervisor's clock (monotonic seconds) at the first confirmation
     wall_started: float
     lost: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (stage, replica)
     last_loss_at: float = 0.0
-    phase: str = "collect"
+    phase: RecoveryPhase = "collect"
     plans: list[Any] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
     new_workers: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -69,7 +73,7 @@ class Recovery:
     reason: str = ""
     status: dict[int, Any] = field(default_factory=dict)  # survivor -> its posted status
     replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
-    waiting_since: float = 0.0  # time.monotonic() of the last loss: each wait has run.timeout_s from it
+    waiting_since: float = 0.0  # the clock at the last loss: each wait has run.timeout_s from it
 
 
 class RecoveryHost(Protocol):
@@ -112,12 +116,17 @@ class RecoverySupervisor:
         ctx: The controller's store, event log, progress and local processes.
         members: The job's membership (workers, role table, spares).
         host: The controller's generation and step counters (:class:`RecoveryHost`).
+        clock: Monotonic seconds (default :func:`time.monotonic`); every wait of the state machine
+            (the grouping window, the timeouts, the recovery time) reads it, so a unit test can
+            play a recovery on a clock it moves itself.
     """
 
-    def __init__(self, ctx: ControlContext, members: Membership, host: RecoveryHost) -> None:
+    def __init__(self, ctx: ControlContext, members: Membership, host: RecoveryHost,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
         self.members = members
         self.host = host
+        self.clock = clock
         self.recovering: Recovery | None = None
         self.recoveries: list[dict[str, Any]] = []
 
@@ -127,23 +136,26 @@ class RecoverySupervisor:
         return recovery_enabled(self.ctx.cfg.ft) and self.host.plan is not None and not self.host.stop_reason
 
     def start(self, w: WorkerState, reason: str) -> None:
-        """A member of the current generation is lost: begin (or extend) the recovery."""
-        if self.recovering is None:
-            self.recovering = Recovery(self.host.generation, time.monotonic(), time.time())
+        """A member of the current generation is lost: begin (or extend) the recovery, as
+        :func:`spotpipe.ft.confirm.loss_action` says for the phase it is in."""
+        rec = self.recovering
+        action = loss_action(None if rec is None else rec.phase, rec is not None and w.worker in rec.lost)
+        if action is LossAction.IGNORE:
+            return
+        if action is LossAction.START:
+            rec = self.recovering = Recovery(self.host.generation, self.clock(), time.time())
             try:
                 self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
             except Exception:
                 pass
-        rec = self.recovering
-        if w.worker in rec.lost:
-            return
-        if rec.phase == "install":
+        assert rec is not None
+        if action is LossAction.RESTART:
             # Lost while the new generation installs its state: abort that generation and recover
             # it in turn; replacements that had not installed their state are lost with it.
             self._restart_recovery(rec, w, reason)
             return
         self._add_lost(rec, w, reason)
-        if rec.phase == "replace":  # lost while replacements join: plan again with one more loss
+        if action is LossAction.REPLAN:  # lost while replacements join: plan again with one more loss
             if self.members.role_of.get((w.stage, w.replica)) == w.worker:
                 del self.members.role_of[(w.stage, w.replica)]
             self._recovery_plan(rec)
@@ -153,9 +165,9 @@ class RecoverySupervisor:
         health checks stop looking at it (its exit, silence or last words are no new failure)."""
         self.members.confirmed.add(w.worker)
         if rec.lost:  # another loss extends the recovery: its waits start again
-            rec.waiting_since = time.monotonic()
+            rec.waiting_since = self.clock()
         rec.lost[w.worker] = (w.stage, w.replica)
-        rec.last_loss_at = time.monotonic()
+        rec.last_loss_at = self.clock()
         rec.reason = reason if not rec.reason else rec.reason + "; " + reason
         if w.local is not None and w.local.returncode() is None:
             try:  # silent but alive (stalled), or a replacement whose state is void: it must not come back
@@ -168,7 +180,7 @@ class RecoverySupervisor:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         done = {m.worker for m, k in zip(self.host.plan.members, keys) if self.ctx.store.check([k])}
         self.ctx.progress.message(f"lost {self.members.workers[w.worker].name()} during the recovery of generation {rec.generation}: recovering again")
-        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started, waiting_since=time.monotonic())
+        self.recovering = Recovery(self.host.generation, rec.started, rec.wall_started, waiting_since=self.clock())
         try:
             self.ctx.store.set(protocol.abort_key(self.host.generation), reason)
         except Exception:
@@ -212,19 +224,21 @@ class RecoverySupervisor:
         """Stop the job if ``what`` has been awaited for ``run.timeout_s`` since the recovery
         started or, for a recovery extended by another loss, since that loss (each loss starts
         new processes, which get the whole timeout)."""
-        if time.monotonic() - max(rec.started, rec.waiting_since) > self.ctx.cfg.run.timeout_s:
+        if self.clock() - max(rec.started, rec.waiting_since) > self.ctx.cfg.run.timeout_s:
             self.host.fail(Failure(None, f"recovery of generation {rec.generation} timed out ({what} within run.timeout_s="
                                              f"{self.ctx.cfg.run.timeout_s:g} s)", FailureKind(2), time.time()))
             return True
         return False
 
     def _recovery_collect(self, rec: Recovery) -> None:
-        now = time.monotonic()
-        if same_failure(rec.last_loss_at, now):
-            return
+        """Plan the recovery once :func:`spotpipe.ft.confirm.collect_step` says so: the grouping
+        window after the last loss has closed and every survivor has posted the step it aborted."""
         survivors = [m for m in self.host.plan.members if m.worker not in rec.lost]
         keys = [protocol.survivor_key(rec.generation, m.worker) for m in survivors]
-        if survivors and not self.ctx.store.check(keys):
+        step = collect_step(rec.last_loss_at, self.clock(), outstanding=bool(survivors) and not self.ctx.store.check(keys))
+        if step is CollectStep.WINDOW:
+            return
+        if step is CollectStep.MEMBERS:
             self._timed_out(rec, "survivors to abort their step")
             return
         status = {m.worker: json.loads(raw) for m, raw in zip(survivors, self.ctx.store.multi_get(keys))} if survivors else {}
@@ -324,7 +338,7 @@ class RecoverySupervisor:
                 self._timed_out(rec, "the new generation to install the recovered state")
             return
         done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}
-        seconds = time.monotonic() - rec.started
+        seconds = self.clock() - rec.started
         moved = sum(int(d.get("bytes", 0)) for w, d in done.items() if w in rec.new_workers.values())
         for p in rec.plans:
             target = rec.new_workers.get(p.worker)

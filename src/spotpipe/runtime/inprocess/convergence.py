@@ -5,7 +5,10 @@ section 5): all stages train in one process, and a failure wipes one stage's wei
 optimizer state (they are overwritten with NaN, so a recovery that reads the lost state shows up
 at once), after which the stage is rebuilt by the same :mod:`spotpipe.ft.policy` decision and
 the same :class:`~spotpipe.runtime.state.stage_state.StageState` operations the multi-process
-runtime uses. Every training step
+runtime uses: each plan is carried out by its strategy's runtime half, looked up by name in
+:data:`spotpipe.runtime.worker.strategies.REGISTRY` as the workers do
+(:meth:`~spotpipe.runtime.worker.strategies.base.StateTransfer.install_in_process`), so this
+module names no strategy. Every training step
 is the job's lowered schedule played by the real pipeline executor, one executor per rank
 (:class:`~spotpipe.runtime.inprocess.player.PipelineTrainer`), so the steps are those the workers
 take. The multi-process mode stays the reference for mechanics and timing.
@@ -59,11 +62,7 @@ from spotpipe.config import JobConfig
 from spotpipe.faultspec import STALL
 from spotpipe.ft.faults import FaultPlan
 from spotpipe.ft.policy import (
-    CHECKFREE,
-    CHECKFREE_PLUS,
     CHECKPOINT,
-    MIRROR,
-    REPLICA,
     RecoveryPlan,
     job_outcome,
     mirror_holder,
@@ -71,9 +70,13 @@ from spotpipe.ft.policy import (
     swap_schedule_on,
     uses_mirrors,
 )
+from spotpipe.ft.strategies import REGISTRY as STRATEGIES
 from spotpipe.runtime.inprocess.player import PipelineTrainer
 from spotpipe.runtime.state.optim import NonfiniteStep
 from spotpipe.runtime.state.rules import RecoveryError
+from spotpipe.runtime.state.stage_state import StageState
+from spotpipe.runtime.worker.strategies import transfer_for
+from spotpipe.runtime.worker.strategies.base import nbytes
 
 
 def swap_on(cfg: JobConfig) -> bool:
@@ -123,10 +126,6 @@ class InProcessResult:
         return dataclasses.asdict(self)
 
 
-def _nbytes(flat: torch.Tensor) -> int:
-    return flat.numel() * flat.element_size()
-
-
 @dataclass(frozen=True, eq=False)
 class HostCopy:
     """A mirror: one stage's state in the flat form as of a committed step, as the worker of the
@@ -144,7 +143,7 @@ class HostCopy:
     @property
     def nbytes(self) -> int:
         """Host bytes held: weights, the two AdamW moments and the per-parameter step counts."""
-        return _nbytes(self.flat)
+        return nbytes(self.flat)
 
 
 class _Run:
@@ -224,22 +223,22 @@ class _Run:
                               mirror_lag=lags, checkpoint_step=self.checkpoint_step, swap_edges=self.swap)
         outcome = job_outcome(plans)
         self.last_strategies = [p.strategy for p in plans]
-        norms = tr.last_grad_norms()
-        # In one process every replica of a stage is the same chunk: a live replica's state is
-        # the chunk's state before the wipe.
-        replica_states = {p.stage: tr.chunk_state(p.stage) for p in plans if p.strategy == REPLICA}
+        # In one process every replica of a stage is the same chunk: a source that is a replica of
+        # the lost stage itself is read as that chunk was before the wipe.
+        before = {p.stage: tr.chunk_state(p.stage) for p in plans if any(src[0] == p.stage for src in p.sources)}
+        view = _RunView(self, tr.last_grad_norms(), before, omega)
         lost_stages = sorted({s for s, r in lost if not any((s, o) not in lost for o in range(self.replicas))})
         for s in lost_stages:
             self.wipe(s)
         self.emit(ev.GENERATION, generation=self.generation, workers=self.S * self.replicas - len(lost), reason="failure")
-        for plan in sorted(plans, key=lambda p: (p.strategy not in (REPLICA, MIRROR), p.worker)):
+        for plan in sorted(plans, key=_exact_first):
             self.emit(ev.RECOVERY_STARTED, stage=plan.stage, replica=plan.replica, strategy=plan.strategy, why=plan.why)
             if outcome != "continue":
                 continue
             t0 = time.perf_counter()
-            nbytes = self.apply(plan, norms, replica_states, omega)
+            moved = self.apply(plan, view)
             self.emit(ev.RECOVERY_FINISHED, stage=plan.stage, replica=plan.replica, strategy=plan.strategy,
-                      bytes=nbytes, seconds=time.perf_counter() - t0)
+                      bytes=moved, seconds=time.perf_counter() - t0)
         if outcome == "rollback":
             assert self.checkpoint is not None and self.checkpoint_step is not None
             t0 = time.perf_counter()
@@ -247,7 +246,7 @@ class _Run:
             tr.load_state_dict(self.checkpoint)
             for plan in plans:
                 self.emit(ev.RECOVERY_FINISHED, stage=plan.stage, replica=plan.replica, strategy=CHECKPOINT,
-                          bytes=_nbytes(self.checkpoint["chunks"][plan.stage]), seconds=time.perf_counter() - t0,
+                          bytes=nbytes(self.checkpoint["chunks"][plan.stage]), seconds=time.perf_counter() - t0,
                           steps_undone=undone)
             self.after_commit()
             return outcome
@@ -258,45 +257,84 @@ class _Run:
                 self.refresh_copies()
         return outcome
 
-    def apply(self, plan: RecoveryPlan, norms: list[float], replica_states: dict[int, torch.Tensor],
-              omega: Callable[[list[float], int], float]) -> int:
-        """Rebuild one stage according to ``plan``; returns the bytes read from peers.
+    def apply(self, plan: RecoveryPlan, view: _RunView) -> int:
+        """Rebuild one stage according to ``plan`` by its strategy's runtime half.
 
         Args:
-            plan: The stage's recovery plan.
-            norms: Per-chunk gradient norms of the last step, before clipping.
-            replica_states: Stage -> its :meth:`LocalTrainer.chunk_state` just before the loss
-                (for ``replica`` plans).
-            omega: CheckFree's omega from ``norms`` and a stage.
+            plan: The stage's recovery plan (a strategy that rebuilds from peers).
+            view: This run as the strategy sees it (:class:`_RunView`).
+
+        Returns:
+            The bytes read from the plan's sources.
+
+        Raises:
+            KeyError: If no runtime half is registered for ``plan.strategy``.
         """
-        tr, s = self.trainer, plan.stage
-        state = tr.state
-        if plan.strategy == REPLICA:
-            flat = replica_states[s]
-            tr.load_chunk_state(s, flat)  # weights, moments and the replica's lr scale
-            return _nbytes(flat)
-        if plan.strategy == MIRROR:
-            flat = self.mirrors[s].flat
-            tr.load_chunk_state(s, flat)
-            return _nbytes(flat)
-        if plan.strategy == CHECKFREE:
-            prev, nxt = plan.sources[0][0], plan.sources[1][0]
-            a = state.view([prev]).blocks_flat(omega(norms, prev))
-            b = state.view([nxt]).blocks_flat(omega(norms, nxt))
-            state.view([s]).install_checkfree(a, b, plan.lr_scale)
-            return _nbytes(a) + _nbytes(b)
-        if plan.strategy == CHECKFREE_PLUS:
-            blocks = state.view([plan.sources[0][0]], part="blocks").flat()
-            state.view([s], part="blocks").load_flat(blocks)
-            state.view([s]).install_tied(self.copies[s])
-            tr.set_lr_scale(s, plan.lr_scale)  # the copy is a trained stage: the plan's factor (1.0)
-            return _nbytes(blocks) + _nbytes(self.copies[s])
-        raise AssertionError(plan.strategy)  # pragma: no cover - checkpoint and stop are handled by the caller
+        return transfer_for(plan.strategy).install_in_process(view, plan)
 
     def check_finite(self, stage: int) -> None:
         for name, p in self.trainer.chunks[stage].named_parameters():
             if not torch.isfinite(p).all():
                 raise RecoveryError(f"stage {stage} still has non-finite {name} after recovery; refusing to train on it")
+
+
+def _exact_first(plan: RecoveryPlan) -> tuple[bool, tuple[int, int]]:
+    """Order of rebuilding: plans of exact strategies first (replica, mirror: an exact rebuild may
+    serve as a later plan's source, as in :func:`spotpipe.ft.policy.plan_recovery`), then by worker."""
+    rules = STRATEGIES.get(plan.strategy)  # None for stop
+    return (rules is None or not rules.exact, plan.worker)
+
+
+class _RunView:
+    """A run as a strategy's :meth:`install_in_process` sees it
+    (:class:`~spotpipe.runtime.worker.strategies.base.InProcessRun`).
+
+    Args:
+        run: The run.
+        norms: Per-chunk gradient norms of the last step, before clipping.
+        before: Chunk -> its flat state before the wipe, for the chunks a plan reads as a live replica.
+        omega: CheckFree's omega from ``norms`` and a chunk.
+    """
+
+    def __init__(self, run: _Run, norms: list[float], before: dict[int, torch.Tensor],
+                 omega: Callable[[list[float], int], float]) -> None:
+        self._run = run
+        self._norms = norms
+        self._before = before
+        self._omega = omega
+
+    @property
+    def state(self) -> StageState:
+        """The trainer's stage state over every chunk."""
+        return self._run.trainer.state
+
+    def live_copy(self, stage: int) -> torch.Tensor:
+        """Chunk ``stage``'s flat state before the wipe (a chunk that was not wiped: as it is now)."""
+        return self._before[stage] if stage in self._before else self._run.trainer.chunk_state(stage)
+
+    def mirror(self, stage: int) -> torch.Tensor:
+        """The mirror of ``stage`` (refreshed every ``ft.mirror_every`` committed steps).
+
+        Raises:
+            KeyError: If the run keeps no mirror of ``stage``.
+        """
+        return self._run.mirrors[stage].flat
+
+    def tied_copy(self, stage: int) -> torch.Tensor:
+        """The snapshot of edge chunk ``stage``'s in-sync copy (refreshed after every committed step).
+
+        Raises:
+            KeyError: If ``stage`` is not an edge chunk or the swap schedule is off.
+        """
+        return self._run.copies[stage]
+
+    def omega(self, stage: int) -> float:
+        """CheckFree's omega of chunk ``stage`` from the last step's gradient norms."""
+        return self._omega(self._norms, stage)
+
+    def set_lr_scale(self, stage: int, scale: float) -> None:
+        """Chunk ``stage``'s blocks train with ``scale`` x the learning rate from now on."""
+        self._run.trainer.set_lr_scale(stage, scale)
 
 
 def omega_preclip(norms: list[float], stage: int) -> float:

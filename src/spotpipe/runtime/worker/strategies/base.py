@@ -6,6 +6,13 @@ touches tensors. A :class:`StateTransfer` is looked up by the plan's strategy na
 :data:`spotpipe.runtime.worker.strategies.REGISTRY`; :class:`~spotpipe.runtime.worker.recovery.
 RecoveryAgent` posts the sends and receives it asks for over the new generation's world group and
 then calls :meth:`StateTransfer.install`.
+
+The same transfer also says how its plan is carried out when every stage lives in one process
+(:meth:`StateTransfer.install_in_process`, given an :class:`InProcessRun`): the in-process
+convergence mode (:mod:`spotpipe.runtime.inprocess.convergence`) looks the transfer up by name as
+the workers do, so a new strategy needs no branch there. The in-process install reads what the
+sources would send (the same :class:`~spotpipe.runtime.state.stage_state.StageState` views) and
+installs it with the same operations, so both modes rebuild the same numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from spotpipe.ft.strategies.base import RecoveryPlan
 from spotpipe.runtime.state.stage_state import StageState
 
 
@@ -41,6 +49,18 @@ class RecoveryPlanView:
         """Read one entry of ``record["plans"]`` (JSON)."""
         return cls(int(plan["worker"]), int(plan["stage"]), tuple(int(w) for w in plan["sources"]), str(plan["strategy"]),
                    float(plan["lr_scale"]))
+
+
+def nbytes(flat: torch.Tensor) -> int:
+    """Bytes a tensor holds (what sending it moves).
+
+    Args:
+        flat: Any tensor, e.g. a flat state.
+
+    Returns:
+        ``numel x element size``.
+    """
+    return flat.numel() * flat.element_size()
 
 
 class WorkerView(Protocol):
@@ -72,4 +92,58 @@ class StateTransfer(Protocol):
 
     def install(self, worker: WorkerView, plan: RecoveryPlanView, received: list[torch.Tensor]) -> None:
         """Install what the sources sent (the target only)."""
+        ...
+
+    def install_in_process(self, run: InProcessRun, plan: RecoveryPlan) -> int:
+        """Rebuild ``plan.stage`` when every stage lives in one process (the convergence mode).
+
+        Args:
+            run: The in-process run: its one stage state over every chunk, and the copies it keeps.
+            plan: The pure plan (:func:`spotpipe.ft.policy.plan_recovery`), sources as
+                ``(stage, replica)``.
+
+        Returns:
+            The bytes read from the sources: what they would send over the network.
+        """
+        ...
+
+
+class InProcessRun(Protocol):
+    """What a strategy sees of an in-process run, where every stage is one chunk of one
+    :class:`~spotpipe.runtime.state.stage_state.StageState` (every replica of a stage is the same
+    chunk) and the copies a worker would hold are kept in their flat form."""
+
+    @property
+    def state(self) -> StageState:
+        """The stage state over every chunk (a lost stage's chunk has been wiped)."""
+        ...
+
+    def live_copy(self, stage: int) -> torch.Tensor:
+        """Chunk ``stage``'s flat state as it was before the wipe: what a live replica of the stage
+        sends (:meth:`StageState.flat`)."""
+        ...
+
+    def mirror(self, stage: int) -> torch.Tensor:
+        """The flat mirror of ``stage`` that its holder keeps (weights, moments, lr scale).
+
+        Raises:
+            KeyError: If no mirror of ``stage`` is kept.
+        """
+        ...
+
+    def tied_copy(self, stage: int) -> torch.Tensor:
+        """The in-sync copy of edge chunk ``stage``'s tied part (:meth:`StageState.tied_flat`) that
+        its CheckFree+ swap partner holds (chunk 1 holds chunk 0's, chunk S-2 chunk S-1's).
+
+        Raises:
+            KeyError: If ``stage`` is not an edge chunk or the swap schedule is off.
+        """
+        ...
+
+    def omega(self, stage: int) -> float:
+        """CheckFree's weight of chunk ``stage``'s blocks: its last gradient norm, before clipping."""
+        ...
+
+    def set_lr_scale(self, stage: int, scale: float) -> None:
+        """Train chunk ``stage``'s blocks with ``scale`` x the learning rate from now on."""
         ...

@@ -6,7 +6,8 @@ Both neighbours send their blocks and their last pre-clip gradient norm omega
 omega-weighted average with fresh optimizer state and the plan's learning-rate factor. Under the
 CheckFree+ swap schedule a chunk that holds a copy (1: the embedding, S-2: the norm and head) also
 receives that copy's exact state, weights and moments, from its edge neighbour, so the two copies
-never drift apart.
+never drift apart. In one process (the convergence mode) the copies are the originals, so only the
+blocks are averaged there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from spotpipe.ft.strategies import checkfree
-from spotpipe.runtime.worker.strategies.base import RecoveryPlanView, WorkerView
+from spotpipe.ft.strategies.base import RecoveryPlan
+from spotpipe.runtime.worker.strategies.base import InProcessRun, RecoveryPlanView, WorkerView, nbytes
 
 
 def tied_source(worker: WorkerView, plan: RecoveryPlanView) -> int | None:
@@ -47,6 +49,15 @@ class CheckFreeRebuild:
         if extra is not None:
             worker.state.install_tied(received[extra][n:])
         worker.log(f"rebuilt by CheckFree from the neighbours (omega {w[0]:.4g}, {w[1]:.4g}), lr x{plan.lr_scale:g}")
+
+    def install_in_process(self, run: InProcessRun, plan: RecoveryPlan) -> int:
+        """Average the two neighbour chunks' blocks, each weighted by its omega, into the lost chunk,
+        with fresh optimizer state and the plan's learning-rate factor (CheckFree, section 3.1)."""
+        prev, nxt = plan.sources[0][0], plan.sources[1][0]
+        a = run.state.view([prev]).blocks_flat(run.omega(prev))
+        b = run.state.view([nxt]).blocks_flat(run.omega(nxt))
+        run.state.view([plan.stage]).install_checkfree(a, b, plan.lr_scale)
+        return nbytes(a) + nbytes(b)
 
 
 CHECKFREE = CheckFreeRebuild()
