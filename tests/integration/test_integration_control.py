@@ -184,6 +184,49 @@ def test_killed_worker_fails_the_job_cleanly(
 
 
 @pytest.mark.timeout(240)
+def test_a_worker_lost_while_the_job_stops_ends_it_at_its_last_committed_step(
+    tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
+) -> None:
+    """Ctrl-C asks the job to stop after the current step; a worker killed before that step ends
+    is not rebuilt and does not fail the job: it ends as interrupted, at its last committed step,
+    with one line naming the loss, at once (no wait for run.timeout_s), and nothing left running.
+    Stage 3 is stalled (SIGSTOP) in that step, so the kill is sure to land inside it."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(run_dir, token_dir, spotpipe_env, helpers, "ft.strategy=mirror",
+                          'ft.faults=["stage=3@step=4,stall=6s"]')
+    try:
+        wait_for_steps(run_dir, proc, helpers, 3)
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "fault_injected" for e in helpers.read_events(run_dir)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stall was not injected"
+            time.sleep(0.01)
+        events = helpers.read_events(run_dir)
+        victim = next(e for e in events if e["event"] == "worker_start" and e["stage"] == 1)
+        pids = worker_pids(events)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the controller's loop turns the interrupt into a stop request every 50 ms
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = proc.communicate(timeout=90)
+        ended_after = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    assert "Traceback" not in err
+    assert f"worker {victim['worker']} (stage 1, replica 0) died (killed by SIGKILL) while the job was stopping" in out
+    assert ended_after < 20, ended_after  # the stalled worker resumes after 6 s; no run.timeout_s wait
+    events = helpers.read_events(run_dir)
+    kinds = [e["event"] for e in events]
+    assert "recovery_started" not in kinds
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(len(steps))) and max(steps) < 4  # step 4 (stalled, lost) never committed
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "interrupted"
+    assert not [pid for pid in pids.values() if helpers.alive(pid)], "worker processes survived"
+
+
+@pytest.mark.timeout(240)
 def test_a_killed_remote_worker_is_confirmed_within_seconds_and_replaced(
     tmp_path: Path, token_dir: Path, spotpipe_env: dict[str, str], helpers: Any
 ) -> None:

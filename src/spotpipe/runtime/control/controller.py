@@ -62,6 +62,9 @@ from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.recovery import RecoverySupervisor
 
 POLL_S = 0.05
+STOPS_THAT_END_CLEANLY = ("time", "interrupt")
+"""Stop reasons after which a lost member ends the job at its last committed step instead of
+failing it (``train.max_minutes``, Ctrl-C); see :meth:`Controller._lost_while_stopping`."""
 NONFINITE_SKIP_LIMIT = 5
 """Consecutive skipped (non-finite) steps after which ``train.nonfinite = skip`` stops the job."""
 
@@ -108,6 +111,7 @@ class Controller:
         self.pending_evals: list[int] = []
         self.failure: Failure | None = None
         self.stop_reason = ""
+        self.lost_while_stopping: set[int] = set()  # members lost after a time limit or Ctrl-C asked the job to stop
         self.interrupts = 0
         self.token = protocol.new_token()
         self.job_id = protocol.new_token()[:16]
@@ -249,7 +253,9 @@ class Controller:
                 for w in self.members.role_of.values() if w not in self.supervisor.recovering.lost
             ):
                 return "interrupted" if self.stop_reason == "interrupt" else "finished"
-            if self.plan is not None and self.supervisor.recovering is None and all(self.members.workers[w].bye for w in self.members.role_of.values()):
+            if self.plan is not None and self.supervisor.recovering is None and (
+                self.lost_while_stopping or all(self.members.workers[w].bye for w in self.members.role_of.values())
+            ):
                 self.poll_commits()
                 self._poll_evals()
                 return "interrupted" if self.stop_reason == "interrupt" else "finished"
@@ -415,8 +421,11 @@ class Controller:
         rec = self.supervisor.recovering
         if rec is not None and w.worker in rec.lost:
             return  # already being replaced: its exit or last words change nothing
+        if confirm and rec is None and self.stop_reason in STOPS_THAT_END_CLEANLY and self._is_member(w.worker):
+            self._lost_while_stopping(w, failure)
+            return
         if confirm and starts_recovery(failure) and self.failure is None and (rec is not None or self.supervisor.enabled()):
-            member = self.plan is not None and any(m.worker == w.worker for m in self.plan.members)
+            member = self._is_member(w.worker)
             waiting = rec is not None and w.worker in rec.status  # a survivor between generations
             if member or waiting:
                 self.supervisor.start(w, failure.reason)
@@ -428,6 +437,22 @@ class Controller:
                     self.ctx.locals.start(1)
                 return
         self.fail(failure)
+
+    def _is_member(self, worker: int) -> bool:
+        return self.plan is not None and any(m.worker == worker for m in self.plan.members)
+
+    def _lost_while_stopping(self, w: WorkerState, failure: Failure) -> None:
+        """A member lost after ``train.max_minutes`` or Ctrl-C asked the job to stop: a job that is
+        ending is not rebuilt, nor failed. The survivors are woken (the generation is aborted, so
+        none waits ``run.timeout_s`` on the lost peer) and the job ends at its last committed step,
+        whose checkpoint (written only when every rank saved it) stays the one to resume from."""
+        self.lost_while_stopping.add(w.worker)
+        try:
+            self.ctx.store.set(protocol.abort_key(self.generation), failure.reason)
+        except Exception:
+            pass
+        self._progress.message(f"{failure.reason} while the job was stopping: it is not rebuilt; the job ends at its "
+                               f"last committed step")
 
     def on_exit(self, w: WorkerState) -> None:
         """A local worker exited: a worker that killed itself for a phase fault left a note; log it."""
