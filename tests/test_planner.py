@@ -6,7 +6,7 @@ import pytest
 
 from spotpipe.config import load_config
 from spotpipe.model.partition import model_shapes
-from spotpipe.planner import chunk_bytes, predict_memory
+from spotpipe.planner import chunk_bytes, predict_memory, resolved
 from spotpipe.schedule.ir import Op
 
 pytestmark = pytest.mark.timeout(30)
@@ -97,7 +97,7 @@ def test_plans_fit_and_the_largest_model_is_the_edge() -> None:
 
 
 def test_auto_picks_the_fastest_plan_that_fits_and_names_the_smallest_budget() -> None:
-    roomy = load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=10"])
+    roomy = resolved(load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=10"]))
     fastest = min((r for r in evaluate_plans(load_config(None, list(BASE)), 10 * GB, sizes=False)
                    if r.plan.runnable and not r.error), key=lambda r: r.step_s)
     assert roomy.pipeline.schedule == fastest.plan.schedule and roomy.pipeline.recompute == fastest.plan.recompute
@@ -107,16 +107,16 @@ def test_auto_picks_the_fastest_plan_that_fits_and_names_the_smallest_budget() -
     least = min(peaks[n] for n in ("1f1b+recompute", "chronos+recompute"))
     assert least < plain
     tight_gb = (least + plain) / 2 / GB
-    tight = load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={tight_gb}"])
+    tight = resolved(load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={tight_gb}"]))
     assert tight.pipeline.recompute != "none" or tight.pipeline.recompute_chunks
     assert max(r.peak for r in predict_memory(tight)) <= tight_gb * GB
     with pytest.raises(ConfigError, match=r"pipeline.memory_budget_gb = 0.001: no plan fits; the smallest peak is .* "
                                           r"set pipeline.memory_budget_gb >= (\S+), or") as info:
-        load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=0.001"])
+        resolved(load_config(None, [*BASE, "pipeline.schedule=auto", "pipeline.memory_budget_gb=0.001"]))
     smallest = str(info.value).split(">= ")[1].split(",")[0]
-    load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={smallest}"])  # that one fits
+    resolved(load_config(None, [*BASE, "pipeline.schedule=auto", f"pipeline.memory_budget_gb={smallest}"]))  # that one fits
     with pytest.raises(ConfigError, match="set pipeline.memory_budget_gb > 0"):
-        load_config(None, [*BASE, "pipeline.schedule=auto"])
+        resolved(load_config(None, [*BASE, "pipeline.schedule=auto"]))
     with pytest.raises(ConfigError, match="pipeline.memory_budget_gb must be >= 0"):
         load_config(None, [*BASE, "pipeline.memory_budget_gb=-1"])
 

@@ -46,8 +46,9 @@ SimRecoveryName = Literal["checkpoint", "policy"]
 recovery policy)."""
 
 AUTO_SCHEDULE = "auto"
-"""``pipeline.schedule = "auto"``: the fastest plan that fits ``pipeline.memory_budget_gb``
-(:func:`spotpipe.planner.resolve_auto`)."""
+"""``pipeline.schedule = "auto"``: the fastest plan that fits ``pipeline.memory_budget_gb``. The
+commands that run a job resolve it into a named schedule (:func:`spotpipe.planner.resolved`); this
+module only checks the budget, so it never imports the planner, which reads it."""
 
 FT_STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 SIM_RECOVERY: tuple[SimRecoveryName, ...] = get_args(SimRecoveryName)
@@ -204,16 +205,15 @@ class JobConfig:
     def validate(self) -> JobConfig:
         """Check ranges and cross-section rules; return self or raise ConfigError.
 
-        With ``pipeline.schedule = "auto"`` the result is the job with the plan
-        :func:`spotpipe.planner.resolve_auto` picks (a named schedule and its recompute keys).
+        With ``pipeline.schedule = "auto"`` only the budget is checked here; the job is returned
+        as it is, and :func:`spotpipe.planner.resolved` (called by the commands that run a job)
+        turns it into the plan it picks, validated in full.
         """
         if self.pipeline.schedule == AUTO_SCHEDULE:
-            from spotpipe.planner import resolve_auto  # the planner reads this module: import when used
-
             p = self.pipeline
             _check(math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0,
                    f"pipeline.memory_budget_gb must be >= 0 (0 = none), got {p.memory_budget_gb}")
-            return resolve_auto(self)
+            return self
         validate(self)
         return self
 

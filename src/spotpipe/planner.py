@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from spotpipe.config import JobConfig
+from spotpipe.config import AUTO_SCHEDULE, JobConfig
 from spotpipe.cost import analytic_cost, num_chunks, sequences_per_microbatch
 from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.ft.policy import swap_schedule_on
@@ -354,6 +354,23 @@ def resolve_auto(cfg: JobConfig) -> JobConfig:
             "make the model smaller")
     chosen = min(fitting, key=lambda r: (step_time(plan_config(cfg, r.plan, gb * GB), r.plan), PLANS.index(r.plan)))
     return plan_config(cfg, chosen.plan, gb * GB)
+
+
+def resolved(cfg: JobConfig) -> JobConfig:
+    """The job with a named schedule: ``cfg`` itself, or with ``pipeline.schedule = "auto"`` the
+    plan :func:`resolve_auto` picks. Every command that runs or simulates a job calls this once,
+    after loading its config.
+
+    Args:
+        cfg: A validated job.
+
+    Returns:
+        A job whose ``pipeline.schedule`` names a registered schedule.
+
+    Raises:
+        ConfigError: as :func:`resolve_auto` (no budget, or no plan fits).
+    """
+    return resolve_auto(cfg) if cfg.pipeline.schedule == AUTO_SCHEDULE else cfg
 
 
 _UNITS = {"": GB, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2.0**10, "mib": 2.0**20,

@@ -100,10 +100,11 @@ class _StepWatch:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from spotpipe.planner import resolved  # the planner builds on the simulator
     from spotpipe.sim.job import prepare, simulate_job
     from spotpipe.sim.report import format_summary, iteration_trace, summary
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolved(load_config(args.config, args.overrides))
     p = cfg.pipeline
     per_replica = count_actions(p.schedule, p.stages, p.microbatches, p.virtual_stages, lowered=True)
     played = per_replica * p.replicas

@@ -58,7 +58,9 @@ def register_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    from spotpipe.planner import resolved  # the planner builds on the simulator
+
+    cfg = resolved(load_config(args.config, args.overrides))
     for path, flag in ((args.trace, "--trace"), (args.csv, "--csv")):
         if path is not None:
             check_output(path, flag)

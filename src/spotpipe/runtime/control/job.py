@@ -22,6 +22,7 @@ from spotpipe.runtime.devices import resolve_hardware
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
 from spotpipe.fsutil import check_output
+from spotpipe.planner import resolved
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
 
@@ -184,7 +185,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     token_file = resolve_dataset(cfg.data, default_cache_dir(), verify=True)  # a corrupt tokens.bin fails here
     if token_file.vocab_size != cfg.model.vocab_size:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=token_file.vocab_size))
-    cfg = cfg.validate()
+    cfg = resolved(cfg.validate())  # pipeline.schedule = auto: the plan that fits the memory budget
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     if cfg.pipeline.stage_nodes:
