@@ -7,9 +7,10 @@ last stage, :func:`spotpipe.ft.policy.mirror_holder`), so the copy is lost only 
 Everything travels peer to peer, owner to holder, over the generation's host group (gloo, host
 tensors; :mod:`spotpipe.runtime.comm.groups`), never through the controller's store (DESIGN.md,
 "Control plane and data plane"). A message is a float64 header ``[kind, step, clip coefficient,
-base lr]`` and, except for a skipped step, a float32 payload; the n-th message of a generation
+base lr]`` and, except for a skipped step, a payload (a state in float32, a gradient in the
+model's dtype); the n-th message of a generation
 has tags ``MIRROR_TAG_BASE + 2n`` and ``+ 2n + 1``, so owner and holder agree without asking.
-A gradient travels in the model's dtype (bf16 halves it); the owner stages it in one reused host
+A bf16 gradient is half the bytes of a float32 one. The owner stages a gradient in one reused host
 buffer, and the holder receives it into a small pool of buffers and applies it from there
 (:meth:`~spotpipe.runtime.state.stage_state.StageState.use_gradient`), so a step allocates and
 copies nothing on either side but that staging copy.
