@@ -36,7 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Packages (folders, walked with their subfolders) and single modules under src/spotpipe whose
 # public functions are checked. Add a package here once its functions are documented.
-ENFORCED: tuple[str, ...] = ("ft", "schedule", "sim", "reliability", "model")
+ENFORCED: tuple[str, ...] = ("ft", "schedule", "sim", "reliability", "model", "data")
 
 PROPERTY_DECORATORS = {"property", "cached_property", "setter", "getter", "deleter"}
 
