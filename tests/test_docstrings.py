@@ -40,7 +40,7 @@ ENFORCED: tuple[str, ...] = (
     "ft", "schedule", "sim", "reliability", "model", "data",
     "cli.py", "cliargs.py", "config.py", "cost.py", "errors.py", "events.py", "faultspec.py",
     "fsutil.py", "network.py", "planner.py", "progressline.py",
-    "runtime/state", "runtime/pipeline", "runtime/comm", "runtime/worker", "runtime/control",
+    "runtime/state", "runtime/pipeline", "runtime/comm", "runtime/worker", "runtime/control", "runtime/inprocess",
 )
 
 PROPERTY_DECORATORS = {"property", "cached_property", "setter", "getter", "deleter"}
