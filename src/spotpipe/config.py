@@ -347,7 +347,8 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> JobCo
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> JobConfig:
     """Read an optional TOML file, apply overrides, validate.
 
-    Relative paths in the file are taken relative to the file's folder.
+    ``data.path``, a ``data.tokenizer`` file and ``network.matrix`` are looked up in the working
+    directory first, then in the file's folder.
 
     Args:
         path: A TOML config file; ``None`` starts from the defaults.

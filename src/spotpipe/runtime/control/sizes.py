@@ -83,7 +83,8 @@ def job_sizes(cfg: JobConfig, mirrors: bool) -> JobSizes:
         mirrors: Whether workers keep mirrors of the next stage.
 
     Returns:
-        The sizes; FLOPs per step are 3 x the forward FLOPs (PaLM accounting), bytes in bytes.
+        The sizes (counts, FLOPs and bytes); FLOPs per step are 3 x the forward FLOPs (PaLM
+        accounting).
 
     Raises:
         ConfigError: if the model cannot be cut into the schedule's chunks.
