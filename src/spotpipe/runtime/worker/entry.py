@@ -106,7 +106,7 @@ def run_worker(args: argparse.Namespace) -> int:
         The process exit status (0 when the job ended normally).
 
     Raises:
-        SpotpipeError: on a bad address or token, or a controller that cannot be reached.
+        SpotpipeError: on bad input (the ``--join`` address, the token).
     """
     os.environ.setdefault(CPP_LOG_LEVEL, "ERROR")  # read once, when torch is first imported (below)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop

@@ -108,7 +108,7 @@ class MirrorLink:
 
         Args:
             step: The step, 0-based.
-            flat_grad: The stage's flat gradient buffer (model dtype), clipped or not: ``coef`` goes along.
+            flat_grad: The stage's flat gradient buffer (model dtype); ``coef`` goes with it.
             coef: The step's clip coefficient.
             lr: The step's base learning rate.
             apply: Whether the step's update is applied.

@@ -186,7 +186,7 @@ class InProcessRun(Protocol):
         its CheckFree+ swap partner holds (chunk 1 holds chunk 0's, chunk S-2 chunk S-1's).
 
         Args:
-            stage: Chunk index, 0 or S-1.
+            stage: Chunk index of an edge chunk.
 
         Returns:
             A float32 tensor.
