@@ -33,7 +33,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     other error of the command line; sub-command parsers inherit the class."""
 
     def error(self, message: str) -> NoReturn:
-        """Print ``spotpipe: error: <message> (see `<prog> --help`)`` and exit with code 2."""
+        """Print ``spotpipe: error: <message> (see `<prog> --help`)`` and exit with code 2.
+
+        Args:
+            message: argparse's description of the bad argument.
+
+        Returns:
+            Never: it raises ``SystemExit(2)`` (through ``self.exit``).
+        """
         self.exit(2, f"spotpipe: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -57,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `spotpipe` console script."""
+    """Entry point of the `spotpipe` console script.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: the command's (0 on success), 2 for a bad argument or a
+        :class:`~spotpipe.errors.SpotpipeError` (printed as one ``spotpipe: error:`` line), 130 on
+        Ctrl-C, 1 when stdout's reader went away.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -300,7 +300,18 @@ def _apply(cfg: JobConfig, section: str, key: str, value: Any, where: str) -> Jo
 
 
 def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
-    """Apply ``section.key=value`` strings (from ``--set``) in order."""
+    """Apply ``section.key=value`` strings (from ``--set``) in order.
+
+    Args:
+        cfg: The config to start from.
+        overrides: ``section.key=value`` strings; values are parsed as TOML values where they can be.
+
+    Returns:
+        A new config with the overrides applied (not validated).
+
+    Raises:
+        ConfigError: on a malformed item, an unknown section or key, or a value of the wrong type.
+    """
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
@@ -311,7 +322,19 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
 
 
 def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> JobConfig:
-    """Build a JobConfig from nested TOML tables; unknown tables or keys are errors."""
+    """Build a JobConfig from nested TOML tables; unknown tables or keys are errors.
+
+    Args:
+        data: Parsed TOML: ``{section: {key: value}}``.
+        where: What to call the source in error messages (e.g. the file's path).
+
+    Returns:
+        The defaults with ``data`` applied (not validated).
+
+    Raises:
+        ConfigError: on a section that is not a table, an unknown section or key, or a value of the
+            wrong type.
+    """
     cfg = JobConfig()
     for section, table in data.items():
         if not isinstance(table, Mapping):
@@ -322,7 +345,22 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> JobCo
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> JobConfig:
-    """Read an optional TOML file, apply overrides, validate."""
+    """Read an optional TOML file, apply overrides, validate.
+
+    ``data.path``, a ``data.tokenizer`` file and ``network.matrix`` are looked up in the working
+    directory first, then in the file's folder.
+
+    Args:
+        path: A TOML config file; ``None`` starts from the defaults.
+        overrides: ``section.key=value`` strings (``--set``), applied after the file.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: if the file is missing or not valid TOML, on a bad key or value, or when
+            :meth:`JobConfig.validate` fails.
+    """
     cfg = JobConfig()
     if path is not None:
         p = Path(path)
@@ -367,7 +405,14 @@ def _toml_value(value: Any) -> str:
 
 
 def config_to_toml(cfg: JobConfig) -> str:
-    """Serialise the resolved config; :func:`load_config` reads it back to an equal JobConfig."""
+    """Serialise the resolved config; :func:`load_config` reads it back to an equal JobConfig.
+
+    Args:
+        cfg: The config, every section and key written.
+
+    Returns:
+        TOML text, one ``[section]`` table per config section.
+    """
     lines: list[str] = []
     for section in fields(JobConfig):
         lines.append(f"[{section.name}]")
@@ -409,7 +454,14 @@ def _check_choice(key: str, value: str, choices: Any, *, listed: bool = True) ->
 
 
 def validate(cfg: JobConfig) -> None:
-    """Range and cross-section checks; each message names the key and the allowed values."""
+    """Range and cross-section checks; each message names the key and the allowed values.
+
+    Args:
+        cfg: The config to check.
+
+    Raises:
+        ConfigError: on the first rule broken.
+    """
     m, p, t, r, f = cfg.model, cfg.pipeline, cfg.train, cfg.run, cfg.ft
     _check(m.layers >= 1, f"model.layers must be >= 1, got {m.layers}")
     _check(m.d_model >= 8, f"model.d_model must be >= 8, got {m.d_model}")
@@ -515,7 +567,14 @@ def validate(cfg: JobConfig) -> None:
 
 
 def validate_skippipe(cfg: JobConfig) -> None:
-    """Range checks of the SkipPipe planning keys of ``[pipeline]``."""
+    """Range checks of the SkipPipe planning keys of ``[pipeline]``.
+
+    Args:
+        cfg: The config to check (``[pipeline]`` and ``train.batch_size``).
+
+    Raises:
+        ConfigError: on the first rule broken.
+    """
     p = cfg.pipeline
     _check(0 <= p.skip_ratio < 1, f"pipeline.skip_ratio must be in [0, 1), got {p.skip_ratio}")
     _check(0 <= p.max_swaps <= 64, f"pipeline.max_swaps must be in 0..64, got {p.max_swaps}")
@@ -535,7 +594,14 @@ def validate_skippipe(cfg: JobConfig) -> None:
 
 
 def validate_sim(cfg: JobConfig) -> None:
-    """Range checks of the [sim] section (owned by the simulator)."""
+    """Range checks of the [sim] section (owned by the simulator).
+
+    Args:
+        cfg: The config to check (``[sim]``).
+
+    Raises:
+        ConfigError: on the first rule broken.
+    """
     s = cfg.sim
     _check(s.device_tflops > 0, f"sim.device_tflops must be > 0, got {s.device_tflops}")
     _check(s.backward_ratio > 0, f"sim.backward_ratio must be > 0, got {s.backward_ratio}")

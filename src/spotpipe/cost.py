@@ -41,13 +41,27 @@ from spotpipe.schedule.ir import Action, Op
 
 def num_chunks(cfg: JobConfig) -> int:
     """Model chunks (schedule stages): pipeline ranks x virtual stages for a chunked schedule
-    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`)."""
+    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`).
+
+    Args:
+        cfg: The job (``pipeline.schedule``, ``stages``, ``virtual_stages``).
+
+    Returns:
+        The number of model chunks.
+    """
     p = cfg.pipeline
     return model_chunks(p.schedule, p.stages, p.virtual_stages)
 
 
 def sequences_per_microbatch(cfg: JobConfig) -> int:
-    """Sequences in one microbatch of one replica (``batch_size / (replicas x microbatches)``)."""
+    """Sequences in one microbatch of one replica (``batch_size / (replicas x microbatches)``).
+
+    Args:
+        cfg: The job (``train.batch_size``, ``pipeline.replicas``, ``pipeline.microbatches``).
+
+    Returns:
+        Sequences per microbatch, at least 1.
+    """
     p = cfg.pipeline
     return max(1, cfg.train.batch_size // (p.replicas * p.microbatches))
 
@@ -84,7 +98,15 @@ class CostModel:
         return len(self.forward_s)
 
     def duration(self, action: Action, speed: float = 1.0) -> float:
-        """Seconds of a compute action on a node of relative ``speed`` (communication: 0)."""
+        """Seconds of a compute action on a node of relative ``speed`` (communication: 0).
+
+        Args:
+            action: A schedule action (``F``, ``R`` and ``B`` cost time; others 0).
+            speed: Relative node speed (1.0 = nominal; 0.5 takes twice as long).
+
+        Returns:
+            Seconds.
+        """
         if action.op is Op.F or action.op is Op.R:  # a recompute is the forward once more
             return self.forward_s[action.stage] / speed
         if action.op is Op.B:
@@ -92,7 +114,15 @@ class CostModel:
         return 0.0
 
     def message_bytes(self, action: Action) -> int:
-        """Bytes a communication action moves: the hidden state at the boundary it crosses."""
+        """Bytes a communication action moves: the hidden state at the boundary it crosses.
+
+        Args:
+            action: A schedule action.
+
+        Returns:
+            Bytes; 0 for a compute action. A boundary of 0 bytes (the last stage) counts as the largest
+            boundary.
+        """
         if not action.op.is_comm:
             return 0
         assert action.peer is not None
@@ -103,7 +133,15 @@ class CostModel:
         return nbytes if nbytes > 0 else max(self.boundary_bytes)
 
     def scaled(self, factor: float, source: str | None = None) -> CostModel:
-        """Compute times (and optimizer time) multiplied by ``factor``."""
+        """Compute times (and optimizer time) multiplied by ``factor``.
+
+        Args:
+            factor: Multiplier of every compute time (> 0).
+            source: New :attr:`source`; ``None`` keeps it.
+
+        Returns:
+            A new cost model.
+        """
         return replace(
             self,
             forward_s=tuple(t * factor for t in self.forward_s),
@@ -113,12 +151,33 @@ class CostModel:
         )
 
     def with_overhead(self, overhead_s: float) -> CostModel:
-        """The same model with a fixed per-iteration overhead."""
+        """The same model with a fixed per-iteration overhead.
+
+        Args:
+            overhead_s: Seconds per iteration.
+
+        Returns:
+            A new cost model.
+        """
         return replace(self, overhead_s=overhead_s)
 
 
 def analytic_cost(cfg: JobConfig) -> CostModel:
-    """Cost model from model shapes and ``sim.device_tflops`` / ``sim.backward_ratio``."""
+    """Cost model from model shapes and ``sim.device_tflops`` / ``sim.backward_ratio``.
+
+    Forward seconds per stage are the chunk's forward FLOPs for one microbatch over
+    ``sim.device_tflops x 1e12`` FLOP/s (PaLM FLOP accounting, :mod:`spotpipe.model.partition`);
+    backward is ``sim.backward_ratio`` times that.
+
+    Args:
+        cfg: The job.
+
+    Returns:
+        The cost model, ``source = "analytic"``.
+
+    Raises:
+        ConfigError: if the model cannot be cut into the schedule's chunks.
+    """
     shapes = model_shapes(cfg.model, num_chunks(cfg))
     seqs = sequences_per_microbatch(cfg)
     tokens = seqs * cfg.model.context
@@ -180,7 +239,15 @@ class RunProfile:
 
 
 def trimmed_mean(values: Sequence[float], trim: float = 0.25) -> float:
-    """Mean of ``values`` without the ``trim`` share of smallest and of largest ones."""
+    """Mean of ``values`` without the ``trim`` share of smallest and of largest ones.
+
+    Args:
+        values: Samples (e.g. step times in seconds), not empty.
+        trim: Share cut at each end, in [0, 0.5).
+
+    Returns:
+        The trimmed mean; the plain mean when trimming would leave nothing.
+    """
     ordered = sorted(values)
     k = int(len(ordered) * trim)
     kept = ordered[k : len(ordered) - k] or ordered
@@ -194,6 +261,9 @@ def read_profile(path: str | Path, skip: int | None = None) -> RunProfile:
         path: The events file.
         skip: Warm-up steps to leave out; default 2 when the run has at least 5 steps, 1 when it
             has 3 or 4 (the first step includes start-up).
+
+    Returns:
+        A :class:`RunProfile` with the run's config and step times (seconds).
 
     Raises:
         SpotpipeError: the file is missing, has no ``run_start`` with a config, or no steps.
@@ -250,6 +320,19 @@ def calibrate_scale(
     with ``f`` (compute only ever lengthens the critical path), so bisection on ``log f`` finds the
     factor. Raises SpotpipeError when even ``f -> 0`` is slower than measured (communication
     alone explains more than the measured time: the network settings disagree with the run).
+
+    Args:
+        measured_s: The measured step time, seconds, > 0.
+        simulate: Simulated step time (seconds) as a function of the compute factor.
+        rel_tol: Relative width of the final bracket.
+        max_iter: Most bisection steps.
+
+    Returns:
+        The factor, the middle of the final bracket.
+
+    Raises:
+        SpotpipeError: if ``measured_s <= 0``, communication alone is slower than ``measured_s``,
+            or the simulated time does not reach ``measured_s`` for any factor up to 1e15.
     """
     if measured_s <= 0:
         raise SpotpipeError(f"sim.profile: measured step time must be > 0, got {measured_s}")
@@ -308,6 +391,19 @@ def fit_scale_and_overhead(
       residual (clamped at 0) and ``f`` minimises the remaining squared error; this separates
       time that scales with compute from time that does not (optimizer step, commit, barrier).
     * Unknown, one run (or repeats of one job): ``c = 0`` and ``f`` from :func:`calibrate_scale`.
+
+    Args:
+        measured_s: Measured step time of every profiled run, seconds.
+        simulate: Simulated step time of every run (seconds, same order) as a function of the
+            compute factor.
+        overhead_s: The measured per-iteration overhead in seconds, or ``None`` to fit it.
+        rel_tol: Relative tolerance of the golden-section search on ``log f``.
+
+    Returns:
+        ``(f, c)``: the compute factor and the overhead in seconds.
+
+    Raises:
+        SpotpipeError: from :func:`calibrate_scale`, when no factor explains the runs.
     """
     n = len(measured_s)
     unit = simulate(1.0)
@@ -329,7 +425,19 @@ def fit_scale_and_overhead(
 
 def speeds_per_node(factors: Sequence[float], ranks: int, num_nodes: int) -> tuple[float, ...]:
     """Relative speed of every node from ``sim.speed_factors``: empty = all 1.0; one per rank
-    (node ``n`` is rank ``n % ranks``) or one per node."""
+    (node ``n`` is rank ``n % ranks``) or one per node.
+
+    Args:
+        factors: ``sim.speed_factors`` (relative speeds, 1.0 = nominal).
+        ranks: Pipeline ranks.
+        num_nodes: Nodes of the job (ranks x replicas, with spares).
+
+    Returns:
+        One speed per node.
+
+    Raises:
+        ConfigError: if ``factors`` has neither ``ranks`` nor ``num_nodes`` entries.
+    """
     if not factors:
         return (1.0,) * num_nodes
     if len(factors) == num_nodes:

@@ -46,6 +46,16 @@ class EventLog:
     """
 
     def __init__(self, path: str | Path, clock: Any = time.time) -> None:
+        """Open ``path`` for appending (its parent folders are created).
+
+        Args:
+            path: The JSONL file.
+            clock: Zero-argument callable giving the default ``t`` of a record, seconds (wall clock by
+                default).
+
+        Raises:
+            SpotpipeError: if the file cannot be opened.
+        """
         self.path = Path(path)
         self._clock = clock
         try:
@@ -55,7 +65,20 @@ class EventLog:
             raise output_error(self.path, "event log", exc.strerror or str(exc)) from None
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one record; ``t`` defaults to the log's clock."""
+        """Append one record; ``t`` defaults to the log's clock.
+
+        Args:
+            event: The record's ``event`` name.
+            **fields: Other fields, JSON values (numpy and torch scalars, sets, tuples and paths are
+                converted); ``t`` (seconds) overrides the clock.
+
+        Returns:
+            The record as written.
+
+        Raises:
+            SpotpipeError: if the file cannot be written.
+            TypeError: on a field value that cannot be converted to JSON.
+        """
         record: dict[str, Any] = {"event": event, "t": fields.pop("t", None)}
         if record["t"] is None:
             record["t"] = self._clock()
@@ -100,6 +123,16 @@ def iter_events(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield records of a JSONL event file; a bad line raises naming file and line number.
 
     A truncated last line (a crash mid-write) is skipped, as it never committed anything.
+
+    Args:
+        path: A JSONL event file.
+
+    Yields:
+        Each record, a dict with at least ``event``, in file order.
+
+    Raises:
+        SpotpipeError: if the file is missing, unreadable or not UTF-8, or a line (but a truncated
+            last one) is not a JSON object with an ``event`` field.
     """
     p = Path(path)
     if not p.is_file():
@@ -120,5 +153,16 @@ def iter_events(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def read_events(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
-    """All records of a file, optionally only those named ``event``."""
+    """All records of a file, optionally only those named ``event``.
+
+    Args:
+        path: A JSONL event file.
+        event: Keep only records of this ``event`` name; ``None`` keeps all.
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        SpotpipeError: as :func:`iter_events`.
+    """
     return [r for r in iter_events(path) if event is None or r["event"] == event]

@@ -82,7 +82,17 @@ class FaultSpec:
         return STALL if self.stall_s is not None else KILL
 
     def per_step_probability(self, step_time_s: float | None) -> float:
-        """Per-step failure probability of one worker for a rate spec."""
+        """Per-step failure probability of one worker for a rate spec.
+
+        Args:
+            step_time_s: Seconds per training step; needed for a per-hour rate only.
+
+        Returns:
+            A probability in [0, 1]: the rate itself for a per-step rate, else :func:`rate_per_step`.
+
+        Raises:
+            FaultSpecError: if the spec has no rate, or a per-hour rate has no positive step time.
+        """
         if self.rate is None:
             raise FaultSpecError(f"fault spec {self.text!r} has no rate")
         if self.rate_unit == "step":
@@ -96,7 +106,17 @@ class FaultSpec:
 
 
 def rate_per_step(per_hour: float, step_time_s: float) -> float:
-    """Per-step probability of a Poisson failure process of ``per_hour`` events per hour."""
+    """Per-step probability of a Poisson failure process of ``per_hour`` events per hour.
+
+    ``1 - exp(-rate x t)``: the chance of at least one event in a step of ``t`` hours.
+
+    Args:
+        per_hour: Events per hour, >= 0.
+        step_time_s: Seconds per step.
+
+    Returns:
+        A probability in [0, 1).
+    """
     return 1.0 - math.exp(-per_hour * step_time_s / 3600.0)
 
 
@@ -110,7 +130,17 @@ def _bad(text: str, why: str) -> FaultSpecError:
 
 
 def parse_fault_spec(text: str) -> FaultSpec:
-    """Parse one spec (see the module docstring); errors name the spec and the accepted forms."""
+    """Parse one spec (see the module docstring); errors name the spec and the accepted forms.
+
+    Args:
+        text: One spec, e.g. ``stage=1@step=5``; spaces are ignored.
+
+    Returns:
+        The parsed spec.
+
+    Raises:
+        FaultSpecError: on anything the grammar does not accept.
+    """
     raw = text
     text = "".join(text.split())  # spaces are allowed anywhere
     if not text:
@@ -191,5 +221,15 @@ def parse_fault_spec(text: str) -> FaultSpec:
 
 
 def parse_fault_specs(texts: Iterable[str]) -> tuple[FaultSpec, ...]:
-    """Parse several specs (``ft.faults`` plus command-line ``--fail`` / ``--fail-rate``)."""
+    """Parse several specs (``ft.faults`` plus command-line ``--fail`` / ``--fail-rate``).
+
+    Args:
+        texts: Specs, each as :func:`parse_fault_spec` reads it.
+
+    Returns:
+        The parsed specs, in order.
+
+    Raises:
+        FaultSpecError: on the first bad spec.
+    """
     return tuple(parse_fault_spec(t) for t in texts)

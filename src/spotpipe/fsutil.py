@@ -24,7 +24,11 @@ UTF8_BOM = "\ufeff"
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (best effort where unsupported)."""
+    """fsync a directory so a rename inside it survives a crash (best effort where unsupported).
+
+    Args:
+        path: The directory.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -175,6 +179,13 @@ def open_output(path: str | Path, what: str, mode: Literal["w", "a"] = "w") -> I
         path: The output file (its parent directories are created).
         what: The option or key that named the file.
         mode: ``"w"`` (replace) or ``"a"`` (append).
+
+    Yields:
+        The open text file (UTF-8).
+
+    Raises:
+        SpotpipeError: if ``path`` cannot be written (checked first by :func:`check_output`), or
+            on an OSError while opening, writing or closing.
     """
     p = check_output(path, what)
     try:
@@ -191,6 +202,14 @@ def open_output(path: str | Path, what: str, mode: Literal["w", "a"] = "w") -> I
 
 def decode_utf8(data: bytes, path: str | Path, what: str = "") -> str:
     """``data`` (the contents of ``path``) as text; a leading byte-order mark is dropped.
+
+    Args:
+        data: Raw file contents.
+        path: The file they came from, named in errors.
+        what: What the file is (``config file``), named in errors.
+
+    Returns:
+        The decoded text.
 
     Raises:
         SpotpipeError: naming the file, the first offending byte, its offset and line.
@@ -213,6 +232,9 @@ def read_text(path: str | Path, what: str = "") -> str:
     Args:
         path: The file.
         what: What it is (``config file``, ``schedule``), named in errors.
+
+    Returns:
+        The text, without a leading byte-order mark.
 
     Raises:
         SpotpipeError: the file is missing, unreadable or not UTF-8.

@@ -43,16 +43,41 @@ class Link:
     bandwidth_Bps: float
 
     def serialization_s(self, nbytes: int) -> float:
-        """Time the link is busy pushing ``nbytes`` (``nbytes / bandwidth``)."""
+        """Time the link is busy pushing ``nbytes`` (``nbytes / bandwidth``).
+
+        Args:
+            nbytes: Message size in bytes.
+
+        Returns:
+            Seconds; 0 on an unlimited link.
+        """
         return 0.0 if math.isinf(self.bandwidth_Bps) else nbytes / self.bandwidth_Bps
 
     def send_s(self, nbytes: int) -> float:
-        """Time from send to arrival of one message on an idle link: latency + bytes / bandwidth."""
+        """Time from send to arrival of one message on an idle link: latency + bytes / bandwidth.
+
+        Args:
+            nbytes: Message size in bytes.
+
+        Returns:
+            Seconds.
+        """
         return self.latency_s + self.serialization_s(nbytes)
 
 
 def uniform_link(latency_ms: float, bandwidth_gbps: float) -> Link:
-    """A link from ``network.latency_ms`` and ``network.bandwidth_gbps`` (Gbit/s, 0 = unlimited)."""
+    """A link from ``network.latency_ms`` and ``network.bandwidth_gbps`` (Gbit/s, 0 = unlimited).
+
+    Args:
+        latency_ms: One-way latency, milliseconds, >= 0.
+        bandwidth_gbps: Bandwidth in Gbit/s (1e9 bits), >= 0; 0 is unlimited.
+
+    Returns:
+        The link in seconds and bytes per second.
+
+    Raises:
+        ConfigError: on a negative latency or bandwidth.
+    """
     if latency_ms < 0:
         raise ConfigError(f"network.latency_ms must be >= 0, got {latency_ms}")
     if bandwidth_gbps < 0:
@@ -76,7 +101,18 @@ class LinkMatrix:
     source: str = "matrix"
 
     def link(self, a: str, b: str) -> Link:
-        """The link between two distinct locations; a clear error if one is unknown."""
+        """The link between two distinct locations; a clear error if one is unknown.
+
+        Args:
+            a: A location of the matrix.
+            b: Another location of the matrix.
+
+        Returns:
+            The link between them (the matrix holds both directions).
+
+        Raises:
+            ConfigError: if a location is unknown or the pair has no row.
+        """
         for loc in (a, b):
             if loc not in self.locations:
                 raise ConfigError(f"{self.source}: unknown location {loc!r}; known: {', '.join(self.locations)}")
@@ -98,6 +134,14 @@ def _parse_float(value: str, column: str, where: str) -> float:
 
 def parse_matrix(text: str, source: str = "matrix") -> LinkMatrix:
     """Parse links.csv text; every error names ``source`` and the line.
+
+    Args:
+        text: The file's text: a ``location_a,location_b,latency_ms,bandwidth_GiB_per_s`` header,
+            then one row per unordered pair.
+        source: What to call the text in errors (the file's path).
+
+    Returns:
+        The matrix, links in seconds and bytes per second.
 
     Raises:
         ConfigError: bad header, bad number, negative latency, bandwidth <= 0, a pair listed twice
@@ -147,7 +191,18 @@ def parse_matrix(text: str, source: str = "matrix") -> LinkMatrix:
 
 
 def read_matrix(path: str | Path) -> LinkMatrix:
-    """Read a links.csv-format file (see the module docstring)."""
+    """Read a links.csv-format file (see the module docstring).
+
+    Args:
+        path: The links.csv file.
+
+    Returns:
+        The matrix (see :func:`parse_matrix`).
+
+    Raises:
+        ConfigError: if ``path`` is a directory or missing, or on a bad row (:func:`parse_matrix`).
+        SpotpipeError: if the file cannot be read or is not UTF-8.
+    """
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"network.matrix: {p} is a directory, not a links.csv file")
@@ -174,14 +229,29 @@ class Network:
     node_locations: tuple[str, ...] = ()
 
     def link(self, src: int, dst: int) -> Link:
-        """The link from node ``src`` to node ``dst``."""
+        """The link from node ``src`` to node ``dst``.
+
+        Args:
+            src: Sending node id.
+            dst: Receiving node id.
+
+        Returns:
+            The uniform link when there is no matrix or both nodes share a location, else the matrix's.
+        """
         if self.matrix is None:
             return self.local
         a, b = self.node_locations[src], self.node_locations[dst]
         return self.local if a == b else self.matrix.links[(a, b)]
 
     def location(self, node: int) -> str:
-        """Location name of a node ("local" in a uniform cluster)."""
+        """Location name of a node ("local" in a uniform cluster).
+
+        Args:
+            node: Node id.
+
+        Returns:
+            The location name.
+        """
         return self.node_locations[node] if self.node_locations else "local"
 
 
@@ -193,6 +263,18 @@ def node_locations(
     ``locations`` has either one entry per pipeline rank (every replica of rank ``k`` is in
     ``locations[k]``; node ``n`` is rank ``n % ranks``, so spare nodes take them round-robin) or
     one entry per node (workers ``replica * ranks + rank``, then spares).
+
+    Args:
+        locations: ``network.locations``.
+        ranks: Pipeline ranks.
+        num_nodes: All nodes, spares included.
+        matrix: The link matrix the names must be in.
+
+    Returns:
+        One location per node id.
+
+    Raises:
+        ConfigError: on a wrong number of entries or a location the matrix does not know.
     """
     if len(locations) == num_nodes:
         per_node = tuple(locations)
@@ -222,6 +304,13 @@ def build_network(
         ranks: Pipeline ranks (``pipeline.stages``).
         num_nodes: All nodes (stages x replicas, plus spares in the simulator).
         base_dir: Folder of the config file, to resolve a relative ``network.matrix``.
+
+    Returns:
+        The network.
+
+    Raises:
+        ConfigError: on a bad latency or bandwidth, ``network.locations`` without a matrix (or the
+            reverse), or a bad matrix or location list.
     """
     local = uniform_link(net.latency_ms, net.bandwidth_gbps)
     if not net.matrix:

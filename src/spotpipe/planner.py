@@ -144,6 +144,9 @@ def plan_config(cfg: JobConfig, plan: Plan, budget: float | None = None) -> JobC
             :func:`fit_recompute` picks (``pipeline.recompute_chunks``); without a budget it
             recomputes ``plan.recompute``.
 
+    Returns:
+        The validated job.
+
     Raises:
         ConfigError, ScheduleError: the plan does not fit the job (e.g. fewer layers than chunks).
     """
@@ -190,14 +193,29 @@ def fit_recompute(schedule: Schedule, sizes: Sequence[ChunkBytes], offload: Sequ
 
 
 def offloaded_chunks(cfg: JobConfig) -> tuple[int, ...]:
-    """Chunks whose optimizer state lives in host memory: all with ``pipeline.offload = "optimizer"``."""
+    """Chunks whose optimizer state lives in host memory: all with ``pipeline.offload = "optimizer"``.
+
+    Args:
+        cfg: The job.
+
+    Returns:
+        Chunk indices, all of them or none.
+    """
     return tuple(range(num_chunks(cfg))) if cfg.pipeline.offload == "optimizer" else ()
 
 
 def step_time(cfg: JobConfig, plan: Plan | None = None) -> float:
     """Predicted seconds of one step: the simulator's iteration of the job's schedule on its
     network with the analytic cost (:mod:`spotpipe.cost`), plus, for an offload plan, the optimizer
-    state's trip to the device and back over :data:`HOST_LINK_BYTES_PER_S`."""
+    state's trip to the device and back over :data:`HOST_LINK_BYTES_PER_S`.
+
+    Args:
+        cfg: The job (a concrete schedule, not ``auto``).
+        plan: The plan the job was made from; only its ``offload`` matters here.
+
+    Returns:
+        Seconds per step.
+    """
     p = cfg.pipeline
     net = build_network(cfg.network, p.stages, p.stages * p.replicas)
     result = play_iteration(job_schedule(cfg), analytic_cost(cfg), net, Placement.dense(p.stages, p.replicas),
@@ -326,13 +344,29 @@ def evaluate_plan(cfg: JobConfig, plan: Plan, budget: float, *, sizes: bool = Tr
 
 
 def evaluate_plans(cfg: JobConfig, budget: float, *, sizes: bool = True, timing: bool = True) -> list[PlanResult]:
-    """:func:`evaluate_plan` for every plan of :data:`PLANS`, in that order."""
+    """:func:`evaluate_plan` for every plan of :data:`PLANS`, in that order.
+
+    Args:
+        cfg: The job.
+        budget: Bytes per rank.
+        sizes: Also search the largest model that fits each plan.
+        timing: Also predict each plan's step time.
+
+    Returns:
+        One :class:`PlanResult` per plan.
+    """
     return [evaluate_plan(cfg, plan, budget, sizes=sizes, timing=timing) for plan in PLANS]
 
 
 def resolve_auto(cfg: JobConfig) -> JobConfig:
     """``pipeline.schedule = "auto"``: the job with the fastest runnable plan that fits
     ``pipeline.memory_budget_gb`` (predicted step time; ties keep the order of :data:`PLANS`).
+
+    Args:
+        cfg: The job, with ``pipeline.schedule = "auto"``.
+
+    Returns:
+        The job with the chosen plan's schedule, recompute and offload, validated.
 
     Raises:
         ConfigError: no budget set, or no plan fits (naming the smallest budget that would).
@@ -385,6 +419,13 @@ MAX_BUDGET = 1e15
 def parse_bytes(text: str, what: str = "--budget") -> float:
     """``"4GB"``, ``"512MiB"``, ``"2.5"`` (GB) -> bytes.
 
+    Args:
+        text: A number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; none means GB).
+        what: The option it came from, named in errors.
+
+    Returns:
+        Bytes, between 1 MB and 1000 TB.
+
     Raises:
         ConfigError: not a positive size with a known unit (naming ``what`` and the units).
     """
@@ -400,7 +441,16 @@ def parse_bytes(text: str, what: str = "--budget") -> float:
 
 
 def format_plans(results: Sequence[PlanResult], budget: float, cfg: JobConfig) -> str:
-    """The planner's table: one line per plan, then the plan ``auto`` would pick."""
+    """The planner's table: one line per plan, then the plan ``auto`` would pick.
+
+    Args:
+        results: One result per plan (:func:`evaluate_plans`).
+        budget: Bytes per rank.
+        cfg: The job (its sizes go in the header line).
+
+    Returns:
+        The table, lines joined by newlines, no trailing newline.
+    """
     m = cfg.model
     peaks_all = [p for r in results if not r.error for p in r.peaks]
     unit, scale = ("GB", GB) if max(peaks_all, default=GB) >= GB else ("MB", GB / 1000)  # short numbers

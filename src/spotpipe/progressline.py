@@ -32,7 +32,12 @@ class ProgressLine:
                          mininterval=0.5 if tty else 10.0, delay=1.0, smoothing=0.0, dynamic_ncols=tty, ascii=not tty, leave=True)
 
     def update(self, done: float) -> None:
-        """Move the bar to ``done`` units (it is redrawn only as often as the interval allows)."""
+        """Move the bar to ``done`` units (it is redrawn only as often as the interval allows).
+
+        Args:
+            done: Units done so far (the bar's ``unit``), cumulative; a smaller value than before
+                is ignored.
+        """
         step = done - self._bar.n
         if step > 0:
             self._bar.update(step)

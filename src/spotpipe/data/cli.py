@@ -11,7 +11,11 @@ from spotpipe.cliargs import float_in, int_in
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``data`` command group to the top-level parser."""
+    """Add the ``data`` command group to the top-level parser.
+
+    Args:
+        subparsers: The top-level parser's ``add_subparsers()`` object.
+    """
     data = subparsers.add_parser(
         "data",
         help="prepare and inspect token files",

@@ -26,7 +26,20 @@ SPLITS = ("train", "val")
 
 
 def split_bounds(num_tokens: int, val_fraction: float, split: str) -> tuple[int, int]:
-    """``[start, end)`` token range of ``split`` ("train": the first 1 - val_fraction, "val": the rest)."""
+    """``[start, end)`` token range of ``split`` ("train": the first 1 - val_fraction, "val": the rest).
+
+    Args:
+        num_tokens: Tokens in the whole token file.
+        val_fraction: Share of the tokens at the end that forms the validation split, in (0, 0.5).
+        split: ``"train"`` or ``"val"``.
+
+    Returns:
+        ``(start, end)`` token offsets; the split boundary is ``int(num_tokens * (1 - val_fraction))``.
+
+    Raises:
+        ValueError: if ``split`` is neither ``"train"`` nor ``"val"``.
+        SpotpipeError: if ``val_fraction`` is not in (0, 0.5).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not 0.0 < val_fraction < 0.5:  # the range of data.val_fraction (config.validate)
@@ -84,7 +97,15 @@ class SequenceSampler:
         return self.num_windows
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The order of window ids in ``epoch`` (drawn from ``(seed, epoch, split)``)."""
+        """The order of window ids in ``epoch`` (drawn from ``(seed, epoch, split)``).
+
+        Args:
+            epoch: Epoch number, 0-based.
+
+        Returns:
+            A permutation of ``0 .. len(self) - 1`` (int64 array ``[len(self)]``), cached for the last
+            epoch asked.
+        """
         if self._perm_epoch != epoch or self._perm is None:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, SPLITS.index(self.split)])
             self._perm = rng.permutation(self.num_windows)
@@ -92,7 +113,14 @@ class SequenceSampler:
         return self._perm
 
     def next_ids(self, n: int) -> list[int]:
-        """The next ``n`` sample ids; crosses into the next epoch (a new permutation) as needed."""
+        """The next ``n`` sample ids; crosses into the next epoch (a new permutation) as needed.
+
+        Args:
+            n: How many ids, >= 0.
+
+        Returns:
+            ``n`` window ids of this split; the sampler's ``epoch`` and ``position`` advance past them.
+        """
         ids: list[int] = []
         while len(ids) < n:
             perm = self.permutation(self.epoch)
@@ -109,7 +137,15 @@ class SequenceSampler:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict`, possibly via JSON)."""
+        """Continue from ``state`` (from :meth:`state_dict`, possibly via JSON).
+
+        Args:
+            state: ``{"epoch", "position", "seed"}``, integers (or strings of them).
+
+        Raises:
+            SpotpipeError: if a key is missing or not an integer, or ``epoch``/``position`` are out of
+                range for this split (another token file or context).
+        """
         try:
             epoch, position, seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
         except (KeyError, TypeError, ValueError):
@@ -124,7 +160,17 @@ class SequenceSampler:
         self._perm_epoch = -1
 
     def window_start(self, sample_id: int) -> int:
-        """Offset in the token file of sample ``sample_id``'s first token."""
+        """Offset in the token file of sample ``sample_id``'s first token.
+
+        Args:
+            sample_id: Window id in this split, ``0 .. len(self) - 1``.
+
+        Returns:
+            A token offset into the whole token file.
+
+        Raises:
+            IndexError: if ``sample_id`` is out of range.
+        """
         if not 0 <= sample_id < self.num_windows:
             raise IndexError(f"sample id {sample_id} out of range [0, {self.num_windows}) of the {self.split} split")
         return self.start + sample_id * self.window
@@ -136,6 +182,12 @@ class SequenceSampler:
             token_file: A :class:`~spotpipe.data.tokens.TokenFile` (or any object whose
                 ``tokens`` is an array), or the token array itself.
             ids: Sample ids of this split.
+
+        Returns:
+            The windows, one row per id in order.
+
+        Raises:
+            IndexError: if an id is out of range for this split.
         """
         tokens = getattr(token_file, "tokens", token_file)
         out = np.empty((len(ids), self.window), dtype=np.int64)
@@ -148,8 +200,19 @@ class SequenceSampler:
 def microbatch_slice(batch_size: int, replicas: int, microbatches: int, replica: int, microbatch: int) -> slice:
     """Positions in the step's id list of microbatch ``microbatch`` of replica ``replica``.
 
+    Args:
+        batch_size: Sample ids per step (``train.batch_size``).
+        replicas: Data-parallel replicas ``R`` (``pipeline.replicas``).
+        microbatches: Microbatches ``M`` per replica (``pipeline.microbatches``).
+        replica: Which replica, ``0 .. R - 1``.
+        microbatch: Which microbatch, ``0 .. M - 1``.
+
+    Returns:
+        A slice of ``batch_size / (R M)`` positions.
+
     Raises:
         SpotpipeError: if ``batch_size`` is not a multiple of ``replicas x microbatches``.
+        IndexError: if ``replica`` or ``microbatch`` is out of range.
     """
     if batch_size % (replicas * microbatches):
         raise SpotpipeError(
@@ -164,7 +227,22 @@ def microbatch_slice(batch_size: int, replicas: int, microbatches: int, replica:
 
 
 def microbatch_ids(step_ids: Sequence[int], replicas: int, microbatches: int, replica: int, microbatch: int) -> list[int]:
-    """The sample ids of one microbatch of one replica, out of the step's ids."""
+    """The sample ids of one microbatch of one replica, out of the step's ids.
+
+    Args:
+        step_ids: The step's ``train.batch_size`` sample ids, in sampler order.
+        replicas: Data-parallel replicas ``R``.
+        microbatches: Microbatches ``M`` per replica.
+        replica: Which replica, ``0 .. R - 1``.
+        microbatch: Which microbatch, ``0 .. M - 1``.
+
+    Returns:
+        ``len(step_ids) / (R M)`` sample ids (see :func:`microbatch_slice`).
+
+    Raises:
+        SpotpipeError: if ``len(step_ids)`` is not a multiple of ``R M``.
+        IndexError: if ``replica`` or ``microbatch`` is out of range.
+    """
     return list(step_ids[microbatch_slice(len(step_ids), replicas, microbatches, replica, microbatch)])
 
 
@@ -179,6 +257,20 @@ def batch_for_step(
     """The ``microbatches`` arrays ``[B/(R M), context + 1]`` (int64) that replica ``replica`` trains on.
 
     Inputs are ``arr[:, :-1]``, targets ``arr[:, 1:]``.
+
+    Args:
+        sampler: The split's sampler (it maps ids to windows).
+        token_file: A :class:`~spotpipe.data.tokens.TokenFile`, or the token array itself.
+        step_ids: The step's ``train.batch_size`` sample ids.
+        replicas: Data-parallel replicas ``R``.
+        microbatches: Microbatches ``M`` per replica.
+        replica: Which replica, ``0 .. R - 1``.
+
+    Returns:
+        ``M`` arrays, microbatch order.
+
+    Raises:
+        SpotpipeError: if ``len(step_ids)`` is not a multiple of ``R M``.
     """
     return [
         sampler.batch(token_file, microbatch_ids(step_ids, replicas, microbatches, replica, m))

@@ -50,6 +50,12 @@ def unigram_baseline(token_file: Any, val_fraction: float) -> UnigramBaseline:
     Args:
         token_file: A :class:`~spotpipe.data.tokens.TokenFile`.
         val_fraction: ``data.val_fraction`` (the same split as the sampler's).
+
+    Returns:
+        A :class:`UnigramBaseline`, in nats per token.
+
+    Raises:
+        SpotpipeError: if ``val_fraction`` is not in (0, 0.5).
     """
     n, vocab = token_file.num_tokens, token_file.vocab_size
     t0, t1 = split_bounds(n, val_fraction, "train")

@@ -30,15 +30,36 @@ class Tokenizer(Protocol):
         ...
 
     def encode(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as a 1-D integer array."""
+        """Token ids of ``text`` as a 1-D integer array.
+
+        Args:
+            text: Any text.
+
+        Returns:
+            A 1-D array of ids, each < ``vocab_size``.
+        """
         ...
 
     def encode_bytes(self, data: bytes) -> np.ndarray:
-        """Token ids of raw file contents (UTF-8 text)."""
+        """Token ids of raw file contents (UTF-8 text).
+
+        Args:
+            data: File contents.
+
+        Returns:
+            A 1-D array of ids, each < ``vocab_size``.
+        """
         ...
 
     def decode(self, ids: Any) -> str:
-        """Text of a sequence of ids."""
+        """Text of a sequence of ids.
+
+        Args:
+            ids: Token ids, any array-like (flattened).
+
+        Returns:
+            The decoded text.
+        """
         ...
 
 
@@ -65,6 +86,15 @@ class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` loaded with the optional ``tokenizers`` package."""
 
     def __init__(self, path: str | Path) -> None:
+        """Load ``path`` and hash it (``sha256``).
+
+        Args:
+            path: A ``tokenizer.json`` file.
+
+        Raises:
+            SpotpipeError: if the file does not exist, ``tokenizers`` is not installed, or the file does
+                not load.
+        """
         self.path = Path(path)
         if not self.path.is_file():
             raise SpotpipeError(f"tokenizer file {self.path} does not exist (data.tokenizer must be 'byte' or a tokenizer.json path)")
@@ -143,7 +173,17 @@ def train_bpe(files: list[Path], vocab_size: int, out: Path) -> HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """``"byte"`` -> :class:`ByteTokenizer`; anything else is the path of a ``tokenizer.json``."""
+    """``"byte"`` -> :class:`ByteTokenizer`; anything else is the path of a ``tokenizer.json``.
+
+    Args:
+        spec: ``data.tokenizer``: ``"byte"`` (or ``""``), or a ``tokenizer.json`` path.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        SpotpipeError: as :class:`HFTokenizer` for a path.
+    """
     if spec == "" or spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)

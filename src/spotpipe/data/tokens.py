@@ -46,7 +46,14 @@ STDLIB_SKIP_DIRS = frozenset(
 
 
 def token_dtype(vocab_size: int) -> np.dtype[Any]:
-    """``uint16`` when every id fits (vocab_size <= 65535), else ``uint32``."""
+    """``uint16`` when every id fits (vocab_size <= 65535), else ``uint32``.
+
+    Args:
+        vocab_size: Number of token ids.
+
+    Returns:
+        The numpy dtype ``tokens.bin`` is stored in (2 or 4 bytes per token).
+    """
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
@@ -171,6 +178,12 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
     Hidden files and directories (names starting with ``.``) and files that look binary (a NUL
     byte in the first 8 KiB) are skipped inside directories.
+
+    Args:
+        inputs: Text files and directories, in order.
+
+    Returns:
+        The files, inputs in order, each directory's files sorted by relative path.
 
     Raises:
         SpotpipeError: if an input does not exist or nothing is left.
@@ -378,6 +391,15 @@ def stdlib_corpus_files(max_bytes: int = STDLIB_MAX_BYTES) -> list[Path]:
     Files are sorted by relative path; test suites, site-packages, codec tables and the pydoc
     topic dump are left out; whole files are taken in order while the total stays within
     ``max_bytes``.
+
+    Args:
+        max_bytes: Size budget in bytes (default 4 MiB).
+
+    Returns:
+        The chosen files (at least one).
+
+    Raises:
+        SpotpipeError: if no Python source is found.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     candidates: list[tuple[str, Path]] = []
@@ -438,6 +460,14 @@ def resolve_dataset(data_cfg: DataConfig, cache_dir: Path, verify: bool = False)
     ``tokens.bin`` against its header, every id below the header's vocabulary; about a second
     per GiB), so a corrupt file is one error line naming it, before any worker starts; a
     damaged cache entry is rebuilt from its text.
+
+    Args:
+        data_cfg: The ``data`` section (``path``, ``tokenizer``).
+        cache_dir: Where prepared corpora are kept (callers pass :func:`default_cache_dir`).
+        verify: Check an existing token dir or cache entry in full.
+
+    Returns:
+        The opened token file.
 
     Raises:
         SpotpipeError: naming ``data.path`` when it does not exist or cannot be read, or the

@@ -33,7 +33,14 @@ ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq per parameter (AdamW; Loshchilov and
 def optimizer_bytes_per_param(dtype_bytes: int) -> int:
     """Optimizer-state bytes per parameter of a model whose weights take ``dtype_bytes`` each:
     AdamW's two moments in float32 (8), plus 4 for the float32 master weight when the weights are
-    16-bit (mixed precision: Micikevicius et al. 2018; :mod:`spotpipe.runtime.state.master`)."""
+    16-bit (mixed precision: Micikevicius et al. 2018; :mod:`spotpipe.runtime.state.master`).
+
+    Args:
+        dtype_bytes: Bytes per weight element of ``model.dtype`` (4, or 2 for 16-bit).
+
+    Returns:
+        Bytes of optimizer state per parameter: 8, or 12 for 16-bit weights.
+    """
     return 4 * ADAMW_MOMENTS + (4 if dtype_bytes < 4 else 0)
 
 
@@ -75,6 +82,12 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
     The 8/3 factor keeps the parameter count of a 4x GELU MLP with three matrices instead of two
     (Shazeer 2020, "GLU Variants Improve Transformer"; Touvron et al. 2023, LLaMA, section 2).
+
+    Args:
+        cfg: Model sizes (``d_model``, ``ffn_hidden``).
+
+    Returns:
+        The MLP hidden width, in elements.
     """
     if cfg.ffn_hidden > 0:
         return cfg.ffn_hidden
@@ -83,17 +96,38 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
 
 def kv_heads(cfg: ModelConfig) -> int:
-    """Number of key/value heads (``model.kv_heads``, 0 meaning one per query head)."""
+    """Number of key/value heads (``model.kv_heads``, 0 meaning one per query head).
+
+    Args:
+        cfg: Model sizes (``heads``, ``kv_heads``).
+
+    Returns:
+        The number of key/value heads, 1..heads.
+    """
     return cfg.kv_heads or cfg.heads
 
 
 def head_dim(cfg: ModelConfig) -> int:
-    """Width of one attention head."""
+    """Width of one attention head.
+
+    Args:
+        cfg: Model sizes (``d_model``, ``heads``).
+
+    Returns:
+        ``d_model // heads``, in elements.
+    """
     return cfg.d_model // cfg.heads
 
 
 def block_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer block: attention, SwiGLU MLP and two RMSNorm gains."""
+    """Parameters of one transformer block: attention, SwiGLU MLP and two RMSNorm gains.
+
+    Args:
+        cfg: Model sizes.
+
+    Returns:
+        The number of parameters of one block.
+    """
     d, f = cfg.d_model, ffn_hidden_size(cfg)
     d_kv = kv_heads(cfg) * head_dim(cfg)
     attention = d * d + 2 * d * d_kv + d * d  # wq, wk, wv, wo
@@ -107,6 +141,13 @@ def block_activation_elements(cfg: ModelConfig, context: int) -> int:
     Per token: the RMSNorm inputs and outputs (4 d), q/k/v before rotation (d + 2 d_kv), q and k
     after rotation (d + d_kv), the attention output (d), the four SwiGLU tensors (gate, up,
     silu(gate), product: 4 f); plus the attention probabilities, ``heads x T`` per token.
+
+    Args:
+        cfg: Model sizes.
+        context: Sequence length ``T``, in tokens.
+
+    Returns:
+        The number of elements one block keeps per sequence (multiply by the dtype's bytes).
     """
     d, f = cfg.d_model, ffn_hidden_size(cfg)
     d_kv = kv_heads(cfg) * head_dim(cfg)

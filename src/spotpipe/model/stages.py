@@ -57,6 +57,26 @@ class StageModule(nn.Module):
         head: nn.Linear | None = None,
         edge_copies: bool = False,
     ) -> None:
+        """Check the chunk's parts against its place in the cut and keep them.
+
+        Args:
+            cfg: Model sizes.
+            index: Chunk number, 0-based.
+            num_chunks: How many chunks the model is cut into.
+            blocks: The chunk's blocks, ``layer_range[1] - layer_range[0]`` of them.
+            embed: The token embedding, on the chunks that hold one (chunk 0; chunk 1 too with
+                ``edge_copies``), else ``None``.
+            norm: The final RMSNorm, on the chunks that end a path (the last; S-2 too with
+                ``edge_copies``), else ``None``.
+            head: The LM head, where ``norm`` is given, else ``None``.
+            edge_copies: CheckFree+ copies of the embedding on chunk 1 and of the norm and head on
+                chunk S-2.
+
+        Raises:
+            ConfigError: if ``index`` is not in ``[0, num_chunks)`` or the cut is impossible.
+            ValueError: if the number of blocks, or where the embedding, norm and head are, does not
+                fit the chunk.
+        """
         super().__init__()
         ranges = partition_layers(cfg.layers, num_chunks)
         if not 0 <= index < num_chunks:
@@ -181,9 +201,14 @@ def build_stage(
         chunk: Which chunk, 0-based.
         num_chunks: How many chunks the model is cut into (1..model.layers).
         device: Where to put it (weights are drawn on the CPU, then moved).
+        edge_copies: Build the CheckFree+ copies above (needs ``num_chunks >= 4``).
+
+    Returns:
+        The chunk, cast to ``model.dtype`` and on ``device``.
 
     Raises:
-        ConfigError: on an impossible cut, or tied embeddings with more than one chunk.
+        ConfigError: on an impossible cut, tied embeddings with more than one chunk, or edge
+            copies with fewer than 4 chunks.
     """
     _check_tie(cfg, num_chunks)
     ranges = partition_layers(cfg.layers, num_chunks)
@@ -214,6 +239,16 @@ def split_model(model: Transformer, num_chunks: int) -> list[StageModule]:
     """Cut ``model`` into ``num_chunks`` chunks that SHARE its modules (and so its parameters).
 
     Training the chunks trains ``model``; use :func:`build_stage` for independent copies.
+
+    Args:
+        model: The whole model (:class:`~spotpipe.model.transformer.Transformer`).
+        num_chunks: How many chunks to cut it into (1..model.layers).
+
+    Returns:
+        One :class:`StageModule` per chunk, in order.
+
+    Raises:
+        ConfigError: on an impossible cut, or tied embeddings with more than one chunk.
     """
     cfg = model.cfg
     _check_tie(cfg, num_chunks)

@@ -38,7 +38,15 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def module_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for module ``name`` (e.g. ``"embed"``, ``"block.3"``, ``"head"``) of run ``seed``."""
+    """A 63-bit seed for module ``name`` (e.g. ``"embed"``, ``"block.3"``, ``"head"``) of run ``seed``.
+
+    Args:
+        seed: Run seed (``train.seed``).
+        name: Module name.
+
+    Returns:
+        A seed in ``[0, 2**63)``, from the first 8 bytes of a SHA-256 of ``seed`` and ``name``.
+    """
     digest = hashlib.sha256(f"spotpipe:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -58,11 +66,25 @@ class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32."""
 
     def __init__(self, dim: int, eps: float) -> None:
+        """A norm over the last dimension with a learned gain, initialised to ones.
+
+        Args:
+            dim: Width of the normalised (last) dimension, ``d_model``.
+            eps: Added to the mean square before the square root (``model.norm_eps``).
+        """
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` by its root mean square over the last dimension, in float32.
+
+        Args:
+            x: Tensor ``[..., dim]`` of any floating dtype.
+
+        Returns:
+            ``x / rms(x) * weight``, same shape and dtype as ``x``.
+        """
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
@@ -79,6 +101,15 @@ class Rotary(nn.Module):
     """
 
     def __init__(self, head_dim: int, theta: float) -> None:
+        """Tables for heads of width ``head_dim``, computed lazily.
+
+        Args:
+            head_dim: Width of one attention head, even.
+            theta: Base of the angle frequencies (``model.rope_theta``, 10000 in RoFormer).
+
+        Raises:
+            ConfigError: if ``head_dim`` is odd.
+        """
         super().__init__()
         if head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head width, got {head_dim}")
@@ -87,7 +118,15 @@ class Rotary(nn.Module):
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[length, head_dim / 2]`` float32 on ``device``."""
+        """``(cos, sin)``, each ``[length, head_dim / 2]`` float32 on ``device``.
+
+        Args:
+            length: Sequence length ``T``, in tokens.
+            device: Device of the tables.
+
+        Returns:
+            The cached ``(cos, sin)`` pair.
+        """
         key = (length, str(device))
         if key not in self._cache:
             half = self.head_dim // 2
@@ -101,7 +140,16 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[B, H, T, head_dim]`` by the tables ``cos, sin`` (``[T, head_dim/2]``)."""
+    """Rotate ``x`` of shape ``[B, H, T, head_dim]`` by the tables ``cos, sin`` (``[T, head_dim/2]``).
+
+    Args:
+        x: Queries or keys ``[B, H, T, head_dim]``.
+        cos: Cosines ``[T, head_dim/2]`` from :meth:`Rotary.tables`.
+        sin: Sines ``[T, head_dim/2]`` from :meth:`Rotary.tables`.
+
+    Returns:
+        The rotated tensor, same shape and dtype as ``x`` (computed in float32).
+    """
     half = x.shape[-1] // 2
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
@@ -113,6 +161,11 @@ class Attention(nn.Module):
     """Causal multi-head attention with rotary embeddings and optional grouped-query heads."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        """The four bias-free projections ``wq``, ``wk``, ``wv``, ``wo`` (weights set by :func:`init_block`).
+
+        Args:
+            cfg: Model sizes (``d_model``, ``heads``, ``kv_heads``).
+        """
         super().__init__()
         self.heads = cfg.heads
         self.kv_heads = kv_heads(cfg)
@@ -124,6 +177,16 @@ class Attention(nn.Module):
         self.wo = _linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of ``x`` with rotary queries and keys.
+
+        Args:
+            x: Normalised hidden states ``[B, T, d_model]``.
+            cos: Rotary cosines ``[T, head_dim/2]``.
+            sin: Rotary sines ``[T, head_dim/2]``.
+
+        Returns:
+            The attention output after ``wo``, ``[B, T, d_model]``.
+        """
         b, t, d = x.shape
         q = self.wq(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -142,6 +205,11 @@ class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))`` (Shazeer 2020, eq. 6)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        """The three bias-free projections ``w_gate``, ``w_up``, ``w_down``.
+
+        Args:
+            cfg: Model sizes (``d_model``, ``ffn_hidden``; see :func:`ffn_hidden_size`).
+        """
         super().__init__()
         hidden = ffn_hidden_size(cfg)
         self.w_gate = _linear(cfg.d_model, hidden)
@@ -149,6 +217,14 @@ class SwiGLU(nn.Module):
         self.w_down = _linear(hidden, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP of ``x``.
+
+        Args:
+            x: Normalised hidden states ``[B, T, d_model]``.
+
+        Returns:
+            The MLP output, ``[B, T, d_model]``.
+        """
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -156,6 +232,11 @@ class Block(nn.Module):
     """One pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        """Two RMSNorms, the attention and the MLP of one block.
+
+        Args:
+            cfg: Model sizes.
+        """
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
@@ -163,6 +244,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x``.
+
+        Args:
+            x: Hidden states ``[B, T, d_model]``.
+            cos: Rotary cosines ``[T, head_dim/2]``.
+            sin: Rotary sines ``[T, head_dim/2]``.
+
+        Returns:
+            The block's output, ``[B, T, d_model]``.
+        """
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -173,13 +264,25 @@ class Block(nn.Module):
 
 @torch.no_grad()
 def init_embedding(embed: nn.Embedding, seed: int) -> None:
-    """Initialise the token embedding from its own generator (``(seed, "embed")``)."""
+    """Initialise the token embedding from its own generator (``(seed, "embed")``).
+
+    Args:
+        embed: The embedding ``[vocab_size, d_model]``, overwritten in place.
+        seed: Run seed (``train.seed``).
+    """
     embed.weight.normal_(0.0, INIT_STD, generator=_generator(seed, "embed"))
 
 
 @torch.no_grad()
 def init_block(block: Block, seed: int, layer: int, num_layers: int) -> None:
-    """Initialise block ``layer`` (global index) from its own generator (``(seed, "block.<layer>")``)."""
+    """Initialise block ``layer`` (global index) from its own generator (``(seed, "block.<layer>")``).
+
+    Args:
+        block: The block, overwritten in place.
+        seed: Run seed (``train.seed``).
+        layer: Global index of the block, 0-based.
+        num_layers: ``model.layers``; scales the residual projections' standard deviation.
+    """
     gen = _generator(seed, f"block.{layer}")
     residual_std = INIT_STD / math.sqrt(2 * num_layers)
     for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
@@ -194,33 +297,72 @@ def init_block(block: Block, seed: int, layer: int, num_layers: int) -> None:
 
 @torch.no_grad()
 def init_head(head: nn.Linear, seed: int) -> None:
-    """Initialise the LM head from its own generator (``(seed, "head")``)."""
+    """Initialise the LM head from its own generator (``(seed, "head")``).
+
+    Args:
+        head: The LM head ``[vocab_size, d_model]``, overwritten in place.
+        seed: Run seed (``train.seed``).
+    """
     head.weight.normal_(0.0, INIT_STD, generator=_generator(seed, "head"))
 
 
 def make_embedding(cfg: ModelConfig, seed: int) -> nn.Embedding:
-    """The token embedding, initialised from ``(seed, "embed")``."""
+    """The token embedding, initialised from ``(seed, "embed")``.
+
+    Args:
+        cfg: Model sizes (``vocab_size``, ``d_model``).
+        seed: Run seed (``train.seed``).
+
+    Returns:
+        An ``nn.Embedding`` with weight ``[vocab_size, d_model]`` in float32 on the CPU.
+    """
     embed = torch.nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.d_model)
     init_embedding(embed, seed)
     return embed
 
 
 def make_block(cfg: ModelConfig, seed: int, layer: int) -> Block:
-    """Block number ``layer`` (global index), initialised from ``(seed, "block.<layer>")``."""
+    """Block number ``layer`` (global index), initialised from ``(seed, "block.<layer>")``.
+
+    Args:
+        cfg: Model sizes.
+        seed: Run seed (``train.seed``).
+        layer: Global index of the block, 0-based.
+
+    Returns:
+        The block, in float32 on the CPU.
+    """
     block = Block(cfg)
     init_block(block, seed, layer, cfg.layers)
     return block
 
 
 def make_head(cfg: ModelConfig, seed: int) -> nn.Linear:
-    """The LM head (untied), initialised from ``(seed, "head")``."""
+    """The LM head (untied), initialised from ``(seed, "head")``.
+
+    Args:
+        cfg: Model sizes (``vocab_size``, ``d_model``).
+        seed: Run seed (``train.seed``).
+
+    Returns:
+        A bias-free ``nn.Linear`` with weight ``[vocab_size, d_model]`` in float32 on the CPU.
+    """
     head = _linear(cfg.d_model, cfg.vocab_size)
     init_head(head, seed)
     return head
 
 
 def finish(module: nn.Module, cfg: ModelConfig, device: torch.device | str | None) -> None:
-    """Cast to ``model.dtype`` and move to ``device`` (weights are always drawn on the CPU)."""
+    """Cast to ``model.dtype`` and move to ``device`` (weights are always drawn on the CPU).
+
+    Args:
+        module: The module, changed in place.
+        cfg: Model sizes (``dtype``).
+        device: Where to move it; ``None`` leaves it where it is.
+
+    Raises:
+        ConfigError: if ``model.dtype`` is not one of :data:`TORCH_DTYPES`.
+    """
     dtype = TORCH_DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype must be one of {', '.join(TORCH_DTYPES)}, got {cfg.dtype!r}")
@@ -230,7 +372,15 @@ def finish(module: nn.Module, cfg: ModelConfig, device: torch.device | str | Non
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy (computed in float32) of ``logits [B, T, V]`` against ``targets [B, T]``."""
+    """Mean token cross-entropy (computed in float32) of ``logits [B, T, V]`` against ``targets [B, T]``.
+
+    Args:
+        logits: Logits ``[B, T, V]``.
+        targets: Next-token ids ``[B, T]`` (int64).
+
+    Returns:
+        A float32 scalar tensor.
+    """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -242,6 +392,12 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+        """Build every module with its own seeded weights, in float32 on the CPU.
+
+        Args:
+            cfg: Model sizes.
+            seed: Run seed for the per-module generators.
+        """
         super().__init__()
         self.cfg = cfg
         self.embed = make_embedding(cfg, seed)
@@ -255,7 +411,14 @@ class Transformer(nn.Module):
         self.rotary = Rotary(head_dim(cfg), cfg.rope_theta)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states ``[B, T, d_model]`` of ``tokens [B, T]``."""
+        """Final-norm hidden states ``[B, T, d_model]`` of ``tokens [B, T]``.
+
+        Args:
+            tokens: Token ids ``[B, T]`` (int64).
+
+        Returns:
+            Hidden states after the final RMSNorm.
+        """
         cos, sin = self.rotary.tables(tokens.shape[1], tokens.device)
         x = self.embed(tokens)
         for block in self.blocks:
@@ -263,11 +426,26 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, T, vocab_size]`` for ``tokens [B, T]`` (int64)."""
+        """Logits ``[B, T, vocab_size]`` for ``tokens [B, T]`` (int64).
+
+        Args:
+            tokens: Token ids ``[B, T]``.
+
+        Returns:
+            The logits, in the model's dtype.
+        """
         return self.head(self.hidden(tokens))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Scalar mean token cross-entropy of predicting ``targets [B, T]`` from ``tokens [B, T]``."""
+        """Scalar mean token cross-entropy of predicting ``targets [B, T]`` from ``tokens [B, T]``.
+
+        Args:
+            tokens: Token ids ``[B, T]`` (int64).
+            targets: Next-token ids ``[B, T]`` (int64).
+
+        Returns:
+            A float32 scalar tensor.
+        """
         return lm_loss(self.forward(tokens), targets)
 
 
@@ -276,6 +454,17 @@ def build_model(cfg: ModelConfig, seed: int, device: torch.device | str | None =
 
     Its blocks hold the same initial weights as the chunks of
     :func:`spotpipe.model.stages.build_stage` with the same ``seed``.
+
+    Args:
+        cfg: Model sizes and ``model.dtype``.
+        seed: Run seed (``train.seed``).
+        device: Where to put the model; ``None`` keeps it on the CPU.
+
+    Returns:
+        The :class:`Transformer`.
+
+    Raises:
+        ConfigError: if ``model.dtype`` is unknown, or on a bad head width (odd ``head_dim``).
     """
     model = Transformer(cfg, seed)
     finish(model, cfg, device)

@@ -18,7 +18,11 @@ EXIT_INTERRUPTED = 130
 
 
 def register(subparsers: Any) -> None:
-    """Add ``train`` and ``worker`` to the top-level parser."""
+    """Add ``train`` and ``worker`` to the top-level parser.
+
+    Args:
+        subparsers: The top-level parser's ``add_subparsers()`` object.
+    """
     train = subparsers.add_parser(
         "train",
         help="train a model with pipeline parallelism on worker processes",
@@ -57,6 +61,18 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``spotpipe train``: start the controller and its local workers, train, print the result line.
+
+    Args:
+        args: Parsed ``spotpipe train`` arguments.
+
+    Returns:
+        0, or :data:`EXIT_INTERRUPTED` when the job was interrupted.
+
+    Raises:
+        SpotpipeError: on bad input (config, run directory, data, checkpoint, fault specs) or when
+            the job failed.
+    """
     from spotpipe.errors import SpotpipeError
     from spotpipe.runtime.control.job import prepare_run
 
@@ -80,6 +96,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """``spotpipe worker``: join a job and work until it ends.
+
+    Args:
+        args: Parsed ``spotpipe worker`` arguments.
+
+    Returns:
+        The worker's exit status (:func:`~spotpipe.runtime.worker.entry.run_worker`).
+
+    Raises:
+        SpotpipeError: on a bad ``--join`` address or token, checked before torch is imported.
+    """
     from spotpipe.runtime import protocol
 
     # Check the cheap things before torch is imported, so bad input fails at once.

@@ -71,6 +71,13 @@ def worker_hardware(cfg: JobConfig, local_index: int) -> tuple[str, torch.device
     for its own machine; a worker that joined from another machine resolves an ``auto`` left in
     them on its own: ``cuda:local_index mod n`` or the CPU, NCCL when it computes on CUDA.
 
+    Args:
+        cfg: The job (``run.device``, ``run.backend``).
+        local_index: The worker's index among the workers on its machine, 0-based.
+
+    Returns:
+        ``(backend, device)``: ``"gloo"`` or ``"nccl"``, and the torch device.
+
     Raises:
         ConfigError: CUDA (or NCCL) asked for on a machine without it.
     """

@@ -72,38 +72,111 @@ GEN_CURRENT = "gen/current"
 
 
 def join_response_key(nonce: str) -> str:
+    """The store key of the controller's answer to the join request ``nonce``.
+
+    Args:
+        nonce: The request's random nonce (hex).
+
+    Returns:
+        The key.
+    """
     return f"join/resp/{nonce}"
 
 
 def heartbeat_key(worker: int) -> str:
+    """The store counter worker ``worker`` increments as its heartbeat.
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"hb/{worker}"
 
 
 def plan_key(generation: int) -> str:
+    """The store key of generation ``generation``'s plan (JSON, :class:`GenerationPlan`).
+
+    Args:
+        generation: Generation number.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/plan"
 
 
 def abort_key(generation: int) -> str:
+    """The store key set (to the reason) when generation ``generation`` is aborted.
+
+    Args:
+        generation: Generation number.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/abort"
 
 
 def step_report_key(step: int, worker: int) -> str:
+    """The store key of worker ``worker``'s report of step ``step`` (JSON).
+
+    Args:
+        step: Step, 0-based.
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"step/{step}/w/{worker}"
 
 
 def step_done_key(step: int) -> str:
+    """The store counter of workers that reported step ``step``.
+
+    Args:
+        step: Step, 0-based.
+
+    Returns:
+        The key.
+    """
     return f"step/{step}/done"
 
 
 def step_commit_key(step: int) -> str:
+    """The store key set (to the generation number) once step ``step`` is committed.
+
+    Args:
+        step: Step, 0-based.
+
+    Returns:
+        The key.
+    """
     return f"step/{step}/commit"
 
 
 def error_key(worker: int) -> str:
+    """The store key of worker ``worker``'s fatal error (JSON).
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"err/{worker}"
 
 
 def bye_key(worker: int) -> str:
+    """The store key worker ``worker`` sets when it leaves normally.
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"bye/{worker}"
 
 
@@ -111,27 +184,66 @@ def bye_key(worker: int) -> str:
 
 
 def step_ready_key(generation: int, step: int) -> str:
-    """Counter of workers whose world all-reduce of ``step`` returned (phase 2 done)."""
+    """Counter of workers whose world all-reduce of ``step`` returned (phase 2 done).
+
+    Args:
+        generation: Generation number.
+        step: Step, 0-based.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/step/{step}/ready"
 
 
 def step_decide_key(generation: int, step: int) -> str:
-    """``commit`` or ``abort``, set once with compare_set: every survivor applies ``step`` or none."""
+    """``commit`` or ``abort``, set once with compare_set: every survivor applies ``step`` or none.
+
+    Args:
+        generation: Generation number.
+        step: Step, 0-based.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/step/{step}/decide"
 
 
 def survivor_key(generation: int, worker: int) -> str:
-    """A survivor of generation g aborted its step: JSON {step, sampler, mirror}."""
+    """A survivor of generation g aborted its step: JSON {step, sampler, mirror}.
+
+    Args:
+        generation: Generation number.
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/survivor/{worker}"
 
 
 def recovery_key(generation: int) -> str:
-    """The controller's recovery decision for generation g (published before gen/current)."""
+    """The controller's recovery decision for generation g (published before gen/current).
+
+    Args:
+        generation: Generation number.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/recovery"
 
 
 def recovered_key(generation: int, worker: int) -> str:
-    """A worker finished its part of generation g's recovery: JSON {bytes, seconds}."""
+    """A worker finished its part of generation g's recovery: JSON {bytes, seconds}.
+
+    Args:
+        generation: Generation number.
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"gen/{generation}/recovered/{worker}"
 
 
@@ -139,12 +251,26 @@ END = "ctl/end"  # the job is over (spares waiting for a role exit)
 
 
 def spare_key(worker: int) -> str:
-    """The grant that turns waiting spare ``worker`` into a member (JSON, like a join grant)."""
+    """The grant that turns waiting spare ``worker`` into a member (JSON, like a join grant).
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"spare/{worker}"
 
 
 def fault_key(worker: int) -> str:
-    """Phase fault a worker is about to kill itself with: JSON {step, phase, time}."""
+    """Phase fault a worker is about to kill itself with: JSON {step, phase, time}.
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
     return f"fault/{worker}"
 
 
@@ -164,6 +290,11 @@ class StoreBytes:
         self.total = 0
 
     def add(self, n: int) -> None:
+        """Count ``n`` more bytes (thread-safe).
+
+        Args:
+            n: Bytes written.
+        """
         with self._lock:
             self.total += n
 
@@ -203,18 +334,58 @@ class GuardedStore:
         self.written.add(n + len(key))
 
     def set(self, key: str, value: str | bytes) -> None:
+        """Set ``key`` to ``value``.
+
+        Args:
+            key: Store key.
+            value: At most :attr:`limit` bytes.
+
+        Raises:
+            StoreValueTooLarge: if ``value`` is over the limit.
+        """
         self._guard(key, value)
         self.raw.set(key, value)
 
     def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        """Set ``key`` to ``desired`` if it holds ``expected`` (or is missing and ``expected`` is empty).
+
+        Args:
+            key: Store key.
+            expected: The value the key must hold.
+            desired: The new value, at most :attr:`limit` bytes.
+
+        Returns:
+            The key's value after the call.
+
+        Raises:
+            StoreValueTooLarge: if ``desired`` is over the limit.
+        """
         self._guard(key, desired)
         return bytes(self.raw.compare_set(key, expected, desired))
 
     def queue_push(self, key: str, value: str | bytes) -> None:
+        """Append ``value`` to the store queue ``key``.
+
+        Args:
+            key: Store key of the queue.
+            value: At most :attr:`limit` bytes.
+
+        Raises:
+            StoreValueTooLarge: if ``value`` is over the limit.
+        """
         self._guard(key, value)
         self.raw.queue_push(key, value)
 
     def add(self, key: str, amount: int) -> int:
+        """Add ``amount`` to the counter ``key`` (counted as the key plus 8 bytes written).
+
+        Args:
+            key: Store key of the counter.
+            amount: What to add; 0 reads the counter.
+
+        Returns:
+            The counter's new value.
+        """
         self.written.add(len(key) + 8)
         return int(self.raw.add(key, amount))
 
@@ -236,16 +407,42 @@ def new_token() -> str:
 
 
 def join_proof(token: str, job_id: str, nonce: str) -> str:
-    """What a worker presents instead of the token: HMAC-SHA256(token, ``job_id:nonce``)."""
+    """What a worker presents instead of the token: HMAC-SHA256(token, ``job_id:nonce``).
+
+    Args:
+        token: The job token (32 hex characters).
+        job_id: The job's id from the store.
+        nonce: The join request's nonce.
+
+    Returns:
+        The HMAC, 64 hex digits.
+    """
     return hmac.new(token.encode(), f"{job_id}:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
 def check_proof(token: str, job_id: str, nonce: str, proof: str) -> bool:
+    """Whether ``proof`` is :func:`join_proof` of the token (compared in constant time).
+
+    Args:
+        token: The job token.
+        job_id: The job's id.
+        nonce: The join request's nonce.
+        proof: What the worker presented.
+
+    Returns:
+        True for a matching, non-empty proof.
+    """
     return bool(proof) and hmac.compare_digest(join_proof(token, job_id, nonce), proof)
 
 
 def read_token(token_file: str | None) -> str | None:
     """The job token from ``--token-file`` (if given) or ``$SPOTPIPE_TOKEN``; ``None`` if neither.
+
+    Args:
+        token_file: ``--token-file``, or None.
+
+    Returns:
+        The token (32 hex characters), or None.
 
     Raises:
         SpotpipeError: the token file is missing, unreadable or malformed.
@@ -265,7 +462,15 @@ def read_token(token_file: str | None) -> str | None:
 
 
 def write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` to a file only its owner can read (mode 0600)."""
+    """Write ``text`` to a file only its owner can read (mode 0600).
+
+    Args:
+        path: The file (created or truncated).
+        text: Its text; a newline is added.
+
+    Raises:
+        OSError: if the file cannot be written.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text + "\n")
@@ -276,7 +481,17 @@ def write_private_file(path: Path, text: str) -> None:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port), with a clear error."""
+    """``HOST:PORT`` -> (host, port), with a clear error.
+
+    Args:
+        text: ``HOST:PORT``; an IPv6 host may be in brackets.
+
+    Returns:
+        ``(host, port)``, port in 1..65535.
+
+    Raises:
+        SpotpipeError: naming ``--join`` when the text is not ``HOST:PORT``.
+    """
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SpotpipeError(f"--join {text!r}: expected HOST:PORT, e.g. 10.0.0.5:29400")
@@ -303,6 +518,9 @@ def connect_store(host: str, port: int, timeout_s: float, give_up: Callable[[], 
         port: Its store's port.
         timeout_s: How long to keep trying, and the client's timeout afterwards (seconds).
         give_up: Returns a reason to stop trying (e.g. the local controller's process ended), or "".
+
+    Returns:
+        The connected :class:`GuardedStore`.
 
     Raises:
         ControllerGone: ``give_up`` gave a reason.
@@ -353,6 +571,13 @@ def describe_store_error(exc: BaseException, limit: int = 120) -> str:
     """A store client's error as a short reason: ``Connection reset by peer``, ``Broken pipe``.
 
     Drops the C++ source location torch prefixes and its advice after the first sentence.
+
+    Args:
+        exc: The store client's exception.
+        limit: Most characters.
+
+    Returns:
+        The reason, at most ``limit`` characters; the exception's type name when it has no text.
     """
     text = " ".join(str(exc).split())
     if text.startswith("[") and "] " in text[:300]:
@@ -363,7 +588,16 @@ def describe_store_error(exc: BaseException, limit: int = 120) -> str:
 
 
 def local_address_towards(host: str, port: int) -> str:
-    """The address of this machine that ``host`` sees (the interface that routes to it)."""
+    """The address of this machine that ``host`` sees (the interface that routes to it).
+
+    Args:
+        host: The controller's host.
+        port: Its port (no packet is sent: a UDP socket is only connected).
+
+    Returns:
+        An IP address, ``127.0.0.1`` for a local controller, or this machine's host name when no
+        route is found.
+    """
     if host in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1"
     try:
@@ -402,6 +636,15 @@ class JoinRefused(SpotpipeError):
 
 def request_join(store: Any, token: str | None, *, listen_host: str, timeout_s: float) -> Grant:
     """Ask the controller for a role; block until it answers.
+
+    Args:
+        store: A client of the controller's store.
+        token: The job token, or None (an empty proof is sent).
+        listen_host: The address other workers reach this one on.
+        timeout_s: Seconds to wait for the answer.
+
+    Returns:
+        The grant: worker id, role and job information.
 
     Raises:
         JoinRefused: with the controller's reason (bad or missing token, job full, ...).

@@ -104,9 +104,29 @@ class GenerationPlan:
         return len(self.members)
 
     def world_rank(self, stage: int, replica: int) -> int:
+        """The world rank of the worker playing ``stage`` in ``replica``: ``replica * stages + stage``.
+
+        Args:
+            stage: Pipeline rank (stage), 0-based.
+            replica: Data-parallel replica, 0-based.
+
+        Returns:
+            The world rank (not checked against the plan).
+        """
         return replica * self.stages + stage
 
     def rank_of_worker(self, worker: int) -> int:
+        """The world rank of worker id ``worker`` in this generation.
+
+        Args:
+            worker: Worker id (as the controller numbers workers).
+
+        Returns:
+            Its world rank.
+
+        Raises:
+            SpotpipeError: if the worker is not a member.
+        """
         for rank, m in enumerate(self.members):
             if m.worker == worker:
                 return rank
@@ -124,6 +144,20 @@ class GenerationPlan:
 
     @staticmethod
     def from_json(text: str | bytes) -> GenerationPlan:
+        """Parse a plan from its JSON form: ``generation``, ``stages``, ``replicas`` and ``members``, a
+
+        list of ``[worker, stage, replica, host, pid]``.
+
+        Args:
+            text: The JSON text.
+
+        Returns:
+            The plan.
+
+        Raises:
+            SpotpipeError: if the members do not fit ``stages x replicas`` or sit at the wrong rank.
+            ValueError, KeyError: on text that is not JSON or lacks a field.
+        """
         d = json.loads(text)
         members = tuple(Member(int(w), int(s), int(r), str(h), int(p)) for w, s, r, h, p in d["members"])
         return GenerationPlan(int(d["generation"]), int(d["stages"]), int(d["replicas"]), members)
@@ -197,6 +231,13 @@ class GenerationCancelled(GenerationAborted):
     """
 
     def __init__(self, generation: int, reason: str, waited_s: float = 0.0) -> None:
+        """Name the generation and why it was cancelled.
+
+        Args:
+            generation: The generation's number.
+            reason: Why (shown as the error's detail).
+            waited_s: Seconds spent waiting before the cancellation.
+        """
         self.generation = generation
         super().__init__(peer=None, peer_name=f"the members of generation {generation}",
                          action=f"building the process groups of generation {generation}", waited_s=waited_s,
@@ -206,6 +247,14 @@ class GenerationCancelled(GenerationAborted):
         return f"generation {self.generation} was aborted before its process groups were built ({self.detail})"
 
     def with_action(self, action: str) -> CommError:
+        """This error itself: it already says what was being built.
+
+        Args:
+            action: Ignored.
+
+        Returns:
+            ``self``.
+        """
         return self
 
 
@@ -393,6 +442,11 @@ class Generation:
     def all_reduce(self, tensor: torch.Tensor, group: str, what: str) -> None:
         """SUM-all-reduce ``tensor`` in place over ``group`` (``"world"`` or ``"replica"``).
 
+        Args:
+            tensor: The tensor to sum, on the group's device; overwritten with the sum.
+            group: ``"world"`` or ``"replica"`` (a no-op where this generation has no such group).
+            what: What is reduced (``gradient all-reduce``), named in errors.
+
         Raises:
             CommError: naming ``what`` and the group, on timeout, a lost peer, or abort.
         """
@@ -427,6 +481,9 @@ class Generation:
 
         Safe to call from any thread, more than once. The groups are kept until
         :func:`release_retired` drops them (a thread of this process may still be waiting on them).
+
+        Args:
+            reason: Why, reported by the operations that fail.
         """
         with self._lock:
             if self.aborted:

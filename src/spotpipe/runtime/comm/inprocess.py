@@ -116,11 +116,26 @@ class InProcessTransport:
         return self._hub.aborted
 
     def peer_name(self, peer: int) -> str:
-        """How errors name rank ``peer``."""
+        """How errors name rank ``peer``.
+
+        Args:
+            peer: Rank in the hub.
+
+        Returns:
+            The name given to the hub, else ``rank <peer>``.
+        """
         return self._hub.peer_name(peer)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         """Put a copy of ``tensor`` in ``peer``'s mailbox for ``tag``; the handle is complete at once.
+
+        Args:
+            tensor: The message (copied).
+            peer: Receiving rank in the hub.
+            tag: Message tag (``Action.tag``).
+
+        Returns:
+            A handle whose wait returns at once.
 
         Raises:
             GenerationAborted: the hub was aborted.
@@ -131,6 +146,14 @@ class InProcessTransport:
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         """Post a receive of ``peer``'s message ``tag`` into ``tensor`` (same shape and dtype).
+
+        Args:
+            tensor: Preallocated receive buffer.
+            peer: Sending rank in the hub.
+            tag: Message tag (``Action.tag``).
+
+        Returns:
+            A handle whose wait copies the message in.
 
         Raises:
             GenerationAborted: the hub was aborted.
@@ -184,7 +207,11 @@ class InProcessHub:
 
     def end_idle_threads(self, timeout_s: float = 2.0) -> None:
         """End the rank threads now instead of after :data:`IDLE_EXIT_S` (at interpreter exit, so
-        no thread that ran torch code outlives the interpreter: that can abort the process)."""
+        no thread that ran torch code outlives the interpreter: that can abort the process).
+
+        Args:
+            timeout_s: Seconds to wait for each thread to end.
+        """
         with self._lock:
             if self._playing:
                 return
@@ -199,17 +226,38 @@ class InProcessHub:
             self._closing = False
 
     def transport(self, rank: int) -> InProcessTransport:
-        """The transport of ``rank``."""
+        """The transport of ``rank``.
+
+        Args:
+            rank: Rank in the hub, ``0 .. world_size - 1``.
+
+        Returns:
+            A new transport endpoint.
+
+        Raises:
+            ValueError: if ``rank`` is out of range.
+        """
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is not in this in-process hub of {self.world_size} ranks")
         return InProcessTransport(self, rank)
 
     def peer_name(self, rank: int) -> str:
-        """How errors name ``rank``."""
+        """How errors name ``rank``.
+
+        Args:
+            rank: Rank in the hub.
+
+        Returns:
+            The name given to the hub, else ``rank <rank>``.
+        """
         return self._names.get(rank, f"rank {rank}")
 
     def abort(self, reason: str = "generation aborted") -> None:
-        """Make every pending and later send and wait fail with GenerationAborted (first reason kept)."""
+        """Make every pending and later send and wait fail with GenerationAborted (first reason kept).
+
+        Args:
+            reason: Why, reported by the operations that fail.
+        """
         with self._lock:
             if not self.aborted:
                 self.aborted = True

@@ -95,11 +95,29 @@ class LinkDelayTransport:
         self._thread.start()
 
     def peer_name(self, peer: int) -> str:
+        """How errors name world rank ``peer``: the inner transport's name, else ``world rank <peer>``.
+
+        Args:
+            peer: World rank.
+
+        Returns:
+            The name.
+        """
         name = getattr(self.inner, "peer_name", None)
         return str(name(peer)) if callable(name) else f"world rank {peer}"
 
     def delay_of(self, peer: int, nbytes: int, now: float) -> float:
-        """Due time of a message of ``nbytes`` to ``peer`` sent at ``now``; books the link."""
+        """Due time of a message of ``nbytes`` to ``peer`` sent at ``now``; books the link.
+
+        Args:
+            peer: Receiving world rank.
+            nbytes: Message size in bytes.
+            now: Send time, seconds on the transport's monotonic clock.
+
+        Returns:
+            The arrival time, seconds on the same clock: the link's queue is served in order, then
+            serialisation (bytes / bandwidth) and latency.
+        """
         link = self.network.link(self.self_node, self._node_of(peer))
         start = max(now, self._free_at.get(peer, 0.0))
         ser = link.serialization_s(nbytes)
@@ -163,19 +181,48 @@ class LinkDelayTransport:
 
 
 def network_for_job(cfg: JobConfig) -> Network:
-    """The emulated network of a job: one node per worker (world rank)."""
+    """The emulated network of a job: one node per worker (world rank).
+
+    Args:
+        cfg: The job (``[network]``, ``pipeline.stages``, ``pipeline.replicas``).
+
+    Returns:
+        The network.
+
+    Raises:
+        ConfigError: on a bad ``[network]`` section (:func:`spotpipe.network.build_network`).
+    """
     stages, replicas = cfg.pipeline.stages, cfg.pipeline.replicas
     return build_network(cfg.network, stages, stages * replicas)
 
 
 def emulates_links(cfg: JobConfig) -> bool:
-    """Whether ``[network]`` asks for any delay at all."""
+    """Whether ``[network]`` asks for any delay at all.
+
+    Args:
+        cfg: The job.
+
+    Returns:
+        True with a link matrix, a latency or a bandwidth limit.
+    """
     n = cfg.network
     return bool(n.matrix) or n.latency_ms > 0 or n.bandwidth_gbps > 0
 
 
 def wrap_for_job(inner: Transport, cfg: JobConfig, world_rank: int) -> Transport:
-    """``inner`` wrapped in link-delay emulation when the config asks for it, else ``inner``."""
+    """``inner`` wrapped in link-delay emulation when the config asks for it, else ``inner``.
+
+    Args:
+        inner: The real transport.
+        cfg: The job.
+        world_rank: This worker's world rank (its node).
+
+    Returns:
+        The transport to use.
+
+    Raises:
+        ConfigError: on a bad ``[network]`` section.
+    """
     if not emulates_links(cfg):
         return inner
     return LinkDelayTransport(inner, network_for_job(cfg), world_rank)

@@ -47,6 +47,15 @@ def p2p(gen: Any, sends: Iterable[tuple[torch.Tensor, int, int]], recvs: Iterabl
 def wait_key(store: Any, key: str, timeout_s: float, stop: Callable[[], bool] | None = None) -> bytes:
     """Poll the store until ``key`` exists and return its value.
 
+    Args:
+        store: A ``torch.distributed`` store (``check``, ``get``).
+        key: The key to wait for.
+        timeout_s: Seconds to wait at most.
+        stop: Polled every 5 ms; true ends the wait early.
+
+    Returns:
+        The key's value.
+
     Raises:
         TimeoutError: After ``timeout_s`` seconds, or as soon as ``stop()`` is true.
     """

@@ -58,6 +58,15 @@ class CommError(SpotpipeError):
         waited_s: float = 0.0,
         detail: str = "",
     ) -> None:
+        """Keep the fields (see the class's attributes) and build the message from them.
+
+        Args:
+            peer: World rank of the peer, or ``None`` for a collective.
+            peer_name: How to name the peer to a user.
+            action: What was waited for.
+            waited_s: Seconds the wait lasted.
+            detail: The underlying error text.
+        """
         self.peer = peer
         self.peer_name = peer_name
         self.action = action
@@ -72,7 +81,14 @@ class CommError(SpotpipeError):
         return f"communication with {self.peer_name} failed{self._what()}: {self.detail}"
 
     def with_action(self, action: str) -> CommError:
-        """A copy of this error that names ``action`` (what the caller was waiting for)."""
+        """A copy of this error that names ``action`` (what the caller was waiting for).
+
+        Args:
+            action: What the caller was waiting for.
+
+        Returns:
+            A new error of the same type.
+        """
         return type(self)(
             peer=self.peer, peer_name=self.peer_name, action=action, waited_s=self.waited_s, detail=self.detail
         )
@@ -110,6 +126,9 @@ class Handle(Protocol):
     def wait(self, timeout_s: float) -> None:
         """Block until the message has gone (send) or arrived (receive).
 
+        Args:
+            timeout_s: Seconds to wait at most.
+
         Raises:
             PeerTimeout: after ``timeout_s`` seconds.
             PeerLost: when the connection to the peer broke.
@@ -126,9 +145,31 @@ class Transport(Protocol):
     returned; a receive buffer must be preallocated with the right shape and dtype.
     """
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle: ...
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
+        """Start sending ``tensor`` to ``peer``.
 
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle: ...
+        Args:
+            tensor: The message; unchanged until the handle's wait returned.
+            peer: Receiving world rank.
+            tag: Message tag.
+
+        Returns:
+            The send's handle.
+        """
+        ...
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
+        """Start receiving ``peer``'s message ``tag`` into ``tensor``.
+
+        Args:
+            tensor: Preallocated buffer of the message's shape and dtype.
+            peer: Sending world rank.
+            tag: Message tag.
+
+        Returns:
+            The receive's handle; the buffer holds the message once its wait returned.
+        """
+        ...
 
     def abort(self) -> None:
         """Make every pending and future wait of this transport fail at once."""
@@ -152,7 +193,20 @@ def classify_comm_error(
     exc: BaseException, *, peer: int | None, peer_name: str, waited_s: float, aborted: bool, timeout_s: float
 ) -> CommError:
     """Turn a torch.distributed exception into :class:`PeerTimeout`, :class:`PeerLost` or
-    :class:`GenerationAborted`."""
+    :class:`GenerationAborted`.
+
+    Args:
+        exc: The exception torch raised.
+        peer: World rank of the peer, or ``None`` for a collective.
+        peer_name: How to name the peer.
+        waited_s: Seconds the wait lasted.
+        aborted: The transport or generation was aborted (wins over the text).
+        timeout_s: The wait's limit; a timeout reports at least this.
+
+    Returns:
+        :class:`GenerationAborted` when aborted, :class:`PeerTimeout` when the text says the wait
+        timed out, else :class:`PeerLost`.
+    """
     text = str(exc)
     if aborted:
         return GenerationAborted(peer=peer, peer_name=peer_name, waited_s=waited_s, detail=_short(exc))
@@ -239,6 +293,14 @@ class ProcessGroupTransport:
         self.stage_through_host = stage_through_host
 
     def peer_name(self, peer: int) -> str:
+        """How errors name world rank ``peer``.
+
+        Args:
+            peer: World rank.
+
+        Returns:
+            The name given at construction, else ``world rank <peer>``.
+        """
         return self._names.get(peer, f"world rank {peer}")
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
@@ -307,11 +369,25 @@ class LocalHub:
     """Connects :class:`QueueTransport` endpoints that live in one process (one per thread)."""
 
     def __init__(self, world_size: int) -> None:
+        """An empty hub.
+
+        Args:
+            world_size: Number of ranks.
+        """
         self.world_size = world_size
         self._mail = _Mailbox()
         self._transports: list[QueueTransport] = []
 
     def transport(self, rank: int, peer_names: Mapping[int, str] | None = None) -> QueueTransport:
+        """The endpoint of ``rank``.
+
+        Args:
+            rank: Rank in the hub.
+            peer_names: Rank -> how errors name it.
+
+        Returns:
+            A new endpoint, kept by the hub (for :meth:`abort_all`).
+        """
         t = QueueTransport(self, rank, peer_names or {})
         self._transports.append(t)
         return t
@@ -364,12 +440,27 @@ class QueueTransport:
     """
 
     def __init__(self, hub: LocalHub, rank: int, peer_names: Mapping[int, str]) -> None:
+        """An endpoint of ``hub``.
+
+        Args:
+            hub: The hub that holds the queues.
+            rank: This endpoint's rank.
+            peer_names: Rank -> how errors name it.
+        """
         self._hub = hub
         self.rank = rank
         self._names = dict(peer_names)
         self.aborted = False
 
     def peer_name(self, peer: int) -> str:
+        """How errors name ``peer``.
+
+        Args:
+            peer: Rank in the hub.
+
+        Returns:
+            The name given at construction, else ``rank <peer>``.
+        """
         return self._names.get(peer, f"rank {peer}")
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:

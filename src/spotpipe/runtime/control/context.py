@@ -40,6 +40,10 @@ class ControlContext:
     def event(self, name: str, **fields: Any) -> None:
         """Write one event record (``name``, ``fields``) to the run's log.
 
+        Args:
+            name: The event name (a constant of :mod:`spotpipe.events`).
+            **fields: The record's other fields, JSON values.
+
         Raises:
             RuntimeError: If the log is not open yet (the controller has not started).
         """

@@ -276,6 +276,13 @@ class Controller:
     # -- joins and generations -----------------------------------------------------------------
 
     def publish_generation(self, reason: str) -> None:
+        """Publish the next generation from the current role table: its plan and number in the store,
+
+        a ``generation`` event, and (the first time) the spare workers.
+
+        Args:
+            reason: Why the generation starts, for the event log.
+        """
         assert self.ctx.log is not None
         self.generation += 1
         members = self.members.members()
@@ -300,7 +307,12 @@ class Controller:
 
     def commit(self, step: int, members: list[Member] | None = None) -> None:
         """Write the ``step`` event (from every member's report, or from ``members`` only: the
-        survivors of a step that was decided ``commit`` before a worker was lost)."""
+        survivors of a step that was decided ``commit`` before a worker was lost).
+
+        Args:
+            step: The committed step, 0-based.
+            members: The members whose reports count; ``None``: every member of the current plan.
+        """
         assert self.plan is not None and self.ctx.log is not None
         keys = [protocol.step_report_key(step, m.worker) for m in (members if members is not None else self.plan.members)]
         reports = [json.loads(raw) for raw in self.ctx.store.multi_get(keys)]
@@ -396,7 +408,11 @@ class Controller:
 
     def fail(self, failure: Failure) -> None:
         """Stop the job; of all failures seen the best explanation is reported
-        (:func:`spotpipe.ft.confirm.better_explanation`)."""
+        (:func:`spotpipe.ft.confirm.better_explanation`).
+
+        Args:
+            failure: What went wrong (its reason is also published as the generation's abort).
+        """
         self.failure = better_explanation(self.failure, failure)
         if self.plan is not None:
             try:

@@ -61,11 +61,24 @@ class FaultInjector:
         return statistics.median(self.step_times[-9:]) if self.step_times else 0.2
 
     def step_committed(self, step_time: float, first_of_generation: bool) -> None:
+        """Record a committed step's duration for the expected step time (first steps of a generation,
+
+        which include start-up, and non-positive times are left out).
+
+        Args:
+            step_time: Seconds the step took.
+            first_of_generation: The step was the first of its generation.
+        """
         if not first_of_generation and step_time > 0:
             self.step_times.append(step_time)
 
     def step_started(self, step: int, now: float) -> None:
-        """Arm the faults of ``step`` (once per step number)."""
+        """Arm the faults of ``step`` (once per step number).
+
+        Args:
+            step: The step, 0-based.
+            now: Monotonic seconds; a fault fires at ``now + at_fraction x expected step time``.
+        """
         if not self.enabled or step in self.started:
             return
         self.started.add(step)
@@ -81,12 +94,30 @@ class FaultInjector:
 
     def phase_faults_for(self, stage: int, replica: int) -> list[tuple[int, str]]:
         """``(step, phase)`` of the phase faults the holder of this role kills itself with
-        (:mod:`spotpipe.runtime.worker.phase_fault`), those that have not fired yet."""
+        (:mod:`spotpipe.runtime.worker.phase_fault`), those that have not fired yet.
+
+        Args:
+            stage: The role's stage.
+            replica: The role's replica.
+
+        Returns:
+            ``(step, phase)`` pairs.
+        """
         return [(f.step, f.phase) for f in self._phase_faults if f.worker == (stage, replica)
                 and (f.step, f.stage, f.replica, f.spec) not in self.fired]
 
     def phase_fault_fired(self, stage: int, replica: int, step: int, phase: str) -> Fault | None:
-        """A victim reported it killed itself in ``phase`` of ``step``: mark the fault fired."""
+        """A victim reported it killed itself in ``phase`` of ``step``: mark the fault fired.
+
+        Args:
+            stage: The victim's stage.
+            replica: The victim's replica.
+            step: The step, 0-based.
+            phase: The phase it died in.
+
+        Returns:
+            The fault, or None when no planned fault matches.
+        """
         for f in self.fixed.faults_at(step):
             if f.phase == phase and f.worker == (stage, replica):
                 self.fired.add((f.step, f.stage, f.replica, f.spec))
@@ -94,7 +125,11 @@ class FaultInjector:
         return None
 
     def poll(self, now: float) -> None:
-        """Fire the armed faults that are due."""
+        """Fire the armed faults that are due.
+
+        Args:
+            now: Monotonic seconds.
+        """
         keep: list[_Armed] = []
         for a in self.armed:
             if a.due > now:

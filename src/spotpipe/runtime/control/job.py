@@ -32,6 +32,13 @@ def check_swap_layout(cfg: JobConfig) -> None:
 
     A lost edge stage is rebuilt by copying its swap partner (0 <-> 1, S-1 <-> S-2), so the two
     must hold the same number of blocks, and each worker must hold one chunk.
+
+    Args:
+        cfg: The job.
+
+    Raises:
+        SpotpipeError: if the schedule puts more than one chunk on a worker, or a swap pair's block
+            counts differ.
     """
     from spotpipe.model.partition import partition_layers
     from spotpipe.schedule.generators import model_chunks
@@ -54,7 +61,14 @@ def check_swap_layout(cfg: JobConfig) -> None:
 
 def mirrors_wanted(cfg: JobConfig) -> bool:
     """Whether the job keeps mirrors at all: ``ft.strategy`` uses them (``auto``, ``mirror``),
-    ``ft.mirror_every > 0`` and there are at least two stages (a stage's holder is another stage)."""
+    ``ft.mirror_every > 0`` and there are at least two stages (a stage's holder is another stage).
+
+    Args:
+        cfg: The job.
+
+    Returns:
+        True when mirrors are kept.
+    """
     return uses_mirrors(cfg.ft) and cfg.ft.mirror_every > 0 and cfg.pipeline.stages >= 2
 
 
@@ -89,7 +103,15 @@ def check_listen_host(host: str) -> None:
 
 
 def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
-    """What a checkpoint must agree on with the job that resumes it."""
+    """What a checkpoint must agree on with the job that resumes it.
+
+    Args:
+        cfg: The job.
+        num_chunks: Model chunks of the job's schedule.
+
+    Returns:
+        Key -> value (stages, chunks, model sizes and dtype, CheckFree+ copies), JSON values.
+    """
     m = cfg.model
     return {
         "pipeline.stages": cfg.pipeline.stages,
@@ -111,6 +133,15 @@ def eval_due(step: int, train: TrainConfig, stop: bool, stop_reason: str) -> boo
 
     Every ``train.eval_every`` steps and after the last step; after a stop for the time limit
     (``train.max_minutes``) too, but not after a Ctrl-C, which should end the job promptly.
+
+    Args:
+        step: The committed step, 0-based.
+        train: The ``[train]`` section (``steps``, ``eval_every``).
+        stop: The job is stopping after this step.
+        stop_reason: Why (``"time"`` for ``train.max_minutes``).
+
+    Returns:
+        True when the workers evaluate.
     """
     last = step + 1 == train.steps
     if stop and stop_reason != "time" and not last:
@@ -122,7 +153,16 @@ def eval_due(step: int, train: TrainConfig, stop: bool, stop_reason: str) -> boo
 
 def checkpoint_due(step: int, train: TrainConfig, stop: bool) -> bool:
     """Whether the workers save a checkpoint after step ``step``: every ``train.checkpoint_every``
-    steps, and at the end or on a stop when checkpointing is on."""
+    steps, and at the end or on a stop when checkpointing is on.
+
+    Args:
+        step: The committed step, 0-based.
+        train: The ``[train]`` section (``steps``, ``checkpoint_every``; 0 turns checkpoints off).
+        stop: The job is stopping after this step.
+
+    Returns:
+        True when the workers save a checkpoint.
+    """
     if train.checkpoint_every <= 0:
         return False
     return (step + 1) % train.checkpoint_every == 0 or stop or step + 1 == train.steps
@@ -151,6 +191,9 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
         resume_dir: ``--resume`` run directory, or None.
         faults: ``--fail`` / ``--fail-rate`` specs, appended to ``ft.faults`` before the config is
             checked, so they get the same range checks (stage, replica, step).
+
+    Returns:
+        The :class:`PreparedRun`.
 
     Raises:
         SpotpipeError: One line naming the key, file or option that is wrong.

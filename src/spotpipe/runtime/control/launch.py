@@ -45,7 +45,14 @@ class LocalProcess:
 
 
 def describe_exit(code: int) -> str:
-    """``-9`` -> ``killed by SIGKILL``; ``3`` -> ``exit code 3``."""
+    """``-9`` -> ``killed by SIGKILL``; ``3`` -> ``exit code 3``.
+
+    Args:
+        code: A ``Popen.returncode`` (negative: killed by that signal).
+
+    Returns:
+        The words.
+    """
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -72,7 +79,11 @@ class LocalWorkers:
         self.procs: list[LocalProcess] = []
 
     def start(self, count: int) -> None:
-        """Start ``count`` more workers."""
+        """Start ``count`` more workers.
+
+        Args:
+            count: How many worker processes to start (each logs to ``worker-<i>.log``).
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(count):
             index = len(self.procs)
@@ -99,6 +110,14 @@ class LocalWorkers:
             self.procs.append(LocalProcess(index, popen, log_path))
 
     def by_pid(self, pid: int) -> LocalProcess | None:
+        """The local worker process with this pid.
+
+        Args:
+            pid: Process id.
+
+        Returns:
+            The process, or None when none of this object's has that pid.
+        """
         for p in self.procs:
             if p.pid == pid:
                 return p
@@ -111,7 +130,14 @@ class LocalWorkers:
         return [p for p in self.procs if p.returncode() is None]
 
     def wait_all(self, timeout_s: float) -> bool:
-        """Wait until every worker exited; True if they all did within ``timeout_s``."""
+        """Wait until every worker exited; True if they all did within ``timeout_s``.
+
+        Args:
+            timeout_s: Seconds to wait at most (polled every 50 ms).
+
+        Returns:
+            Whether no worker is left running.
+        """
         deadline = time.monotonic() + timeout_s
         while self.running():
             if time.monotonic() > deadline:
@@ -120,7 +146,11 @@ class LocalWorkers:
         return True
 
     def stop_all(self, grace_s: float = 3.0) -> None:
-        """SIGTERM every running worker, then SIGKILL what is left after ``grace_s``; reap all."""
+        """SIGTERM every running worker, then SIGKILL what is left after ``grace_s``; reap all.
+
+        Args:
+            grace_s: Seconds between SIGTERM and SIGKILL.
+        """
         for p in self.running():
             _signal_group(p.popen, signal.SIGTERM)
         if not self.wait_all(grace_s):

@@ -74,15 +74,35 @@ class MembershipHost(Protocol):
     stop_reason: str
 
     def make_grant(self, worker: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
-        """The grant a worker receives (config, run dir, resume, phase faults, ...)."""
+        """The grant a worker receives (config, run dir, resume, phase faults, ...).
+
+        Args:
+            worker: The worker id.
+            stage: Its stage.
+            replica: Its replica.
+            local: Its local process, or None for a worker started elsewhere.
+
+        Returns:
+            The grant, JSON values.
+        """
         ...
 
     def on_failure(self, w: WorkerState | None, failure: Failure, confirm: bool) -> None:
-        """A failure was observed (``confirm``: it is a confirmed loss of ``w``)."""
+        """A failure was observed (``confirm``: it is a confirmed loss of ``w``).
+
+        Args:
+            w: The worker the failure is about, or None.
+            failure: What was observed.
+            confirm: The loss of ``w`` is confirmed.
+        """
         ...
 
     def on_exit(self, w: WorkerState) -> None:
-        """A local worker process exited (read what it left behind, e.g. a phase-fault note)."""
+        """A local worker process exited (read what it left behind, e.g. a phase-fault note).
+
+        Args:
+            w: The worker whose process exited.
+        """
         ...
 
 
@@ -126,12 +146,24 @@ class Membership:
         return tuple(self.workers[self.role_of[role]].member() for role in self.roles)
 
     def free_role(self, worker: int, role: tuple[int, int]) -> None:
-        """Take ``role`` away from ``worker`` (lost) so another worker can take it."""
+        """Take ``role`` away from ``worker`` (lost) so another worker can take it.
+
+        Args:
+            worker: The worker id.
+            role: ``(stage, replica)``; freed only if ``worker`` still holds it.
+        """
         if self.role_of.get(role) == worker:
             del self.role_of[role]
 
     def holder(self, role: tuple[int, int]) -> WorkerState | None:
-        """The worker holding ``role``, if any."""
+        """The worker holding ``role``, if any.
+
+        Args:
+            role: ``(stage, replica)``.
+
+        Returns:
+            The holder, or None for a vacant role.
+        """
         wid = self.role_of.get(role)
         return None if wid is None else self.workers[wid]
 
@@ -196,7 +228,15 @@ class Membership:
         self.ctx.store.set(protocol.join_response_key(nonce), json.dumps(grant))
 
     def take_spare(self, stage: int, replica: int) -> bool:
-        """Hand a free role to a waiting spare (True if one was alive)."""
+        """Hand a free role to a waiting spare (True if one was alive).
+
+        Args:
+            stage: The free role's stage.
+            replica: The free role's replica.
+
+        Returns:
+            True if a spare took the role; spares whose process has exited are dropped.
+        """
         while self.spares:
             w = self.spares.pop(0)
             if w.local is not None and w.local.returncode() is not None:
@@ -211,6 +251,13 @@ class Membership:
         return False
 
     def check_health(self, now: float) -> None:
+        """Read every worker's heartbeat counter and goodbye key and act on silence: suspect, confirm
+
+        (:func:`spotpipe.ft.detector.detect`) or clear.
+
+        Args:
+            now: Monotonic seconds.
+        """
         from spotpipe.ft.detector import detect
 
         alive: dict[int, float] = {}

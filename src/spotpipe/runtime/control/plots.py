@@ -12,6 +12,15 @@ def loss_curve_data(events_path: str | Path) -> tuple[list[int], list[float], li
     """(train steps, train losses, eval steps, val losses) of the last record per step.
 
     A resumed run logs some steps twice; the later record wins.
+
+    Args:
+        events_path: A run's ``events.jsonl``.
+
+    Returns:
+        Four lists: 0-based steps and their losses (nats per token), for training and validation.
+
+    Raises:
+        SpotpipeError: if the event file is missing or malformed.
     """
     train: dict[int, float] = {}
     val: dict[int, float] = {}
@@ -27,6 +36,14 @@ def loss_curve_data(events_path: str | Path) -> tuple[list[int], list[float], li
 
 def plot_loss_curve(events_path: str | Path, out_path: str | Path, title: str = "") -> Path:
     """Write a PNG of the training loss (and validation loss) per step.
+
+    Args:
+        events_path: A run's ``events.jsonl``.
+        out_path: The PNG to write.
+        title: The plot's title.
+
+    Returns:
+        The path written.
 
     Raises:
         SpotpipeError: matplotlib is not installed.

@@ -23,7 +23,14 @@ from typing import TextIO
 
 
 def format_duration(seconds: float) -> str:
-    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``."""
+    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``.
+
+    Args:
+        seconds: A duration; negative counts as 0.
+
+    Returns:
+        Seconds under a minute, minutes and seconds under an hour, else hours and minutes.
+    """
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f}s"
@@ -35,6 +42,14 @@ def format_duration(seconds: float) -> str:
 
 
 def format_rate(tokens_per_s: float) -> str:
+    """A rate with an ``M`` or ``k`` suffix: ``1234567`` -> ``1.23M``.
+
+    Args:
+        tokens_per_s: Tokens per second.
+
+    Returns:
+        The number as text.
+    """
     if tokens_per_s >= 1e6:
         return f"{tokens_per_s / 1e6:.2f}M"
     if tokens_per_s >= 1e3:
@@ -76,6 +91,12 @@ class Progress:
 
         ``step_time <= 0`` means "not representative" (the first step of a run includes start-up);
         it does not enter the moving average of the step time.
+
+        Args:
+            step: The committed step, 0-based.
+            loss: Its training loss, nats per token.
+            step_time: Its duration in seconds; <= 0 when not representative.
+            tokens: Tokens per step.
         """
         if step_time > 0:
             self._ema = step_time if self._ema is None else 0.9 * self._ema + 0.1 * step_time
@@ -99,7 +120,11 @@ class Progress:
                 self.stream.flush()
 
     def message(self, text: str) -> None:
-        """Print a line above the live line."""
+        """Print a line above the live line.
+
+        Args:
+            text: One line, without a newline.
+        """
         if self.tty and self._line_len:
             self.stream.write("\r" + " " * self._line_len + "\r")
         self.stream.write(text + "\n")
@@ -162,7 +187,14 @@ class RunResult:
 
 
 def format_result(result: RunResult) -> str:
-    """The last line ``spotpipe train`` prints."""
+    """The last line ``spotpipe train`` prints.
+
+    Args:
+        result: The run's result.
+
+    Returns:
+        One line, its parts joined by commas, no newline.
+    """
     parts = [f"{result.status}: {result.last_step + 1} steps in {format_duration(result.wall_s)}"]
     if result.train_loss is not None:
         parts.append(f"train loss {result.train_loss:.4f}")

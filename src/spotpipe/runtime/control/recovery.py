@@ -93,11 +93,20 @@ class RecoveryHost(Protocol):
         ...
 
     def commit(self, step: int, members: list[Member] | None = None) -> None:
-        """Write step ``step``'s event from ``members``' reports (the survivors of a decided step)."""
+        """Write step ``step``'s event from ``members``' reports (the survivors of a decided step).
+
+        Args:
+            step: The step, 0-based.
+            members: The members whose reports count; ``None``: every member.
+        """
         ...
 
     def publish_generation(self, reason: str) -> None:
-        """Publish the next generation from the current role table."""
+        """Publish the next generation from the current role table.
+
+        Args:
+            reason: Why, for the event log.
+        """
         ...
 
     def restart_step_clock(self) -> None:
@@ -105,7 +114,11 @@ class RecoveryHost(Protocol):
         ...
 
     def fail(self, failure: Failure) -> None:
-        """Stop the job with ``failure`` as (a candidate for) its reason."""
+        """Stop the job with ``failure`` as (a candidate for) its reason.
+
+        Args:
+            failure: What went wrong.
+        """
         ...
 
 
@@ -137,7 +150,12 @@ class RecoverySupervisor:
 
     def start(self, w: WorkerState, reason: str) -> None:
         """A member of the current generation is lost: begin (or extend) the recovery, as
-        :func:`spotpipe.ft.confirm.loss_action` says for the phase it is in."""
+        :func:`spotpipe.ft.confirm.loss_action` says for the phase it is in.
+
+        Args:
+            w: The lost worker.
+            reason: Why it is taken as lost (published as the generation's abort).
+        """
         rec = self.recovering
         action = loss_action(None if rec is None else rec.phase, rec is not None and w.worker in rec.lost)
         if action is LossAction.IGNORE:

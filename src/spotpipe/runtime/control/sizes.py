@@ -76,7 +76,19 @@ def mirror_state_bytes(cfg: JobConfig) -> int:
 
 
 def job_sizes(cfg: JobConfig, mirrors: bool) -> JobSizes:
-    """The sizes of ``cfg``'s job (``mirrors``: whether workers keep mirrors)."""
+    """The sizes of ``cfg``'s job (``mirrors``: whether workers keep mirrors).
+
+    Args:
+        cfg: The job.
+        mirrors: Whether workers keep mirrors of the next stage.
+
+    Returns:
+        The sizes (counts, FLOPs and bytes); FLOPs per step are 3 x the forward FLOPs (PaLM
+        accounting).
+
+    Raises:
+        ConfigError: if the model cannot be cut into the schedule's chunks.
+    """
     p, m = cfg.pipeline, cfg.model
     chunks = model_chunks(p.schedule, p.stages, p.virtual_stages)
     shapes = model_shapes(m, chunks)
@@ -96,7 +108,15 @@ def job_sizes(cfg: JobConfig, mirrors: bool) -> JobSizes:
 
 def peak_flops(device_name: str, dtype: str) -> float | None:
     """Peak FLOP/s of one device named ``device_name`` (``torch.cuda.get_device_name``) for
-    ``dtype``, or None when the device is not in :data:`PEAK_TFLOPS` (CPUs, unknown GPUs)."""
+    ``dtype``, or None when the device is not in :data:`PEAK_TFLOPS` (CPUs, unknown GPUs).
+
+    Args:
+        device_name: The device's name.
+        dtype: ``model.dtype``; a dtype without an entry uses the float32 peak.
+
+    Returns:
+        FLOP/s, or None.
+    """
     for key, peaks in PEAK_TFLOPS.items():
         if key in device_name.upper():
             return peaks.get(dtype, peaks["float32"]) * 1e12
@@ -104,7 +124,19 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 def mfu(sizes: JobSizes, step_s: float, device_name: str, dtype: str, devices: int) -> float | None:
-    """Model FLOPs utilisation: ``flops_per_step / step_s`` over ``devices`` x the peak; None if unknown."""
+    """Model FLOPs utilisation: ``flops_per_step / step_s`` over ``devices`` x the peak; None if unknown.
+
+    Args:
+        sizes: The job's sizes (:func:`job_sizes`).
+        step_s: Seconds per step.
+        device_name: The devices' name.
+        dtype: ``model.dtype``.
+        devices: How many devices the job uses.
+
+    Returns:
+        The fraction of the peak, or None when the peak is unknown or ``step_s`` or ``devices`` is
+        not positive.
+    """
     peak = peak_flops(device_name, dtype)
     if peak is None or step_s <= 0 or devices <= 0:
         return None
@@ -124,7 +156,14 @@ def _bytes(n: float) -> str:
 
 def format_sizes(sizes: JobSizes) -> str:
     """``model: 26.7 M parameters (largest stage 8.3 M), 512 tokens and 41.2 GFLOP per step; per
-    worker: stage state 127 MiB, mirror of the next stage 95 MiB (host), checkpoint 95 MiB``."""
+    worker: stage state 127 MiB, mirror of the next stage 95 MiB (host), checkpoint 95 MiB``.
+
+    Args:
+        sizes: The job's sizes.
+
+    Returns:
+        One line, no newline; the mirror part only with mirrors.
+    """
     text = (f"model: {_count(sizes.params)} parameters (largest stage {_count(sizes.largest_stage_params)}), "
             f"{sizes.tokens_per_step} tokens and {sizes.flops_per_step / 1e9:.1f} GFLOP per step; per worker: "
             f"stage state {_bytes(sizes.state_bytes)}")

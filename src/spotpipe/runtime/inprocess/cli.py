@@ -32,7 +32,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``eval`` and ``generate`` to the top-level parser."""
+    """Add ``eval`` and ``generate`` to the top-level parser.
+
+    Args:
+        subparsers: The top-level parser's ``add_subparsers()`` object.
+    """
     ev = subparsers.add_parser(
         "eval",
         help="validation perplexity of a trained run, optionally with stages skipped",
@@ -165,7 +169,18 @@ def _eval_text(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], r
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``spotpipe eval``: print the validation loss and perplexity (text or JSON)."""
+    """``spotpipe eval``: print the validation loss and perplexity (text or JSON).
+
+    Args:
+        args: Parsed ``spotpipe eval`` arguments.
+
+    Returns:
+        0.
+
+    Raises:
+        SpotpipeError: on both ``--skip-stages`` and ``--skip-fraction``, a bad run directory,
+            checkpoint or stage list.
+    """
     if args.skip_stages is not None and args.skip_fraction is not None:
         raise SpotpipeError("give --skip-stages or --skip-fraction, not both")
     run, skip = _load(args)
@@ -178,7 +193,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``spotpipe generate``: print the prompt and its sampled continuation."""
+    """``spotpipe generate``: print the prompt and its sampled continuation.
+
+    Args:
+        args: Parsed ``spotpipe generate`` arguments.
+
+    Returns:
+        0.
+
+    Raises:
+        SpotpipeError: on an empty prompt, a prompt token outside the model's vocabulary, or a bad
+            run directory or checkpoint.
+    """
     from spotpipe.data.tokenizer import load_tokenizer
 
     run, skip = _load(args)

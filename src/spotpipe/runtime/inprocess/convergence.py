@@ -80,7 +80,14 @@ from spotpipe.runtime.worker.strategies.base import nbytes
 
 
 def swap_on(cfg: JobConfig) -> bool:
-    """Whether the CheckFree+ swap schedule is on for this job."""
+    """Whether the CheckFree+ swap schedule is on for this job.
+
+    Args:
+        cfg: The job (``[ft]``).
+
+    Returns:
+        True when the swap schedule is on.
+    """
     return swap_schedule_on(cfg.ft)
 
 
@@ -338,12 +345,27 @@ class _RunView:
 
 
 def omega_preclip(norms: list[float], stage: int) -> float:
-    """CheckFree omega: the stage's last gradient norm before clipping (spotpipe's choice)."""
+    """CheckFree omega: the stage's last gradient norm before clipping (spotpipe's choice).
+
+    Args:
+        norms: Each chunk's last gradient norm, before clipping.
+        stage: The chunk.
+
+    Returns:
+        ``norms[stage]``.
+    """
     return norms[stage]
 
 
 def omega_stage_clipped(max_norm: float) -> Callable[[list[float], int], float]:
-    """Omega as ``min(norm, max_norm)``: what per-stage clipping would leave (for comparison)."""
+    """Omega as ``min(norm, max_norm)``: what per-stage clipping would leave (for comparison).
+
+    Args:
+        max_norm: ``train.grad_clip``; <= 0 leaves the norm as it is.
+
+    Returns:
+        A function ``(norms, stage) -> omega``, as :func:`omega_preclip`.
+    """
     return lambda norms, stage: min(norms[stage], max_norm) if max_norm > 0 else norms[stage]
 
 

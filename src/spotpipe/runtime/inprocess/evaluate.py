@@ -98,7 +98,15 @@ class FractionEval:
 
 def eval_samples(run: TrainedRun, samples: int | None) -> int:
     """Windows to read: ``samples``, or the run's own evaluation windows (``train.eval_batches x
-    train.batch_size``), at most the validation split's windows."""
+    train.batch_size``), at most the validation split's windows.
+
+    Args:
+        run: The trained run.
+        samples: ``--samples``, or None.
+
+    Returns:
+        A number of windows, at least 1.
+    """
     t = run.cfg.train
     want = t.eval_batches * t.batch_size if samples is None else samples
     return max(1, min(want, run.trainer.val_sampler.num_windows))
@@ -139,6 +147,15 @@ def fraction_sets(run: TrainedRun, fraction: float, subsets: int, seed: int) -> 
     """``(count, sets)``: stages per set (``round(fraction x S)``) and the distinct sets of skippable
     stages :func:`evaluate_fraction` evaluates, drawn from ``seed`` (at most ``subsets``).
 
+    Args:
+        run: The trained run.
+        fraction: Share of the stages to skip, in [0, 1).
+        subsets: Most sets to draw.
+        seed: Seed of the draw.
+
+    Returns:
+        The stage count and the sets, each ascending.
+
     Raises:
         SpotpipeError: The fraction skips more stages than may be skipped.
     """
@@ -148,7 +165,15 @@ def fraction_sets(run: TrainedRun, fraction: float, subsets: int, seed: int) -> 
 
 
 def possible_sets(run: TrainedRun, count: int) -> int:
-    """How many distinct sets of ``count`` skippable stages ``run`` has."""
+    """How many distinct sets of ``count`` skippable stages ``run`` has.
+
+    Args:
+        run: The trained run.
+        count: Stages per set.
+
+    Returns:
+        ``C(skippable stages, count)``.
+    """
     return math.comb(len(skippable_stages(run.stage_chunks, len(run.chunks))), count)
 
 

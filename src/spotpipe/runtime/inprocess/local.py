@@ -69,13 +69,28 @@ class StepResult:
 
 def default_num_chunks(cfg: JobConfig) -> int:
     """Chunks of a job: ``pipeline.stages``, times ``virtual_stages`` for a chunked schedule
-    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`)."""
+    (interleaved; :func:`spotpipe.schedule.generators.model_chunks`).
+
+    Args:
+        cfg: The job.
+
+    Returns:
+        The number of model chunks.
+    """
     p = cfg.pipeline
     return model_chunks(p.schedule, p.stages, p.virtual_stages)
 
 
 def fit_vocab(cfg: JobConfig, token_file: Any) -> JobConfig:
-    """``cfg`` with ``model.vocab_size`` set to the token file's vocabulary (unchanged if equal)."""
+    """``cfg`` with ``model.vocab_size`` set to the token file's vocabulary (unchanged if equal).
+
+    Args:
+        cfg: The job.
+        token_file: A :class:`~spotpipe.data.tokens.TokenFile` (its ``vocab_size``).
+
+    Returns:
+        The job, possibly with a new vocabulary size (not validated again).
+    """
     if cfg.model.vocab_size == token_file.vocab_size:
         return cfg
     return replace(cfg, model=replace(cfg.model, vocab_size=token_file.vocab_size))
@@ -132,7 +147,14 @@ class LocalTrainer:
 
     def build_chunk(self, index: int) -> StageModule:
         """Chunk ``index`` as the pipeline worker that holds it builds it (subclasses may build it
-        differently, with the same initial weights)."""
+        differently, with the same initial weights).
+
+        Args:
+            index: Chunk index, 0-based.
+
+        Returns:
+            The chunk, on this trainer's device.
+        """
         return build_stage(self.cfg.model, self.cfg.train.seed, index, self.num_chunks, device=self.device)
 
     @property
@@ -149,7 +171,15 @@ class LocalTrainer:
     # Training
 
     def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy of one microbatch, chaining every chunk."""
+        """Mean token cross-entropy of one microbatch, chaining every chunk.
+
+        Args:
+            tokens: Token ids ``[rows, context]`` (int64).
+            targets: Next-token ids ``[rows, context]`` (int64).
+
+        Returns:
+            A float32 scalar tensor, with autograd.
+        """
         x = tokens
         for chunk in self.chunks[:-1]:
             x = chunk(x)
@@ -166,6 +196,9 @@ class LocalTrainer:
 
         Returns:
             The microbatch losses, replica by replica, microbatch by microbatch.
+
+        Args:
+            step_ids: The step's ``train.batch_size`` sample ids.
         """
         replicas = self.cfg.pipeline.replicas
         params = self._params()
@@ -189,7 +222,16 @@ class LocalTrainer:
         return losses
 
     def microbatch(self, step_ids: Sequence[int], replica: int, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and next-token targets (each ``[rows, context]``) of one microbatch of one replica."""
+        """Token ids and next-token targets (each ``[rows, context]``) of one microbatch of one replica.
+
+        Args:
+            step_ids: The step's sample ids.
+            replica: The replica, 0-based.
+            microbatch: The microbatch, 0-based.
+
+        Returns:
+            ``(tokens, targets)``, int64 on the trainer's device; ``rows = batch_size / (R M)``.
+        """
         p = self.cfg.pipeline
         ids = microbatch_ids(step_ids, p.replicas, p.microbatches, replica, microbatch)
         return _to_tensor(self.sampler.batch(self.token_file, ids), self.device)
@@ -203,6 +245,10 @@ class LocalTrainer:
 
         Returns:
             The unscaled loss of each microbatch, in microbatch order.
+
+        Args:
+            step_ids: The step's sample ids.
+            replica: The replica, 0-based.
         """
         p = self.cfg.pipeline
         scale = 1.0 / (p.replicas * p.microbatches)
@@ -221,6 +267,9 @@ class LocalTrainer:
 
         Returns:
             ``(grad_norm before clipping, base lr)``.
+
+        Args:
+            loss: The step's mean loss (checked for being finite with the gradient norm).
 
         Raises:
             NonfiniteStep: The step is not finite and ``train.nonfinite = "stop"``.
@@ -271,6 +320,12 @@ class LocalTrainer:
 
         Deterministic: always the same windows, in id order (fewer if the split is smaller).
         ``None`` = ``train.eval_batches``.
+
+        Args:
+            batches: Batches of ``train.batch_size`` windows.
+
+        Returns:
+            The mean loss per window (nats per token), weighted by batch size.
         """
         batches = self.cfg.train.eval_batches if batches is None else batches
         size = self.cfg.train.batch_size
@@ -293,11 +348,22 @@ class LocalTrainer:
     def chunk_state(self, i: int) -> torch.Tensor:
         """Chunk ``i``'s weights, optimizer moments and learning-rate scale in the stage state's one
         flat form (:meth:`StageState.flat`, a float32 CPU tensor, a copy): what a worker of the
-        chunk holds, sends and checkpoints."""
+        chunk holds, sends and checkpoints.
+
+        Args:
+            i: Chunk index.
+
+        Returns:
+            A float32 CPU tensor ``[numel]``.
+        """
         return self.state.view([i]).flat()
 
     def load_chunk_state(self, i: int, state: torch.Tensor) -> None:
         """Restore chunk ``i`` from :meth:`chunk_state` output (numbers copied in).
+
+        Args:
+            i: Chunk index.
+            state: A float32 tensor from :meth:`chunk_state` of a same-shaped chunk.
 
         Raises:
             ValueError: If ``state`` was not made from a chunk of this shape.
@@ -308,6 +374,11 @@ class LocalTrainer:
         """Put ``module`` in place of chunk ``i``, with fresh optimizer state or, given ``state``
         (:meth:`chunk_state` output), that state. The optimizer is built again for the new chunk
         list (:func:`build_chunk_optimizer`); every other chunk keeps its moments and scale.
+
+        Args:
+            i: Chunk index.
+            module: The new chunk (chunk ``i`` of this trainer's ``num_chunks``).
+            state: Its flat state, or None for fresh optimizer state.
 
         Raises:
             ValueError: If ``module`` is not chunk ``i`` of this trainer's chunks, or ``state`` does
@@ -331,7 +402,12 @@ class LocalTrainer:
         uses 1.1; the embedding, final norm and head keep the base rate, see ``build_optimizer``).
 
         The scale is kept in float32, the precision the flat state carries it in, so a chunk saved
-        and restored (:meth:`chunk_state`, :meth:`state_dict`) trains on exactly as before."""
+        and restored (:meth:`chunk_state`, :meth:`state_dict`) trains on exactly as before.
+
+        Args:
+            i: Chunk index.
+            scale: The factor.
+        """
         self.state.lr_scale[i] = float(torch.tensor(scale, dtype=torch.float32))
 
     def state_dict(self) -> dict[str, Any]:
@@ -344,6 +420,9 @@ class LocalTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` output; the following steps equal the original run's.
+
+        Args:
+            state: ``{"chunks", "sampler", "step"}`` as :meth:`state_dict` returned it.
 
         Raises:
             SpotpipeError: If the saved state has another number of chunks.

@@ -232,7 +232,14 @@ class PipelineTrainer(LocalTrainer):
         CheckFree+ chunk (``edge_copies``): chunk 0 then takes hidden states, and the embedding of
         chunk 0 and the final norm and head of the last chunk are its
         :meth:`~spotpipe.model.stages.StageModule.tied_parameters`, whose in-sync copies the
-        in-process convergence mode keeps. Same initial weights either way."""
+        in-process convergence mode keeps. Same initial weights either way.
+
+        Args:
+            index: Chunk index, 0-based.
+
+        Returns:
+            The chunk, on this trainer's device.
+        """
         sched, last = self.schedule, self.num_chunks - 1
         paths = [sched.path(mb) for mb in range(sched.num_microbatches)]
         edge = ((index == 0 and any(path.index(0) > 0 for path in paths if 0 in path))
@@ -290,6 +297,10 @@ class PipelineTrainer(LocalTrainer):
             The unscaled loss of each microbatch, in microbatch order (recorded where its path
             ends); the gradients, scaled by ``1 / (replicas x microbatches)``, accumulate in the
             chunks' ``.grad``.
+
+        Args:
+            step_ids: The step's sample ids.
+            replica: The replica, 0-based.
 
         Raises:
             CommError: a rank waited for a message that never comes (a broken schedule), naming

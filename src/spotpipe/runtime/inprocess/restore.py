@@ -76,12 +76,26 @@ class TrainedRun:
         return self.trainer.token_file
 
     def chunks_of(self, stages: tuple[int, ...]) -> tuple[int, ...]:
-        """The chunks the given stages hold, ascending."""
+        """The chunks the given stages hold, ascending.
+
+        Args:
+            stages: Pipeline stages.
+
+        Returns:
+            Chunk indices.
+        """
         return tuple(sorted(c for s in stages for c in self.stage_chunks[s]))
 
 
 def run_config(run_dir: str | Path, data: str | None = None) -> JobConfig:
     """The config of a run directory (its ``config.toml``), with ``data.path`` replaced by ``data``.
+
+    Args:
+        run_dir: The run directory.
+        data: A new ``data.path``, or None to keep the run's.
+
+    Returns:
+        The validated config.
 
     Raises:
         SpotpipeError: The directory does not exist or holds no ``config.toml``; its config is bad.
@@ -100,6 +114,12 @@ def run_config(run_dir: str | Path, data: str | None = None) -> JobConfig:
 def stage_chunks(cfg: JobConfig) -> tuple[tuple[int, ...], ...]:
     """Pipeline stage -> the model chunks it holds, from the job's schedule (as the workers place them).
 
+    Args:
+        cfg: The job.
+
+    Returns:
+        ``stage_chunks[s]``, the chunk indices of stage ``s``.
+
     Raises:
         SpotpipeError: The config's schedule cannot be built.
     """
@@ -112,6 +132,13 @@ def stage_chunks(cfg: JobConfig) -> tuple[tuple[int, ...], ...]:
 def pick_device(cfg: JobConfig, device: str | None) -> torch.device:
     """Where to compute: ``device`` (``cpu``, ``cuda``, ``auto``) or else the run's ``run.device``,
     resolved as a worker resolves it (:func:`spotpipe.runtime.devices.worker_hardware`, local index 0).
+
+    Args:
+        cfg: The run's config (``run.device``).
+        device: ``--device``, or None to use the run's.
+
+    Returns:
+        The torch device.
 
     Raises:
         SpotpipeError: CUDA asked for (by ``device`` or the run) on a machine without it.

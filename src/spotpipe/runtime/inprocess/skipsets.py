@@ -44,7 +44,15 @@ def fixed_stages(stage_chunks: Sequence[Sequence[int]], num_chunks: int) -> dict
 
 
 def skippable_stages(stage_chunks: Sequence[Sequence[int]], num_chunks: int) -> list[int]:
-    """Stages that may be skipped: every stage that holds neither chunk 0 nor the last chunk, ascending."""
+    """Stages that may be skipped: every stage that holds neither chunk 0 nor the last chunk, ascending.
+
+    Args:
+        stage_chunks: ``stage_chunks[s]`` = the chunks stage ``s`` holds.
+        num_chunks: Chunks of the model.
+
+    Returns:
+        Stage indices.
+    """
     fixed = fixed_stages(stage_chunks, num_chunks)
     return [s for s in range(len(stage_chunks)) if s not in fixed]
 
@@ -55,6 +63,12 @@ def _fixed_text(stage_chunks: Sequence[Sequence[int]], num_chunks: int) -> str:
 
 def parse_stage_list(text: str) -> list[int]:
     """``"2,4"`` -> ``[2, 4]`` (spaces allowed; an empty list is refused).
+
+    Args:
+        text: The ``--skip-stages`` value.
+
+    Returns:
+        The stage numbers, in the given order (not checked against the run).
 
     Raises:
         SpotpipeError: Naming ``--skip-stages`` when an item is not a whole number >= 0.
@@ -99,6 +113,9 @@ def skip_count(fraction: float, stage_chunks: Sequence[Sequence[int]], num_chunk
         fraction: Share of the ``S`` stages to skip, in ``[0, 1)``.
         stage_chunks: ``stage_chunks[s]`` = the chunks stage ``s`` holds.
         num_chunks: Chunks of the model.
+
+    Returns:
+        The number of stages to skip.
 
     Raises:
         SpotpipeError: More stages than may be skipped (naming the largest fraction that fits).

@@ -87,6 +87,9 @@ def compile_rank(
         forward_only: Keep only forward actions and their messages (evaluation). Dropping the
             backward half of a deadlock-free schedule keeps it deadlock-free, since no forward
             waits on a backward.
+
+    Returns:
+        The rank's instructions in schedule order.
     """
     s2r = schedule.stage_to_rank
     out: list[Instruction] = []
@@ -168,7 +171,24 @@ class Executor:
         label: str = "",
     ) -> tuple[float, int]:
         """Play one step (``train``) or one forward-only pass; return (loss sum, microbatch count)
-        of the losses computed on this worker (non-zero only where the last stage lives)."""
+        of the losses computed on this worker (non-zero only where the last stage lives).
+
+        Args:
+            inputs: Token ids ``[b, T]`` (int64) per microbatch; may be empty where this worker holds
+                no chunk that starts a path.
+            targets: Next-token ids ``[b, T]`` per microbatch; may be empty where no chunk ends a path.
+            train: Play the training program (forward and backward); ``False`` plays the forward-only
+                program.
+            label: Where this is (e.g. ``"step 17"``), appended to error messages.
+
+        Returns:
+            ``(loss sum, count)``: the sum of the per-microbatch mean losses computed here (a float) and
+            how many there were.
+
+        Raises:
+            ValueError: for ``train=False`` on an executor built without a forward-only program.
+            CommError: a receive or send failed or timed out (naming the action and the peer).
+        """
         program = self.program if train else self.eval_program
         if program is None:
             raise ValueError("this executor has no forward-only program")
@@ -253,7 +273,16 @@ class Executor:
 
 
 def stage_peers(schedule: Schedule, replica: int, world_rank_of: Mapping[tuple[int, int], int]) -> Callable[[int], int]:
-    """Stage -> world rank of the worker that holds it in ``replica`` (pipeline rank = stage's rank)."""
+    """Stage -> world rank of the worker that holds it in ``replica`` (pipeline rank = stage's rank).
+
+    Args:
+        schedule: The lowered schedule (its ``stage_to_rank``).
+        replica: The data-parallel replica, 0-based.
+        world_rank_of: ``(pipeline rank, replica)`` -> world rank.
+
+    Returns:
+        A function from stage to world rank (a ``KeyError`` for an unknown pair).
+    """
     s2r = schedule.stage_to_rank
 
     def peer(stage: int) -> int:

@@ -59,7 +59,11 @@ class SavedTensorMeter:
         self.peak = 0
 
     def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Add tensors (e.g. the parameters of a replaced chunk) whose storage is not counted."""
+        """Add tensors (e.g. the parameters of a replaced chunk) whose storage is not counted.
+
+        Args:
+            tensors: Tensors whose storages are left out of the count from now on.
+        """
         self._exclude.update(t.untyped_storage().data_ptr() for t in tensors)
 
     def reset_peak(self) -> None:
@@ -167,6 +171,9 @@ def moment_tensors(optimizer: Any, chunks: Mapping[int, torch.nn.Module]) -> lis
     Args:
         optimizer: A :class:`~spotpipe.runtime.state.optimizer.StageOptimizer` (its ``moments``).
         chunks: Chunk index -> module.
+
+    Returns:
+        The tensors, in chunk and parameter order.
     """
     out: list[torch.Tensor] = []
     resident = getattr(optimizer, "device_resident", None)

@@ -56,6 +56,11 @@ class StageRunner:
         """Start a step (or an evaluation pass) with per-microbatch token ids and targets.
 
         Workers that hold neither the first nor the last chunk may pass empty sequences.
+
+        Args:
+            inputs: Token ids ``[b, T]`` (int64) per microbatch.
+            targets: Next-token ids ``[b, T]`` (int64) per microbatch.
+            train: A training step (autograd, chunks in train mode), else an evaluation pass.
         """
         self._inputs = inputs
         self._targets = targets
@@ -91,6 +96,8 @@ class StageRunner:
         """Forward of ``stage`` for ``microbatch``.
 
         Args:
+            stage: Stage (model chunk), global index; a chunk this worker holds.
+            microbatch: Microbatch index.
             x: The input activation (received or handed over locally); ``None`` on the first stage
                 of the path, which reads the microbatch's token ids.
             ends_path: The stage is the last of the microbatch's path (it computes the loss).
@@ -156,6 +163,11 @@ class StageRunner:
         exactly those without recompute (Chen et al. 2016, "Training Deep Nets with Sublinear
         Memory Cost").
 
+        Args:
+            stage: Stage (model chunk), global index.
+            microbatch: Microbatch index.
+            ends_path: As for :meth:`forward`.
+
         Raises:
             RunnerError: no forward of that stage and microbatch kept its input.
         """
@@ -178,12 +190,17 @@ class StageRunner:
         """Backward of ``stage`` for ``microbatch``.
 
         Args:
+            stage: Stage (model chunk), global index; a chunk this worker holds.
+            microbatch: Microbatch index.
             grad: Gradient of the loss with respect to this stage's output; ``None`` on the last
                 chunk, whose output is the loss.
 
         Returns:
             The gradient with respect to the stage's input activation, or ``None`` on the first
             chunk (its input is token ids).
+
+        Raises:
+            RunnerError: no forward of that stage and microbatch is waiting for its backward.
         """
         if self.hook is not None:
             self.hook("backward")

@@ -38,15 +38,46 @@ class CheckpointError(SpotpipeError):
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint of ``step``: ``<run_dir>/checkpoints/step-NNNNNN``.
+
+    Args:
+        run_dir: The run's folder (``run.dir``).
+        step: 0-based index of the last step the checkpoint holds.
+
+    Returns:
+        The path (not created).
+    """
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
 def rank_file_name(rank: int) -> str:
+    """The state file name of one pipeline rank inside a checkpoint folder.
+
+    Args:
+        rank: Pipeline rank, 0-based.
+
+    Returns:
+        ``rank<rank>.pt``.
+    """
     return f"rank{rank}.pt"
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> str:
-    """Serialise ``state`` (tensors, numbers, strings, dicts, lists) to ``path``; return its SHA-256."""
+    """Serialise ``state`` (tensors, numbers, strings, dicts, lists) to ``path``; return its SHA-256.
+
+    The file is the magic header, the hex SHA-256 of the payload and a newline, then the
+    ``torch.save`` payload, written atomically.
+
+    Args:
+        path: Destination file.
+        state: The state to save.
+
+    Returns:
+        The payload's SHA-256, 64 hex digits.
+
+    Raises:
+        OSError: if the file cannot be written.
+    """
     import torch
 
     buf = io.BytesIO()
@@ -59,6 +90,14 @@ def save_state(path: str | Path, state: dict[str, Any]) -> str:
 
 def load_state(path: str | Path, expected_sha256: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a state file written by :func:`save_state`, checking its checksum(s).
+
+    Args:
+        path: A file written by :func:`save_state`.
+        expected_sha256: The manifest's checksum of the payload, or ``None`` to check only the header's.
+        map_location: Where ``torch.load`` puts the tensors (CPU by default).
+
+    Returns:
+        The saved state (loaded with ``weights_only=True``).
 
     Raises:
         CheckpointError: missing file, bad header, checksum mismatch, or unreadable payload.
@@ -109,6 +148,17 @@ class Manifest:
     layout: dict[str, Any]
 
     def path(self, rank: int) -> Path:
+        """The state file of pipeline rank ``rank``.
+
+        Args:
+            rank: Pipeline rank, a key of :attr:`files`.
+
+        Returns:
+            ``dir / file name``.
+
+        Raises:
+            KeyError: if the checkpoint has no file for ``rank``.
+        """
         return self.dir / self.files[rank][0]
 
     def to_grant(self) -> dict[str, Any]:
@@ -117,7 +167,20 @@ class Manifest:
 
 
 def write_manifest(directory: Path, step: int, files: dict[int, tuple[str, str]], layout: dict[str, Any]) -> Manifest:
-    """Write the manifest last, atomically: from now on the checkpoint is complete."""
+    """Write the manifest last, atomically: from now on the checkpoint is complete.
+
+    Args:
+        directory: The checkpoint folder, holding the rank files already.
+        step: 0-based index of the last step the checkpoint holds.
+        files: Pipeline rank -> (file name, SHA-256 of its payload).
+        layout: What must match to resume (:func:`check_layout`), JSON values.
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        OSError: if the manifest cannot be written.
+    """
     body = {
         "format": FORMAT,
         "version": 1,
@@ -130,6 +193,17 @@ def write_manifest(directory: Path, step: int, files: dict[int, tuple[str, str]]
 
 
 def read_manifest(directory: Path) -> Manifest:
+    """Read the manifest of a checkpoint folder (its files are not checked; see :func:`verify_files`).
+
+    Args:
+        directory: The checkpoint folder.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: if the manifest is missing (an incomplete checkpoint) or corrupt.
+    """
     path = directory / MANIFEST
     try:
         body = json.loads(path.read_text())
@@ -149,6 +223,12 @@ def latest_checkpoint(run_dir: str | Path) -> Manifest | None:
     Incomplete checkpoints (no manifest: a crash while saving) are skipped. The chosen one's files
     are checked for presence and checksum.
 
+    Args:
+        run_dir: The run's folder (``run.dir``).
+
+    Returns:
+        The manifest of that checkpoint, or ``None``.
+
     Raises:
         CheckpointError: the newest complete checkpoint is corrupt or has a missing file.
     """
@@ -166,7 +246,14 @@ def latest_checkpoint(run_dir: str | Path) -> Manifest | None:
 
 
 def verify_files(manifest: Manifest) -> None:
-    """Check that every rank file exists and matches its checksum (reads them)."""
+    """Check that every rank file exists and matches its checksum (reads them).
+
+    Args:
+        manifest: The checkpoint.
+
+    Raises:
+        CheckpointError: if a file is missing, has a bad header or does not match its checksum.
+    """
     for rank, (name, sha) in sorted(manifest.files.items()):
         p = manifest.dir / name
         try:
@@ -183,7 +270,15 @@ def verify_files(manifest: Manifest) -> None:
 
 
 def check_layout(manifest: Manifest, layout: dict[str, Any]) -> None:
-    """Raise naming the first key where the job differs from what the checkpoint holds."""
+    """Raise naming the first key where the job differs from what the checkpoint holds.
+
+    Args:
+        manifest: The checkpoint.
+        layout: The job's layout (same keys as the manifest's; keys only one side has are ignored).
+
+    Raises:
+        CheckpointError: on the first key whose value differs.
+    """
     for key, value in manifest.layout.items():
         if key in layout and layout[key] != value:
             raise CheckpointError(

@@ -70,7 +70,14 @@ class MasterWeightOptimizer:
 
     def device_resident(self, chunk: int) -> bool:
         """Whether ``chunk``'s moments stay on the compute device between updates (the inner
-        optimizer's answer; the masters always do)."""
+        optimizer's answer; the masters always do).
+
+        Args:
+            chunk: Global chunk index.
+
+        Returns:
+            True when the moments stay on the device (also when the inner optimizer cannot say).
+        """
         resident = getattr(self.inner, "device_resident", None)
         return True if resident is None else bool(resident(chunk))
 

@@ -60,7 +60,14 @@ class OffloadedAdamW:
     # -- where the moments are -----------------------------------------------------------------
 
     def device_resident(self, chunk: int) -> bool:
-        """Whether ``chunk``'s moments stay on the compute device between updates."""
+        """Whether ``chunk``'s moments stay on the compute device between updates.
+
+        Args:
+            chunk: Global chunk index.
+
+        Returns:
+            False for the offloaded chunks (their moments live in host memory), else True.
+        """
         return chunk not in self.offloaded
 
     def _moment_bytes(self, chunk: int) -> int:

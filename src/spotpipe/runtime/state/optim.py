@@ -28,6 +28,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
     than the per-tensor loop at 6 M parameters per stage, which matters twice with mirrors, where
     the holder replays every update (``bench/mirror_scaling.py``). Every worker, mirror and the
     single-process reference build their optimizer here, so their updates stay bit for bit equal.
+
+    Args:
+        params: The parameters to train (those without ``requires_grad`` are left out).
+        train: The ``[train]`` section: ``lr``, ``beta1``, ``beta2``, ``weight_decay``.
+        unscaled: Parameters whose groups keep the base learning rate.
+
+    Returns:
+        The optimizer (eps 1e-8); each group carries ``lr_scaled``.
     """
     fixed = {id(p) for p in unscaled}
     params = [p for p in params if p.requires_grad]
@@ -45,7 +53,16 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig,
 
 def build_stage_optimizer(chunk: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """:func:`build_optimizer` for a model chunk: everything but its transformer blocks (embedding,
-    final norm, LM head) is ``unscaled``."""
+    final norm, LM head) is ``unscaled``.
+
+    Args:
+        chunk: A model chunk (:class:`~spotpipe.model.stages.StageModule`, or any module; one
+            without ``blocks`` has everything unscaled).
+        train: The ``[train]`` section.
+
+    Returns:
+        The optimizer.
+    """
     blocks = getattr(chunk, "blocks", None)
     inside = {id(p) for p in blocks.parameters()} if blocks is not None else set()
     return build_optimizer(chunk.parameters(), train, unscaled=[p for p in chunk.parameters() if id(p) not in inside])
@@ -89,7 +106,14 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, scale: float = 1.0) -> None:
-    """Set every group's learning rate to ``lr``, times ``scale`` where the group is scaled."""
+    """Set every group's learning rate to ``lr``, times ``scale`` where the group is scaled.
+
+    Args:
+        optimizer: An optimizer from :func:`build_optimizer` (a group without ``lr_scaled`` counts as
+            scaled).
+        lr: Base learning rate.
+        scale: The chunk's factor (CheckFree's x1.1 after a rebuild; 1.0 otherwise).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr * scale if group.get("lr_scaled", True) else lr
 
@@ -98,7 +122,15 @@ def apply_update(flat_grad: torch.Tensor, optimizers: dict[int, torch.optim.Opti
                  coef: float, lr: float) -> None:
     """Clip (``coef``, see :func:`clip_coefficient`), set the learning rates and step every chunk's
     optimizer. The one update rule of a pipeline worker and of the mirror that replays it, so the
-    two stay bit for bit equal."""
+    two stay bit for bit equal.
+
+    Args:
+        flat_grad: The flat buffer every ``.grad`` of these optimizers views; scaled in place.
+        optimizers: Global chunk index -> its optimizer.
+        lr_scale: Global chunk index -> its learning-rate factor.
+        coef: The clip coefficient (< 1 scales the gradients).
+        lr: Base learning rate of this step.
+    """
     if coef < 1.0:
         flat_grad.mul_(coef)
     for s in sorted(optimizers):
@@ -111,6 +143,13 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
 
     Pipeline workers each hold part of the model: they all-reduce the squared norms of their parts
     and apply this same coefficient, which equals ``torch.nn.utils.clip_grad_norm_`` on the whole.
+
+    Args:
+        total_norm: Global L2 norm of the gradients (all stages).
+        max_norm: ``train.grad_clip``; <= 0 turns clipping off.
+
+    Returns:
+        ``min(1, max_norm / (total_norm + 1e-6))``; 1.0 without clipping or for a non-finite norm.
     """
     if max_norm <= 0 or not math.isfinite(total_norm):
         return 1.0
@@ -124,6 +163,13 @@ def nonfinite_reason(grad_norm: float, loss: float) -> str:
     Every worker knows both after the step's world all-reduce, so every worker decides the same.
     ``torch.nn.utils.clip_grad_norm_`` would scale a non-finite gradient by 1.0 and let it through
     (it has ``error_if_nonfinite`` for this); a NaN update poisons every later step.
+
+    Args:
+        grad_norm: Global L2 norm of the step's gradients.
+        loss: The step's mean loss.
+
+    Returns:
+        The reason, or ``""``.
     """
     if not math.isfinite(grad_norm):
         return f"the gradient norm is {grad_norm}"
@@ -138,14 +184,30 @@ class NonfiniteStep(SpotpipeError):
 
 def nonfinite_step_error(step: int, steps: int, reason: str) -> NonfiniteStep:
     """The one line that stops a job at a non-finite step (``step`` 0-based, shown as the progress
-    line counts it)."""
+    line counts it).
+
+    Args:
+        step: 0-based index of the step.
+        steps: Steps of the job (``train.steps``).
+        reason: From :func:`nonfinite_reason`.
+
+    Returns:
+        The error to raise.
+    """
     return NonfiniteStep(f"step {step + 1}/{steps}: {reason}; its update was not applied and the job stops "
                          f"(train.nonfinite = stop; \"skip\" would skip such steps; lower train.lr or raise "
                          f"train.warmup_steps)")
 
 
 def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
-    """Sum of squared gradient entries of ``params`` (float64 for reproducible sums)."""
+    """Sum of squared gradient entries of ``params`` (float64 for reproducible sums).
+
+    Args:
+        params: Parameters; those without a gradient count 0.
+
+    Returns:
+        The sum of squares (a Python float).
+    """
     total = torch.zeros((), dtype=torch.float64)
     for p in params:
         if p.grad is not None:

@@ -34,19 +34,45 @@ class StageOptimizer(Protocol):
 
     def step(self, lr: float, lr_scale: Mapping[int, float]) -> None:
         """One update of every chunk at base learning rate ``lr`` times the chunk's ``lr_scale``
-        (for the groups that are scaled; the embedding / norm / head keep ``lr``)."""
+        (for the groups that are scaled; the embedding / norm / head keep ``lr``).
+
+        Args:
+            lr: Base learning rate of this step.
+            lr_scale: Global chunk index -> its factor.
+        """
         ...
 
     def moments(self, chunk: int, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(exp_avg, exp_avg_sq, step)`` of ``param`` of ``chunk``, or None before its first update."""
+        """``(exp_avg, exp_avg_sq, step)`` of ``param`` of ``chunk``, or None before its first update.
+
+        Args:
+            chunk: Global chunk index.
+            param: A parameter of that chunk.
+
+        Returns:
+            The two moments (shaped as ``param``) and AdamW's step count, or None.
+        """
         ...
 
     def set_moments(self, chunk: int, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float) -> None:
-        """Install the moments of ``param`` (same shape; moved to the optimizer's device)."""
+        """Install the moments of ``param`` (same shape; moved to the optimizer's device).
+
+        Args:
+            chunk: Global chunk index.
+            param: A parameter of that chunk.
+            exp_avg: First moment, shaped as ``param``.
+            exp_avg_sq: Second moment, shaped as ``param``.
+            step: AdamW's step count for bias correction.
+        """
         ...
 
     def clear(self, chunk: int, param: torch.Tensor | None = None) -> None:
-        """Forget the state of ``param`` (or of every parameter of ``chunk``): fresh AdamW."""
+        """Forget the state of ``param`` (or of every parameter of ``chunk``): fresh AdamW.
+
+        Args:
+            chunk: Global chunk index.
+            param: One parameter of that chunk, or ``None`` for all of them.
+        """
         ...
 
     def state_dict(self) -> dict[int, Any]:
@@ -54,16 +80,32 @@ class StageOptimizer(Protocol):
         ...
 
     def load_state_dict(self, state: Mapping[int, Any]) -> None:
-        """Inverse of :meth:`state_dict`."""
+        """Inverse of :meth:`state_dict`.
+
+        Args:
+            state: Chunk -> state, as :meth:`state_dict` returned it.
+        """
         ...
 
     def add_step_hook(self, hook: Callable[[], None]) -> None:
-        """Call ``hook`` right after each update (fault injection in the optimizer phase)."""
+        """Call ``hook`` right after each update (fault injection in the optimizer phase).
+
+        Args:
+            hook: Called with no arguments.
+        """
         ...
 
     def master(self, chunk: int, param: torch.Tensor) -> torch.Tensor | None:
         """The float32 master copy of ``param`` that the update applies to, or None when the
-        parameter is its own master (float32 models; see :mod:`spotpipe.runtime.state.master`)."""
+        parameter is its own master (float32 models; see :mod:`spotpipe.runtime.state.master`).
+
+        Args:
+            chunk: Global chunk index.
+            param: A parameter of that chunk.
+
+        Returns:
+            The float32 master tensor, or None.
+        """
         ...
 
 

@@ -38,7 +38,14 @@ def _model(state: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
 
 
 def block_keys(state: Mapping[str, Any]) -> list[str]:
-    """The transformer-block keys of a state dict (or of ``{"model": state dict}``), sorted."""
+    """The transformer-block keys of a state dict (or of ``{"model": state dict}``), sorted.
+
+    Args:
+        state: A chunk's state dict, or a dict holding it under ``"model"``.
+
+    Returns:
+        The keys that start with ``blocks.``.
+    """
     return sorted(k for k in _model(state) if k.startswith(BLOCK_PREFIX))
 
 
@@ -68,6 +75,14 @@ def checkfree_weights(omega_prev: float, omega_next: float) -> tuple[float, floa
 
     Non-finite or all-zero norms (a step that diverged, or no step yet) fall back to the plain
     average rather than to a NaN state.
+
+    Args:
+        omega_prev: Gradient norm of the previous stage's last step (before clipping).
+        omega_next: Gradient norm of the next stage's last step (before clipping).
+
+    Returns:
+        ``(omega_prev, omega_next) / (omega_prev + omega_next)``, or ``(0.5, 0.5)`` on a negative,
+        non-finite or all-zero norm.
     """
     a, b = float(omega_prev), float(omega_next)
     if not (math.isfinite(a) and math.isfinite(b)) or a < 0 or b < 0 or a + b <= 0:

@@ -63,14 +63,24 @@ class StageState:
     def apply_update(self, flat_grad: torch.Tensor, coef: float, lr: float) -> None:
         """Clip (multiply ``flat_grad``, the buffer every ``.grad`` views, by ``coef`` < 1), then one
         optimizer step at base rate ``lr``. The one update rule of a worker and of the mirror that
-        replays it, so the two stay bit for bit equal."""
+        replays it, so the two stay bit for bit equal.
+
+        Args:
+            flat_grad: The flat gradient buffer of the stage; scaled in place.
+            coef: The clip coefficient (:func:`~spotpipe.runtime.state.optim.clip_coefficient`).
+            lr: Base learning rate of this step.
+        """
         if coef < 1.0:
             flat_grad.mul_(coef)
         self.step(lr)
 
     def step(self, lr: float) -> None:
         """One optimizer step of every chunk at base rate ``lr`` times the chunk's :attr:`lr_scale`
-        (gradients already clipped; the single-process reference clips its own ``.grad``)."""
+        (gradients already clipped; the single-process reference clips its own ``.grad``).
+
+        Args:
+            lr: Base learning rate of this step.
+        """
         self.optimizer.step(lr, self.lr_scale)
 
     def view(self, chunks: Iterable[int], part: str | None = None) -> StageState:
@@ -169,7 +179,14 @@ class StageState:
     # -- the flat form ---------------------------------------------------------------------------
 
     def numel(self, blocks_only: bool = False) -> int:
-        """Length of :meth:`flat` (or of :meth:`blocks_flat` with ``blocks_only``)."""
+        """Length of :meth:`flat` (or of :meth:`blocks_flat` with ``blocks_only``).
+
+        Args:
+            blocks_only: Count the blocks' tensors and the ``omega`` slot only.
+
+        Returns:
+            A number of float32 elements.
+        """
         n = 0
         for s in sorted(self.chunks):
             for k, v in self.chunks[s].state_dict().items():
@@ -201,6 +218,9 @@ class StageState:
 
     def load_flat(self, flat: torch.Tensor) -> None:
         """Install a :meth:`flat` tensor made from same-shaped chunks (in place: ``.grad`` views stay).
+
+        Args:
+            flat: A float32 tensor ``[numel()]``.
 
         Raises:
             ValueError: If ``flat`` does not have :meth:`numel` numbers.
@@ -235,7 +255,14 @@ class StageState:
     # -- CheckFree: the neighbours' blocks -------------------------------------------------------
 
     def blocks_flat(self, omega: float) -> torch.Tensor:
-        """The block tensors of every chunk, then the gradient norm ``omega`` (CheckFree's weight)."""
+        """The block tensors of every chunk, then the gradient norm ``omega`` (CheckFree's weight).
+
+        Args:
+            omega: The stage's gradient norm of its last step (before clipping).
+
+        Returns:
+            A float32 CPU tensor ``[numel(blocks_only=True)]``.
+        """
         parts = [self._read(s, v) for s in sorted(self.chunks) for k, v in self._tensors(s).items() if k.startswith(BLOCK_PREFIX)]
         parts.append(torch.tensor([omega], dtype=torch.float32))
         return torch.cat(parts)
@@ -299,6 +326,9 @@ class StageState:
 
     def install_tied(self, flat: torch.Tensor) -> None:
         """Install a :meth:`tied_flat` tensor of same-shaped copies.
+
+        Args:
+            flat: A float32 tensor ``[tied_numel()]``.
 
         Raises:
             ValueError: If the length does not match :meth:`tied_numel`.

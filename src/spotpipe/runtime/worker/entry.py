@@ -27,7 +27,12 @@ from spotpipe.runtime.worker.heartbeat import ControllerLost
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``spotpipe worker`` (and ``python -m spotpipe.runtime.worker``)."""
+    """Arguments of ``spotpipe worker`` (and ``python -m spotpipe.runtime.worker``).
+
+    Args:
+        parser: The parser to add ``--join``, ``--token-file``, ``--listen-host``, ``--timeout`` and
+            the rest to.
+    """
     parser.add_argument("--join", required=True, metavar="HOST:PORT", help="the controller's address, printed by `spotpipe train`")
     parser.add_argument("--token-file", default=None, metavar="FILE", help="file holding the job token (default: $SPOTPIPE_TOKEN)")
     parser.add_argument(
@@ -44,6 +49,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
     """A warm standby: load torch and build a throwaway stage (the first model build of a process
     is slow), then wait for the controller to hand over a lost role. None: the job ended.
+
+    Args:
+        store: A client of the controller's store.
+        grant: The spare's grant (its ``info`` holds the job config as TOML and ``threads``).
+
+    Returns:
+        The role handed over, or None.
 
     Raises:
         Exception: The store's own error when the controller is gone (the caller says so).
@@ -86,6 +98,15 @@ def run_worker(args: argparse.Namespace) -> int:
     The worker says every store or connection failure in one line of its own (a lost controller:
     :class:`~spotpipe.runtime.worker.heartbeat.ControllerLost`), so c10d's C++ warnings, which
     come with C++ stack traces, are off unless ``$TORCH_CPP_LOG_LEVEL`` asks for them.
+
+    Args:
+        args: Parsed :func:`add_worker_arguments` arguments.
+
+    Returns:
+        The process exit status (0 when the job ended normally).
+
+    Raises:
+        SpotpipeError: on bad input (the ``--join`` address, the token).
     """
     os.environ.setdefault(CPP_LOG_LEVEL, "ERROR")  # read once, when torch is first imported (below)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
@@ -140,6 +161,15 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m spotpipe.runtime.worker``.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: :func:`run_worker`'s, or 2 after printing a
+        :class:`~spotpipe.errors.SpotpipeError` in one line.
+    """
     parser = argparse.ArgumentParser(prog="python -m spotpipe.runtime.worker", description="A spotpipe worker process.")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)

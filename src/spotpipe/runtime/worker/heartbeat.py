@@ -47,7 +47,11 @@ class ControllerLost:
 
     def check(self, store: Any) -> None:
         """Exit as above if ``store`` (a client of the controller's store) no longer answers;
-        return if it does (the caller's error has another cause)."""
+        return if it does (the caller's error has another cause).
+
+        Args:
+            store: A client of the controller's store.
+        """
         try:
             store.check([protocol.JOB_ID])
         except Exception as exc:

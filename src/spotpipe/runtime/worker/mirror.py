@@ -59,7 +59,14 @@ RECEIVE_WAIT = datetime.timedelta(days=7)
 
 
 def mirror_tags(seq: int) -> tuple[int, int]:
-    """The header and payload tags of the ``seq``-th message of a generation."""
+    """The header and payload tags of the ``seq``-th message of a generation.
+
+    Args:
+        seq: Message sequence number in the generation, 0-based (tags wrap around).
+
+    Returns:
+        ``(header tag, payload tag)``.
+    """
     n = MIRROR_TAG_BASE + 2 * (seq % _TAG_SPAN)
     return n, n + 1
 
@@ -107,6 +114,9 @@ class MirrorSender:
             lr: Base learning rate of the step (gradients).
             owned: ``payload`` is a host tensor nobody else writes (a fresh ``StageState.flat()``):
                 it is sent as it is.
+
+        Returns:
+            Bytes posted (header and payload), or 0 when the link is broken.
         """
         self.drain()
         if self.error:
@@ -241,7 +251,15 @@ class MirrorHolder(threading.Thread):
     def receive_buffer(self, kind: int) -> torch.Tensor | None:
         """Where the payload of a ``kind`` message is received (None: it has none). Gradients reuse
         the buffers the applier gave back (two or three are in use at most: one applied, one
-        waiting for its commit, one arriving); a state gets a new one (the copy loads it)."""
+        waiting for its commit, one arriving); a state gets a new one (the copy loads it).
+
+        Args:
+            kind: The message's kind (``KIND_STATE``, ``KIND_GRADIENT``, ``KIND_SKIPPED``).
+
+        Returns:
+            A float32 tensor ``[state_numel]`` for a state, a ``[gradient_numel]`` tensor in the
+            gradient dtype for a gradient, else None.
+        """
         if kind == KIND_STATE:
             return torch.empty(self.state_numel, dtype=torch.float32)
         if kind != KIND_GRADIENT:
@@ -254,7 +272,12 @@ class MirrorHolder(threading.Thread):
     # -- main thread ---------------------------------------------------------------------------
 
     def generation_started(self, gen: Any, owner_rank: int) -> None:
-        """Follow the owner in ``gen`` (world rank ``owner_rank``); the previous generation is over."""
+        """Follow the owner in ``gen`` (world rank ``owner_rank``); the previous generation is over.
+
+        Args:
+            gen: The new generation (its ``number`` and host group).
+            owner_rank: World rank of the owner of the mirrored stage in ``gen``.
+        """
         with self._cond:
             if self._receiver is not None:
                 self._receiver.halted.set()
@@ -265,14 +288,23 @@ class MirrorHolder(threading.Thread):
         self._receiver.start()
 
     def committed(self, generation: int, step: int) -> None:
-        """The holder committed ``step`` in ``generation``: the owner's update of it may be replayed."""
+        """The holder committed ``step`` in ``generation``: the owner's update of it may be replayed.
+
+        Args:
+            generation: The generation the step was committed in.
+            step: The committed step, 0-based.
+        """
         with self._cond:
             self._committed[generation] = step
             self._cond.notify_all()
 
     def settle(self, timeout_s: float) -> None:
         """The current generation is over (aborted): apply what arrived for committed steps, drop
-        the rest, and return when nothing more can change the copy (or after ``timeout_s``)."""
+        the rest, and return when nothing more can change the copy (or after ``timeout_s``).
+
+        Args:
+            timeout_s: Seconds to wait at most.
+        """
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._closed.add(self._generation)
@@ -302,7 +334,11 @@ class MirrorHolder(threading.Thread):
             return self.state.flat()
 
     def reset(self, min_generation: int) -> None:
-        """Forget the copy (a rollback made its step void); the next state comes from ``min_generation``."""
+        """Forget the copy (a rollback made its step void); the next state comes from ``min_generation``.
+
+        Args:
+            min_generation: The first generation whose state message is accepted.
+        """
         with self._lock:
             self.step, self.min_generation = None, min_generation
 
@@ -319,6 +355,11 @@ class MirrorHolder(threading.Thread):
     # -- receiver thread -----------------------------------------------------------------------
 
     def deliver(self, message: _Message) -> None:
+        """Queue one received message for the applier thread and count its bytes.
+
+        Args:
+            message: The message (header fields and payload).
+        """
         self.bytes_received += HEADER_LEN * 8 + (0 if message.payload is None else message.payload.numel() * message.payload.element_size())
         self._inbox.put(message)
         self.wake()

@@ -30,7 +30,14 @@ MirrorMode = Literal["replay", "periodic", ""]
 
 def mirror_mode(cfg: JobConfig) -> MirrorMode:
     """``replay`` (``ft.mirror_every = 1``), ``periodic`` (every N steps) or ``""`` (no mirrors:
-    another strategy, ``mirror_every = 0``, or a single stage)."""
+    another strategy, ``mirror_every = 0``, or a single stage).
+
+    Args:
+        cfg: The job (``ft.strategy``, ``ft.mirror_every``, ``pipeline.stages``).
+
+    Returns:
+        The mode.
+    """
     if not mirrors_wanted(cfg):
         return ""
     return "replay" if cfg.ft.mirror_every == 1 else "periodic"
@@ -76,7 +83,12 @@ class MirrorLink:
 
     def generation_started(self, gen: Any, step: int) -> None:
         """Before step ``step`` in ``gen``: once per generation, start following the owner of the
-        next stage and send this stage's full state to its holder (the copy starts from it)."""
+        next stage and send this stage's full state to its holder (the copy starts from it).
+
+        Args:
+            gen: The generation this worker is in (``None``: none yet; nothing happens).
+            step: The step about to run, 0-based.
+        """
         if not self.mode or gen is None or self._generation == gen.number:
             return
         self._generation = gen.number
@@ -92,7 +104,15 @@ class MirrorLink:
 
     def gradient(self, step: int, flat_grad: torch.Tensor, coef: float, lr: float, apply: bool = True) -> None:
         """Owner, ``replay``: send the step's gradient before voting on its commit (``apply``
-        False: the step is skipped, ``train.nonfinite = "skip"``, and the holder skips it too)."""
+        False: the step is skipped, ``train.nonfinite = "skip"``, and the holder skips it too).
+
+        Args:
+            step: The step, 0-based.
+            flat_grad: The stage's flat gradient buffer (model dtype); ``coef`` goes with it.
+            coef: The step's clip coefficient.
+            lr: The step's base learning rate.
+            apply: Whether the step's update is applied.
+        """
         if self.mode == "replay" and self.sender is not None:
             if apply:
                 self.sender.send(KIND_GRADIENT, step, flat_grad, coef, lr)
@@ -107,7 +127,12 @@ class MirrorLink:
     def committed(self, generation: int, step: int) -> None:
         """After committed ``step``: the holder may replay it; the owner sends its full state if due
         (``periodic``). The owner does not wait for its gradient to arrive here: the transfer runs
-        on while the next step computes, and the next send waits for it (one in flight)."""
+        on while the next step computes, and the next send waits for it (one in flight).
+
+        Args:
+            generation: The generation the step was committed in.
+            step: The committed step, 0-based.
+        """
         if self.holder is not None:
             self.holder.committed(generation, step)
         if self.mode == "periodic" and (step + 1) % self.cfg.ft.mirror_every == 0 and self.sender is not None:

@@ -38,6 +38,16 @@ class PhaseFault:
     hook points and kills the process at the planned one. Without a plan every call is a no-op."""
 
     def __init__(self, planned: dict[int, str], store: Any = None, worker: int = -1, microbatches: int = 1) -> None:
+        """Keep the plan.
+
+        Args:
+            planned: Step (0-based) -> phase (``forward``, ``backward``, ``allreduce``, ``optimizer``,
+                ``recovery``).
+            store: The controller's store, where the fault is recorded before the kill (``None``: not
+                recorded).
+            worker: This worker's id.
+            microbatches: Microbatches per step; the forward and backward faults fire at the middle one.
+        """
         self.planned = dict(planned)
         self.store = store
         self.worker = worker
@@ -47,13 +57,34 @@ class PhaseFault:
 
     @staticmethod
     def from_grant(info: dict[str, Any], store: Any, worker: int, microbatches: int) -> PhaseFault:
+        """The plan a worker's grant carries (``info["phase_faults"]``: ``[step, phase]`` pairs).
+
+        Args:
+            info: The grant's ``info``.
+            store: The controller's store.
+            worker: This worker's id.
+            microbatches: Microbatches per step.
+
+        Returns:
+            The plan (empty when the grant has none).
+        """
         return PhaseFault({int(step): str(phase) for step, phase in info.get("phase_faults", [])}, store, worker, microbatches)
 
     def begin_step(self, step: int) -> None:
+        """Start counting the forward and backward hits of ``step``.
+
+        Args:
+            step: The step, 0-based.
+        """
         self.step, self.count = step, 0
 
     def hit(self, phase: str, step: int | None = None) -> None:
-        """The worker reached ``phase`` of the current step (or of ``step``)."""
+        """The worker reached ``phase`` of the current step (or of ``step``).
+
+        Args:
+            phase: The phase reached.
+            step: The step, 0-based, when it is not the current one (a recovery's step).
+        """
         if not self.planned or self.planned.get(self.step if step is None else step) != phase:
             return
         if phase in ("forward", "backward"):
@@ -63,6 +94,14 @@ class PhaseFault:
         self.fire(phase, self.step if step is None else step)
 
     def fire(self, phase: str, step: int) -> None:
+        """Record the fault in the store and SIGKILL this process: at once, or 2 ms later for
+
+        ``allreduce`` (the kill then lands inside the collective).
+
+        Args:
+            phase: The planned phase.
+            step: The step, 0-based.
+        """
         if self.store is not None:
             self.store.set(protocol.fault_key(self.worker), json.dumps({"step": step, "phase": phase, "time": time.time()}))
         print(f"[{time.strftime('%H:%M:%S')}] worker {self.worker}: fault injected: SIGKILL in the {phase} phase of step {step}",

@@ -57,7 +57,14 @@ class RecoveryHost(Protocol):
     grant: Any  # the role the controller granted (``info["replacement"]``: a new worker of a lost role)
 
     def enter_generation(self, after: int = 0) -> Generation | None:
-        """Wait for a generation newer than ``after`` and build its groups (None: the job stops)."""
+        """Wait for a generation newer than ``after`` and build its groups (None: the job stops).
+
+        Args:
+            after: The newest generation already seen.
+
+        Returns:
+            The generation entered, or None.
+        """
         ...
 
     def discard_step(self) -> None:
@@ -69,7 +76,11 @@ class RecoveryHost(Protocol):
         ...
 
     def load_checkpoint(self, resume: dict[str, Any]) -> None:
-        """Load this worker's part of a checkpoint (and its sampler)."""
+        """Load this worker's part of a checkpoint (and its sampler).
+
+        Args:
+            resume: The checkpoint's record (its directory and files), as the controller publishes it.
+        """
         ...
 
     def log(self, text: str) -> None:
@@ -121,7 +132,12 @@ class RecoveryAgent:
         return True
 
     def abort_step(self, snapshot: dict[str, Any], reason: str) -> None:
-        """Discard a failed step: abort the generation, drop activations and gradients, rewind data."""
+        """Discard a failed step: abort the generation, drop activations and gradients, rewind data.
+
+        Args:
+            snapshot: The sampler's state from before the step.
+            reason: Why, passed to the generation's abort.
+        """
         if self.w.generation is not None:
             self.w.generation.abort(reason)
         self.w.discard_step()
@@ -141,6 +157,9 @@ class RecoveryAgent:
             exc: What stopped the step; a :class:`GenerationCancelled` names the generation this
                 worker never finished entering.
             step: The step this worker resumes at with its current state.
+
+        Returns:
+            The step to run next, 0-based.
 
         Raises:
             CommError: ``exc`` itself when recovery is off or there is no generation.
@@ -211,6 +230,12 @@ class RecoveryAgent:
     def recover(self, gen: Generation) -> int:
         """Carry out the controller's recovery decision for ``gen`` (this worker's part); returns the
         step to run next.
+
+        Args:
+            gen: The generation whose recovery record to carry out.
+
+        Returns:
+            The step to run next, 0-based.
 
         Raises:
             GenerationAborted: A peer of the state transfer was lost (the controller decides again).

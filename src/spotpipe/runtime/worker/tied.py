@@ -22,7 +22,15 @@ TIE_TAG = 800_000  # message tag of the tied-gradient exchange
 
 def flat_ranges(params: Iterable[torch.nn.Parameter], chosen: set[int]) -> list[tuple[int, int]]:
     """``(offset, length)`` ranges of the flat gradient buffer (parameters laid out in order) that
-    hold the parameters whose ``id`` is in ``chosen``, adjacent ranges merged."""
+    hold the parameters whose ``id`` is in ``chosen``, adjacent ranges merged.
+
+    Args:
+        params: The parameters, in the flat buffer's order.
+        chosen: ``id()`` of the parameters to keep.
+
+    Returns:
+        The ranges, in elements, in order.
+    """
     ranges: list[tuple[int, int]] = []
     offset = 0
     for q in params:
@@ -39,6 +47,14 @@ def flat_ranges(params: Iterable[torch.nn.Parameter], chosen: set[int]) -> list[
 def sum_tied_gradients(flat_grad: torch.Tensor, ranges: list[tuple[int, int]], transport: Transport, partner: int,
                        timeout_s: float, what: str) -> None:
     """Add the partner's gradient of the tied parameters to this worker's, in place.
+
+    Args:
+        flat_grad: This worker's flat gradient buffer.
+        ranges: ``(offset, length)`` ranges of the tied parameters (:func:`flat_ranges`).
+        transport: The generation's point-to-point transport.
+        partner: World rank of the swap partner.
+        timeout_s: Seconds to wait for each message.
+        what: What the exchange is, named in errors.
 
     Raises:
         CommError: naming ``what``, when the partner is lost.

@@ -336,7 +336,16 @@ class Worker:
         return inputs, targets
 
     def compute_step(self, step: int) -> dict[str, Any]:
-        """Phase 2: forward/backward, gradient all-reduce, world all-reduce. May raise CommError."""
+        """Phase 2: forward/backward, gradient all-reduce, world all-reduce. May raise CommError.
+
+        Args:
+            step: The step, 0-based.
+
+        Returns:
+            The step's outcome: ``step``, ``loss`` (mean over the world), ``grad_norm`` (global, before
+            clipping), ``nonfinite``, ``coef``, ``lr``, ``stop``, and seconds (``pipe_s``,
+            ``compute_s``, ...).
+        """
         gen = self.generation
         assert gen is not None
         t0 = time.perf_counter()
@@ -419,11 +428,29 @@ class Worker:
                                     action=f"the commit decision of step {step}", detail="step aborted after a failure")
 
     def apply_step(self, outcome: dict[str, Any]) -> float:
-        """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr."""
+        """Phase 3: clip, set the lr, step the optimizers (local only). Returns the base lr.
+
+        Args:
+            outcome: :meth:`compute_step`'s result (``coef``, ``lr``).
+
+        Returns:
+            The step's base learning rate.
+        """
         self.state.apply_update(self.flat_grad, outcome["coef"], outcome["lr"])
         return float(outcome["lr"])
 
     def save_checkpoint(self, step: int) -> dict[str, Any]:
+        """Save this worker's stage state and sampler into the checkpoint of ``step``.
+
+        Args:
+            step: The last step the state holds, 0-based.
+
+        Returns:
+            ``{"rank", "file", "sha256", "seconds"}`` for the manifest and the log.
+
+        Raises:
+            OSError: if the file cannot be written.
+        """
         t0 = time.perf_counter()
         state = {
             "format": "spotpipe-stage-state",
@@ -438,7 +465,12 @@ class Worker:
         return {"rank": self.stage, "file": name, "sha256": sha, "seconds": time.perf_counter() - t0}
 
     def report_step(self, step: int, report: dict[str, Any]) -> None:
-        """Phase 4: publish the report; the last of the world to report commits the step."""
+        """Phase 4: publish the report; the last of the world to report commits the step.
+
+        Args:
+            step: The step, 0-based.
+            report: The worker's report of the step, JSON-serialisable.
+        """
         gen = self.generation
         assert gen is not None
         self.store.set(protocol.step_report_key(step, self.id), json.dumps(report))
@@ -448,7 +480,17 @@ class Worker:
 
     def evaluate(self, step: int) -> float | None:
         """Validation loss over the first ``train.eval_batches`` batches of the val split (the
-        same windows as :meth:`LocalTrainer.evaluate`, whole batches only)."""
+        same windows as :meth:`LocalTrainer.evaluate`, whole batches only).
+
+        Args:
+            step: The step evaluated after, 0-based (named in errors).
+
+        Returns:
+            The mean validation loss (nats per token), or None when nothing was evaluated.
+
+        Raises:
+            CommError: if a peer is lost during the evaluation.
+        """
         gen = self.generation
         assert gen is not None
         p, t = self.cfg.pipeline, self.cfg.train
@@ -592,6 +634,10 @@ class Worker:
 
         A communication error carries its kind and the peer's worker id, which the controller's
         failure detector takes as evidence against that peer.
+
+        Args:
+            message: One line; ``worker ...`` is prefixed with this worker's name unless it starts so.
+            comm: The communication error behind it, if any.
         """
         text = message if message.startswith("worker ") else f"{self.name}: {message}"
         print(f"spotpipe worker: error: {text}", file=sys.stderr, flush=True)

@@ -19,6 +19,12 @@ REGISTRY: dict[str, StateTransfer] = {t.name: t for t in (REPLICA, MIRROR, CHECK
 def transfer_for(strategy: str) -> StateTransfer:
     """The runtime half of ``strategy``.
 
+    Args:
+        strategy: A strategy name (``RecoveryPlanView.strategy``).
+
+    Returns:
+        The registered :class:`StateTransfer`.
+
     Raises:
         KeyError: If no runtime half is registered under that name (a plan the runtime cannot run).
     """

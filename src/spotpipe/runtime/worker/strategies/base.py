@@ -46,7 +46,17 @@ class RecoveryPlanView:
 
     @classmethod
     def from_record(cls, plan: dict[str, Any]) -> RecoveryPlanView:
-        """Read one entry of ``record["plans"]`` (JSON)."""
+        """Read one entry of ``record["plans"]`` (JSON).
+
+        Args:
+            plan: ``{"worker", "stage", "sources", "strategy", "lr_scale"}``.
+
+        Returns:
+            The view.
+
+        Raises:
+            KeyError, ValueError, TypeError: on a missing or malformed field.
+        """
         return cls(int(plan["worker"]), int(plan["stage"]), tuple(int(w) for w in plan["sources"]), str(plan["strategy"]),
                    float(plan["lr_scale"]))
 
@@ -73,7 +83,11 @@ class WorkerView(Protocol):
     num_stages: int
 
     def log(self, text: str) -> None:
-        """A line in the worker's log."""
+        """A line in the worker's log.
+
+        Args:
+            text: The line, without a newline.
+        """
         ...
 
 
@@ -83,15 +97,38 @@ class StateTransfer(Protocol):
     name: str
 
     def send(self, worker: WorkerView, plan: RecoveryPlanView, source_index: int) -> torch.Tensor:
-        """What source number ``source_index`` of ``plan`` (this worker) sends to the target."""
+        """What source number ``source_index`` of ``plan`` (this worker) sends to the target.
+
+        Args:
+            worker: This worker.
+            plan: The recovery plan.
+            source_index: Position of this worker in ``plan.sources``.
+
+        Returns:
+            A 1-D tensor, of the length :meth:`receive_sizes` gives for that source.
+        """
         ...
 
     def receive_sizes(self, worker: WorkerView, plan: RecoveryPlanView) -> list[int]:
-        """The length of each source's tensor, as the target (this worker) expects it."""
+        """The length of each source's tensor, as the target (this worker) expects it.
+
+        Args:
+            worker: This worker (the target).
+            plan: The recovery plan.
+
+        Returns:
+            One element count per source, in ``plan.sources`` order.
+        """
         ...
 
     def install(self, worker: WorkerView, plan: RecoveryPlanView, received: list[torch.Tensor]) -> None:
-        """Install what the sources sent (the target only)."""
+        """Install what the sources sent (the target only).
+
+        Args:
+            worker: This worker (the target).
+            plan: The recovery plan.
+            received: One 1-D tensor per source, in ``plan.sources`` order.
+        """
         ...
 
     def install_in_process(self, run: InProcessRun, plan: RecoveryPlan) -> int:
@@ -120,11 +157,24 @@ class InProcessRun(Protocol):
 
     def live_copy(self, stage: int) -> torch.Tensor:
         """Chunk ``stage``'s flat state as it was before the wipe: what a live replica of the stage
-        sends (:meth:`StageState.flat`)."""
+        sends (:meth:`StageState.flat`).
+
+        Args:
+            stage: Chunk index.
+
+        Returns:
+            A float32 tensor.
+        """
         ...
 
     def mirror(self, stage: int) -> torch.Tensor:
         """The flat mirror of ``stage`` that its holder keeps (weights, moments, lr scale).
+
+        Args:
+            stage: Chunk index.
+
+        Returns:
+            A float32 tensor.
 
         Raises:
             KeyError: If no mirror of ``stage`` is kept.
@@ -135,15 +185,33 @@ class InProcessRun(Protocol):
         """The in-sync copy of edge chunk ``stage``'s tied part (:meth:`StageState.tied_flat`) that
         its CheckFree+ swap partner holds (chunk 1 holds chunk 0's, chunk S-2 chunk S-1's).
 
+        Args:
+            stage: Chunk index of an edge chunk.
+
+        Returns:
+            A float32 tensor.
+
         Raises:
             KeyError: If ``stage`` is not an edge chunk or the swap schedule is off.
         """
         ...
 
     def omega(self, stage: int) -> float:
-        """CheckFree's weight of chunk ``stage``'s blocks: its last gradient norm, before clipping."""
+        """CheckFree's weight of chunk ``stage``'s blocks: its last gradient norm, before clipping.
+
+        Args:
+            stage: Chunk index.
+
+        Returns:
+            The L2 norm.
+        """
         ...
 
     def set_lr_scale(self, stage: int, scale: float) -> None:
-        """Train chunk ``stage``'s blocks with ``scale`` x the learning rate from now on."""
+        """Train chunk ``stage``'s blocks with ``scale`` x the learning rate from now on.
+
+        Args:
+            stage: Chunk index.
+            scale: The factor (CheckFree's 1.1 after a rebuild; 1.0 otherwise).
+        """
         ...

@@ -20,7 +20,15 @@ from spotpipe.runtime.worker.strategies.base import InProcessRun, RecoveryPlanVi
 
 
 def tied_source(worker: WorkerView, plan: RecoveryPlanView) -> int | None:
-    """Which source (0: previous stage, 1: next) also sends the in-sync copy, or None."""
+    """Which source (0: previous stage, 1: next) also sends the in-sync copy, or None.
+
+    Args:
+        worker: The target worker (its ``swap`` and ``num_stages``).
+        plan: The recovery plan.
+
+    Returns:
+        0 or 1 for stage 1 or S-2 under the CheckFree+ swap schedule, else None.
+    """
     if not worker.swap:
         return None
     return {1: 0, worker.num_stages - 2: 1}.get(plan.stage)

@@ -28,6 +28,12 @@ class FullStateCopy:
     """The source sends :meth:`StageState.flat`; the target installs it whole."""
 
     def __init__(self, name: str, message: str) -> None:
+        """A strategy that copies a whole stage state from one source.
+
+        Args:
+            name: The strategy's registry name.
+            message: What the target logs when it installs the copy.
+        """
         self.name = name
         self._message = message
 
@@ -57,13 +63,37 @@ class MirrorCopy(FullStateCopy):
         super().__init__(mirror.NAME, "")
 
     def send(self, worker: WorkerView, plan: RecoveryPlanView, source_index: int) -> torch.Tensor:
+        """The holder sends its mirror of the lost stage (:meth:`StageState.flat` layout).
+
+        Args:
+            worker: This worker, the mirror's holder.
+            plan: The recovery plan.
+            source_index: Ignored (one source).
+
+        Returns:
+            The mirror as a float32 tensor.
+
+        Raises:
+            RuntimeError: if this worker holds no mirror.
+        """
         mirror = worker.mirror
         if mirror is None or mirror.step is None:
             raise RuntimeError(f"asked to send the mirror of stage {plan.stage}, but this worker holds none")
         return mirror.tensor()  # type: ignore[no-any-return]
 
     def install_in_process(self, run: InProcessRun, plan: RecoveryPlan) -> int:
-        """Load the mirror kept of the lost stage (as of the step it was last refreshed)."""
+        """Load the mirror kept of the lost stage (as of the step it was last refreshed).
+
+        Args:
+            run: The in-process run.
+            plan: The recovery plan.
+
+        Returns:
+            Bytes installed.
+
+        Raises:
+            KeyError: if no mirror of the stage is kept.
+        """
         flat = run.mirror(plan.stage)
         run.state.view([plan.stage]).load_flat(flat)
         return nbytes(flat)
@@ -80,7 +110,15 @@ class PartnerCopy(FullStateCopy):
         """In one process the partner chunk holds no copy (the copies are the originals): the lost
         edge chunk gets the partner's blocks with their moments and the snapshot of its copy, what
         the partner worker's whole state holds (Blagoev, Ersoy, Chen 2025, section 3.2), and the
-        plan's learning-rate factor (a trained stage: 1.0)."""
+        plan's learning-rate factor (a trained stage: 1.0).
+
+        Args:
+            run: The in-process run.
+            plan: The recovery plan (its first source is the partner chunk).
+
+        Returns:
+            Bytes installed.
+        """
         s = plan.stage
         blocks = run.state.view([plan.sources[0][0]], part="blocks").flat()
         run.state.view([s], part="blocks").load_flat(blocks)
