@@ -216,6 +216,7 @@ def test_a_worker_lost_while_the_job_stops_ends_it_at_its_last_committed_step(
     assert proc.returncode == 130, (out[-2000:], err[-2000:])
     assert "Traceback" not in err
     assert f"worker {victim['worker']} (stage 1, replica 0) died (killed by SIGKILL) while the job was stopping" in out
+    assert "no checkpoint was written (train.checkpoint_every), so it cannot be resumed" in out  # none due by step 4
     assert ended_after < 20, ended_after  # the stalled worker resumes after 6 s; no run.timeout_s wait
     events = helpers.read_events(run_dir)
     kinds = [e["event"] for e in events]

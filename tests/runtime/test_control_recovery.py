@@ -482,8 +482,47 @@ def test_a_replacement_refused_because_the_job_is_stopping_is_no_failure(tmp_pat
     job.host.stop_reason = ""
     job.members.check_health(100.6)
     [failure] = job.host.failures
-    assert failure.reason == ("local worker 5 (pid 4242) exited before it joined (exit code 2): spotpipe worker: error: "
+    assert failure.reason == ("local worker 5 (pid 4242) exited before it held a role (exit code 2): spotpipe worker: error: "
                               "the controller refused this worker: the job is stopping")
+
+
+class _KilledLocal:
+    """A local process without a role (a spare, or a replacement still starting) killed by SIGKILL."""
+
+    def __init__(self, pid: int, index: int) -> None:
+        self.pid, self.index = pid, index
+
+    def returncode(self) -> int | None:
+        return -9
+
+    def last_log_line(self) -> str:
+        return "spare worker 9: warm, waiting for a role"
+
+
+def test_a_spare_or_starting_replacement_killed_is_replaced_and_the_job_goes_on(tmp_path: Path) -> None:
+    """A role-less local process lost to a signal held no state: another is started, once per
+    loss, and nothing fails; a dead warm spare is never handed a role. One that exits with an
+    error still stops the job (it would fail again)."""
+    job = Job(tmp_path)
+    for w in job.members.workers.values():
+        w.last_beat = 100.0
+        job.store.add(protocol.heartbeat_key(w.worker), 1)
+    before = job.locals.started
+    job.locals.procs.append(_KilledLocal(5151, 7))
+    job.members.check_health(100.5)
+    job.members.check_health(100.6)  # the same loss is not replaced twice
+    assert job.host.failures == [] and job.locals.started == before + 1
+    spare_proc = _KilledLocal(5252, 8)
+    spare = WorkerState(99, -1, -1, "h", 5252, spare_proc, last_beat=100.0)  # type: ignore[arg-type]
+    job.members.spares.append(spare)
+    job.locals.procs.append(spare_proc)
+    job.members.check_health(100.65)
+    assert spare not in job.members.spares and job.locals.started == before + 2 and job.host.failures == []
+    assert not job.members.take_spare(1, 0)  # no live spare left to take a role
+    job.locals.procs.append(_RefusedLocal())
+    job.members.check_health(100.7)
+    [failure] = job.host.failures
+    assert "local worker 5 (pid 4242) exited before it held a role (exit code 2)" in failure.reason
 
 
 # -- the controller and the simulator group losses alike ---------------------------------------------

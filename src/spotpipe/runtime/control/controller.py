@@ -460,15 +460,24 @@ class Controller:
     def _lost_while_stopping(self, w: WorkerState, failure: Failure) -> None:
         """A member lost after ``train.max_minutes`` or Ctrl-C asked the job to stop: a job that is
         ending is not rebuilt, nor failed. The survivors are woken (the generation is aborted, so
-        none waits ``run.timeout_s`` on the lost peer) and the job ends at its last committed step,
-        whose checkpoint (written only when every rank saved it) stays the one to resume from."""
+        none waits ``run.timeout_s`` on the lost peer) and the job ends at its last committed step.
+        The stop's own checkpoint needs every rank, so a resume starts from the last complete one,
+        which the line names (or says there is none).
+
+        Args:
+            w: The lost member.
+            failure: Why it is lost (its exit, its silence).
+        """
         self.lost_while_stopping.add(w.worker)
         try:
             self.ctx.store.set(protocol.abort_key(self.generation), failure.reason)
         except Exception:
             pass
+        resume = (f"resume from the checkpoint of step {self.last_checkpoint} with: spotpipe train --resume {self.run_dir}"
+                  if self.last_checkpoint is not None else
+                  "no checkpoint was written (train.checkpoint_every), so it cannot be resumed")
         self._progress.message(f"{failure.reason} while the job was stopping: it is not rebuilt; the job ends at its "
-                               f"last committed step")
+                               f"last committed step, and {resume}")
 
     def on_exit(self, w: WorkerState) -> None:
         """A local worker exited: a worker that killed itself for a phase fault left a note; log it."""
@@ -535,19 +544,27 @@ class Controller:
             except Exception:
                 pass
         if self.ctx.locals is not None:
+            # Processes without a role (warm spares, replacements still starting) hold nothing:
+            # stop them now rather than wait for them to notice the end.
+            self.ctx.locals.terminate(p.pid for p in self.ctx.locals.procs
+                                      if p.pid not in {w.pid for w in self.members.workers.values()})
+
+            def killed() -> bool:  # a second Ctrl-C: no more waiting
+                return self.interrupts >= 2
+
             if status == "failed":
                 # Survivors see the abort and report why they stopped; give them a moment, then
                 # read every report and exit status, so the message names the root cause.
-                self.ctx.locals.wait_all(3.0)
+                self.ctx.locals.wait_all(3.0, killed)
                 try:
                     self.members.check_health(time.monotonic())
                 except Exception:
                     pass
-            elif status == "interrupted" and self.interrupts < 2:
-                self.ctx.locals.wait_all(10.0)
+            elif status == "interrupted":
+                self.ctx.locals.wait_all(10.0, killed)
             else:
-                self.ctx.locals.wait_all(5.0)
-            self.ctx.locals.stop_all(grace_s=2.0)
+                self.ctx.locals.wait_all(5.0, killed)
+            self.ctx.locals.stop_all(grace_s=0.0 if killed() else 2.0)
         wall = time.time() - self._t0
         self.result.status = status
         self.result.wall_s = wall

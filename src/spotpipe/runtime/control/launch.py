@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,21 +130,34 @@ class LocalWorkers:
     def running(self) -> list[LocalProcess]:
         return [p for p in self.procs if p.returncode() is None]
 
-    def wait_all(self, timeout_s: float) -> bool:
+    def wait_all(self, timeout_s: float, give_up: Callable[[], bool] | None = None) -> bool:
         """Wait until every worker exited; True if they all did within ``timeout_s``.
 
         Args:
             timeout_s: Seconds to wait at most (polled every 50 ms).
+            give_up: Stop waiting as soon as this returns True (a second Ctrl-C).
 
         Returns:
             Whether no worker is left running.
         """
         deadline = time.monotonic() + timeout_s
         while self.running():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (give_up is not None and give_up()):
                 return False
             time.sleep(0.05)
         return True
+
+    def terminate(self, pids: Iterable[int]) -> None:
+        """SIGTERM the running workers with these pids (processes that hold no state: a warm spare,
+        a replacement still starting), so a stopping job does not wait for them.
+
+        Args:
+            pids: Process ids of this object's workers.
+        """
+        wanted = set(pids)
+        for p in self.running():
+            if p.pid in wanted:
+                _signal_group(p.popen, signal.SIGTERM)
 
     def stop_all(self, grace_s: float = 3.0) -> None:
         """SIGTERM every running worker, then SIGKILL what is left after ``grace_s``; reap all.

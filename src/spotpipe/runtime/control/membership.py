@@ -31,6 +31,7 @@ from spotpipe import events as ev
 from spotpipe.runtime import protocol
 from spotpipe.runtime.comm.groups import Member
 from spotpipe.ft.confirm import Failure, FailureKind, classify_report, confirm_silence
+from spotpipe.ft.policy import recovery_enabled
 from spotpipe.runtime.comm.groups import GenerationPlan
 from spotpipe.runtime.control.context import ControlContext
 from spotpipe.runtime.control.launch import LocalProcess, describe_exit
@@ -109,6 +110,10 @@ class MembershipHost(Protocol):
 OnFailure = Callable[[WorkerState | None, Failure, bool], None]
 
 
+MAX_ROLELESS_REPLACEMENTS = 8
+"""How many spares or starting replacements lost to a signal a job replaces before it stops."""
+
+
 class Membership:
     """Joins, spares, role grants and health checks (see the module docstring).
 
@@ -133,6 +138,7 @@ class Membership:
         self.role_of: dict[tuple[int, int], int] = {}
         self.spares: list[WorkerState] = []  # warm standby workers without a role
         self.confirmed: set[int] = set()  # lost and dealt with: no longer health-checked
+        self.roleless_lost: set[int] = set()  # pids of spares / starting replacements lost to a signal, replaced
         self.suspicions_cleared = 0  # suspects that beat again: shown in the run summary
         self.transport_reports: list[Any] = []
         self._next_worker_id = 0
@@ -297,16 +303,8 @@ class Membership:
                 continue
             if not w.bye:
                 alive[w.worker] = w.last_beat
-        # Local processes that exited before they joined fail the job, unless it is stopping: a
-        # replacement started for a recovery can arrive after the stop, and is refused then.
         if self.ctx.locals is not None and not self.host.stop_reason:
-            joined = {w.pid for w in self.workers.values()} | {w.pid for w in self.spares}
-            for p in self.ctx.locals.procs:
-                code = p.returncode()
-                if code is not None and p.pid not in joined:
-                    said = p.last_log_line()
-                    reason = f"local worker {p.index} (pid {p.pid}) exited before it joined ({describe_exit(code)})" + (f": {said}" if said else "")
-                    self.host.on_failure(None, Failure(None, reason, FailureKind.PROCESS_DIED, time.time()), False)
+            self._check_roleless(self.ctx.locals.procs)
         detection = detect(now, alive, self.ctx.cfg.ft, self.transport_reports)
         for wid in detection.suspects:
             w = self.workers[wid]
@@ -320,6 +318,36 @@ class Membership:
                 self.host.on_failure(w, Failure(w.worker, f"{w.name()} {why}", FailureKind.SILENCE, time.time()), True)
         if self.transport_reports and len(self.transport_reports) > 100:
             del self.transport_reports[:-100]
+
+    def _check_roleless(self, procs: list[LocalProcess]) -> None:
+        """Local processes without a role (a warm spare, a replacement still starting) that exited.
+
+        One killed by a signal is a lost machine, not a fault of the job: it held no state, so it
+        is replaced by a new local process (at most :data:`MAX_ROLELESS_REPLACEMENTS` times) and the
+        job goes on. One that exited with an error (a bug, bad input, no memory) would fail again:
+        it stops the job, named. Not checked while the job stops: a replacement that arrives after
+        the stop is refused and exits, which is no failure.
+
+        Args:
+            procs: Every local process the controller started.
+        """
+        role_pids = {w.pid for w in self.workers.values()}
+        for w in [w for w in self.spares if w.local is not None and w.local.returncode() is not None]:
+            self.spares.remove(w)  # a spare that died: never hand it a role
+        for p in procs:
+            code = p.returncode()
+            if code is None or p.pid in role_pids or p.pid in self.roleless_lost:
+                continue
+            said = p.last_log_line()
+            if code < 0 and recovery_enabled(self.ctx.cfg.ft) and len(self.roleless_lost) < MAX_ROLELESS_REPLACEMENTS:
+                self.roleless_lost.add(p.pid)
+                self.ctx.progress.message(f"local worker {p.index} (pid {p.pid}) was lost before it held a role "
+                                          f"({describe_exit(code)}); starting another")
+                assert self.ctx.locals is not None
+                self.ctx.locals.start(1)
+                continue
+            reason = f"local worker {p.index} (pid {p.pid}) exited before it held a role ({describe_exit(code)})" + (f": {said}" if said else "")
+            self.host.on_failure(None, Failure(None, reason, FailureKind.PROCESS_DIED, time.time()), False)
 
     def _read_error_report(self, w: WorkerState, now: float) -> None:
         """A worker said why it gave up: its own fault, or (kind "comm") a peer it lost."""
