@@ -457,3 +457,25 @@ def test_bad_checkpoints_are_one_line(interrupted_run: dict[str, Any], run_cli: 
     # A checkpoint that does not fit the job.
     proc = run_cli("train", "--resume", str(source), "--set", "model.d_model=64")
     helpers.assert_one_line_error(proc, "model.d_model = 32", "this job has 64")
+
+
+@pytest.mark.timeout(240)
+def test_train_says_what_auto_picked_and_a_resume_does_not_replay_injected_faults(
+    tmp_path: Path, token_dir: Path, train: Any, helpers: Any
+) -> None:
+    """`pipeline.schedule = auto` names the plan it picked before the job starts; `--resume` of a
+    run with injected faults does not kill the same worker at the same step again (it says so)."""
+    from spotpipe.runtime.control.job import prepare_run
+
+    auto = prepare_run(None, [*helpers.tiny, f"data.path={token_dir}", f"run.dir={tmp_path / 'auto'}",
+                              "pipeline.schedule=auto", "pipeline.memory_budget_gb=0.05"], None)
+    assert auto.cfg.pipeline.schedule != "auto"
+    assert [n for n in auto.notes if n.startswith(f"pipeline.schedule = auto picked {auto.cfg.pipeline.schedule}")]
+    run_dir = tmp_path / "faulty"
+    first = train(run_dir, "train.steps=12", "train.checkpoint_every=5", "ft.strategy=none", 'ft.faults=["stage=1@step=7"]')
+    assert first.returncode == 2 and "died (killed by SIGKILL)" in first.stderr, first.stderr[-2000:]
+    again = train(run_dir, resume=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "note: the run's injected faults (ft.faults = ['stage=1@step=7']) are not replayed on --resume" in again.stdout
+    steps = [e["step"] for e in helpers.read_events(run_dir) if e["event"] == "step"]
+    assert steps[-1] == 11

@@ -78,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Bad input (the --fail specs included, with the config's range checks) fails here, before torch loads.
     prep = prepare_run(args.config, list(args.set), args.resume, faults=tuple(args.fail) + tuple(args.fail_rate))
+    for note in prep.notes:
+        print(f"note: {note}", flush=True)
     from spotpipe.runtime.control.controller import Controller
     from spotpipe.runtime.control.progress import format_result
 

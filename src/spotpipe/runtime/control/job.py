@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from spotpipe.config import JobConfig, TrainConfig, load_config
+from spotpipe.config import AUTO_SCHEDULE, JobConfig, TrainConfig, load_config
 from spotpipe.runtime.devices import resolve_hardware
 from spotpipe.errors import SpotpipeError
 from spotpipe.ft.policy import uses_mirrors
@@ -178,6 +178,7 @@ class PreparedRun:
     token_sha256: str
     layout: dict[str, Any]
     resume: Any  # checkpoint.Manifest | None
+    notes: tuple[str, ...] = ()  # lines to show before the job starts (what was decided for the user)
 
 
 def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None,
@@ -202,6 +203,7 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     from spotpipe.data.tokens import default_cache_dir, resolve_dataset
     from spotpipe.runtime.state.checkpoint import check_layout, latest_checkpoint
 
+    notes: list[str] = []
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not run_dir.is_dir():
@@ -211,7 +213,14 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
         if config_path is not None:
             raise SpotpipeError("--resume continues with the run's own config.toml; change values with --set, not --config")
         cfg = load_config(run_dir / "config.toml", overrides)
-        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)), ft=replace(cfg.ft, faults=cfg.ft.faults + faults)).validate()
+        saved = cfg.ft.faults
+        if saved and not any(o.replace(" ", "").startswith("ft.faults=") for o in overrides):
+            # Injected faults are an experiment's input, not the run's state: replayed on resume
+            # they would kill the same worker at the same step again.
+            saved = ()
+            notes.append(f"the run's injected faults (ft.faults = {list(cfg.ft.faults)}) are not replayed on --resume; "
+                         "pass --fail or --set ft.faults=[...] to inject faults again")
+        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)), ft=replace(cfg.ft, faults=saved + faults)).validate()
         check_output(run_dir, "--resume", "dir")
     else:
         cfg = load_config(config_path, overrides)
@@ -228,7 +237,15 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
     token_file = resolve_dataset(cfg.data, default_cache_dir(), verify=True)  # a corrupt tokens.bin fails here
     if token_file.vocab_size != cfg.model.vocab_size:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=token_file.vocab_size))
+    auto = cfg.pipeline.schedule == AUTO_SCHEDULE
     cfg = resolved(cfg.validate())  # pipeline.schedule = auto: the plan that fits the memory budget
+    if auto:
+        p = cfg.pipeline
+        plan = p.schedule + (f", recompute {p.recompute}" if p.recompute != "none" else "") + (
+            f", recompute chunks {list(p.recompute_chunks)}" if p.recompute_chunks else "") + (
+            f", offload {p.offload}" if p.offload != "none" else "")
+        notes.append(f"pipeline.schedule = auto picked {plan}: the fastest plan that fits "
+                     f"pipeline.memory_budget_gb = {p.memory_budget_gb:g} GB per rank (spotpipe schedule memory lists them all)")
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
     if cfg.pipeline.stage_nodes:
@@ -257,4 +274,5 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                 f"--resume {run_dir}: its checkpoint of step {manifest.step} already holds all train.steps={cfg.train.steps} steps; "
                 "nothing to resume"
             )
-    return PreparedRun(cfg, run_dir, str(Path(token_file.dir).resolve()), str(token_file.header.get("sha256", "")), layout, manifest)
+    return PreparedRun(cfg, run_dir, str(Path(token_file.dir).resolve()), str(token_file.header.get("sha256", "")), layout, manifest,
+                       tuple(notes))
