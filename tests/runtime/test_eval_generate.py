@@ -251,6 +251,24 @@ def test_generate_is_reproducible_and_emits_n_tokens(run6: tuple[Path, LocalTrai
     assert len(sample_tokens(trainer.chunks, long_prompt, 5, skip=(2, 3))) == 5
 
 
+def test_an_interrupted_generate_prints_what_it_generated(run6: tuple[Path, LocalTrainer], monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during a long generate prints the text so far and exits 130 (nothing is lost)."""
+    from spotpipe.progressline import ProgressLine
+
+    def interrupt_after_five(self: ProgressLine, done: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProgressLine, "update", interrupt_after_five)
+    run_dir, trainer = run6
+    assert main(["generate", str(run_dir), "--prompt", "alpha", "--tokens", "50", "--seed", "1"]) == 130
+    out = capsys.readouterr()
+    first_five = sample_tokens(trainer.chunks, list(b"alpha"), 5, seed=1)  # the same draws, in the same order
+    assert out.out.rstrip("\n") == bytes(list(b"alpha") + first_five).decode("utf-8", "replace")
+    assert "interrupted after 5 of 50 tokens" in out.err
+
+
 def test_generate_decodes_with_the_runs_bpe_tokenizer(tmp_path: Path, corpus: TokenFile, one_thread: None,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tokenizers")
@@ -334,6 +352,7 @@ BAD = [
     (["generate", "{run}", "--prompt", ""], "--prompt is empty"),
     (["generate", "{run}", "--prompt", "a", "--temperature", "inf"], "argument --temperature"),
     (["generate", "{run}", "--prompt", "a", "--tokens", "0"], "argument --tokens"),
+    (["generate", "{run}", "--prompt", "a", "--tokens", "100001"], "argument --tokens: expected an integer in 1..100000"),
 ]
 
 

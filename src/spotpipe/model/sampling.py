@@ -48,6 +48,7 @@ def sample_tokens(
     seed: int = 0,
     skip: Collection[int] = (),
     progress: Callable[[int], None] | None = None,
+    out: list[int] | None = None,
 ) -> list[int]:
     """Continue ``prompt`` by ``new_tokens`` tokens.
 
@@ -60,9 +61,11 @@ def sample_tokens(
         seed: Seed of the draws.
         skip: Chunks to leave out (:func:`~spotpipe.model.skipping.forward_skipping`).
         progress: Called with the number of tokens generated so far, after each one.
+        out: A list the generated ids are appended to as they come (a caller interrupted midway
+            keeps what was generated); a new one by default.
 
     Returns:
-        The ``new_tokens`` generated ids (the prompt not included).
+        The ``new_tokens`` generated ids (the prompt not included): ``out``.
 
     Raises:
         ValueError: An empty prompt, an id outside the vocabulary, or a negative count or temperature.
@@ -78,7 +81,7 @@ def sample_tokens(
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     ids = [int(t) for t in prompt]
-    out: list[int] = []
+    out = [] if out is None else out
     for n in range(new_tokens):
         window = torch.tensor([ids[-cfg.context:]], dtype=torch.int64, device=device)
         logits = forward_skipping(chunks, window, skip)[0, -1]

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from spotpipe.cliargs import float_in, int_in
 from spotpipe.errors import SpotpipeError
+
+MAX_NEW_TOKENS = 100_000
+"""Most tokens ``generate`` takes (each is one forward pass of the whole model over its window:
+at a few tokens per second on a CPU, this bound is already hours)."""
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -71,7 +76,8 @@ def register(subparsers: Any) -> None:
     )
     _run_arguments(gen)
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (at least one token)")
-    gen.add_argument("--tokens", type=int_in(1, 1_000_000), default=200, metavar="N", help="tokens to generate (default 200)")
+    gen.add_argument("--tokens", type=int_in(1, MAX_NEW_TOKENS), default=200, metavar="N",
+                     help=f"tokens to generate, 1..{MAX_NEW_TOKENS} (default 200; Ctrl-C prints what was generated so far)")
     gen.add_argument("--temperature", type=float_in(0.0, 100.0), default=1.0, metavar="T",
                      help="softmax temperature, 0 to 100; 0 takes the most likely token (default 1.0)")
     gen.add_argument("--top-k", type=int_in(0, 10**9), default=0, metavar="K",
@@ -193,13 +199,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``spotpipe generate``: print the prompt and its sampled continuation.
+    """``spotpipe generate``: print the prompt and its sampled continuation (on Ctrl-C, what was
+    generated so far).
 
     Args:
         args: Parsed ``spotpipe generate`` arguments.
 
     Returns:
-        0.
+        0, or 130 when interrupted (the partial text is printed first).
 
     Raises:
         SpotpipeError: on an empty prompt, a prompt token outside the model's vocabulary, or a bad
@@ -218,12 +225,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             f"0..{vocab - 1}")
     from spotpipe.model.sampling import sample_tokens
     from spotpipe.progressline import ProgressLine
+    from spotpipe.runtime.cli import EXIT_INTERRUPTED
 
     bar = ProgressLine("generate", args.tokens, "tokens")
+    new: list[int] = []
+    interrupted = False
     try:
-        new = sample_tokens(run.chunks, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed, skip=run.chunks_of(skip), progress=bar.update)
+        sample_tokens(run.chunks, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed, skip=run.chunks_of(skip), progress=bar.update, out=new)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
-    print(tokenizer.decode(prompt + new))
+    print(tokenizer.decode(prompt + new), flush=True)
+    if interrupted:
+        print(f"spotpipe generate: interrupted after {len(new)} of {args.tokens} tokens", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
