@@ -152,3 +152,16 @@ def test_progress_line_shows_the_rate_and_eta() -> None:
     off.update(5)
     off.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["generate", "RUN", "--prompt", "a", "--skip-fraction", "0.5"], "see `spotpipe generate --help`"),
+    (["schedule", "show", "--bogus"], "see `spotpipe schedule show --help`"),
+    (["train", "--set", "train.steps=3", "--bogus"], "see `spotpipe train --help`"),
+    (["--bogus"], "see `spotpipe --help`"),
+])
+def test_an_unknown_option_points_at_its_own_commands_help(argv: list[str], hint: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spotpipe: error: unrecognized arguments: ") and hint in err and err.count("\n") == 1

@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_command(parser: argparse.ArgumentParser, words: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``words`` select: ``spotpipe schedule show ...`` -> the parser
+    of ``schedule show``; the top-level parser when no command is named.
+
+    Args:
+        parser: The top-level parser (:func:`build_parser`).
+        words: The command-line words after the program name.
+
+    Returns:
+        The deepest parser whose command names follow each other at the start of ``words``
+        (options between them are skipped).
+    """
+    current = parser
+    for word in words:
+        if word.startswith("-"):
+            continue
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        current = subs[0].choices[word]
+    return current
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spotpipe` console script.
 
@@ -75,8 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         Ctrl-C, 1 when stdout's reader went away.
     """
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(words)
+        if extra:  # named by the command that got them, so the hint points at its own --help
+            chosen_command(parser, words).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or a bad argument (its one line is printed)
         return exc.code if isinstance(exc.code, int) else 2
     if not hasattr(args, "func"):
