@@ -127,7 +127,8 @@ def skip_count(fraction: float, stage_chunks: Sequence[Sequence[int]], num_chunk
         raise SpotpipeError(
             f"--skip-fraction {fraction:g} leaves out round({fraction:g} x {num_stages}) = {count} of {num_stages} stages, "
             f"but only {len(allowed)} may be skipped ({_fixed_text(stage_chunks, num_chunks)}); "
-            f"use --skip-fraction <= {len(allowed) / num_stages:.3g}")
+            f"a fraction that rounds to at most {len(allowed)} of {num_stages} fits, e.g. --skip-fraction "
+            f"{len(allowed) / num_stages:.3g}")
     return count
 
 
