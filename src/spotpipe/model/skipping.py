@@ -5,8 +5,9 @@ and shows that the model still works with stages left out at inference. A left-o
 the identity: the hidden state it would have received goes on to the next chunk unchanged, which
 is what a residual stack of pre-norm blocks (:class:`~spotpipe.model.transformer.Block`) degrades
 to when its blocks' updates are dropped. Chunk 0 (token embedding) and the last chunk (final norm,
-LM head) are always run. With nothing skipped, :func:`forward_skipping` runs exactly the operations
-of chaining every chunk (:meth:`spotpipe.runtime.inprocess.local.LocalTrainer.forward_loss`).
+LM head) are always run. With nothing skipped, :func:`forward_skipping` chains every chunk: it is
+the single-process reference's forward
+(:meth:`spotpipe.runtime.inprocess.local.LocalTrainer.forward_loss`).
 """
 
 from __future__ import annotations

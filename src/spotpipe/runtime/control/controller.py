@@ -415,11 +415,20 @@ class Controller:
         """
         self.failure = better_explanation(self.failure, failure)
         if self.plan is not None:
-            try:
-                self.ctx.store.set(protocol.abort_key(self.generation), failure.reason)
-            except Exception:
-                pass
+            self._abort_generation(failure.reason)
         self._request_stop("failure")
+
+    def _abort_generation(self, reason: str) -> None:
+        """Publish the current generation's abort, so every member blocked on a peer wakes at once
+        (best effort: a store that is gone has no one left to wake).
+
+        Args:
+            reason: Why, as the members will report it.
+        """
+        try:
+            self.ctx.store.set(protocol.abort_key(self.generation), reason)
+        except Exception:
+            pass
 
     def on_failure(self, w: WorkerState | None, failure: Failure, confirm: bool) -> None:
         """A failure observed by the health checks (``confirm``: a confirmed loss of ``w``).
@@ -469,10 +478,7 @@ class Controller:
             failure: Why it is lost (its exit, its silence).
         """
         self.lost_while_stopping.add(w.worker)
-        try:
-            self.ctx.store.set(protocol.abort_key(self.generation), failure.reason)
-        except Exception:
-            pass
+        self._abort_generation(failure.reason)
         resume = (f"resume from the checkpoint of step {self.last_checkpoint} with: spotpipe train --resume {self.run_dir}"
                   if self.last_checkpoint is not None else
                   "no checkpoint was written (train.checkpoint_every), so it cannot be resumed")
@@ -546,8 +552,8 @@ class Controller:
         if self.ctx.locals is not None:
             # Processes without a role (warm spares, replacements still starting) hold nothing:
             # stop them now rather than wait for them to notice the end.
-            self.ctx.locals.terminate(p.pid for p in self.ctx.locals.procs
-                                      if p.pid not in {w.pid for w in self.members.workers.values()})
+            role_pids = {w.pid for w in self.members.workers.values()}
+            self.ctx.locals.terminate(p.pid for p in self.ctx.locals.procs if p.pid not in role_pids)
 
             def killed() -> bool:  # a second Ctrl-C: no more waiting
                 return self.interrupts >= 2

@@ -3,10 +3,9 @@
 SkipPipe (Blagoev, Chen, Ersoy 2025) reports how much perplexity a model loses when stages are
 skipped at inference (about 7% with half the model skipped, for a model trained on partial paths).
 :func:`evaluate_skipping` measures it for one set of skipped stages: the mean token cross-entropy
-over the first ``samples`` windows of the validation split, in id order, ``train.batch_size``
-windows per forward, each batch weighted by its windows, exactly as
-:meth:`~spotpipe.runtime.inprocess.local.LocalTrainer.evaluate` does for the full model (so with
-nothing skipped the two agree); perplexity = exp(loss). :func:`evaluate_fraction` draws several
+over the first ``samples`` windows of the validation split, read by the reference's own
+:meth:`~spotpipe.runtime.inprocess.local.LocalTrainer.validation_loss` (the loop its
+``evaluate`` uses, so with nothing skipped the two agree); perplexity = exp(loss). :func:`evaluate_fraction` draws several
 distinct sets of ``round(f x S)`` skippable stages (:mod:`spotpipe.runtime.inprocess.skipsets`)
 and reports the full model and the mean, spread and extremes over the sets.
 """
@@ -18,9 +17,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from spotpipe.model.skipping import forward_skipping
 from spotpipe.runtime.inprocess.restore import TrainedRun
 from spotpipe.runtime.inprocess.skipsets import draw_skip_sets, skip_count, skippable_stages
 
@@ -112,7 +108,6 @@ def eval_samples(run: TrainedRun, samples: int | None) -> int:
     return max(1, min(want, run.trainer.val_sampler.num_windows))
 
 
-@torch.no_grad()
 def evaluate_skipping(run: TrainedRun, skip_stages: tuple[int, ...] = (), samples: int | None = None,
                       progress: Progress | None = None) -> SkipEval:
     """Validation loss of ``run`` with ``skip_stages`` left out.
@@ -127,20 +122,9 @@ def evaluate_skipping(run: TrainedRun, skip_stages: tuple[int, ...] = (), sample
     Returns:
         The :class:`SkipEval`.
     """
-    tr = run.trainer
-    n = eval_samples(run, samples)
-    size = run.cfg.train.batch_size
-    skip = run.chunks_of(skip_stages)
-    weighted, rows = 0.0, 0
-    for start in range(0, n, size):
-        ids = list(range(start, min(start + size, n)))
-        batch = torch.from_numpy(tr.val_sampler.batch(tr.token_file, ids)).to(tr.device)
-        tokens, targets = batch[:, :-1], batch[:, 1:]
-        weighted += float(forward_skipping(tr.chunks, tokens, skip, targets)) * len(ids)
-        rows += len(ids)
-        if progress is not None:
-            progress(rows)
-    return SkipEval(tuple(skip_stages), weighted / rows, rows, rows * run.cfg.model.context)
+    n = eval_samples(run, samples)  # never more than the split holds
+    loss = run.trainer.validation_loss(n, run.chunks_of(skip_stages), progress)
+    return SkipEval(tuple(skip_stages), loss, n, n * run.cfg.model.context)
 
 
 def fraction_sets(run: TrainedRun, fraction: float, subsets: int, seed: int) -> tuple[int, list[tuple[int, ...]]]:

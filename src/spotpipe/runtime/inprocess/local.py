@@ -26,7 +26,7 @@ all-reduce (SUM) would.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from spotpipe.config import JobConfig
 from spotpipe.data.sampler import SequenceSampler, microbatch_ids
 from spotpipe.errors import SpotpipeError
+from spotpipe.model.skipping import forward_skipping
 from spotpipe.model.stages import StageModule, build_stage
 from spotpipe.runtime.state.optim import clip_coefficient, grad_sq_norm, lr_at, nonfinite_reason, nonfinite_step_error
 from spotpipe.runtime.state.pick import build_chunk_optimizer
@@ -180,10 +181,7 @@ class LocalTrainer:
         Returns:
             A float32 scalar tensor, with autograd.
         """
-        x = tokens
-        for chunk in self.chunks[:-1]:
-            x = chunk(x)
-        return self.chunks[-1](x, targets)
+        return forward_skipping(self.chunks, tokens, (), targets)
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for c in self.chunks for p in c.parameters()]
@@ -328,14 +326,33 @@ class LocalTrainer:
             The mean loss per window (nats per token), weighted by batch size.
         """
         batches = self.cfg.train.eval_batches if batches is None else batches
+        return self.validation_loss(batches * self.cfg.train.batch_size)
+
+    @torch.no_grad()
+    def validation_loss(self, windows: int, skip: Collection[int] = (), progress: Callable[[int], None] | None = None) -> float:
+        """Mean validation loss over the first ``windows`` windows of the val split (at most all of
+        them), in id order, ``train.batch_size`` windows per forward, each batch weighted by its
+        windows; with the chunks in ``skip`` left out (skipped-stage inference,
+        :func:`~spotpipe.model.skipping.forward_skipping`).
+
+        Args:
+            windows: Validation windows of ``model.context`` tokens to read (>= 1).
+            skip: Chunk indices to leave out (never the first or the last).
+            progress: Called with the windows done so far after each batch.
+
+        Returns:
+            The mean loss per window (nats per token).
+        """
         size = self.cfg.train.batch_size
-        n = min(batches * size, self.val_sampler.num_windows)
+        n = min(windows, self.val_sampler.num_windows)
         weighted, rows = 0.0, 0
         for start in range(0, n, size):
             ids = list(range(start, min(start + size, n)))
             tokens, targets = _to_tensor(self.val_sampler.batch(self.token_file, ids), self.device)
-            weighted += float(self.forward_loss(tokens, targets)) * len(ids)
+            weighted += float(forward_skipping(self.chunks, tokens, skip, targets)) * len(ids)
             rows += len(ids)
+            if progress is not None:
+                progress(rows)
         return weighted / rows
 
     # ------------------------------------------------------------------------------------------
