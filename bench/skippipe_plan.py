@@ -1,6 +1,6 @@
 """SkipPipe planning: simulated iteration time per variant, and how long the planner takes.
 
-Headline: SkipPipe's own setting (``configs/skippipe-geo.toml``: 20 nodes over 12 Google Cloud
+Headline: SkipPipe's own setting (``configs/skippipe-paper.toml``: 20 nodes over 12 Google Cloud
 locations, stage groups [5, 3, 3, 3, 3, 3], 33% skip, one swap, 3 activations per node, the
 reference simulator's cost constants). All four variants are planned on the same placement and
 played in one run; the JSON reports their simulated times (``sim.*_s``: until the last
@@ -40,7 +40,7 @@ from spotpipe.schedule.placement import PlacementProblem, held_karp, place_nodes
 from spotpipe.schedule.pathtime import play_paths  # noqa: E402
 from spotpipe.sim.skipjob import PLACEMENT_EVALUATIONS, JobPlan, plan_job, skip_setting  # noqa: E402
 
-CONFIG = ROOT / "configs" / "skippipe-geo.toml"
+CONFIG = ROOT / "configs" / "skippipe-paper.toml"
 OUT = ROOT / "bench" / "results" / "skippipe_plan.json"
 
 # What SkipPipe's own code reports for its committed 20-node schedule (gensyn-ai/skippipe,

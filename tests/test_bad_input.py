@@ -123,7 +123,7 @@ def test_every_output_option_is_checked_before_the_work(
     reason = f"{blocker} is not a directory" if where == "under a file" else "cannot create anything in /proc"
     text = tmp_path / "in.txt"
     text.write_text("text\n")
-    geo = ROOT / "configs" / "skippipe-geo.toml"
+    geo = ROOT / "configs" / "skippipe-paper.toml"
     args = [a.replace("{bad}", str(bad)).replace("{text}", str(text)).replace("{geo}", str(geo)) for a in argv]
     one_line_main(capsys, args, f"cannot write {option} {bad}: {reason}")
 

@@ -22,6 +22,7 @@ from spotpipe.faultspec import FaultSpecError, parse_fault_specs
 from spotpipe.schedule.generators import REGISTRY as SCHEDULE_REGISTRY
 from spotpipe.schedule.generators import model_chunks
 from spotpipe.schedule.recompute import RecomputeName
+from spotpipe.schedule.skippipe import Variant as PathsName
 
 # Closed choices: each is one Literal type, the only list of its values; the checks in
 # :func:`validate` and their messages take the allowed values from it (``typing.get_args``).
@@ -94,11 +95,20 @@ class PipelineConfig:
     recompute_chunks: tuple[int, ...] = ()  # chunk indices recomputed in any mode (0 .. stages x chunks per rank - 1)
     offload: OffloadName = "none"  # "optimizer": AdamW moments in host memory between updates (ChronosPipe's offload)
     memory_budget_gb: float = 0.0  # per-rank device memory budget (1 GB = 1e9 bytes) for schedule = "auto"; 0 = none
-    stage_nodes: tuple[int, ...] = ()  # SkipPipe planning (`schedule plan` only, for now): nodes per stage group, e.g. [5, 3, 3, 3, 3, 3]; () = none
+    stage_nodes: tuple[int, ...] = ()  # SkipPipe: nodes per stage group, e.g. [2, 2, 2, 2]; one worker per node; () = full pipelines over stages
+    paths: PathsName = "skippipe"  # SkipPipe: which paths train: full | random | skippipe-nca | skippipe (see `spotpipe schedule plan`)
+    plan_file: str = ""  # SkipPipe: train on the node schedule in this CSV (`spotpipe schedule plan --csv`); "" = plan now
+    full_every: int = 0  # SkipPipe: every n-th iteration runs full paths (the reference trains every 10th so); 0 = never
     skip_ratio: float = 0.0  # SkipPipe: share of stages a microbatch skips; k = stages - round(skip_ratio x stages) visited
     max_swaps: int = 0  # SkipPipe: adjacent stage swaps allowed per microbatch path
     node_memory: int = 3  # SkipPipe: most microbatches' activations one node holds at once
     plan_budget: int = 6000  # SkipPipe planner: simulated plans the collision-aware search scores
+
+    @property
+    def ranks(self) -> int:
+        """Pipeline ranks (worker roles of one replica): one per node with ``stage_nodes``
+        (SkipPipe), else one per stage."""
+        return sum(self.stage_nodes) if self.stage_nodes else self.stages
 
 
 @dataclass(frozen=True)
@@ -378,7 +388,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def _paths_from(cfg: JobConfig, base_dir: Path) -> JobConfig:
-    """``data.path``, a ``data.tokenizer`` file and ``network.matrix``: looked up in the working
+    """``data.path``, a ``data.tokenizer`` file, ``network.matrix`` and ``pipeline.plan_file``: looked up in the working
     directory first, then in the config file's folder (:func:`spotpipe.fsutil.resolve_path`); one
     found there is made absolute, so every process and every command reads the same file."""
     from dataclasses import replace
@@ -390,7 +400,8 @@ def _paths_from(cfg: JobConfig, base_dir: Path) -> JobConfig:
         return value if found == Path(value).expanduser() else str(found.resolve())
 
     return replace(cfg, data=replace(cfg.data, path=where(cfg.data.path), tokenizer=where(cfg.data.tokenizer)),
-                   network=replace(cfg.network, matrix=where(cfg.network.matrix)))
+                   network=replace(cfg.network, matrix=where(cfg.network.matrix)),
+                   pipeline=replace(cfg.pipeline, plan_file=where(cfg.pipeline.plan_file)))
 
 
 def _toml_value(value: Any) -> str:
@@ -534,8 +545,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("run.backend = nccl needs run.device = cuda (or auto); NCCL moves device tensors only")
     _check(0 < r.timeout_s <= MAX_WAIT_S, f"run.timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.timeout_s}")
     _check(0 < r.heartbeat_s <= MAX_WAIT_S, f"run.heartbeat_s must be in (0, {MAX_WAIT_S:g}] seconds, got {r.heartbeat_s}")
-    _check(-1 <= r.local_workers <= p.stages * p.replicas,
-           f"run.local_workers must be -1 (all) or in [0, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {r.local_workers}")
+    _check(-1 <= r.local_workers <= p.ranks * p.replicas,
+           f"run.local_workers must be -1 (all) or in [0, {'the nodes of pipeline.stage_nodes' if p.stage_nodes else 'pipeline.stages x pipeline.replicas'} "
+           f"= {p.ranks * p.replicas}], got {r.local_workers}")
     _check_choice("ft.strategy", f.strategy, StrategyName)
     _check(0 < f.detect_timeout_s <= MAX_WAIT_S, f"ft.detect_timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
@@ -553,7 +565,10 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"ft.faults: {exc}") from None
         for spec in specs:
             for s in spec.stages or ():
-                _check(s < chunks, f"ft.faults: {spec.text!r} names stage {s}, but stages are 0..{chunks - 1}")
+                if p.stage_nodes:  # one worker per node: stage=N names node N
+                    _check(s < p.ranks, f"ft.faults: {spec.text!r} names node {s}, but pipeline.stage_nodes has nodes 0..{p.ranks - 1}")
+                else:
+                    _check(s < chunks, f"ft.faults: {spec.text!r} names stage {s}, but stages are 0..{chunks - 1}")
             if spec.step is not None:
                 _check(spec.step < t.steps, f"ft.faults: {spec.text!r} is at step {spec.step}, but train.steps = {t.steps} "
                                             f"runs steps 0..{t.steps - 1} (fault specs count steps from 0)")
@@ -580,8 +595,12 @@ def validate_skippipe(cfg: JobConfig) -> None:
     _check(0 <= p.max_swaps <= 64, f"pipeline.max_swaps must be in 0..64, got {p.max_swaps}")
     _check(1 <= p.node_memory <= 1_000_000, f"pipeline.node_memory must be in 1..1000000, got {p.node_memory}")
     _check(1 <= p.plan_budget <= 10_000_000, f"pipeline.plan_budget must be in 1..10000000, got {p.plan_budget}")
+    _check_choice("pipeline.paths", p.paths, PathsName)
+    _check(0 <= p.full_every <= 1_000_000, f"pipeline.full_every must be in 0..1000000 (0 = never), got {p.full_every}")
     if not p.stage_nodes:
         return
+    _check(p.replicas == 1, f"pipeline.stage_nodes sets the nodes of every stage group (its data parallelism), so "
+                            f"pipeline.replicas must be 1, got {p.replicas}")
     _check(len(p.stage_nodes) == p.stages,
            f"pipeline.stage_nodes lists {len(p.stage_nodes)} stage groups, but pipeline.stages = {p.stages}: "
            "give one node count per stage")

@@ -321,3 +321,24 @@ def build_network(
     if not net.locations:
         raise ConfigError(f"network.matrix is set: network.locations must name one location per rank ({ranks}) or per node ({num_nodes})")
     return Network(num_nodes, local, matrix, node_locations(net.locations, ranks, num_nodes, matrix))
+
+
+def ring_allreduce_s(network: Network, group: Sequence[int], nbytes: int) -> float:
+    """Ring all-reduce of ``nbytes`` over ``group`` (nodes in ring order): ``2 (g-1)`` steps,
+    each ``nbytes / g`` over the slowest ring link plus that link's latency (Patarasuk and Yuan
+    2009). 0 for one node.
+
+    Args:
+        network: Links between the nodes.
+        group: Node ids, in ring order.
+        nbytes: Bytes each node reduces.
+
+    Returns:
+        Seconds of the all-reduce; 0.0 for fewer than two nodes.
+    """
+    g = len(group)
+    if g < 2:
+        return 0.0
+    links = [network.link(group[i], group[(i + 1) % g]) for i in range(g)]
+    step = max(link.send_s(nbytes // g) for link in links)
+    return 2 * (g - 1) * step

@@ -15,7 +15,7 @@ from spotpipe.sim.skipjob import plan_job, plan_report, skip_setting
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[2]
-GEO = REPO / "configs" / "skippipe-geo.toml"
+GEO = REPO / "configs" / "skippipe-paper.toml"
 
 SMALL = """
 [model]

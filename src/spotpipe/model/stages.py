@@ -56,6 +56,7 @@ class StageModule(nn.Module):
         norm: RMSNorm | None = None,
         head: nn.Linear | None = None,
         edge_copies: bool = False,
+        head_apart: bool = False,
     ) -> None:
         """Check the chunk's parts against its place in the cut and keep them.
 
@@ -71,6 +72,8 @@ class StageModule(nn.Module):
             head: The LM head, where ``norm`` is given, else ``None``.
             edge_copies: CheckFree+ copies of the embedding on chunk 1 and of the norm and head on
                 chunk S-2.
+            head_apart: The final norm and head are a :class:`HeadModule` of their own (SkipPipe:
+                any chunk may end a path, the head runs on the path's origin); no chunk holds them.
 
         Raises:
             ConfigError: if ``index`` is not in ``[0, num_chunks)`` or the cut is impossible.
@@ -88,8 +91,10 @@ class StageModule(nn.Module):
         if len(blocks) != self.layer_range[1] - self.layer_range[0]:
             raise ValueError(f"chunk {index} needs {self.layer_range[1] - self.layer_range[0]} blocks, got {len(blocks)}")
         self.edge_copies = edge_copies
+        self.head_apart = head_apart
         embed_at = (0, 1) if edge_copies else (0,)
         head_at = (num_chunks - 2, num_chunks - 1) if edge_copies else (num_chunks - 1,)
+        head_at = () if head_apart else head_at
         if (index in embed_at) != (embed is not None):
             raise ValueError(f"chunk {index}: the embedding belongs to chunk{'s' if edge_copies else ''} {embed_at} only")
         if (index in head_at) != (norm is not None and head is not None):
@@ -107,8 +112,8 @@ class StageModule(nn.Module):
 
     @property
     def is_last(self) -> bool:
-        """True for the last chunk (it produces logits or the loss)."""
-        return self.index == self.num_chunks - 1
+        """True for the last chunk when it holds the head (it produces logits or the loss)."""
+        return self.index == self.num_chunks - 1 and not self.head_apart
 
     @property
     def holds_copy(self) -> bool:
@@ -188,6 +193,7 @@ def build_stage(
     num_chunks: int,
     device: torch.device | str | None = None,
     edge_copies: bool = False,
+    head_apart: bool = False,
 ) -> StageModule:
     """Build only chunk ``chunk`` of ``num_chunks``, with the weights ``build_model(cfg, seed)`` has there.
 
@@ -202,6 +208,8 @@ def build_stage(
         num_chunks: How many chunks the model is cut into (1..model.layers).
         device: Where to put it (weights are drawn on the CPU, then moved).
         edge_copies: Build the CheckFree+ copies above (needs ``num_chunks >= 4``).
+        head_apart: Leave the final norm and head out of the last chunk (SkipPipe node runs build
+            them once per stage-0 node with :func:`build_head`).
 
     Returns:
         The chunk, cast to ``model.dtype`` and on ``device``.
@@ -218,7 +226,7 @@ def build_stage(
     if edge_copies and num_chunks < 4:
         raise ConfigError(f"CheckFree+ edge copies need >= 4 chunks, got {num_chunks}")
     first = chunk == 0 or (edge_copies and chunk == 1)
-    last = chunk == num_chunks - 1 or (edge_copies and chunk == num_chunks - 2)
+    last = (chunk == num_chunks - 1 or (edge_copies and chunk == num_chunks - 2)) and not head_apart
     embed = make_embedding(cfg, seed) if first else None
     blocks = nn.ModuleList(make_block(cfg, seed, layer) for layer in range(start, end))
     norm = RMSNorm(cfg.d_model, cfg.norm_eps) if last else None
@@ -230,9 +238,110 @@ def build_stage(
             head.weight = embed.weight
         else:
             head = make_head(cfg, seed)
-    stage = StageModule(cfg, chunk, num_chunks, blocks, embed=embed, norm=norm, head=head, edge_copies=edge_copies)
+    stage = StageModule(cfg, chunk, num_chunks, blocks, embed=embed, norm=norm, head=head, edge_copies=edge_copies,
+                        head_apart=head_apart)
     finish(stage, cfg, device)
     return stage
+
+
+class HeadModule(nn.Module):
+    """The final RMSNorm, the LM head and the loss as a chunk of their own (SkipPipe).
+
+    In a SkipPipe run a microbatch's path may end on any model stage and returns to its origin, a
+    stage-0 node, which computes the loss (Blagoev, Chen, Ersoy 2025, section 3); every stage-0
+    node holds one copy of the head (:mod:`spotpipe.schedule.nodepaths`). It follows the
+    :class:`StageModule` contract the runtime uses: ``embed`` is ``None``, it always finishes.
+
+    Attributes:
+        cfg: Model sizes.
+        index: ``num_chunks`` (the head comes after every chunk).
+        num_chunks: Model chunks the blocks are cut into.
+        norm: The final RMSNorm.
+        head: The LM head.
+    """
+
+    embed = None
+    edge_copies = False
+    tie_partner = None
+    holds_copy = False
+    is_first = False
+    is_last = True
+
+    def __init__(self, cfg: ModelConfig, num_chunks: int, norm: RMSNorm, head: nn.Linear) -> None:
+        """Keep the parts.
+
+        Args:
+            cfg: Model sizes.
+            num_chunks: Model chunks the blocks are cut into.
+            norm: The final RMSNorm.
+            head: The LM head.
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.index = num_chunks
+        self.num_chunks = num_chunks
+        self.layer_range = (cfg.layers, cfg.layers)
+        self.blocks = nn.ModuleList()
+        self.norm = norm
+        self.head = head
+
+    def copy_parameters(self) -> list[nn.Parameter]:
+        """No CheckFree+ copies here.
+
+        Returns:
+            An empty list.
+        """
+        return []
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """No tied gradients here.
+
+        Returns:
+            An empty list.
+        """
+        return []
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, finish: bool | None = None) -> torch.Tensor:
+        """Norm, head and (with ``targets``) the loss.
+
+        Args:
+            x: Hidden states ``[B, T, d_model]``.
+            targets: Next-token ids ``[B, T]``, or None.
+            finish: Ignored (the head always finishes); kept for the chunk contract.
+
+        Returns:
+            The scalar mean token cross-entropy with ``targets``, else logits ``[B, T, vocab_size]``.
+
+        Raises:
+            TypeError: for token ids instead of hidden states.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"the head takes hidden states, got token ids ({x.dtype})")
+        logits = self.head(self.norm(x))
+        return logits if targets is None else lm_loss(logits, targets)
+
+
+def build_head(cfg: ModelConfig, seed: int, num_chunks: int, device: torch.device | str | None = None) -> HeadModule:
+    """The final norm and LM head on their own, with the weights ``build_model(cfg, seed)`` has there.
+
+    Args:
+        cfg: Model sizes (``model.tie_embeddings`` must be false: the embedding is elsewhere).
+        seed: Run seed (``train.seed``).
+        num_chunks: Model chunks the blocks are cut into.
+        device: Where to put it.
+
+    Returns:
+        The :class:`HeadModule`, cast to ``model.dtype`` and on ``device``.
+
+    Raises:
+        ConfigError: with tied embeddings.
+    """
+    if cfg.tie_embeddings:
+        raise ConfigError("model.tie_embeddings = true needs the embedding and the LM head together; a head of its own "
+                          "(SkipPipe, pipeline.stage_nodes) needs model.tie_embeddings = false")
+    module = HeadModule(cfg, num_chunks, RMSNorm(cfg.d_model, cfg.norm_eps), make_head(cfg, seed))
+    finish(module, cfg, device)
+    return module
 
 
 def split_model(model: Transformer, num_chunks: int) -> list[StageModule]:

@@ -84,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spotpipe.runtime.control.progress import format_result
 
     controller = Controller(
-        prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout
+        prep.cfg, prep.run_dir, prep.token_dir, prep.token_sha256, resume=prep.resume, layout=prep.layout,
+        node_plan=prep.node_plan,
     )
     result = controller.run()
     if result.status == "failed":

@@ -18,7 +18,9 @@ problem marks its actions on the rank x step grid (:func:`spotpipe.schedule.vali
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from spotpipe.schedule.ir import Action, Op, Schedule, ScheduleError
 from spotpipe.schedule.pathtime import FORWARD, HEAD
@@ -178,3 +180,96 @@ def validate_node_schedule(schedule: Schedule, node_memory: int) -> Schedule:
     if problems:
         raise ScheduleError(format_problem(schedule, problems[0], len(problems) - 1))
     return schedule
+
+
+def stage_visits(schedule: Schedule) -> tuple[int, ...]:
+    """How many microbatches visit each model stage in one iteration of a node schedule.
+
+    Args:
+        schedule: A node schedule (``chunk_stage`` set).
+
+    Returns:
+        Visits per model stage ``0..S-1`` (the head, ``S``, is left out: every microbatch visits it).
+
+    Raises:
+        ScheduleError: when ``schedule.chunk_stage`` is not set.
+    """
+    if schedule.chunk_stage is None:
+        raise ScheduleError(f"schedule {schedule.name}: not a node schedule (chunk_stage is not set)")
+    head = max(schedule.chunk_stage)
+    counts = [0] * head
+    for m in range(schedule.num_microbatches):
+        for x in schedule.path(m):
+            if schedule.chunk_stage[x] != head:
+                counts[schedule.chunk_stage[x]] += 1
+    return tuple(counts)
+
+
+def node_groups(schedule: Schedule) -> tuple[tuple[int, ...], ...]:
+    """The nodes (ranks) of each model stage of a node schedule, stage 0 first, in rank order.
+
+    Args:
+        schedule: A node schedule (``chunk_stage`` set).
+
+    Returns:
+        One tuple of ranks per model stage ``0..S-1`` (a rank whose chunk no path visits still counts).
+
+    Raises:
+        ScheduleError: when ``schedule.chunk_stage`` is not set.
+    """
+    if schedule.chunk_stage is None:
+        raise ScheduleError(f"schedule {schedule.name}: not a node schedule (chunk_stage is not set)")
+    head = max(schedule.chunk_stage)
+    groups: list[list[int]] = [[] for _ in range(head)]
+    for x in range(schedule.num_ranks):
+        if schedule.chunk_stage[x] != head:
+            groups[schedule.chunk_stage[x]].append(schedule.stage_to_rank[x])
+    return tuple(tuple(sorted(g)) for g in groups)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What the workers of a SkipPipe run play: the placement and two lowered node schedules.
+
+    Attributes:
+        groups: Nodes per model stage, stage 0 first (a stage's gradient all-reduce group).
+        train: The schedule of an ordinary iteration (the chosen variant's paths).
+        full: Full paths on the same placement: evaluation passes and every
+            ``pipeline.full_every``-th iteration.
+        variant: The chosen variant (``pipeline.paths``) or ``plan file NAME``.
+        predicted_s: The simulator's iteration time per schedule (``train``, ``full``), seconds.
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    train: Schedule
+    full: Schedule
+    variant: str
+    predicted_s: dict[str, float]
+
+    def to_json(self) -> str:
+        """The plan as JSON text (schedules as their CSV).
+
+        Returns:
+            JSON text for :meth:`from_json`.
+        """
+        return json.dumps({"groups": [list(g) for g in self.groups], "train": self.train.to_csv(),
+                           "full": self.full.to_csv(), "variant": self.variant, "predicted_s": self.predicted_s})
+
+    @staticmethod
+    def from_json(text: str) -> NodePlan:
+        """Inverse of :meth:`to_json`.
+
+        Args:
+            text: JSON text as :meth:`to_json` writes it.
+
+        Returns:
+            The plan.
+
+        Raises:
+            ScheduleError: for a schedule that does not parse.
+        """
+        d = json.loads(text)
+        return NodePlan(tuple(tuple(int(x) for x in g) for g in d["groups"]),
+                        Schedule.from_csv(d["train"], "the node plan's train schedule"),
+                        Schedule.from_csv(d["full"], "the node plan's full schedule"),
+                        str(d["variant"]), {k: float(v) for k, v in d["predicted_s"].items()})

@@ -24,14 +24,14 @@ from typing import Any
 from spotpipe.config import JobConfig
 from spotpipe.cost import analytic_cost, sequences_per_microbatch
 from spotpipe.errors import ConfigError
-from spotpipe.network import Network, build_network
+from spotpipe.network import Network, build_network, ring_allreduce_s
 from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.nodepaths import plan_schedule, validate_node_schedule
 from spotpipe.schedule.passes import lower
 from spotpipe.schedule.pathtime import PathCosts
 from spotpipe.schedule.placement import NodePlacement, PlacementProblem, place_nodes, random_placement
 from spotpipe.schedule.skippipe import VARIANTS, SkipPlan, check_paths, path_stages, plan_paths
-from spotpipe.sim.skipplay import SkipPlayResult, play_node_schedule, ring_allreduce_s
+from spotpipe.sim.skipplay import SkipPlayResult, play_node_schedule
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PLACEMENT_EVALUATIONS = 4000  # partitions the placement's local search scores (about 1 s for 20 nodes)

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spotpipe.network import Network
 from spotpipe.schedule.ir import Action, Op, Schedule
 from spotpipe.schedule.pathtime import PathCosts
 from spotpipe.schedule.validate import Duration, Timeline, simulate_schedule
@@ -81,27 +80,6 @@ def node_duration(schedule: Schedule, costs: PathCosts) -> Duration:
     return duration
 
 
-def ring_allreduce_s(network: Network, group: Sequence[int], nbytes: int) -> float:
-    """Ring all-reduce of ``nbytes`` over ``group`` (nodes in ring order): ``2 (g-1)`` steps,
-    each ``nbytes / g`` over the slowest ring link plus that link's latency (Patarasuk and Yuan
-    2009). 0 for one node.
-
-    Args:
-        network: Links between the nodes.
-        group: Node ids, in ring order.
-        nbytes: Bytes each node reduces.
-
-    Returns:
-        Seconds of the all-reduce; 0.0 for fewer than two nodes.
-    """
-    g = len(group)
-    if g < 2:
-        return 0.0
-    links = [network.link(group[i], group[(i + 1) % g]) for i in range(g)]
-    step = max(link.send_s(nbytes // g) for link in links)
-    return 2 * (g - 1) * step
-
-
 def play_node_schedule(
     schedule: Schedule,
     costs: PathCosts,
@@ -114,7 +92,7 @@ def play_node_schedule(
         schedule: Lowered, with ``chunk_stage`` (:func:`spotpipe.schedule.nodepaths.plan_schedule`).
         costs: Compute and message seconds per node.
         groups: Nodes per stage, stage 0 first.
-        allreduce_s: Per stage, its all-reduce seconds (:func:`ring_allreduce_s`).
+        allreduce_s: Per stage, its all-reduce seconds (:func:`spotpipe.network.ring_allreduce_s`).
 
     Returns:
         The :class:`SkipPlayResult`.

@@ -13,7 +13,8 @@ Groups of one generation:
 
 * the world group (all workers; world rank = ``replica * stages + stage``), used for pipeline P2P
   and for the step's world all-reduce (gradient norm, loss, stop flag);
-* one replica group per stage (its ``replicas`` workers), for the gradient all-reduce;
+* one gradient group per pipeline rank (its ``replicas`` workers), or per model stage in a SkipPipe
+  run (the nodes of the stage, :attr:`GenerationPlan.groups`), for the gradient all-reduce;
 * the host group (all workers, always gloo, host-memory tensors): the data plane beside the
   device group (DESIGN.md, "Control plane and data plane"). Mirror updates
   (:mod:`spotpipe.runtime.worker.mirror`) and recovery state transfers
@@ -83,12 +84,22 @@ class Member:
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """Membership of one generation: ``members[world_rank]``, world rank = replica * stages + stage."""
+    """Membership of one generation: ``members[world_rank]``, world rank = replica * stages + stage.
+
+    Attributes:
+        generation: The generation's number.
+        stages: Pipeline ranks (one per node in a SkipPipe run).
+        replicas: Data-parallel replicas.
+        members: The worker at each world rank.
+        groups: World ranks of each gradient all-reduce group, where they are not the replicas of
+            one pipeline rank (a SkipPipe run: the nodes of each model stage); ``()`` = by replica.
+    """
 
     generation: int
     stages: int
     replicas: int
     members: tuple[Member, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.members) != self.stages * self.replicas:
@@ -115,6 +126,28 @@ class GenerationPlan:
         """
         return replica * self.stages + stage
 
+    def gradient_group(self, world_rank: int) -> tuple[int, ...]:
+        """The world ranks whose gradients ``world_rank``'s are summed with, itself included: the
+        replicas of its pipeline rank, or its group of :attr:`groups`. The first one leads it (it
+        counts the group's gradient once in the global norm).
+
+        Args:
+            world_rank: A member's world rank.
+
+        Returns:
+            The group's world ranks in ring order.
+
+        Raises:
+            SpotpipeError: if :attr:`groups` is set but no group holds ``world_rank``.
+        """
+        if not self.groups:
+            stage = world_rank % self.stages
+            return tuple(self.world_rank(stage, r) for r in range(self.replicas))
+        for group in self.groups:
+            if world_rank in group:
+                return group
+        raise SpotpipeError(f"generation {self.generation}: world rank {world_rank} is in no gradient group")
+
     def rank_of_worker(self, worker: int) -> int:
         """The world rank of worker id ``worker`` in this generation.
 
@@ -139,14 +172,14 @@ class GenerationPlan:
                 "stages": self.stages,
                 "replicas": self.replicas,
                 "members": [[m.worker, m.stage, m.replica, m.host, m.pid] for m in self.members],
+                "groups": [list(x) for x in self.groups],
             }
         )
 
     @staticmethod
     def from_json(text: str | bytes) -> GenerationPlan:
-        """Parse a plan from its JSON form: ``generation``, ``stages``, ``replicas`` and ``members``, a
-
-        list of ``[worker, stage, replica, host, pid]``.
+        """Parse a plan from its JSON form: ``generation``, ``stages``, ``replicas``, ``members`` (a
+        list of ``[worker, stage, replica, host, pid]``) and ``groups`` (optional).
 
         Args:
             text: The JSON text.
@@ -160,7 +193,8 @@ class GenerationPlan:
         """
         d = json.loads(text)
         members = tuple(Member(int(w), int(s), int(r), str(h), int(p)) for w, s, r, h, p in d["members"])
-        return GenerationPlan(int(d["generation"]), int(d["stages"]), int(d["replicas"]), members)
+        groups = tuple(tuple(int(x) for x in group) for group in d.get("groups", ()))
+        return GenerationPlan(int(d["generation"]), int(d["stages"]), int(d["replicas"]), members, groups)
 
 
 def _socket_inodes() -> dict[int, str]:
@@ -392,9 +426,10 @@ class Generation:
                 world = self._make_group(PrefixStore(prefix + "world/", raw), self.world_rank,
                                          self.plan.world_size, timeout, listen_host)
                 replica = None
-                if self.plan.replicas > 1:
-                    replica = self._make_group(PrefixStore(prefix + f"replica{self.member.stage}/", raw),
-                                               self.member.replica, self.plan.replicas, timeout, listen_host)
+                group = self.plan.gradient_group(self.world_rank)
+                if len(group) > 1:
+                    replica = self._make_group(PrefixStore(prefix + f"grad{group[0]}/", raw),
+                                               group.index(self.world_rank), len(group), timeout, listen_host)
                 host = self._make_group(PrefixStore(prefix + "host/", raw), self.world_rank, self.plan.world_size,
                                         timeout, listen_host, backend="gloo")
                 result: Any = (world, replica, host)

@@ -11,8 +11,9 @@ bandwidth), and arrives ``latency`` after its last byte left -- the simulator's 
 
 A single delivery thread per wrapper hands due messages to the inner transport in order of due
 time. Receives pass straight through (the receiver simply sees the message later). Only
-point-to-point messages are delayed; collectives (the gradient all-reduce, the step barrier) run
-on the process groups directly and are not.
+point-to-point messages are delayed; collectives run on the process groups directly and are not,
+except that a SkipPipe node waits out its stage all-reduce's emulated time
+(:func:`collective_delay`).
 
 World rank ``replica * stages + stage`` (:class:`spotpipe.runtime.comm.groups.GenerationPlan`) is node
 ``replica * stages + stage`` of the network, as in the simulator's placement.
@@ -24,12 +25,12 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotpipe.config import JobConfig
 from spotpipe.runtime.comm.transport import GenerationAborted, Handle, PeerTimeout, Transport
-from spotpipe.network import Network, build_network
+from spotpipe.network import Network, build_network, ring_allreduce_s
 
 
 class _DelayedSend:
@@ -184,7 +185,8 @@ def network_for_job(cfg: JobConfig) -> Network:
     """The emulated network of a job: one node per worker (world rank).
 
     Args:
-        cfg: The job (``[network]``, ``pipeline.stages``, ``pipeline.replicas``).
+        cfg: The job (``[network]``, the pipeline ranks (stages, or nodes with
+            ``pipeline.stage_nodes``), ``pipeline.replicas``).
 
     Returns:
         The network.
@@ -192,8 +194,8 @@ def network_for_job(cfg: JobConfig) -> Network:
     Raises:
         ConfigError: on a bad ``[network]`` section (:func:`spotpipe.network.build_network`).
     """
-    stages, replicas = cfg.pipeline.stages, cfg.pipeline.replicas
-    return build_network(cfg.network, stages, stages * replicas)
+    ranks, replicas = cfg.pipeline.ranks, cfg.pipeline.replicas
+    return build_network(cfg.network, ranks, ranks * replicas)
 
 
 def emulates_links(cfg: JobConfig) -> bool:
@@ -226,3 +228,26 @@ def wrap_for_job(inner: Transport, cfg: JobConfig, world_rank: int) -> Transport
     if not emulates_links(cfg):
         return inner
     return LinkDelayTransport(inner, network_for_job(cfg), world_rank)
+
+
+def collective_delay(cfg: JobConfig, group: Sequence[int], nbytes: int) -> float:
+    """Seconds a ring all-reduce of ``nbytes`` over ``group`` takes on the emulated network (the
+    simulator's :func:`spotpipe.network.ring_allreduce_s`); 0 without link emulation.
+
+    The worker waits this long (less what the real all-reduce took) after a SkipPipe stage's
+    gradient all-reduce, so the emulated WAN slows collectives as the simulator assumes.
+
+    Args:
+        cfg: The job.
+        group: World ranks (nodes) of the group, in ring order.
+        nbytes: Bytes each member reduces.
+
+    Returns:
+        Seconds, >= 0.
+
+    Raises:
+        ConfigError: on a bad ``[network]`` section.
+    """
+    if not emulates_links(cfg) or len(group) < 2:
+        return 0.0
+    return ring_allreduce_s(network_for_job(cfg), group, nbytes)

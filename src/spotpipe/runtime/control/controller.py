@@ -60,6 +60,7 @@ from spotpipe.runtime.control.context import ControlContext
 from spotpipe.runtime.control.launch import LocalProcess
 from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.control.recovery import RecoverySupervisor
+from spotpipe.schedule.nodepaths import NodePlan
 
 POLL_S = 0.05
 STOPS_THAT_END_CLEANLY = ("time", "interrupt")
@@ -93,6 +94,7 @@ class Controller:
         resume: Manifest | None = None,
         out: TextIO | None = None,
         layout: dict[str, Any] | None = None,
+        node_plan: NodePlan | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
@@ -101,8 +103,9 @@ class Controller:
         self.resume = resume
         self.out = out or sys.stdout
         self.layout = layout or {}
+        self.node_plan = node_plan
         p = cfg.pipeline
-        self.world_size = p.stages * p.replicas
+        self.world_size = p.ranks * p.replicas
         self.local_count = self.world_size if cfg.run.local_workers < 0 else cfg.run.local_workers
         self.plan: GenerationPlan | None = None
         self.generation = 0
@@ -189,8 +192,13 @@ class Controller:
         address = f"{connect_host}:{self.port}"
         remote = self.world_size - self.local_count
         what = f"{cfg.pipeline.stages} stages x {cfg.pipeline.replicas} replica{'s' if cfg.pipeline.replicas > 1 else ''}"
+        if self.node_plan is not None:
+            what = (f"{cfg.pipeline.stages} stages on {self.world_size} nodes {list(cfg.pipeline.stage_nodes)}, "
+                    f"{self.node_plan.variant} paths" + (f", full paths every {cfg.pipeline.full_every} steps"
+                                                         if cfg.pipeline.full_every else ""))
         self._progress.message(
-            f"spotpipe train: {what}, schedule {cfg.pipeline.schedule}, {cfg.train.steps} steps"
+            f"spotpipe train: {what}, " + ("" if self.node_plan else f"schedule {cfg.pipeline.schedule}, ")
+            + f"{cfg.train.steps} steps"
             + (f" (resuming after step {self.resume.step})" if self.resume else "")
             + f"; run dir {self.run_dir}"
         )
@@ -286,7 +294,8 @@ class Controller:
         assert self.ctx.log is not None
         self.generation += 1
         members = self.members.members()
-        plan = GenerationPlan(self.generation, self.cfg.pipeline.stages, self.cfg.pipeline.replicas, members)
+        groups = () if self.node_plan is None else self.node_plan.groups
+        plan = GenerationPlan(self.generation, self.cfg.pipeline.ranks, self.cfg.pipeline.replicas, members, groups)
         self.ctx.store.set(protocol.plan_key(self.generation), plan.to_json())
         self.ctx.store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan
@@ -375,8 +384,8 @@ class Controller:
 
     def _write_manifest(self, step: int, ckpts: dict[int, dict[str, Any]]) -> None:
         assert self.ctx.log is not None
-        if len(ckpts) != self.cfg.pipeline.stages:
-            self._progress.message(f"warning: checkpoint of step {step} is incomplete ({len(ckpts)} of {self.cfg.pipeline.stages} ranks)")
+        if len(ckpts) != self.cfg.pipeline.ranks:
+            self._progress.message(f"warning: checkpoint of step {step} is incomplete ({len(ckpts)} of {self.cfg.pipeline.ranks} ranks)")
             return
         directory = checkpoint_dir(self.run_dir, step)
         files = {rank: (str(c["file"]), str(c["sha256"])) for rank, c in ckpts.items()}
@@ -517,6 +526,7 @@ class Controller:
             "local_index": local.index if local is not None else 0,
             "generation": self.generation + 1,
             "phase_faults": self._injector.phase_faults_for(stage, replica),
+            "node_plan": None if self.node_plan is None else self.node_plan.to_json(),
         }
 
     def restart_step_clock(self) -> None:
@@ -578,6 +588,9 @@ class Controller:
         self.result.first_loss = self._first_loss
         self.result.suspicions_cleared = self.members.suspicions_cleared
         self.result.mfu = self._mfu()
+        if self._injector.step_times:  # steady steps: the first of each generation includes start-up
+            self.result.step_s = statistics.median(self._injector.step_times)
+            self.result.tokens_per_s = self.cfg.train.batch_size * self.cfg.model.context / self.result.step_s
         if status == "failed":
             self.result.message = self._failure_message()
         if self.ctx.log is not None:
@@ -616,7 +629,7 @@ class Controller:
         most over its replicas), ``peak_bytes`` = parameters + gradients + optimizer state on the
         device + the peak of the bytes autograd held for backward, and ``activation_bytes`` that
         peak alone; on CUDA ``cuda_max_allocated`` too. The run keeps the most per rank."""
-        ranks = self.cfg.pipeline.stages
+        ranks = self.cfg.pipeline.ranks
         peak, acts, cuda = [0] * ranks, [0] * ranks, [0] * ranks
         seen = False
         for r in reports:

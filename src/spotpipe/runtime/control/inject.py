@@ -42,8 +42,8 @@ class FaultInjector:
         p = cfg.pipeline
         fixed = tuple(s for s in specs if s.rate is None)
         rates = tuple(s for s in specs if s.rate is not None)
-        self.fixed = FaultPlan(fixed, p.stages, p.replicas, cfg.train.steps, cfg.train.seed)
-        self.rates = FaultPlan(rates, p.stages, p.replicas, cfg.train.steps, cfg.train.seed + 1)
+        self.fixed = FaultPlan(fixed, p.ranks, p.replicas, cfg.train.steps, cfg.train.seed)
+        self.rates = FaultPlan(rates, p.ranks, p.replicas, cfg.train.steps, cfg.train.seed + 1)
         self.rate_step_time = cfg.ft.rate_step_time_s if cfg.ft.rate_step_time_s > 0 else None
         if self.rate_step_time is not None:
             self.rates = self.rates.with_step_time(self.rate_step_time)

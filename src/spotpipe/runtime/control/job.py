@@ -25,6 +25,34 @@ from spotpipe.fsutil import check_output
 from spotpipe.planner import resolved
 from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
+from spotpipe.schedule.nodepaths import NodePlan
+
+NODE_STRATEGIES = ("checkpoint", "none")
+"""``ft.strategy`` values a SkipPipe node run takes: the per-stage rebuilds (mirror, CheckFree,
+replica) assume one worker per stage and are not wired to node groups yet."""
+
+
+def node_strategy(cfg: JobConfig) -> tuple[JobConfig, str]:
+    """The recovery a SkipPipe node run uses: ``auto`` becomes ``checkpoint``; other strategies are refused.
+
+    Args:
+        cfg: A job with ``pipeline.stage_nodes``.
+
+    Returns:
+        The config (``ft.strategy`` resolved) and a note for the user ("" when nothing changed).
+
+    Raises:
+        SpotpipeError: for a strategy a node run cannot use yet, naming the ones it can.
+    """
+    f = cfg.ft
+    if f.strategy == "auto":
+        return replace(cfg, ft=replace(f, strategy="checkpoint")), (
+            "ft.strategy = auto is checkpoint in a SkipPipe node run (pipeline.stage_nodes): a lost node rolls the job "
+            "back to the last checkpoint")
+    if f.strategy not in NODE_STRATEGIES:
+        raise SpotpipeError(f"ft.strategy = {f.strategy} does not run with pipeline.stage_nodes yet; use one of "
+                            f"{', '.join(NODE_STRATEGIES)} (or auto)")
+    return cfg, ""
 
 
 def check_swap_layout(cfg: JobConfig) -> None:
@@ -113,7 +141,8 @@ def checkpoint_layout(cfg: JobConfig, num_chunks: int) -> dict[str, Any]:
         Key -> value (stages, chunks, model sizes and dtype, CheckFree+ copies), JSON values.
     """
     m = cfg.model
-    return {
+    nodes = {"pipeline.stage_nodes": list(cfg.pipeline.stage_nodes)} if cfg.pipeline.stage_nodes else {}
+    return nodes | {
         "pipeline.stages": cfg.pipeline.stages,
         "chunks": num_chunks,
         "model.layers": m.layers,
@@ -179,6 +208,7 @@ class PreparedRun:
     layout: dict[str, Any]
     resume: Any  # checkpoint.Manifest | None
     notes: tuple[str, ...] = ()  # lines to show before the job starts (what was decided for the user)
+    node_plan: NodePlan | None = None  # SkipPipe runs (pipeline.stage_nodes): what the nodes play
 
 
 def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str | None,
@@ -248,17 +278,25 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                      f"pipeline.memory_budget_gb = {p.memory_budget_gb:g} GB per rank (spotpipe schedule memory lists them all)")
     for split in ("train", "val"):
         SequenceSampler(token_file.num_tokens, cfg.model.context, cfg.train.seed, split, cfg.data.val_fraction, name=str(token_file.dir))
+    node_plan = None
     if cfg.pipeline.stage_nodes:
-        raise SpotpipeError("pipeline.stage_nodes: SkipPipe plans run in `spotpipe schedule plan` and the simulator; "
-                            "`spotpipe train` does not run them yet (set pipeline.stage_nodes = [] to train full pipelines)")
+        cfg, note = node_strategy(cfg)
+        notes += [note] if note else []
+        from spotpipe.runtime.control.nodeplan import plan_nodes
+
+        node_plan = plan_nodes(cfg)
+        p = cfg.pipeline
+        notes.append(f"SkipPipe: {p.ranks} nodes in stage groups {[list(g) for g in node_plan.groups]}, "
+                     f"{node_plan.variant} paths; the simulator predicts {node_plan.predicted_s['train']:.3g} s per "
+                     f"iteration ({node_plan.predicted_s['full']:.3g} s on full paths)")
     check_swap_layout(cfg)
     check_listen_host(cfg.run.host)
-    world = cfg.pipeline.stages * cfg.pipeline.replicas
+    world = cfg.pipeline.ranks * cfg.pipeline.replicas
     cfg = resolve_hardware(cfg, world if cfg.run.local_workers < 0 else min(world, cfg.run.local_workers))
-    schedule = job_schedule(cfg)
+    schedule = job_schedule(cfg) if node_plan is None else node_plan.train
     from spotpipe.model.partition import partition_layers
 
-    partition_layers(cfg.model.layers, schedule.num_stages)
+    partition_layers(cfg.model.layers, cfg.pipeline.stages if node_plan is not None else schedule.num_stages)
     layout = checkpoint_layout(cfg, schedule.num_stages)
     manifest = None
     if resume_dir is not None:
@@ -275,4 +313,4 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                 "nothing to resume"
             )
     return PreparedRun(cfg, run_dir, str(Path(token_file.dir).resolve()), str(token_file.header.get("sha256", "")), layout, manifest,
-                       tuple(notes))
+                       tuple(notes), node_plan)

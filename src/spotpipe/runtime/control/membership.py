@@ -131,7 +131,7 @@ class Membership:
         self.token = token
         self.job_id = job_id
         p = ctx.cfg.pipeline
-        self.roles = [(stage, replica) for replica in range(p.replicas) for stage in range(p.stages)]
+        self.roles = [(stage, replica) for replica in range(p.replicas) for stage in range(p.ranks)]
         self.world_size = len(self.roles)
         self.spare_count = spare_count
         self.workers: dict[int, WorkerState] = {}

@@ -166,6 +166,9 @@ class RunResult:
             ``failure_suspected`` events that were no failure.
         peak_bytes: Per pipeline rank, the most memory measured in any step (state on the device
             plus the bytes autograd held for backward; the ``step`` events' ``peak_bytes``).
+        step_s: Median seconds per step (iteration) over the steady steps (not the first of a
+            generation), or None.
+        tokens_per_s: Training tokens per second at that median.
     """
 
     status: str
@@ -184,6 +187,8 @@ class RunResult:
     mfu: float | None = None
     suspicions_cleared: int = 0
     peak_bytes: list[int] | None = None
+    step_s: float | None = None
+    tokens_per_s: float | None = None
 
 
 def format_result(result: RunResult) -> str:
@@ -200,6 +205,8 @@ def format_result(result: RunResult) -> str:
         parts.append(f"train loss {result.train_loss:.4f}")
     if result.val_loss is not None:
         parts.append(f"val loss {result.val_loss:.4f}")
+    if result.step_s is not None and result.tokens_per_s is not None:
+        parts.append(f"{result.step_s:.3g} s per step (median), {format_rate(result.tokens_per_s)} tok/s")
     if result.mfu is not None:
         parts.append(f"MFU {100 * result.mfu:.1f}%")
     if result.skipped:

@@ -281,7 +281,7 @@ class RecoverySupervisor:
 
         resume = int(rec.record["resume_step"])
         status = {w: st for w, st in rec.status.items() if w not in rec.lost}
-        S, R = self.ctx.cfg.pipeline.stages, self.ctx.cfg.pipeline.replicas
+        S, R = self.ctx.cfg.pipeline.ranks, self.ctx.cfg.pipeline.replicas
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
         by_role = {(self.members.workers[w].stage, self.members.workers[w].replica): w for w in status}

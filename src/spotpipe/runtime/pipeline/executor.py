@@ -164,22 +164,27 @@ class Executor:
 
     def run(
         self,
-        inputs: Sequence[torch.Tensor],
-        targets: Sequence[torch.Tensor],
+        inputs: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+        targets: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
         *,
         train: bool = True,
         label: str = "",
+        program: Sequence[Instruction] | None = None,
     ) -> tuple[float, int]:
         """Play one step (``train``) or one forward-only pass; return (loss sum, microbatch count)
         of the losses computed on this worker (non-zero only where the last stage lives).
 
         Args:
-            inputs: Token ids ``[b, T]`` (int64) per microbatch; may be empty where this worker holds
-                no chunk that starts a path.
-            targets: Next-token ids ``[b, T]`` per microbatch; may be empty where no chunk ends a path.
+            inputs: Token ids ``[b, T]`` (int64) by microbatch index (a list of all, or a mapping of
+                the microbatches whose path starts here); may be empty where this worker holds no
+                chunk that starts a path.
+            targets: Next-token ids ``[b, T]`` by microbatch index, likewise; may be empty where no
+                chunk ends a path.
             train: Play the training program (forward and backward); ``False`` plays the forward-only
                 program.
             label: Where this is (e.g. ``"step 17"``), appended to error messages.
+            program: Training instructions to play instead of the executor's own (a SkipPipe
+                node's full-path iterations); ignored with ``train=False``.
 
         Returns:
             ``(loss sum, count)``: the sum of the per-microbatch mean losses computed here (a float) and
@@ -189,7 +194,7 @@ class Executor:
             ValueError: for ``train=False`` on an executor built without a forward-only program.
             CommError: a receive or send failed or timed out (naming the action and the peer).
         """
-        program = self.program if train else self.eval_program
+        program = (self.program if program is None else tuple(program)) if train else self.eval_program
         if program is None:
             raise ValueError("this executor has no forward-only program")
         self.label = label

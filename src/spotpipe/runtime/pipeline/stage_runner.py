@@ -40,8 +40,8 @@ class StageRunner:
         self.chunks = dict(chunks)
         self.loss_scale = float(loss_scale)
         self.device = torch.device(device)
-        self._inputs: Sequence[torch.Tensor] = ()
-        self._targets: Sequence[torch.Tensor] = ()
+        self._inputs: Mapping[int, torch.Tensor] | Sequence[torch.Tensor] = ()
+        self._targets: Mapping[int, torch.Tensor] | Sequence[torch.Tensor] = ()
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._dropped: dict[tuple[int, int], torch.Tensor] = {}  # inputs kept for a recompute
         self._train = True
@@ -52,14 +52,16 @@ class StageRunner:
 
     # -- step boundaries ---------------------------------------------------------------------
 
-    def begin(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], train: bool = True) -> None:
+    def begin(self, inputs: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+              targets: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], train: bool = True) -> None:
         """Start a step (or an evaluation pass) with per-microbatch token ids and targets.
 
         Workers that hold neither the first nor the last chunk may pass empty sequences.
 
         Args:
-            inputs: Token ids ``[b, T]`` (int64) per microbatch.
-            targets: Next-token ids ``[b, T]`` (int64) per microbatch.
+            inputs: Token ids ``[b, T]`` (int64) by microbatch index (a list, or a mapping of the
+                microbatches whose path starts here).
+            targets: Next-token ids ``[b, T]`` (int64) by microbatch index, likewise.
             train: A training step (autograd, chunks in train mode), else an evaluation pass.
         """
         self._inputs = inputs

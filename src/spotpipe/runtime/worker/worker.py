@@ -70,7 +70,9 @@ from spotpipe.runtime.pipeline.meter import SavedTensorMeter, step_memory_report
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
 from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
+from spotpipe.runtime.worker.nodes import NodeRole
 from spotpipe.runtime.worker.recovery import RecoveryAgent
+from spotpipe.schedule.nodepaths import NodePlan
 from spotpipe.schedule.build import job_schedule
 
 DECIDE_POLL_MIN_S = 0.0002
@@ -130,8 +132,15 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.swap = swap_schedule_on(cfg.ft)
-        self.schedule = job_schedule(cfg)
-        self.eval_schedule = job_schedule(cfg, swap=False) if self.swap else self.schedule
+        node_plan = self.grant.info.get("node_plan")
+        self.nodes = NodeRole(cfg, NodePlan.from_json(node_plan), self.stage) if node_plan else None
+        if self.nodes is not None:  # SkipPipe: one schedule per kind of iteration, full paths to evaluate
+            self.schedule, self.eval_schedule = self.nodes.plan.train, self.nodes.plan.full
+            self.microbatches, self.replicas = self.nodes.microbatches, 1
+        else:
+            self.schedule = job_schedule(cfg)
+            self.eval_schedule = job_schedule(cfg, swap=False) if self.swap else self.schedule
+            self.microbatches, self.replicas = p.microbatches, p.replicas
         if self.backend == "nccl":
             from spotpipe.schedule.validate import check_message_order
 
@@ -141,13 +150,16 @@ class Worker:
                 raise SpotpipeError(f"schedule {cfg.pipeline.schedule} cannot run on NCCL: {problems[0]}; use run.backend=gloo")
         self.my_stages = self.schedule.stages_of_rank(self.stage)
         self.num_chunks = self.schedule.num_stages
-        chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
-                  for s in self.my_stages}
+        if self.nodes is not None:
+            chunks = self.nodes.build_chunks(self.device)
+        else:
+            chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
+                      for s in self.my_stages}
         self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
         self.chunks = self.state.chunks
         self.mirror_link = MirrorLink(cfg, self.stage, self.replica, self.state)
         self._make_flat_grads()
-        self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.runner = StageRunner(self.chunks, 1.0 / (self.microbatches * self.replicas), self.device)
         self.meter = SavedTensorMeter()
         self.runner.meter = self.meter
         if self.fault.planned:
@@ -297,16 +309,22 @@ class Worker:
         return gen
 
     def _build_executor(self, gen: Generation) -> None:
-        p, m = self.cfg.pipeline, self.cfg.model
+        m = self.cfg.model
         world_rank_of = {(mem.stage, mem.replica): r for r, mem in enumerate(gen.plan.members)}
         peers = stage_peers(self.schedule, self.replica, world_rank_of)
         partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
         self.tie_peer = peers(partners[0]) if partners else -1
-        rows = self.cfg.train.batch_size // (p.replicas * p.microbatches)
-        from spotpipe.runtime.comm.linkdelay import wrap_for_job  # [network] link-delay emulation
+        rows = self.cfg.train.batch_size // (self.replicas * self.microbatches)
+        from spotpipe.runtime.comm.linkdelay import collective_delay, wrap_for_job  # [network] link-delay emulation
 
+        self.programs = {"train": compile_rank(self.schedule, self.stage, peers)}
+        if self.nodes is not None:
+            self.programs["full"] = compile_rank(self.nodes.plan.full, self.stage, peers)
+        group = gen.plan.gradient_group(gen.world_rank)
+        self.leads_group = group[0] == gen.world_rank  # counts the group's gradient once in the global norm
+        self.allreduce_delay_s = collective_delay(self.cfg, group, self.flat_grad.numel() * self.flat_grad.element_size()) if self.nodes else 0.0
         self.executor = Executor(
-            compile_rank(self.schedule, self.stage, peers),
+            self.programs["train"],
             self.runner,
             wrap_for_job(gen.transport, self.cfg, gen.world_rank),
             (rows, m.context, m.d_model),
@@ -320,19 +338,22 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Steps
 
-    def _microbatches(self, sampler: Any, step_ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _microbatches(self, sampler: Any, step_ids: Sequence[int],
+                      schedule: str = "train") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Token ids and targets ``[b, T]`` of the microbatches this worker starts or ends (all of
+        its replica's; in a SkipPipe run those of which it is the origin), by microbatch index."""
         from spotpipe.data.sampler import microbatch_ids
 
-        p = self.cfg.pipeline
-        inputs: list[torch.Tensor] = []
-        targets: list[torch.Tensor] = []
+        inputs: dict[int, torch.Tensor] = {}
+        targets: dict[int, torch.Tensor] = {}
         if not (self.holds_first or self.holds_last):
             return inputs, targets
-        for mb in range(p.microbatches):
-            ids = microbatch_ids(step_ids, p.replicas, p.microbatches, self.replica, mb)
+        mine = range(self.microbatches) if self.nodes is None else self.nodes.origin_microbatches(schedule)
+        for mb in mine:
+            ids = microbatch_ids(step_ids, self.replicas, self.microbatches, self.replica, mb)
             data = torch.from_numpy(sampler.batch(self.token_file, ids)).to(self.device)
-            inputs.append(data[:, :-1])
-            targets.append(data[:, 1:])
+            inputs[mb] = data[:, :-1]
+            targets[mb] = data[:, 1:]
         return inputs, targets
 
     def compute_step(self, step: int) -> dict[str, Any]:
@@ -350,25 +371,30 @@ class Worker:
         assert gen is not None
         t0 = time.perf_counter()
         self.fault.begin_step(step)
+        kind = "train" if self.nodes is None else self.nodes.schedule_name(step)
         step_ids = self.sampler.next_ids(self.cfg.train.batch_size)
-        inputs, targets = self._microbatches(self.sampler, step_ids)
+        inputs, targets = self._microbatches(self.sampler, step_ids, kind)
         self.flat_grad.zero_()
         self.meter.exclude(q for c in self.runner.chunks.values() for q in c.parameters())  # chunks may be new
         self.meter.reset_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}")
+        loss_sum, count = self.executor.run(inputs, targets, label=f"step {step}", program=self.programs[kind])
         t_pipe = time.perf_counter()
         memory = step_memory_report(self.stage, self.meter, self.runner.chunks, self.state.optimizer, self.device,
                                     self.flat_grad)
-        if self.cfg.pipeline.replicas > 1:
-            gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")
+        t_reduce = time.perf_counter()
+        gen.all_reduce(self.flat_grad, "replica", f"the gradient all-reduce of step {step}")  # no-op alone
+        if self.allreduce_delay_s > 0:  # the emulated WAN's ring all-reduce time, where the real one was quicker
+            time.sleep(max(0.0, self.allreduce_delay_s - (time.perf_counter() - t_reduce)))
+        if self.nodes is not None and (scale := self.nodes.gradient_scale(kind)) != 1.0:
+            self.flat_grad.mul_(scale)  # the mean over the microbatches that visited the stage (nodes.py)
         if self.tied:
             sum_tied_gradients(self.flat_grad, self.tied, self.executor.transport, self.tie_peer, self.cfg.run.timeout_s,
                                f"the CheckFree+ tied-gradient exchange of step {step}")
         local_sq = sum(float(self.flat_grad[o : o + n].double().pow(2).sum()) for o, n in self.counted)
         self.last_grad_norm = math.sqrt(local_sq)
-        sq = local_sq if self.replica == 0 else 0.0
+        sq = local_sq if self.leads_group else 0.0
         vec = torch.tensor([sq, loss_sum, float(count), 1.0 if self.stop_requested else 0.0], dtype=torch.float64)
         if self.backend == "nccl":
             vec = vec.to(self.device)
@@ -386,6 +412,7 @@ class Worker:
             "lr": lr_at(step, self.cfg.train),
             "stop": stop > 0,
             "pipe_s": t_pipe - t0,
+            "schedule": kind,
             "compute_s": time.perf_counter() - t0,
             "reduced": [sq_total, loss_total, n_total, stop],
             "memory": memory,
@@ -493,16 +520,16 @@ class Worker:
         """
         gen = self.generation
         assert gen is not None
-        p, t = self.cfg.pipeline, self.cfg.train
+        t = self.cfg.train
         size = t.batch_size
-        per = p.replicas * p.microbatches
+        per = self.replicas * self.microbatches
         windows = self.val_sampler.num_windows
         batches = [list(range(b * size, (b + 1) * size)) for b in range(min(t.eval_batches, windows // size))]
         if not batches and windows >= per:
             batches = [list(range((windows // per) * per))]
         loss_sum, count = 0.0, 0
         for ids in batches:
-            inputs, targets = self._microbatches(self.val_sampler, ids)
+            inputs, targets = self._microbatches(self.val_sampler, ids, "full")
             rows = len(ids) // per
             self.executor.shape = (rows, self.cfg.model.context, self.cfg.model.d_model)
             s, n = self.executor.run(inputs, targets, train=False, label=f"the evaluation after step {step}")
@@ -551,6 +578,7 @@ class Worker:
                 "sampler": self.sampler.state_dict(),
                 "compute_s": outcome["compute_s"],
                 "pipe_s": outcome["pipe_s"],
+                "schedule": outcome["schedule"],
                 "reduced": outcome["reduced"],
                 "stop": stop,
                 "skipped": nonfinite,

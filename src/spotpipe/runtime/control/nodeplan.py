@@ -1,0 +1,104 @@
+"""The node plan of a SkipPipe run, made once by the controller before any worker starts.
+
+With ``pipeline.stage_nodes`` every node is one worker. :func:`plan_nodes` places the nodes on
+stages and plans the paths of ``pipeline.paths`` with the same planner as ``spotpipe schedule
+plan`` (:func:`spotpipe.sim.skipjob.plan_job`: DT-FM placement, SkipPipe paths, lowered and
+validated node schedules, their simulated iteration times), plus full paths on the same placement
+for evaluation and for ``pipeline.full_every``. With ``pipeline.plan_file`` the train schedule is
+read from a CSV that ``spotpipe schedule plan --csv`` wrote, checked against the config
+(:func:`read_plan_file`) and validated with the SkipPipe rules. The workers get the result in
+their grant (:class:`~spotpipe.schedule.nodepaths.NodePlan`), so they never plan themselves and
+all play the same paths. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spotpipe.config import JobConfig
+from spotpipe.errors import SpotpipeError
+from spotpipe.fsutil import read_text
+from spotpipe.schedule.ir import Schedule, ScheduleError
+from spotpipe.schedule.nodepaths import NodePlan, node_groups, plan_schedule, validate_node_schedule
+from spotpipe.schedule.passes import lower
+from spotpipe.schedule.skippipe import plan_paths
+
+
+def plan_nodes(cfg: JobConfig, base_dir: str | Path | None = None) -> NodePlan:
+    """Plan the node schedules of a SkipPipe run (see the module docstring).
+
+    Args:
+        cfg: A validated job config with ``pipeline.stage_nodes`` set.
+        base_dir: Folder that a relative ``pipeline.plan_file`` or ``network.matrix`` is read from.
+
+    Returns:
+        The :class:`NodePlan` (placement groups, train and full schedules, predicted seconds).
+
+    Raises:
+        SpotpipeError: a setting no plan can meet, or a plan file that does not fit the config
+            (one line naming the key or the file).
+    """
+    from spotpipe.sim.skipjob import plan_job, skip_setting
+    from spotpipe.sim.skipplay import play_node_schedule
+    from spotpipe.network import ring_allreduce_s
+
+    p = cfg.pipeline
+    if not p.plan_file:
+        variants = (p.paths,) if p.paths == "full" else (p.paths, "full")
+        job = plan_job(cfg, base_dir, variants=variants)
+        chosen, full = job.variants[p.paths], job.variants["full"]
+        return NodePlan(job.placement.groups, chosen.schedule, full.schedule, p.paths,
+                        {"train": chosen.played.iteration_s, "full": full.played.iteration_s})
+    train = read_plan_file(cfg, base_dir)
+    groups = node_groups(train)
+    setting = skip_setting(cfg, base_dir)
+    plan = plan_paths("full", groups, setting.costs, microbatches=p.microbatches, k=len(groups), max_swaps=0,
+                      node_memory=p.node_memory, seed=cfg.train.seed, budget=p.plan_budget)
+    full = validate_node_schedule(lower(plan_schedule(plan, train.num_ranks)), p.node_memory)
+    ar = [ring_allreduce_s(setting.network, g, setting.grad_bytes[s]) if cfg.sim.delay_collectives else 0.0
+          for s, g in enumerate(groups)]
+    predicted = {"train": play_node_schedule(train, setting.costs, groups, ar).iteration_s,
+                 "full": play_node_schedule(full, setting.costs, groups, ar).iteration_s}
+    return NodePlan(groups, train, full, f"plan file {Path(p.plan_file).name}", predicted)
+
+
+def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedule:
+    """Read ``pipeline.plan_file`` and check it against the config.
+
+    Args:
+        cfg: The job (``pipeline.stage_nodes``, ``stages``, ``microbatches``, ``node_memory``).
+        base_dir: Folder that a relative path is read from.
+
+    Returns:
+        The lowered, validated node schedule.
+
+    Raises:
+        SpotpipeError: the file cannot be read or parsed, is not a node schedule, its nodes,
+            stage groups or microbatches differ from the config, or it breaks a SkipPipe rule.
+    """
+    from spotpipe.fsutil import resolve_path
+
+    p = cfg.pipeline
+    path = resolve_path(p.plan_file, base_dir)
+    where = f"pipeline.plan_file {path}"
+    text = read_text(path, "pipeline.plan_file")
+    try:
+        schedule = Schedule.from_csv(text, where)
+    except ScheduleError as exc:
+        raise SpotpipeError(f"{exc} (write one with `spotpipe schedule plan --config FILE --csv OUT.csv`)") from None
+    if schedule.chunk_stage is None:
+        raise SpotpipeError(f"{where}: not a SkipPipe node schedule (no chunk_stage line); write one with "
+                            "`spotpipe schedule plan --config FILE --csv OUT.csv`")
+    sizes = tuple(len(g) for g in node_groups(schedule))
+    if schedule.num_ranks != p.ranks or sizes != tuple(p.stage_nodes):
+        raise SpotpipeError(f"{where} plans {schedule.num_ranks} nodes in stage groups {list(sizes)}, but "
+                            f"pipeline.stage_nodes = {list(p.stage_nodes)}: plan again with this config")
+    want = p.stage_nodes[0] * p.microbatches
+    if schedule.num_microbatches != want:
+        raise SpotpipeError(f"{where} has {schedule.num_microbatches} microbatches per iteration, but "
+                            f"pipeline.stage_nodes[0] x pipeline.microbatches = {want}: plan again with this config")
+    try:
+        return validate_node_schedule(schedule if schedule.is_lowered() else lower(schedule), p.node_memory)
+    except ScheduleError as exc:
+        first = str(exc).splitlines()[0]
+        raise SpotpipeError(f"{where}: {first}") from None
