@@ -411,3 +411,50 @@ def test_issue_example_tied_embeddings_across_workers_is_refused_at_validation(t
              "pipeline.stages = 4")
     assert time.monotonic() - t0 < 20 and not (tmp_path / "run").exists()
     assert load_config(None, ["model.tie_embeddings=true", "pipeline.stages=1"]).model.tie_embeddings
+
+
+# -- SkipPipe node runs (`spotpipe train` with pipeline.stage_nodes) ----------------------------------
+
+GEO_TRAIN = ROOT / "configs" / "skippipe-geo.toml"
+
+
+def test_a_plan_file_that_does_not_match_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.csv"
+    assert main(["schedule", "plan", "--config", str(GEO_TRAIN), "--csv", str(plan), "--no-progress",
+                 "--set", "pipeline.plan_budget=100"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    base = ["train", "--config", str(GEO_TRAIN), "--set", f"pipeline.plan_file={plan}", "--set", f"run.dir={run}"]
+    one_line_main(capsys, base + ["--set", "pipeline.stage_nodes=[2,3,2,1]"],
+                  f"pipeline.plan_file {plan} plans 8 nodes in stage groups [2, 2, 2, 2], but pipeline.stage_nodes = "
+                  "[2, 3, 2, 1]: plan again with this config")
+    one_line_main(capsys, base + ["--set", "pipeline.microbatches=3", "--set", "train.batch_size=12"],
+                  "has 12 microbatches per iteration, but pipeline.stage_nodes[0] x pipeline.microbatches = 6")
+    one_line_main(capsys, base + ["--set", "pipeline.node_memory=1"], "over pipeline.node_memory = 1")
+    from spotpipe.schedule.generators import build_schedule
+
+    flat = tmp_path / "flat.csv"  # a schedule over stages, not nodes
+    flat.write_text(build_schedule("1f1b", 4, 4, 1).to_csv())
+    one_line_main(capsys, ["train", "--config", str(GEO_TRAIN), "--set", f"pipeline.plan_file={flat}", "--set",
+                           f"run.dir={run}"], "not a SkipPipe node schedule")
+    one_line_main(capsys, ["train", "--config", str(GEO_TRAIN), "--set", f"pipeline.plan_file={tmp_path / 'none.csv'}",
+                           "--set", f"run.dir={run}"], "none.csv")
+    assert not (run / "events.jsonl").exists(), "nothing may start"
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["pipeline.stage_nodes=[2,2,2]"], "pipeline.stage_nodes lists 3 stage groups, but pipeline.stages = 4"),
+    (["pipeline.stage_nodes=[2,9,2,2]", "network.matrix=''", "network.locations=[]"], "stage 1 has 9 nodes (pipeline.stage_nodes[1]) but gets only 8 microbatch visits"),
+    (["pipeline.replicas=2"], "pipeline.replicas must be 1, got 2"),
+    (["ft.strategy=mirror"], "ft.strategy = mirror does not run with pipeline.stage_nodes yet"),
+    (["pipeline.paths=fastest"], "pipeline.paths must be one of full, random, skippipe-nca, skippipe, got 'fastest'"),
+    (["pipeline.full_every=-1"], "pipeline.full_every must be in 0..1000000"),
+    (["ft.faults=['stage=9@step=3']"], "names node 9, but pipeline.stage_nodes has nodes 0..7"),
+])
+def test_node_counts_and_keys_a_node_run_cannot_use(sets: list[str], message: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--config", str(GEO_TRAIN), "--set", f"run.dir={tmp_path / 'run'}"]
+    for s in sets:
+        argv += ["--set", s]
+    one_line_main(capsys, argv, message)
+    assert not (tmp_path / "run" / "events.jsonl").exists()

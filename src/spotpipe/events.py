@@ -23,7 +23,7 @@ from spotpipe.fsutil import output_error, read_text
 RUN_START = "run_start"  # name, config (dict), world (workers), mode ("runtime" | "sim")
 WORKER_START = "worker_start"  # worker, stage, replica, pid, generation, host
 JOIN_REFUSED = "join_refused"  # host, pid, reason (a worker without the job's token, or a full job)
-STEP = "step"  # step, loss, tokens, step_time, wall, sampler (position dict), lr, generation[, skipped: why (non-finite)]
+STEP = "step"  # step, loss, tokens, step_time, wall, sampler (position dict), lr, generation[, skipped: why (non-finite)][, paths: train | full (SkipPipe runs)]
 #   [, peak_bytes, activation_bytes (per pipeline rank, measured)[, cuda_max_allocated]]
 EVAL = "eval"  # step, val_loss
 CHECKPOINT = "checkpoint"  # step, path, seconds

@@ -349,6 +349,7 @@ class Controller:
             store_bytes=sum(int(r.get("store_bytes", 0)) for r in reports),
             mirror_bytes=sum(int(r.get("mirror_bytes", 0)) for r in reports),
             **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
+            **({"paths": str(head.get("schedule", "train"))} if self.node_plan is not None else {}),
             **self._step_memory(reports),
         )
         if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated

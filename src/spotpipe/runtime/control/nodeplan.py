@@ -21,7 +21,7 @@ from spotpipe.fsutil import read_text
 from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.nodepaths import NodePlan, node_groups, plan_schedule, validate_node_schedule
 from spotpipe.schedule.passes import lower
-from spotpipe.schedule.skippipe import plan_paths
+from spotpipe.schedule.skippipe import check_sizes, path_stages, plan_paths
 
 
 def plan_nodes(cfg: JobConfig, base_dir: str | Path | None = None) -> NodePlan:
@@ -43,6 +43,11 @@ def plan_nodes(cfg: JobConfig, base_dir: str | Path | None = None) -> NodePlan:
     from spotpipe.network import ring_allreduce_s
 
     p = cfg.pipeline
+    # The placement may order the stage groups differently; check the sizes in the config's order
+    # first, so a message's pipeline.stage_nodes[i] is the user's i.
+    firsts = [sum(p.stage_nodes[:i]) for i in range(len(p.stage_nodes))]
+    check_sizes([range(f, f + n) for f, n in zip(firsts, p.stage_nodes)], p.microbatches,
+                path_stages(p.stages, p.skip_ratio), p.node_memory)
     if not p.plan_file:
         variants = (p.paths,) if p.paths == "full" else (p.paths, "full")
         job = plan_job(cfg, base_dir, variants=variants)
@@ -90,7 +95,8 @@ def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedu
         raise SpotpipeError(f"{where}: not a SkipPipe node schedule (no chunk_stage line); write one with "
                             "`spotpipe schedule plan --config FILE --csv OUT.csv`")
     sizes = tuple(len(g) for g in node_groups(schedule))
-    if schedule.num_ranks != p.ranks or sizes != tuple(p.stage_nodes):
+    same = sizes[:1] == tuple(p.stage_nodes[:1]) and sorted(sizes[1:]) == sorted(p.stage_nodes[1:])  # placement orders them
+    if schedule.num_ranks != p.ranks or not same:
         raise SpotpipeError(f"{where} plans {schedule.num_ranks} nodes in stage groups {list(sizes)}, but "
                             f"pipeline.stage_nodes = {list(p.stage_nodes)}: plan again with this config")
     want = p.stage_nodes[0] * p.microbatches
