@@ -308,6 +308,26 @@ def peak_memory(shape: Shape, cost: ElasticCost) -> tuple[float, int]:
     return best
 
 
+def deal_microbatches(total: int, replicas: int) -> tuple[tuple[int, ...], ...]:
+    """Which microbatches of the global batch each replica runs, so that any replica count keeps
+    the failure-free run's batch and sample order: microbatch ``i`` is always the same samples,
+    replicas take contiguous runs of them, the first ``total mod replicas`` one more.
+
+    Args:
+        total: Microbatches of the global batch (``pipeline.replicas x pipeline.microbatches``).
+        replicas: Replicas of the shape, 1..total.
+
+    Returns:
+        Per replica, its microbatch indices in order; together ``0 .. total - 1`` once each.
+
+    Raises:
+        ValueError: if ``replicas`` is not in ``[1, total]``.
+    """
+    if not 1 <= replicas <= total:
+        raise ValueError(f"deal_microbatches: replicas must be in [1, {total}], got {replicas}")
+    return tuple(tuple(range(a, b)) for a, b in partition_layers(total, replicas))
+
+
 @dataclass(frozen=True)
 class Move:
     """Blocks that change owner in a reshape.
