@@ -15,7 +15,7 @@ from spotpipe.model.partition import block_params
 from spotpipe.sim.cluster import parse_preemption_trace
 from spotpipe.sim.elastic import checkpointed_progress, move_seconds, simulate_elastic, trace_events
 
-P3 = Path(__file__).resolve().parents[3] / "shared" / "data" / "bamboo-spot-traces" / "p3-trace.csv"
+P3 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "bamboo-spot-traces" / "p3-trace.csv"
 
 # 8 blocks on 4 stages, 4 microbatches of 4 sequences; a block costs 0.025 s forward per sequence,
 # so 0.3 s forward + backward per microbatch: a step is (4 + 3) x 2 x 0.3 = 4.2 s on 4 stages and
@@ -119,3 +119,23 @@ def test_bamboo_p3_trace_elastic_beats_waiting_and_checkpoints() -> None:
     assert {label for label, _ in w.time_at_shape} == {"8x3"}  # the others never change shape
     assert any(x.kind == "shrink" for x in e.reshapes) and any(x.kind == "grow" for x in e.reshapes)
     assert not math.isnan(e.samples_per_s)
+
+
+def test_the_replay_writes_events_the_reliability_reader_measures(tmp_path: Path) -> None:
+    from spotpipe.events import EventLog, read_events
+    from spotpipe.reliability.runs import read_runs
+
+    cfg = load_config(None, HAND)
+    events = parse_preemption_trace(TRACE, 4)
+    for mode in ("elastic", "checkpoint"):
+        path = tmp_path / f"{mode}.jsonl"
+        with EventLog(path) as log:
+            result = simulate_elastic(cfg, events, mode, horizon_s=500.0, log=log)
+        (run,), _ = read_runs(path)
+        # the ETTR of Kokolis et al. as the event reader computes it equals the replay's
+        assert run.ettr == pytest.approx(result.ettr) and run.wall_s == pytest.approx(500.0)
+        assert run.failures == 1
+        reshapes = read_events(path, "reshape")
+        assert [(r["from"], r["to"]) for r in reshapes] == [(x.from_shape, x.to_shape) for x in result.reshapes]
+    # checkpoint: steps 20-22 were committed, lost with the worker, and committed again
+    assert run.redone_s == pytest.approx(3 * 4.2) and run.steps == 53

@@ -421,8 +421,9 @@ def _one_pipeline(old: Shape, alive: set[int], pool: list[int], stages: int, cos
     for s, w in enumerate(order):
         if w is None and sum(x is not None for x in order) < stages and free:
             same = [x for x in free if (p := old.position(x)) is not None and p[0] == s]
-            order[s] = (same or free)[0]
-            free.remove(order[s])
+            pick = (same or free)[0]
+            order[s] = pick
+            free.remove(pick)
     chain = [w for w in order if w is not None][:stages]
     free += [w for w in order if w is not None][stages:]
     spans = tuple(partition_layers(old.num_layers, stages))

@@ -40,10 +40,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+from spotpipe import events as ev
 from spotpipe.config import JobConfig
 from spotpipe.errors import ConfigError
 from spotpipe.ft.elastic import (
@@ -58,6 +60,7 @@ from spotpipe.ft.elastic import (
     next_shape,
     step_seconds,
 )
+from spotpipe.events import EventLog
 from spotpipe.network import uniform_link
 from spotpipe.sim.cluster import FAIL, NodeEvent, read_preemption_trace
 
@@ -208,9 +211,12 @@ def mode_limits(cfg: JobConfig, mode: ElasticMode) -> ShapeLimits:
 class _Replay:
     """The replay's state machine (internal; see :func:`simulate_elastic`)."""
 
-    def __init__(self, cfg: JobConfig, mode: ElasticMode, cost: ElasticCost, step_time: Callable[[Shape], float]) -> None:
+    def __init__(self, cfg: JobConfig, mode: ElasticMode, cost: ElasticCost, step_time: Callable[[Shape], float],
+                 log: EventLog | None) -> None:
         p = cfg.pipeline
-        self.cfg, self.mode, self.cost, self.step_time = cfg, mode, cost, step_time
+        self.cfg, self.mode, self.cost, self.step_time, self.log = cfg, mode, cost, step_time, log
+        self.committed = 0  # the next step's number (rolled back with a checkpoint restart)
+        self.generation = 0
         self.limits = mode_limits(cfg, mode)
         self.shape = initial_shape(cfg.model.layers, p.stages, p.replicas, cfg.sim.spares)
         self.queue: list[tuple[float, int, str, int]] = []
@@ -228,6 +234,21 @@ class _Replay:
         self.failures = 0
         self.joins = 0
         self.replacements = 0
+
+    def emit(self, event: str, t: float, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.write(event, t=t, **fields)
+
+    def emit_steps(self, done: int, saved: int, every: int) -> None:
+        """``step`` (and ``checkpoint``) events of the segment that just ended, at their end times."""
+        write_s = self.cfg.sim.checkpoint_write_s
+        tokens = self.cfg.train.batch_size * self.cfg.model.context
+        for k in range(done):
+            end = self.run_start + (k + 1) * self.run_step + (k // every if every else 0) * write_s
+            self.emit(ev.STEP, end, step=self.committed + k, tokens=tokens, step_time=self.run_step, wall=end,
+                      generation=self.generation)
+            if every and (k + 1) % every == 0 and k < saved:
+                self.emit(ev.CHECKPOINT, end + write_s, step=self.committed + k, path="(simulated)", seconds=write_s)
 
     def push(self, t: float, kind: str, node: int) -> None:
         heapq.heappush(self.queue, (t, self.seq, kind, node))
@@ -249,6 +270,9 @@ class _Replay:
         counted = saved if (failed and self.mode == "checkpoint") else done
         self.steps += counted
         self.productive += counted * self.run_step
+        if self.log is not None:
+            self.emit_steps(done, saved, every)
+        self.committed += counted
 
     def apply(self, t: float, decision: ShapeDecision, noticed: bool) -> None:
         """Install a decision's shape; training resumes after the pause it costs."""
@@ -264,6 +288,10 @@ class _Replay:
             pause = self.cfg.sim.regroup_s + move_seconds(decision.moves, self.cfg)
         self.reshapes.append(ReshapeEvent(t, decision.kind, decision.from_shape.label, decision.to_shape.label,
                                           decision.why, decision.bytes, pause))
+        self.generation += 1
+        self.emit(ev.RESHAPE, t, kind=decision.kind, why=decision.why, bytes=decision.bytes, seconds=pause,
+                  **{"from": decision.from_shape.label, "to": decision.to_shape.label})
+        self.emit(ev.GENERATION, t, generation=self.generation, workers=list(self.shape.active), reason=f"reshape ({decision.kind})")
         self.epoch += 1
         self.push(t + pause, "ready", self.epoch)
 
@@ -275,6 +303,8 @@ class _Replay:
             return
         self.failures += 1
         self.stop(t, failed=True)
+        stage, replica = self.shape.position(node) or (-1, -1)
+        self.emit(ev.FAILURE_CONFIRMED, t, worker=node, stage=stage, replica=replica, reason="preempted (trace)")
         self.epoch += 1  # a reshape or restart in progress is void
         if not self.pending:
             self.lost_at = t
@@ -303,6 +333,8 @@ class _Replay:
         self.apply(t, next_shape(self.shape, [], nodes, self.cost, self.limits), noticed=False)
 
     def run(self, events: Sequence[NodeEvent], horizon_s: float) -> None:
+        self.emit(ev.RUN_START, 0.0, name=f"elastic-{self.mode}", config=dataclasses.asdict(self.cfg),
+                  world=len(self.shape.active), mode="sim")
         for e in events:
             if e.time <= horizon_s:
                 self.push(e.time, e.kind, e.node)
@@ -323,6 +355,7 @@ class _Replay:
             if joined:
                 self.join(t, joined)
         self.stop(horizon_s, failed=False)
+        self.emit(ev.RUN_END, horizon_s, steps=self.committed, wall=horizon_s, status="interrupted")
 
 
 def simulate_elastic(
@@ -331,6 +364,7 @@ def simulate_elastic(
     mode: ElasticMode,
     horizon_s: float | None = None,
     step_time: Callable[[Shape], float] | None = None,
+    log: EventLog | None = None,
 ) -> ElasticResult:
     """Play ``events`` on the job in one mode and measure useful throughput (module docstring).
 
@@ -343,6 +377,9 @@ def simulate_elastic(
         horizon_s: Length of the replay; default the last event's time.
         step_time: Seconds per step of a shape; default :func:`spotpipe.ft.elastic.step_seconds`
             of the job's :func:`spotpipe.ft.elastic.elastic_cost`.
+        log: Where to write the run's events (``step``, ``checkpoint``, ``failure_confirmed``,
+            ``reshape``, ``generation``; ``t`` in virtual seconds), which
+            :func:`spotpipe.reliability.runs.read_runs` reads; ``None``: none.
 
     Returns:
         The :class:`ElasticResult`.
@@ -356,7 +393,7 @@ def simulate_elastic(
     if not horizon > 0:
         raise ConfigError(f"elastic replay: the horizon must be > 0 seconds, got {horizon} (give horizon_s or a trace with events)")
     cost = elastic_cost(cfg)
-    replay = _Replay(cfg, mode, cost, step_time or (lambda shape: step_seconds(shape, cost)))
+    replay = _Replay(cfg, mode, cost, step_time or (lambda shape: step_seconds(shape, cost)), log)
     replay.run(events, horizon)
     samples = replay.steps * cfg.train.batch_size
     running = sum(replay.time_at.values())
