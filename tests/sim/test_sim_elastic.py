@@ -139,3 +139,22 @@ def test_the_replay_writes_events_the_reliability_reader_measures(tmp_path: Path
         assert [(r["from"], r["to"]) for r in reshapes] == [(x.from_shape, x.to_shape) for x in result.reshapes]
     # checkpoint: steps 20-22 were committed, lost with the worker, and committed again
     assert run.redone_s == pytest.approx(3 * 4.2) and run.steps == 53
+
+
+def test_played_step_time_is_the_simulators_iteration_and_drives_the_replay() -> None:
+    from spotpipe.ft.elastic import initial_shape
+    from spotpipe.planner import step_time
+    from spotpipe.sim.elastic import played_step_time
+
+    cfg = load_config(None, HAND + ["pipeline.replicas=2", "train.batch_size=32"])
+    played = played_step_time(cfg)
+    full, one = initial_shape(8, 4, 2), initial_shape(8, 4, 1)
+    assert played(full) == pytest.approx(step_time(cfg))  # the planner plays the same job
+    assert played(one) > played(full)  # one replica runs both replicas' microbatches
+    events = parse_preemption_trace("0,add,a\n0,add,b\n0,add,c\n0,add,d\n0,add,e\n0,add,f\n0,add,g\n0,add,h\n"
+                                    "100000,remove,c\n", 8)
+    result = simulate_elastic(cfg, events, "elastic", horizon_s=200.0, step_time=played)
+    assert [r.to_shape for r in result.reshapes] == ["4x1"]
+    # 100 s at 4x2, then from 113 s (loss seen at 102 s, ft.replace_wait_s = 12, 1 s regroup) at 4x1
+    expected = math.floor(100 / played(full)) + math.floor(87 / played(one))
+    assert result.steps == expected

@@ -30,7 +30,8 @@ every shape keeps the global batch) and the ETTR of Kokolis et al. 2025 as
 :class:`spotpipe.reliability.runs.RunSummary` computes it (time in committed steps that count /
 wall time); a step at a shrunk shape is slower but counts, so ETTR alone hides the throughput a
 shrink gives up, which useful samples per second shows. The step time of a shape is the
-policy's own model (:func:`spotpipe.ft.elastic.step_seconds`) unless a ``step_time`` is given.
+policy's own model (:func:`spotpipe.ft.elastic.step_seconds`) unless a ``step_time`` is given,
+such as :func:`played_step_time`: the lowered schedule played by the simulator's player.
 
 Pure Python.
 """
@@ -47,6 +48,7 @@ from typing import Any, Literal, get_args
 
 from spotpipe import events as ev
 from spotpipe.config import JobConfig
+from spotpipe.cost import analytic_cost, sequences_per_microbatch
 from spotpipe.errors import ConfigError
 from spotpipe.ft.elastic import (
     ElasticCost,
@@ -61,8 +63,11 @@ from spotpipe.ft.elastic import (
     step_seconds,
 )
 from spotpipe.events import EventLog
-from spotpipe.network import uniform_link
+from spotpipe.network import Network, uniform_link
+from spotpipe.schedule.build import job_schedule
+from spotpipe.schedule.ir import Placement
 from spotpipe.sim.cluster import FAIL, NodeEvent, read_preemption_trace
+from spotpipe.sim.player import play_iteration
 
 ElasticMode = Literal["elastic", "wait", "checkpoint"]
 """How the job answers a lost worker (module docstring)."""
@@ -190,6 +195,46 @@ def move_seconds(moves: Sequence[Move], cfg: JobConfig) -> float:
     for m in moves:
         per_worker[m.to_worker] = per_worker.get(m.to_worker, 0) + m.bytes
     return max((link.send_s(b) for b in per_worker.values()), default=0.0)
+
+
+def played_step_time(cfg: JobConfig) -> Callable[[Shape], float]:
+    """Step seconds of a shape from the simulator's player instead of the policy's formula.
+
+    The job is rebuilt at the shape's stages and replicas, each replica running ``ceil(N / R)``
+    microbatches of the same size (the global batch kept), and its lowered schedule from the one
+    builder (:func:`spotpipe.schedule.build.job_schedule`) is played with the analytic cost
+    (compute from ``sim.device_tflops``) on the uniform ``[network]`` link
+    (:func:`spotpipe.sim.player.play_iteration`, as :func:`spotpipe.planner.step_time` does):
+    bubbles, the head's cost, messages and the all-reduce included. Every shape the policy makes
+    has the balanced blocks the builder cuts (:func:`spotpipe.model.partition.partition_layers`).
+
+    Args:
+        cfg: The failure-free job.
+
+    Returns:
+        ``shape -> seconds``, cached per ``(stages, replicas)``.
+
+    Raises:
+        ConfigError: (when called) for a shape the job's schedule cannot be built at.
+    """
+    p = cfg.pipeline
+    total, seqs = p.replicas * p.microbatches, sequences_per_microbatch(cfg)
+    link = uniform_link(cfg.network.latency_ms, cfg.network.bandwidth_gbps)
+    cache: dict[tuple[int, int], float] = {}
+
+    def seconds(shape: Shape) -> float:
+        key = (shape.stages, shape.replicas)
+        if key not in cache:
+            m = math.ceil(total / shape.replicas)
+            job = replace(cfg, pipeline=replace(p, stages=shape.stages, replicas=shape.replicas, microbatches=m),
+                          train=replace(cfg.train, batch_size=shape.replicas * m * seqs))
+            network = Network(shape.stages * shape.replicas, link)
+            cache[key] = play_iteration(job_schedule(job), analytic_cost(job), network,
+                                        Placement.dense(shape.stages, shape.replicas),
+                                        collectives=cfg.sim.delay_collectives).iteration_s
+        return cache[key]
+
+    return seconds
 
 
 def mode_limits(cfg: JobConfig, mode: ElasticMode) -> ShapeLimits:
