@@ -91,7 +91,7 @@ def test_bad_mode_compression_and_horizon_are_one_line() -> None:
     events = parse_preemption_trace(TRACE, 4)
     with pytest.raises(ConfigError, match="mode must be one of elastic, wait, checkpoint"):
         simulate_elastic(cfg, events, "pray")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="horizon must be > 0"):
+    with pytest.raises(ConfigError, match="nothing to replay"):
         simulate_elastic(cfg, [], "elastic")
     with pytest.raises(ConfigError, match="compression must be a finite number > 0"):
         trace_events(cfg, "unused.csv", compress=0)
@@ -158,3 +158,28 @@ def test_played_step_time_is_the_simulators_iteration_and_drives_the_replay() ->
     # 100 s at 4x2, then from 113 s (loss seen at 102 s, ft.replace_wait_s = 12, 1 s regroup) at 4x1
     expected = math.floor(100 / played(full)) + math.floor(87 / played(one))
     assert result.steps == expected
+
+
+def test_simulate_elastic_cli_table_json_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from spotpipe.cli import main
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text(TRACE)
+    sets = [a for o in HAND + [f"sim.failure_trace={trace}"] for a in ("--set", o)]
+    assert main(["simulate", *sets, "--elastic", "all", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["compress"] == 1.0 and set(data["modes"]) == {"elastic", "wait", "checkpoint"}
+    # the last event (300 s) ends the replay: elastic 23 + 34 steps, wait and checkpoint 23 and 20
+    assert data["modes"]["elastic"]["steps"] == 23 + 34 and data["modes"]["wait"]["steps"] == 23
+    assert data["elastic_vs_wait"] == pytest.approx(57 / 23) and data["elastic_vs_checkpoint"] == pytest.approx(57 / 20)
+    events = tmp_path / "events.jsonl"
+    assert main(["simulate", *sets, "--elastic", "elastic", "--compress", "2", "--events", str(events)]) == 0
+    out = capsys.readouterr().out
+    assert "2x faster" in out and "3x1" in out and events.is_file()
+    assert main(["simulate", "--elastic", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "set sim.failure_trace" in err and len(err.strip().splitlines()) == 1
+    assert main(["simulate", "--elastic", "sometimes"]) == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err

@@ -436,7 +436,8 @@ def simulate_elastic(
         raise ConfigError(f"elastic replay mode must be one of {', '.join(ELASTIC_MODES)}, got {mode!r}")
     horizon = horizon_s if horizon_s is not None else max((e.time for e in events), default=0.0)
     if not horizon > 0:
-        raise ConfigError(f"elastic replay: the horizon must be > 0 seconds, got {horizon} (give horizon_s or a trace with events)")
+        raise ConfigError(f"elastic replay: nothing to replay: the horizon is {horizon:g} s (the trace needs an event "
+                          "after time 0, or give horizon_s > 0)")
     cost = elastic_cost(cfg)
     replay = _Replay(cfg, mode, cost, step_time or (lambda shape: step_seconds(shape, cost)), log)
     replay.run(events, horizon)
