@@ -191,3 +191,71 @@ def test_bad_elastic_config_is_one_line_naming_the_key(override: str, fragment: 
 def test_elastic_config_defaults() -> None:
     ft = JobConfig().ft
     assert (ft.elastic, ft.min_workers, ft.replace_wait_s) == (False, 1, 30.0)
+
+
+def _check_moves_complete(d, lost: set[int]) -> None:
+    """After the moves, every worker of the new shape holds exactly its new blocks, and every block
+    comes from a live worker that held it (or is rebuilt: ``from_worker`` None)."""
+    old, new = d.from_shape, d.to_shape
+    for row in new.workers:
+        for s, worker in enumerate(row):
+            pos = old.position(worker)
+            held = set(range(*old.layers[pos[0]])) if pos is not None else set()
+            got = [m for m in d.moves if m.to_worker == worker]
+            moved = [i for m in got for i in range(*m.layers)]
+            assert len(moved) == len(set(moved)) and not set(moved) & held
+            assert (held & set(range(*new.layers[s]))) | set(moved) == set(range(*new.layers[s]))
+            for m in got:
+                assert m.to_stage == s and set(range(*m.layers)) <= set(range(*old.layers[m.from_stage]))
+                if m.from_worker is None:
+                    assert all(r[m.from_stage] in lost for r in old.workers)
+                else:
+                    assert m.from_worker not in lost and old.position(m.from_worker)[0] == m.from_stage
+                assert m.bytes == COST.span_bytes(m.layers, new.num_layers)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_walk_four_three_two_three_four_and_every_move_is_complete(replicas: int) -> None:
+    shape = initial_shape(8, 4, replicas)
+    start = shape
+    labels = []
+    walk = [([shape.workers[-1][1]], []), (None, []), ([], [20]), ([], [21])]
+    for lost, joined in walk:
+        if lost is None:  # lose the second stage's worker of the first replica
+            lost = [shape.workers[0][1]]
+        d = next_shape(shape, lost, joined, COST)
+        _check_moves_complete(d, set(lost))
+        shape = d.to_shape
+        labels.append(shape.label)
+    if replicas == 1:
+        assert labels == ["3x1", "2x1", "3x1", "4x1"]
+        assert shape.layers == start.layers  # back to the job's own cut
+    else:  # a replica group goes; its standbys take the next loss; the second joiner completes a replica
+        assert labels == ["4x1", "4x1", "4x1", "4x2"]
+        assert shape.layers == start.layers
+
+
+def test_random_losses_and_joins_keep_every_block_owned_once() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        shape = initial_shape(8, rng.choice([2, 4, 8]), rng.choice([1, 2, 3]), rng.choice([0, 1]))
+        fresh = 100
+        for _ in range(6):
+            everyone = list(shape.active) + list(shape.standby)
+            lost = rng.sample(everyone, rng.randint(0, min(3, len(everyone) - 1)))
+            joined = list(range(fresh, fresh + rng.randint(0, 2)))
+            fresh += 3
+            d = next_shape(shape, lost, joined, COST, ShapeLimits(min_workers=1, max_workers=12))
+            if d.kind == "wait":
+                break
+            _check_moves_complete(d, set(lost))
+            assert not set(d.to_shape.active) & set(lost) and not set(d.to_shape.standby) & set(lost)
+            assert d.kind != "grow" or len(d.to_shape.active) <= 12
+            shape = d.to_shape
+
+
+def test_a_lost_standby_changes_nothing_else() -> None:
+    d = next_shape(initial_shape(8, 4, 1, spares=2), [5], [], COST)
+    assert d.kind == "keep" and d.to_shape.standby == (4,) and d.moves == ()
