@@ -35,10 +35,12 @@ Rules (each cited where it comes from):
   when none is left the decision is ``wait`` (for a replacement). Oobleck stops with an error
   here; spotpipe falls back.
 * **Grow.** Free workers (joiners and standbys) go where they shorten the predicted step most:
-  another replica when ``S`` of them are free, else (one replica) a deeper pipeline, each joiner
-  inserted where the fewest bytes move, which is next to the most loaded stage (it takes half of
-  that stage's blocks). A grow that does not shorten the step is not made; the workers stand by.
-  ``limits.max_workers`` caps the active workers (the job's configured size).
+  another replica (when ``S`` of them are free; the ``torchft`` / HyperPod way back up) or, with
+  one replica, a deeper pipeline (up to one stage per block), whichever is faster. A joiner of a
+  deeper pipeline is inserted where the fewest bytes move, which is next to the most loaded
+  stage: it takes half of that stage's blocks (Parcae's live migration, NSDI'24). A grow that does
+  not shorten the step is not made; the workers stand by. ``limits.max_workers`` caps the active
+  workers (the job's configured size).
 
 Cost model (:func:`step_seconds`): with ``m = ceil(N / R)`` microbatches per replica (``N`` the
 microbatches of the global batch), a 1F1B step takes ``(m + S - 1) x`` the slowest stage's time

@@ -19,11 +19,14 @@ differ only in the policy's limits and in what a restart costs:
   every ``train.checkpoint_every`` steps for ``sim.checkpoint_write_s``; the steps since it are
   lost. The other modes never roll back and write no checkpoint.
 
-Every mode sees the same nodes: the trace's ``add`` lines (idle nodes joining the pool) and, for
-every lost worker, a replacement ``sim.replace_s`` after its loss (the provider's on-demand
-fallback; make it large to play the trace alone). A loss is noticed ``ft.detect_timeout_s`` after
-it happens. Steps are atomic (DESIGN.md): the step in flight when a worker is lost or a reshape
-starts is discarded, so a grow stalls training by at most one step plus the reshape.
+Nodes come from the trace's ``add`` lines (idle nodes joining the pool) and, for every worker
+the job loses, a replacement ``sim.replace_s`` after the loss (the provider's on-demand
+fallback, in every mode; make it large to play the trace alone). A loss is noticed
+``ft.detect_timeout_s`` after it happens. Steps are atomic (DESIGN.md): the step in flight when a
+worker is lost or a reshape starts is discarded, so a grow stalls training by at most one step
+plus the reshape. Simplifications: losses at one moment are decided together, but the 0.3 s
+grouping window of :mod:`spotpipe.ft.confirm` is not played; every receiving worker of a reshape
+gets its bytes over its own link, in parallel; a reshape's pause is not overlapped with training.
 
 Measures: useful samples per second (committed, never rolled back steps x ``train.batch_size``:
 every shape keeps the global batch) and the ETTR of Kokolis et al. 2025 as
@@ -38,10 +41,10 @@ Pure Python.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Sequence
-import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
