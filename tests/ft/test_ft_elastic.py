@@ -20,6 +20,8 @@ from spotpipe.ft.elastic import (
 )
 from spotpipe.model.partition import block_params, model_shapes
 
+pytestmark = pytest.mark.timeout(60)
+
 # Round numbers: a block is 100 parameters, the embedding 50, the head 70; 12 bytes move per
 # parameter (float32 weights + two AdamW moments), so a block moves 1200 bytes.
 COST = ElasticCost(layer_s=1.0, microbatches=4, layer_params=100, embedding_params=50, head_params=70,

@@ -15,6 +15,8 @@ from spotpipe.model.partition import block_params
 from spotpipe.sim.cluster import parse_preemption_trace
 from spotpipe.sim.elastic import checkpointed_progress, move_seconds, simulate_elastic, trace_events
 
+pytestmark = pytest.mark.timeout(60)
+
 P3 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "bamboo-spot-traces" / "p3-trace.csv"
 
 # 8 blocks on 4 stages, 4 microbatches of 4 sequences; a block costs 0.025 s forward per sequence,
@@ -44,6 +46,7 @@ def test_two_event_trace_by_hand() -> None:
     assert e.ettr == pytest.approx(e.productive_s / 500)
     assert dict(e.time_at_shape) == pytest.approx({"4x1": 100 + 199, "3x1": 300 - 113})
     assert e.down_s == pytest.approx(14.0)
+    assert e.shrink_lost_s == pytest.approx(34 * (5.4 - 4.2))  # 34 steps at 3x1, each 1.2 s slower
     shrink, grow = e.reshapes
     block_bytes = block_params(cfg.model) * (4 + 8)  # float32 weights and two AdamW moments
     assert (shrink.time, shrink.kind, shrink.from_shape, shrink.to_shape) == (112.0, "shrink", "4x1", "3x1")
@@ -59,6 +62,7 @@ def test_two_event_trace_by_hand() -> None:
     # 140 s at 4.2 s = 33 steps.
     c = got["checkpoint"]
     assert c.steps == 20 + 33 and c.reshapes[0].seconds == 60.0
+    assert w.shrink_lost_s == c.shrink_lost_s == 0.0
 
     assert e.samples_per_s > w.samples_per_s > c.samples_per_s
     assert e.failures == w.failures == c.failures == 1 and e.joins == 1

@@ -115,6 +115,8 @@ class ElasticResult:
         productive_s: Time in the steps that count.
         ettr: ``productive_s / wall_s``.
         time_at_shape: ``(label, seconds)`` the job ran at each shape, in order of first use.
+        shrink_lost_s: Throughput lost to shrinking, in seconds: over the steps that count, their
+            step time minus the configured shape's (a slower shape's extra time).
         down_s: Time not running (detection, waits, reshapes, restarts).
         reshapes: Every change of shape, in order.
         failures: Active workers lost.
@@ -129,6 +131,7 @@ class ElasticResult:
     productive_s: float
     ettr: float
     time_at_shape: tuple[tuple[str, float], ...]
+    shrink_lost_s: float
     down_s: float
     reshapes: tuple[ReshapeEvent, ...]
     failures: int
@@ -267,6 +270,8 @@ class _Replay:
         self.generation = 0
         self.limits = mode_limits(cfg, mode)
         self.shape = initial_shape(cfg.model.layers, p.stages, p.replicas, cfg.sim.spares)
+        self.full_step = step_time(self.shape)
+        self.shrink_lost = 0.0
         self.queue: list[tuple[float, int, str, int]] = []
         self.seq = 0
         self.epoch = 0  # bumped when a pending pause or decision is superseded
@@ -318,6 +323,7 @@ class _Replay:
         counted = saved if (failed and self.mode == "checkpoint") else done
         self.steps += counted
         self.productive += counted * self.run_step
+        self.shrink_lost += counted * max(0.0, self.run_step - self.full_step)
         if self.log is not None:
             self.emit_steps(done, saved, every)
         self.committed += counted
@@ -455,6 +461,7 @@ def simulate_elastic(
         productive_s=replay.productive,
         ettr=replay.productive / horizon,
         time_at_shape=tuple(replay.time_at.items()),
+        shrink_lost_s=replay.shrink_lost,
         down_s=horizon - running,
         reshapes=tuple(replay.reshapes),
         failures=replay.failures,

@@ -201,7 +201,7 @@ def elastic_summary(results: list[ElasticResult], trace: str, compress: float) -
     modes = {
         r.mode: {
             "wall_s": r.wall_s, "steps": r.steps, "samples": r.samples, "samples_per_s": r.samples_per_s,
-            "ettr": r.ettr, "productive_s": r.productive_s, "down_s": r.down_s, "failures": r.failures,
+            "ettr": r.ettr, "productive_s": r.productive_s, "down_s": r.down_s, "shrink_lost_s": r.shrink_lost_s, "failures": r.failures,
             "joins": r.joins, "time_at_shape": dict(r.time_at_shape),
             "reshapes": [{"t": x.time, "kind": x.kind, "from": x.from_shape, "to": x.to_shape, "why": x.why,
                           "bytes": x.bytes, "seconds": x.seconds} for x in r.reshapes],
@@ -224,15 +224,16 @@ def format_elastic(data: dict[str, Any]) -> str:
         data: An :func:`elastic_summary` dict.
 
     Returns:
-        One line per mode (useful samples/s, ETTR, down time, reshapes, seconds at each shape),
+        One line per mode (useful samples/s, ETTR, down time, reshapes, time lost to running
+        shrunk, seconds at each shape),
         then the ratios, lines joined by newlines.
     """
     lines = [f"trace {data['trace']} ({data['compress']:g}x faster)",
-             f"{'mode':>10} {'samples/s':>10} {'ETTR':>7} {'steps':>8} {'down_s':>9} {'failures':>8} {'reshapes':>8}  time at shape (s)"]
+             f"{'mode':>10} {'samples/s':>10} {'ETTR':>7} {'steps':>8} {'down_s':>9} {'failures':>8} {'reshapes':>8} {'shrink_lost_s':>13}  time at shape (s)"]
     for mode, m in data["modes"].items():
         shapes = ", ".join(f"{label} {sec:.0f}" for label, sec in m["time_at_shape"].items())
         lines.append(f"{mode:>10} {m['samples_per_s']:10.3f} {m['ettr']:7.4f} {m['steps']:8d} {m['down_s']:9.1f} "
-                     f"{m['failures']:8d} {len(m['reshapes']):8d}  {shapes}")
+                     f"{m['failures']:8d} {len(m['reshapes']):8d} {m['shrink_lost_s']:13.1f}  {shapes}")
     for key, value in data.items():
         if key.startswith("elastic_vs_"):
             lines.append(f"{key}: " + ("n/a (no useful samples)" if value is None else f"{value:.2f}x useful samples/s"))
