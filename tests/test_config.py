@@ -48,6 +48,8 @@ def test_override_types_are_coerced():
         ("train.batch_size=6", "train.batch_size (6) must be a positive multiple"),
         ("model.heads=3", "model.d_model (128) must be divisible by model.heads (3)"),
         ("run.port=70000", "run.port must be in [0, 65535]"),
+        ("ft.min_workers=5", "ft.min_workers must be in [1, pipeline.stages x pipeline.replicas = 4], got 5"),
+        ("ft.replace_wait_s=-1", "ft.replace_wait_s must be in [0, 1e+06] seconds, got -1"),
     ],
 )
 def test_bad_values_name_the_key_and_range(override, fragment):

@@ -160,6 +160,9 @@ class FTConfig:
     swap_edges: bool = False  # CheckFree+ swap schedule (always on with strategy = "checkfree+")
     rate_step_time_s: float = 0.0  # step time that converts "P%/h" fault rates; 0 = measured
     spares: int = 1  # warm standby worker processes that take a lost role at once (multi-process runtime)
+    elastic: bool = False  # keep training on fewer workers when no replacement comes, grow when workers join (spotpipe.ft.elastic)
+    min_workers: int = 1  # elastic: the fewest workers the job shrinks to; below it, it waits for replacements
+    replace_wait_s: float = 30.0  # elastic: how long a lost worker waits for a spare or a joiner before the job shrinks
 
 
 @dataclass(frozen=True)
@@ -552,6 +555,9 @@ def validate(cfg: JobConfig) -> None:
     _check(0 < f.detect_timeout_s <= MAX_WAIT_S, f"ft.detect_timeout_s must be in (0, {MAX_WAIT_S:g}] seconds, got {f.detect_timeout_s}")
     _check(f.mirror_every >= 1, f"ft.mirror_every must be >= 1, got {f.mirror_every}")
     _check(0 <= f.spares <= 64, f"ft.spares must be in 0..64, got {f.spares}")
+    _check(1 <= f.min_workers <= p.stages * p.replicas,
+           f"ft.min_workers must be in [1, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {f.min_workers}")
+    _check(0 <= f.replace_wait_s <= MAX_WAIT_S, f"ft.replace_wait_s must be in [0, {MAX_WAIT_S:g}] seconds, got {f.replace_wait_s}")
     _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")
     _check(f.strategy != "replica" or p.replicas >= 2,
            f"ft.strategy = replica copies a live data-parallel replica and needs pipeline.replicas >= 2, got {p.replicas}; "

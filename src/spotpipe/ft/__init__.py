@@ -6,6 +6,9 @@
 - :mod:`spotpipe.ft.strategies` (pure): one module per recovery strategy (replica, mirror,
   CheckFree, CheckFree+, checkpoint) with its sources, why it applies or not, the bytes it moves,
   its exactness and learning-rate factor; ``REGISTRY`` is the only list of their names.
+- :mod:`spotpipe.ft.elastic` (pure): elastic reshape, the next shape (stages x replicas, the
+  layers of each stage, who holds what) when workers are lost for good or join, and the layers
+  and bytes that move.
 - :mod:`spotpipe.ft.faults` (no torch): a seeded per-step fault plan from fault specs (their
   grammar is :mod:`spotpipe.faultspec`), and delivery of real signals (SIGKILL, SIGSTOP/SIGCONT)
   to real processes.

@@ -10,6 +10,8 @@
 - :mod:`spotpipe.sim.ftpolicy`: ``sim.recovery = "policy"``, the shipped recovery policy priced on
   the cluster.
 - :mod:`spotpipe.sim.job`: a whole job (steps, checkpoints, failures, restarts, events).
+- :mod:`spotpipe.sim.elastic`: a preemption trace replayed elastic / wait / checkpoint, playing
+  the elastic reshape policy of :mod:`spotpipe.ft.elastic`.
 - :mod:`spotpipe.sim.report` / :mod:`spotpipe.sim.cli`: `spotpipe simulate`.
 
 Nothing here imports torch.

@@ -3,7 +3,9 @@
 Prints a summary table (iteration time, bubble per rank, peak memory, busiest links, the job's
 failures and ETTR), or the same as JSON with ``--json``; ``--trace OUT.json`` writes a Chrome
 trace of the first iteration (opens in Perfetto), ``--events OUT.jsonl`` the event log the
-runtime would write, in virtual time. Pure Python: never imports torch.
+runtime would write, in virtual time. ``--elastic MODE`` instead replays ``sim.failure_trace``
+(``--compress`` times faster) elastic, waiting for replacements, or from checkpoints, or all
+three (:mod:`spotpipe.sim.elastic`). Pure Python: never imports torch.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from spotpipe import events as ev
-from spotpipe.cliargs import int_in
-from spotpipe.config import load_config
+from spotpipe.cliargs import float_in, int_in
+from spotpipe.config import JobConfig, load_config
 from spotpipe.errors import SpotpipeError
 from spotpipe.events import EventLog
 from spotpipe.fsutil import check_output, write_output
@@ -62,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("--max-steps", type=int_in(1, 10**12), default=MAX_STEPS, metavar="N",
                      help="refuse a job of more than N train.steps, and stop one that has played N steps "
                      "(replays after rollbacks included) without finishing (default: %(default)s)")
+    cmd.add_argument("--elastic", choices=("elastic", "wait", "checkpoint", "all"), default=None, metavar="MODE",
+                     help="replay sim.failure_trace instead: elastic (shrink and grow), wait (for replacements), "
+                     "checkpoint (restart from the last one) or all (the three, with their throughput ratios)")
+    cmd.add_argument("--compress", type=float_in(0, 1e9, lo_open=True), default=1.0, metavar="X",
+                     help="with --elastic: replay the trace X times faster (default: %(default)s)")
     cmd.set_defaults(func=_cmd_simulate)
 
 
@@ -105,6 +112,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from spotpipe.sim.report import format_summary, iteration_trace, summary
 
     cfg = resolved(load_config(args.config, args.overrides))
+    if args.elastic is not None:
+        return _cmd_elastic(args, cfg)
     p = cfg.pipeline
     per_replica = count_actions(p.schedule, p.stages, p.microbatches, p.virtual_stages, lowered=True)
     played = per_replica * p.replicas
@@ -146,4 +155,32 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             print(f"trace: {args.trace}")
         if args.events is not None:
             print(f"events: {args.events}")
+    return 0
+
+
+def _cmd_elastic(args: argparse.Namespace, cfg: JobConfig) -> int:
+    """``simulate --elastic MODE``: replay ``sim.failure_trace`` in one mode or all three."""
+    from spotpipe.sim.elastic import ELASTIC_MODES, ElasticMode, simulate_elastic, trace_events
+    from spotpipe.sim.report import elastic_summary, format_elastic
+
+    if not cfg.sim.failure_trace:
+        raise SpotpipeError("simulate --elastic replays a preemption trace: set sim.failure_trace "
+                            "(lines '<ms>,<add|remove>,<node>', the Bamboo format)")
+    if args.events is not None:
+        check_output(args.events, "--events")
+    base_dir = args.config.resolve().parent if args.config is not None else None
+    events = trace_events(cfg, cfg.sim.failure_trace, args.compress, base_dir)
+    modes: tuple[ElasticMode, ...] = ELASTIC_MODES if args.elastic == "all" else (cast(ElasticMode, args.elastic),)
+    if args.events is not None and args.events.is_file():
+        args.events.write_bytes(b"")
+    log = EventLog(args.events) if args.events is not None else None
+    try:
+        results = [simulate_elastic(cfg, events, mode, log=log) for mode in modes]
+    finally:
+        if log is not None:
+            log.close()
+    data = elastic_summary(results, cfg.sim.failure_trace, args.compress)
+    print(json.dumps(data, indent=1) if args.json else format_elastic(data))
+    if args.events is not None and not args.json:
+        print(f"events: {args.events}")
     return 0

@@ -6,6 +6,10 @@ and peak memory (weights + gradients + AdamW moments + activations, from
 (failures, restarts, ETTR). The Chrome trace draws the simulated timings of the first iteration
 with the schedule renderer's writer (:func:`spotpipe.schedule.render.chrome_trace`), one process
 per (replica, rank), so it opens in Perfetto like the schedule traces do.
+
+``spotpipe simulate --elastic MODE`` prints :func:`elastic_summary` (:func:`format_elastic`): per
+mode of :func:`spotpipe.sim.elastic.simulate_elastic`, useful samples per second, ETTR, time at
+each shape and the reshapes, and the elastic mode's throughput ratios over the others.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from spotpipe.schedule.generators import model_chunks
 from spotpipe.schedule.memory import ChunkBytes, memory_profile
 from spotpipe.schedule.render import chrome_trace
 from spotpipe.schedule.validate import ActionTiming, Timeline
+from spotpipe.sim.elastic import ElasticResult
 from spotpipe.sim.job import JobResult, SimSetup
 from spotpipe.sim.player import IterationResult
 
@@ -178,6 +183,60 @@ def format_summary(data: dict[str, Any]) -> str:
         f"checkpoints {j['checkpoints']}, ETTR {j['ettr']:.4f}",
         f"simulated in {data['sim']['seconds']:.2f} s ({data['sim']['events']} events in the first iteration)",
     ]
+    return "\n".join(lines)
+
+
+def elastic_summary(results: list[ElasticResult], trace: str, compress: float) -> dict[str, Any]:
+    """The replays of one trace, as a dict for ``--json``.
+
+    Args:
+        results: One :class:`~spotpipe.sim.elastic.ElasticResult` per mode played.
+        trace: The trace file (``sim.failure_trace``).
+        compress: The time compression the trace was replayed with.
+
+    Returns:
+        ``trace``, ``compress``, per mode its measures and reshapes, and, when the elastic mode and
+        another were played, ``elastic_vs_<mode>``: the ratio of useful samples per second.
+    """
+    modes = {
+        r.mode: {
+            "wall_s": r.wall_s, "steps": r.steps, "samples": r.samples, "samples_per_s": r.samples_per_s,
+            "ettr": r.ettr, "productive_s": r.productive_s, "down_s": r.down_s, "shrink_lost_s": r.shrink_lost_s, "failures": r.failures,
+            "joins": r.joins, "time_at_shape": dict(r.time_at_shape),
+            "reshapes": [{"t": x.time, "kind": x.kind, "from": x.from_shape, "to": x.to_shape, "why": x.why,
+                          "bytes": x.bytes, "seconds": x.seconds} for x in r.reshapes],
+        }
+        for r in results
+    }
+    data: dict[str, Any] = {"trace": trace, "compress": compress, "modes": modes}
+    rates = {r.mode: r.samples_per_s for r in results}
+    if "elastic" in rates:
+        for name, rate in rates.items():
+            if name != "elastic":
+                data[f"elastic_vs_{name}"] = rates["elastic"] / rate if rate > 0 else None
+    return data
+
+
+def format_elastic(data: dict[str, Any]) -> str:
+    """The replays as a table for the terminal.
+
+    Args:
+        data: An :func:`elastic_summary` dict.
+
+    Returns:
+        One line per mode (useful samples/s, ETTR, down time, reshapes, time lost to running
+        shrunk, seconds at each shape),
+        then the ratios, lines joined by newlines.
+    """
+    lines = [f"trace {data['trace']} ({data['compress']:g}x faster)",
+             f"{'mode':>10} {'samples/s':>10} {'ETTR':>7} {'steps':>8} {'down_s':>9} {'failures':>8} {'reshapes':>8} {'shrink_lost_s':>13}  time at shape (s)"]
+    for mode, m in data["modes"].items():
+        shapes = ", ".join(f"{label} {sec:.0f}" for label, sec in m["time_at_shape"].items())
+        lines.append(f"{mode:>10} {m['samples_per_s']:10.3f} {m['ettr']:7.4f} {m['steps']:8d} {m['down_s']:9.1f} "
+                     f"{m['failures']:8d} {len(m['reshapes']):8d} {m['shrink_lost_s']:13.1f}  {shapes}")
+    for key, value in data.items():
+        if key.startswith("elastic_vs_"):
+            lines.append(f"{key}: " + ("n/a (no useful samples)" if value is None else f"{value:.2f}x useful samples/s"))
     return "\n".join(lines)
 
 
