@@ -30,60 +30,18 @@ NODES = ["pipeline.stage_nodes=[2,2,2,2]", "pipeline.microbatches=3", "train.bat
 
 
 def reference(run_dir: Path, gradient_rule: bool = True) -> tuple[list[float], list[float], dict[int, float]]:
-    """Per-step losses, gradient norms and validation losses of one process playing the run's
-    node plan: every microbatch through the chunks its path names, in its order, then the head."""
+    """Per-step losses, gradient norms and validation losses of the single-process reference
+    playing the run's node plan (:class:`spotpipe.runtime.inprocess.paths.NodePathTrainer`)."""
     import torch
 
     from spotpipe.config import load_config
-    from spotpipe.data.sampler import microbatch_ids
     from spotpipe.data.tokens import TokenFile
-    from spotpipe.model.stages import build_head, build_stage
     from spotpipe.runtime.control.nodeplan import plan_nodes
-    from spotpipe.runtime.inprocess.local import LocalTrainer, _to_tensor
-    from spotpipe.schedule.nodepaths import stage_visits
+    from spotpipe.runtime.inprocess.paths import NodePathTrainer
 
     cfg = load_config(run_dir / "config.toml")
-    plan = plan_nodes(cfg)  # deterministic: the controller's plan
-    S = cfg.pipeline.stages
-
-    class PathTrainer(LocalTrainer):
-        def build_chunk(self, index: int) -> Any:
-            if index == S:
-                return build_head(self.cfg.model, self.cfg.train.seed, S)
-            return build_stage(self.cfg.model, self.cfg.train.seed, index, S, head_apart=True)
-
-        def forward_path(self, tokens: torch.Tensor, targets: torch.Tensor, stages: list[int]) -> torch.Tensor:
-            x = tokens
-            for s in stages:
-                x = self.chunks[s](x)
-            out: torch.Tensor = self.chunks[S](x, targets)
-            return out
-
-        def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return self.forward_path(tokens, targets, list(range(S)))
-
-        def compute_gradients(self, step_ids: Any) -> list[float]:
-            schedule = plan.full if cfg.pipeline.full_every and (self.step + 1) % cfg.pipeline.full_every == 0 else plan.train
-            M = schedule.num_microbatches
-            for q in self._params():
-                q.grad = None
-            losses = []
-            for j in range(M):
-                ids = microbatch_ids(step_ids, 1, M, 0, j)
-                tokens, targets = _to_tensor(self.sampler.batch(self.token_file, ids), self.device)
-                stages = [schedule.chunk_stage[x] for x in schedule.path(j)[:-1]]
-                loss = self.forward_path(tokens, targets, stages)
-                (loss / M).backward()
-                losses.append(float(loss.detach()))
-            if gradient_rule:
-                for s, visits in enumerate(stage_visits(schedule)):
-                    for q in self.chunks[s].parameters():
-                        if q.grad is not None:
-                            q.grad.mul_(M / visits)
-            return losses
-
     torch.set_num_threads(1)
-    trainer = PathTrainer(cfg, TokenFile(cfg.data.path), num_chunks=S + 1)
+    trainer = NodePathTrainer(cfg, TokenFile(cfg.data.path), plan_nodes(cfg), gradient_rule=gradient_rule)  # the controller's plan
     losses, norms, vals = [], [], {}
     for step in range(cfg.train.steps):
         result = trainer.train_step()
