@@ -104,3 +104,35 @@ def test_partial_paths_on_eight_nodes_train_as_the_rule_says(tmp_path: Path, tra
     _, plain_norms, _ = reference(run_dir, gradient_rule=False)
     assert all(not math.isclose(norms[i], plain_norms[i], rel_tol=0.03) for i in (0, 1, 2))
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, "the tiny model should learn in 12 steps"
+
+
+@pytest.mark.timeout(300)
+def test_lost_nodes_are_planned_around_without_a_rollback(tmp_path: Path, train: Callable[..., Any], helpers: Any,
+                                                           token_dir: Path) -> None:
+    """SIGKILL a node of a later stage in the middle of a step's backward, and a stage-0 node at a
+    random moment: both stages keep a node, so the paths are planned again over the nodes left,
+    the failed iteration replays with the same data, and no process is started."""
+    from spotpipe.config import JobConfig, apply_overrides
+    from spotpipe.runtime.control.nodeplan import plan_nodes
+
+    cfg = apply_overrides(JobConfig(), [*helpers.tiny, *NODES, f"data.path={token_dir}"]).validate()
+    groups = plan_nodes(cfg).groups
+    later, first = groups[2][0], groups[0][1]
+    run_dir = tmp_path / "lost"
+    proc = train(run_dir, *NODES, "pipeline.full_every=0", f"ft.faults=['stage={later}@step=3,phase=backward', "
+                 f"'stage={first},replica=0@random']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished: 12 steps" in proc.stdout and proc.stdout.count("paths planned again") == 2, proc.stdout[-3000:]
+    events = helpers.read_events(run_dir)
+    steps = [r for r in events if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(12)), "every iteration commits exactly once"
+    assert [r["sampler"]["position"] for r in steps] == [12 * (i + 1) for i in range(12)], "every sample once, in order"
+    starts = [r for r in events if r["event"] == "worker_start"]
+    assert len(starts) == 8, "no process was started for the lost nodes"
+    started = [r for r in events if r["event"] == "recovery_started"]
+    assert sorted(r["stage"] for r in started) == sorted([later, first]) and {r["strategy"] for r in started} == {"replan"}
+    lost = {r["worker"] for r in starts if r["stage"] in (later, first)}
+    generations = [r for r in events if r["event"] == "generation"]
+    assert len(generations) == 3, "one new generation per loss"
+    assert sorted(generations[-1]["workers"]) == sorted({r["worker"] for r in starts} - lost), \
+        "the survivors, in their own processes, are the last generation"

@@ -107,6 +107,19 @@ def plan_key(generation: int) -> str:
     return f"gen/{generation}/plan"
 
 
+def node_plan_key(generation: int) -> str:
+    """The store key of the SkipPipe node plan generation ``generation`` plays (JSON,
+    :class:`~spotpipe.schedule.nodepaths.NodePlan`; node runs only).
+
+    Args:
+        generation: Generation number.
+
+    Returns:
+        The key.
+    """
+    return f"gen/{generation}/node_plan"
+
+
 def abort_key(generation: int) -> str:
     """The store key set (to the reason) when generation ``generation`` is aborted.
 

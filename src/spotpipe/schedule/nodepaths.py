@@ -45,18 +45,23 @@ def head_stage(num_nodes: int, groups: Sequence[Sequence[int]], origin: int) -> 
     return num_nodes + list(groups[0]).index(origin)
 
 
-def plan_schedule(plan: SkipPlan, num_nodes: int | None = None) -> Schedule:
+def plan_schedule(plan: SkipPlan, num_nodes: int | None = None,
+                  placement: Sequence[Sequence[int]] | None = None) -> Schedule:
     """The compute-only IR schedule of a plan, in the order its played timing ran the tasks.
 
     Args:
         plan: A played :class:`~spotpipe.schedule.skippipe.SkipPlan`.
         num_nodes: Ranks (default: every node of ``plan.groups``).
+        placement: The nodes per stage the job started with, when ``plan.groups`` is what is
+            left of them after losses: every node keeps its schedule stage and every stage-0
+            node its head's, so the live nodes' chunks keep their numbers (a lost node's rank
+            has no actions). Default: ``plan.groups``.
 
     Returns:
         A :class:`Schedule` with one rank per node, ``paths`` over schedule stages and
         ``chunk_stage`` set; lower it with :func:`spotpipe.schedule.passes.lower`.
     """
-    groups = plan.groups
+    groups = plan.groups if placement is None else placement
     n = num_nodes if num_nodes is not None else 1 + max(x for g in groups for x in g)
     s = len(groups)
     stage_of = {x: st for st, g in enumerate(groups) for x in g}
@@ -238,6 +243,8 @@ class NodePlan:
             ``pipeline.full_every``-th iteration.
         variant: The chosen variant (``pipeline.paths``) or ``plan file NAME``.
         predicted_s: The simulator's iteration time per schedule (``train``, ``full``), seconds.
+        placement: The nodes per stage the job started with (``groups`` once nodes were lost;
+            the schedules number chunks by it); ``()`` = ``groups``.
     """
 
     groups: tuple[tuple[int, ...], ...]
@@ -245,6 +252,12 @@ class NodePlan:
     full: Schedule
     variant: str
     predicted_s: dict[str, float]
+    placement: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def start_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The nodes per stage the job started with (:attr:`placement`, else :attr:`groups`)."""
+        return self.placement or self.groups
 
     def to_json(self) -> str:
         """The plan as JSON text (schedules as their CSV).
@@ -253,7 +266,8 @@ class NodePlan:
             JSON text for :meth:`from_json`.
         """
         return json.dumps({"groups": [list(g) for g in self.groups], "train": self.train.to_csv(),
-                           "full": self.full.to_csv(), "variant": self.variant, "predicted_s": self.predicted_s})
+                           "full": self.full.to_csv(), "variant": self.variant, "predicted_s": self.predicted_s,
+                           "placement": [list(g) for g in self.placement]})
 
     @staticmethod
     def from_json(text: str) -> NodePlan:
@@ -272,4 +286,5 @@ class NodePlan:
         return NodePlan(tuple(tuple(int(x) for x in g) for g in d["groups"]),
                         Schedule.from_csv(d["train"], "the node plan's train schedule"),
                         Schedule.from_csv(d["full"], "the node plan's full schedule"),
-                        str(d["variant"]), {k: float(v) for k, v in d["predicted_s"].items()})
+                        str(d["variant"]), {k: float(v) for k, v in d["predicted_s"].items()},
+                        tuple(tuple(int(x) for x in g) for g in d.get("placement", ())))

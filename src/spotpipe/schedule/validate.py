@@ -251,8 +251,10 @@ def _metadata_problems(schedule: Schedule) -> list[Problem]:
     if not any(schedule.ranks):
         return [Problem("the schedule has no actions: it needs at least one rank with a forward and a backward "
                         "of every microbatch")]
+    # With explicit paths a rank whose stages no path visits may be idle (a lost SkipPipe node).
+    visited = None if schedule.paths is None else {s for path in schedule.paths for s in path}
     for r, acts in enumerate(schedule.ranks):
-        if not acts:
+        if not acts and (visited is None or any(s in visited for s in schedule.stages_of_rank(r))):
             out.append(Problem(f"rank {r} has no actions (ranks are 0..{n_ranks - 1}; every rank holds at least one stage)"))
     for s, r in enumerate(schedule.stage_to_rank):
         if not 0 <= r < n_ranks:

@@ -88,7 +88,8 @@ class GenerationPlan:
 
     Attributes:
         generation: The generation's number.
-        stages: Pipeline ranks (one per node in a SkipPipe run).
+        stages: Pipeline ranks; in a SkipPipe run the live nodes, whose ``stage`` is their node id
+            (world ranks follow the members' order, not ``replica * stages + stage``).
         replicas: Data-parallel replicas.
         members: The worker at each world rank.
         groups: World ranks of each gradient all-reduce group, where they are not the replicas of
@@ -107,7 +108,7 @@ class GenerationPlan:
                 f"generation {self.generation}: {len(self.members)} members for {self.stages} stages x {self.replicas} replicas"
             )
         for rank, m in enumerate(self.members):
-            if self.world_rank(m.stage, m.replica) != rank:
+            if not self.groups and self.world_rank(m.stage, m.replica) != rank:
                 raise SpotpipeError(f"generation {self.generation}: {m.name()} sits at world rank {rank}")
 
     @property

@@ -211,13 +211,16 @@ def emulates_links(cfg: JobConfig) -> bool:
     return bool(n.matrix) or n.latency_ms > 0 or n.bandwidth_gbps > 0
 
 
-def wrap_for_job(inner: Transport, cfg: JobConfig, world_rank: int) -> Transport:
+def wrap_for_job(inner: Transport, cfg: JobConfig, world_rank: int,
+                 node_of: Callable[[int], int] | None = None) -> Transport:
     """``inner`` wrapped in link-delay emulation when the config asks for it, else ``inner``.
 
     Args:
         inner: The real transport.
         cfg: The job.
-        world_rank: This worker's world rank (its node).
+        world_rank: This worker's world rank.
+        node_of: World rank -> network node (default: the same number; a SkipPipe run that lost
+            nodes numbers its world ranks apart from its nodes).
 
     Returns:
         The transport to use.
@@ -227,7 +230,8 @@ def wrap_for_job(inner: Transport, cfg: JobConfig, world_rank: int) -> Transport
     """
     if not emulates_links(cfg):
         return inner
-    return LinkDelayTransport(inner, network_for_job(cfg), world_rank)
+    node = node_of or (lambda rank: rank)
+    return LinkDelayTransport(inner, network_for_job(cfg), node(world_rank), node)
 
 
 def collective_delay(cfg: JobConfig, group: Sequence[int], nbytes: int) -> float:
@@ -239,7 +243,7 @@ def collective_delay(cfg: JobConfig, group: Sequence[int], nbytes: int) -> float
 
     Args:
         cfg: The job.
-        group: World ranks (nodes) of the group, in ring order.
+        group: Network nodes of the group, in ring order.
         nbytes: Bytes each member reduces.
 
     Returns:

@@ -294,8 +294,13 @@ class Controller:
         assert self.ctx.log is not None
         self.generation += 1
         members = self.members.members()
-        groups = () if self.node_plan is None else self.node_plan.groups
-        plan = GenerationPlan(self.generation, self.cfg.pipeline.ranks, self.cfg.pipeline.replicas, members, groups)
+        if self.node_plan is None:
+            plan = GenerationPlan(self.generation, self.cfg.pipeline.ranks, self.cfg.pipeline.replicas, members)
+        else:  # one member per live node; gradient groups by world rank
+            rank = {m.stage: r for r, m in enumerate(members)}
+            groups = tuple(tuple(rank[n] for n in g) for g in self.node_plan.groups)
+            plan = GenerationPlan(self.generation, len(members), 1, members, groups)
+            self.ctx.store.set(protocol.node_plan_key(self.generation), self.node_plan.to_json())
         self.ctx.store.set(protocol.plan_key(self.generation), plan.to_json())
         self.ctx.store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan

@@ -151,6 +151,19 @@ class Membership:
         """The members of a new generation, in role order (stage fastest, then replica)."""
         return tuple(self.workers[self.role_of[role]].member() for role in self.roles)
 
+    def drop_roles(self, roles: list[tuple[int, int]]) -> None:
+        """Remove ``roles`` from the job (a SkipPipe node lost and planned around): later
+        generations have no member for them and no replacement is sought.
+
+        Args:
+            roles: ``(stage, replica)`` roles; any already gone is ignored.
+        """
+        for role in roles:
+            if role in self.roles:
+                self.roles.remove(role)
+            self.role_of.pop(role, None)
+        self.world_size = len(self.roles)
+
     def free_role(self, worker: int, role: tuple[int, int]) -> None:
         """Take ``role`` away from ``worker`` (lost) so another worker can take it.
 

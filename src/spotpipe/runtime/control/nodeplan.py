@@ -8,15 +8,18 @@ for evaluation and for ``pipeline.full_every``. With ``pipeline.plan_file`` the 
 read from a CSV that ``spotpipe schedule plan --csv`` wrote, checked against the config
 (:func:`read_plan_file`) and validated with the SkipPipe rules. The workers get the result in
 their grant (:class:`~spotpipe.schedule.nodepaths.NodePlan`), so they never plan themselves and
-all play the same paths. Pure: no torch.
+all play the same paths. When a node is lost and its stage has other nodes, :func:`replan_without`
+plans the paths again over the nodes that are left, with the same microbatches per iteration
+(and so the same samples), so the job goes on without a rollback or a new process. Pure: no torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from spotpipe.config import JobConfig
-from spotpipe.errors import SpotpipeError
+from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.fsutil import read_text
 from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.nodepaths import NodePlan, node_groups, plan_schedule, validate_node_schedule
@@ -108,3 +111,58 @@ def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedu
     except ScheduleError as exc:
         first = str(exc).splitlines()[0]
         raise SpotpipeError(f"{where}: {first}") from None
+
+
+def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
+                   base_dir: str | Path | None = None) -> tuple[NodePlan | None, str]:
+    """Plan the paths again over the nodes left after ``lost`` (SkipPipe's answer to a lost node).
+
+    Every stage keeps at least one node, so every model stage still trains; the iteration keeps
+    its ``M`` microbatches, now spread over the stage-0 nodes that are left (``M / n0`` each),
+    so microbatch ``j`` reads the same samples as before and the step replays with the same data.
+    The nodes keep their schedule stages (:func:`~spotpipe.schedule.nodepaths.plan_schedule` with
+    the starting placement), so no worker renumbers its chunks.
+
+    Args:
+        cfg: The job (``pipeline.paths``, ``skip_ratio``, ``max_swaps``, ``node_memory``, ``[network]``, ``[sim]``).
+        plan: The plan in force.
+        lost: Node ids lost (any of them already absent from ``plan.groups`` is ignored).
+        base_dir: Folder a relative ``network.matrix`` is read from.
+
+    Returns:
+        ``(new plan, "")``, or ``(None, why)`` when no plan keeps the same iteration: a stage lost
+        every node, the microbatches do not split evenly over the stage-0 nodes left, or the
+        visits or memory rules cannot be met (one line; the caller falls back to its recovery
+        strategy).
+    """
+    from spotpipe.network import ring_allreduce_s
+    from spotpipe.sim.skipjob import skip_setting
+    from spotpipe.sim.skipplay import play_node_schedule
+
+    p = cfg.pipeline
+    groups = tuple(tuple(x for x in g if x not in lost) for g in plan.groups)
+    gone = [s for s, g in enumerate(groups) if not g]
+    if gone:
+        return None, (f"stage {gone[0]} lost every node ({', '.join(map(str, plan.groups[gone[0]]))}): no path can visit it")
+    total, n0 = plan.train.num_microbatches, len(groups[0])
+    if total % n0:
+        return None, (f"the {total} microbatches of an iteration do not split evenly over the {n0} stage-0 nodes left")
+    variant = p.paths if p.paths in ("full", "random", "skippipe-nca", "skippipe") and not p.plan_file else "skippipe"
+    k = len(groups) if variant == "full" else path_stages(p.stages, p.skip_ratio)
+    try:
+        check_sizes(groups, total // n0, k, p.node_memory)
+        setting = skip_setting(cfg, base_dir)
+        start = plan.start_groups
+        n = plan.train.num_ranks
+        schedules = []
+        for v, kv, swaps in ((variant, k, p.max_swaps), ("full", len(groups), 0)):
+            paths = plan_paths(v, groups, setting.costs, microbatches=total // n0, k=kv, max_swaps=swaps,
+                               node_memory=p.node_memory, seed=cfg.train.seed, budget=p.plan_budget)
+            schedules.append(validate_node_schedule(lower(plan_schedule(paths, n, placement=start)), p.node_memory))
+    except (ConfigError, ScheduleError) as exc:
+        return None, " ".join(str(exc).split("\n")[0].split())
+    ar = [ring_allreduce_s(setting.network, g, setting.grad_bytes[s]) if cfg.sim.delay_collectives else 0.0
+          for s, g in enumerate(groups)]
+    predicted = {name: play_node_schedule(sch, setting.costs, groups, ar).iteration_s
+                 for name, sch in zip(("train", "full"), schedules)}
+    return NodePlan(groups, schedules[0], schedules[1], variant, predicted, start), ""

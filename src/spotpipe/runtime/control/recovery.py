@@ -13,7 +13,11 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
    commit protocol (``gen/<g>/step/<k>/decide``, see :meth:`Worker.decide`) lets either every
    survivor apply a step or none. A step decided ``commit`` whose lost worker never reported is
    committed now from the survivors' reports.
-2. **Decide.** :func:`spotpipe.ft.policy.plan_recovery` picks a strategy per lost worker
+2. **Decide.** In a SkipPipe node run whose every stage keeps a node, the paths are planned
+   again over the nodes left (:func:`spotpipe.runtime.control.nodeplan.replan_without`, strategy
+   ``replan``): the lost roles leave the job, nothing is installed and no process starts; the next
+   generation replays step ``r`` on the new paths. Otherwise
+   :func:`spotpipe.ft.policy.plan_recovery` picks a strategy per lost worker
    (replica, mirror with its lag, checkfree, or a rollback to the last checkpoint; ``stop`` ends
    the job with one line). ``recovery_started`` events say which and why.
 3. **Replace.** The lost roles become free; the controller starts one local worker process per
@@ -41,7 +45,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from spotpipe import events as ev
@@ -52,6 +56,7 @@ from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.context import ControlContext
 from spotpipe.runtime.control.membership import Membership, WorkerState
 from spotpipe.runtime.state.checkpoint import Manifest
+from spotpipe.schedule.nodepaths import NodePlan
 
 
 @dataclass
@@ -87,6 +92,7 @@ class RecoveryHost(Protocol):
     last_manifest: Manifest | None
     stop_reason: str
     local_count: int
+    node_plan: NodePlan | None
 
     def poll_commits(self) -> None:
         """Write the ``step`` events of steps every member committed."""
@@ -281,6 +287,15 @@ class RecoverySupervisor:
 
         resume = int(rec.record["resume_step"])
         status = {w: st for w, st in rec.status.items() if w not in rec.lost}
+        no_replan = ""
+        if self.host.node_plan is not None:  # SkipPipe: plan the paths around the lost nodes if every stage has one left
+            from spotpipe.runtime.control.nodeplan import replan_without
+
+            nodes = sorted(role[0] for role in rec.lost.values())
+            new_plan, no_replan = replan_without(self.ctx.cfg, self.host.node_plan, nodes)
+            if new_plan is not None:
+                self._replan(rec, new_plan, nodes, resume, status)
+                return
         S, R = self.ctx.cfg.pipeline.ranks, self.ctx.cfg.pipeline.replicas
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
@@ -299,6 +314,8 @@ class RecoverySupervisor:
             sorted(rec.lost.values()), S, replicas=R, strategy=self.ctx.cfg.ft, mirrors=mirrors, mirror_lag=lags,
             checkpoint_step=self.host.last_checkpoint, swap_edges=swap_schedule_on(self.ctx.cfg.ft),
         )
+        if no_replan:  # say why the paths were not simply planned around the loss
+            plans = [replace(p, why=f"paths not re-planned: {no_replan}; {p.why}") for p in plans]
         rec.plans = list(plans)
         rec.outcome = job_outcome(plans)
         for p in plans:
@@ -329,11 +346,37 @@ class RecoverySupervisor:
             f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {len(new_roles)} new process{'es' if len(new_roles) != 1 else ''}"
         )
 
+    def _replan(self, rec: Recovery, plan: NodePlan, nodes: list[int], resume: int, status: dict[int, Any]) -> None:
+        """Go on without the lost SkipPipe nodes: their roles leave the job, the next generation
+        plays ``plan`` (paths over the nodes left) and replays step ``resume`` with the same data;
+        no state moves and no process starts (:func:`spotpipe.runtime.control.nodeplan.replan_without`)."""
+        from spotpipe.ft.strategies.base import RecoveryPlan
+
+        start = plan.start_groups
+        stage_of = {n: s for s, g in enumerate(start) for n in g}
+        rec.plans = [RecoveryPlan(n, 0, "replan", f"node {n} of stage {stage_of[n]} lost; stage {stage_of[n]} keeps "
+                                  f"{len(plan.groups[stage_of[n]])} node(s): paths planned again over the {sum(map(len, plan.groups))} "
+                                  f"nodes left, same microbatches, no rollback") for n in nodes]
+        rec.outcome = "continue"
+        for p in rec.plans:
+            self.ctx.event(ev.RECOVERY_STARTED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why,
+                           generation=rec.generation + 1, resume_step=resume, exact=False, replanned=rec.phase == "replace")
+        sampler = next(iter(status.values()))["sampler"] if status else None
+        rec.record = {"outcome": "continue", "resume_step": resume, "sampler": sampler, "plans": []}
+        rec.resume_step = resume
+        self.members.drop_roles([(n, 0) for n in nodes])
+        self.host.node_plan = plan
+        self.host.plan = None
+        rec.phase = "replace"
+        self.ctx.progress.message(
+            f"lost {', '.join(self.members.workers[w].name() for w in sorted(rec.lost))}: paths planned again over "
+            f"{sum(map(len, plan.groups))} nodes (simulated {plan.predicted_s['train']:.3g} s per iteration); no process started")
+
     def _recovery_replace(self, rec: Recovery) -> None:
         if len(self.members.role_of) < self.members.world_size:
             self._timed_out(rec, "replacement workers to join")
             return
-        lost_roles = set(rec.lost.values())
+        lost_roles = set(rec.lost.values()) & set(self.members.roles)  # a re-planned node's role left the job
         rec.new_workers = {role: self.members.role_of[role] for role in lost_roles}
         plans = []
         for p in rec.plans:

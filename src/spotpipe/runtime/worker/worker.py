@@ -133,9 +133,10 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.swap = swap_schedule_on(cfg.ft)
         node_plan = self.grant.info.get("node_plan")
-        self.nodes = NodeRole(cfg, NodePlan.from_json(node_plan), self.stage) if node_plan else None
-        if self.nodes is not None:  # SkipPipe: one schedule per kind of iteration, full paths to evaluate
-            self.schedule, self.eval_schedule = self.nodes.plan.train, self.nodes.plan.full
+        self.nodes: NodeRole | None = None
+        if node_plan:  # SkipPipe: one schedule per kind of iteration, full paths to evaluate
+            self._use_node_plan(node_plan)
+            assert self.nodes is not None
             self.microbatches, self.replicas = self.nodes.microbatches, 1
         else:
             self.schedule = job_schedule(cfg)
@@ -175,6 +176,13 @@ class Worker:
         resume = self.grant.info.get("resume")
         if resume:
             self.load_checkpoint(resume)
+
+    def _use_node_plan(self, text: str) -> None:
+        """Play the SkipPipe node plan ``text`` (JSON) from now on: its train and full schedules.
+        A re-plan keeps every node's schedule stages, so the chunks stay as they are."""
+        self._node_plan_text = text
+        self.nodes = NodeRole(self.cfg, NodePlan.from_json(text), self.stage)
+        self.schedule, self.eval_schedule = self.nodes.plan.train, self.nodes.plan.full
 
     def _make_flat_grads(self) -> None:
         """The flat gradient buffer (:meth:`StageState.attach_flat_gradient`) and its ranges: the
@@ -282,6 +290,10 @@ class Worker:
             return None
         plan = GenerationPlan.from_json(self.store.get(protocol.plan_key(number)))
         rank = plan.rank_of_worker(self.id)
+        if self.nodes is not None:  # the paths may have been planned again around a lost node
+            text = self.store.get(protocol.node_plan_key(number)).decode()
+            if text != self._node_plan_text:
+                self._use_node_plan(text)
         abort_key = protocol.abort_key(number)
 
         def cancelled() -> str:
@@ -322,11 +334,13 @@ class Worker:
             self.programs["full"] = compile_rank(self.nodes.plan.full, self.stage, peers)
         group = gen.plan.gradient_group(gen.world_rank)
         self.leads_group = group[0] == gen.world_rank  # counts the group's gradient once in the global norm
-        self.allreduce_delay_s = collective_delay(self.cfg, group, self.flat_grad.numel() * self.flat_grad.element_size()) if self.nodes else 0.0
+        node_of = [m.stage if self.nodes is not None else r for r, m in enumerate(gen.plan.members)]  # world rank -> network node
+        nbytes = self.flat_grad.numel() * self.flat_grad.element_size()
+        self.allreduce_delay_s = collective_delay(self.cfg, [node_of[r] for r in group], nbytes) if self.nodes else 0.0
         self.executor = Executor(
             self.programs["train"],
             self.runner,
-            wrap_for_job(gen.transport, self.cfg, gen.world_rank),
+            wrap_for_job(gen.transport, self.cfg, gen.world_rank, node_of.__getitem__),
             (rows, m.context, m.d_model),
             self.dtype,
             self.cfg.run.timeout_s,
