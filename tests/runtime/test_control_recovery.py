@@ -82,6 +82,7 @@ class Host:
         self.last_manifest: Manifest | None = None
         self.stop_reason = ""
         self.local_count = 4
+        self.node_plan = None
         self.members = members
         self.committed: list[int] = []
         self.failures: list[Failure] = []
