@@ -84,7 +84,8 @@ def node_run(tmp_path_factory: pytest.TempPathFactory, word_corpus: Callable[...
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     assert main(argv) == 0
-    return json.loads(capsys.readouterr().out)
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return out
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

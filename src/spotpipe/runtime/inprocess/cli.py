@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
     )
     _run_arguments(ev)
     ev.add_argument("--skip-fraction", type=float_in(0.0, 1.0, hi_open=True), default=None, metavar="F",
-                    help="share of the stages to skip, in [0, 1): round(F x stages) of the skippable ones, in random sets")
+                    help="share of the stages to skip, in [0, 1): round(F x stages) of the skippable ones (all but stage 0 and "
+                         "the stage of the head; in a SkipPipe node run all but stage 0), in random sets")
     ev.add_argument("--subsets", type=int_in(1, 10_000), default=5, metavar="N",
                     help="distinct random sets of stages with --skip-fraction (default 5; all of them when fewer exist)")
     ev.add_argument("--samples", type=int_in(1, 10**9), default=None, metavar="N",

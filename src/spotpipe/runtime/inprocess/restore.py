@@ -198,7 +198,7 @@ class _Source:
         return f"{self.kind} {self.rank}" + ("" if self.stage is None else f" (model stage {self.stage})")
 
 
-def node_sources(plan: NodePlan) -> list[_Source]:
+def _node_sources(plan: NodePlan) -> list[_Source]:
     """The files a node run's model is read from: per model stage the first node of its group,
     whose schedule stages (its copy of the stage, and on a stage-0 node its head) are renamed to
     model chunks (``chunk_stage``: ``S`` is the head).
@@ -229,7 +229,7 @@ def node_sources(plan: NodePlan) -> list[_Source]:
 
 def _renamed(state: Any, src: _Source) -> Any:
     """A node's saved stage state with its schedule-stage keys renamed to model chunks (the flat
-    form, ordered by key, stays as it is: :func:`node_sources` keeps the order)."""
+    form, ordered by key, stays as it is: :func:`_node_sources` keeps the order)."""
     if src.keys == src.chunks:
         return state
     held = list(state.get("chunks", []))
@@ -286,7 +286,10 @@ def load_trained_run(run_dir: str | Path, data: str | None = None, device: str |
         sources = [_Source(rank, chunks, chunks) for rank, chunks in enumerate(placement)]
         check_layout(manifest, checkpoint_layout(cfg, sum(len(c) for c in placement)))
     else:
-        sources = node_sources(plan)
+        try:
+            sources = _node_sources(plan)
+        except ValueError as exc:
+            raise SpotpipeError(f"{d}: the run's node plan cannot be read back: {exc}") from None
         check_layout(manifest, checkpoint_layout(cfg, plan.train.num_stages))
     if data is not None and not Path(data).expanduser().exists():
         raise SpotpipeError(f"--data {data} does not exist (give the token dir or text the run trained on)")
