@@ -10,6 +10,9 @@
   same paths with the gradient rule of :mod:`spotpipe.runtime.worker.nodes` (each stage's
   gradient x M / visits). The reference without that rule gives gradient norms about 10% apart
   in the first steps, so the test fails if the rule is lost.
+* `spotpipe eval` and `spotpipe generate` read the workers' checkpoint of a node run (one file per
+  node): the full model's loss is the workers' own last validation loss, and the last block stage
+  may be skipped (the head is apart on the stage-0 nodes).
 """
 
 from __future__ import annotations
@@ -136,3 +139,37 @@ def test_lost_nodes_are_planned_around_without_a_rollback(tmp_path: Path, train:
     assert len(generations) == 3, "one new generation per loss"
     assert sorted(generations[-1]["workers"]) == sorted({r["worker"] for r in starts} - lost), \
         "the survivors, in their own processes, are the last generation"
+
+
+@pytest.mark.timeout(300)
+def test_eval_and_generate_read_a_node_runs_checkpoint(tmp_path: Path, train: Callable[..., Any], helpers: Any,
+                                                       spotpipe_env: dict[str, str],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`spotpipe eval` restores the workers' checkpoint of a node run (one file per node, keyed by
+    schedule stage): with nothing skipped it gives the workers' own validation loss after the last
+    step (the same windows); the last block stage may be skipped (the head is apart); `generate`
+    continues the prompt; with a node's file gone the command fails with one line."""
+    import json
+    import subprocess
+
+    from spotpipe.cli import main
+    from spotpipe.runtime.state.checkpoint import checkpoint_dir, rank_file_name
+
+    run_dir = tmp_path / "nodes-eval"
+    sets = [s for s in NODES if not s.startswith(("train.steps=", "train.eval_every="))]
+    proc = train(run_dir, *sets, "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vals = {r["step"]: r["val_loss"] for r in helpers.read_events(run_dir) if r["event"] == "eval"}
+    assert main(["eval", str(run_dir), "--skip-stages", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 5 and out["stages"] == 4 and out["chunks"] == 5 and len(out["stage_nodes"]) == 4
+    assert out["full"]["loss"] == pytest.approx(vals[5], rel=1e-5)
+    assert out["skipped"]["skipped"] == [3] and abs(out["skipped"]["loss"] - out["full"]["loss"]) > 1e-4
+    assert main(["generate", str(run_dir), "--prompt", "KING", "--tokens", "8", "--seed", "1", "--skip-stages", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("KING") and len(text.rstrip("\n")) > 4
+    node = out["stage_nodes"][1][0]  # the node stage 1 was read from
+    (checkpoint_dir(run_dir, 5) / rank_file_name(node)).unlink()
+    bad = subprocess.run(helpers.spotpipe_cmd("eval", str(run_dir)), capture_output=True, text=True, timeout=120,
+                         env=spotpipe_env)
+    helpers.assert_one_line_error(bad, f"file {rank_file_name(node)} of rank {node} is missing")

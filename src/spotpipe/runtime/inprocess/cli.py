@@ -30,7 +30,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of a `spotpipe train` job with a checkpoint (train.checkpoint_every > 0)")
     parser.add_argument("--skip-stages", default=None, metavar="S,S,...",
                         help="pipeline stages to leave out (their chunks pass the hidden state on unchanged), e.g. 1,2; "
-                             "never the first stage (embedding) nor the last (head)")
+                             "never stage 0 (embedding) nor the stage of the head (the last; in a SkipPipe node run, "
+                             "pipeline.stage_nodes, the head is apart on the stage-0 nodes, so stages 1..S-1 may be skipped)")
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="the run's data (token dir or text) when its data.path has moved (default: the run's data.path)")
     parser.add_argument("--device", choices=DEVICES, default=None, help="where to compute (default: the run's run.device)")
@@ -55,7 +56,8 @@ def register(subparsers: Any) -> None:
     )
     _run_arguments(ev)
     ev.add_argument("--skip-fraction", type=float_in(0.0, 1.0, hi_open=True), default=None, metavar="F",
-                    help="share of the stages to skip, in [0, 1): round(F x stages) of the skippable ones, in random sets")
+                    help="share of the stages to skip, in [0, 1): round(F x stages) of the skippable ones (all but stage 0 and "
+                         "the stage of the head; in a SkipPipe node run all but stage 0), in random sets")
     ev.add_argument("--subsets", type=int_in(1, 10_000), default=5, metavar="N",
                     help="distinct random sets of stages with --skip-fraction (default 5; all of them when fewer exist)")
     ev.add_argument("--samples", type=int_in(1, 10**9), default=None, metavar="N",
@@ -138,6 +140,8 @@ def _eval_json(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], r
         "chunks": len(run.chunks), "layers": cfg.model.layers, "samples": full.samples, "tokens": full.tokens,
         "context": cfg.model.context, "val_fraction": cfg.data.val_fraction, "full": _entry(full, full),
     }
+    if run.nodes:  # a SkipPipe node run: the nodes of each stage (the first one's file was read)
+        out["stage_nodes"] = [list(g) for g in run.nodes]
     if result is not None:
         out["skip_fraction"] = {
             "fraction": result.fraction, "skipped_per_set": result.count, "possible_sets": result.possible,
@@ -153,7 +157,11 @@ def _eval_json(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], r
 
 def _eval_text(args: argparse.Namespace, run: Any, full: Any, rows: list[Any], result: Any) -> list[str]:
     cfg = run.cfg
-    lines = [f"{run.run_dir}: checkpoint after {run.step + 1} steps, {run.num_stages} stages ({len(run.chunks)} chunks, "
+    shape = f"{run.num_stages} stages ({len(run.chunks)} chunks, "
+    if run.nodes:  # a SkipPipe node run: one file per stage was read, the first node's of its group
+        shape = (f"{run.num_stages} stages on {sum(len(g) for g in run.nodes)} nodes (SkipPipe, the stages read from "
+                 f"nodes {','.join(str(g[0]) for g in run.nodes)}; {len(run.chunks)} chunks with the head apart, ")
+    lines = [f"{run.run_dir}: checkpoint after {run.step + 1} steps, {shape}"
              f"{cfg.model.layers} blocks); {full.samples} validation windows x {cfg.model.context} tokens "
              f"(the last {cfg.data.val_fraction:g} of the tokens)"]
     width = max([len(_stages_text(r.skipped)) for r in rows] + [4]) + 16

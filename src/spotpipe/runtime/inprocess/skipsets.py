@@ -7,7 +7,10 @@ the run (a worker rank, ``0 .. pipeline.stages - 1``) with every model chunk it 
 GPipe and 1F1B, two for interleaved 1F1B and chronos). The stage that holds chunk 0 (the token
 embedding) and the one that holds the last chunk (final norm and LM head) can never be skipped:
 without them there is no hidden state to start from and no logits at the end (every SkipPipe path
-starts and ends at stage 0, which holds both there).
+starts and ends at stage 0, which holds both there). In a SkipPipe node run
+(``pipeline.stage_nodes``) the stages are the model stages and the head is a chunk of its own on
+the stage-0 nodes (:func:`spotpipe.runtime.inprocess.restore.stage_chunks` gives stage 0 the
+chunks ``(0, S)``), so every stage but 0 may be skipped there, the last block stage included.
 
 A skip fraction ``f`` leaves out ``round(f x S)`` of the ``S`` stages: SkipPipe's rule for the
 stages a path skips (:func:`spotpipe.schedule.skippipe.path_stages`), applied at inference. Pure
