@@ -122,8 +122,8 @@ def test_lost_nodes_are_planned_around_without_a_rollback(tmp_path: Path, train:
     groups = plan_nodes(cfg).groups
     later, first = groups[2][0], groups[0][1]
     run_dir = tmp_path / "lost"
-    proc = train(run_dir, *NODES, "pipeline.full_every=0", f"ft.faults=['stage={later}@step=3,phase=backward', "
-                 f"'stage={first},replica=0@random']")
+    proc = train(run_dir, *NODES, "pipeline.full_every=0", "ft.spares=0",
+                 f"ft.faults=['stage={later}@step=3,phase=backward', 'stage={first},replica=0@random']")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished: 12 steps" in proc.stdout and proc.stdout.count("paths planned again") == 2, proc.stdout[-3000:]
     events = helpers.read_events(run_dir)
@@ -139,6 +139,40 @@ def test_lost_nodes_are_planned_around_without_a_rollback(tmp_path: Path, train:
     assert len(generations) == 3, "one new generation per loss"
     assert sorted(generations[-1]["workers"]) == sorted({r["worker"] for r in starts} - lost), \
         "the survivors, in their own processes, are the last generation"
+
+
+@pytest.mark.timeout(300)
+def test_a_spare_takes_a_lost_node_back_with_its_stage_state(tmp_path: Path, train: Callable[..., Any],
+                                                              helpers: Any, token_dir: Path) -> None:
+    """With a warm spare, a lost node is first planned around (training goes on at once), then the
+    spare takes the node back: it copies a live node of the same stage, the paths are planned
+    again over all nodes, and no survivor restarts. At the end both nodes of that stage hold
+    the same weights and optimizer state (their checkpoint files are equal)."""
+    import torch
+
+    from spotpipe.config import JobConfig, apply_overrides
+    from spotpipe.runtime.control.nodeplan import plan_nodes
+    from spotpipe.runtime.state.checkpoint import checkpoint_dir, load_state, rank_file_name
+
+    cfg = apply_overrides(JobConfig(), [*helpers.tiny, *NODES, f"data.path={token_dir}"]).validate()
+    group = plan_nodes(cfg).groups[1]
+    run_dir = tmp_path / "grow"
+    proc = train(run_dir, *NODES, "ft.spares=1", "train.checkpoint_every=12", f"ft.faults=['stage={group[0]}@step=3']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "paths planned again" in proc.stdout and f"node {group[0]} (stage 1) joins again" in proc.stdout, proc.stdout[-3000:]
+    events = helpers.read_events(run_dir)
+    steps = [r for r in events if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(12))
+    assert [r["sampler"]["position"] for r in steps] == [12 * (i + 1) for i in range(12)]
+    grows = [r for r in events if r["event"] == "reshape"]
+    assert len(grows) == 1 and grows[0]["kind"] == "grow" and grows[0]["node"] == group[0] and grows[0]["bytes"] > 0
+    generations = [r for r in events if r["event"] == "generation"]
+    assert len(generations) == 3 and len(generations[1]["workers"]) == 7 and len(generations[2]["workers"]) == 8
+    first = {r["worker"] for r in events if r["event"] == "worker_start"} & set(generations[0]["workers"])
+    assert first - set(generations[2]["workers"]) == {next(r["worker"] for r in events if r["event"] == "worker_start"
+                                                           and r["stage"] == group[0])}, "only the lost node's worker is new"
+    files = [load_state(checkpoint_dir(run_dir, 11) / rank_file_name(n)) for n in group]
+    assert torch.equal(files[0]["state"]["flat"], files[1]["state"]["flat"]), "the nodes of a stage hold the same state"
 
 
 @pytest.mark.timeout(300)

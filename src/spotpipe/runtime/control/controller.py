@@ -128,6 +128,7 @@ class Controller:
         self._first_loss: float | None = None
         self._skipped_in_a_row = 0
         self._first_step_of_gen = -1
+        self._gen_first_step = 0
         self._old_handlers: dict[int, Any] = {}
         spare_count = cfg.ft.spares if recovery_enabled(cfg.ft) and self.local_count > 0 else 0
         self.spare_count = spare_count
@@ -250,6 +251,8 @@ class Controller:
             if self.plan is not None and self.supervisor.recovering is None:
                 self.poll_commits()
                 self._poll_evals()
+                if self.node_plan is not None and not self.stop_reason and self.next_step > self._gen_first_step:
+                    self.supervisor.grow()  # a spare or a joiner takes a node planned around back
             self._injector.poll(time.monotonic())
             if now >= next_health:
                 self.members.check_health(now)
@@ -300,13 +303,16 @@ class Controller:
             rank = {m.stage: r for r, m in enumerate(members)}
             groups = tuple(tuple(rank[n] for n in g) for g in self.node_plan.groups)
             plan = GenerationPlan(self.generation, len(members), 1, members, groups)
-            self.ctx.store.set(protocol.node_plan_key(self.generation), self.node_plan.to_json())
+            text = self.node_plan.to_json()
+            self.ctx.store.set(protocol.node_plan_key(self.generation), text)
+            (self.run_dir / "node_plan.json").write_text(text)  # what `spotpipe eval` restores the run by
         self.ctx.store.set(protocol.plan_key(self.generation), plan.to_json())
         self.ctx.store.set(protocol.GEN_CURRENT, str(self.generation))
         self.plan = plan
         self._gen_started = time.monotonic()
         self._last_commit = time.time()
         self._first_step_of_gen = self.next_step
+        self._gen_first_step = self.next_step  # a grow waits until this generation has committed a step
         self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
         if self.generation == 1 and self.spare_count and self.local_count < self.world_size and self.ctx.locals is not None:
@@ -390,8 +396,9 @@ class Controller:
 
     def _write_manifest(self, step: int, ckpts: dict[int, dict[str, Any]]) -> None:
         assert self.ctx.log is not None
-        if len(ckpts) != self.cfg.pipeline.ranks:
-            self._progress.message(f"warning: checkpoint of step {step} is incomplete ({len(ckpts)} of {self.cfg.pipeline.ranks} ranks)")
+        ranks = self.cfg.pipeline.ranks if self.plan is None or self.node_plan is None else len(self.plan.members)
+        if len(ckpts) != ranks:  # (a SkipPipe run's nodes planned around write none)
+            self._progress.message(f"warning: checkpoint of step {step} is incomplete ({len(ckpts)} of {ranks} ranks)")
             return
         directory = checkpoint_dir(self.run_dir, step)
         files = {rank: (str(c["file"]), str(c["sha256"])) for rank, c in ckpts.items()}
@@ -515,6 +522,16 @@ class Controller:
                            pid=w.pid, kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction, phase=fault.phase)
             self._progress.message(f"fault injected: worker {w.worker} (stage {w.stage}, replica {w.replica}, pid {w.pid}) "
                                    f"killed itself in the {fault.phase} phase of step {fault.step + 1} ({fault.spec})")
+
+    def vacancies(self) -> int:
+        """Nodes of a SkipPipe run that were lost and planned around: joiners are taken back for them.
+
+        Returns:
+            Their number (0 in a job over stages).
+        """
+        from spotpipe.runtime.control.nodeplan import absent_nodes
+
+        return 0 if self.node_plan is None else len(absent_nodes(self.node_plan))
 
     def make_grant(self, worker: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
         """What a worker is told when it joins (or a spare when it takes a role)."""

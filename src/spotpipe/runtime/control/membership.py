@@ -74,6 +74,14 @@ class MembershipHost(Protocol):
     plan: GenerationPlan | None
     stop_reason: str
 
+    def vacancies(self) -> int:
+        """Roles the job left behind and would take a worker back for (SkipPipe nodes planned around).
+
+        Returns:
+            Their number (0 in a job over stages).
+        """
+        ...
+
     def make_grant(self, worker: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:
         """The grant a worker receives (config, run dir, resume, phase faults, ...).
 
@@ -164,6 +172,24 @@ class Membership:
             self.role_of.pop(role, None)
         self.world_size = len(self.roles)
 
+    def add_role(self, role: tuple[int, int]) -> None:
+        """Take ``role`` back into the job (a SkipPipe node that joins again), in role order.
+
+        Args:
+            role: ``(stage, replica)``.
+        """
+        if role not in self.roles:
+            self.roles = sorted([*self.roles, role], key=lambda r: (r[1], r[0]))
+        self.world_size = len(self.roles)
+
+    def live_spares(self) -> int:
+        """Spares waiting for a role whose process (where local) still runs.
+
+        Returns:
+            Their number.
+        """
+        return sum(1 for w in self.spares if w.local is None or w.local.returncode() is None)
+
     def free_role(self, worker: int, role: tuple[int, int]) -> None:
         """Take ``role`` away from ``worker`` (lost) so another worker can take it.
 
@@ -213,7 +239,8 @@ class Membership:
         elif not protocol.check_proof(self.token, self.job_id, nonce, proof):
             reason = "wrong job token"
         free = [r for r in self.roles if r not in self.role_of]
-        if not reason and not free and not self.host.stop_reason and len(self.spares) < self.spare_count:
+        wanted = self.spare_count + self.host.vacancies()  # a SkipPipe node planned around takes a joiner back
+        if not reason and not free and not self.host.stop_reason and len(self.spares) < wanted:
             self._accept_spare(req, nonce, host, pid)
             return
         if not reason and (not free or self.host.stop_reason):

@@ -113,9 +113,22 @@ def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedu
         raise SpotpipeError(f"{where}: {first}") from None
 
 
+def absent_nodes(plan: NodePlan) -> set[int]:
+    """Nodes the job started with that ``plan`` no longer has (lost and planned around).
+
+    Args:
+        plan: The plan in force.
+
+    Returns:
+        Node ids.
+    """
+    return {x for g in plan.start_groups for x in g} - {x for g in plan.groups for x in g}
+
+
 def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
                    base_dir: str | Path | None = None) -> tuple[NodePlan | None, str]:
-    """Plan the paths again over the nodes left after ``lost`` (SkipPipe's answer to a lost node).
+    """Plan the paths again over the starting nodes but ``lost`` (SkipPipe's answer to a lost node;
+    with fewer nodes in ``lost`` than are absent now, the plan that takes a joined node back).
 
     Every stage keeps at least one node, so every model stage still trains; the iteration keeps
     its ``M`` microbatches, now spread over the stage-0 nodes that are left (``M / n0`` each),
@@ -126,7 +139,8 @@ def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
     Args:
         cfg: The job (``pipeline.paths``, ``skip_ratio``, ``max_swaps``, ``node_memory``, ``[network]``, ``[sim]``).
         plan: The plan in force.
-        lost: Node ids lost (any of them already absent from ``plan.groups`` is ignored).
+        lost: Every node to leave out: the absent ones (:func:`absent_nodes`) and the newly lost,
+            less any that joins again.
         base_dir: Folder a relative ``network.matrix`` is read from.
 
     Returns:
@@ -140,10 +154,10 @@ def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
     from spotpipe.sim.skipplay import play_node_schedule
 
     p = cfg.pipeline
-    groups = tuple(tuple(x for x in g if x not in lost) for g in plan.groups)
+    groups = tuple(tuple(x for x in g if x not in lost) for g in plan.start_groups)
     gone = [s for s, g in enumerate(groups) if not g]
     if gone:
-        return None, (f"stage {gone[0]} lost every node ({', '.join(map(str, plan.groups[gone[0]]))}): no path can visit it")
+        return None, (f"stage {gone[0]} lost every node ({', '.join(map(str, plan.start_groups[gone[0]]))}): no path can visit it")
     total, n0 = plan.train.num_microbatches, len(groups[0])
     if total % n0:
         return None, (f"the {total} microbatches of an iteration do not split evenly over the {n0} stage-0 nodes left")

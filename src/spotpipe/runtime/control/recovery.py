@@ -79,6 +79,9 @@ class Recovery:
     status: dict[int, Any] = field(default_factory=dict)  # survivor -> its posted status
     replaced: set[tuple[int, int]] = field(default_factory=set)  # lost roles a replacement was asked for
     waiting_since: float = 0.0  # the clock at the last loss: each wait has run.timeout_s from it
+    joined: tuple[int, int] | None = None  # a SkipPipe node taken back by a spare (a grow, no loss)
+    grown: NodePlan | None = None  # the paths over the nodes with it
+    peer: int = -1  # a live node of its stage, whose state it copies
 
 
 class RecoveryHost(Protocol):
@@ -148,6 +151,7 @@ class RecoverySupervisor:
         self.clock = clock
         self.recovering: Recovery | None = None
         self.recoveries: list[dict[str, Any]] = []
+        self._unplaceable: set[tuple[int, ...]] = set()  # absent node sets no grow could plan for
 
     # -- entry -----------------------------------------------------------------------------------
 
@@ -287,12 +291,18 @@ class RecoverySupervisor:
 
         resume = int(rec.record["resume_step"])
         status = {w: st for w, st in rec.status.items() if w not in rec.lost}
+        if rec.joined is not None and not rec.lost:
+            self._take_back(rec, resume, status)
+            return
+        rec.joined = None  # a loss during a grow: recover it; the spare stays for a later grow
         no_replan = ""
         if self.host.node_plan is not None:  # SkipPipe: plan the paths around the lost nodes if every stage has one left
             from spotpipe.runtime.control.nodeplan import replan_without
 
+            from spotpipe.runtime.control.nodeplan import absent_nodes
+
             nodes = sorted(role[0] for role in rec.lost.values())
-            new_plan, no_replan = replan_without(self.ctx.cfg, self.host.node_plan, nodes)
+            new_plan, no_replan = replan_without(self.ctx.cfg, self.host.node_plan, absent_nodes(self.host.node_plan) | set(nodes))
             if new_plan is not None:
                 self._replan(rec, new_plan, nodes, resume, status)
                 return
@@ -372,11 +382,70 @@ class RecoverySupervisor:
             f"lost {', '.join(self.members.workers[w].name() for w in sorted(rec.lost))}: paths planned again over "
             f"{sum(map(len, plan.groups))} nodes (simulated {plan.predicted_s['train']:.3g} s per iteration); no process started")
 
+    def grow(self) -> bool:
+        """Take a SkipPipe node that was planned around back with a waiting spare (or a worker that
+        joined): the node whose stage has the fewest nodes now; its paths are planned again over
+        the nodes with it; the generation is aborted at once (the step in flight replays), and the
+        next one copies the state of a live node of its stage into the spare (``replica``: the
+        nodes of a stage hold the same state). Nothing is done without a spare, an absent node,
+        or a plan that takes it.
+
+        Returns:
+            True when a grow started.
+        """
+        from spotpipe.runtime.control.nodeplan import absent_nodes, replan_without
+
+        plan = self.host.node_plan
+        if plan is None or self.recovering is not None or not self.members.live_spares():
+            return False
+        absent = absent_nodes(plan)
+        if not absent or tuple(sorted(absent)) in self._unplaceable:
+            return False
+        stage_of = {n: s for s, g in enumerate(plan.start_groups) for n in g}
+        node = min(absent, key=lambda n: (len(plan.groups[stage_of[n]]), n))
+        grown, why = replan_without(self.ctx.cfg, plan, absent - {node})
+        if grown is None:
+            self._unplaceable.add(tuple(sorted(absent)))
+            self.ctx.progress.message(f"a spare waits, but node {node} cannot be taken back: {why}")
+            return False
+        rec = self.recovering = Recovery(self.host.generation, self.clock(), time.time())
+        rec.joined, rec.grown, rec.peer = (node, 0), grown, plan.groups[stage_of[node]][0]
+        rec.reason = f"node {node} (stage {stage_of[node]}) joins again"
+        self.ctx.store.set(protocol.abort_key(self.host.generation), rec.reason)
+        return True
+
+    def _take_back(self, rec: Recovery, resume: int, status: dict[int, Any]) -> None:
+        """The decision of a grow (:meth:`grow`): the spare takes the node's role and copies its
+        stage's state from ``rec.peer``; the next generation plays the grown plan."""
+        from spotpipe.ft.strategies.base import RecoveryPlan
+
+        assert rec.joined is not None and rec.grown is not None
+        node = rec.joined[0]
+        old = self.host.node_plan
+        self.members.add_role(rec.joined)
+        self.host.node_plan = rec.grown  # the spare's grant carries it
+        if not self.members.take_spare(*rec.joined):  # the spare is gone: go on as before
+            self.members.drop_roles([rec.joined])
+            self.host.node_plan = old
+            rec.plans, rec.joined = [], None
+        else:
+            stage = next(s for s, g in enumerate(rec.grown.groups) if node in g)
+            rec.plans = [RecoveryPlan(node, 0, "replica", f"node {node} of stage {stage} joins again: it copies node "
+                                      f"{rec.peer}'s state (same stage); paths planned again over "
+                                      f"{sum(map(len, rec.grown.groups))} nodes", sources=((rec.peer, 0),), exact=True)]
+            if self.ctx.locals is not None and self.host.local_count > 0 and self.members.spare_count:
+                self.ctx.locals.start(1)  # keep a warm spare
+        sampler = next(iter(status.values()))["sampler"] if status else None
+        rec.record = {"outcome": "continue", "resume_step": resume, "sampler": sampler}
+        rec.resume_step = resume
+        self.host.plan = None
+        rec.phase = "replace"
+
     def _recovery_replace(self, rec: Recovery) -> None:
         if len(self.members.role_of) < self.members.world_size:
             self._timed_out(rec, "replacement workers to join")
             return
-        lost_roles = set(rec.lost.values()) & set(self.members.roles)  # a re-planned node's role left the job
+        lost_roles = (set(rec.lost.values()) | ({rec.joined} if rec.joined else set())) & set(self.members.roles)  # a re-planned node's role left the job
         rec.new_workers = {role: self.members.role_of[role] for role in lost_roles}
         plans = []
         for p in rec.plans:
@@ -405,6 +474,12 @@ class RecoverySupervisor:
             target = rec.new_workers.get(p.worker)
             got = int(done.get(target, {}).get("bytes", 0)) if target is not None else 0
             transfer_s = float(done.get(target, {}).get("transfer_s", 0.0)) if target is not None else 0.0
+            if rec.joined is not None:  # a grow is no recovery from a failure
+                assert rec.grown is not None
+                self.ctx.event(ev.RESHAPE, kind="grow", node=p.stage, why=p.why, bytes=got, seconds=seconds,
+                               transfer_s=transfer_s, worker=target, generation=rec.new_generation,
+                               nodes=sum(map(len, rec.grown.groups)), groups=[list(g) for g in rec.grown.groups])
+                continue
             self.ctx.event(ev.RECOVERY_FINISHED, stage=p.stage, replica=p.replica, strategy=p.strategy, why=p.why, bytes=got,
                          seconds=seconds, transfer_s=transfer_s, worker=target, generation=rec.new_generation, exact=p.exact)
         replayed = list(range(rec.resume_step, rec.record["resume_step"] + 1))
@@ -412,10 +487,15 @@ class RecoverySupervisor:
             if step < self.ctx.cfg.train.steps:
                 self.ctx.event(ev.STEP_REPLAYED, step=step, generation=rec.new_generation)
         what = "/".join(sorted({p.strategy for p in rec.plans}))
-        self.ctx.progress.message(
-            f"recovered {len(rec.lost)} lost worker{'s' if len(rec.lost) > 1 else ''} by {what} in {seconds:.2f} s "
-            f"({moved / 1e6:.2f} MB moved); generation {rec.new_generation} replays step {rec.resume_step + 1}"
-        )
+        if rec.joined is not None or not rec.lost:  # a grow: no failure
+            self.ctx.progress.message(
+                f"{rec.reason}: {'its state copied' if rec.plans else 'no spare took it'} in {seconds:.2f} s "
+                f"({moved / 1e6:.2f} MB moved); generation {rec.new_generation} replays step {rec.resume_step + 1}")
+        else:
+            self.ctx.progress.message(
+                f"recovered {len(rec.lost)} lost worker{'s' if len(rec.lost) > 1 else ''} by {what} in {seconds:.2f} s "
+                f"({moved / 1e6:.2f} MB moved); generation {rec.new_generation} replays step {rec.resume_step + 1}"
+            )
+            self.recoveries.append({"strategy": what, "seconds": seconds, "bytes": moved, "resume_step": rec.resume_step})
         self.host.restart_step_clock()  # the replayed step's time starts now, not at the failure
-        self.recoveries.append({"strategy": what, "seconds": seconds, "bytes": moved, "resume_step": rec.resume_step})
         self.recovering = None

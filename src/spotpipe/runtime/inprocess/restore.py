@@ -27,6 +27,7 @@ of :mod:`spotpipe.data.sampler`, which training never samples from).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -198,13 +199,16 @@ class _Source:
         return f"{self.kind} {self.rank}" + ("" if self.stage is None else f" (model stage {self.stage})")
 
 
-def _node_sources(plan: NodePlan) -> list[_Source]:
-    """The files a node run's model is read from: per model stage the first node of its group,
-    whose schedule stages (its copy of the stage, and on a stage-0 node its head) are renamed to
-    model chunks (``chunk_stage``: ``S`` is the head).
+def _node_sources(plan: NodePlan, saved: Collection[int] = ()) -> list[_Source]:
+    """The files a node run's model is read from: per model stage the first node of its group
+    (as the run started) that the checkpoint has a file of, whose schedule stages (its copy of
+    the stage, and on a stage-0 node its head) are renamed to model chunks (``chunk_stage``:
+    ``S`` is the head). Nodes of a stage hold the same weights.
 
     Args:
         plan: The run's node plan.
+        saved: The nodes the checkpoint has files of (a node lost and planned around has none);
+            empty: take the first node of each group.
 
     Returns:
         One source per model stage, stage 0 first; together they hold chunks ``0..S``.
@@ -217,8 +221,8 @@ def _node_sources(plan: NodePlan) -> list[_Source]:
     chunk_stage = sched.chunk_stage
     assert chunk_stage is not None
     out: list[_Source] = []
-    for s, group in enumerate(plan.groups):
-        node = group[0]
+    for s, group in enumerate(plan.start_groups):
+        node = next((n for n in group if n in saved), group[0])
         keys = tuple(sorted(sched.stages_of_rank(node)))
         chunks = tuple(chunk_stage[k] for k in keys)
         if list(chunks) != sorted(chunks):
@@ -239,9 +243,16 @@ def _renamed(state: Any, src: _Source) -> Any:
 
 
 def _node_plan(d: Path, cfg: JobConfig) -> NodePlan:
-    """The node plan of a node run, recomputed from its config as the controller made it."""
+    """The node plan of a node run: the one the controller last wrote (``node_plan.json``), else
+    recomputed from its config as the controller made it."""
     from spotpipe.runtime.control.nodeplan import plan_nodes
 
+    saved = d / "node_plan.json"
+    if saved.is_file():
+        try:
+            return NodePlan.from_json(saved.read_text())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpotpipeError(f"{saved} cannot be read: {' '.join(str(exc).split())[:200]}") from None
     try:
         return plan_nodes(cfg)
     except SpotpipeError as exc:
@@ -287,7 +298,7 @@ def load_trained_run(run_dir: str | Path, data: str | None = None, device: str |
         check_layout(manifest, checkpoint_layout(cfg, sum(len(c) for c in placement)))
     else:
         try:
-            sources = _node_sources(plan)
+            sources = _node_sources(plan, manifest.files)
         except ValueError as exc:
             raise SpotpipeError(f"{d}: the run's node plan cannot be read back: {exc}") from None
         check_layout(manifest, checkpoint_layout(cfg, plan.train.num_stages))
