@@ -207,3 +207,25 @@ def test_eval_and_generate_read_a_node_runs_checkpoint(tmp_path: Path, train: Ca
     bad = subprocess.run(helpers.spotpipe_cmd("eval", str(run_dir)), capture_output=True, text=True, timeout=120,
                          env=spotpipe_env)
     helpers.assert_one_line_error(bad, f"file {rank_file_name(node)} of rank {node} is missing")
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_that_loses_every_node_falls_back_to_the_checkpoint(tmp_path: Path, train: Callable[..., Any],
+                                                                    helpers: Any, token_dir: Path) -> None:
+    """Both nodes of one stage killed at once: no path can visit the stage, so the job falls back to
+    its recovery strategy (checkpoint), and the event says why the paths were not planned again."""
+    from spotpipe.config import JobConfig, apply_overrides
+    from spotpipe.runtime.control.nodeplan import plan_nodes
+
+    cfg = apply_overrides(JobConfig(), [*helpers.tiny, *NODES, f"data.path={token_dir}"]).validate()
+    a, b = plan_nodes(cfg).groups[2]
+    run_dir = tmp_path / "stage-lost"
+    proc = train(run_dir, *NODES, "ft.spares=0", "train.checkpoint_every=2", "train.steps=8",
+                 f"ft.faults=['stages={a}+{b}@step=5']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rolling back to the checkpoint of step 3" in proc.stdout, proc.stdout[-3000:]
+    events = helpers.read_events(run_dir)
+    started = [r for r in events if r["event"] == "recovery_started"]
+    assert {r["strategy"] for r in started} == {"checkpoint"} and all(
+        r["why"].startswith(f"paths not re-planned: stage 2 lost every node ({a}, {b})") for r in started)
+    assert sorted({r["step"] for r in events if r["event"] == "step"}) == list(range(8))

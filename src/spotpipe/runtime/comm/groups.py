@@ -76,9 +76,13 @@ class Member:
     replica: int
     host: str = ""
     pid: int = 0
+    node: bool = False  # a SkipPipe node run: ``stage`` is the node id
 
     def name(self) -> str:
-        """``worker 3 (stage 1, replica 1)``: how errors and events name a worker."""
+        """``worker 3 (stage 1, replica 1)``, or ``worker 3 (node 3)`` in a SkipPipe node run: how
+        errors and events name a worker."""
+        if self.node:
+            return f"worker {self.worker} (node {self.stage})"
         return f"worker {self.worker} (stage {self.stage}, replica {self.replica})"
 
 
@@ -193,8 +197,8 @@ class GenerationPlan:
             ValueError, KeyError: on text that is not JSON or lacks a field.
         """
         d = json.loads(text)
-        members = tuple(Member(int(w), int(s), int(r), str(h), int(p)) for w, s, r, h, p in d["members"])
         groups = tuple(tuple(int(x) for x in group) for group in d.get("groups", ()))
+        members = tuple(Member(int(w), int(s), int(r), str(h), int(p), bool(groups)) for w, s, r, h, p in d["members"])
         return GenerationPlan(int(d["generation"]), int(d["stages"]), int(d["replicas"]), members, groups)
 
 

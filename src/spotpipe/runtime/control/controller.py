@@ -644,8 +644,9 @@ class Controller:
         assert self.ctx.log is not None
         self.ctx.log.write(ev.FAULT_INJECTED, step=fault.step, stage=fault.stage, replica=fault.replica, worker=worker, pid=pid,
                         kind=fault.kind, spec=fault.spec, at_fraction=fault.at_fraction)
-        self._progress.message(f"fault injected: {fault.kind} worker {worker} (stage {fault.stage}, replica {fault.replica}, "
-                               f"pid {pid}) during step {fault.step + 1} ({fault.spec})")
+        where = f"node {fault.stage}" if self.node_plan is not None else f"stage {fault.stage}, replica {fault.replica}"
+        self._progress.message(f"fault injected: {fault.kind} worker {worker} ({where}, pid {pid}) during step "
+                               f"{fault.step + 1} ({fault.spec})")
 
     def _step_memory(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
         """The ``step`` event's measured memory from the workers' reports: per pipeline rank (the

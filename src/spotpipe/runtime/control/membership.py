@@ -53,9 +53,10 @@ class WorkerState:
     exit_code: int | None = None
     suspected: bool = False
     reported: bool = False  # its error report was read
+    node: bool = False  # a SkipPipe node run: ``stage`` is the node id
 
     def member(self) -> Member:
-        return Member(self.worker, self.stage, self.replica, self.host, self.pid)
+        return Member(self.worker, self.stage, self.replica, self.host, self.pid, self.node)
 
     def name(self) -> str:
         return self.member().name()
@@ -140,6 +141,7 @@ class Membership:
         self.job_id = job_id
         p = ctx.cfg.pipeline
         self.roles = [(stage, replica) for replica in range(p.replicas) for stage in range(p.ranks)]
+        self.nodes = bool(p.stage_nodes)  # roles are SkipPipe nodes
         self.world_size = len(self.roles)
         self.spare_count = spare_count
         self.workers: dict[int, WorkerState] = {}
@@ -254,7 +256,7 @@ class Membership:
         wid = self._next_worker_id
         self._next_worker_id += 1
         local = self.ctx.locals.by_pid(pid) if host == socket.gethostname() else None
-        state = WorkerState(wid, stage, replica, host, pid, local, last_beat=time.monotonic())
+        state = WorkerState(wid, stage, replica, host, pid, local, last_beat=time.monotonic(), node=self.nodes)
         self.workers[wid] = state
         self.role_of[(stage, replica)] = wid
         grant = self.host.make_grant(wid, stage, replica, local)
@@ -268,7 +270,7 @@ class Membership:
         wid = self._next_worker_id
         self._next_worker_id += 1
         local = self.ctx.locals.by_pid(pid) if host == socket.gethostname() else None
-        self.spares.append(WorkerState(wid, -1, -1, host, pid, local, last_beat=time.monotonic()))
+        self.spares.append(WorkerState(wid, -1, -1, host, pid, local, last_beat=time.monotonic(), node=self.nodes))
         grant = self.host.make_grant(wid, -1, -1, local)
         grant["spare"] = True
         self.ctx.store.set(protocol.join_response_key(nonce), json.dumps(grant))

@@ -102,7 +102,8 @@ class Worker:
         self.listen_host = listen_host
         self.cfg: JobConfig = config_from_mapping(tomllib.loads(grant.info["config"]), where="job config").validate()
         self.run_dir = Path(grant.info["run_dir"])
-        self.name = f"worker {self.id} (stage {self.stage}, replica {self.replica})"
+        self.name = (f"worker {self.id} (node {self.stage})" if self.cfg.pipeline.stage_nodes
+                     else f"worker {self.id} (stage {self.stage}, replica {self.replica})")
         self.lost_controller = ControllerLost(self.name, controller or "an unknown address")
         self.stop_requested = False
         self.generation: Generation | None = None
