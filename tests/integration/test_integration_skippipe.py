@@ -210,22 +210,30 @@ def test_eval_and_generate_read_a_node_runs_checkpoint(tmp_path: Path, train: Ca
 
 
 @pytest.mark.timeout(300)
-def test_a_stage_that_loses_every_node_falls_back_to_the_checkpoint(tmp_path: Path, train: Callable[..., Any],
-                                                                    helpers: Any, token_dir: Path) -> None:
-    """Both nodes of one stage killed at once: no path can visit the stage, so the job falls back to
-    its recovery strategy (checkpoint), and the event says why the paths were not planned again."""
+@pytest.mark.parametrize("stage, strategy", [(2, "checkfree"), (0, "checkpoint")])
+def test_a_stage_that_loses_every_node_is_rebuilt(stage: int, strategy: str, tmp_path: Path, train: Callable[..., Any],
+                                                  helpers: Any, token_dir: Path) -> None:
+    """Both nodes of one stage killed at once: no path can visit the stage, so the lost nodes are
+    rebuilt in new processes: a middle stage from its neighbours (CheckFree, no rollback), stage 0
+    (data, embedding, heads) from the checkpoint; the events say why the paths were not planned
+    again and every step commits once."""
     from spotpipe.config import JobConfig, apply_overrides
     from spotpipe.runtime.control.nodeplan import plan_nodes
 
     cfg = apply_overrides(JobConfig(), [*helpers.tiny, *NODES, f"data.path={token_dir}"]).validate()
-    a, b = plan_nodes(cfg).groups[2]
-    run_dir = tmp_path / "stage-lost"
+    a, b = plan_nodes(cfg).groups[stage]
+    run_dir = tmp_path / f"stage{stage}-lost"
     proc = train(run_dir, *NODES, "ft.spares=0", "train.checkpoint_every=2", "train.steps=8",
                  f"ft.faults=['stages={a}+{b}@step=5']")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rolling back to the checkpoint of step 3" in proc.stdout, proc.stdout[-3000:]
     events = helpers.read_events(run_dir)
     started = [r for r in events if r["event"] == "recovery_started"]
-    assert {r["strategy"] for r in started} == {"checkpoint"} and all(
-        r["why"].startswith(f"paths not re-planned: stage 2 lost every node ({a}, {b})") for r in started)
-    assert sorted({r["step"] for r in events if r["event"] == "step"}) == list(range(8))
+    assert {r["strategy"] for r in started} == {strategy} and sorted(r["stage"] for r in started) == sorted([a, b])
+    assert all(r["why"].startswith(f"paths not re-planned: stage {stage} lost every node ({a}, {b})") for r in started)
+    steps = [r for r in events if r["event"] == "step"]
+    assert sorted({r["step"] for r in steps}) == list(range(8))
+    if strategy == "checkfree":  # no rollback: every step commits exactly once
+        assert [r["step"] for r in steps] == list(range(8)) and "rolling back" not in proc.stdout
+        assert "lr x1.1" in started[0]["why"]
+    else:
+        assert "rolling back to the checkpoint of step 3" in proc.stdout, proc.stdout[-3000:]

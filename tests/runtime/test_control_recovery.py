@@ -105,6 +105,9 @@ class Host:
     def fail(self, failure: Failure) -> None:
         self.failures.append(failure)
 
+    def vacancies(self) -> int:
+        return 0
+
     def make_grant(self, worker: int, stage: int, replica: int, local: Any) -> dict[str, Any]:
         return {"worker": worker, "stage": stage, "replica": replica}
 

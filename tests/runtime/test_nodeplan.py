@@ -59,3 +59,26 @@ def test_microbatches_that_do_not_split_over_the_stage0_nodes_left(tmp_path: Pat
     plan = plan_nodes(cfg)
     new, why = replan_without(cfg, plan, [plan.groups[0][0]])
     assert new is None and why == "the 3 microbatches of an iteration do not split evenly over the 2 stage-0 nodes left"
+
+
+def test_stage_loss_plans_per_lost_node(plan_and_cfg) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from spotpipe.runtime.control.nodeplan import stage_loss_plans
+
+    cfg, plan = plan_and_cfg
+    g = plan.groups
+    mid = stage_loss_plans(cfg, plan, [*g[2], g[1][0]], checkpoint_step=9)
+    by_node = {p.stage: p for p in mid}
+    assert by_node[g[1][0]].strategy == "replica" and by_node[g[1][0]].sources == ((g[1][1], 0),)
+    for n in g[2]:  # stage 2 lost every node: CheckFree from the live nodes of stages 1 and 3
+        assert by_node[n].strategy == "checkfree" and by_node[n].lr_scale == 1.1
+        assert by_node[n].sources == ((g[1][1], 0), (g[3][0], 0))
+    assert {p.strategy for p in stage_loss_plans(cfg, plan, list(g[0]), 9)} == {"checkpoint"}  # data, embedding, heads
+    assert {p.strategy for p in stage_loss_plans(cfg, plan, list(g[3]), 9)} == {"checkpoint"}  # one neighbour
+    assert {p.strategy for p in stage_loss_plans(cfg, plan, [*g[2], *g[3]], 9)} == {"checkpoint"}  # neighbour lost too
+    assert {p.strategy for p in stage_loss_plans(cfg, plan, list(g[2]), None)} == {"checkfree"}
+    assert {p.strategy for p in stage_loss_plans(cfg, plan, list(g[0]), None)} == {"stop"}
+    assert "there is no checkpoint" in stage_loss_plans(cfg, plan, list(g[0]), None)[0].why
+    ckpt = replace(cfg, ft=replace(cfg.ft, strategy="checkpoint"))
+    assert {p.strategy for p in stage_loss_plans(ckpt, plan, list(g[2]), 9)} == {"checkpoint"}

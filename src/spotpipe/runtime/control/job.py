@@ -27,16 +27,17 @@ from spotpipe.ft.policy import swap_schedule_on
 from spotpipe.schedule.build import job_schedule
 from spotpipe.schedule.nodepaths import NodePlan
 
-NODE_STRATEGIES = ("checkpoint", "none")
+NODE_STRATEGIES = ("checkfree", "checkpoint", "none")
 """``ft.strategy`` values a SkipPipe node run takes. A node lost from a stage that keeps other nodes
 is always planned around (:func:`spotpipe.runtime.control.nodeplan.replan_without`); the strategy
-covers a stage that loses every node. The per-stage rebuilds (mirror, CheckFree, replica) assume
-one worker per stage and are not wired to node groups yet."""
+covers a stage that loses every node (:func:`spotpipe.runtime.control.nodeplan.stage_loss_plans`:
+CheckFree for a middle stage, else the checkpoint). Mirrors and CheckFree+ assume one worker per
+stage and are not wired to node groups."""
 
 
 def node_strategy(cfg: JobConfig) -> tuple[JobConfig, str]:
     """The recovery a SkipPipe node run uses when a whole stage is lost: ``auto`` becomes
-    ``checkpoint``; the per-stage rebuilds are refused.
+    ``checkfree`` (with the checkpoint for the edge stages); mirrors and CheckFree+ are refused.
 
     Args:
         cfg: A job with ``pipeline.stage_nodes``.
@@ -49,9 +50,10 @@ def node_strategy(cfg: JobConfig) -> tuple[JobConfig, str]:
     """
     f = cfg.ft
     if f.strategy == "auto":
-        return replace(cfg, ft=replace(f, strategy="checkpoint")), (
-            "ft.strategy = auto in a SkipPipe node run (pipeline.stage_nodes): a lost node whose stage keeps other nodes "
-            "is planned around; a stage that loses every node rolls the job back to the last checkpoint (checkpoint)")
+        return replace(cfg, ft=replace(f, strategy="checkfree")), (
+            "ft.strategy = auto in a SkipPipe node run (pipeline.stage_nodes) is checkfree: a lost node whose stage keeps "
+            "other nodes is planned around; a middle stage that loses every node is rebuilt from its neighbours "
+            "(CheckFree); stage 0 or the last block stage rolls the job back to the last checkpoint")
     if f.strategy not in NODE_STRATEGIES:
         raise SpotpipeError(f"ft.strategy = {f.strategy} does not run with pipeline.stage_nodes yet; use one of "
                             f"{', '.join(NODE_STRATEGIES)} (or auto)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from spotpipe.config import JobConfig
 from spotpipe.errors import ConfigError, SpotpipeError
 from spotpipe.fsutil import read_text
+from spotpipe.ft.strategies.base import RecoveryPlan
 from spotpipe.schedule.ir import Schedule, ScheduleError
 from spotpipe.schedule.nodepaths import NodePlan, node_groups, plan_schedule, validate_node_schedule
 from spotpipe.schedule.passes import lower
@@ -180,3 +181,65 @@ def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
     predicted = {name: play_node_schedule(sch, setting.costs, groups, ar).iteration_s
                  for name, sch in zip(("train", "full"), schedules)}
     return NodePlan(groups, schedules[0], schedules[1], variant, predicted, start), ""
+
+
+def stage_loss_plans(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
+                     checkpoint_step: int | None) -> list[RecoveryPlan]:
+    """How a node run rebuilds lost nodes when the paths cannot be planned around them (a stage
+    lost every node): one plan per lost node, all nodes keeping their place in the plan.
+
+    * A node whose stage keeps a live node copies that node's state (``replica``: the nodes of a
+      stage hold the same state).
+    * A middle block stage ``0 < s < S-1`` that lost every node, with both neighbouring stages
+      alive and ``ft.strategy`` ``checkfree`` or ``auto``: each of its nodes becomes the
+      gradient-norm-weighted average of a live node of stage ``s-1`` and one of ``s+1``, at 1.1x
+      the learning rate (CheckFree; Blagoev, Ersoy, Chen 2025, section 3.1).
+    * Otherwise (stage 0, with the data, embedding and heads; the last block stage, with one
+      neighbour; a neighbour lost too; ``ft.strategy = checkpoint``): the whole job rolls back to
+      the last checkpoint, or stops without one.
+
+    Args:
+        cfg: The job (``ft.strategy``, ``pipeline.stages``, ``model.layers``).
+        plan: The plan in force (its live groups).
+        lost: The nodes lost now.
+        checkpoint_step: The last complete checkpoint's step, or None.
+
+    Returns:
+        The :class:`~spotpipe.ft.strategies.base.RecoveryPlan` of each lost node (``stage`` = the
+        node id), in node order.
+    """
+    from spotpipe.ft.strategies.checkfree import CHECKFREE_LR_SCALE
+    from spotpipe.model.partition import partition_layers
+
+    S = cfg.pipeline.stages
+    live = [tuple(x for x in g if x not in lost) for g in plan.groups]
+    stage_of = {x: s for s, g in enumerate(plan.start_groups) for x in g}
+    blocks = [b - a for a, b in partition_layers(cfg.model.layers, S)]
+    out: list[RecoveryPlan] = []
+    for n in sorted(lost):
+        s = stage_of[n]
+        if live[s]:
+            out.append(RecoveryPlan(n, 0, "replica", f"node {n}: copies node {live[s][0]} of its stage {s}",
+                                    sources=((live[s][0], 0),), exact=True))
+            continue
+        why = ""
+        if cfg.ft.strategy not in ("checkfree", "auto"):
+            why = f"ft.strategy = {cfg.ft.strategy}"
+        elif not 0 < s < S - 1:
+            why = f"stage {s} is {'stage 0 (data, embedding, heads)' if s == 0 else 'the last block stage (one neighbour)'}"
+        elif not (live[s - 1] and live[s + 1]):
+            why = f"a neighbouring stage of stage {s} lost every node too"
+        elif len({blocks[s - 1], blocks[s], blocks[s + 1]}) > 1:
+            why = f"stages {s - 1}..{s + 1} hold unequal blocks ({blocks[s - 1]}, {blocks[s]}, {blocks[s + 1]})"
+        if not why:
+            out.append(RecoveryPlan(n, 0, "checkfree", f"stage {s} lost every node: node {n} rebuilt as the weighted "
+                                    f"average of node {live[s - 1][0]} (stage {s - 1}) and node {live[s + 1][0]} "
+                                    f"(stage {s + 1}), lr x{CHECKFREE_LR_SCALE:g}",
+                                    sources=((live[s - 1][0], 0), (live[s + 1][0], 0)), lr_scale=CHECKFREE_LR_SCALE))
+        elif checkpoint_step is not None:
+            out.append(RecoveryPlan(n, 0, "checkpoint", f"stage {s} lost every node and {why}: the whole job rolls "
+                                    f"back to the checkpoint of step {checkpoint_step}", checkpoint_step=checkpoint_step))
+        else:
+            out.append(RecoveryPlan(n, 0, "stop", f"stage {s} lost every node and {why}, and there is no checkpoint "
+                                    "(train.checkpoint_every = 0)"))
+    return out

@@ -287,25 +287,31 @@ class RecoverySupervisor:
     def _recovery_plan(self, rec: Recovery) -> None:
         """Decide (again, when another worker is lost while replacements join) and ask for a
         replacement for every lost role that has none yet."""
-        from spotpipe.ft.policy import job_outcome, mirror_holder, plan_recovery, swap_schedule_on
-
         resume = int(rec.record["resume_step"])
         status = {w: st for w, st in rec.status.items() if w not in rec.lost}
         if rec.joined is not None and not rec.lost:
             self._take_back(rec, resume, status)
             return
         rec.joined = None  # a loss during a grow: recover it; the spare stays for a later grow
-        no_replan = ""
-        if self.host.node_plan is not None:  # SkipPipe: plan the paths around the lost nodes if every stage has one left
-            from spotpipe.runtime.control.nodeplan import replan_without
+        if self.host.node_plan is None:
+            self._finish_plan(rec, self._policy_plans(rec, resume, status), resume, status)
+            return
+        # SkipPipe: plan the paths around the lost nodes if every stage has one left; else copy,
+        # CheckFree or the checkpoint, per lost node.
+        from spotpipe.runtime.control.nodeplan import absent_nodes, replan_without, stage_loss_plans
 
-            from spotpipe.runtime.control.nodeplan import absent_nodes
+        nodes = sorted(role[0] for role in rec.lost.values())
+        new_plan, no_replan = replan_without(self.ctx.cfg, self.host.node_plan, absent_nodes(self.host.node_plan) | set(nodes))
+        if new_plan is not None:
+            self._replan(rec, new_plan, nodes, resume, status)
+            return
+        plans = stage_loss_plans(self.ctx.cfg, self.host.node_plan, nodes, self.host.last_checkpoint)
+        self._finish_plan(rec, [replace(p, why=f"paths not re-planned: {no_replan}; {p.why}") for p in plans], resume, status)
 
-            nodes = sorted(role[0] for role in rec.lost.values())
-            new_plan, no_replan = replan_without(self.ctx.cfg, self.host.node_plan, absent_nodes(self.host.node_plan) | set(nodes))
-            if new_plan is not None:
-                self._replan(rec, new_plan, nodes, resume, status)
-                return
+    def _policy_plans(self, rec: Recovery, resume: int, status: dict[int, Any]) -> list[Any]:
+        """:func:`spotpipe.ft.policy.plan_recovery` for the lost roles, with the mirrors the survivors hold."""
+        from spotpipe.ft.policy import mirror_holder, plan_recovery, swap_schedule_on
+
         S, R = self.ctx.cfg.pipeline.ranks, self.ctx.cfg.pipeline.replicas
         mirrors: dict[tuple[int, int], tuple[int, int]] = {}
         lags: dict[tuple[int, int], int] = {}
@@ -320,12 +326,15 @@ class RecoverySupervisor:
                 if mstep is not None:
                     mirrors[role] = holder
                     lags[role] = max(0, (resume - 1) - int(mstep))
-        plans = plan_recovery(
+        return list(plan_recovery(
             sorted(rec.lost.values()), S, replicas=R, strategy=self.ctx.cfg.ft, mirrors=mirrors, mirror_lag=lags,
             checkpoint_step=self.host.last_checkpoint, swap_edges=swap_schedule_on(self.ctx.cfg.ft),
-        )
-        if no_replan:  # say why the paths were not simply planned around the loss
-            plans = [replace(p, why=f"paths not re-planned: {no_replan}; {p.why}") for p in plans]
+        ))
+
+    def _finish_plan(self, rec: Recovery, plans: list[Any], resume: int, status: dict[int, Any]) -> None:
+        """Record the decision, free the lost roles and ask for a replacement of each."""
+        from spotpipe.ft.policy import job_outcome
+
         rec.plans = list(plans)
         rec.outcome = job_outcome(plans)
         for p in plans:
