@@ -16,6 +16,8 @@ cross links of 4-100 ms latency and 10-250 MiB/s: communication weighs as it doe
    timed by the median ``step_time`` of its steps after the warm-up.
 3. **Predict**: the simulator's iteration time of the same plan (the controller's
    :func:`spotpipe.runtime.control.nodeplan.plan_nodes`, deterministic for a seed).
+4. **Faults** (not with ``--quick``): a SIGKILL of a stage-2 node and of a stage-0 node (each
+   stage keeps another node), no spare: seconds from the kill to the next committed step.
 
 Two skip ratios are measured against the same full-path runs: 25% (k = 3 of 4 stages, the
 config's) and 50% (k = 2). Writes bench/results/skippipe_runtime.json: ``runtime.ratio_vs_full``
@@ -80,6 +82,21 @@ def train(name: str, overrides: list[str], steps: int, workdir: Path) -> Path:
         raise SystemExit(f"spotpipe train failed for {name} (exit {proc.returncode}):\n{tail}")
     print(f"  ran {name}: {steps} steps in {time.perf_counter() - start:.1f} s", flush=True)
     return run_dir / "events.jsonl"
+
+
+def kill_to_commit(events: Path) -> list[dict[str, Any]]:
+    """Per injected kill: seconds from the kill to the next committed step, and how it was recovered."""
+    records = [json.loads(line) for line in events.open()]
+    out = []
+    for i, r in enumerate(records):
+        if r.get("event") != "fault_injected":
+            continue
+        nxt = next((q for q in records[i:] if q.get("event") == "step"), None)
+        how = next((q for q in records[i:] if q.get("event") == "recovery_started"), {})
+        if nxt is not None:
+            out.append({"node": r["stage"], "step": r["step"], "seconds": nxt["t"] - r["t"],
+                        "strategy": how.get("strategy"), "why": how.get("why")})
+    return out
 
 
 def median_step(events: Path, warmup: int) -> float:
@@ -150,6 +167,13 @@ def main() -> int:
                       "ratio_vs_full_per_round": [s / f for s, f in zip(measured[f"skippipe-{skip}"], measured["full"])],
                       "simulated_ratio_vs_full": rows[f"skippipe-{skip}"]["simulated_s"] / rows["full"]["simulated_s"]}
                for skip in ("25", "50")}
+    faults: list[dict[str, Any]] = []
+    if not args.quick:  # SIGKILL a later-stage node and a stage-0 node (each in a stage with another node)
+        groups = plan_nodes(config(cost), CONFIG.parent).groups
+        print("faults (no spare: the paths are planned around each lost node):", flush=True)
+        for r, node in enumerate((groups[2][0], groups[0][1])):
+            events = train(f"fault-{r}", cost + ["ft.spares=0", f"ft.faults=['stage={node}@step=6']"], steps, workdir)
+            faults += kill_to_commit(events)
     load_after = os.getloadavg()
 
     print(f"\n{'paths':<12} {'measured ms':>11} {'simulated ms':>12} {'rel err':>8}  runs (ms)")
@@ -159,6 +183,8 @@ def main() -> int:
     for skip, r in by_skip.items():
         print(f"skip {skip}%: skippipe / full {r['ratio_vs_full']:.3f} (simulated {r['simulated_ratio_vs_full']:.3f}; per round "
               f"{' '.join(f'{x:.3f}' for x in r['ratio_vs_full_per_round'])}), skippipe / random {r['ratio_vs_random']:.3f}")
+    for f in faults:
+        print(f"kill node {f['node']} at step {f['step']}: next committed step {f['seconds']:.2f} s later ({f['strategy']})")
     print(f"targets: skippipe / full <= 0.60, simulator error <= 0.15 (skippipe-50: {rows['skippipe-50']['rel_error']:.3f}, "
           f"skippipe-25: {rows['skippipe-25']['rel_error']:.3f}); load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
           f"{time.perf_counter() - t0:.0f} s in all")
@@ -179,6 +205,7 @@ def main() -> int:
         "sim_vs_runtime_error": rows["skippipe-50"]["rel_error"],
         "sim_vs_runtime_error_max": max(r["rel_error"] for r in rows.values()),
         "targets": {"ratio_vs_full": 0.60, "sim_vs_runtime_error": 0.15},
+        "faults": faults,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "spotpipe": __version__,
                     "loadavg_before": load_before, "loadavg_after": load_after},
