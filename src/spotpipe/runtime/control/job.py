@@ -312,6 +312,11 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                 "(was train.checkpoint_every 0?)"
             )
         check_layout(manifest, layout)
+        missing = sorted(set(range(cfg.pipeline.ranks)) - set(manifest.files))
+        if missing:  # a SkipPipe run that lost nodes and went on without them
+            raise SpotpipeError(
+                f"--resume {run_dir}: the checkpoint of step {manifest.step} has no file of node{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(str, missing))} (lost and planned around); resuming a node run from it is not supported yet")
         if manifest.step + 1 >= cfg.train.steps:
             raise SpotpipeError(
                 f"--resume {run_dir}: its checkpoint of step {manifest.step} already holds all train.steps={cfg.train.steps} steps; "

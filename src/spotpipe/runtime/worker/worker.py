@@ -335,7 +335,7 @@ class Worker:
             self.programs["full"] = compile_rank(self.nodes.plan.full, self.stage, peers)
         group = gen.plan.gradient_group(gen.world_rank)
         self.leads_group = group[0] == gen.world_rank  # counts the group's gradient once in the global norm
-        node_of = [m.stage if self.nodes is not None else r for r, m in enumerate(gen.plan.members)]  # world rank -> network node
+        node_of = [mem.stage if self.nodes is not None else r for r, mem in enumerate(gen.plan.members)]  # world rank -> network node
         nbytes = self.flat_grad.numel() * self.flat_grad.element_size()
         self.allreduce_delay_s = collective_delay(self.cfg, [node_of[r] for r in group], nbytes) if self.nodes else 0.0
         self.executor = Executor(
