@@ -179,7 +179,11 @@ def test_a_node_run_with_a_missing_node_file_is_one_line(node_run: tuple[Path, N
     err = _error(["eval", str(gone)], capsys)
     assert f"file {rank_file_name(groups[1][0])} of rank {groups[1][0]} is missing" in err
     cfg = load_config(run_dir / "config.toml")
-    unlisted = [n for n in range(8) if n != groups[1][0]]  # a manifest without the first node of stage 1
-    write_node_run(tmp_path / "unlisted", cfg, trainer, unlisted)
-    err = _error(["generate", str(tmp_path / "unlisted"), "--prompt", "a"], capsys)
+    unlisted = [n for n in range(8) if n != groups[1][0]]  # a manifest without the first node of stage 1:
+    write_node_run(tmp_path / "unlisted", cfg, trainer, unlisted)  # (a node lost and planned around)
+    assert main(["generate", str(tmp_path / "unlisted"), "--prompt", "a", "--tokens", "2"]) == 0  # its peer is read
+    capsys.readouterr()
+    neither = [n for n in range(8) if n not in groups[1]]  # no node of stage 1 at all
+    write_node_run(tmp_path / "neither", cfg, trainer, neither)
+    err = _error(["generate", str(tmp_path / "neither"), "--prompt", "a"], capsys)
     assert f"has no file for node {groups[1][0]} (model stage 1)" in err
