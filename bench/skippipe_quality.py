@@ -35,7 +35,8 @@ Order: the runs are alternated, one block of ``--eval-every`` steps per run in t
 ``CONFIGS`` then the next block, so machine load spreads evenly over them (the figures that matter
 are deterministic; only the measured CPU seconds depend on the load).
 
-Then skipped-stage inference: for every trained model (or ``--infer`` names), the validation
+Then skipped-stage inference: for the models trained on full pipelines, with 25% and with 50%
+skipped (with and without full steps; ``--infer`` names others), the validation
 perplexity of the full model and of random subsets of ``round(f x 12)`` stages out of 1..11 left
 out, f = 25% and 50% (3 and 6 stages), the same subsets and validation windows for every model
 (:func:`spotpipe.runtime.inprocess.evaluate.evaluate_fraction`, the code of ``spotpipe eval``).
@@ -95,6 +96,8 @@ CONFIGS: dict[str, tuple[float, int]] = {
 }
 QUICK_CONFIGS = ("skip0", "skip50+full")
 FRACTIONS = (0.25, 0.5)
+#: Models evaluated with skipped stages by default (those trained): full pipelines, 25% and 50% skipped.
+INFER = ("skip0", "skip25", "skip50", "skip50+full")
 
 
 def job_config(name: str, steps: int, token_dir: Path, max_swaps: int) -> JobConfig:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     infer_windows = args.infer_windows or (11 if args.quick else 220)
     subsets = args.subsets or (2 if args.quick else 6)
     names = [n for n in args.configs.split(",") if n] or list(QUICK_CONFIGS if args.quick else CONFIGS)
-    infer = [n for n in args.infer.split(",") if n] or names
+    infer = [n for n in args.infer.split(",") if n] or [n for n in INFER if n in names] or names
     for n in names + infer:
         if n not in CONFIGS:
             parser.error(f"unknown run {n!r}; known: {', '.join(CONFIGS)}")
@@ -427,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, e in inference.items():
             for v in e["fractions"].values():
                 v["rel_increase_vs_skip0_full"] = v["mean_ppl"] / ref - 1
+    print("what we see at 50% of the stages skipped (mean perplexity over the subsets vs the same model's full perplexity): "
+          + ", ".join(f"{n}-trained {e['fractions']['50']['rel_increase_vs_own_full'] * 100:+.1f}%" for n, e in inference.items()))
     print("paper (SkipPipe, Blagoev et al. 2025): about 7% perplexity lost with half the model skipped at inference, "
           "for SkipPipe-trained models")
     load_after = os.getloadavg()
