@@ -431,6 +431,8 @@ def test_a_plan_file_that_does_not_match_the_config(tmp_path: Path, capsys: pyte
     one_line_main(capsys, base + ["--set", "pipeline.microbatches=3", "--set", "train.batch_size=12"],
                   "has 12 microbatches per iteration, but pipeline.stage_nodes[0] x pipeline.microbatches = 6")
     one_line_main(capsys, base + ["--set", "pipeline.node_memory=1"], "over pipeline.node_memory = 1")
+    one_line_main(capsys, base + ["--set", "pipeline.skip_ratio=0.5"],
+                  "its paths visit 3 of 4 stages, but pipeline.skip_ratio = 0.5 gives k = 2: plan again with this config")
     from spotpipe.schedule.generators import build_schedule
 
     flat = tmp_path / "flat.csv"  # a schedule over stages, not nodes

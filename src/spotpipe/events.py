@@ -30,8 +30,8 @@ CHECKPOINT = "checkpoint"  # step, path, seconds
 GENERATION = "generation"  # generation, workers, reason
 FAILURE_SUSPECTED = "failure_suspected"  # worker, stage, replica, reason
 SUSPICION_CLEARED = "suspicion_cleared"  # worker, stage, replica, silent_s (it beat again: no failure)
-FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason
-RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why
+FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason (in a SkipPipe node run, stage = the node)
+RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why (node runs: stage = the node; strategy replan)
 RECOVERY_FINISHED = "recovery_finished"  # stage, replica, strategy, bytes, seconds
 STEP_REPLAYED = "step_replayed"  # step, generation
 RESHAPE = "reshape"  # kind, from, to ("SxR"), why, bytes, seconds (elastic training: spotpipe.ft.elastic); a SkipPipe node taken back: kind "grow", node, nodes, groups

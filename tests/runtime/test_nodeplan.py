@@ -82,3 +82,18 @@ def test_stage_loss_plans_per_lost_node(plan_and_cfg) -> None:  # type: ignore[n
     assert "there is no checkpoint" in stage_loss_plans(cfg, plan, list(g[0]), None)[0].why
     ckpt = replace(cfg, ft=replace(cfg.ft, strategy="checkpoint"))
     assert {p.strategy for p in stage_loss_plans(ckpt, plan, list(g[2]), 9)} == {"checkpoint"}
+
+
+def test_a_replanned_plan_survives_its_json_with_idle_ranks(plan_and_cfg) -> None:  # type: ignore[no-untyped-def]
+    """After a stage-0 node is lost the full paths form one pipeline, so some nodes idle in full
+    iterations; the plan the workers read back must still have a rank for every node."""
+    from spotpipe.runtime.pipeline.executor import compile_rank
+
+    cfg, plan = plan_and_cfg
+    new, why = replan_without(cfg, plan, [plan.groups[0][1]], GEO.parent)
+    assert new is not None, why
+    back = NodePlan.from_json(new.to_json())
+    for sch, orig in ((back.train, new.train), (back.full, new.full)):
+        assert sch.num_ranks == orig.num_ranks == cfg.pipeline.ranks and sch.ranks == orig.ranks
+        for node in range(sch.num_ranks):
+            compile_rank(sch, node, lambda stage: stage)

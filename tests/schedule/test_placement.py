@@ -100,3 +100,20 @@ def test_bad_sizes_name_the_key() -> None:
         PlacementProblem(m, [1.0] * 5, [2, 2])
     with pytest.raises(ConfigError, match="pipeline.stage_nodes must list >= 1"):
         PlacementProblem(m, [1.0] * 5, [5, 0])
+
+
+def test_unequal_stage_groups_keep_their_sizes_per_stage() -> None:
+    """pipeline.stage_nodes is per stage: the tour may only swap groups of equal size."""
+    import random as _random
+
+    rng = _random.Random(3)
+    n = 7
+    message = [[0.0 if a == b else rng.uniform(0.01, 0.2) for b in range(n)] for a in range(n)]
+    sizes = (2, 1, 2, 2)
+    problem = PlacementProblem(message, [0.05] * n, sizes)
+    exact = place_nodes(problem, exact_limit=10**6)
+    search = place_nodes(problem, exact_limit=0, max_evaluations=300)
+    assert tuple(map(len, exact.groups)) == sizes and tuple(map(len, search.groups)) == sizes
+    edge = [[0.0, 1.0, 9.0], [9.0, 0.0, 1.0], [1.0, 9.0, 0.0]]
+    assert held_karp(edge)[1] == (0, 1, 2)
+    assert held_karp(edge, lambda position, j: j != position)[1] == (0, 2, 1)  # 1 may not sit at position 1

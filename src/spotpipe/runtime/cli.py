@@ -27,9 +27,12 @@ def register(subparsers: Any) -> None:
         "train",
         help="train a model with pipeline parallelism on worker processes",
         description=(
-            "Start the controller and one worker process per (stage, replica) and train. With no "
-            "arguments: the default small model, 4 stages on CPU, a few minutes. Writes runs/<name>/ "
-            "(events.jsonl, config.toml, loss.png, checkpoints/)."
+            "Start the controller and one worker process per (stage, replica) (per node with "
+            "pipeline.stage_nodes: SkipPipe, see configs/skippipe-geo.toml), plus ft.spares warm spares, "
+            "and train. With no arguments: the default small model, 4 stages on CPU, a few minutes. "
+            "Writes runs/<name>/ (events.jsonl, config.toml, loss.png, checkpoints/). Workers on other "
+            "machines join with `spotpipe worker --join`: with run.local_workers below the worker count, "
+            "train prints the address and the token to use."
         ),
     )
     train.add_argument("--config", default=None, metavar="FILE", help="TOML config (see configs/)")
@@ -40,7 +43,8 @@ def register(subparsers: Any) -> None:
     train.add_argument(
         "--fail", action="append", default=[], metavar="SPEC",
         help="inject a fault (appended to ft.faults), e.g. stage=2@step=40, stage=1,replica=0@random, stages=1+2@step=30, "
-             "stage=2@stall=5s, stage=2@step=40,phase=backward (phases: forward, backward, allreduce, optimizer, recovery)",
+             "stage=2@stall=5s, stage=2@step=40,phase=backward (phases: forward, backward, allreduce, optimizer, recovery); "
+             "with pipeline.stage_nodes, stage=N names node N",
     )
     train.add_argument(
         "--fail-rate", action="append", default=[], metavar="RATE",

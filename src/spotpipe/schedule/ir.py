@@ -337,6 +337,7 @@ class Schedule:
         out.write(f"# num_stages={self.num_stages}\n")
         out.write(f"# num_microbatches={self.num_microbatches}\n")
         out.write("# stage_to_rank=" + " ".join(map(str, self.stage_to_rank)) + "\n")
+        out.write(f"# num_ranks={self.num_ranks}\n")  # idle ranks (no rows) at the end count too
         if self.paths is not None:
             out.write("# paths=" + ";".join(" ".join(map(str, p)) for p in self.paths) + "\n")
         if self.chunk_stage is not None:
@@ -386,7 +387,10 @@ class Schedule:
             per_rank.setdefault(rank, []).append((index, action))
         if not per_rank:
             raise ScheduleError(f"{where}: no actions after the header; a schedule needs at least one rank with actions")
-        n_ranks = max(per_rank) + 1
+        try:
+            n_ranks = max(max(per_rank) + 1, int(meta.get("num_ranks", 0)))
+        except ValueError:
+            raise ScheduleError(f"{where}: bad metadata line num_ranks={meta['num_ranks']!r}") from None
         ranks = [[a for _, a in sorted(per_rank.get(r, []))] for r in range(n_ranks)]
         try:
             s2r = [int(x) for x in meta["stage_to_rank"].split()] if "stage_to_rank" in meta else None

@@ -140,7 +140,8 @@ class PlacementProblem:
 
     def tour(self, groups: Sequence[Sequence[int]]) -> tuple[float, tuple[int, ...]]:
         """Shortest closed tour from group 0 through all groups and back (Held-Karp), with
-        bottleneck edges; returns (cost, group order starting with 0).
+        bottleneck edges, each group at a stage of its size (``pipeline.stage_nodes`` is per
+        stage: only groups of equal size trade places); returns (cost, group order starting with 0).
 
         Args:
             groups: Node ids per stage group.
@@ -150,7 +151,7 @@ class PlacementProblem:
         """
         s = len(groups)
         edge = [[0.0 if i == j else self.bottleneck(groups[i], groups[j]) for j in range(s)] for i in range(s)]
-        return held_karp(edge)
+        return held_karp(edge, lambda position, j: len(groups[j]) == self.sizes[position])
 
     def score(self, groups: Sequence[Sequence[int]]) -> tuple[float, float, float, tuple[int, ...]]:
         """(objective, dp, pp, stage order) of a partition (``groups[0]`` is the stage-0 group).
@@ -189,11 +190,14 @@ def _saturates(src: Sequence[int], dst: Sequence[int], ok: Callable[[int, int], 
     return all(augment(a, set()) for a in left)
 
 
-def held_karp(edge: Sequence[Sequence[float]]) -> tuple[float, tuple[int, ...]]:
+def held_karp(edge: Sequence[Sequence[float]],
+              fits: Callable[[int, int], bool] | None = None) -> tuple[float, tuple[int, ...]]:
     """Shortest closed tour through ``0..S-1`` starting and ending at 0 (Held and Karp 1962).
 
     Args:
         edge: ``S x S`` directed edge costs.
+        fits: ``fits(position, j)``: whether ``j`` may be the ``position``-th visited (1-based
+            after 0); None: anywhere. The identity order must fit.
 
     Returns:
         (tour cost, visiting order starting with 0).
@@ -201,15 +205,19 @@ def held_karp(edge: Sequence[Sequence[float]]) -> tuple[float, tuple[int, ...]]:
     s = len(edge)
     if s == 1:
         return 0.0, (0,)
+
+    def step(i: int, j: int, position: int) -> float:
+        return edge[i][j] if fits is None or fits(position, j) else math.inf
+
     best: dict[tuple[int, int], tuple[float, int]] = {}
     for j in range(1, s):
-        best[(1 << j, j)] = (edge[0][j], 0)
+        best[(1 << j, j)] = (step(0, j, 1), 0)
     for size in range(2, s):
         for subset in itertools.combinations(range(1, s), size):
             mask = sum(1 << j for j in subset)
             for j in subset:
                 prev_mask = mask & ~(1 << j)
-                best[(mask, j)] = min((best[(prev_mask, i)][0] + edge[i][j], i) for i in subset if i != j)
+                best[(mask, j)] = min((best[(prev_mask, i)][0] + step(i, j, size), i) for i in subset if i != j)
     full = sum(1 << j for j in range(1, s))
     cost, last = min((best[(full, j)][0] + edge[j][0], j) for j in range(1, s))
     order = [last]

@@ -75,6 +75,15 @@ class MembershipHost(Protocol):
     plan: GenerationPlan | None
     stop_reason: str
 
+    def planned_abort(self) -> bool:
+        """Whether the current generation was aborted on purpose, with no loss (a SkipPipe node
+        taken back): then members that are slow to abort are not taken as lost.
+
+        Returns:
+            True during such an abort.
+        """
+        ...
+
     def vacancies(self) -> int:
         """Roles the job left behind and would take a worker back for (SkipPipe nodes planned around).
 
@@ -418,7 +427,7 @@ class Membership:
         connections to it (in a collective they cannot say to whom). A stalled worker, whose peers
         are still waiting on it, keeps its role until ``run.timeout_s``."""
         plan = self.host.plan
-        if plan is None:
+        if plan is None or self.host.planned_abort():  # everyone aborts a grow's step: no evidence of a loss
             return False
         try:
             if self.ctx.store.check([protocol.survivor_key(plan.generation, wid)]):

@@ -83,7 +83,8 @@ def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedu
 
     Raises:
         SpotpipeError: the file cannot be read or parsed, is not a node schedule, its nodes,
-            stage groups or microbatches differ from the config, or it breaks a SkipPipe rule.
+            stage groups, microbatches or stages per path differ from the config, or it breaks a
+            SkipPipe rule.
     """
     from spotpipe.fsutil import resolve_path
 
@@ -99,14 +100,19 @@ def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedu
         raise SpotpipeError(f"{where}: not a SkipPipe node schedule (no chunk_stage line); write one with "
                             "`spotpipe schedule plan --config FILE --csv OUT.csv`")
     sizes = tuple(len(g) for g in node_groups(schedule))
-    same = sizes[:1] == tuple(p.stage_nodes[:1]) and sorted(sizes[1:]) == sorted(p.stage_nodes[1:])  # placement orders them
-    if schedule.num_ranks != p.ranks or not same:
+    if schedule.num_ranks != p.ranks or sizes != tuple(p.stage_nodes):
         raise SpotpipeError(f"{where} plans {schedule.num_ranks} nodes in stage groups {list(sizes)}, but "
                             f"pipeline.stage_nodes = {list(p.stage_nodes)}: plan again with this config")
     want = p.stage_nodes[0] * p.microbatches
     if schedule.num_microbatches != want:
         raise SpotpipeError(f"{where} has {schedule.num_microbatches} microbatches per iteration, but "
                             f"pipeline.stage_nodes[0] x pipeline.microbatches = {want}: plan again with this config")
+    k = p.stages if p.paths == "full" else path_stages(p.stages, p.skip_ratio)
+    visits = sorted({len(schedule.path(m)) - 1 for m in range(schedule.num_microbatches)})  # the head is no stage
+    if visits != [k]:
+        raise SpotpipeError(f"{where}: its paths visit {' or '.join(map(str, visits))} of {p.stages} stages, but "
+                            + (f"pipeline.paths = full visits all {k}" if p.paths == "full" else
+                               f"pipeline.skip_ratio = {p.skip_ratio:g} gives k = {k}") + ": plan again with this config")
     try:
         return validate_node_schedule(schedule if schedule.is_lowered() else lower(schedule), p.node_memory)
     except ScheduleError as exc:

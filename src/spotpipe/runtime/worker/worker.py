@@ -645,7 +645,9 @@ class Worker:
             t0 = time.perf_counter()
             self.setup()
             self._start_mirror()
-            self.log(f"set up in {time.perf_counter() - t0:.2f} s (stages {list(self.my_stages)}, backend {self.backend})")
+            held = (f"model stage {self.nodes.model_stage}" + (" and a head" if self.holds_last else "")
+                    if self.nodes is not None else f"stages {list(self.my_stages)}")
+            self.log(f"set up in {time.perf_counter() - t0:.2f} s ({held}, backend {self.backend})")
             if self.recovery.enter_first_generation():
                 self.train()
             self.store.set(protocol.bye_key(self.id), "1")
