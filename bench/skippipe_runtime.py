@@ -172,7 +172,8 @@ def main() -> int:
         groups = plan_nodes(config(cost), CONFIG.parent).groups
         print("faults (no spare: the paths are planned around each lost node):", flush=True)
         for r, node in enumerate((groups[2][0], groups[0][1])):
-            events = train(f"fault-{r}", cost + ["ft.spares=0", f"ft.faults=['stage={node}@step=6']"], steps, workdir)
+            events = train(f"fault-{r}", cost + ["ft.strategy=auto", "ft.spares=0", f"ft.faults=['stage={node}@step=6']"],
+                           steps, workdir)
             faults += kill_to_commit(events)
     load_after = os.getloadavg()
 
