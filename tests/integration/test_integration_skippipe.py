@@ -237,3 +237,31 @@ def test_a_stage_that_loses_every_node_is_rebuilt(stage: int, strategy: str, tmp
         assert "lr x1.1" in started[0]["why"]
     else:
         assert "rolling back to the checkpoint of step 3" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_node_planned_around_on_full_paths_keeps_the_failure_free_losses(tmp_path: Path, train: Callable[..., Any],
+                                                                             helpers: Any, token_dir: Path) -> None:
+    """Elastic shrink is exact: with full paths and no skips, the nodes of a stage are data-parallel
+    replicas of it; one killed (no spare) is planned around with the same microbatches, so every
+    step's loss equals the failure-free single-process reference's within 1e-5."""
+    from spotpipe.config import JobConfig, apply_overrides, load_config
+    from spotpipe.data.tokens import TokenFile
+    from spotpipe.runtime.control.nodeplan import plan_nodes
+    from spotpipe.runtime.inprocess.local import LocalTrainer
+
+    sets = [*NODES, "pipeline.skip_ratio=0", "pipeline.paths=full", "pipeline.full_every=0", "ft.spares=0",
+            "train.eval_every=0"]
+    cfg = apply_overrides(JobConfig(), [*helpers.tiny, *sets, f"data.path={token_dir}"]).validate()
+    node = plan_nodes(cfg).groups[2][1]
+    run_dir = tmp_path / "exact-shrink"
+    proc = train(run_dir, *sets, f"ft.faults=['stage={node}@step=4,phase=backward']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "paths planned again over 7 nodes" in proc.stdout, proc.stdout[-3000:]
+    losses = helpers.step_losses(run_dir)
+    run_cfg = load_config(run_dir / "config.toml")
+    flat = replace(run_cfg, pipeline=replace(run_cfg.pipeline, stage_nodes=(), microbatches=6))  # the same 6 microbatches of 2 samples
+    trainer = LocalTrainer(flat, TokenFile(run_cfg.data.path))
+    for step in range(12):
+        want = trainer.train_step().loss
+        assert losses[step] == pytest.approx(want, rel=1e-5), f"step {step}: {losses[step]} vs failure-free {want}"
