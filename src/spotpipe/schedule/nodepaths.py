@@ -288,3 +288,36 @@ class NodePlan:
                         Schedule.from_csv(d["full"], "the node plan's full schedule"),
                         str(d["variant"]), {k: float(v) for k, v in d["predicted_s"].items()},
                         tuple(tuple(int(x) for x in g) for g in d.get("placement", ())))
+
+
+def paths_of_step(step: int, full_every: int) -> str:
+    """Which schedule of a :class:`NodePlan` iteration ``step`` plays: ``full`` every
+    ``full_every``-th iteration (steps ``n-1, 2n-1, ...``, as SkipPipe's training loop does every
+    10th), else ``train``.
+
+    Args:
+        step: The step, 0-based.
+        full_every: ``pipeline.full_every`` (0: never full).
+
+    Returns:
+        ``"train"`` or ``"full"``.
+    """
+    return "full" if full_every > 0 and (step + 1) % full_every == 0 else "train"
+
+
+def gradient_scales(schedule: Schedule) -> tuple[float, ...]:
+    """Per model stage, the factor on its summed gradient: ``M / V_s``, the iteration's
+    microbatches over those that visited the stage, so every stage's update is the mean over the
+    microbatches that trained it (the rule of :mod:`spotpipe.runtime.worker.nodes`).
+
+    Args:
+        schedule: A node schedule (``chunk_stage`` set).
+
+    Returns:
+        One factor per model stage ``0..S-1`` (1.0 for a stage no path visits, and without skips).
+
+    Raises:
+        ScheduleError: when ``schedule.chunk_stage`` is not set.
+    """
+    m = schedule.num_microbatches
+    return tuple(m / v if v else 1.0 for v in stage_visits(schedule))

@@ -15,8 +15,9 @@ plans the paths again over the nodes that are left, with the same microbatches p
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 from spotpipe.config import JobConfig
 from spotpipe.errors import ConfigError, SpotpipeError
@@ -43,12 +44,10 @@ def plan_nodes(cfg: JobConfig, base_dir: str | Path | None = None) -> NodePlan:
             (one line naming the key or the file).
     """
     from spotpipe.sim.skipjob import plan_job, skip_setting
-    from spotpipe.sim.skipplay import play_node_schedule
-    from spotpipe.network import ring_allreduce_s
 
     p = cfg.pipeline
-    # The placement may order the stage groups differently; check the sizes in the config's order
-    # first, so a message's pipeline.stage_nodes[i] is the user's i.
+    # Check the sizes before any planning, in the config's order, so a message names the user's
+    # pipeline.stage_nodes[i] (the planner checks its placement's groups, which keep the sizes).
     firsts = [sum(p.stage_nodes[:i]) for i in range(len(p.stage_nodes))]
     check_sizes([range(f, f + n) for f, n in zip(firsts, p.stage_nodes)], p.microbatches,
                 path_stages(p.stages, p.skip_ratio), p.node_memory)
@@ -61,14 +60,33 @@ def plan_nodes(cfg: JobConfig, base_dir: str | Path | None = None) -> NodePlan:
     train = read_plan_file(cfg, base_dir)
     groups = node_groups(train)
     setting = skip_setting(cfg, base_dir)
-    plan = plan_paths("full", groups, setting.costs, microbatches=p.microbatches, k=len(groups), max_swaps=0,
-                      node_memory=p.node_memory, seed=cfg.train.seed, budget=p.plan_budget)
-    full = validate_node_schedule(lower(plan_schedule(plan, train.num_ranks)), p.node_memory)
+    full = _node_schedule(cfg, setting, groups, "full", len(groups), 0, p.microbatches, train.num_ranks, groups)
+    return NodePlan(groups, train, full, f"plan file {Path(p.plan_file).name}",
+                    _predicted(cfg, setting, groups, train, full))
+
+
+def _node_schedule(cfg: JobConfig, setting: Any, groups: Sequence[Sequence[int]], variant: str, k: int,
+                   max_swaps: int, microbatches: int, num_nodes: int,
+                   placement: Sequence[Sequence[int]]) -> Schedule:
+    """Plan ``variant``'s paths over ``groups`` and return the lowered, validated node schedule
+    (chunks numbered by ``placement``, the nodes the job started with)."""
+    p = cfg.pipeline
+    paths = plan_paths(variant, groups, setting.costs, microbatches=microbatches, k=k, max_swaps=max_swaps,
+                       node_memory=p.node_memory, seed=cfg.train.seed, budget=p.plan_budget)
+    return validate_node_schedule(lower(plan_schedule(paths, num_nodes, placement=placement)), p.node_memory)
+
+
+def _predicted(cfg: JobConfig, setting: Any, groups: Sequence[Sequence[int]], train: Schedule,
+               full: Schedule) -> dict[str, float]:
+    """The simulator's iteration seconds of both schedules, each stage's all-reduce included (as
+    :func:`spotpipe.sim.skipjob.plan_job` plays a plan)."""
+    from spotpipe.network import ring_allreduce_s
+    from spotpipe.sim.skipplay import play_node_schedule
+
     ar = [ring_allreduce_s(setting.network, g, setting.grad_bytes[s]) if cfg.sim.delay_collectives else 0.0
           for s, g in enumerate(groups)]
-    predicted = {"train": play_node_schedule(train, setting.costs, groups, ar).iteration_s,
-                 "full": play_node_schedule(full, setting.costs, groups, ar).iteration_s}
-    return NodePlan(groups, train, full, f"plan file {Path(p.plan_file).name}", predicted)
+    return {name: play_node_schedule(sch, setting.costs, groups, ar).iteration_s
+            for name, sch in (("train", train), ("full", full))}
 
 
 def read_plan_file(cfg: JobConfig, base_dir: str | Path | None = None) -> Schedule:
@@ -156,9 +174,7 @@ def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
         visits or memory rules cannot be met (one line; the caller falls back to its recovery
         strategy).
     """
-    from spotpipe.network import ring_allreduce_s
     from spotpipe.sim.skipjob import skip_setting
-    from spotpipe.sim.skipplay import play_node_schedule
 
     p = cfg.pipeline
     groups = tuple(tuple(x for x in g if x not in lost) for g in plan.start_groups)
@@ -168,25 +184,17 @@ def replan_without(cfg: JobConfig, plan: NodePlan, lost: Collection[int],
     total, n0 = plan.train.num_microbatches, len(groups[0])
     if total % n0:
         return None, (f"the {total} microbatches of an iteration do not split evenly over the {n0} stage-0 nodes left")
-    variant = p.paths if p.paths in ("full", "random", "skippipe-nca", "skippipe") and not p.plan_file else "skippipe"
+    variant = "skippipe" if p.plan_file else p.paths
     k = len(groups) if variant == "full" else path_stages(p.stages, p.skip_ratio)
+    start, n = plan.start_groups, plan.train.num_ranks
     try:
         check_sizes(groups, total // n0, k, p.node_memory)
         setting = skip_setting(cfg, base_dir)
-        start = plan.start_groups
-        n = plan.train.num_ranks
-        schedules = []
-        for v, kv, swaps in ((variant, k, p.max_swaps), ("full", len(groups), 0)):
-            paths = plan_paths(v, groups, setting.costs, microbatches=total // n0, k=kv, max_swaps=swaps,
-                               node_memory=p.node_memory, seed=cfg.train.seed, budget=p.plan_budget)
-            schedules.append(validate_node_schedule(lower(plan_schedule(paths, n, placement=start)), p.node_memory))
+        train = _node_schedule(cfg, setting, groups, variant, k, p.max_swaps, total // n0, n, start)
+        full = _node_schedule(cfg, setting, groups, "full", len(groups), 0, total // n0, n, start)
     except (ConfigError, ScheduleError) as exc:
         return None, " ".join(str(exc).split("\n")[0].split())
-    ar = [ring_allreduce_s(setting.network, g, setting.grad_bytes[s]) if cfg.sim.delay_collectives else 0.0
-          for s, g in enumerate(groups)]
-    predicted = {name: play_node_schedule(sch, setting.costs, groups, ar).iteration_s
-                 for name, sch in zip(("train", "full"), schedules)}
-    return NodePlan(groups, schedules[0], schedules[1], variant, predicted, start), ""
+    return NodePlan(groups, train, full, variant, _predicted(cfg, setting, groups, train, full), start), ""
 
 
 def stage_loss_plans(cfg: JobConfig, plan: NodePlan, lost: Collection[int],

@@ -27,7 +27,7 @@ from spotpipe.data.sampler import microbatch_ids
 from spotpipe.model.stages import build_head, build_stage
 from spotpipe.runtime.inprocess.local import LocalTrainer, _to_tensor
 from spotpipe.schedule.ir import Schedule
-from spotpipe.schedule.nodepaths import NodePlan, stage_visits
+from spotpipe.schedule.nodepaths import NodePlan, gradient_scales, paths_of_step
 
 
 class NodePathTrainer(LocalTrainer):
@@ -72,8 +72,7 @@ class NodePathTrainer(LocalTrainer):
         Returns:
             ``plan.full`` or ``plan.train``.
         """
-        n = self.cfg.pipeline.full_every
-        return self.plan.full if n > 0 and (step + 1) % n == 0 else self.plan.train
+        return self.plan.full if paths_of_step(step, self.cfg.pipeline.full_every) == "full" else self.plan.train
 
     def forward_path(self, tokens: torch.Tensor, targets: torch.Tensor, stages: Sequence[int]) -> torch.Tensor:
         """Loss of one microbatch through ``stages`` (model stages, in path order), then the head.
@@ -115,9 +114,9 @@ class NodePathTrainer(LocalTrainer):
             (loss / M).backward()
             losses.append(float(loss.detach()))
         if self.gradient_rule:
-            for s, visits in enumerate(stage_visits(schedule)):
-                if visits and visits != M:
+            for s, scale in enumerate(gradient_scales(schedule)):
+                if scale != 1.0:
                     for q in self.chunks[s].parameters():
                         if q.grad is not None:
-                            q.grad.mul_(M / visits)
+                            q.grad.mul_(scale)
         return losses

@@ -30,7 +30,7 @@ from typing import Any
 
 from spotpipe.config import JobConfig
 from spotpipe.schedule.ir import Schedule
-from spotpipe.schedule.nodepaths import NodePlan, stage_visits
+from spotpipe.schedule.nodepaths import NodePlan, gradient_scales, paths_of_step
 
 
 class NodeRole:
@@ -52,6 +52,10 @@ class NodeRole:
         self.model_stage = chunk_stage[node]
         self.schedules: dict[str, Schedule] = {"train": plan.train, "full": plan.full}
         self.microbatches = plan.train.num_microbatches
+        # Fixed for the plan: read every step, computed once.
+        self._origins = {name: [j for j in range(s.num_microbatches) if s.stage_to_rank[s.path(j)[0]] == node]
+                         for name, s in self.schedules.items()}
+        self._scales = {name: gradient_scales(s)[self.model_stage] for name, s in self.schedules.items()}
 
     def schedule_name(self, step: int) -> str:
         """Which schedule iteration ``step`` plays: ``full`` every ``pipeline.full_every``-th
@@ -63,8 +67,7 @@ class NodeRole:
         Returns:
             ``"train"`` or ``"full"``.
         """
-        n = self.cfg.pipeline.full_every
-        return "full" if n > 0 and (step + 1) % n == 0 else "train"
+        return paths_of_step(step, self.cfg.pipeline.full_every)
 
     def build_chunks(self, device: Any) -> dict[int, Any]:
         """This node's chunks: its model stage (without the head) and, on a stage-0 node, the head.
@@ -98,8 +101,7 @@ class NodeRole:
         Returns:
             Microbatch indices, ascending.
         """
-        schedule = self.schedules[name]
-        return [j for j in range(schedule.num_microbatches) if schedule.stage_to_rank[schedule.path(j)[0]] == self.node]
+        return self._origins[name]
 
     def gradient_scale(self, name: str) -> float:
         """The factor on this node's all-reduced gradient: ``M / V_s`` (see the module docstring).
@@ -111,5 +113,4 @@ class NodeRole:
             ``microbatches / visits of this node's model stage`` (1.0 without skips; the head and
             stage 0 are visited by every microbatch).
         """
-        visits = stage_visits(self.schedules[name])[self.model_stage]
-        return self.microbatches / visits if visits else 1.0
+        return self._scales[name]
