@@ -222,7 +222,9 @@ def test_a_worker_lost_while_the_job_stops_ends_it_at_its_last_committed_step(
     kinds = [e["event"] for e in events]
     assert "recovery_started" not in kinds
     steps = [e["step"] for e in events if e["event"] == "step"]
-    assert steps == list(range(len(steps))) and max(steps) < 4  # step 4 (stalled, lost) never committed
+    # Every committed step once, none replayed. The stall is armed when the controller sees step 3
+    # commit; on a busy machine that can come after stage 3 finished step 4, so step 4 may commit too.
+    assert steps == list(range(len(steps))) and max(steps) <= 4
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "interrupted"
     assert not [pid for pid in pids.values() if helpers.alive(pid)], "worker processes survived"
 
