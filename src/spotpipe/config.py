@@ -162,7 +162,7 @@ class FTConfig:
     spares: int = 1  # warm standby worker processes that take a lost role at once (multi-process runtime)
     elastic: bool = False  # keep training on fewer workers when no replacement comes, grow when workers join (spotpipe.ft.elastic)
     min_workers: int = 1  # elastic: the fewest workers the job shrinks to; below it, it waits for replacements
-    replace_wait_s: float = 30.0  # elastic: how long a lost worker waits for a spare or a joiner before the job shrinks
+    replace_wait_s: float = 0.0  # elastic: how long a lost worker waits for a joiner before the job shrinks (0: at once; a joiner grows it back)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ class Controller:
         self.out = out or sys.stdout
         self.layout = layout or {}
         self.node_plan = node_plan
+        self.shape: Any = None  # ft.elastic: the spotpipe.ft.elastic.Shape in force, from the first generation
         p = cfg.pipeline
         self.world_size = p.ranks * p.replicas
         self.local_count = self.world_size if cfg.run.local_workers < 0 else cfg.run.local_workers
@@ -251,8 +252,8 @@ class Controller:
             if self.plan is not None and self.supervisor.recovering is None:
                 self.poll_commits()
                 self._poll_evals()
-                if self.node_plan is not None and not self.stop_reason and self.next_step > self._gen_first_step:
-                    self.supervisor.grow()  # a spare or a joiner takes a node planned around back
+                if (self.node_plan is not None or self.shape is not None) and not self.stop_reason and self.next_step > self._gen_first_step:
+                    self.supervisor.grow()  # a spare or a joiner takes a node planned around back, or grows an elastic job
             self._injector.poll(time.monotonic())
             if now >= next_health:
                 self.members.check_health(now)
@@ -298,7 +299,15 @@ class Controller:
         self.generation += 1
         members = self.members.members()
         if self.node_plan is None:
-            plan = GenerationPlan(self.generation, self.cfg.pipeline.ranks, self.cfg.pipeline.replicas, members)
+            if self.shape is None and self.cfg.ft.elastic and recovery_enabled(self.cfg.ft):
+                from spotpipe.ft.elastic import Shape
+                from spotpipe.model.partition import partition_layers
+
+                p = self.cfg.pipeline
+                rows = tuple(tuple(self.members.role_of[(s, r)] for s in range(p.stages)) for r in range(p.replicas))
+                self.shape = Shape(tuple(partition_layers(self.cfg.model.layers, p.stages)), rows)
+            stages, replicas = (self.cfg.pipeline.ranks, self.cfg.pipeline.replicas) if self.shape is None else (self.shape.stages, self.shape.replicas)
+            plan = GenerationPlan(self.generation, stages, replicas, members)
         else:  # one member per live node; gradient groups by world rank
             rank = {m.stage: r for r, m in enumerate(members)}
             groups = tuple(tuple(rank[n] for n in g) for g in self.node_plan.groups)
@@ -530,16 +539,19 @@ class Controller:
             True while a grow collects the members' statuses.
         """
         rec = self.supervisor.recovering
-        return rec is not None and rec.joined is not None and not rec.lost
+        return rec is not None and (rec.joined is not None or rec.grow) and not rec.lost
 
     def vacancies(self) -> int:
-        """Nodes of a SkipPipe run that were lost and planned around: joiners are taken back for them.
+        """Nodes of a SkipPipe run that were lost and planned around, or (``ft.elastic``) the
+        workers a shrink went without: joiners are kept as spares for them.
 
         Returns:
-            Their number (0 in a job over stages).
+            Their number (0 in a job that never shrank).
         """
         from spotpipe.runtime.control.nodeplan import absent_nodes
 
+        if self.shape is not None:  # ft.elastic: the workers a shrink went without
+            return max(0, self.world_size - len(self.shape.active))
         return 0 if self.node_plan is None else len(absent_nodes(self.node_plan))
 
     def make_grant(self, worker: int, stage: int, replica: int, local: LocalProcess | None) -> dict[str, Any]:

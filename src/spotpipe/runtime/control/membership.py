@@ -24,7 +24,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from spotpipe import events as ev
@@ -193,6 +193,33 @@ class Membership:
             self.roles = sorted([*self.roles, role], key=lambda r: (r[1], r[0]))
         self.world_size = len(self.roles)
 
+    def reshape(self, shape: Any, lost: Mapping[int, tuple[int, int]]) -> None:
+        """Take the roles of ``shape`` (``ft.elastic``): its positions become the role table, spares
+        it places are handed their role, workers it leaves out stand by as spares (a grow can take
+        them back), lost workers leave the table.
+
+        Args:
+            shape: The new :class:`spotpipe.ft.elastic.Shape`.
+            lost: The workers lost now (id -> old role).
+        """
+        self.roles = [(s, r) for r in range(shape.replicas) for s in range(shape.stages)]
+        self.world_size = len(self.roles)
+        placed = {w: (s, r) for r, row in enumerate(shape.workers) for s, w in enumerate(row)}
+        for wid, w in list(self.workers.items()):
+            if wid in lost or wid in placed or wid in self.confirmed:
+                continue
+            if w.stage >= 0 and (w.local is None or w.local.returncode() is None):
+                w.stage, w.replica = -1, -1  # stands by: its process waits for a role (entry.py)
+                del self.workers[wid]
+                self.spares.append(w)
+        self.role_of = {}
+        for wid, (s, r) in placed.items():
+            if wid in self.workers and wid not in {x.worker for x in self.spares}:
+                self.workers[wid].stage, self.workers[wid].replica = s, r
+                self.role_of[(s, r)] = wid
+            else:
+                self.take_spare(s, r, worker=wid)
+
     def live_spares(self) -> int:
         """Spares waiting for a role whose process (where local) still runs.
 
@@ -284,18 +311,22 @@ class Membership:
         grant["spare"] = True
         self.ctx.store.set(protocol.join_response_key(nonce), json.dumps(grant))
 
-    def take_spare(self, stage: int, replica: int) -> bool:
+    def take_spare(self, stage: int, replica: int, worker: int | None = None) -> bool:
         """Hand a free role to a waiting spare (True if one was alive).
 
         Args:
             stage: The free role's stage.
             replica: The free role's replica.
+            worker: That spare (an elastic reshape places spares by id); None: the first alive.
 
         Returns:
             True if a spare took the role; spares whose process has exited are dropped.
         """
         while self.spares:
-            w = self.spares.pop(0)
+            pick = next((i for i, x in enumerate(self.spares) if x.worker == worker), -1) if worker is not None else 0
+            if pick < 0:
+                return False
+            w = self.spares.pop(pick)
             if w.local is not None and w.local.returncode() is not None:
                 continue
             w.stage, w.replica, w.last_beat = stage, replica, time.monotonic()

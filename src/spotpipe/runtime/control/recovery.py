@@ -82,6 +82,9 @@ class Recovery:
     joined: tuple[int, int] | None = None  # a SkipPipe node taken back by a spare (a grow, no loss)
     grown: NodePlan | None = None  # the paths over the nodes with it
     peer: int = -1  # a live node of its stage, whose state it copies
+    grow: bool = False  # ft.elastic: spares or joiners make the job bigger (no loss)
+    decision: Any = None  # ft.elastic: the reshape under way (spotpipe.ft.elastic.ShapeDecision)
+    no_shrink: str = ""  # ft.elastic: why no smaller shape runs (the job waits for replacements)
 
 
 class RecoveryHost(Protocol):
@@ -96,6 +99,7 @@ class RecoveryHost(Protocol):
     stop_reason: str
     local_count: int
     node_plan: NodePlan | None
+    shape: Any  # ft.elastic: the spotpipe.ft.elastic.Shape in force (None: the configured one, not elastic)
 
     def poll_commits(self) -> None:
         """Write the ``step`` events of steps every member committed."""
@@ -151,7 +155,7 @@ class RecoverySupervisor:
         self.clock = clock
         self.recovering: Recovery | None = None
         self.recoveries: list[dict[str, Any]] = []
-        self._unplaceable: set[tuple[int, ...]] = set()  # absent node sets no grow could plan for
+        self._unplaceable: set[Any] = set()  # absent node sets (elastic: shapes and spares) no grow could plan for
 
     # -- entry -----------------------------------------------------------------------------------
 
@@ -177,6 +181,11 @@ class RecoverySupervisor:
             except Exception:
                 pass
         assert rec is not None
+        if rec.decision is not None and action in (LossAction.RESTART, LossAction.REPLAN):
+            self.host.fail(Failure(w.worker, f"{w.name()} was lost while the job reshapes {rec.decision.from_shape.label} -> "
+                                             f"{rec.decision.to_shape.label} (its blocks were moving): a loss in the move "
+                                             "is not recovered; resume from a checkpoint", FailureKind.PROCESS_DIED, time.time()))
+            return
         if action is LossAction.RESTART:
             # Lost while the new generation installs its state: abort that generation and recover
             # it in turn; replacements that had not installed their state are lost with it.
@@ -294,6 +303,14 @@ class RecoverySupervisor:
             return
         rec.joined = None  # a loss during a grow: recover it; the spare stays for a later grow
         if self.host.node_plan is None:
+            if rec.grow and not rec.lost:
+                if not self._reshape(rec, resume, status):
+                    self._nothing_to_do(rec, resume, status)
+                return
+            rec.grow = False  # a loss during a grow: recover it; the spares wait for a later grow
+            if self._elastic() and self.ctx.cfg.ft.replace_wait_s <= 0 and self.members.live_spares() < len(rec.lost):
+                if self._reshape(rec, resume, status):
+                    return
             self._finish_plan(rec, self._policy_plans(rec, resume, status), resume, status)
             return
         # SkipPipe: plan the paths around the lost nodes if every stage has one left; else copy,
@@ -331,6 +348,74 @@ class RecoverySupervisor:
             checkpoint_step=self.host.last_checkpoint, swap_edges=swap_schedule_on(self.ctx.cfg.ft),
         ))
 
+    # -- elastic reshapes (ft.elastic) -----------------------------------------------------------
+
+    def _elastic(self) -> bool:
+        return self.ctx.cfg.ft.elastic and self.host.node_plan is None and self.host.shape is not None
+
+    def _shape_now(self, rec: Recovery) -> Any:
+        """The shape in force with ``rec``'s lost workers in their positions; live spares (and
+        spares that already took a lost role) stand by."""
+        from spotpipe.runtime.control.reshape import shape_now
+
+        shape = self.host.shape
+        lost_roles = set(rec.lost.values())
+        took = [w for role, w in self.members.role_of.items() if role in lost_roles and w not in rec.lost]
+        spares = [w.worker for w in self.members.spares if w.local is None or w.local.returncode() is None]
+        return shape_now(shape.layers, shape.replicas, self.members.role_of, rec.lost, spares + took)
+
+    def _reshape(self, rec: Recovery, resume: int, status: dict[int, Any]) -> bool:
+        """Shrink after a loss, or grow with the spares (``rec.grow``), as
+        :func:`spotpipe.ft.elastic.next_shape` decides; False (and ``rec.no_shrink`` says why) when
+        no other shape runs, or a lost worker's blocks have no exact copy.
+
+        The new shape's roles replace the role table (workers it leaves out stand by as spares),
+        and the next generation carries out the record of
+        :func:`spotpipe.runtime.control.reshape.reshape_record`: the blocks move peer to peer and
+        step ``resume`` replays with the same data."""
+        from spotpipe.ft.elastic import elastic_cost, limits_from, next_shape
+        from spotpipe.ft.policy import uses_mirrors
+        from spotpipe.runtime.control.reshape import block_sources, reshape_record
+
+        cfg = self.ctx.cfg
+        current = self._shape_now(rec)
+        decision = next_shape(current, sorted(rec.lost), [], elastic_cost(cfg), limits_from(cfg))
+        moves: list[dict[str, Any]] | None = None
+        why = decision.why
+        if decision.kind in ("shrink", "grow") and (decision.kind == "grow") == rec.grow:
+            steps = {w: st.get("mirror_step") for w, st in status.items()}
+            moves, no_copy = block_sources(decision, sorted(rec.lost), steps, resume, uses_mirrors(cfg.ft))
+            why = f"{why}; {no_copy}" if moves is None else why
+        if moves is None:
+            rec.no_shrink = why
+            if not rec.grow:
+                self.ctx.event(ev.RESHAPE, kind="wait", why=why, generation=rec.generation + 1, resume_step=resume,
+                               **{"from": current.label, "to": current.label})
+                self.ctx.progress.message(f"elastic: {why}")
+            return False
+        sampler = next(iter(status.values()))["sampler"] if status else None
+        p = cfg.pipeline
+        rec.record = reshape_record(decision, moves, resume, sampler, p.replicas * p.microbatches, sorted(rec.lost))
+        rec.decision, rec.plans, rec.outcome, rec.resume_step = decision, [], "continue", resume
+        if rec.lost:
+            self.ctx.event(ev.RECOVERY_STARTED, stage=-1, replica=-1, strategy="reshape", why=decision.why,
+                           generation=rec.generation + 1, resume_step=resume, exact=True, replanned=rec.phase == "replace")
+        self.members.reshape(decision.to_shape, rec.lost)
+        self.host.shape = decision.to_shape
+        self.host.plan = None
+        rec.phase = "replace"
+        self.ctx.progress.message(f"elastic: {decision.why}; {len(moves)} block move(s)")
+        return True
+
+    def _nothing_to_do(self, rec: Recovery, resume: int, status: dict[int, Any]) -> None:
+        """A grow that found no better shape after its generation was aborted: the same roles play
+        the next generation, which replays step ``resume``."""
+        sampler = next(iter(status.values()))["sampler"] if status else None
+        rec.record = {"outcome": "continue", "resume_step": resume, "sampler": sampler, "plans": []}
+        rec.plans, rec.resume_step, rec.grow = [], resume, False
+        self.host.plan = None
+        rec.phase = "replace"
+
     def _finish_plan(self, rec: Recovery, plans: list[Any], resume: int, status: dict[int, Any]) -> None:
         """Record the decision, free the lost roles and ask for a replacement of each."""
         from spotpipe.ft.policy import job_outcome
@@ -357,12 +442,15 @@ class RecoverySupervisor:
         new_roles = sorted(set(rec.lost.values()) - rec.replaced)
         rec.replaced |= set(new_roles)
         taken = sum(1 for role in new_roles if self.members.take_spare(*role))
-        if self.ctx.locals is not None and self.host.local_count > 0 and new_roles:
-            self.ctx.locals.start(len(new_roles))  # the replacements that no spare covered, or new spares
+        # ft.elastic: a lost role that no spare covers waits ft.replace_wait_s for a joiner, then
+        # the job shrinks; only when no smaller shape runs is a replacement started here.
+        starts = len(new_roles) if not self._elastic() or rec.no_shrink else taken
+        if self.ctx.locals is not None and self.host.local_count > 0 and starts:
+            self.ctx.locals.start(starts)  # the replacements that no spare covered, or new spares
         self.ctx.progress.message(
             f"lost {', '.join(self.members.workers[w].name() for w in sorted(rec.lost))}: "
             f"{'rolling back to the checkpoint of step ' + str(self.host.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
-            f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {len(new_roles)} new process{'es' if len(new_roles) != 1 else ''}"
+            f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {starts} new process{'es' if starts != 1 else ''}"
         )
 
     def _replan(self, rec: Recovery, plan: NodePlan, nodes: list[int], resume: int, status: dict[int, Any]) -> None:
@@ -404,6 +492,8 @@ class RecoverySupervisor:
         """
         from spotpipe.runtime.control.nodeplan import absent_nodes, replan_without
 
+        if self._elastic():
+            return self._elastic_grow()
         plan = self.host.node_plan
         if plan is None or self.recovering is not None or not self.members.live_spares():
             return False
@@ -421,6 +511,30 @@ class RecoverySupervisor:
         rec.joined, rec.grown, rec.peer = (node, 0), grown, plan.groups[stage_of[node]][0]
         rec.reason = f"node {node} (stage {stage_of[node]}) joins again"
         self.ctx.store.set(protocol.abort_key(self.host.generation), rec.reason)
+        return True
+
+    def _elastic_grow(self) -> bool:
+        """``ft.elastic``: when spares wait (joiners, or workers a shrink left standing by) and
+        :func:`spotpipe.ft.elastic.next_shape` finds a faster shape with them, abort the generation
+        (the step in flight replays) and reshape (:meth:`_reshape`). A shape that was found no
+        faster is not tried again until the spares or the shape change."""
+        from spotpipe.ft.elastic import elastic_cost, limits_from, next_shape
+
+        if self.recovering is not None or not self.members.live_spares():
+            return False
+        probe = Recovery(self.host.generation, self.clock(), time.time())
+        current = self._shape_now(probe)
+        key = (current.workers, current.standby)
+        if key in self._unplaceable:
+            return False
+        decision = next_shape(current, [], [], elastic_cost(self.ctx.cfg), limits_from(self.ctx.cfg))
+        if decision.kind != "grow":
+            self._unplaceable.add(key)
+            self.ctx.progress.message(f"elastic: {len(current.standby)} spare(s) wait, the job stays {current.label}: {decision.why}")
+            return False
+        probe.grow, probe.reason = True, f"spare(s) {', '.join(map(str, current.standby))} wait: grow {current.label} -> {decision.to_shape.label}"
+        self.recovering = probe
+        self.ctx.store.set(protocol.abort_key(self.host.generation), probe.reason)
         return True
 
     def _take_back(self, rec: Recovery, resume: int, status: dict[int, Any]) -> None:
@@ -452,10 +566,21 @@ class RecoverySupervisor:
 
     def _recovery_replace(self, rec: Recovery) -> None:
         if len(self.members.role_of) < self.members.world_size:
+            waited = self.clock() - max(rec.started, rec.waiting_since)
+            if (self._elastic() and rec.decision is None and not rec.no_shrink and rec.lost
+                    and waited >= self.ctx.cfg.ft.replace_wait_s):
+                resume = int(rec.record["resume_step"])
+                if self._reshape(rec, resume, {w: st for w, st in rec.status.items() if w not in rec.lost}):
+                    return
+                if self.ctx.locals is not None and self.host.local_count > 0:  # no smaller shape runs: replace
+                    self.ctx.locals.start(self.members.world_size - len(self.members.role_of))
             self._timed_out(rec, "replacement workers to join")
             return
         lost_roles = (set(rec.lost.values()) | ({rec.joined} if rec.joined else set())) & set(self.members.roles)  # a re-planned node's role left the job
         rec.new_workers = {role: self.members.role_of[role] for role in lost_roles}
+        if rec.decision is not None:  # a reshape: its new workers are the spares and joiners it placed
+            joined = set(rec.record["new_workers"])
+            rec.new_workers = {role: w for role, w in self.members.role_of.items() if w in joined}
         plans = []
         for p in rec.plans:
             if not rebuilds(p):
@@ -470,6 +595,24 @@ class RecoverySupervisor:
         rec.new_generation = self.host.generation
         rec.phase = "install"
 
+    def _reshape_done(self, rec: Recovery, done: dict[int, Any], seconds: float) -> None:
+        """Every member installed the new shape: the ``reshape`` event, the replayed step, one line."""
+        d = rec.decision
+        moved = sum(int(x.get("bytes", 0)) for x in done.values())
+        transfer_s = max([float(x.get("transfer_s", 0.0)) for x in done.values()] or [0.0])
+        self.ctx.event(ev.RESHAPE, kind=d.kind, why=d.why, bytes=moved, seconds=seconds, transfer_s=transfer_s,
+                       generation=rec.new_generation, resume_step=rec.resume_step, workers=len(d.to_shape.active),
+                       predicted_step_s=d.after_s, lost=sorted(rec.lost), **{"from": d.from_shape.label, "to": d.to_shape.label})
+        if rec.resume_step < self.ctx.cfg.train.steps:
+            self.ctx.event(ev.STEP_REPLAYED, step=rec.resume_step, generation=rec.new_generation)
+        self.ctx.progress.message(f"{'shrank' if d.kind == 'shrink' else 'grew'} {d.from_shape.label} -> {d.to_shape.label} "
+                                  f"in {seconds:.2f} s ({moved / 1e6:.2f} MB of blocks moved); generation "
+                                  f"{rec.new_generation} replays step {rec.resume_step + 1}")
+        if rec.lost:
+            self.recoveries.append({"strategy": "reshape", "seconds": seconds, "bytes": moved, "resume_step": rec.resume_step})
+        self.host.restart_step_clock()
+        self.recovering = None
+
     def _recovery_install(self, rec: Recovery) -> None:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         if not self.ctx.store.check(keys):
@@ -479,6 +622,9 @@ class RecoverySupervisor:
         done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}
         seconds = self.clock() - rec.started
         moved = sum(int(d.get("bytes", 0)) for w, d in done.items() if w in rec.new_workers.values())
+        if rec.decision is not None:
+            self._reshape_done(rec, done, seconds)
+            return
         for p in rec.plans:
             target = rec.new_workers.get(p.worker)
             got = int(done.get(target, {}).get("bytes", 0)) if target is not None else 0

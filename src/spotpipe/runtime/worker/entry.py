@@ -145,9 +145,21 @@ def run_worker(args: argparse.Namespace) -> int:
             if assigned is None:
                 os._exit(0)
             grant = assigned
-        from spotpipe.runtime.worker.worker import Worker
+        from spotpipe.runtime.worker.worker import EXIT_PARKED, Worker
 
         code = Worker(store, grant, listen_host, address).run()
+        while code == EXIT_PARKED:  # a reshape left this worker out: stand by until a grow takes it back
+            standby = protocol.Grant(grant.worker, -1, -1, {**grant.info, "spare": True})
+            try:
+                assigned = wait_as_spare(store, standby)
+            except Exception:
+                ControllerLost(f"standby worker {grant.worker}", address).check(store)
+                raise
+            if assigned is None:
+                code = 0
+                break
+            grant = assigned
+            code = Worker(store, grant, listen_host, address).run()
     except BaseException:  # a bug: the controller already has the one-line report; log the rest
         import traceback
 

@@ -71,6 +71,14 @@ class RecoveryHost(Protocol):
         """Abort the step's transport, drop its activations and zero the gradients."""
         ...
 
+    def rebuild_executor(self, gen: Generation) -> None:
+        """Build the executor of ``gen`` for this worker's (new) stage and schedule.
+
+        Args:
+            gen: The generation entered.
+        """
+        ...
+
     def zero_gradients(self) -> None:
         """Zero the gradient buffer only."""
         ...
@@ -246,7 +254,20 @@ class RecoveryAgent:
         record = json.loads(wait_key(w.store, protocol.recovery_key(gen.number), w.cfg.run.timeout_s, lambda: w.stop_requested))
         moved = 0
         self.transfer_s = 0.0  # seconds in the peer-to-peer state transfers alone
-        if record["outcome"] == "rollback":
+        if record["outcome"] == "reshape":  # ft.elastic: a new shape, the blocks moved peer to peer
+            from spotpipe.runtime.worker.reshape import apply_reshape
+
+            step = self.resume_step = int(record["resume_step"])
+            try:
+                moved, self.transfer_s = apply_reshape(w, gen, record)
+            except (RuntimeError, TimeoutError) as err:  # a peer of the transfer is gone
+                raise GenerationAborted(peer=None, peer_name=f"the host group of generation {gen.number}",
+                                        action=f"the block moves of the reshape to step {step}",
+                                        detail=" ".join(str(err).split())[:200]) from None
+            w.rebuild_executor(gen)
+            if w.id in record.get("new_workers", []):
+                w.sampler.load_state_dict(record["sampler"])
+        elif record["outcome"] == "rollback":
             w.load_checkpoint(record["checkpoint"])
             step = self.resume_step = w.start_step
             if w.mirror is not None:  # the mirror is of a step that no longer exists

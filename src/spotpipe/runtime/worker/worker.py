@@ -72,6 +72,7 @@ from spotpipe.runtime.comm.transport import CommError
 from spotpipe.runtime.worker.mirror_link import MirrorLink
 from spotpipe.runtime.worker.nodes import NodeRole
 from spotpipe.runtime.worker.recovery import RecoveryAgent
+from spotpipe.runtime.worker.reshape import Parked
 from spotpipe.schedule.nodepaths import NodePlan
 from spotpipe.schedule.build import job_schedule
 
@@ -81,6 +82,7 @@ DECIDE_POLL_MAX_S = 0.004
 the second): a worker that arrives last decides at once, one that waits costs the store and the
 busy workers on its cores little."""
 EXIT_ERROR = 3
+EXIT_PARKED = 4  # the worker left a reshaped job's generations: its process waits as a standby (entry.py)
 
 
 class Worker:
@@ -114,6 +116,11 @@ class Worker:
         self.mirror_link: MirrorLink | None = None  # set up in setup()
         self.recovery = RecoveryAgent(self)
         self.fault = PhaseFault.from_grant(grant.info, store, self.id, self.cfg.pipeline.microbatches)
+        self.job = self.cfg  # the configured job; self.cfg is the shape this worker plays (ft.elastic reshapes it)
+        M = self.cfg.pipeline.microbatches
+        self.deal: Sequence[int] = range(self.replica * M, (self.replica + 1) * M)  # this replica's microbatches of the global batch
+        self.reshaped = False  # playing another shape than the configured one
+        self.reshape_moved = (0, 0.0)  # bytes received and transfer seconds of the last reshape
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -157,23 +164,12 @@ class Worker:
         else:
             chunks = {s: build_stage(cfg.model, cfg.train.seed, s, self.num_chunks, device=self.device, edge_copies=self.swap)
                       for s in self.my_stages}
-        self.state = StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer"))
-        self.chunks = self.state.chunks
-        self.mirror_link = MirrorLink(cfg, self.stage, self.replica, self.state)
-        self._make_flat_grads()
-        self.runner = StageRunner(self.chunks, 1.0 / (self.microbatches * self.replicas), self.device)
         self.meter = SavedTensorMeter()
-        self.runner.meter = self.meter
-        if self.fault.planned:
-            self.runner.hook = self.fault.hit
-            self.state.optimizer.add_step_hook(self._optimizer_fault)
-        self.holds_first = any(c.embed is not None for c in self.chunks.values())  # reads token ids
-        self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
+        self._hold(StageState(chunks, build_chunk_optimizer(chunks, cfg.train, cfg.pipeline.offload == "optimizer")))
         self.token_file = self._open_data()
         name = str(self.token_file.dir)
         self.sampler = SequenceSampler(self.token_file.num_tokens, cfg.model.context, cfg.train.seed, "train", cfg.data.val_fraction, name=name)
         self.val_sampler = SequenceSampler(self.token_file.num_tokens, cfg.model.context, cfg.train.seed, "val", cfg.data.val_fraction, name=name)
-        self.dtype = next(next(iter(self.chunks.values())).parameters()).dtype
         resume = self.grant.info.get("resume")
         if resume:
             self.load_checkpoint(resume)
@@ -184,6 +180,51 @@ class Worker:
         self._node_plan_text = text
         self.nodes = NodeRole(self.cfg, NodePlan.from_json(text), self.stage)
         self.schedule, self.eval_schedule = self.nodes.plan.train, self.nodes.plan.full
+
+    def _hold(self, state: StageState) -> None:
+        """Make ``state`` this worker's stage: its mirror link (owner and holder of the next stage's
+        copy), flat gradient buffer, stage runner (each microbatch's loss is scaled by one over the
+        configured global batch's microbatches, whatever the shape) and what it reads from the data."""
+        self.state = state
+        self.chunks = state.chunks
+        if getattr(self, "mirror_link", None) is not None:
+            self.mirror_link.halt()
+        self.mirror_link = MirrorLink(self.cfg, self.stage, self.replica, state)
+        self._make_flat_grads()
+        p = self.job.pipeline
+        self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.runner.meter = self.meter
+        if self.fault.planned:
+            self.runner.hook = self.fault.hit
+            state.optimizer.add_step_hook(self._optimizer_fault)
+        self.holds_first = any(c.embed is not None for c in self.chunks.values())  # reads token ids
+        self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
+        self.dtype = next(next(iter(self.chunks.values())).parameters()).dtype
+
+    def take_stage(self, stage: int, replica: int, state: StageState, shape: Any) -> None:
+        """Play ``stage`` of ``replica`` in a reshaped job (:mod:`spotpipe.runtime.worker.reshape`)
+        with ``state``: the config of the new shape, its schedule (from the one builder), this
+        replica's microbatches of the global batch, a new mirror of the next stage.
+
+        Args:
+            stage: The new stage.
+            replica: The new replica.
+            state: The stage's state, moved in.
+            shape: The :class:`~spotpipe.runtime.worker.reshape.ReshapeRecord`.
+        """
+        from spotpipe.runtime.worker.reshape import reshaped_config
+
+        self.stage, self.replica, self.deal = stage, replica, shape.deal[replica]
+        self.cfg = reshaped_config(self.job, len(shape.layers), len(shape.deal), len(self.deal))
+        self.num_stages = self.cfg.pipeline.stages
+        self.name = f"worker {self.id} (stage {stage}, replica {replica})"
+        self.schedule = self.eval_schedule = job_schedule(self.cfg)
+        self.my_stages = self.schedule.stages_of_rank(stage)
+        self.num_chunks = self.schedule.num_stages
+        self.microbatches, self.replicas = len(self.deal), len(shape.deal)
+        self.reshaped = (len(shape.layers), len(shape.deal)) != (self.job.pipeline.stages, self.job.pipeline.replicas)
+        self._hold(state)
+        self._start_mirror()
 
     def _make_flat_grads(self) -> None:
         """The flat gradient buffer (:meth:`StageState.attach_flat_gradient`) and its ranges: the
@@ -290,6 +331,9 @@ class Worker:
         if self.stop_requested:
             return None
         plan = GenerationPlan.from_json(self.store.get(protocol.plan_key(number)))
+        reshape = self._reshape_record(number)
+        if reshape is not None and self.id in reshape["shape"]["parked"]:
+            raise Parked(f"generation {number} has no place for this worker: it stands by")
         rank = plan.rank_of_worker(self.id)
         if self.nodes is not None:  # the paths may have been planned again around a lost node
             text = self.store.get(protocol.node_plan_key(number)).decode()
@@ -311,15 +355,33 @@ class Worker:
             if self.stop_requested:
                 return None
             raise
-        old = getattr(self, "executor", None)
         self.generation = gen
         if self.heartbeat is not None:
             self.heartbeat.generation = number
+        if reshape is None:  # a reshape builds it once the new stage is in place (RecoveryAgent.recover)
+            self.rebuild_executor(gen)
+        release_retired(keep=gen)
+        return gen
+
+    def _reshape_record(self, number: int) -> dict[str, Any] | None:
+        """Generation ``number``'s recovery record when it reshapes the job (``ft.elastic``), else None."""
+        key = protocol.recovery_key(number)
+        if self.nodes is not None or not self.store.check([key]):
+            return None
+        record = json.loads(self.store.get(key))
+        return record if record.get("outcome") == "reshape" else None
+
+    def rebuild_executor(self, gen: Generation) -> None:
+        """Build the executor of ``gen`` (its transport, this worker's schedule and stage) and close
+        the previous one's transport.
+
+        Args:
+            gen: The generation entered.
+        """
+        old = getattr(self, "executor", None)
         self._build_executor(gen)
         if old is not None:
             old.transport.close()
-        release_retired(keep=gen)
-        return gen
 
     def _build_executor(self, gen: Generation) -> None:
         m = self.cfg.model
@@ -327,7 +389,7 @@ class Worker:
         peers = stage_peers(self.schedule, self.replica, world_rank_of)
         partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
         self.tie_peer = peers(partners[0]) if partners else -1
-        rows = self.cfg.train.batch_size // (self.replicas * self.microbatches)
+        rows = self.cfg.train.batch_size // (self.job.pipeline.replicas * self.job.pipeline.microbatches)
         from spotpipe.runtime.comm.linkdelay import collective_delay, wrap_for_job  # [network] link-delay emulation
 
         self.programs = {"train": compile_rank(self.schedule, self.stage, peers)}
@@ -363,9 +425,14 @@ class Worker:
         targets: dict[int, torch.Tensor] = {}
         if not (self.holds_first or self.holds_last):
             return inputs, targets
+        R, M = self.job.pipeline.replicas, self.job.pipeline.microbatches
         mine = range(self.microbatches) if self.nodes is None else self.nodes.origin_microbatches(schedule)
         for mb in mine:
-            ids = microbatch_ids(step_ids, self.replicas, self.microbatches, self.replica, mb)
+            if self.nodes is None:  # microbatch g of the global batch: the same samples in every shape
+                g = self.deal[mb]
+                ids = microbatch_ids(step_ids, R, M, g // M, g % M)
+            else:
+                ids = microbatch_ids(step_ids, self.replicas, self.microbatches, self.replica, mb)
             data = torch.from_numpy(sampler.batch(self.token_file, ids)).to(self.device)
             inputs[mb] = data[:, :-1]
             targets[mb] = data[:, 1:]
@@ -537,7 +604,7 @@ class Worker:
         assert gen is not None
         t = self.cfg.train
         size = t.batch_size
-        per = self.replicas * self.microbatches
+        per = self.job.pipeline.replicas * self.job.pipeline.microbatches  # microbatches of the global batch
         windows = self.val_sampler.num_windows
         batches = [list(range(b * size, (b + 1) * size)) for b in range(min(t.eval_batches, windows // size))]
         if not batches and windows >= per:
@@ -601,7 +668,7 @@ class Worker:
                 "store_bytes": self.store.written.total if hasattr(self.store, "written") else 0,
                 "mirror_bytes": self.mirror_link.bytes_sent,
             }
-            if checkpoint_due(step, t, stop) and self.replica == 0:
+            if checkpoint_due(step, t, stop) and self.replica == 0 and not self.reshaped:  # a checkpoint restores the configured shape
                 report["checkpoint"] = self.save_checkpoint(step)
             report["t"] = time.time()  # when this worker finished the step (the last one commits it)
             self.report_step(step, report)
@@ -653,6 +720,9 @@ class Worker:
             self.store.set(protocol.bye_key(self.id), "1")
             self.log("finished")
             return 0
+        except Parked as exc:
+            self.log(f"{exc}")
+            return EXIT_PARKED
         except CommError as exc:
             self.lost_controller.check(self.store)  # a dead controller explains every other error
             self.report_error(str(exc), exc)
