@@ -558,6 +558,16 @@ def validate(cfg: JobConfig) -> None:
     _check(1 <= f.min_workers <= p.stages * p.replicas,
            f"ft.min_workers must be in [1, pipeline.stages x pipeline.replicas = {p.stages * p.replicas}], got {f.min_workers}")
     _check(0 <= f.replace_wait_s <= MAX_WAIT_S, f"ft.replace_wait_s must be in [0, {MAX_WAIT_S:g}] seconds, got {f.replace_wait_s}")
+    if f.elastic:
+        _check(not p.stage_nodes, "ft.elastic reshapes jobs over pipeline stages; a pipeline.stage_nodes run plans its paths "
+                                  "around lost nodes and takes joiners back by itself (leave ft.elastic = false)")
+        _check(chunks == p.stages, f"ft.elastic re-partitions one model chunk per stage, but pipeline.schedule = {p.schedule} "
+                                   f"holds {chunks} chunks on {p.stages} stages (use gpipe or 1f1b)")
+        _check(f.strategy != "none", "ft.elastic needs recovery on: ft.strategy = none stops the job at the first loss")
+        _check(not (f.swap_edges or f.strategy == "checkfree+"),
+               "ft.elastic cannot keep CheckFree+ edge copies across a re-partition (ft.swap_edges / ft.strategy = checkfree+)")
+        _check(not p.recompute_chunks, "ft.elastic: pipeline.recompute_chunks names chunks of the configured cut, which a "
+                                       "re-partition changes; use pipeline.recompute = all or longest")
     _check(f.rate_step_time_s >= 0, f"ft.rate_step_time_s must be >= 0 (0 = measured), got {f.rate_step_time_s}")
     _check(f.strategy != "replica" or p.replicas >= 2,
            f"ft.strategy = replica copies a live data-parallel replica and needs pipeline.replicas >= 2, got {p.replicas}; "

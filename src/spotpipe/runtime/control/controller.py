@@ -206,10 +206,11 @@ class Controller:
         )
         self.sizes = job_sizes(cfg, mirrors_wanted(cfg))
         self._progress.message(format_sizes(self.sizes))
-        if remote > 0:
-            shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
-            token_path = self.run_dir / "job.token"
+        shown = socket.gethostname() if host in ("0.0.0.0", "", "::") else host
+        token_path = self.run_dir / "job.token"
+        if remote > 0 or cfg.ft.elastic:  # an elastic job grows with workers that join
             protocol.write_private_file(token_path, self.token)
+        if remote > 0:
             self._progress.message(
                 f"waiting for {remote} remote worker{'s' if remote > 1 else ''}; on each host run:\n"
                 f"  SPOTPIPE_TOKEN={self.token} spotpipe worker --join {shown}:{self.port}\n"
@@ -370,6 +371,7 @@ class Controller:
             mirror_bytes=sum(int(r.get("mirror_bytes", 0)) for r in reports),
             **({"skipped": str(head["skipped"])} if head.get("skipped") else {}),
             **({"paths": str(head.get("schedule", "train"))} if self.node_plan is not None else {}),
+            **({"shape": self.shape.label} if self.shape is not None else {}),
             **self._step_memory(reports),
         )
         if head.get("skipped"):  # train.nonfinite = "skip": counted, data order kept, nothing updated
@@ -674,7 +676,9 @@ class Controller:
         most over its replicas), ``peak_bytes`` = parameters + gradients + optimizer state on the
         device + the peak of the bytes autograd held for backward, and ``activation_bytes`` that
         peak alone; on CUDA ``cuda_max_allocated`` too. The run keeps the most per rank."""
-        ranks = self.cfg.pipeline.ranks
+        p = self.cfg.pipeline
+        ranks = p.ranks if self.shape is None else self.shape.stages
+        configured = self.shape is None or (self.shape.stages, self.shape.replicas) == (p.stages, p.replicas)
         peak, acts, cuda = [0] * ranks, [0] * ranks, [0] * ranks
         seen = False
         for r in reports:
@@ -688,7 +692,8 @@ class Controller:
             cuda[k] = max(cuda[k], int(mem.get("cuda_max_allocated", 0)))
         if not seen:
             return {}
-        self.result.peak_bytes = [max(a, b) for a, b in zip(self.result.peak_bytes or [0] * ranks, peak)]
+        if configured:  # the summary's memory per rank is the configured shape's (ft.elastic may reshape)
+            self.result.peak_bytes = [max(a, b) for a, b in zip(self.result.peak_bytes or [0] * ranks, peak)]
         out: dict[str, Any] = {"peak_bytes": peak, "activation_bytes": acts}
         if any(cuda):
             out["cuda_max_allocated"] = cuda
@@ -707,6 +712,13 @@ class Controller:
             self.result.failures = last.failures
             self.result.ettr = last.ettr
             self.result.lost_s = last.lost_s
+        if self.shape is not None:  # ft.elastic: time at each shape, throughput lost to shrinking
+            from spotpipe.events import iter_events
+            from spotpipe.reliability.shapes import shape_times
+
+            records = list(iter_events(self.run_dir / "events.jsonl"))
+            starts = [i for i, r in enumerate(records) if r.get("event") == "run_start"]
+            self.result.shapes = shape_times(records[starts[-1] if starts else 0:], f"{self.cfg.pipeline.stages}x{self.cfg.pipeline.replicas}")
 
     def _failure_message(self) -> str:
         f = self.failure

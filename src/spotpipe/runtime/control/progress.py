@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -169,6 +169,8 @@ class RunResult:
         step_s: Median seconds per step (iteration) over the steady steps (not the first of a
             generation), or None.
         tokens_per_s: Training tokens per second at that median.
+        shapes: With ``ft.elastic``, the time at each shape and the throughput lost to shrinking
+            (:class:`spotpipe.reliability.shapes.ShapeTimes`), when the run reshaped; else None.
     """
 
     status: str
@@ -189,6 +191,7 @@ class RunResult:
     peak_bytes: list[int] | None = None
     step_s: float | None = None
     tokens_per_s: float | None = None
+    shapes: Any = None  # ft.elastic: spotpipe.reliability.shapes.ShapeTimes, when the run reshaped
 
 
 def format_result(result: RunResult) -> str:
@@ -221,5 +224,7 @@ def format_result(result: RunResult) -> str:
     if result.failures and result.ettr is not None:
         parts.append(f"ETTR {result.ettr:.3f} ({format_duration(result.lost_s)} lost, {result.failures} "
                      f"failure{'s' if result.failures > 1 else ''})")
+    if result.shapes is not None:
+        parts.append(result.shapes.line())
     parts.append(f"run dir {result.run_dir}")
     return ", ".join(parts)

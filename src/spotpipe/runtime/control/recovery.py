@@ -353,16 +353,19 @@ class RecoverySupervisor:
     def _elastic(self) -> bool:
         return self.ctx.cfg.ft.elastic and self.host.node_plan is None and self.host.shape is not None
 
-    def _shape_now(self, rec: Recovery) -> Any:
-        """The shape in force with ``rec``'s lost workers in their positions; live spares (and
-        spares that already took a lost role) stand by."""
+    def _live_spares(self) -> list[int]:
+        return [w.worker for w in self.members.spares if w.local is None or w.local.returncode() is None]
+
+    def _shape_now(self, rec: Recovery, spares: bool = True) -> Any:
+        """The shape in force with ``rec``'s lost workers in their positions; spares that already
+        took a lost role, and (``spares``) the live spares, stand by."""
         from spotpipe.runtime.control.reshape import shape_now
 
         shape = self.host.shape
         lost_roles = set(rec.lost.values())
         took = [w for role, w in self.members.role_of.items() if role in lost_roles and w not in rec.lost]
-        spares = [w.worker for w in self.members.spares if w.local is None or w.local.returncode() is None]
-        return shape_now(shape.layers, shape.replicas, self.members.role_of, rec.lost, spares + took)
+        return shape_now(shape.layers, shape.replicas, self.members.role_of, rec.lost,
+                         (self._live_spares() if spares else []) + took)
 
     def _reshape(self, rec: Recovery, resume: int, status: dict[int, Any]) -> bool:
         """Shrink after a loss, or grow with the spares (``rec.grow``), as
@@ -378,8 +381,9 @@ class RecoverySupervisor:
         from spotpipe.runtime.control.reshape import block_sources, reshape_record
 
         cfg = self.ctx.cfg
-        current = self._shape_now(rec)
-        decision = next_shape(current, sorted(rec.lost), [], elastic_cost(cfg), limits_from(cfg))
+        current = self._shape_now(rec, spares=not rec.grow)
+        joined = self._live_spares() if rec.grow else []  # a grow names them as workers that joined
+        decision = next_shape(current, sorted(rec.lost), joined, elastic_cost(cfg), limits_from(cfg))
         moves: list[dict[str, Any]] | None = None
         why = decision.why
         if decision.kind in ("shrink", "grow") and (decision.kind == "grow") == rec.grow:
@@ -523,16 +527,16 @@ class RecoverySupervisor:
         if self.recovering is not None or not self.members.live_spares():
             return False
         probe = Recovery(self.host.generation, self.clock(), time.time())
-        current = self._shape_now(probe)
-        key = (current.workers, current.standby)
+        current, spares = self._shape_now(probe, spares=False), self._live_spares()
+        key = (current.workers, tuple(spares))
         if key in self._unplaceable:
             return False
-        decision = next_shape(current, [], [], elastic_cost(self.ctx.cfg), limits_from(self.ctx.cfg))
+        decision = next_shape(current, [], spares, elastic_cost(self.ctx.cfg), limits_from(self.ctx.cfg))
         if decision.kind != "grow":
             self._unplaceable.add(key)
-            self.ctx.progress.message(f"elastic: {len(current.standby)} spare(s) wait, the job stays {current.label}: {decision.why}")
+            self.ctx.progress.message(f"elastic: the job stays {current.label}: {decision.why}")
             return False
-        probe.grow, probe.reason = True, f"spare(s) {', '.join(map(str, current.standby))} wait: grow {current.label} -> {decision.to_shape.label}"
+        probe.grow, probe.reason = True, f"{decision.why.split(':')[0]}: grow {current.label} -> {decision.to_shape.label}"
         self.recovering = probe
         self.ctx.store.set(protocol.abort_key(self.host.generation), probe.reason)
         return True
