@@ -192,7 +192,7 @@ def test_bad_elastic_config_is_one_line_naming_the_key(override: str, fragment: 
 
 def test_elastic_config_defaults() -> None:
     ft = JobConfig().ft
-    assert (ft.elastic, ft.min_workers, ft.replace_wait_s) == (False, 1, 30.0)
+    assert (ft.elastic, ft.min_workers, ft.replace_wait_s) == (False, 1, 0.0)
 
 
 def _check_moves_complete(d, lost: set[int]) -> None:

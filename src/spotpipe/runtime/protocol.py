@@ -132,6 +132,19 @@ def abort_key(generation: int) -> str:
     return f"gen/{generation}/abort"
 
 
+def leave_key(generation: int) -> str:
+    """Set (to a step number ``k``) when generation ``generation`` ends at a step boundary for a
+    planned change (an elastic grow): every member leaves it before running step ``k``.
+
+    Args:
+        generation: Generation number.
+
+    Returns:
+        The key.
+    """
+    return f"gen/{generation}/leave"
+
+
 def step_report_key(step: int, worker: int) -> str:
     """The store key of worker ``worker``'s report of step ``step`` (JSON).
 
@@ -273,6 +286,19 @@ def spare_key(worker: int) -> str:
         The key.
     """
     return f"spare/{worker}"
+
+
+def spare_warm_key(worker: int) -> str:
+    """Set by waiting spare ``worker`` once it has imported torch and built a stage: a grow of an
+    elastic job waits for it, so the new generation never waits on a spare's start-up.
+
+    Args:
+        worker: Worker id.
+
+    Returns:
+        The key.
+    """
+    return f"spare/{worker}/warm"
 
 
 def fault_key(worker: int) -> str:

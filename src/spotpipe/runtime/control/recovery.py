@@ -272,7 +272,10 @@ class RecoverySupervisor:
         window after the last loss has closed and every survivor has posted the step it aborted."""
         survivors = [m for m in self.host.plan.members if m.worker not in rec.lost]
         keys = [protocol.survivor_key(rec.generation, m.worker) for m in survivors]
-        step = collect_step(rec.last_loss_at, self.clock(), outstanding=bool(survivors) and not self.ctx.store.check(keys))
+        outstanding = bool(survivors) and not self.ctx.store.check(keys)
+        if rec.grow and not rec.lost and outstanding and any(self.ctx.store.check([k]) for k in keys):
+            self.ctx.store.set(protocol.abort_key(rec.generation), rec.reason)  # one is left in a step: free it
+        step = collect_step(rec.last_loss_at, self.clock(), outstanding=outstanding)
         if step is CollectStep.WINDOW:
             return
         if step is CollectStep.MEMBERS:
@@ -353,8 +356,11 @@ class RecoverySupervisor:
     def _elastic(self) -> bool:
         return self.ctx.cfg.ft.elastic and self.host.node_plan is None and self.host.shape is not None
 
-    def _live_spares(self) -> list[int]:
-        return [w.worker for w in self.members.spares if w.local is None or w.local.returncode() is None]
+    def _live_spares(self, warm: bool = False) -> list[int]:
+        """Spares whose process (where local) still runs; with ``warm``, only those that said they
+        are warm (:func:`spotpipe.runtime.protocol.spare_warm_key`)."""
+        live = [w.worker for w in self.members.spares if w.local is None or w.local.returncode() is None]
+        return [w for w in live if self.ctx.store.check([protocol.spare_warm_key(w)])] if warm else live
 
     def _shape_now(self, rec: Recovery, spares: bool = True) -> Any:
         """The shape in force with ``rec``'s lost workers in their positions; spares that already
@@ -382,7 +388,7 @@ class RecoverySupervisor:
 
         cfg = self.ctx.cfg
         current = self._shape_now(rec, spares=not rec.grow)
-        joined = self._live_spares() if rec.grow else []  # a grow names them as workers that joined
+        joined = self._live_spares(warm=True) if rec.grow else []  # a grow names them as workers that joined
         decision = next_shape(current, sorted(rec.lost), joined, elastic_cost(cfg), limits_from(cfg))
         moves: list[dict[str, Any]] | None = None
         why = decision.why
@@ -527,9 +533,9 @@ class RecoverySupervisor:
         if self.recovering is not None or not self.members.live_spares():
             return False
         probe = Recovery(self.host.generation, self.clock(), time.time())
-        current, spares = self._shape_now(probe, spares=False), self._live_spares()
+        current, spares = self._shape_now(probe, spares=False), self._live_spares(warm=True)
         key = (current.workers, tuple(spares))
-        if key in self._unplaceable:
+        if not spares or key in self._unplaceable:
             return False
         decision = next_shape(current, [], spares, elastic_cost(self.ctx.cfg), limits_from(self.ctx.cfg))
         if decision.kind != "grow":
@@ -538,7 +544,10 @@ class RecoverySupervisor:
             return False
         probe.grow, probe.reason = True, f"{decision.why.split(':')[0]}: grow {current.label} -> {decision.to_shape.label}"
         self.recovering = probe
-        self.ctx.store.set(protocol.abort_key(self.host.generation), probe.reason)
+        # At a step boundary, not in the middle of a step: every member has committed the step
+        # before next_step + 1 when it starts next_step + 2, so each reads the key before that
+        # step and none is left computing (:meth:`_recovery_collect` aborts one that is).
+        self.ctx.store.set(protocol.leave_key(self.host.generation), str(self.host.next_step + 2))
         return True
 
     def _take_back(self, rec: Recovery, resume: int, status: dict[int, Any]) -> None:

@@ -73,7 +73,10 @@ def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
     if threads > 0:
         torch.set_num_threads(threads)
     build_stage(cfg.model, cfg.train.seed, 0, cfg.pipeline.stages)
+    import spotpipe.runtime.worker.worker  # noqa: F401  (the worker's own imports, before a role waits on them)
+
     print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: warm, waiting for a role", flush=True)
+    store.set(protocol.spare_warm_key(grant.worker), "1")
     key = protocol.spare_key(grant.worker)
     while True:
         try:  # the store wakes the wait when the role is granted: no polling while the job trains
@@ -83,6 +86,8 @@ def wait_as_spare(store: Any, grant: protocol.Grant) -> protocol.Grant | None:
                 return None
             continue
         info = json.loads(store.get(key))
+        for done in (key, protocol.spare_warm_key(grant.worker)):  # a worker parked later waits again
+            store.delete_key(done)
         print(f"[{time.strftime('%H:%M:%S')}] spare worker {grant.worker}: takes stage {info['stage']}, replica {info['replica']}", flush=True)
         return protocol.Grant(int(info["worker"]), int(info["stage"]), int(info["replica"]), info)
 

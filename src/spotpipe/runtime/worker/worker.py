@@ -68,7 +68,7 @@ from spotpipe.runtime.worker.phase_fault import PhaseFault
 from spotpipe.runtime.pipeline.stage_runner import StageRunner
 from spotpipe.runtime.pipeline.meter import SavedTensorMeter, step_memory_report
 from spotpipe.runtime.worker.tied import flat_ranges, sum_tied_gradients
-from spotpipe.runtime.comm.transport import CommError
+from spotpipe.runtime.comm.transport import CommError, GenerationAborted
 from spotpipe.runtime.worker.mirror_link import MirrorLink
 from spotpipe.runtime.worker.nodes import NodeRole
 from spotpipe.runtime.worker.recovery import RecoveryAgent
@@ -632,6 +632,13 @@ class Worker:
         while step < t.steps:
             snapshot = self.sampler.state_dict()
             gen_number = self.generation.number if self.generation is not None else 0
+            if self._leave_due(step):  # a planned change (an elastic grow) at this step boundary
+                # Nothing to discard, and the groups stay open: the mirror copies take in the
+                # last committed step before the next generation replaces them.
+                left = GenerationAborted(peer=None, peer_name="the controller", action=f"step {step}",
+                                         detail="the generation ends here for a grow")
+                step = self.recovery.on_failure(left, step)
+                continue
             self.mirror_link.generation_started(self.generation, step)
             try:
                 outcome = self.compute_step(step)
@@ -684,6 +691,13 @@ class Worker:
             if stop:
                 return
             step += 1
+
+    def _leave_due(self, step: int) -> bool:
+        """Whether the controller asked this generation to end before ``step`` (:func:`protocol.leave_key`)."""
+        gen = self.generation
+        if gen is None or not self.store.check([protocol.leave_key(gen.number)]):
+            return False
+        return step >= int(self.store.get(protocol.leave_key(gen.number)))
 
     def _stop_reason(self) -> str:
         try:
