@@ -150,6 +150,7 @@ class Worker:
             self.schedule = job_schedule(cfg)
             self.eval_schedule = job_schedule(cfg, swap=False) if self.swap else self.schedule
             self.microbatches, self.replicas = p.microbatches, p.replicas
+        self.global_microbatches = self.replicas * self.microbatches  # of a step, every shape alike (ft.elastic reshapes)
         if self.backend == "nccl":
             from spotpipe.schedule.validate import check_message_order
 
@@ -191,8 +192,7 @@ class Worker:
             self.mirror_link.halt()
         self.mirror_link = MirrorLink(self.cfg, self.stage, self.replica, state)
         self._make_flat_grads()
-        p = self.job.pipeline
-        self.runner = StageRunner(self.chunks, 1.0 / (p.microbatches * p.replicas), self.device)
+        self.runner = StageRunner(self.chunks, 1.0 / self.global_microbatches, self.device)
         self.runner.meter = self.meter
         if self.fault.planned:
             self.runner.hook = self.fault.hit
@@ -389,7 +389,7 @@ class Worker:
         peers = stage_peers(self.schedule, self.replica, world_rank_of)
         partners = [c.tie_partner for c in self.chunks.values() if c.tie_partner is not None]
         self.tie_peer = peers(partners[0]) if partners else -1
-        rows = self.cfg.train.batch_size // (self.job.pipeline.replicas * self.job.pipeline.microbatches)
+        rows = self.cfg.train.batch_size // self.global_microbatches
         from spotpipe.runtime.comm.linkdelay import collective_delay, wrap_for_job  # [network] link-delay emulation
 
         self.programs = {"train": compile_rank(self.schedule, self.stage, peers)}
@@ -604,7 +604,7 @@ class Worker:
         assert gen is not None
         t = self.cfg.train
         size = t.batch_size
-        per = self.job.pipeline.replicas * self.job.pipeline.microbatches  # microbatches of the global batch
+        per = self.global_microbatches
         windows = self.val_sampler.num_windows
         batches = [list(range(b * size, (b + 1) * size)) for b in range(min(t.eval_batches, windows // size))]
         if not batches and windows >= per:
