@@ -295,6 +295,9 @@ def prepare_run(config_path: str | None, overrides: list[str], resume_dir: str |
                      f"{node_plan.variant} paths; the simulator predicts {node_plan.predicted_s['train']:.3g} s per "
                      f"iteration ({node_plan.predicted_s['full']:.3g} s on full paths)")
     check_swap_layout(cfg)
+    from spotpipe.runtime.control.reshape import elastic_floor_note
+
+    notes += [n for n in [elastic_floor_note(cfg)] if n]
     check_listen_host(cfg.run.host)
     world = cfg.pipeline.ranks * cfg.pipeline.replicas
     cfg = resolve_hardware(cfg, world if cfg.run.local_workers < 0 else min(world, cfg.run.local_workers))

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from spotpipe.config import JobConfig
+from spotpipe.errors import SpotpipeError
 from spotpipe.ft.elastic import Shape, ShapeDecision, deal_microbatches
 from spotpipe.ft.strategies.mirror import mirror_holder
 
@@ -132,3 +134,40 @@ def reshape_record(decision: ShapeDecision, moves: list[dict[str, Any]], resume_
             "parked": parked,
         },
     }
+
+
+def elastic_floor_note(cfg: JobConfig) -> str:
+    """What an elastic job can shrink to, said before it starts: the policy
+    (:func:`spotpipe.ft.elastic.next_shape`) is played losing one worker after another, and the
+    last shape it takes is the floor.
+
+    Args:
+        cfg: The job (``ft.elastic``, ``ft.min_workers``, ``pipeline.memory_budget_gb``).
+
+    Returns:
+        One line (empty without ``ft.elastic``).
+
+    Raises:
+        SpotpipeError: the configured shape itself is over ``pipeline.memory_budget_gb``.
+    """
+    from spotpipe.ft.elastic import elastic_cost, initial_shape, limits_from, next_shape, peak_memory
+
+    if not cfg.ft.elastic:
+        return ""
+    p = cfg.pipeline
+    cost, limits = elastic_cost(cfg), limits_from(cfg)
+    shape = initial_shape(cfg.model.layers, p.stages, p.replicas)
+    need, stage = peak_memory(shape, cost)
+    if limits.memory_bytes > 0 and need > limits.memory_bytes:
+        raise SpotpipeError(f"pipeline.memory_budget_gb = {p.memory_budget_gb:g}: the configured shape {shape.label} needs "
+                            f"{need / 1e9:.3g} GB on stage {stage} (ft.elastic checks every shape against it)")
+    floor = ""
+    while len(shape.active) > 1:
+        decision = next_shape(shape, [shape.active[-1]], [], cost, limits)
+        if decision.kind == "wait":
+            floor = " (ft.min_workers or pipeline.memory_budget_gb rule out fewer: then it waits for a replacement)"
+            break
+        shape = decision.to_shape
+    n = len(shape.active)
+    return (f"ft.elastic: a lost worker with no spare shrinks the job, down to {shape.label} ({n} worker{'s' if n > 1 else ''})"
+            f"{floor}; workers that join grow it back")
