@@ -184,3 +184,16 @@ def test_every_shape_from_four_workers_down_to_two_and_back_trains_every_step_on
     assert sorted(r["worker"] for r in found if r["event"] == "worker_start") == [0, 1, 2, 3, 4, 5]
     assert "time at shape 4x1" in out and "3x1" in out and "2x1" in out
     assert_failure_free(run_dir, helpers)
+
+
+@pytest.mark.parametrize("sets, said", [
+    (["ft.min_workers=5"], "ft.min_workers must be in [1, pipeline.stages x pipeline.replicas = 4], got 5"),
+    (["pipeline.memory_budget_gb=0.00001"], "the configured shape 4x1 needs"),
+    (["pipeline.schedule=interleaved"], "ft.elastic re-partitions one model chunk per stage"),
+])
+def test_bad_elastic_input_is_one_line_before_any_worker_starts(tmp_path: Path, train: Callable[..., Any], helpers: Any,
+                                                               sets: list[str], said: str) -> None:
+    run_dir = tmp_path / "bad"
+    proc = train(run_dir, *ELASTIC, *sets, timeout=60)
+    helpers.assert_one_line_error(proc, said)
+    assert not (run_dir / "events.jsonl").exists()
