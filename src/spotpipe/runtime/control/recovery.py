@@ -461,6 +461,8 @@ class RecoverySupervisor:
             f"lost {', '.join(self.members.workers[w].name() for w in sorted(rec.lost))}: "
             f"{'rolling back to the checkpoint of step ' + str(self.host.last_manifest.step) if rec.outcome == 'rollback' else 'recovering by ' + '/'.join(sorted({p.strategy for p in plans}))}"
             f"; {taken} spare{'s' if taken != 1 else ''} took over, starting {starts} new process{'es' if starts != 1 else ''}"
+            + (f"; a role left waits ft.replace_wait_s = {self.ctx.cfg.ft.replace_wait_s:g} s for a worker to join, then "
+               "the job shrinks" if taken + starts < len(new_roles) else "")
         )
 
     def _replan(self, rec: Recovery, plan: NodePlan, nodes: list[int], resume: int, status: dict[int, Any]) -> None:
