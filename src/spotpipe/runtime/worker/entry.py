@@ -141,30 +141,23 @@ def run_worker(args: argparse.Namespace) -> int:
         ControllerLost("this worker", address).check(store)
         raise
     try:
-        if grant.info.get("spare"):
-            try:
-                assigned = wait_as_spare(store, grant)
-            except Exception:
-                ControllerLost(f"spare worker {grant.worker}", address).check(store)
-                raise
-            if assigned is None:
-                os._exit(0)
-            grant = assigned
         from spotpipe.runtime.worker.worker import EXIT_PARKED, Worker
 
-        code = Worker(store, grant, listen_host, address).run()
-        while code == EXIT_PARKED:  # a reshape left this worker out: stand by until a grow takes it back
-            standby = protocol.Grant(grant.worker, -1, -1, {**grant.info, "spare": True})
-            try:
-                assigned = wait_as_spare(store, standby)
-            except Exception:
-                ControllerLost(f"standby worker {grant.worker}", address).check(store)
-                raise
-            if assigned is None:
-                code = 0
-                break
-            grant = assigned
+        while True:
+            if grant.info.get("spare"):  # a warm spare, or a worker a reshape left out: wait for a role
+                try:
+                    assigned = wait_as_spare(store, grant)
+                except Exception:
+                    ControllerLost(f"spare worker {grant.worker}", address).check(store)
+                    raise
+                if assigned is None:
+                    code = 0
+                    break
+                grant = assigned
             code = Worker(store, grant, listen_host, address).run()
+            if code != EXIT_PARKED:
+                break
+            grant = protocol.Grant(grant.worker, -1, -1, {**grant.info, "spare": True})  # stands by
     except BaseException:  # a bug: the controller already has the one-line report; log the rest
         import traceback
 
