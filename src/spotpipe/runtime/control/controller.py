@@ -300,7 +300,7 @@ class Controller:
         self.generation += 1
         members = self.members.members()
         if self.node_plan is None:
-            if self.shape is None and self.cfg.ft.elastic and recovery_enabled(self.cfg.ft):
+            if self.shape is None and self.cfg.ft.elastic:  # the configured shape, its workers by role
                 from spotpipe.ft.elastic import Shape
                 from spotpipe.model.partition import partition_layers
 

@@ -214,7 +214,7 @@ class Membership:
                 self.spares.append(w)
         self.role_of = {}
         for wid, (s, r) in placed.items():
-            if wid in self.workers and wid not in {x.worker for x in self.spares}:
+            if wid in self.workers:
                 self.workers[wid].stage, self.workers[wid].replica = s, r
                 self.role_of[(s, r)] = wid
             else:

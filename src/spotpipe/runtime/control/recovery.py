@@ -13,7 +13,11 @@ is confirmed lost (its process died, or it was silent for ``run.timeout_s``) and
    commit protocol (``gen/<g>/step/<k>/decide``, see :meth:`Worker.decide`) lets either every
    survivor apply a step or none. A step decided ``commit`` whose lost worker never reported is
    committed now from the survivors' reports.
-2. **Decide.** In a SkipPipe node run whose every stage keeps a node, the paths are planned
+2. **Decide.** With ``ft.elastic`` and no spare for a lost worker (after ``ft.replace_wait_s``),
+   the job shrinks instead (:meth:`RecoverySupervisor._reshape`: the shape of
+   :func:`spotpipe.ft.elastic.next_shape`, the blocks moved peer to peer by the next generation,
+   :mod:`spotpipe.runtime.control.reshape`); warm spares later grow it at a step boundary. In a
+   SkipPipe node run whose every stage keeps a node, the paths are planned
    again over the nodes left (:func:`spotpipe.runtime.control.nodeplan.replan_without`, strategy
    ``replan``): the lost roles leave the job, nothing is installed and no process starts; the next
    generation replays step ``r`` on the new paths. Otherwise
@@ -526,10 +530,14 @@ class RecoverySupervisor:
         return True
 
     def _elastic_grow(self) -> bool:
-        """``ft.elastic``: when spares wait (joiners, or workers a shrink left standing by) and
-        :func:`spotpipe.ft.elastic.next_shape` finds a faster shape with them, abort the generation
-        (the step in flight replays) and reshape (:meth:`_reshape`). A shape that was found no
-        faster is not tried again until the spares or the shape change."""
+        """``ft.elastic``: when warm spares wait (joiners, or workers a shrink left standing by) and
+        :func:`spotpipe.ft.elastic.next_shape` finds a faster shape with them, end the generation at
+        a step boundary (``gen/<g>/leave``: no step in flight is lost) and reshape (:meth:`_reshape`).
+        A shape that was found no faster is not tried again until the spares or the shape change.
+
+        Returns:
+            True when a grow started.
+        """
         from spotpipe.ft.elastic import elastic_cost, limits_from, next_shape
 
         if self.recovering is not None or not self.members.live_spares():

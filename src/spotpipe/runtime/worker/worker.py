@@ -120,7 +120,6 @@ class Worker:
         M = self.cfg.pipeline.microbatches
         self.deal: Sequence[int] = range(self.replica * M, (self.replica + 1) * M)  # this replica's microbatches of the global batch
         self.reshaped = False  # playing another shape than the configured one
-        self.reshape_moved = (0, 0.0)  # bytes received and transfer seconds of the last reshape
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -695,7 +694,7 @@ class Worker:
     def _leave_due(self, step: int) -> bool:
         """Whether the controller asked this generation to end before ``step`` (:func:`protocol.leave_key`)."""
         gen = self.generation
-        if gen is None or not self.store.check([protocol.leave_key(gen.number)]):
+        if not self.job.ft.elastic or gen is None or not self.store.check([protocol.leave_key(gen.number)]):
             return False
         return step >= int(self.store.get(protocol.leave_key(gen.number)))
 
