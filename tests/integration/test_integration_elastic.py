@@ -50,7 +50,7 @@ def test_one_replica_lost_stage_is_re_partitioned_over_three_workers_exactly(tmp
     """4 -> 3 stages: the lost stage's blocks come from its mirror, the others move peer to peer,
     and every step's loss equals the failure-free reference within 1e-5."""
     run_dir = tmp_path / "repartition"
-    proc = train(run_dir, *ELASTIC, "ft.faults=['stage=2@step=4,phase=backward']")
+    proc = train(run_dir, *ELASTIC, "ft.strategy=mirror", "ft.faults=['stage=2@step=4,phase=backward']")
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = helpers.read_events(run_dir)
     (shrink,) = reshapes(events)
