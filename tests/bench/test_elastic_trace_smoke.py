@@ -139,10 +139,12 @@ def test_measure_counts_progress_not_redone_steps(tmp_path: Path) -> None:
 def test_prediction_is_calibrated_and_finite() -> None:
     cfg = load_config(None, et.mode_overrides("checkpoint", et.parse_args(["--quick"])))
     m = et.measure(_run_events(), 30.0, 16, start_step=10)
-    run = {**m, "pauses_s": [2.5], "round": 0}
+    run = {**m, "pauses_s": [2.5], "round": 0, "reshapes": []}
     cal = et.calibrate([run], cfg)
     assert cal["step_s"] == pytest.approx(0.3) and cal["by_shape"] == {"3x1": pytest.approx(0.4)}
     assert cal["pause_s"] == pytest.approx(2.2) and cal["write_s"] == pytest.approx(0.1)
+    assert m["mean_step_s_by_shape"] == {"4x1": pytest.approx(0.3), "3x1": pytest.approx(0.4)}
+    assert et.calibrate([{**run, "reshapes": m["reshapes"]}], cfg)["pause_s"] == pytest.approx(1.5)  # elastic: the reshape's
     events = [NodeEvent(4.0, "fail", 2), NodeEvent(13.0, "join", 4)]
     results = {mode: et.predict(cfg, events, mode, 30.0, **cal) for mode in ("elastic", "wait", "checkpoint")}
     for res in results.values():
