@@ -399,7 +399,8 @@ def configured_label(cfg: JobConfig) -> str:
     return f"{cfg.pipeline.stages}x{cfg.pipeline.replicas}"
 
 
-def calibrate(runs: Sequence[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
+def calibrate(runs: Sequence[dict[str, Any]], cfg: JobConfig,
+              steps_from: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What the simulator is told from the runs of one mode: step times and pauses.
 
     The step time is the mean of the steady steps (on a shared 2-core machine a slow step, e.g.
@@ -407,8 +408,10 @@ def calibrate(runs: Sequence[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
 
     Args:
         runs: Run records of one mode (:func:`run_mode`: ``mean_step_s_by_shape``, ``median_step_s``,
-            ``pauses_s``, ``reshapes``, ``checkpoints``, ``checkpoint_write_s``).
+            ``pauses_s``, ``reshapes``, ``checkpoints``, ``checkpoint_write_s``): the pauses.
         cfg: The mode's job.
+        steps_from: The runs whose step times are taken (the machine's load of that moment, which
+            no model of the job predicts); ``None``: ``runs``.
 
     Returns:
         :func:`predict`'s keyword arguments: ``step_s`` (median over the runs of the mean step of
@@ -418,11 +421,12 @@ def calibrate(runs: Sequence[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
         step; else 1 s) and ``write_s`` (median checkpoint write, seconds; 0 without checkpoints).
     """
     label = configured_label(cfg)
+    timed = runs if steps_from is None else steps_from
     lists: dict[str, list[float]] = {}
-    for r in runs:
+    for r in timed:
         for shape, sec in r["mean_step_s_by_shape"].items():
             lists.setdefault(shape, []).append(sec)
-    step_s = statistics.median(lists.get(label) or [r["median_step_s"] for r in runs])
+    step_s = statistics.median(lists.get(label) or [r["median_step_s"] for r in timed])
     by_shape = {k: statistics.median(v) for k, v in lists.items() if k not in (label, "?")}
     pauses = [p for r in runs for p in r["pauses_s"]]
     reshape_s = [x["seconds"] for r in runs for x in r["reshapes"] if isinstance(x.get("seconds"), (int, float))]
@@ -527,6 +531,12 @@ class Replay:
     killed: set[int] = field(default_factory=set)  # nodes whose process the harness SIGKILLed
 
     def start_worker(self, node: int, counted: bool) -> None:
+        """Start ``python -m spotpipe worker --join`` for ``node`` (the token in its environment).
+
+        Args:
+            node: The trace node it plays.
+            counted: Whether it is a replacement in the replay (its start-to-commit pause is measured).
+        """
         log = open(self.run_dir / f"joiner-node{node}-{len(self.all_procs)}.log", "wb")
         with log:
             proc = subprocess.Popen([sys.executable, "-m", "spotpipe", "worker", "--join", self.address],
@@ -538,10 +548,20 @@ class Replay:
             self.starts.append((proc.pid, time.time()))
 
     def live(self) -> int:
+        """Worker processes the harness started that still run.
+
+        Returns:
+            Their number.
+        """
         return sum(1 for p in self.procs.values() if p.poll() is None)
 
     def reap(self, now: float, t0: float) -> None:
-        """Joiners that exited on their own (refused, or the job ended): back to the pool."""
+        """Joiners that exited on their own (refused, or the job ended): their nodes go back to the pool.
+
+        Args:
+            now: Seconds since the epoch.
+            t0: The replay's start, seconds since the epoch.
+        """
         for node, proc in list(self.procs.items()):
             if proc.poll() is not None and node not in self.killed:
                 del self.procs[node]
@@ -550,12 +570,25 @@ class Replay:
                 self.retry_at = now + 1.0
 
     def fill(self, now: float, t0: float) -> None:
+        """Start a worker for idle nodes while the job has fewer live workers than its size.
+
+        Args:
+            now: Seconds since the epoch.
+            t0: The replay's start, seconds since the epoch.
+        """
         while self.pool and self.live() < self.workers and now >= self.retry_at:
             node = self.pool.pop(0)
             self.start_worker(node, counted=True)
             self.actions.append({"t": now - t0, "what": "join", "node": node, "pid": self.procs[node].pid})
 
     def play(self, e: NodeEvent, now: float, t0: float) -> None:
+        """One trace event: SIGKILL the node's worker, or drop it from the pool; or the node comes up idle.
+
+        Args:
+            e: The event (``fail`` or ``join``).
+            now: Seconds since the epoch.
+            t0: The replay's start, seconds since the epoch.
+        """
         if e.kind == FAIL:
             if e.node in self.pool:
                 self.pool.remove(e.node)
@@ -692,6 +725,14 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (``--help`` lists it); a bad value ends with one usage line, exit code 2.
+
+    Args:
+        argv: The arguments; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        The options, defaults filled in (``seconds``, ``compress``, ``checkpoint_every``, ``warmup``).
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="--quick: 1 round of 40 s replays (under 4 minutes)")
     ap.add_argument("--quick", action="store_true",
@@ -714,6 +755,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more job settings (all modes)")
     ap.add_argument("--keep", metavar="DIR", default="",
                     help="keep every run's directory (events, logs) under DIR instead of a temporary folder")
+    ap.add_argument("--resummarise", metavar="JSON", default="",
+                    help="no new run: compute the summary of a result this bench wrote again (writes --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "elastic_trace.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -748,8 +791,48 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     return [*JOB, *MODES[mode], *extra, *args.set]
 
 
+def resummarise(path: Path, out: Path) -> int:
+    """Compute the summary of a written result again from its runs, with no new run.
+
+    For a result whose runs were disturbed (a run with an error is left out) or after the
+    summary's rules changed; the runs, trace events and settings are the file's own.
+
+    Args:
+        path: A JSON file this bench wrote.
+        out: Where the result goes (may be ``path``).
+
+    Returns:
+        The exit code: 0, or 2 when the file cannot be read or is not this bench's.
+    """
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        cfgs = {m: load_config(None, o) for m, o in rec["config"]["modes"].items()}
+        events = [NodeEvent(**e) for e in rec["trace"]["events"]]
+        ns = argparse.Namespace(modes=list(cfgs), seconds=float(rec["trace"]["window_s"]))
+        runs = list(rec["runs"])
+    except (OSError, ValueError, KeyError, TypeError, SpotpipeError) as exc:
+        print(f"elastic_trace: error: {path} is not a result of this bench: {exc}", file=sys.stderr)
+        return 2
+    rec.update(summarise(runs, ns, cfgs, events))
+    rec["resummarised"] = {"from": str(path), "command": " ".join([sys.executable, *sys.argv])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench (module docstring).
+
+    Args:
+        argv: The arguments; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0, 1 when a run failed (its error is in the JSON), 2 for bad input.
+    """
     args = parse_args(argv)
+    if args.resummarise:
+        return resummarise(Path(args.resummarise), Path(args.out))
     trace = Path(args.trace)
     if not trace.is_file():
         print(f"elastic_trace: error: the trace {trace} is absent (pass --trace FILE)", file=sys.stderr)
@@ -823,9 +906,10 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
     Returns:
         ``by_mode`` (medians, predictions, calibration), ``elastic_vs_wait``,
         ``elastic_vs_checkpoint``, ``sim_vs_runtime_error`` (max over modes) and
-        ``sim_vs_runtime_error_by_mode``; a figure is ``None`` where its runs failed.
+        ``sim_vs_runtime_error_by_mode``, ``excluded_runs`` (runs with an error, left out of every
+        figure); a figure is ``None`` where no run of its modes succeeded.
     """
-    ok = [r for r in runs if r.get("samples_per_s") is not None]
+    ok = [r for r in runs if r.get("samples_per_s") is not None and not r.get("error")]
     by_mode: dict[str, Any] = {}
     for mode in args.modes:
         mine = [r for r in ok if r["mode"] == mode]
@@ -833,23 +917,30 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
             by_mode[mode] = None
             continue
         med = {k: statistics.median(r[k] for r in mine) for k in ("samples_per_s", "ettr", "useful_steps", "median_step_s")}
-        cal = calibrate(mine, cfgs[mode])
-        res = predict(cfgs[mode], events, mode, args.seconds, **cal)
+        per_run = []
+        for r in mine:  # each run at its own step times; the mode's pauses
+            cal = calibrate(mine, cfgs[mode], steps_from=[r])
+            res = predict(cfgs[mode], events, mode, args.seconds, **cal)
+            per_run.append({"run": r["run"], "calibration": cal, "samples_per_s": res.samples_per_s, "ettr": res.ettr,
+                            "steps": res.steps, "down_s": res.down_s, "time_at_shape": res.time_at_shape,
+                            "reshapes": [asdict(x) for x in res.reshapes],
+                            "error": relative_error(res.samples_per_s, r["samples_per_s"])})
+        predicted = statistics.median(p["samples_per_s"] for p in per_run)
         entry: dict[str, Any] = {
             "runs": len(mine), **{f"median_{k}": v for k, v in med.items()},
-            "loads": [[r["load_before"][0], r["load_after"][0]] for r in mine], "calibration": cal,
-            "predicted": {"samples_per_s": res.samples_per_s, "ettr": res.ettr, "steps": res.steps, "down_s": res.down_s,
-                          "time_at_shape": res.time_at_shape, "reshapes": [asdict(x) for x in res.reshapes]},
-            "error": relative_error(res.samples_per_s, med["samples_per_s"]),
+            "loads": [[r["load_before"][0], r["load_after"][0]] for r in mine],
+            "predicted_median_samples_per_s": predicted,
+            "predicted_median_ettr": statistics.median(p["ettr"] for p in per_run),
+            "predicted": per_run,
+            "error": relative_error(predicted, med["samples_per_s"]),
         }
         rounds = sorted({r["round"] for r in mine})
-        if len(rounds) > 1:  # calibrated on the other rounds, compared with this one
+        if len(rounds) > 1:  # the pauses from the other rounds, compared with this one
             held: list[float] = []
-            for k in rounds:
-                this = [r for r in mine if r["round"] == k]
-                other = predict(cfgs[mode], events, mode, args.seconds,
-                                **calibrate([r for r in mine if r["round"] != k], cfgs[mode]))
-                held += [relative_error(other.samples_per_s, r["samples_per_s"]) for r in this]
+            for r in mine:
+                others = [x for x in mine if x["round"] != r["round"]]
+                res = predict(cfgs[mode], events, mode, args.seconds, **calibrate(others, cfgs[mode], steps_from=[r]))
+                held.append(relative_error(res.samples_per_s, r["samples_per_s"]))
             entry["held_out_errors"] = held
             entry["held_out_error"] = statistics.fmean(held)
         by_mode[mode] = entry
@@ -862,25 +953,27 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
 
     errors = {m: e["error"] for m, e in by_mode.items() if e and "error" in e}
     held_by_mode = {m: e["held_out_error"] for m, e in by_mode.items() if e and "held_out_error" in e}
-    out = {"by_mode": by_mode, "elastic_vs_wait": ratio("elastic", "wait"),
+    out = {"excluded_runs": [{"run": r.get("run"), "error": r.get("error")} for r in runs if r not in ok],
+           "by_mode": by_mode, "elastic_vs_wait": ratio("elastic", "wait"),
            "elastic_vs_checkpoint": ratio("elastic", "checkpoint"),
            "sim_vs_runtime_error": max(errors.values()) if errors else None,
-           "sim_vs_runtime_error_is": "max over modes of |predicted - measured| / measured median useful samples/s; "
-                                      "the simulator is calibrated with the same runs (step time, pauses)",
+           "sim_vs_runtime_error_is": "max over modes of |predicted - measured| / measured, of the median useful "
+                                      "samples/s over the rounds; each run is predicted at its own mean step time "
+                                      "per shape, with the median pauses of the mode's runs",
            "sim_vs_runtime_error_by_mode": errors,
            "sim_vs_runtime_error_held_out": max(held_by_mode.values()) if held_by_mode else None,
-           "sim_vs_runtime_error_held_out_is": "max over modes of the mean, over rounds, of the relative error of a "
-                                               "prediction calibrated on the other rounds against that round's run"}
+           "sim_vs_runtime_error_held_out_is": "max over modes of the mean, over runs, of the relative error of the "
+                                               "run's prediction at its own step time with the pauses of the other "
+                                               "rounds' runs"}
     print(f"\n{'mode':11s} {'samples/s':>10s} {'ETTR':>6s} {'steps':>6s} {'sim samples/s':>14s} {'sim ETTR':>9s} "
           f"{'error':>6s}  load (1 min, before -> after)")
     for mode, e in by_mode.items():
         if not e:
             print(f"{mode:11s} (no run)")
             continue
-        p = e.get("predicted") or {}
         loads = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in e["loads"])
         print(f"{mode:11s} {e['median_samples_per_s']:10.2f} {e['median_ettr']:6.3f} {e['median_useful_steps']:6.0f} "
-              f"{p.get('samples_per_s', math.nan):14.2f} {p.get('ettr', math.nan):9.3f} {e.get('error', math.nan):6.3f}  {loads}")
+              f"{e['predicted_median_samples_per_s']:14.2f} {e['predicted_median_ettr']:9.3f} {e['error']:6.3f}  {loads}")
     if out["sim_vs_runtime_error_held_out"] is not None:
         print(f"sim_vs_runtime_error, calibrated on the other rounds: {out['sim_vs_runtime_error_held_out']:.3f}")
     for key in ("elastic_vs_wait", "elastic_vs_checkpoint", "sim_vs_runtime_error"):

@@ -161,3 +161,34 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exc:
         et.parse_args(["--modes", "elastic,bogus"])
     assert exc.value.code == 2
+
+
+def test_summary_leaves_out_failed_runs_and_gives_ratios(tmp_path: Path) -> None:
+    args = et.parse_args(["--quick", "--out", str(tmp_path / "r.json")])
+    cfgs = {m: load_config(None, et.mode_overrides(m, args)) for m in args.modes}
+    m = et.measure(_run_events(), 30.0, 16, start_step=10)
+    runs = []
+    for k in range(2):
+        for mode, sps in (("elastic", 30.0), ("wait", 20.0), ("checkpoint", 10.0)):
+            runs.append({**m, "mode": mode, "run": f"{mode}-{k}", "round": k, "samples_per_s": sps + k, "error": None,
+                         "pauses_s": [2.5], "reshapes": m["reshapes"] if mode == "elastic" else [],
+                         "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 2.0, 2.0]})
+    runs.append({**runs[-1], "run": "checkpoint-9", "samples_per_s": 1.0, "error": "disturbed"})
+    events = [NodeEvent(4.0, "fail", 2), NodeEvent(13.0, "join", 4)]
+    out = et.summarise(runs, args, cfgs, events)
+    assert out["excluded_runs"] == [{"run": "checkpoint-9", "error": "disturbed"}]
+    assert out["by_mode"]["checkpoint"]["runs"] == 2
+    assert out["elastic_vs_wait"] == pytest.approx(30.5 / 20.5)
+    assert out["elastic_vs_checkpoint"] == pytest.approx(30.5 / 10.5)
+    for mode in args.modes:
+        entry = out["by_mode"][mode]
+        assert len(entry["predicted"]) == 2 and len(entry["held_out_errors"]) == 2
+        assert entry["error"] == pytest.approx(et.relative_error(entry["predicted_median_samples_per_s"], entry["median_samples_per_s"]))
+    assert out["sim_vs_runtime_error"] == max(out["sim_vs_runtime_error_by_mode"].values())
+    written = tmp_path / "w.json"
+    written.write_text(json.dumps({"config": {"modes": {m: et.mode_overrides(m, args) for m in args.modes}},
+                                   "trace": {"events": [{"time": 4.0, "kind": "fail", "node": 2}], "window_s": 30.0},
+                                   "runs": runs}))
+    assert et.resummarise(written, tmp_path / "again.json") == 0
+    assert json.loads((tmp_path / "again.json").read_text())["excluded_runs"] == out["excluded_runs"]
+    assert et.resummarise(tmp_path / "absent.json", tmp_path / "x.json") == 2
