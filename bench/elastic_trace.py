@@ -709,8 +709,38 @@ def run_mode(mode: str, overrides: list[str], events: list[NodeEvent], window_s:
         out["error"] = out["error"] or f"{mode}: {exc}"
     out["pauses_s"] = join_pauses(records, r.starts)
     out["actions"] = r.actions
+    out["warnings"] = run_warnings(out)
+    out["controller_tail"] = _tail(run_dir / "controller.log", 6).split(" | ")
+    out["failed_joiners"] = {f"pid {a['pid']}": _tail(run_dir / f"joiner-node{a['node']}-{i}.log", 2)
+                             for i, p in enumerate(r.all_procs) for a in r.actions
+                             if a.get("what") == "exited" and a.get("pid") == p.pid}
     out["wall_s"] = time.monotonic() - wall0
     out["load_after"] = os.getloadavg()
+    return out
+
+
+def run_warnings(run: dict[str, Any]) -> list[str]:
+    """What looks wrong in a run that ended without an error: kills the controller never
+    confirmed, joiners it turned away, or (elastic) a shrink with no grow although a node came.
+
+    Args:
+        run: A run record (``actions``, ``failures``, ``reshapes``, ``mode``).
+
+    Returns:
+        One line per finding (empty: nothing seen).
+    """
+    acts = run.get("actions", [])
+    kills = sum(1 for a in acts if a.get("what") == "SIGKILL")
+    out = []
+    if "failures" in run and run["failures"] < kills:
+        out.append(f"{kills} workers SIGKILLed but {run['failures']} failures confirmed in the window")
+    exited = sum(1 for a in acts if a.get("what") == "exited")
+    if exited:
+        out.append(f"{exited} joiner(s) exited without a role (refused or failed; see failed_joiners)")
+    kinds = [x.get("kind") for x in run.get("reshapes", [])]
+    joined = any(a.get("what") == "join" for a in acts)
+    if run.get("mode") == "elastic" and "shrink" in kinds and "grow" not in kinds and joined:
+        out.append("the job shrank and a node joined, but it never grew")
     return out
 
 
@@ -870,7 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{r['useful_steps']} steps, step {r['median_step_s']:.3f} s, {r['failures']} losses, "
                       f"{len(r['reshapes'])} reshapes")
                       + f"  (load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f})"
-                      + (f"  ERROR {r['error']}" if r["error"] else ""), flush=True)
+                      + (f"  ERROR {r['error']}" if r["error"] else "")
+                      + "".join(f"\n      warning: {w}" for w in r["warnings"]), flush=True)
     summary = summarise(runs, args, cfgs, events)
     record = {
         "bench": "elastic_trace", "quick": args.quick, "command": " ".join([sys.executable, *sys.argv]),

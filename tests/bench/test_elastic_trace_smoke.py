@@ -192,3 +192,14 @@ def test_summary_leaves_out_failed_runs_and_gives_ratios(tmp_path: Path) -> None
     assert et.resummarise(written, tmp_path / "again.json") == 0
     assert json.loads((tmp_path / "again.json").read_text())["excluded_runs"] == out["excluded_runs"]
     assert et.resummarise(tmp_path / "absent.json", tmp_path / "x.json") == 2
+
+
+def test_warnings_name_what_looks_wrong() -> None:
+    acts = [{"what": "SIGKILL", "node": 2}, {"what": "join", "node": 4}, {"what": "SIGKILL", "node": 0},
+            {"what": "exited", "node": 5, "pid": 7, "rc": 2}]
+    run = {"mode": "elastic", "actions": acts, "failures": 1, "reshapes": [{"kind": "shrink"}]}
+    assert et.run_warnings(run) == ["2 workers SIGKILLed but 1 failures confirmed in the window",
+                                    "1 joiner(s) exited without a role (refused or failed; see failed_joiners)",
+                                    "the job shrank and a node joined, but it never grew"]
+    fine = {"mode": "elastic", "actions": acts[:3], "failures": 2, "reshapes": [{"kind": "shrink"}, {"kind": "grow"}]}
+    assert et.run_warnings(fine) == []
