@@ -108,9 +108,6 @@ class Host:
     def vacancies(self) -> int:
         return 0
 
-    def planned_abort(self) -> bool:
-        return False
-
     def make_grant(self, worker: int, stage: int, replica: int, local: Any) -> dict[str, Any]:
         return {"worker": worker, "stage": stage, "replica": replica}
 

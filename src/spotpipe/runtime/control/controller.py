@@ -534,15 +534,6 @@ class Controller:
             self._progress.message(f"fault injected: worker {w.worker} (stage {w.stage}, replica {w.replica}, pid {w.pid}) "
                                    f"killed itself in the {fault.phase} phase of step {fault.step + 1} ({fault.spec})")
 
-    def planned_abort(self) -> bool:
-        """Whether the generation was aborted for a grow (no loss): see :meth:`Membership._step_failed_without`.
-
-        Returns:
-            True while a grow collects the members' statuses.
-        """
-        rec = self.supervisor.recovering
-        return rec is not None and (rec.joined is not None or rec.grow) and not rec.lost
-
     def vacancies(self) -> int:
         """Nodes of a SkipPipe run that were lost and planned around, or (``ft.elastic``) the
         workers a shrink went without: joiners are kept as spares for them.

@@ -75,15 +75,6 @@ class MembershipHost(Protocol):
     plan: GenerationPlan | None
     stop_reason: str
 
-    def planned_abort(self) -> bool:
-        """Whether the current generation was aborted on purpose, with no loss (a SkipPipe node
-        taken back): then members that are slow to abort are not taken as lost.
-
-        Returns:
-            True during such an abort.
-        """
-        ...
-
     def vacancies(self) -> int:
         """Roles the job left behind and would take a worker back for (SkipPipe nodes planned around).
 
@@ -456,9 +447,11 @@ class Membership:
         posted by :meth:`RecoveryAgent.on_failure`) while ``wid`` did not. Together with heartbeat silence
         this confirms a remote worker's loss within ``ft.detect_timeout_s``: its peers lost their
         connections to it (in a collective they cannot say to whom). A stalled worker, whose peers
-        are still waiting on it, keeps its role until ``run.timeout_s``."""
+        are still waiting on it, keeps its role until ``run.timeout_s``. A grow's planned abort is no
+        exception: its members post their status at once, so one that does not and is silent is
+        lost (a worker killed while the job grows is found within ``ft.detect_timeout_s``)."""
         plan = self.host.plan
-        if plan is None or self.host.planned_abort():  # everyone aborts a grow's step: no evidence of a loss
+        if plan is None:
             return False
         try:
             if self.ctx.store.check([protocol.survivor_key(plan.generation, wid)]):
