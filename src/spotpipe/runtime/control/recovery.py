@@ -418,7 +418,7 @@ class RecoverySupervisor:
         decision = next_shape(current, sorted(rec.lost), joined, elastic_cost(cfg), limits_from(cfg))
         moves: list[dict[str, Any]] | None = None
         why = decision.why
-        if decision.kind in ("shrink", "grow") and (decision.kind == "grow") == rec.grow:
+        if decision.kind in ("shrink", "replace", "grow") and (decision.kind == "grow") == rec.grow:
             steps = {w: st.get("mirror_step") for w, st in status.items()}
             moves, no_copy = block_sources(decision, sorted(rec.lost), steps, resume, uses_mirrors(cfg.ft))
             why = f"{why}; {no_copy}" if moves is None else why
@@ -650,7 +650,7 @@ class RecoverySupervisor:
                        predicted_step_s=d.after_s, lost=sorted(rec.lost), **{"from": d.from_shape.label, "to": d.to_shape.label})
         if rec.resume_step < self.ctx.cfg.train.steps:
             self.ctx.event(ev.STEP_REPLAYED, step=rec.resume_step, generation=rec.new_generation)
-        self.ctx.progress.message(f"{'shrank' if d.kind == 'shrink' else 'grew'} {d.from_shape.label} -> {d.to_shape.label} "
+        self.ctx.progress.message(f"{ {'shrink': 'shrank', 'grow': 'grew'}.get(d.kind, 'standbys took the lost positions:')} {d.from_shape.label} -> {d.to_shape.label} "
                                   f"in {seconds:.2f} s ({moved / 1e6:.2f} MB of blocks moved); generation "
                                   f"{rec.new_generation} replays step {rec.resume_step + 1}")
         if rec.lost:
