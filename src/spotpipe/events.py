@@ -34,7 +34,7 @@ FAILURE_CONFIRMED = "failure_confirmed"  # worker, stage, replica, reason (in a 
 RECOVERY_STARTED = "recovery_started"  # stage, replica, strategy, why (node runs: stage = the node; strategy replan)
 RECOVERY_FINISHED = "recovery_finished"  # stage, replica, strategy, bytes, seconds
 STEP_REPLAYED = "step_replayed"  # step, generation
-RESHAPE = "reshape"  # kind (shrink, grow, wait), from, to ("SxR"), why, bytes, seconds, lost (ft.elastic: spotpipe.ft.elastic); a SkipPipe node taken back: kind "grow", node, nodes, groups
+RESHAPE = "reshape"  # kind (shrink, grow, replace: standbys took lost positions, wait), from, to ("SxR"), why, bytes, seconds, lost (ft.elastic: spotpipe.ft.elastic); a SkipPipe node taken back: kind "grow", node, nodes, groups
 FAULT_INJECTED = "fault_injected"  # step, stage, replica, worker, pid, kind ("kill" | "stall"), spec
 RUN_END = "run_end"  # steps, wall, status ("finished" | "interrupted" | "failed")
 

@@ -78,6 +78,37 @@ def test_with_replicas_a_lost_worker_drops_its_replica_group_exactly(tmp_path: P
     assert_failure_free(run_dir, helpers)
 
 
+@pytest.mark.timeout(240)
+def test_a_loss_at_a_reshaped_shape_shrinks_again_even_with_a_replace_wait(tmp_path: Path, train: Callable[..., Any],
+                                                                          helpers: Any) -> None:
+    """4 -> 3 stages after ft.replace_wait_s, then stage 0 is lost at 3x1: its copy is on the last
+    stage of the shape in force (not of the configured 4 stages), so the job shrinks to 2x1 at
+    once instead of stopping for "no fresh mirror" or rebuilding a configured-shape role."""
+    run_dir = tmp_path / "reshaped-wait"
+    proc = train(run_dir, *ELASTIC, "ft.replace_wait_s=1",
+                 "ft.faults=['stage=1@step=3,phase=backward', 'stage=0@step=8,phase=backward']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    walk = [(r["from"], r["to"]) for r in reshapes(helpers.read_events(run_dir))]
+    assert walk == [("4x1", "3x1"), ("3x1", "2x1")], walk
+    assert_failure_free(run_dir, helpers)
+
+
+@pytest.mark.timeout(240)
+def test_a_standby_takes_the_lost_position_of_a_reshaped_job(tmp_path: Path, train: Callable[..., Any],
+                                                             helpers: Any) -> None:
+    """2x2 -> 2x1 (replica 1 dropped; with 2 blocks no 3-stage shape runs, so its live worker stands
+    by), then a 2x1 worker is lost: the standby takes its position with the lost stage's mirror
+    (a copy into the configured 2x2 roles failed with KeyError (1, 1))."""
+    run_dir = tmp_path / "standby-takes-over"
+    proc = train(run_dir, *ELASTIC, "model.layers=2", "pipeline.stages=2", "pipeline.replicas=2",
+                 "ft.faults=['stage=1,replica=1@step=3,phase=backward', 'stage=1,replica=0@step=7,phase=backward']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    walk = [(r["kind"], r["from"], r["to"]) for r in reshapes(helpers.read_events(run_dir), ("shrink", "replace"))]
+    assert walk == [("shrink", "2x2", "2x1"), ("replace", "2x1", "2x1")], walk
+    assert "standbys took the lost positions: 2x1 -> 2x1" in proc.stdout
+    assert_failure_free(run_dir, helpers)
+
+
 def _memory_between(cfg_sets: list[str]) -> float:
     """A per-worker memory budget (GB) that holds the configured 4 stages but not 3."""
     from spotpipe.config import JobConfig, apply_overrides

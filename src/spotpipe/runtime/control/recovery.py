@@ -315,8 +315,19 @@ class RecoverySupervisor:
                     self._nothing_to_do(rec, resume, status)
                 return
             rec.grow = False  # a loss during a grow: recover it; the spares wait for a later grow
-            if self._elastic() and self.ctx.cfg.ft.replace_wait_s <= 0 and self.members.live_spares() < len(rec.lost):
+            # At a reshaped shape the per-role strategies (a copy into a replacement, a rollback)
+            # would rebuild the configured shape's roles and blocks: only a reshape applies there,
+            # at once (a standby takes a lost position; a joiner grows the job back later).
+            reshaped = self._reshaped()
+            if self._elastic() and (reshaped or (self.ctx.cfg.ft.replace_wait_s <= 0
+                                                 and self.members.live_spares() < len(rec.lost))):
                 if self._reshape(rec, resume, status):
+                    return
+                if reshaped:
+                    p = self.ctx.cfg.pipeline
+                    self.host.fail(Failure(None, f"elastic: {rec.no_shrink}; the job runs at shape {self.host.shape.label}, "
+                                           f"and a replacement by copy or a rollback rebuilds only the configured shape "
+                                           f"{p.stages}x{p.replicas}", FailureKind(1), time.time()))
                     return
             self._finish_plan(rec, self._policy_plans(rec, resume, status), resume, status)
             return
@@ -360,6 +371,17 @@ class RecoverySupervisor:
     def _elastic(self) -> bool:
         return self.ctx.cfg.ft.elastic and self.host.node_plan is None and self.host.shape is not None
 
+    def _reshaped(self) -> bool:
+        """ft.elastic: whether the shape in force is not the configured one (other stages, blocks
+        or replicas), where only a reshape can recover a loss."""
+        if not self._elastic():
+            return False
+        from spotpipe.model.partition import partition_layers
+
+        p, shape = self.ctx.cfg.pipeline, self.host.shape
+        configured = tuple(tuple(span) for span in partition_layers(self.ctx.cfg.model.layers, p.stages))
+        return shape.replicas != p.replicas or tuple(tuple(span) for span in shape.layers) != configured
+
     def _live_spares(self, warm: bool = False) -> list[int]:
         """Spares whose process (where local) still runs; with ``warm``, only those that said they
         are warm (:func:`spotpipe.runtime.protocol.spare_warm_key`)."""
@@ -396,7 +418,7 @@ class RecoverySupervisor:
         decision = next_shape(current, sorted(rec.lost), joined, elastic_cost(cfg), limits_from(cfg))
         moves: list[dict[str, Any]] | None = None
         why = decision.why
-        if decision.kind in ("shrink", "grow") and (decision.kind == "grow") == rec.grow:
+        if decision.kind in ("shrink", "replace", "grow") and (decision.kind == "grow") == rec.grow:
             steps = {w: st.get("mirror_step") for w, st in status.items()}
             moves, no_copy = block_sources(decision, sorted(rec.lost), steps, resume, uses_mirrors(cfg.ft))
             why = f"{why}; {no_copy}" if moves is None else why
@@ -628,7 +650,7 @@ class RecoverySupervisor:
                        predicted_step_s=d.after_s, lost=sorted(rec.lost), **{"from": d.from_shape.label, "to": d.to_shape.label})
         if rec.resume_step < self.ctx.cfg.train.steps:
             self.ctx.event(ev.STEP_REPLAYED, step=rec.resume_step, generation=rec.new_generation)
-        self.ctx.progress.message(f"{'shrank' if d.kind == 'shrink' else 'grew'} {d.from_shape.label} -> {d.to_shape.label} "
+        self.ctx.progress.message(f"{ {'shrink': 'shrank', 'grow': 'grew'}.get(d.kind, 'standbys took the lost positions:')} {d.from_shape.label} -> {d.to_shape.label} "
                                   f"in {seconds:.2f} s ({moved / 1e6:.2f} MB of blocks moved); generation "
                                   f"{rec.new_generation} replays step {rec.resume_step + 1}")
         if rec.lost:
