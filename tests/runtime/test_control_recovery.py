@@ -108,6 +108,9 @@ class Host:
     def vacancies(self) -> int:
         return 0
 
+    def steady_step_s(self) -> float | None:
+        return None
+
     def make_grant(self, worker: int, stage: int, replica: int, local: Any) -> dict[str, Any]:
         return {"worker": worker, "stage": stage, "replica": replica}
 

@@ -29,6 +29,7 @@ names the worker, the step and, when there is one, the checkpoint to resume from
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -52,7 +53,7 @@ from spotpipe.runtime.state.checkpoint import Manifest, checkpoint_dir, write_ma
 from spotpipe.runtime.comm.groups import GenerationPlan, Member
 from spotpipe.runtime.control.launch import LocalWorkers
 from spotpipe.runtime.control.progress import Progress, RunResult
-from spotpipe.runtime.control.job import eval_due, mirrors_wanted
+from spotpipe.runtime.control.job import checkpoint_due, eval_due, mirrors_wanted
 from spotpipe.runtime.control.sizes import format_sizes, job_sizes, mfu
 from spotpipe.ft.policy import recovery_enabled
 from spotpipe.ft.confirm import Failure, FailureKind, better_explanation, starts_recovery
@@ -130,6 +131,8 @@ class Controller:
         self._skipped_in_a_row = 0
         self._first_step_of_gen = -1
         self._gen_first_step = 0
+        self._steady: collections.deque[float] = collections.deque(maxlen=20)  # recent step times at the shape in force
+        self._said_no_checkpoint = ""  # ft.elastic: the reshaped shape whose skipped checkpoints were said
         self._old_handlers: dict[int, Any] = {}
         spare_count = cfg.ft.spares if recovery_enabled(cfg.ft) and self.local_count > 0 else 0
         self.spare_count = spare_count
@@ -323,6 +326,9 @@ class Controller:
         self._last_commit = time.time()
         self._first_step_of_gen = self.next_step
         self._gen_first_step = self.next_step  # a grow waits until this generation has committed a step
+        if self.shape is not None and self.plan is not None and (self.plan.stages, self.plan.replicas) != getattr(self, "_steady_shape", None):
+            self._steady.clear()  # step times of another shape
+            self._steady_shape = (self.plan.stages, self.plan.replicas)
         self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
         if self.generation == 1 and self.spare_count and self.local_count < self.world_size and self.ctx.locals is not None:
@@ -395,6 +401,15 @@ class Controller:
             self.pending_evals.append(step)
         # The first step after a generation starts includes building the groups: not a rate.
         self._progress.step(step, loss, 0.0 if step == self._first_step_of_gen else step_time, int(head["tokens"]))
+        if step != self._first_step_of_gen:
+            self._steady.append(step_time)
+        p = self.cfg.pipeline
+        if (self.shape is not None and (self.shape.stages, self.shape.replicas) != (p.stages, p.replicas)
+                and checkpoint_due(step, t, bool(head.get("stop"))) and self._said_no_checkpoint != self.shape.label):
+            self._said_no_checkpoint = self.shape.label
+            self._progress.message(f"elastic: no checkpoint while the job runs at {self.shape.label} (from step {step + 1}; "
+                                   f"a checkpoint restores the configured {p.stages}x{p.replicas}); the last is of step "
+                                   f"{self.last_checkpoint + 1 if self.last_checkpoint is not None else 'none'}")
         self._injector.step_committed(step_time, step == self._first_step_of_gen)
         if members is None:
             self._injector.step_started(step + 1, now)
@@ -565,6 +580,14 @@ class Controller:
             "phase_faults": self._injector.phase_faults_for(stage, replica),
             "node_plan": None if self.node_plan is None else self.node_plan.to_json(),
         }
+
+    def steady_step_s(self) -> float | None:
+        """The median of the recent steps at the shape in force (not the first of a generation).
+
+        Returns:
+            Seconds, or None before any.
+        """
+        return statistics.median(self._steady) if self._steady else None
 
     def restart_step_clock(self) -> None:
         """The next committed step's time is measured from now (after a recovery: the groups are

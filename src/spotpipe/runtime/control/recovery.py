@@ -130,6 +130,14 @@ class RecoveryHost(Protocol):
         """The next step's time starts now (not at the failure)."""
         ...
 
+    def steady_step_s(self) -> float | None:
+        """The median of the recent steps at the shape in force (what an elastic reshape prices shapes by).
+
+        Returns:
+            Seconds, or None before any.
+        """
+        ...
+
     def fail(self, failure: Failure) -> None:
         """Stop the job with ``failure`` as (a candidate for) its reason.
 
@@ -261,6 +269,24 @@ class RecoverySupervisor:
                                FailureKind.WORKER_ERROR, time.time()))
         return True
 
+    def _new_worker_silent(self, rec: Recovery) -> bool:
+        """A reshape's new worker (a joiner or a spare it placed) that has been silent for
+        ``ft.detect_timeout_s`` while the new generation installs: it is lost, and the blocks
+        moving to it with it; stop at once with one line (True) rather than after ``run.timeout_s``."""
+        if rec.decision is None:
+            return False
+        limit = self.ctx.cfg.ft.detect_timeout_s
+        for wid in rec.new_workers.values():
+            w = self.members.workers.get(wid)
+            if w is not None and self.clock() - w.last_beat > limit and not self.ctx.store.check(
+                    [protocol.recovered_key(rec.new_generation, wid)]):
+                d = rec.decision
+                self.host.fail(Failure(wid, f"{w.name()} joined and was lost (silent for {limit:g} s, ft.detect_timeout_s) "
+                                            f"while the job reshaped {d.from_shape.label} -> {d.to_shape.label}: a loss in the "
+                                            "move is not recovered", FailureKind.SILENCE, time.time()))
+                return True
+        return False
+
     def _timed_out(self, rec: Recovery, what: str) -> bool:
         """Stop the job if ``what`` has been awaited for ``run.timeout_s`` since the recovery
         started or, for a recovery extended by another loss, since that loss (each loss starts
@@ -382,6 +408,17 @@ class RecoverySupervisor:
         configured = tuple(tuple(span) for span in partition_layers(self.ctx.cfg.model.layers, p.stages))
         return shape.replicas != p.replicas or tuple(tuple(span) for span in shape.layers) != configured
 
+    def _cost(self) -> Any:
+        """The policy's cost model (:func:`spotpipe.ft.elastic.elastic_cost`), its time per block
+        scaled so that the shape in force costs its measured median step: the decisions compare
+        shapes by their predicted steps, and the lines print seconds a user can check."""
+        from spotpipe.ft.elastic import elastic_cost, step_seconds
+
+        cost = elastic_cost(self.ctx.cfg)
+        measured, shape = self.host.steady_step_s(), self.host.shape
+        predicted = step_seconds(shape, cost) if shape is not None else 0.0
+        return replace(cost, layer_s=cost.layer_s * measured / predicted) if measured and predicted > 0 else cost
+
     def _live_spares(self, warm: bool = False) -> list[int]:
         """Spares whose process (where local) still runs; with ``warm``, only those that said they
         are warm (:func:`spotpipe.runtime.protocol.spare_warm_key`)."""
@@ -408,14 +445,14 @@ class RecoverySupervisor:
         and the next generation carries out the record of
         :func:`spotpipe.runtime.control.reshape.reshape_record`: the blocks move peer to peer and
         step ``resume`` replays with the same data."""
-        from spotpipe.ft.elastic import elastic_cost, limits_from, next_shape
+        from spotpipe.ft.elastic import limits_from, next_shape
         from spotpipe.ft.policy import uses_mirrors
         from spotpipe.runtime.control.reshape import block_sources, reshape_record
 
         cfg = self.ctx.cfg
         current = self._shape_now(rec, spares=not rec.grow)
         joined = self._live_spares(warm=True) if rec.grow else []  # a grow names them as workers that joined
-        decision = next_shape(current, sorted(rec.lost), joined, elastic_cost(cfg), limits_from(cfg))
+        decision = next_shape(current, sorted(rec.lost), joined, self._cost(), limits_from(cfg))
         moves: list[dict[str, Any]] | None = None
         why = decision.why
         if decision.kind in ("shrink", "replace", "grow") and (decision.kind == "grow") == rec.grow:
@@ -560,16 +597,16 @@ class RecoverySupervisor:
         Returns:
             True when a grow started.
         """
-        from spotpipe.ft.elastic import elastic_cost, limits_from, next_shape
+        from spotpipe.ft.elastic import limits_from, next_shape
 
         if self.recovering is not None or not self.members.live_spares():
             return False
         probe = Recovery(self.host.generation, self.clock(), time.time())
         current, spares = self._shape_now(probe, spares=False), self._live_spares(warm=True)
         key = (current.workers, tuple(spares))
-        if not spares or key in self._unplaceable:
+        if not spares or key in self._unplaceable or len(current.active) >= self.ctx.cfg.pipeline.stages * self.ctx.cfg.pipeline.replicas:  # grown back in full
             return False
-        decision = next_shape(current, [], spares, elastic_cost(self.ctx.cfg), limits_from(self.ctx.cfg))
+        decision = next_shape(current, [], spares, self._cost(), limits_from(self.ctx.cfg))
         if decision.kind != "grow":
             self._unplaceable.add(key)
             self.ctx.progress.message(f"elastic: the job stays {current.label}: {decision.why}")
@@ -661,7 +698,7 @@ class RecoverySupervisor:
     def _recovery_install(self, rec: Recovery) -> None:
         keys = [protocol.recovered_key(rec.new_generation, m.worker) for m in self.host.plan.members]
         if not self.ctx.store.check(keys):
-            if not self._install_failed_without_a_loss(rec):
+            if not (self._install_failed_without_a_loss(rec) or self._new_worker_silent(rec)):
                 self._timed_out(rec, "the new generation to install the recovered state")
             return
         done = {m.worker: json.loads(raw) for m, raw in zip(self.host.plan.members, self.ctx.store.multi_get(keys))}

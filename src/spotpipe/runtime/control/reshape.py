@@ -161,6 +161,11 @@ def elastic_floor_note(cfg: JobConfig) -> str:
     if limits.memory_bytes > 0 and need > limits.memory_bytes:
         raise SpotpipeError(f"pipeline.memory_budget_gb = {p.memory_budget_gb:g}: the configured shape {shape.label} needs "
                             f"{need / 1e9:.3g} GB on stage {stage} (ft.elastic checks every shape against it)")
+    from spotpipe.ft.policy import uses_mirrors
+
+    if p.replicas == 1 and not uses_mirrors(cfg.ft):
+        return (f"ft.elastic: with one replica a shrink moves the lost stage's blocks from its mirror, which "
+                f"ft.strategy = {cfg.ft.strategy} does not keep: a lost worker waits for a replacement (use auto or mirror)")
     floor = ""
     while len(shape.active) > 1:
         decision = next_shape(shape, [shape.active[-1]], [], cost, limits)
@@ -169,5 +174,7 @@ def elastic_floor_note(cfg: JobConfig) -> str:
             break
         shape = decision.to_shape
     n = len(shape.active)
+    if n == p.stages * p.replicas:
+        return f"ft.elastic: ft.min_workers = {cfg.ft.min_workers} leaves no smaller shape: a lost worker waits for a replacement"
     return (f"ft.elastic: a lost worker with no spare shrinks the job, down to {shape.label} ({n} worker{'s' if n > 1 else ''})"
             f"{floor}; workers that join grow it back")
