@@ -591,9 +591,12 @@ def relative_error(predicted: float, measured: float) -> float:
         measured: The runtime's figure (> 0).
 
     Returns:
-        The relative error; ``inf`` when ``measured`` is 0.
+        The relative error; when ``measured`` is 0 (a run with no useful progress): 0 if
+        ``predicted`` is 0 too, else ``inf``.
     """
-    return abs(predicted - measured) / measured if measured > 0 else math.inf
+    if measured > 0:
+        return abs(predicted - measured) / measured
+    return 0.0 if predicted == 0 else math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1356,7 +1359,9 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
         print(f"sim_vs_runtime_error, calibrated on the other rounds: {out['sim_vs_runtime_error_held_out']:.3f}")
     for key in ("elastic_vs_wait", "elastic_vs_checkpoint", "sim_vs_runtime_error"):
         v = out[key]
-        print(f"{key:24s} {'-' if v is None else f'{v:.3f}'}  (target {'>=' if 'vs_runtime' not in key else '<='} "
+        other = {"elastic_vs_wait": "wait", "elastic_vs_checkpoint": "restart"}.get(key)
+        none = "-" if not (other and by_mode.get(other)) else f"- ({other} made no useful progress)"
+        print(f"{key:24s} {none if v is None else f'{v:.3f}'}  (target {'>=' if 'vs_runtime' not in key else '<='} "
               f"{TARGETS[key]})")
     if out["elastic_vs_rollback"] is not None:
         print(f"{'elastic_vs_rollback':24s} {out['elastic_vs_rollback']:.3f}  (no target: the in-place rollback)")

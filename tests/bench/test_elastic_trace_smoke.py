@@ -157,6 +157,7 @@ def test_prediction_is_calibrated_and_finite() -> None:
     with pytest.raises(et.BenchError, match="unknown mode 'bogus'"):
         et.predict(cfg, events, "bogus", 30.0, **cal)
     assert et.relative_error(9.0, 10.0) == pytest.approx(0.1) and et.relative_error(1.0, 0.0) == math.inf
+    assert et.relative_error(0.0, 0.0) == 0.0  # no progress, none predicted
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
