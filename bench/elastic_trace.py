@@ -1,15 +1,22 @@
-"""Replay spot preemptions of the Bamboo p3 trace on real worker processes: elastic vs wait vs checkpoint.
+"""Replay spot preemptions of the Bamboo p3 trace on real worker processes: elastic vs wait vs restart.
 
 A time-compressed slice of a Bamboo-format preemption trace (Thorpe et al., NSDI'23; default
 ``../shared/data/bamboo-spot-traces/p3-trace.csv``) is played on a real ``spotpipe train`` job,
-in three modes alternated in one run (elastic, wait, checkpoint, then the next round):
+in up to four modes alternated in one run (elastic, wait, restart, rollback, then the next round):
 
 * ``elastic``: ``ft.elastic = true``: a lost worker with no replacement makes the job shrink to
   fewer stages after ``ft.replace_wait_s``; a joiner makes it grow back.
 * ``wait``: ``ft.elastic = false``, ``ft.strategy = auto`` (mirror with one replica): the lost role
   waits for the next worker that joins, which recovers the stage from its mirror (no rollback).
-* ``checkpoint``: ``ft.strategy = checkpoint``, ``train.checkpoint_every = K``: once a
-  replacement joins, every worker rolls back to the last checkpoint.
+* ``restart``: checkpoint/restart, as Varuna, DeepSpeed elasticity and torchrun do it:
+  ``ft.strategy = none``, ``train.checkpoint_every = K``. A loss stops the whole job (the
+  controller ends, every surviving worker exits); once enough nodes are up again (the survivors'
+  and the trace's next ``add``), the harness starts it again with ``spotpipe train --resume
+  RUN_DIR`` on a new port and starts one fresh ``worker --join`` per role with the new job token.
+  The job goes on from the step after its last checkpoint: the steps since are trained again.
+* ``rollback``: ``ft.strategy = checkpoint``, ``train.checkpoint_every = K``: the job keeps its
+  processes; once a replacement joins, every worker reloads the last checkpoint in place (a few
+  seconds, no restart). Reported, with no target; ``--quick`` leaves it out.
 
 The harness starts the controller with ``run.local_workers = 0`` (it starts no worker itself, so a
 lost role really waits for the trace's next addition) and starts EVERY worker with ``python -m
@@ -23,36 +30,50 @@ spotpipe worker --join 127.0.0.1:PORT`` (the job token in its environment):
   time 0 (the first ``stages x replicas`` of them are the job's workers, as
   :func:`spotpipe.sim.elastic.trace_events` maps them) and the events follow, divided by
   ``--compress``. The replay lasts ``--seconds`` of wall time, counted from the commit of step
-  ``--warmup`` (default ``--checkpoint-every``, in every mode, so the checkpoint mode has a
-  checkpoint to roll back to when the first loss comes).
+  ``--warmup`` (counted from 0; default ``--checkpoint-every`` - 1, in every mode: the step of the
+  first checkpoint, so the restart and rollback modes have one to go back to when the first loss
+  comes, and their checkpoints fall where the simulator's do: every ``K`` steps from the start).
 * A ``remove`` of a node that runs a worker is a real SIGKILL of that process; of an idle node, it
   leaves the pool. An ``add`` starts a ``worker --join`` process when the job has fewer live
   workers than its configured size; otherwise the node waits idle in the pool (the simulator's
   standby) and starts a worker at the next loss. A joiner the controller refuses (it came before
-  the lost role was freed) goes back to the pool and is started again a second later.
+  the lost role was freed) goes back to the pool and is started again a second later. In
+  ``restart`` mode no worker joins a running job: a restart takes the survivors' nodes and the
+  oldest idle ones; a lost job that has not ended ``ft.detect_timeout_s`` + 5 s after the loss
+  gets Ctrl-C (at once when it has not committed since it started), and workers left 5 s after
+  their controller ended are SIGKILLed. After the window (no more trace events), for its pause
+  only, a restart under way runs to its first commit, and a job that is down is restarted at once
+  (on spare nodes if too few are up) and runs to its first commit.
 
-Measured per run from its ``events.jsonl``, over the replay window (``--seconds`` from the commit
-of step ``--warmup``): useful samples per second (``progress x train.batch_size / window``, where progress is the
-committed step number reached at the end minus the one at the start, so steps rolled back to a
-checkpoint do not count) and ETTR (the ``step_time`` of the steps that count / window; the first
-step of a generation, which includes the recovery, counts the run's median step time instead).
+Measured per run from its ``events.jsonl`` (a restarted job appends its own ``run_start`` and
+steps to it), over the replay window (``--seconds`` from the commit of step ``--warmup``): useful
+samples per second (``progress x train.batch_size / window``, where progress is the step number
+the job goes on from at the window's end minus the one at its start: a commit's, or after a loss
+that throws steps away the step after the checkpoint it restarts or rolls back to, so steps
+trained twice count once) and ETTR (the ``step_time`` of the steps that count / window; the
+first step of a generation or of a restarted job, which includes the recovery, counts the run's
+median step time instead).
 
 Predicted: :func:`spotpipe.sim.elastic.simulate_elastic` on the same node events, same window,
 calibrated with what the mode's runs measured: the mean steady step time of every shape they ran,
-the pause from a replacement's process start to the next commit minus one step (``sim.regroup_s``
-for wait, ``sim.restart_s`` for checkpoint), the reshape pause (``reshape.seconds``, elastic) and
-the checkpoint write time; the trace's timing, the detection delay, the shapes the policy picks
-and the lost work are the simulator's own. ``sim_vs_runtime_error`` is the largest relative error,
-over the modes, of the predicted against the measured median useful throughput (calibrated on
-the same runs); ``sim_vs_runtime_error_held_out`` calibrates on the other rounds (``--rounds`` >= 2).
+the pause of the mode minus one step (wait: from a replacement's process start to the next
+commit, ``sim.regroup_s``; restart: from the moment the lost job could restart, its loss
+``ft.detect_timeout_s`` old and enough nodes up, to the restarted job's first commit,
+``sim.restart_s``; rollback: from the replacement's start to the next commit, ``sim.restart_s``),
+the reshape pause (``reshape.seconds``, elastic) and the checkpoint write time; the trace's
+timing, the detection delay, the shapes the policy picks and the lost work are the simulator's
+own. The simulator's ``checkpoint`` mode predicts both ``restart`` and ``rollback``.
+``sim_vs_runtime_error`` is the largest relative error, over elastic, wait and restart, of the
+predicted against the measured median useful throughput (calibrated on the same runs);
+``sim_vs_runtime_error_held_out`` calibrates on the other rounds (``--rounds`` >= 2).
 
 Writes ``bench/results/elastic_trace.json`` with ``elastic_vs_wait`` and ``elastic_vs_checkpoint``
-(ratios of median useful throughput; targets >= 1.2 and >= 2.0), ``sim_vs_runtime_error``
-(target <= 0.15), the trace slice, compression and replacement delays, and every run with the
-load average before and after it.
+(ratios of median useful throughput, the latter against ``restart``; targets >= 1.2 and >= 2.0),
+``elastic_vs_rollback`` (no target), ``sim_vs_runtime_error`` (target <= 0.15), the trace slice,
+compression and replacement delays, and every run with the load average before and after it.
 
-    python bench/elastic_trace.py --quick    # 1 round of 40 s replays, x60: under 4 minutes
-    python bench/elastic_trace.py            # 3 rounds of 80 s replays, x40 (about 15 minutes)
+    python bench/elastic_trace.py --quick    # 1 round of elastic, wait, restart: 40 s replays, x40 (under 4 minutes)
+    python bench/elastic_trace.py            # 3 rounds of the 4 modes, 80 s replays, x40 (about 20 minutes)
 """
 
 from __future__ import annotations
@@ -82,7 +103,7 @@ from spotpipe.config import JobConfig, load_config  # noqa: E402
 from spotpipe.errors import SpotpipeError  # noqa: E402
 from spotpipe.ft.elastic import Shape, elastic_cost, initial_shape, step_seconds  # noqa: E402
 from spotpipe.sim.cluster import FAIL, NodeEvent  # noqa: E402
-from spotpipe.sim.elastic import ELASTIC_MODES, ElasticResult, simulate_elastic, trace_events  # noqa: E402
+from spotpipe.sim.elastic import ElasticMode, ElasticResult, simulate_elastic, trace_events  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "data" / "bamboo-spot-traces" / "p3-trace.csv"
 JOB = ["pipeline.stages=4", "pipeline.replicas=1", "pipeline.microbatches=4", "run.plot=false", "run.progress=false",
@@ -91,11 +112,22 @@ JOB = ["pipeline.stages=4", "pipeline.replicas=1", "pipeline.microbatches=4", "r
 MODES: dict[str, list[str]] = {
     "elastic": ["ft.elastic=true", "ft.strategy=auto"],
     "wait": ["ft.elastic=false", "ft.strategy=auto"],
-    "checkpoint": ["ft.elastic=false", "ft.strategy=checkpoint"],
+    "restart": ["ft.elastic=false", "ft.strategy=none"],
+    "rollback": ["ft.elastic=false", "ft.strategy=checkpoint"],
 }
+SIM_MODES: dict[str, ElasticMode] = {"elastic": "elastic", "wait": "wait", "restart": "checkpoint",
+                                     "rollback": "checkpoint"}  # the simulator's mode that predicts each
+CHECKPOINTED = ("restart", "rollback")  # the modes that write checkpoints (train.checkpoint_every)
+TARGET_MODES = ("elastic", "wait", "restart")  # sim_vs_runtime_error is their largest error
+QUICK_MODES = ("elastic", "wait", "restart")  # --quick leaves out rollback (4 minutes)
+LEGACY_MODES = {"checkpoint": "rollback"}  # the in-place rollback's name in results written before "restart"
 TARGETS = {"elastic_vs_wait": 1.2, "elastic_vs_checkpoint": 2.0, "sim_vs_runtime_error": 0.15}
 START_TIMEOUT_S = 120.0  # controller + first workers up to the first committed step
 STOP_GRACE_S = 20.0  # after Ctrl-C (SIGINT) the job stops after its step; then a second one, then SIGKILL
+DOWN_GRACE_S = 5.0  # restart: a lost job not ended this long after ft.detect_timeout_s gets Ctrl-C, then SIGKILL
+LEFTOVER_S = 5.0  # restart: workers still running this long after their controller ended are SIGKILLed
+SPARE_NODES = 10**6  # ids of the nodes a restart after the window runs on when too few are up
+AFTER_WINDOW_S = 45.0  # restart: how long a restart under way at the window's end may run to its first commit
 
 
 class BenchError(SpotpipeError):
@@ -263,8 +295,52 @@ def replacement_delays(events: Sequence[NodeEvent], workers: int) -> list[dict[s
 # Figures from a run's events (pure)
 
 
-def measure(records: Sequence[dict[str, Any]], window_s: float, batch_size: int, start_step: int = 0) -> dict[str, Any]:
+def durable_end(records: Sequence[dict[str, Any]], last: dict[str, Any], lost_by: float = math.inf) -> int | None:
+    """The step a job goes on from after its last commit in the window, when a loss there throws steps away.
+
+    A job lost after that commit and restarted from a checkpoint (or rolled back to one) trains
+    again from the checkpoint's next step: the steps after the checkpoint are not progress. A
+    loss recorded after ``lost_by`` is left to the next window (the simulator counts the steps
+    done up to its horizon).
+
+    Args:
+        records: The run's events, in file order.
+        last: The last ``step`` record inside the window (one of ``records``).
+        lost_by: Seconds since the epoch: the latest a loss (``failure_confirmed``, or a
+            ``run_end`` with status ``failed``) may be recorded to count.
+
+    Returns:
+        With such a loss after ``last``, what follows it first: a commit's step number (the next
+        step trained is the one it committed), a resumed ``run_start``'s checkpoint step + 1, or
+        at the end of the records, after a failed ``run_end``, the newest checkpoint's step + 1
+        (0 without one); else ``None``.
+    """
+    at = next(i for i, r in enumerate(records) if r is last)
+    saved = max([int(r["step"]) for r in records[:at + 1] if r.get("event") == "checkpoint" and "step" in r], default=-1)
+    lost = failed = False
+    for r in records[at + 1:]:
+        kind = r.get("event")
+        if kind == "checkpoint" and "step" in r:
+            saved = max(saved, int(r["step"]))
+        elif kind == "failure_confirmed" or (kind == "run_end" and r.get("status") == "failed"):
+            if not lost and float(r.get("t", 0.0)) > lost_by:
+                return None
+            lost, failed = True, failed or kind == "run_end"
+        elif kind == "step":
+            return int(r["step"]) if lost else None
+        elif kind == "run_start" and r.get("resumed_from") is not None:
+            return int(r["resumed_from"]) + 1 if lost else None
+    return saved + 1 if failed else None
+
+
+def measure(records: Sequence[dict[str, Any]], window_s: float, batch_size: int, start_step: int = 0,
+            loss_grace_s: float = 0.0) -> dict[str, Any]:
     """Useful throughput and ETTR of one run over its replay window (module docstring).
+
+    The run may be several jobs in one ``events.jsonl`` (a restart mode's ``--resume``: each
+    appends a ``run_start`` and goes on from its checkpoint's next step): progress is the step
+    number the job goes on from at the window's end (:func:`durable_end`: steps after a
+    checkpoint that a loss threw away are not counted) minus the one at its start.
 
     Args:
         records: The run's events (``events.jsonl`` records; ``t`` in seconds since the epoch).
@@ -272,12 +348,15 @@ def measure(records: Sequence[dict[str, Any]], window_s: float, batch_size: int,
         batch_size: ``train.batch_size`` (samples per committed step).
         start_step: The step (counted from 0) whose commit starts the window (the warm-up before it
             is not measured).
+        loss_grace_s: A loss recorded this long after the window's end happened inside it (the
+            harness kills nothing after the window; detection and a job's end lag the kill).
 
     Returns:
         ``t0`` (the window's first commit), ``useful_steps``, ``samples_per_s``, ``productive_s``, ``ettr``,
         ``median_step_s`` (steady steps), ``step_s_by_shape`` and ``mean_step_s_by_shape`` (median and
         mean steady step per ``"SxR"``, seconds),
-        ``failures``, ``recoveries``, ``reshapes``, ``rollbacks`` (commits of an older step number),
+        ``failures`` (confirmed losses and jobs that stopped failed), ``recoveries``, ``reshapes``,
+        ``rollbacks`` (commits of an older step number), ``restarts`` (jobs started again),
         all inside the window, and ``checkpoints`` and ``checkpoint_write_s`` (median) of the whole run.
 
     Raises:
@@ -292,24 +371,34 @@ def measure(records: Sequence[dict[str, Any]], window_s: float, batch_size: int,
     end = t0 + window_s
     inside = [r for r in steps if r["t"] <= end + 1e-9]
     first, last = int(steps[0]["step"]) + 1, int(inside[-1]["step"]) + 1
-    steady, first_of_gen = [], set()
-    shape_of_gen: dict[Any, str] = {}
-    shape = None
+    going_on = durable_end(records, inside[-1], end + loss_grace_s)
+    if going_on is not None:
+        last = min(last, going_on)
+    # a job's first step after a run_start or a new generation includes its (re)start: not steady
+    first_of_gen: set[int] = set()
+    shape_of_gen: dict[tuple[int, Any], str] = {}
+    gen_of: dict[int, tuple[int, Any]] = {}
+    shape, run, prev = None, 0, None
     for r in records:
         if r.get("event") == "run_start":
             p = (r.get("config") or {}).get("pipeline", {})
             shape = f"{p.get('stages', '?')}x{p.get('replicas', '?')}"
+            run, prev = run + 1, None
         elif r.get("event") == "reshape":
             shape = str(r.get("to"))
         elif r.get("event") == "step":
-            shape_of_gen.setdefault(r.get("generation"), shape or "?")
+            key = (run, r.get("generation"))
+            shape_of_gen.setdefault(key, shape or "?")
+            gen_of[id(r)] = key
+            if prev is None or prev.get("generation") != r.get("generation") or int(r["step"]) != int(prev["step"]) + 1:
+                first_of_gen.add(id(r))
+            prev = r
+    steady: list[float] = []
     by_shape: dict[str, list[float]] = {}
-    for prev, r in zip([None, *steps], steps):
-        if prev is None or prev.get("generation") != r.get("generation") or int(r["step"]) != int(prev["step"]) + 1:
-            first_of_gen.add(id(r))
-        else:
+    for r in steps:
+        if id(r) not in first_of_gen:
             steady.append(float(r["step_time"]))
-            by_shape.setdefault(shape_of_gen.get(r.get("generation"), "?"), []).append(float(r["step_time"]))
+            by_shape.setdefault(shape_of_gen.get(gen_of[id(r)], "?"), []).append(float(r["step_time"]))
     median_step = statistics.median(steady) if steady else float(steps[0]["step_time"])
     counted: dict[int, dict[str, Any]] = {}
     for r in inside[1:]:
@@ -328,13 +417,37 @@ def measure(records: Sequence[dict[str, Any]], window_s: float, batch_size: int,
         "productive_s": productive, "ettr": productive / window_s, "median_step_s": median_step,
         "step_s_by_shape": {k: statistics.median(v) for k, v in by_shape.items()},
         "mean_step_s_by_shape": {k: statistics.fmean(v) for k, v in by_shape.items()},
-        "failures": sum(1 for r in window if r.get("event") == "failure_confirmed"),
+        "failures": sum(1 for r in window if r.get("event") == "failure_confirmed"
+                        or (r.get("event") == "run_end" and r.get("status") == "failed")),
         "recoveries": sum(1 for r in window if r.get("event") == "recovery_finished"),
         "reshapes": [{k: r.get(k) for k in ("kind", "from", "to", "why", "bytes", "seconds")}
                      for r in window if r.get("event") == "reshape"],
-        "rollbacks": rollbacks, "checkpoints": len(writes),
-        "checkpoint_write_s": statistics.median(writes) if writes else 0.0,
+        "rollbacks": rollbacks, "restarts": sum(1 for r in window if r.get("event") == "run_start"),
+        "checkpoints": len(writes), "checkpoint_write_s": statistics.median(writes) if writes else 0.0,
     }
+
+
+def restart_pauses(records: Sequence[dict[str, Any]], restarts: Sequence[tuple[float, float]]) -> list[float]:
+    """Seconds from the moment a lost job could restart to the restarted job's first commit.
+
+    Args:
+        records: The run's events.
+        restarts: ``(ready, started)`` per restart the harness made, in order: ``ready`` is when
+            the loss was detectable (``ft.detect_timeout_s`` after it) and enough nodes were up,
+            ``started`` when the harness started ``spotpipe train --resume`` (seconds since the epoch).
+
+    Returns:
+        One pause per restart whose job committed a step before the next restart started (a job
+        lost again before its first commit gives none), in order.
+    """
+    commits = sorted(float(r["t"]) for r in records if r.get("event") == "step")
+    out = []
+    for k, (ready, started) in enumerate(restarts):
+        nxt = next((c for c in commits if c > started), None)
+        later = restarts[k + 1][1] if k + 1 < len(restarts) else math.inf
+        if nxt is not None and nxt < later:
+            out.append(nxt - ready)
+    return out
 
 
 def join_pauses(records: Sequence[dict[str, Any]], starts: Sequence[tuple[int, float]]) -> list[float]:
@@ -417,8 +530,10 @@ def calibrate(runs: Sequence[dict[str, Any]], cfg: JobConfig,
         :func:`predict`'s keyword arguments: ``step_s`` (median over the runs of the mean step of
         the configured shape, seconds), ``by_shape`` (the same for every other shape the runs ran),
         ``pause_s`` (a reshape's pause: the median ``reshape.seconds`` where the runs reshaped;
-        else the median seconds from a replacement's process start to the next commit, minus one
-        step; else 1 s) and ``write_s`` (median checkpoint write, seconds; 0 without checkpoints).
+        else the median of the runs' ``pauses_s``, minus one step: from a replacement's process
+        start to the next commit, or in restart mode from the moment a lost job could restart to
+        its first commit (:func:`restart_pauses`; ``sim.restart_s``); else 1 s) and ``write_s``
+        (median checkpoint write, seconds; 0 without checkpoints).
     """
     label = configured_label(cfg)
     timed = runs if steps_from is None else steps_from
@@ -443,21 +558,28 @@ def predict(cfg: JobConfig, events: Sequence[NodeEvent], mode: str, window_s: fl
     Args:
         cfg: The job as the runs ran it (``ft.*``, ``train.checkpoint_every``).
         events: The replay's node events (wall seconds).
-        mode: ``elastic``, ``wait`` or ``checkpoint``.
+        mode: The bench's mode (a key of :data:`MODES`); the simulator plays
+            ``SIM_MODES[mode]``: ``restart`` and ``rollback`` are its ``checkpoint`` mode.
         window_s: The replay's length, seconds.
         step_s: Measured median step of the configured shape, seconds.
         by_shape: Measured median step per shape label, seconds.
-        pause_s: Measured pause of the mode's recovery or reshape, seconds, one step excluded
-            (``sim.regroup_s``, or ``sim.restart_s`` in checkpoint mode).
+        pause_s: Measured pause of the mode's recovery, restart or reshape, seconds, one step
+            excluded (``sim.regroup_s``, or ``sim.restart_s`` in the simulator's checkpoint mode).
         write_s: Measured checkpoint write, seconds (``sim.checkpoint_write_s``).
 
     Returns:
         The :class:`spotpipe.sim.elastic.ElasticResult`.
+
+    Raises:
+        BenchError: for a mode the bench does not know.
     """
+    name = LEGACY_MODES.get(mode, mode)
+    if name not in SIM_MODES:
+        raise BenchError(f"prediction: unknown mode {mode!r}; choose from {', '.join(SIM_MODES)}")
     sim = replace(cfg.sim, replace_s=math.inf, regroup_s=max(0.0, pause_s), restart_s=max(0.0, pause_s),
                   checkpoint_write_s=write_s, spares=0)
     job = replace(cfg, sim=sim)
-    return simulate_elastic(job, events, mode, horizon_s=window_s,  # type: ignore[arg-type]
+    return simulate_elastic(job, events, SIM_MODES[name], horizon_s=window_s,
                             step_time=calibrated_step_time(job, step_s, by_shape))
 
 
@@ -469,9 +591,12 @@ def relative_error(predicted: float, measured: float) -> float:
         measured: The runtime's figure (> 0).
 
     Returns:
-        The relative error; ``inf`` when ``measured`` is 0.
+        The relative error; when ``measured`` is 0 (a run with no useful progress): 0 if
+        ``predicted`` is 0 too, else ``inf``.
     """
-    return abs(predicted - measured) / measured if measured > 0 else math.inf
+    if measured > 0:
+        return abs(predicted - measured) / measured
+    return 0.0 if predicted == 0 else math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,14 +638,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Replay:
-    """One run of the job under the trace: its processes and what the harness did."""
+    """One run of the job under the trace: its processes and what the harness did.
+
+    In ``restart`` mode a loss ends the whole job (``ft.strategy = none``); :meth:`tick_restart`
+    waits for it to end, then starts it again with ``spotpipe train --resume`` and fresh workers
+    once enough nodes are up.
+    """
 
     mode: str
     run_dir: Path
     events: list[NodeEvent]
     workers: int
     env: dict[str, str]
+    overrides: list[str] = field(default_factory=list)  # the job's --set values
+    detect_s: float = 0.0  # ft.detect_timeout_s
     address: str = ""
+    controller_log: Path = Path("controller.log")
     controller: subprocess.Popen[bytes] | None = None
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # node -> its worker process
     pool: list[int] = field(default_factory=list)  # nodes up with no process (idle)
@@ -528,7 +661,60 @@ class Replay:
     actions: list[dict[str, Any]] = field(default_factory=list)
     starts: list[tuple[int, float]] = field(default_factory=list)  # (pid, time) of joiners in the replay
     all_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    controllers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)  # nodes whose process the harness SIGKILLed
+    # restart mode
+    down_since: float | None = None  # when the running job was lost (None: it runs, or is starting)
+    loss_at: float = 0.0  # the loss that took it down
+    enough_at: float | None = None  # since when enough nodes are up again
+    interrupt_at: float = math.inf  # when the lost job, still running, gets the next Ctrl-C
+    interrupts: int = 0
+    interrupt_gap: float = DOWN_GRACE_S  # between a lost job's Ctrl-Cs
+    after_window: bool = False  # the window is over: a lost job restarts at once, to measure its pause
+    gone_at: float | None = None  # when the lost job's controller ended
+    starting_since: float | None = None  # a restart's controller runs and its job token is awaited
+    assigned: list[int] = field(default_factory=list)  # its nodes, whose workers start with the token
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def restart_mode(self) -> bool:
+        """Whether a loss stops the whole job (mode ``restart``)."""
+        return self.mode == "restart"
+
+    def launch(self, resume: bool) -> None:
+        """Start the controller on a free port: the job, or ``--resume`` of its run directory.
+
+        Args:
+            resume: Continue the run from its last checkpoint (a restart).
+        """
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        run = self.run_dir / "run"
+        cmd = [sys.executable, "-m", "spotpipe", "train"]
+        if resume:
+            (run / "job.token").unlink(missing_ok=True)  # the next one is the new job's
+            cmd += ["--resume", str(run), "--set", f"run.port={port}"]
+            log_path = self.run_dir / f"controller-restart{len(self.restarts)}.log"
+        else:
+            for o in [*self.overrides, f"run.port={port}", f"run.dir={run}"]:
+                cmd += ["--set", o]
+            log_path = self.run_dir / "controller.log"
+        self.controller_log = log_path
+        with open(log_path, "wb") as log:
+            self.controller = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                               env=self.env, cwd=str(ROOT), start_new_session=True)
+        self.controllers.append(self.controller)
+
+    def token(self) -> str:
+        """The job token the running controller wrote (empty until it has).
+
+        Returns:
+            The token, or ``""``.
+        """
+        try:
+            return (self.run_dir / "run" / "job.token").read_text().strip()
+        except OSError:
+            return ""
 
     def start_worker(self, node: int, counted: bool) -> None:
         """Start ``python -m spotpipe worker --join`` for ``node`` (the token in its environment).
@@ -558,6 +744,9 @@ class Replay:
     def reap(self, now: float, t0: float) -> None:
         """Joiners that exited on their own (refused, or the job ended): their nodes go back to the pool.
 
+        In restart mode the workers of a lost job go to the pool's front: they run the restarted
+        job with the oldest idle nodes, as the simulator keeps the survivors.
+
         Args:
             now: Seconds since the epoch.
             t0: The replay's start, seconds since the epoch.
@@ -565,6 +754,11 @@ class Replay:
         for node, proc in list(self.procs.items()):
             if proc.poll() is not None and node not in self.killed:
                 del self.procs[node]
+                if self.restart_mode and self.down_since is not None:
+                    self.pool.insert(0, node)
+                    self.actions.append({"t": now - t0, "what": "stopped", "node": node, "pid": proc.pid,
+                                         "rc": proc.returncode})
+                    continue
                 self.pool.append(node)
                 self.actions.append({"t": now - t0, "what": "exited", "node": node, "pid": proc.pid, "rc": proc.returncode})
                 self.retry_at = now + 1.0
@@ -576,6 +770,8 @@ class Replay:
             now: Seconds since the epoch.
             t0: The replay's start, seconds since the epoch.
         """
+        if self.restart_mode:  # a restart starts every worker at once (tick_restart)
+            return
         while self.pool and self.live() < self.workers and now >= self.retry_at:
             node = self.pool.pop(0)
             self.start_worker(node, counted=True)
@@ -594,6 +790,11 @@ class Replay:
                 self.pool.remove(e.node)
                 self.actions.append({"t": now - t0, "trace_t": e.time, "what": "idle node removed", "node": e.node})
                 return
+            if e.node in self.assigned:  # a restart's node, its worker not started yet
+                self.assigned.remove(e.node)
+                self.actions.append({"t": now - t0, "trace_t": e.time, "what": "restart node removed", "node": e.node})
+                self.lost(now, t0)
+                return
             proc = self.procs.pop(e.node, None)
             if proc is None:
                 return
@@ -603,9 +804,107 @@ class Replay:
             except ProcessLookupError:
                 pass
             self.actions.append({"t": now - t0, "trace_t": e.time, "what": "SIGKILL", "node": e.node, "pid": proc.pid})
+            if self.restart_mode:
+                self.lost(now, t0)
         else:
             self.pool.append(e.node)
             self.actions.append({"t": now - t0, "trace_t": e.time, "what": "node up", "node": e.node})
+
+    def lost(self, now: float, t0: float) -> None:
+        """Restart mode: the job lost a worker and ends (a second loss while it is down changes nothing).
+
+        Args:
+            now: Seconds since the epoch.
+            t0: The replay's start, seconds since the epoch.
+        """
+        if self.down_since is not None:
+            return
+        # ft.strategy = none ends a job on its own; one that has not committed since it started (its
+        # workers may not have joined, and one not joined is no loss to it) is stopped at once
+        fresh = self.starting_since is not None or self.restart_pending()
+        self.down_since, self.loss_at, self.enough_at, self.gone_at, self.interrupts = now, now, None, None, 0
+        self.interrupt_at = now if fresh else now + self.detect_s + DOWN_GRACE_S
+        self.interrupt_gap = 1.0 if fresh else DOWN_GRACE_S
+        self.pool[:0] = self.assigned
+        self.assigned, self.starting_since = [], None
+        self.actions.append({"t": now - t0, "what": "job lost"})
+
+    def tick_restart(self, now: float, t0: float) -> None:
+        """Restart mode, every turn of the replay: end a lost job, restart it, start its workers.
+
+        Args:
+            now: Seconds since the epoch.
+            t0: The replay's start, seconds since the epoch.
+
+        Raises:
+            BenchError: when a restarted controller ends or writes no job token within the start timeout.
+        """
+        c = self.controller
+        if self.starting_since is not None and c is not None:
+            if c.poll() is not None:
+                raise BenchError(f"restart: spotpipe train --resume exited with code {c.returncode}: "
+                                 f"{_tail(self.controller_log)}")
+            token = self.token()
+            if not token:
+                if now > self.starting_since + START_TIMEOUT_S:
+                    raise BenchError(f"restart: spotpipe train --resume wrote no job token in {START_TIMEOUT_S:g} s: "
+                                     f"{_tail(self.controller_log)}")
+                return
+            self.env["SPOTPIPE_TOKEN"] = token
+            for node in self.assigned:
+                self.start_worker(node, counted=False)
+            self.assigned, self.starting_since = [], None
+            return
+        if self.down_since is None:
+            return
+        self.reap(now, t0)
+        up = len(self.pool) + len(self.procs)
+        if up < self.workers:
+            self.enough_at = None
+        elif self.enough_at is None:
+            self.enough_at = now
+        if c is not None and c.poll() is None:
+            if now >= self.interrupt_at:
+                if self.interrupts < 2:
+                    c.send_signal(signal.SIGINT)
+                    why = "lost before its first commit" if self.interrupt_gap < DOWN_GRACE_S else "lost job still running"
+                    self.actions.append({"t": now - t0, "what": f"Ctrl-C ({why})"})
+                else:
+                    c.kill()
+                self.interrupts += 1
+                self.interrupt_at = now + self.interrupt_gap
+            return
+        if self.gone_at is None:
+            self.gone_at = now
+        if any(p.poll() is None for p in self.procs.values()):
+            if now > self.gone_at + LEFTOVER_S:
+                for p in self.procs.values():
+                    if p.poll() is None:
+                        p.kill()
+            return
+        ready = max(self.enough_at or now, self.loss_at + self.detect_s)
+        if self.after_window and len(self.pool) < self.workers:  # nodes no longer matter: spare ones
+            self.pool += [SPARE_NODES + k for k in range(self.workers - len(self.pool))]
+            ready = now
+        if len(self.pool) < self.workers or self.enough_at is None and not self.after_window:
+            return
+        nodes, self.pool = self.pool[:self.workers], self.pool[self.workers:]
+        self.restarts.append({"t": now - t0, "ready": ready, "started": now, "nodes": nodes})
+        self.actions.append({"t": now - t0, "what": "restart", "nodes": nodes, "waited_s": now - self.loss_at})
+        self.down_since, self.starting_since, self.assigned = None, now, nodes
+        self.launch(resume=True)
+
+    def restart_pending(self) -> bool:
+        """Restart mode: whether the newest restart has not committed a step yet (nor been lost).
+
+        Returns:
+            ``True`` while a restarted job starts; ``False`` with no restart, a commit since, or the job down.
+        """
+        if not self.restarts or self.down_since is not None:
+            return False
+        started = self.restarts[-1]["started"]
+        return not any(r.get("event") == "step" and float(r["t"]) > started
+                       for r in read_records(self.run_dir / "run" / "events.jsonl"))
 
     def stop(self) -> None:
         """Ctrl-C the controller (stops after the step), again after a grace, then SIGKILL what is left."""
@@ -621,6 +920,10 @@ class Replay:
             if c.poll() is None:
                 c.kill()
                 c.wait()
+        for old in self.controllers:
+            if old.poll() is None:
+                old.kill()
+                old.wait()
         deadline = time.monotonic() + 10.0
         for p in self.all_procs:
             try:
@@ -635,7 +938,7 @@ def run_mode(mode: str, overrides: list[str], events: list[NodeEvent], window_s:
     """Play the replay on a real job in one mode and measure it.
 
     Args:
-        mode: ``elastic``, ``wait`` or ``checkpoint``.
+        mode: A key of :data:`MODES` (``elastic``, ``wait``, ``restart``, ``rollback``).
         overrides: ``--set`` values of the job (the mode's included).
         events: The node events (wall seconds from the replay's start).
         window_s: The replay's length, seconds.
@@ -650,33 +953,27 @@ def run_mode(mode: str, overrides: list[str], events: list[NodeEvent], window_s:
     workers = cfg.pipeline.stages * cfg.pipeline.replicas
     run_dir = workdir / tag
     run_dir.mkdir(parents=True)
-    port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     load_before = os.getloadavg()
-    r = Replay(mode, run_dir, list(events), workers, env, address=f"127.0.0.1:{port}")
-    cmd = [sys.executable, "-m", "spotpipe", "train"]
-    for o in [*overrides, f"run.port={port}", f"run.dir={run_dir / 'run'}"]:
-        cmd += ["--set", o]
+    r = Replay(mode, run_dir, list(events), workers, env, list(overrides), detect_s=cfg.ft.detect_timeout_s)
     out: dict[str, Any] = {"mode": mode, "run": tag, "load_before": load_before, "error": None}
     wall0 = time.monotonic()
-    with open(run_dir / "controller.log", "wb") as log:
-        r.controller = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=str(ROOT), start_new_session=True)
+    r.launch(resume=False)
+    assert r.controller is not None
+    t0: float | None = None
     try:
-        token_path = run_dir / "run" / "job.token"
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not token_path.is_file() or not token_path.read_text().strip():
+        while not r.token():
             if r.controller.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"{mode}: the controller wrote no job token: {_tail(run_dir / 'controller.log')}")
             time.sleep(0.1)
-        env["SPOTPIPE_TOKEN"] = token_path.read_text().strip()
+        env["SPOTPIPE_TOKEN"] = r.token()
         for node in range(workers):
             r.start_worker(node, counted=False)
         events_path = run_dir / "run" / "events.jsonl"
-        t0 = None
         while t0 is None:
             steps = [x for x in read_records(events_path) if x.get("event") == "step" and int(x["step"]) >= warmup]
             if steps:
@@ -688,29 +985,50 @@ def run_mode(mode: str, overrides: list[str], events: list[NodeEvent], window_s:
         queue = sorted(r.events, key=lambda e: e.time)
         while True:
             now = time.time()
-            if now >= t0 + window_s or r.controller.poll() is not None:
+            if now >= t0 + window_s or (r.controller.poll() is not None and r.down_since is None):
                 break
             while queue and t0 + queue[0].time <= now:
                 r.play(queue.pop(0), now, t0)
             r.reap(now, t0)
             r.fill(now, t0)
+            if r.restart_mode:
+                r.tick_restart(now, t0)
             time.sleep(0.05)
-        if r.controller.poll() is not None:
+        if r.restart_mode:  # no more trace events: a lost job ends and restarts; a restart runs to its first commit
+            until, check = time.time() + AFTER_WINDOW_S, 0.0
+            r.after_window = True
+            while time.time() < until:
+                now = time.time()
+                r.tick_restart(now, t0)
+                if r.controller.poll() is not None and r.down_since is None and r.starting_since is None:
+                    break
+                if r.down_since is None and r.starting_since is None and now >= check:
+                    if not r.restart_pending():
+                        break
+                    check = now + 0.5
+                time.sleep(0.05)
+        if r.controller.poll() is not None and r.down_since is None:
             out["error"] = f"the controller exited with code {r.controller.returncode} before the window ended: " \
-                           f"{_tail(run_dir / 'controller.log')}"
+                           f"{_tail(r.controller_log)}"
     except BenchError as exc:
         out["error"] = str(exc)
     finally:
         r.stop()
     records = read_records(run_dir / "run" / "events.jsonl")
     try:
-        out.update(measure(records, window_s, cfg.train.batch_size, warmup))
+        out.update(measure(records, window_s, cfg.train.batch_size, warmup,
+                           loss_grace_s=cfg.ft.detect_timeout_s + DOWN_GRACE_S))
     except BenchError as exc:
         out["error"] = out["error"] or f"{mode}: {exc}"
-    out["pauses_s"] = join_pauses(records, r.starts)
+    if r.restart_mode:
+        out["pauses_s"] = restart_pauses(records, [(x["ready"], x["started"]) for x in r.restarts])
+    else:
+        out["pauses_s"] = join_pauses(records, r.starts)
+    out["restarts_started"] = [{"t": x["t"], "ready_t": x["ready"] - (t0 or 0.0), "nodes": x["nodes"]}
+                               for x in r.restarts]
     out["actions"] = r.actions
     out["warnings"] = run_warnings(out)
-    out["controller_tail"] = _tail(run_dir / "controller.log", 6).split(" | ")
+    out["controller_tail"] = _tail(r.controller_log, 6).split(" | ")
     out["failed_joiners"] = {f"pid {a['pid']}": _tail(run_dir / f"joiner-node{a['node']}-{i}.log", 2)
                              for i, p in enumerate(r.all_procs) for a in r.actions
                              if a.get("what") == "exited" and a.get("pid") == p.pid}
@@ -721,7 +1039,8 @@ def run_mode(mode: str, overrides: list[str], events: list[NodeEvent], window_s:
 
 def run_warnings(run: dict[str, Any]) -> list[str]:
     """What looks wrong in a run that ended without an error: kills the controller never
-    confirmed, joiners it turned away, or (elastic) a shrink with no grow although a node came.
+    confirmed, joiners it turned away, (elastic) a shrink with no grow although a node came, or
+    (restart) a lost job that did not end on its own.
 
     Args:
         run: A run record (``actions``, ``failures``, ``reshapes``, ``mode``).
@@ -732,7 +1051,7 @@ def run_warnings(run: dict[str, Any]) -> list[str]:
     acts = run.get("actions", [])
     kills = sum(1 for a in acts if a.get("what") == "SIGKILL")
     out = []
-    if "failures" in run and run["failures"] < kills:
+    if "failures" in run and run["failures"] < kills and run.get("mode") != "restart":  # restart: one per job
         out.append(f"{kills} workers SIGKILLed but {run['failures']} failures confirmed in the window")
     exited = sum(1 for a in acts if a.get("what") == "exited")
     if exited:
@@ -741,6 +1060,9 @@ def run_warnings(run: dict[str, Any]) -> list[str]:
     joined = any(a.get("what") == "join" for a in acts)
     if run.get("mode") == "elastic" and "shrink" in kinds and "grow" not in kinds and joined:
         out.append("the job shrank and a node joined, but it never grew")
+    stuck = sum(1 for a in acts if a.get("what") == "Ctrl-C (lost job still running)")
+    if stuck:
+        out.append(f"{stuck} Ctrl-C sent to a lost job that did not end on its own (ft.strategy = none)")
     return out
 
 
@@ -763,25 +1085,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     Returns:
         The options, defaults filled in (``seconds``, ``compress``, ``checkpoint_every``, ``warmup``).
     """
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 epilog="--quick: 1 round of 40 s replays (under 4 minutes)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="modes: elastic (ft.elastic = true: shrink, grow back); wait (the lost role waits for the next "
+               "joiner, mirror recovery); restart (checkpoint/restart: a loss stops the whole job, which starts "
+               "again with spotpipe train --resume and fresh workers once enough nodes are up; elastic_vs_checkpoint "
+               "is against it and the simulator's checkpoint mode predicts it); rollback (ft.strategy = checkpoint: "
+               "the survivors reload the last checkpoint in place; reported, no target). "
+               "--quick: 1 round of 40 s replays of elastic, wait and restart (under 4 minutes)")
     ap.add_argument("--quick", action="store_true",
-                    help="1 round, 40 s replays at --compress 60, a checkpoint every 10 steps (under 4 minutes)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of elastic, wait, checkpoint (default 3)")
-    ap.add_argument("--modes", default=",".join(ELASTIC_MODES), help="comma-separated subset, in round order")
+                    help="1 round of elastic, wait and restart, 40 s replays at --compress 40 (the first half of "
+                         "the full replay), a checkpoint every 5 steps (under 4 minutes)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode (default 3)")
+    ap.add_argument("--modes", default=None,
+                    help=f"comma-separated subset of {', '.join(MODES)}, in round order (default all; --quick "
+                         f"{', '.join(QUICK_MODES)})")
     ap.add_argument("--trace", default=str(TRACE), help="Bamboo-format trace (default the p3 trace)")
     ap.add_argument("--thin", type=int, default=8, help="keep 1 trace node in N (default 8: ~4 of the p3 cluster's 32)")
     ap.add_argument("--group", type=int, default=0, help="which one of the N (default 0)")
     ap.add_argument("--start", type=float, default=1800.0, help="slice start, trace seconds (default 1800)")
     ap.add_argument("--seconds", type=float, default=None, help="replay length, wall seconds (default 80; --quick 40)")
-    ap.add_argument("--compress", type=float, default=None, help="trace seconds per wall second (default 40; --quick 60)")
+    ap.add_argument("--compress", type=float, default=None, help="trace seconds per wall second (default 40)")
     ap.add_argument("--replace-wait", type=float, default=0.0,
                     help="ft.replace_wait_s: seconds a loss waits for a joiner before an elastic job shrinks (default 0)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="train.checkpoint_every of the checkpoint mode (default 20; --quick 10)")
+                    help="train.checkpoint_every of the restart and rollback modes (default 20; --quick 5)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="steps before the replay starts, in every mode (default --checkpoint-every: the checkpoint "
-                         "mode has a checkpoint)")
+                    help="the step (counted from 0) whose commit starts the replay, in every mode (default "
+                         "--checkpoint-every - 1: the first checkpoint's step, as in the simulator's replay)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more job settings (all modes)")
     ap.add_argument("--keep", metavar="DIR", default="",
                     help="keep every run's directory (events, logs) under DIR instead of a temporary folder")
@@ -792,12 +1123,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds = 1
     args.seconds = args.seconds if args.seconds is not None else (40.0 if args.quick else 80.0)
-    args.compress = args.compress if args.compress is not None else (60.0 if args.quick else 40.0)
-    args.checkpoint_every = args.checkpoint_every if args.checkpoint_every is not None else (10 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else args.checkpoint_every
+    args.compress = args.compress if args.compress is not None else 40.0
+    args.checkpoint_every = args.checkpoint_every if args.checkpoint_every is not None else (5 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else args.checkpoint_every - 1
     if args.rounds < 1 or not args.seconds > 0 or args.checkpoint_every < 1 or args.warmup < 0:
         ap.error(f"--rounds and --checkpoint-every must be >= 1, --seconds > 0 and --warmup >= 0; got {args.rounds}, "
                  f"{args.checkpoint_every}, {args.seconds} and {args.warmup}")
+    if args.modes is None:
+        args.modes = ",".join(QUICK_MODES if args.quick else MODES)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -810,14 +1143,15 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     """The job's ``--set`` values in one mode.
 
     Args:
-        mode: ``elastic``, ``wait`` or ``checkpoint``.
+        mode: A key of :data:`MODES`.
         args: The parsed options.
 
     Returns:
-        ``section.key=value`` strings.
+        ``section.key=value`` strings (a checkpoint every ``--checkpoint-every`` steps in
+        :data:`CHECKPOINTED` modes, none in the others).
     """
     extra = [f"ft.replace_wait_s={args.replace_wait}"]
-    extra.append(f"train.checkpoint_every={args.checkpoint_every if mode == 'checkpoint' else 0}")
+    extra.append(f"train.checkpoint_every={args.checkpoint_every if mode in CHECKPOINTED else 0}")
     return [*JOB, *MODES[mode], *extra, *args.set]
 
 
@@ -825,7 +1159,9 @@ def resummarise(path: Path, out: Path) -> int:
     """Compute the summary of a written result again from its runs, with no new run.
 
     For a result whose runs were disturbed (a run with an error is left out) or after the
-    summary's rules changed; the runs, trace events and settings are the file's own.
+    summary's rules changed; the runs, trace events and settings are the file's own. A result
+    written before the restart mode existed names the in-place rollback ``checkpoint``: it is
+    read as ``rollback``.
 
     Args:
         path: A JSON file this bench wrote.
@@ -836,11 +1172,16 @@ def resummarise(path: Path, out: Path) -> int:
     """
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
+        rec["config"]["modes"] = {LEGACY_MODES.get(m, m): o for m, o in rec["config"]["modes"].items()}
+        unknown = [m for m in rec["config"]["modes"] if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown mode {', '.join(unknown)}")
         cfgs = {m: load_config(None, o) for m, o in rec["config"]["modes"].items()}
         events = [NodeEvent(**e) for e in rec["trace"]["events"]]
         ns = argparse.Namespace(modes=list(cfgs), seconds=float(rec["trace"]["window_s"]))
-        runs = list(rec["runs"])
-    except (OSError, ValueError, KeyError, TypeError, SpotpipeError) as exc:
+        runs = [{**r, "mode": LEGACY_MODES.get(r["mode"], r["mode"])} for r in rec["runs"]]
+        rec["runs"] = runs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SpotpipeError) as exc:
         print(f"elastic_trace: error: {path} is not a result of this bench: {exc}", file=sys.stderr)
         return 2
     rec.update(summarise(runs, ns, cfgs, events))
@@ -898,7 +1239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sps = r.get("samples_per_s")
                 print(f"  round {k} {mode:10s} " + ("-" if sps is None else f"{sps:7.2f} samples/s, ETTR {r['ettr']:.3f}, "
                       f"{r['useful_steps']} steps, step {r['median_step_s']:.3f} s, {r['failures']} losses, "
-                      f"{len(r['reshapes'])} reshapes")
+                      f"{len(r['reshapes'])} reshapes, {r['restarts']} restarts"
+                      + (f" (pauses {[round(x, 1) for x in r['pauses_s']]} s)" if mode == "restart" else ""))
                       + f"  (load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f})"
                       + (f"  ERROR {r['error']}" if r["error"] else "")
                       + "".join(f"\n      warning: {w}" for w in r["warnings"]), flush=True)
@@ -936,8 +1278,9 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
 
     Returns:
         ``by_mode`` (medians, predictions, calibration), ``elastic_vs_wait``,
-        ``elastic_vs_checkpoint``, ``sim_vs_runtime_error`` (max over modes) and
-        ``sim_vs_runtime_error_by_mode``, ``excluded_runs`` (runs with an error, left out of every
+        ``elastic_vs_checkpoint`` (against ``restart``: checkpoint/restart), ``elastic_vs_rollback``
+        (no target), ``sim_vs_runtime_error`` (max over the modes of :data:`TARGET_MODES`) and
+        ``sim_vs_runtime_error_by_mode`` (every mode), ``excluded_runs`` (runs with an error, left out of every
         figure); a figure is ``None`` where no run of its modes succeeded.
     """
     ok = [r for r in runs if r.get("samples_per_s") is not None and not r.get("error")]
@@ -963,6 +1306,7 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
             "predicted_median_samples_per_s": predicted,
             "predicted_median_ettr": statistics.median(p["ettr"] for p in per_run),
             "predicted": per_run,
+            "pause_s": calibrate(mine, cfgs[mode])["pause_s"],
             "error": relative_error(predicted, med["samples_per_s"]),
         }
         rounds = sorted({r["round"] for r in mine})
@@ -984,33 +1328,43 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, cfgs: dict[s
 
     errors = {m: e["error"] for m, e in by_mode.items() if e and "error" in e}
     held_by_mode = {m: e["held_out_error"] for m, e in by_mode.items() if e and "held_out_error" in e}
+    target_errors = [v for m, v in errors.items() if m in TARGET_MODES]
+    target_held = [v for m, v in held_by_mode.items() if m in TARGET_MODES]
     out = {"excluded_runs": [{"run": r.get("run"), "error": r.get("error")} for r in runs if r not in ok],
            "by_mode": by_mode, "elastic_vs_wait": ratio("elastic", "wait"),
-           "elastic_vs_checkpoint": ratio("elastic", "checkpoint"),
-           "sim_vs_runtime_error": max(errors.values()) if errors else None,
-           "sim_vs_runtime_error_is": "max over modes of |predicted - measured| / measured, of the median useful "
+           "elastic_vs_checkpoint": ratio("elastic", "restart"),
+           "elastic_vs_checkpoint_is": "against restart: a loss stops the job, which is restarted from its last "
+                                       "checkpoint (spotpipe train --resume) once enough nodes are up",
+           "elastic_vs_rollback": ratio("elastic", "rollback"),
+           "sim_vs_runtime_error": max(target_errors) if target_errors else None,
+           "sim_vs_runtime_error_is": f"max over {', '.join(TARGET_MODES)} of |predicted - measured| / measured, "
+                                      "of the median useful "
                                       "samples/s over the rounds; each run is predicted at its own mean step time "
                                       "per shape, with the median pauses of the mode's runs",
            "sim_vs_runtime_error_by_mode": errors,
-           "sim_vs_runtime_error_held_out": max(held_by_mode.values()) if held_by_mode else None,
-           "sim_vs_runtime_error_held_out_is": "max over modes of the mean, over runs, of the relative error of the "
-                                               "run's prediction at its own step time with the pauses of the other "
-                                               "rounds' runs"}
-    print(f"\n{'mode':11s} {'samples/s':>10s} {'ETTR':>6s} {'steps':>6s} {'sim samples/s':>14s} {'sim ETTR':>9s} "
-          f"{'error':>6s}  load (1 min, before -> after)")
+           "sim_vs_runtime_error_held_out": max(target_held) if target_held else None,
+           "sim_vs_runtime_error_held_out_is": f"max over {', '.join(TARGET_MODES)} of the mean, over runs, of the "
+                                               "relative error of the run's prediction at its own step time with "
+                                               "the pauses of the other rounds' runs"}
+    print(f"\n{'mode':11s} {'samples/s':>10s} {'ETTR':>6s} {'steps':>6s} {'pause s':>8s} {'sim samples/s':>14s} "
+          f"{'sim ETTR':>9s} {'error':>6s}  load (1 min, before -> after)")
     for mode, e in by_mode.items():
         if not e:
             print(f"{mode:11s} (no run)")
             continue
         loads = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in e["loads"])
         print(f"{mode:11s} {e['median_samples_per_s']:10.2f} {e['median_ettr']:6.3f} {e['median_useful_steps']:6.0f} "
-              f"{e['predicted_median_samples_per_s']:14.2f} {e['predicted_median_ettr']:9.3f} {e['error']:6.3f}  {loads}")
+              f"{e['pause_s']:8.2f} {e['predicted_median_samples_per_s']:14.2f} {e['predicted_median_ettr']:9.3f} {e['error']:6.3f}  {loads}")
     if out["sim_vs_runtime_error_held_out"] is not None:
         print(f"sim_vs_runtime_error, calibrated on the other rounds: {out['sim_vs_runtime_error_held_out']:.3f}")
     for key in ("elastic_vs_wait", "elastic_vs_checkpoint", "sim_vs_runtime_error"):
         v = out[key]
-        print(f"{key:24s} {'-' if v is None else f'{v:.3f}'}  (target {'>=' if 'vs_runtime' not in key else '<='} "
+        other = {"elastic_vs_wait": "wait", "elastic_vs_checkpoint": "restart"}.get(key)
+        none = "-" if not (other and by_mode.get(other)) else f"- ({other} made no useful progress)"
+        print(f"{key:24s} {none if v is None else f'{v:.3f}'}  (target {'>=' if 'vs_runtime' not in key else '<='} "
               f"{TARGETS[key]})")
+    if out["elastic_vs_rollback"] is not None:
+        print(f"{'elastic_vs_rollback':24s} {out['elastic_vs_rollback']:.3f}  (no target: the in-place rollback)")
     return out
 
 

@@ -1,5 +1,6 @@
 """Smoke test of bench/elastic_trace.py's pure parts: thinning and slicing a Bamboo trace, the
-replacement delays, the figures from a run's events, and the simulator's calibrated prediction.
+replacement delays, the figures from a run's events (a restarted job's too), the restart pauses,
+and the simulator's calibrated prediction.
 
 The real replay (worker processes, SIGKILL, ``worker --join``) is ``python bench/elastic_trace.py
 --quick``: about 3 minutes, too slow for a test."""
@@ -137,7 +138,7 @@ def test_measure_counts_progress_not_redone_steps(tmp_path: Path) -> None:
 
 
 def test_prediction_is_calibrated_and_finite() -> None:
-    cfg = load_config(None, et.mode_overrides("checkpoint", et.parse_args(["--quick"])))
+    cfg = load_config(None, et.mode_overrides("restart", et.parse_args(["--quick"])))
     m = et.measure(_run_events(), 30.0, 16, start_step=10)
     run = {**m, "pauses_s": [2.5], "round": 0, "reshapes": []}
     cal = et.calibrate([run], cfg)
@@ -146,12 +147,17 @@ def test_prediction_is_calibrated_and_finite() -> None:
     assert m["mean_step_s_by_shape"] == {"4x1": pytest.approx(0.3), "3x1": pytest.approx(0.4)}
     assert et.calibrate([{**run, "reshapes": m["reshapes"]}], cfg)["pause_s"] == pytest.approx(1.5)  # elastic: the reshape's
     events = [NodeEvent(4.0, "fail", 2), NodeEvent(13.0, "join", 4)]
-    results = {mode: et.predict(cfg, events, mode, 30.0, **cal) for mode in ("elastic", "wait", "checkpoint")}
+    results = {mode: et.predict(cfg, events, mode, 30.0, **cal) for mode in et.MODES}
     for res in results.values():
         assert math.isfinite(res.samples_per_s) and 0 < res.ettr <= 1
-    assert results["wait"].samples_per_s > results["checkpoint"].samples_per_s  # the rollback costs
+    assert results["wait"].samples_per_s > results["restart"].samples_per_s  # the lost steps and the restart cost
     assert results["elastic"].samples_per_s >= results["wait"].samples_per_s
+    assert results["restart"].mode == results["rollback"].mode == "checkpoint"  # the simulator's checkpoint mode
+    assert et.predict(cfg, events, "checkpoint", 30.0, **cal) == results["rollback"]  # a result's older name
+    with pytest.raises(et.BenchError, match="unknown mode 'bogus'"):
+        et.predict(cfg, events, "bogus", 30.0, **cal)
     assert et.relative_error(9.0, 10.0) == pytest.approx(0.1) and et.relative_error(1.0, 0.0) == math.inf
+    assert et.relative_error(0.0, 0.0) == 0.0  # no progress, none predicted
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,28 +169,43 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert exc.value.code == 2
 
 
+def test_options_and_modes() -> None:
+    quick = et.parse_args(["--quick"])
+    assert quick.modes == ["elastic", "wait", "restart"] and quick.rounds == 1
+    assert quick.checkpoint_every == 5 and quick.warmup == 4 and quick.compress == 40.0  # starts at a checkpoint
+    full = et.parse_args([])
+    assert full.modes == ["elastic", "wait", "restart", "rollback"] and full.warmup == 19
+    assert "ft.strategy=none" in et.mode_overrides("restart", full)
+    assert "train.checkpoint_every=20" in et.mode_overrides("restart", full)
+    assert "train.checkpoint_every=20" in et.mode_overrides("rollback", full)
+    assert "train.checkpoint_every=0" in et.mode_overrides("elastic", full)
+
+
 def test_summary_leaves_out_failed_runs_and_gives_ratios(tmp_path: Path) -> None:
-    args = et.parse_args(["--quick", "--out", str(tmp_path / "r.json")])
+    args = et.parse_args(["--modes", "elastic,wait,restart,rollback", "--out", str(tmp_path / "r.json")])
     cfgs = {m: load_config(None, et.mode_overrides(m, args)) for m in args.modes}
     m = et.measure(_run_events(), 30.0, 16, start_step=10)
     runs = []
     for k in range(2):
-        for mode, sps in (("elastic", 30.0), ("wait", 20.0), ("checkpoint", 10.0)):
+        for mode, sps in (("elastic", 30.0), ("wait", 20.0), ("restart", 10.0), ("rollback", 15.0)):
             runs.append({**m, "mode": mode, "run": f"{mode}-{k}", "round": k, "samples_per_s": sps + k, "error": None,
                          "pauses_s": [2.5], "reshapes": m["reshapes"] if mode == "elastic" else [],
                          "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 2.0, 2.0]})
-    runs.append({**runs[-1], "run": "checkpoint-9", "samples_per_s": 1.0, "error": "disturbed"})
+    runs.append({**runs[-2], "run": "restart-9", "samples_per_s": 1.0, "error": "disturbed"})
     events = [NodeEvent(4.0, "fail", 2), NodeEvent(13.0, "join", 4)]
     out = et.summarise(runs, args, cfgs, events)
-    assert out["excluded_runs"] == [{"run": "checkpoint-9", "error": "disturbed"}]
-    assert out["by_mode"]["checkpoint"]["runs"] == 2
+    assert out["excluded_runs"] == [{"run": "restart-9", "error": "disturbed"}]
+    assert out["by_mode"]["restart"]["runs"] == 2
     assert out["elastic_vs_wait"] == pytest.approx(30.5 / 20.5)
-    assert out["elastic_vs_checkpoint"] == pytest.approx(30.5 / 10.5)
+    assert out["elastic_vs_checkpoint"] == pytest.approx(30.5 / 10.5)  # against checkpoint/restart
+    assert out["elastic_vs_rollback"] == pytest.approx(30.5 / 15.5)
     for mode in args.modes:
         entry = out["by_mode"][mode]
         assert len(entry["predicted"]) == 2 and len(entry["held_out_errors"]) == 2
         assert entry["error"] == pytest.approx(et.relative_error(entry["predicted_median_samples_per_s"], entry["median_samples_per_s"]))
-    assert out["sim_vs_runtime_error"] == max(out["sim_vs_runtime_error_by_mode"].values())
+    by_mode = out["sim_vs_runtime_error_by_mode"]
+    assert set(by_mode) == set(args.modes)
+    assert out["sim_vs_runtime_error"] == max(by_mode[m] for m in ("elastic", "wait", "restart"))  # not rollback
     written = tmp_path / "w.json"
     written.write_text(json.dumps({"config": {"modes": {m: et.mode_overrides(m, args) for m in args.modes}},
                                    "trace": {"events": [{"time": 4.0, "kind": "fail", "node": 2}], "window_s": 30.0},
@@ -192,6 +213,17 @@ def test_summary_leaves_out_failed_runs_and_gives_ratios(tmp_path: Path) -> None
     assert et.resummarise(written, tmp_path / "again.json") == 0
     assert json.loads((tmp_path / "again.json").read_text())["excluded_runs"] == out["excluded_runs"]
     assert et.resummarise(tmp_path / "absent.json", tmp_path / "x.json") == 2
+    # a result written before the restart mode: its "checkpoint" mode is the in-place rollback
+    legacy = [{**r, "mode": "checkpoint"} if r["mode"] == "rollback" else r for r in runs]
+    old = {m: et.mode_overrides(m, args) for m in args.modes}
+    old["checkpoint"] = old.pop("rollback")
+    written.write_text(json.dumps({"config": {"modes": old}, "trace": {"events": [], "window_s": 30.0}, "runs": legacy}))
+    assert et.resummarise(written, tmp_path / "again.json") == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["by_mode"]["rollback"]["runs"] == 2 and "checkpoint" not in again["by_mode"]
+    written.write_text(json.dumps({"config": {"modes": {"bogus": []}}, "trace": {"events": [], "window_s": 30.0},
+                                   "runs": []}))
+    assert et.resummarise(written, tmp_path / "x.json") == 2
 
 
 def test_warnings_name_what_looks_wrong() -> None:
@@ -203,3 +235,70 @@ def test_warnings_name_what_looks_wrong() -> None:
                                     "the job shrank and a node joined, but it never grew"]
     fine = {"mode": "elastic", "actions": acts[:3], "failures": 2, "reshapes": [{"kind": "shrink"}, {"kind": "grow"}]}
     assert et.run_warnings(fine) == []
+
+
+def _restarted_run(resume_at_next: bool = False) -> list[dict[str, Any]]:
+    """A restart mode's run: a job lost after step 11 (checkpoints of steps 4 and 9, or 11), started
+    again with --resume (its own run_start, generation 1 again, a slow first step), lost again."""
+    cfg = {"pipeline": {"stages": 4, "replicas": 1}}
+    ev: list[dict[str, Any]] = [{"event": "run_start", "t": 1000.0, "config": cfg, "resumed_from": None}]
+    t = 1010.0
+    for k in range(12):
+        ev.append(_step(t, k, 1, 5.0 if k == 0 else 0.3))
+        if k in ((4, 9, 11) if resume_at_next else (4, 9)):
+            ev.append({"event": "checkpoint", "t": t + 0.05, "step": k, "path": "p", "seconds": 0.1})
+        t += 0.3
+    ev.append({"event": "run_end", "t": t + 0.5, "steps": 12, "status": "failed", "reason": "worker 2 lost"})
+    saved = 11 if resume_at_next else 9
+    ev.append({"event": "run_start", "t": t + 5.0, "config": cfg, "resumed_from": saved})
+    t += 15.0
+    for k in range(saved + 1, saved + 5):
+        ev.append(_step(t, k, 1, 5.0 if k == saved + 1 else 0.3))
+        t += 0.3
+    ev.append({"event": "run_end", "t": t + 0.5, "steps": saved + 5, "status": "failed", "reason": "worker 0 lost"})
+    return ev
+
+
+def test_measure_across_restarts_counts_what_a_restart_keeps() -> None:
+    records = _restarted_run()
+    t0 = 1010.0 + 4 * 0.3  # the commit of step 4, the first checkpoint
+    m = et.measure(records, 60.0, 16, start_step=4)
+    # steps 10..13 of the second job are thrown away by its loss: the job goes on from step 10
+    assert m["t0"] == pytest.approx(t0) and m["useful_steps"] == 10 - 5
+    assert m["failures"] == 2 and m["restarts"] == 1 and m["rollbacks"] == 1
+    assert m["productive_s"] == pytest.approx(5 * 0.3)
+    assert m["mean_step_s_by_shape"] == {"4x1": pytest.approx(0.3)}  # the restarted job's first step is no steady step
+    # the window ends before the first loss: its steps count, as the simulator counts them to its horizon
+    assert et.measure(records, 2.2, 16, start_step=4)["useful_steps"] == 12 - 5
+    # ... unless the loss is recorded within the grace after the window (the kill came inside it)
+    assert et.measure(records, 2.2, 16, start_step=4, loss_grace_s=1.0)["useful_steps"] == 10 - 5
+    # the window ends while the job is down (its restart not begun): the checkpoint it restarts from
+    down = records[:-6]  # up to the first job's failed run_end
+    assert down[-1]["status"] == "failed" and et.measure(down, 60.0, 16, start_step=4)["useful_steps"] == 10 - 5
+    # the job restarts at the step after its last commit: nothing lost, and its slow first step is not steady
+    again = et.measure(_restarted_run(resume_at_next=True), 60.0, 16, start_step=4)
+    assert again["useful_steps"] == 12 - 5
+    assert again["mean_step_s_by_shape"] == {"4x1": pytest.approx(0.3)}
+    # a run that goes on: its last commit in the window counts (no loss after it)
+    assert et.durable_end(records, records[3]) is None and et.durable_end(records[:3], records[2]) is None
+    assert et.durable_end(records, records[14]) == 10  # step 11, then the loss: the restart goes on from step 10
+
+
+def test_restart_pauses_from_ready_to_first_commit() -> None:
+    records = _restarted_run()
+    first_after = float(records[-5]["t"])  # the restarted job's first commit (step 10)
+    assert records[-6]["event"] == "run_start" and records[-5]["step"] == 10
+    ready, started = first_after - 14.0, first_after - 12.0
+    assert et.restart_pauses(records, [(ready, started)]) == [pytest.approx(14.0)]
+    # a restart lost before its first commit (the next restart started first) gives no pause
+    assert et.restart_pauses(records, [(ready - 0.4, ready - 0.2), (ready, started)]) == [pytest.approx(14.0)]
+    assert et.restart_pauses(records, [(first_after + 5.0, first_after + 6.0)]) == []
+
+
+def test_restart_warnings() -> None:
+    acts = [{"what": "SIGKILL", "node": 2}, {"what": "job lost"}, {"what": "SIGKILL", "node": 0},
+            {"what": "Ctrl-C (lost before its first commit)"}]
+    assert et.run_warnings({"mode": "restart", "actions": acts, "failures": 1, "reshapes": []}) == []
+    stuck = [*acts, {"what": "Ctrl-C (lost job still running)"}]
+    assert et.run_warnings({"mode": "restart", "actions": stuck, "failures": 1, "reshapes": []}) == [
+        "1 Ctrl-C sent to a lost job that did not end on its own (ft.strategy = none)"]
