@@ -26,8 +26,8 @@ job with replicas should shrink.
 Writes bench/results/elastic_reshape.json with the figures, the load average before and after
 each run, and the command.
 
-    python bench/elastic_reshape.py --quick   # the walk once, 1 round of replicas: about 3 minutes
-    python bench/elastic_reshape.py           # the walk twice, 3 rounds of replicas
+    python bench/elastic_reshape.py --quick   # the walk once, 1 round of replicas: about 1.5 minutes
+    python bench/elastic_reshape.py           # the walk twice, 3 rounds of replicas: about 3 minutes
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def predicted_ratios() -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Writes bench/results/elastic_reshape.json.")
-    parser.add_argument("--quick", action="store_true", help="one walk and one round of replicas (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one walk and one round of replicas (about 1.5 minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "elastic_reshape.json",
                         help="where to write the results (default: %(default)s)")
     args = parser.parse_args(argv)
