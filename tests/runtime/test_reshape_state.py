@@ -13,7 +13,8 @@ from spotpipe.model.partition import partition_layers
 from spotpipe.model.stages import build_stage
 from spotpipe.runtime.state.pick import build_chunk_optimizer
 from spotpipe.runtime.state.stage_state import StageState
-from spotpipe.runtime.worker.reshape import overlap, span_state
+from spotpipe.ft.elastic import overlap
+from spotpipe.runtime.worker.reshape import span_state
 
 SETS = ["model.layers=8", "model.d_model=32", "model.heads=2", "model.context=16", "pipeline.stages=4"]
 

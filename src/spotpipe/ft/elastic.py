@@ -380,7 +380,16 @@ class ShapeDecision:
         return sum(m.bytes for m in self.moves)
 
 
-def _overlap(a: Span, b: Span) -> Span | None:
+def overlap(a: Span, b: Span) -> Span | None:
+    """The blocks two spans share.
+
+    Args:
+        a: ``[start, end)``.
+        b: ``[start, end)``.
+
+    Returns:
+        Their common ``[start, end)``, or None.
+    """
     lo, hi = max(a[0], b[0]), min(a[1], b[1])
     return (lo, hi) if lo < hi else None
 
@@ -405,7 +414,7 @@ def moves_between(old: Shape, new: Shape, alive: set[int], cost: ElasticCost) ->
         for s, worker in enumerate(row):
             pos = old.position(worker)
             for k, span in enumerate(old.layers):
-                part = _overlap(new.layers[s], span)
+                part = overlap(new.layers[s], span)
                 if part is None or (pos is not None and k == pos[0]):
                     continue
                 source = next((r[k] for r in old.workers if r[k] in alive), None)

@@ -133,6 +133,7 @@ class Controller:
         self._gen_first_step = 0
         self._steady: collections.deque[float] = collections.deque(maxlen=20)  # recent step times at the shape in force
         self._said_no_checkpoint = ""  # ft.elastic: the reshaped shape whose skipped checkpoints were said
+        self._steady_shape = (p.ranks, p.replicas)  # the shape _steady's step times are of
         self._old_handlers: dict[int, Any] = {}
         spare_count = cfg.ft.spares if recovery_enabled(cfg.ft) and self.local_count > 0 else 0
         self.spare_count = spare_count
@@ -326,9 +327,9 @@ class Controller:
         self._last_commit = time.time()
         self._first_step_of_gen = self.next_step
         self._gen_first_step = self.next_step  # a grow waits until this generation has committed a step
-        if self.shape is not None and self.plan is not None and (self.plan.stages, self.plan.replicas) != getattr(self, "_steady_shape", None):
+        if (plan.stages, plan.replicas) != self._steady_shape:
             self._steady.clear()  # step times of another shape
-            self._steady_shape = (self.plan.stages, self.plan.replicas)
+            self._steady_shape = (plan.stages, plan.replicas)
         self.ctx.log.write(ev.GENERATION, generation=self.generation, workers=[m.worker for m in members], reason=reason)
         self._injector.step_started(self.next_step, time.monotonic())
         if self.generation == 1 and self.spare_count and self.local_count < self.world_size and self.ctx.locals is not None:

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from spotpipe.config import JobConfig
+from spotpipe.ft.elastic import Span, overlap
 from spotpipe.runtime.comm.transfer import TAG_BASE, p2p
 from spotpipe.runtime.state.stage_state import StageState
-
-Span = tuple[int, int]
 
 
 class Parked(Exception):
@@ -76,20 +75,6 @@ class ReshapeRecord:
                   for m in s["moves"]),
             tuple(int(w) for w in s["parked"]),
         )
-
-
-def overlap(a: Span, b: Span) -> Span | None:
-    """The blocks two spans share.
-
-    Args:
-        a: ``[start, end)``.
-        b: ``[start, end)``.
-
-    Returns:
-        Their common ``[start, end)``, or None.
-    """
-    lo, hi = max(a[0], b[0]), min(a[1], b[1])
-    return (lo, hi) if lo < hi else None
 
 
 def span_state(state: StageState, span: Span, num_layers: int) -> StageState:

@@ -119,7 +119,6 @@ class Worker:
         self.job = self.cfg  # the configured job; self.cfg is the shape this worker plays (ft.elastic reshapes it)
         M = self.cfg.pipeline.microbatches
         self.deal: Sequence[int] = range(self.replica * M, (self.replica + 1) * M)  # this replica's microbatches of the global batch
-        self.reshaped = False  # playing another shape than the configured one
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -200,6 +199,12 @@ class Worker:
         self.holds_last = any(c.head is not None for c in self.chunks.values())  # reads targets
         self.dtype = next(next(iter(self.chunks.values())).parameters()).dtype
 
+    @property
+    def reshaped(self) -> bool:
+        """Whether this worker plays another shape than the configured one (``ft.elastic``)."""
+        p, q = self.cfg.pipeline, self.job.pipeline
+        return (p.stages, p.replicas) != (q.stages, q.replicas)
+
     def take_stage(self, stage: int, replica: int, state: StageState, shape: Any) -> None:
         """Play ``stage`` of ``replica`` in a reshaped job (:mod:`spotpipe.runtime.worker.reshape`)
         with ``state``: the config of the new shape, its schedule (from the one builder), this
@@ -221,7 +226,6 @@ class Worker:
         self.my_stages = self.schedule.stages_of_rank(stage)
         self.num_chunks = self.schedule.num_stages
         self.microbatches, self.replicas = len(self.deal), len(shape.deal)
-        self.reshaped = (len(shape.layers), len(shape.deal)) != (self.job.pipeline.stages, self.job.pipeline.replicas)
         self._hold(state)
         self._start_mirror()
 
@@ -365,7 +369,7 @@ class Worker:
     def _reshape_record(self, number: int) -> dict[str, Any] | None:
         """Generation ``number``'s recovery record when it reshapes the job (``ft.elastic``), else None."""
         key = protocol.recovery_key(number)
-        if self.nodes is not None or not self.store.check([key]):
+        if not self.job.ft.elastic or self.nodes is not None or not self.store.check([key]):
             return None
         record = json.loads(self.store.get(key))
         return record if record.get("outcome") == "reshape" else None
