@@ -70,11 +70,10 @@ class Job:
         self.joiners: list[subprocess.Popen[bytes]] = []
 
     def events(self) -> Events:
+        from spotpipe.events import read_events  # a torn last line (being written) is skipped
+
         path = self.run_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        with open(path) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        return read_events(path) if path.exists() else []
 
     def wait(self, pred: Callable[[Events], bool], what: str, timeout: float = 240) -> Events:
         deadline = time.monotonic() + timeout

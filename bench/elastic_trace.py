@@ -623,17 +623,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     Returns:
         The records, in file order.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+    from spotpipe.errors import SpotpipeError
+    from spotpipe.events import read_events
+
+    if not path.exists():
         return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
+    try:
+        return read_events(path)
+    except SpotpipeError:  # unreadable now (being replaced): nothing to read yet
+        return []
 
 
 @dataclass
